@@ -1,0 +1,452 @@
+//! The daemon's configuration: the TOML config file merged with `kya run` flags.
+//!
+//! Flags override the file; every key of the file is optional (DESIGN.md).
+
+use crate::cli::RunArgs;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Default config file; its absence is not an error.
+pub const DEFAULT_CONFIG: &str = "/etc/kya/kya.toml";
+/// Default per-instance BPF pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kya";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kya";
+/// Default interceptor port. 1021 is reserved for experiments (RFC 4727) and is
+/// below 1024, so no unprivileged process can bind it while kya is down.
+pub const DEFAULT_LISTEN_PORT: u16 = 1021;
+/// Destination ports guarded by default.
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+/// Default request/response body limit.
+pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
+
+/// Errors reading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("listen port {0} is not below 1024: an unprivileged process could take it over while kya is down")]
+    ListenPortNotPrivileged(u16),
+    #[error("listen port must not be 0")]
+    ListenPortZero,
+    #[error("guarded port 0 is not a port")]
+    GuardedPortZero,
+    #[error("invalid size {0:?} (expected e.g. 4MiB, 512KiB, 1048576)")]
+    Size(String),
+    #[error("cgroup path {0:?} must start with '/' and must not contain '..'")]
+    CgroupPath(String),
+}
+
+/// The file's schema (every key optional, unknown keys rejected).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub select: SelectSection,
+    #[serde(default)]
+    pub intercept: InterceptSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub state: StateSection,
+}
+
+/// `[select]`: any match selects a process.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectSection {
+    #[serde(default)]
+    pub cgroups: Vec<String>,
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub exes: Vec<String>,
+    #[serde(default)]
+    pub pids: Vec<u32>,
+}
+
+/// `[intercept]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptSection {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    pub listen_port: Option<u16>,
+    #[serde(default)]
+    pub passthrough: Vec<String>,
+    pub max_body: Option<SizeValue>,
+    pub deny_shape: Option<DenyShape>,
+}
+
+/// `[policy]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    pub agents: Option<PathBuf>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    pub path: Option<PathBuf>,
+}
+
+/// `[state]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    pub dir: Option<PathBuf>,
+}
+
+/// A size written as a number of bytes or a string with a unit (`"4MiB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, ConfigError> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s),
+        }
+    }
+}
+
+/// How a denial is shown to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyShape {
+    /// A `CallToolResult` with `isError: true` (MCP clients show it to the model).
+    #[default]
+    ToolError,
+    /// A JSON-RPC error, code -32001, `data: {rule, reason, decision}`.
+    JsonrpcError,
+}
+
+/// Which processes the kernel side redirects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub cgroups: Vec<String>,
+    pub uids: Vec<u32>,
+    pub exes: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+impl Selection {
+    /// True when nothing at all is selected.
+    pub fn is_empty(&self) -> bool {
+        self.cgroups.is_empty()
+            && self.uids.is_empty()
+            && self.exes.is_empty()
+            && self.pids.is_empty()
+    }
+}
+
+/// The resolved configuration of one daemon instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub selection: Selection,
+    pub ports: Vec<u16>,
+    pub listen_port: u16,
+    pub passthrough: Vec<String>,
+    pub max_body: u64,
+    pub deny_shape: DenyShape,
+    /// Policy files/directories; empty means the embedded example policy.
+    pub policy_paths: Vec<PathBuf>,
+    pub agents: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub audit_path: PathBuf,
+    pub upstream_ca: Option<PathBuf>,
+    pub metrics: Option<std::net::SocketAddr>,
+    pub fail_open: bool,
+}
+
+impl Config {
+    /// Read the config file named by `--config` (or the default, if present) and apply the flags.
+    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => {
+                let default = Path::new(DEFAULT_CONFIG);
+                if default.exists() {
+                    read_file(default)?
+                } else {
+                    FileConfig::default()
+                }
+            }
+        };
+        Self::merge(file, args)
+    }
+
+    /// Merge a parsed file with the flags (flags win; lists are added together).
+    pub fn merge(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+        let mut selection = Selection {
+            cgroups: file.select.cgroups,
+            uids: file.select.uids,
+            exes: file.select.exes,
+            pids: file.select.pids,
+        };
+        selection.cgroups.extend(args.cgroups.iter().cloned());
+        selection.uids.extend(args.uids.iter().copied());
+        selection.exes.extend(args.exes.iter().cloned());
+        selection.pids.extend(args.pids.iter().copied());
+        for cg in &mut selection.cgroups {
+            *cg = normalize_cgroup(cg)?;
+        }
+        dedup(&mut selection.cgroups);
+        dedup(&mut selection.uids);
+        dedup(&mut selection.exes);
+        dedup(&mut selection.pids);
+
+        let mut ports: Vec<u16> = DEFAULT_PORTS.to_vec();
+        ports.extend(file.intercept.ports.iter().copied());
+        ports.extend(args.ports.iter().copied());
+        if ports.contains(&0) {
+            return Err(ConfigError::GuardedPortZero);
+        }
+        dedup(&mut ports);
+
+        let listen_port = args
+            .listen_port
+            .or(file.intercept.listen_port)
+            .unwrap_or(DEFAULT_LISTEN_PORT);
+        if listen_port == 0 {
+            return Err(ConfigError::ListenPortZero);
+        }
+        if listen_port >= 1024 {
+            return Err(ConfigError::ListenPortNotPrivileged(listen_port));
+        }
+
+        let max_body = match &file.intercept.max_body {
+            Some(v) => v.bytes()?,
+            None => DEFAULT_MAX_BODY,
+        };
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state.dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let audit_path = args
+            .audit
+            .clone()
+            .or(file.audit.path)
+            .unwrap_or_else(|| state_dir.join("audit.jsonl"));
+        let policy_paths = if args.policies.is_empty() {
+            file.policy.paths
+        } else {
+            args.policies.clone()
+        };
+        Ok(Config {
+            selection,
+            ports,
+            listen_port,
+            passthrough: file.intercept.passthrough,
+            max_body,
+            deny_shape: file.intercept.deny_shape.unwrap_or_default(),
+            policy_paths,
+            agents: args.agents.clone().or(file.policy.agents),
+            pin_dir: args
+                .pin_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            state_dir,
+            audit_path,
+            upstream_ca: args.upstream_ca.clone(),
+            metrics: args.metrics,
+            fail_open: args.fail_open,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+/// Parse config text; errors carry `file:line:` where TOML gives a span.
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let message = e.message().to_string();
+        ConfigError::Parse {
+            path: match line {
+                Some(l) => PathBuf::from(format!("{}:{l}", path.display())),
+                None => path.to_path_buf(),
+            },
+            message,
+        }
+    })
+}
+
+/// Parse `4MiB`, `512KiB`, `1GiB`, `10MB`, `100kB`, `123` or `123B`.
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(text.to_string());
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(err());
+    }
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+/// A cgroup path as the kernel shows it: leading '/', no trailing '/', no `..`.
+pub fn normalize_cgroup(path: &str) -> Result<String, ConfigError> {
+    let p = path.trim();
+    if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+        return Err(ConfigError::CgroupPath(path.to_string()));
+    }
+    let trimmed = p.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+fn dedup<T: PartialEq>(v: &mut Vec<T>) {
+    let mut out: Vec<T> = Vec::with_capacity(v.len());
+    for x in v.drain(..) {
+        if !out.contains(&x) {
+            out.push(x);
+        }
+    }
+    *v = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_reject_garbage() {
+        assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        for bad in [
+            "",
+            "MiB",
+            "4 parsecs",
+            "-1",
+            "18446744073709551615GiB",
+            "4.5MiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn full_example_parses_and_flags_override() {
+        let text = r#"
+[select]
+cgroups = ["/agents/"]
+uids = [1001]
+exes = ["/usr/local/bin/agent"]
+[intercept]
+ports = [80, 443, 8000]
+listen_port = 853
+passthrough = ["*.pinned.example.com"]
+max_body = "4MiB"
+deny_shape = "jsonrpc_error"
+[policy]
+paths = ["/etc/kya/policies"]
+agents = "/etc/kya/agents.toml"
+[audit]
+path = "/var/lib/kya/audit.jsonl"
+[state]
+dir = "/var/lib/kya"
+"#;
+        let file = parse_file(Path::new("kya.toml"), text).unwrap();
+        let args = RunArgs {
+            listen_port: Some(900),
+            uids: vec![1001, 1002],
+            ports: vec![8443],
+            ..Default::default()
+        };
+        let cfg = Config::merge(file, &args).unwrap();
+        assert_eq!(cfg.listen_port, 900);
+        assert_eq!(cfg.selection.cgroups, vec!["/agents"]);
+        assert_eq!(cfg.selection.uids, vec![1001, 1002]);
+        assert_eq!(cfg.ports, vec![80, 443, 8000, 8443]);
+        assert_eq!(cfg.max_body, 4 << 20);
+        assert_eq!(cfg.deny_shape, DenyShape::JsonrpcError);
+        assert_eq!(cfg.passthrough, vec!["*.pinned.example.com"]);
+        assert_eq!(cfg.audit_path, PathBuf::from("/var/lib/kya/audit.jsonl"));
+    }
+
+    #[test]
+    fn defaults_when_empty() {
+        let cfg = Config::merge(FileConfig::default(), &RunArgs::default()).unwrap();
+        assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
+        assert_eq!(cfg.ports, vec![80, 443]);
+        assert_eq!(cfg.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(cfg.audit_path, PathBuf::from("/var/lib/kya/audit.jsonl"));
+        assert!(cfg.selection.is_empty());
+        assert!(cfg.policy_paths.is_empty());
+    }
+
+    #[test]
+    fn hostile_config_is_rejected_with_location() {
+        let bad = "[intercept]\nlisten_port = 853\nbogus = 1\n";
+        let err = parse_file(Path::new("k.toml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("k.toml:3:"), "{err}");
+        assert!(parse_file(Path::new("k.toml"), "[select]\nuids = [\"root\"]\n").is_err());
+        assert!(parse_file(Path::new("k.toml"), "[select\n").is_err());
+        let high = RunArgs {
+            listen_port: Some(8080),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::merge(FileConfig::default(), &high),
+            Err(ConfigError::ListenPortNotPrivileged(8080))
+        ));
+        let zero = RunArgs {
+            ports: vec![0],
+            ..Default::default()
+        };
+        assert!(Config::merge(FileConfig::default(), &zero).is_err());
+        let cg = RunArgs {
+            cgroups: vec!["agents".into()],
+            ..Default::default()
+        };
+        assert!(Config::merge(FileConfig::default(), &cg).is_err());
+        let cg = RunArgs {
+            cgroups: vec!["/a/../b".into()],
+            ..Default::default()
+        };
+        assert!(Config::merge(FileConfig::default(), &cg).is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! kya: an execution-plane guard for AI agents on Linux.
+//!
+//! The library holds every component; the `kya` binary (`main.rs`) only parses
+//! the command line and wires them together. See `../shared/DESIGN.md` in the
+//! workspace for the architecture.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;

@@ -1,0 +1,12 @@
+//! Types shared across kya.
+//!
+//! * [`maps`]: `#[repr(C)]` mirrors of the BPF map keys and values declared in
+//!   `kya-ebpf/src/kya.h`, pinned to the C header by layout tests.
+//! * [`identity`]: who made a connection or a call (process identity).
+//! * [`verdict`]: the outcome of a policy decision.
+
+pub mod identity;
+pub mod verdict;
+
+pub use identity::ProcessIdentity;
+pub use verdict::Verdict;

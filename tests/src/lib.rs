@@ -1,0 +1,1 @@
+//! Harness for kya end-to-end tests.

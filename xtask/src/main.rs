@@ -1,0 +1,4 @@
+//! `cargo xtask`: developer automation.
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("no xtask commands yet")
+}
