@@ -7,4 +7,6 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod intercept;
 pub mod keys;
+pub mod procinfo;

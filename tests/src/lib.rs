@@ -1,1 +1,630 @@
-//! Harness for kya end-to-end tests.
+//! Harness for kya's end-to-end tests: the real `kya` daemon, real sockets,
+//! real cgroups, and records kept by the peers themselves.
+//!
+//! Everything a test creates (cgroups, pinned BPF objects, daemons, probe
+//! processes) is cleaned up by `Drop`, so a failing assertion leaves nothing
+//! behind. Tests touch only loopback addresses.
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// True when the test may run. Privileged tests skip without root on a
+/// laptop; under `CI=true` a skip is a failure.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!("{test}: privileged test cannot run without root, and CI=true forbids skipping");
+    }
+    eprintln!("{test}: skipped (needs root for BPF and cgroups)");
+    false
+}
+
+/// End-to-end tests share the host's cgroup root and BPF attachments: run them one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("KYA_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test binary lives in target/<profile>/deps")
+}
+
+fn built(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// The `kya` binary under test.
+pub fn kya_bin() -> PathBuf {
+    built("kya")
+}
+
+/// The probe client.
+pub fn probe_bin() -> PathBuf {
+    built("kya-probe")
+}
+
+/// A copy of the probe at a path of its own, executable by every user
+/// (the build tree may sit in a directory other users cannot enter).
+pub struct ProbeCopy {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl ProbeCopy {
+    pub fn new(name: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("kya-e2e-probe-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = dir.path().join(name);
+        std::fs::copy(probe_bin(), &path).expect("copy probe");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self { _dir: dir, path }
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("cgroup2") {
+            if let Some(mp) = left.split_whitespace().nth(4) {
+                return PathBuf::from(mp);
+            }
+        }
+    }
+    panic!("no cgroup2 mount found");
+}
+
+/// A cgroup created for one test under the cgroup2 root; its processes are
+/// killed and the directory removed on drop.
+pub struct TestCgroup {
+    /// Path relative to the cgroup2 mount, as `kya run --cgroup` takes it.
+    pub rel: String,
+    /// Absolute directory.
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let rel = format!("/kya-e2e-{tag}-{}", std::process::id());
+        let path = cgroup2_mount().join(rel.trim_start_matches('/'));
+        if path.exists() {
+            kill_and_remove(&path);
+        }
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { rel, path }
+    }
+
+    /// A child cgroup (selection covers descendants).
+    pub fn child(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir_all(&p).expect("mkdir child cgroup");
+        p
+    }
+
+    /// A command that moves itself into this cgroup, then execs `program`:
+    /// the program is in the cgroup from its first instruction.
+    pub fn command(&self, program: impl AsRef<Path>, args: &[&str]) -> Command {
+        in_cgroup(&self.path, program, args)
+    }
+
+    /// Pids currently in the cgroup (not descendants).
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+/// `sh` writes its own pid into `cgroup.procs` and then execs the program.
+pub fn in_cgroup(dir: &Path, program: impl AsRef<Path>, args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+        .arg(dir)
+        .arg(program.as_ref())
+        .args(args);
+    cmd
+}
+
+fn kill_and_remove(path: &Path) {
+    // Children first (rmdir needs an empty subtree).
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                kill_and_remove(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if std::fs::remove_dir(path).is_ok() || !path.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("warning: could not remove cgroup {}", path.display());
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        kill_and_remove(&self.path);
+    }
+}
+
+/// Run a probe command to completion and parse its JSON line.
+pub fn run_json(mut cmd: Command) -> Value {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "{cmd:?} printed no JSON ({e}): stdout={stdout:?} stderr={:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A probe started now that waits for a line on stdin before it acts.
+pub struct WaitingProbe {
+    child: Child,
+}
+
+impl WaitingProbe {
+    pub fn spawn(mut cmd: Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn waiting probe");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Let it act and collect its JSON line.
+    pub fn go(mut self) -> Value {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        let _ = self.child.wait();
+        serde_json::from_str(out.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("waiting probe printed no JSON ({e}): {out:?}"))
+    }
+}
+
+impl Drop for WaitingProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP echo server on a loopback address that records every peer it sees.
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    peers: Arc<Mutex<Vec<(SocketAddr, Option<u32>)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpEcho {
+    /// Start; peers are recorded without their owning process.
+    pub fn start(addr: &str) -> Self {
+        Self::start_inner(addr, false)
+    }
+
+    /// Start; for every peer also record which process owns the peer socket
+    /// (looked up while the connection is open; slow, for assertions only).
+    pub fn start_with_owners(addr: &str) -> Self {
+        Self::start_inner(addr, true)
+    }
+
+    fn start_inner(addr: &str, owners: bool) -> Self {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                if let Ok(peer) = conn.peer_addr() {
+                    let owner = if owners { socket_owner(peer) } else { None };
+                    p.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((peer, owner));
+                }
+                std::thread::spawn(move || {
+                    let _ = conn.set_nodelay(true);
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, peers, stop }
+    }
+
+    /// Peers seen so far, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|p| p.0)
+            .collect()
+    }
+
+    /// Peers with the pid owning the peer socket (only with [`TcpEcho::start_with_owners`]).
+    pub fn peers_with_owners(&self) -> Vec<(SocketAddr, Option<u32>)> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop (an unselected test process connects directly).
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+/// A UDP echo server on a loopback address.
+pub struct UdpEcho {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpEcho {
+    pub fn start(addr: &str) -> Self {
+        let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let addr = sock.local_addr().expect("local addr");
+        let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Options for one daemon under test.
+pub struct DaemonOptions {
+    pub listen_port: u16,
+    pub args: Vec<String>,
+    /// Start the daemon itself inside this cgroup directory.
+    pub in_cgroup: Option<PathBuf>,
+    /// Keep what an earlier daemon left pinned in the same pin directory (restart tests).
+    pub reuse_pins: bool,
+}
+
+impl DaemonOptions {
+    pub fn new(listen_port: u16) -> Self {
+        Self {
+            listen_port,
+            args: Vec::new(),
+            in_cgroup: None,
+            reuse_pins: false,
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, a: I) -> Self {
+        self.args.extend(a.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A running `kya run`, with its log, pin directory and state directory.
+/// Dropping it kills the daemon and removes its pins.
+pub struct Daemon {
+    child: Option<Child>,
+    pub pid: u32,
+    pub log: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: tempfile::TempDir,
+    pub listen_port: u16,
+}
+
+impl Daemon {
+    pub fn start(opts: DaemonOptions) -> Self {
+        let state_dir = tempfile::Builder::new()
+            .prefix("kya-e2e-state-")
+            .tempdir()
+            .expect("state tempdir");
+        let log = state_dir.path().join("daemon.log");
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/kya-e2e-{}-{}",
+            std::process::id(),
+            opts.listen_port
+        ));
+        if !opts.reuse_pins {
+            let _ = std::fs::remove_dir_all(&pin_dir);
+        }
+        let mut args: Vec<String> = vec![
+            "--log-format".into(),
+            "json".into(),
+            "run".into(),
+            "--config".into(),
+            "/dev/null".into(),
+            "--listen-port".into(),
+            opts.listen_port.to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+            "--state-dir".into(),
+            state_dir.path().display().to_string(),
+        ];
+        args.extend(opts.args);
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = match &opts.in_cgroup {
+            Some(dir) => in_cgroup(dir, kya_bin(), &arg_refs),
+            None => {
+                let mut c = Command::new(kya_bin());
+                c.args(&arg_refs);
+                c
+            }
+        };
+        let log_file = std::fs::File::create(&log).expect("daemon log");
+        cmd.env("RUST_LOG", "info,kya_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = cmd.spawn().expect("spawn kya run");
+        let pid = child.id();
+        let mut daemon = Self {
+            child: Some(child),
+            pid,
+            log,
+            pin_dir,
+            state_dir,
+            listen_port: opts.listen_port,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.events().iter().any(|e| message(e) == "kya is running") {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("kya run exited early ({status}):\n{}", self.log_text());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("kya run not ready after 30 s:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every JSON log record so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The daemon's "intercepted connection" records (their `fields`).
+    pub fn connections(&self) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| message(e) == "intercepted connection")
+            .map(|e| e["fields"].clone())
+            .collect()
+    }
+
+    /// Wait until at least `n` connections were logged.
+    pub fn wait_connections(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = self.connections();
+            if c.len() >= n || Instant::now() > deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no cleanup runs in the daemon.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "kya run did not stop within 15 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // Unpinning the links detaches the programs a killed daemon left behind.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// The `fields.message` of a tracing JSON record.
+pub fn message(event: &Value) -> &str {
+    event["fields"]["message"].as_str().unwrap_or("")
+}
+
+/// Ids and names of the BPF programs attached anywhere in the cgroup2 tree.
+pub fn attached_programs() -> BTreeSet<(u64, String)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "tree"])
+        .arg(cgroup2_mount())
+        .output()
+        .expect("bpftool (apt-get install bpftool)");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut set = BTreeSet::new();
+    for cg in v.as_array().into_iter().flatten() {
+        for p in cg["programs"].as_array().into_iter().flatten() {
+            if let Some(id) = p["id"].as_u64() {
+                set.insert((id, p["name"].as_str().unwrap_or("").to_string()));
+            }
+        }
+    }
+    set
+}
+
+/// The pid owning the TCP socket whose local address is `local` (from
+/// `/proc/net/tcp{,6}` and `/proc/*/fd`), if any.
+pub fn socket_owner(local: SocketAddr) -> Option<u32> {
+    let inode = socket_inode(local)?;
+    let target = format!("socket:[{inode}]");
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path())
+                .map(|l| l.to_string_lossy() == target)
+                .unwrap_or(false)
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+fn socket_inode(local: SocketAddr) -> Option<u64> {
+    let (file, want) = match local {
+        SocketAddr::V4(a) => (
+            "/proc/net/tcp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let o = a.ip().octets();
+            let words: String = o
+                .chunks(4)
+                .map(|c| format!("{:08X}", u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect();
+            ("/proc/net/tcp6", format!("{words}:{:04X}", a.port()))
+        }
+    };
+    let text = std::fs::read_to_string(file).ok()?;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) == Some(&want.as_str()) {
+            return f.get(9).and_then(|i| i.parse().ok()).filter(|i| *i != 0);
+        }
+    }
+    None
+}

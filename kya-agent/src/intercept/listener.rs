@@ -1,0 +1,305 @@
+//! Accept loops on 127.0.0.1 and ::1 at the instance's listen port.
+//!
+//! Every accepted connection is resolved to its origin; one that kya did not
+//! redirect (nobody should connect to the listener directly) is refused. For
+//! now each connection is spliced unchanged to its original destination.
+
+use super::origin::{ConnOrigin, OriginSource};
+use super::{splice, upstream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// Interceptor settings.
+#[derive(Debug, Clone)]
+pub struct InterceptorConfig {
+    /// Port on 127.0.0.1 and ::1.
+    pub listen_port: u16,
+    /// Connections handled at once; further accepts wait (bounded everything).
+    pub max_connections: usize,
+}
+
+impl Default for InterceptorConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: crate::config::DEFAULT_LISTEN_PORT,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Errors starting the interceptor.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Counters of what the interceptor did.
+#[derive(Debug, Default)]
+pub struct InterceptStats {
+    pub accepted: AtomicU64,
+    pub unknown: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub spliced: AtomicU64,
+}
+
+/// The bound listeners, ready to serve.
+pub struct Interceptor {
+    listeners: Vec<TcpListener>,
+    config: InterceptorConfig,
+    stats: Arc<InterceptStats>,
+}
+
+impl Interceptor {
+    /// Bind 127.0.0.1 and ::1 (IPv6-only, so the two sockets do not collide).
+    pub fn bind(config: InterceptorConfig) -> Result<Self, ListenError> {
+        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
+        let listeners = vec![bind_one(v4)?, bind_one(v6)?];
+        Ok(Self {
+            listeners,
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    /// Shared counters.
+    pub fn stats(&self) -> Arc<InterceptStats> {
+        self.stats.clone()
+    }
+
+    /// Serve until `shutdown` turns true; then stop accepting and end open connections.
+    pub async fn serve(self, origins: Arc<dyn OriginSource>, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.config.max_connections));
+        let mut accept_loops = JoinSet::new();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(64);
+        for listener in self.listeners {
+            let tx = conn_tx.clone();
+            accept_loops.spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok(conn) => {
+                            if tx.send(conn).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        drop(conn_tx);
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                next = conn_rx.recv() => {
+                    let Some((stream, peer)) = next else { break };
+                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
+                    let origins = origins.clone();
+                    let stats = self.stats.clone();
+                    connections.spawn(async move {
+                        handle(stream, peer, origins.as_ref(), &stats).await;
+                        drop(permit);
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        accept_loops.abort_all();
+        connections.abort_all();
+        tracing::info!("interceptor stopped");
+    }
+}
+
+fn bind_one(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    let err = |source| ListenError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    if addr.is_ipv6() {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)
+            .map_err(|e| err(e.into()))?;
+    }
+    socket.bind(addr).map_err(err)?;
+    socket.listen(1024).map_err(err)
+}
+
+async fn handle(
+    agent: TcpStream,
+    peer: SocketAddr,
+    origins: &dyn OriginSource,
+    stats: &InterceptStats,
+) {
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let local = match agent.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "accepted socket has no local address");
+            return;
+        }
+    };
+    let origin = match origins.take(peer, local) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            stats.unknown.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, %local, "connection was not redirected by kya; refusing it");
+            reset(agent);
+            return;
+        }
+        Err(e) => {
+            stats.unknown.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%peer, error = %e, "cannot resolve connection origin; refusing it");
+            reset(agent);
+            return;
+        }
+    };
+    log_connection(&origin, peer);
+    let mut upstream = match upstream::connect(origin.dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
+            reset(agent);
+            return;
+        }
+    };
+    let _ = agent.set_nodelay(true);
+    let mut agent = agent;
+    match splice::splice(&mut agent, &mut upstream).await {
+        Ok(moved) => {
+            stats.spliced.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pid = origin.process.pid, dst = %origin.dst, to_upstream = moved.to_upstream, to_agent = moved.to_agent, "connection closed");
+        }
+        Err(e) => {
+            tracing::debug!(pid = origin.process.pid, dst = %origin.dst, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+fn log_connection(origin: &ConnOrigin, peer: SocketAddr) {
+    let p = &origin.process;
+    tracing::info!(
+        pid = p.pid,
+        tid = origin.tid,
+        uid = p.uid,
+        gid = p.gid,
+        comm = %p.comm,
+        exe = %p.exe,
+        cgroup = %p.cgroup,
+        dst = %origin.dst,
+        %peer,
+        "intercepted connection"
+    );
+}
+
+/// Close with RST, so the agent sees a refused/reset connection rather than an
+/// orderly empty reply.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(Default)]
+    struct Table(Mutex<HashMap<SocketAddr, SocketAddr>>);
+
+    impl OriginSource for Table {
+        fn take(
+            &self,
+            peer: SocketAddr,
+            _local: SocketAddr,
+        ) -> Result<Option<ConnOrigin>, super::super::origin::OriginError> {
+            let dst = self.0.lock().unwrap().remove(&peer);
+            Ok(dst.map(|dst| ConnOrigin {
+                dst,
+                process: kya_common::ProcessIdentity {
+                    pid: std::process::id(),
+                    ..Default::default()
+                },
+                tid: 0,
+                cgroup_id: 0,
+            }))
+        }
+    }
+
+    /// Needs root (port below 1024 and SO_MARK); plain unit runs skip.
+    fn root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[tokio::test]
+    async fn splices_known_connections_and_resets_unknown_ones() {
+        if !root() {
+            eprintln!("skipped: needs root (privileged port, SO_MARK)");
+            return;
+        }
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let interceptor = Interceptor::bind(InterceptorConfig {
+            listen_port: 987,
+            max_connections: 8,
+        })
+        .unwrap();
+        let table = Arc::new(Table::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(interceptor.serve(table.clone(), stop_rx));
+
+        // A known connection: registered before connecting, by its source address.
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let src = sock.local_addr().unwrap();
+        table.0.lock().unwrap().insert(src, echo_addr);
+        let mut s = sock
+            .connect("127.0.0.1:987".parse().unwrap())
+            .await
+            .unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // An unknown connection is reset: the read fails or returns EOF, never data.
+        let mut u = TcpStream::connect("[::1]:987").await.unwrap();
+        let _ = u.write_all(b"ping").await;
+        let mut buf = [0u8; 4];
+        let got = u.read(&mut buf).await;
+        assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,16 @@
+//! The interceptor: accepts the connections the eBPF redirect sends it,
+//! attributes each to the process that made it, and carries it to the original
+//! destination.
+//!
+//! * [`origin`]: the seam to the kernel side (who connected, to where).
+//! * [`listener`]: the accept loops on 127.0.0.1 and ::1.
+//! * [`upstream`]: connecting to the original destination without being redirected again.
+//! * [`splice`]: copying bytes both ways, unchanged.
+
+pub mod listener;
+pub mod origin;
+pub mod splice;
+pub mod upstream;
+
+pub use listener::{Interceptor, InterceptorConfig};
+pub use origin::{ConnOrigin, OriginSource};

@@ -1,0 +1,56 @@
+//! Connecting to the original destination.
+//!
+//! The interceptor's own sockets must never be redirected back to itself, even
+//! when the daemon runs inside a selected cgroup: each upstream socket carries
+//! `SO_MARK` = [`kya_common::maps::KYA_SKIP_MARK`], which the kernel programs skip.
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// How long to wait for the original destination to accept.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors connecting upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot create socket: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot mark socket (SO_MARK needs CAP_NET_ADMIN): {0}")]
+    Mark(std::io::Error),
+    #[error("connect to {dst} failed: {source}")]
+    Connect {
+        dst: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+}
+
+/// Connect to `dst` with a socket the redirect will not touch.
+pub async fn connect(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(UpstreamError::Socket)?;
+    mark(&socket).map_err(UpstreamError::Mark)?;
+    socket.set_nodelay(true).map_err(UpstreamError::Socket)?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => Err(UpstreamError::Connect { dst, source }),
+        Err(_) => Err(UpstreamError::Timeout(dst)),
+    }
+}
+
+/// Set kya's skip mark on a socket.
+pub fn mark(socket: &impl AsFd) -> std::io::Result<()> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::Mark,
+        &kya_common::maps::KYA_SKIP_MARK,
+    )
+    .map_err(std::io::Error::from)
+}
