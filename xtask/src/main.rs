@@ -1,4 +1,122 @@
-//! `cargo xtask`: developer automation.
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("no xtask commands yet")
+//! `cargo xtask`: developer automation for kya.
+//!
+//! * `test`: the whole suite (the README's and CI's one command): format and lint
+//!   checks, build, every Rust test (privileged end-to-end tests need root;
+//!   they skip without it on a laptop and fail under `CI=true`).
+//! * `clean-host`: remove what a crashed earlier run left on this machine
+//!   (test pins, test cgroups), never touching a running kya.
+//! * `bench-connect`: the connection-setup load harness (root).
+//! * `bench`: the criterion benchmarks.
+
+mod bench_connect;
+mod clean;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run the whole test suite.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Remove leftovers of crashed test runs (pins, cgroups).
+    CleanHost,
+    /// Measure connection setup overhead (needs root).
+    BenchConnect {
+        /// Connects per measurement.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
+    /// Run the criterion benchmarks.
+    Bench {
+        /// Extra arguments for `cargo bench`.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Task::Test { no_lint, cargo_args } => test(&root, no_lint, &cargo_args),
+        Task::CleanHost => clean::clean_host(),
+        Task::BenchConnect { count } => bench_connect::run(&root, count),
+        Task::Bench { cargo_args } => {
+            let mut args = vec!["bench", "--workspace"];
+            if !cargo_args.is_empty() {
+                args.push("--");
+                args.extend(cargo_args.iter().map(String::as_str));
+            }
+            cargo(&root, &args)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    dir.parent()
+        .map(Path::to_path_buf)
+        .context("xtask lives inside the workspace")
+}
+
+/// Run `cargo ARGS` in the workspace, failing on a non-zero exit.
+pub fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(root: &Path, no_lint: bool, cargo_args: &[String]) -> Result<()> {
+    let is_root = nix_is_root();
+    let ci = std::env::var("CI").map(|v| v == "true").unwrap_or(false);
+    if !is_root {
+        if ci {
+            bail!("CI=true: the privileged eBPF tests must run, so the suite must run as root");
+        }
+        eprintln!("xtask: not root: privileged eBPF/end-to-end tests will be skipped (run with sudo for the full suite)");
+    }
+    if !no_lint {
+        cargo(root, &["fmt", "--all", "--", "--check"])?;
+        cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    }
+    // The end-to-end tests run the real binaries: build them first.
+    cargo(root, &["build", "--workspace", "--bins"])?;
+    if is_root {
+        clean::clean_host()?;
+    }
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    if !cargo_args.is_empty() {
+        args.push("--");
+        args.extend(cargo_args.iter().map(String::as_str));
+    }
+    cargo(root, &args)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
