@@ -6,6 +6,7 @@
 //! * [`verdict`]: the outcome of a policy decision.
 
 pub mod identity;
+pub mod maps;
 pub mod verdict;
 
 pub use identity::ProcessIdentity;
