@@ -64,7 +64,7 @@ pub struct KyaConfig {
 /// Key of `kya_exes`: an executable by (device, inode). `dev` is the
 /// kernel's encoding (`major << 20 | minor`), see [`kernel_dev`].
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ExeKey {
     pub dev: u64,
     pub ino: u64,
