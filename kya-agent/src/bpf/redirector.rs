@@ -1,0 +1,652 @@
+//! One kya instance's redirect: its own copy of the BPF object and maps,
+//! its links on the cgroup v2 root, its pins.
+
+use super::selection::{exe_keys, expand_exes, running_selection, scan_proc};
+use super::stats::{log_event, KernelStats};
+use super::sys::{self, AttachType};
+use super::{host, BpfError, OriginTable};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::Program;
+use aya::{Ebpf, EbpfLoader};
+use kya_common::maps::{
+    Counter, ExeKey, KyaConfig, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SEL_CGROUPS,
+    KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_SEL_PID, KYA_SKIP_MARK,
+};
+use kya_ebpf::{maps as m, programs as p};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// What to redirect, and where to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// cgroup v2 paths relative to the cgroup2 mount; descendants included.
+    pub cgroups: Vec<String>,
+    pub uids: Vec<u32>,
+    /// Absolute executable paths or globs (expanded here, rescanned on update).
+    pub exes: Vec<String>,
+    /// tgids; their future children are selected too.
+    pub pids: Vec<u32>,
+    /// Guarded destination ports.
+    pub ports: Vec<u16>,
+    /// The interceptor's port on 127.0.0.1 and ::1 (1..=1023).
+    pub listen_port: u16,
+    /// This instance's pin directory (on bpffs).
+    pub pin_dir: PathBuf,
+    /// Pin nothing: if the daemon dies, the redirect dies with it.
+    pub fail_open: bool,
+}
+
+impl RedirectConfig {
+    fn validate(&self) -> Result<(), BpfError> {
+        if self.listen_port == 0 || self.listen_port >= 1024 {
+            return Err(BpfError::BadListenPort(self.listen_port));
+        }
+        if self.ports.is_empty() {
+            return Err(BpfError::NoPorts);
+        }
+        if self.ports.contains(&0) {
+            return Err(BpfError::BadPort);
+        }
+        check_len("guarded ports", self.ports.len(), KYA_MAX_PORTS)?;
+        check_len("selected cgroups", self.cgroups.len(), KYA_MAX_SEL_CGROUPS)?;
+        check_len("selected uids", self.uids.len(), KYA_MAX_SEL_UIDS)?;
+        check_len("selected pids", self.pids.len(), KYA_MAX_SEL_TGIDS)?;
+        let pd = &self.pin_dir;
+        if !pd.is_absolute() || pd == Path::new(host::BPFFS_MOUNT) || pd == Path::new("/") {
+            return Err(BpfError::BadPinDir(pd.clone()));
+        }
+        if pd
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(BpfError::BadPinDir(pd.clone()));
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, cgroup2: &Path) -> Result<Resolved, BpfError> {
+        let mut cgroups = BTreeMap::new();
+        for c in &self.cgroups {
+            cgroups.insert(host::cgroup_id(cgroup2, c)?, c.clone());
+        }
+        let exes = exe_keys(&expand_exes(&self.exes)?);
+        check_len("selected executables", exes.len(), KYA_MAX_EXES)?;
+        Ok(Resolved {
+            cgroups,
+            uids: self.uids.iter().copied().collect(),
+            exes,
+            pids: self.pids.iter().copied().collect(),
+            ports: self.ports.iter().copied().collect(),
+            listen_port: self.listen_port,
+        })
+    }
+}
+
+fn check_len(what: &'static str, got: usize, max: u32) -> Result<(), BpfError> {
+    if got > max as usize {
+        return Err(BpfError::TooMany { what, got, max });
+    }
+    Ok(())
+}
+
+/// A selection resolved to kernel keys; what the maps currently hold.
+#[derive(Debug, Clone, Default)]
+struct Resolved {
+    cgroups: BTreeMap<u64, String>,
+    uids: BTreeSet<u32>,
+    exes: BTreeMap<ExeKey, PathBuf>,
+    pids: BTreeSet<u32>,
+    ports: BTreeSet<u16>,
+    listen_port: u16,
+}
+
+struct Maps {
+    config: Array<MapData, KyaConfig>,
+    ports: HashMap<MapData, u16, u8>,
+    cgroups: HashMap<MapData, u64, u8>,
+    uids: HashMap<MapData, u32, u8>,
+    tgids: HashMap<MapData, u32, u8>,
+    skip: HashMap<MapData, u32, u8>,
+    exes: HashMap<MapData, ExeKey, u8>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
+    move |e| BpfError::Map {
+        name,
+        source: Box::new(e),
+    }
+}
+
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::Missing(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// Programs attached to the cgroup v2 root, in attach order: sockops first
+/// (so every redirected connection gets its 4-tuple published), then
+/// getpeername, then the hooks that start redirecting.
+const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
+    (p::SOCKOPS, AttachType::SockOps),
+    (p::GETPEERNAME4, AttachType::Getpeername4),
+    (p::GETPEERNAME6, AttachType::Getpeername6),
+    (p::SENDMSG4, AttachType::Sendmsg4),
+    (p::SENDMSG6, AttachType::Sendmsg6),
+    (p::CONNECT4, AttachType::Connect4),
+    (p::CONNECT6, AttachType::Connect6),
+];
+
+const TRACEPOINT_PROGRAMS: [(&str, &std::ffi::CStr); 3] = [
+    (p::EXIT, c"sched_process_exit"),
+    (p::FORK, c"sched_process_fork"),
+    (p::EXEC, c"sched_process_exec"),
+];
+
+/// Pin file names this code creates (and removes when stale).
+fn pin_names() -> impl Iterator<Item = &'static str> {
+    TRACEPOINT_PROGRAMS
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(CGROUP_PROGRAMS.iter().map(|(n, _)| *n))
+}
+
+/// One loaded, attached instance of kya's kernel side.
+pub struct Redirector {
+    ebpf: Ebpf,
+    maps: Maps,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    events_read: Arc<AtomicU64>,
+    origins: OriginTable,
+    links: Vec<(&'static str, OwnedFd)>,
+    pinned: Vec<PathBuf>,
+    pin_dir: PathBuf,
+    fail_open: bool,
+    cgroup2: PathBuf,
+    applied: Resolved,
+}
+
+impl std::fmt::Debug for Redirector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirector")
+            .field("pin_dir", &self.pin_dir)
+            .field("fail_open", &self.fail_open)
+            .field("cgroup2", &self.cgroup2)
+            .field("links", &self.links.len())
+            .field("pinned", &self.pinned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redirector {
+    /// Mounts bpffs if absent, finds cgroup2, loads the object, fills the
+    /// maps (scanning /proc for running exe/pid-selected processes and their
+    /// descendants), attaches at the cgroup2 root (multi-attach: other
+    /// programs and other kya instances keep running), and pins the links
+    /// under `pin_dir` unless `fail_open`, replacing the pins a crashed run
+    /// of the same `pin_dir` left.
+    ///
+    /// No tracefs is needed: the process tracepoints are raw tracepoints.
+    pub fn start(cfg: &RedirectConfig) -> Result<Redirector, BpfError> {
+        cfg.validate()?;
+        host::ensure_bpffs()?;
+        let cgroup2 = host::cgroup2_mount()?;
+        let want = cfg.resolve(&cgroup2)?;
+
+        let mut ebpf = EbpfLoader::new().load(kya_ebpf::OBJECT).map_err(Box::new)?;
+        for name in pin_names() {
+            load_program(&mut ebpf, name)?;
+        }
+        let maps = Maps {
+            config: take(&mut ebpf, m::CONFIG)?,
+            ports: take(&mut ebpf, m::PORTS)?,
+            cgroups: take(&mut ebpf, m::SEL_CGROUPS)?,
+            uids: take(&mut ebpf, m::SEL_UIDS)?,
+            tgids: take(&mut ebpf, m::SEL_TGIDS)?,
+            skip: take(&mut ebpf, m::SKIP_TGIDS)?,
+            exes: take(&mut ebpf, m::EXES)?,
+        };
+        let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, m::COUNTERS)?;
+        let events: RingBuf<MapData> = take(&mut ebpf, m::EVENTS)?;
+        let conns = ebpf.take_map(m::CONNS).ok_or(BpfError::Missing(m::CONNS))?;
+        let conns_fd = match &conns {
+            Map::LruHashMap(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| BpfError::io("duplicating the kya_conns fd", e))?,
+            _ => return Err(BpfError::Missing(m::CONNS)),
+        };
+
+        let mut r = Redirector {
+            ebpf,
+            maps,
+            counters,
+            events: Some(events),
+            reader: None,
+            events_read: Arc::new(AtomicU64::new(0)),
+            origins: OriginTable::new(conns_fd),
+            links: Vec::new(),
+            pinned: Vec::new(),
+            pin_dir: cfg.pin_dir.clone(),
+            fail_open: cfg.fail_open,
+            cgroup2: cgroup2.clone(),
+            applied: Resolved::default(),
+        };
+        // The daemon never redirects itself, even inside a selected cgroup.
+        let me = std::process::id();
+        r.maps
+            .skip
+            .insert(me, 1u8, 0)
+            .map_err(map_err(m::SKIP_TGIDS))?;
+        r.apply(want)?;
+
+        // Tracepoints before the /proc scan: a process that forks or execs
+        // while we scan is caught by one or the other.
+        for (name, tp) in TRACEPOINT_PROGRAMS {
+            let fd = r.prog_fd(name)?;
+            let link =
+                sys::raw_tracepoint_open(fd.as_fd(), tp).map_err(|source| BpfError::Syscall {
+                    call: "BPF_RAW_TRACEPOINT_OPEN",
+                    source,
+                })?;
+            r.links.push((name, link));
+        }
+        r.select_running()?;
+
+        let root = std::fs::File::open(&cgroup2)
+            .map_err(|e| BpfError::io(format!("opening {}", cgroup2.display()), e))?;
+        for (name, attach) in CGROUP_PROGRAMS {
+            let fd = r.prog_fd(name)?;
+            let link = sys::link_create(fd.as_fd(), root.as_fd(), attach).map_err(|source| {
+                BpfError::Syscall {
+                    call: "BPF_LINK_CREATE",
+                    source,
+                }
+            })?;
+            r.links.push((name, link));
+        }
+        // Only now switch redirection on (listen_port 0 = off).
+        r.write_config()?;
+        r.replace_pins()?;
+        tracing::info!(
+            cgroup2 = %cgroup2.display(),
+            pin_dir = %r.pin_dir.display(),
+            fail_open = r.fail_open,
+            listen_port = cfg.listen_port,
+            "BPF redirect attached"
+        );
+        Ok(r)
+    }
+
+    fn prog_fd(&self, name: &'static str) -> Result<OwnedFd, BpfError> {
+        let prog = self.ebpf.program(name).ok_or(BpfError::Missing(name))?;
+        let fd = prog.fd().map_err(|e| BpfError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+        fd.as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| BpfError::io(format!("duplicating the fd of {name}"), e))
+    }
+
+    fn write_config(&mut self) -> Result<(), BpfError> {
+        let cfg = KyaConfig {
+            listen_port: u32::from(self.applied.listen_port),
+            skip_mark: KYA_SKIP_MARK,
+            flags: 0,
+            _reserved: 0,
+        };
+        self.maps.config.set(0, cfg, 0).map_err(map_err(m::CONFIG))
+    }
+
+    /// Brings the maps from `self.applied` to `want` (insert new, remove
+    /// gone), so an update never leaves a moment with an empty selection.
+    fn apply(&mut self, want: Resolved) -> Result<(), BpfError> {
+        let old = std::mem::take(&mut self.applied);
+        let mp = &mut self.maps;
+        for port in want.ports.difference(&old.ports) {
+            mp.ports.insert(port, 1u8, 0).map_err(map_err(m::PORTS))?;
+        }
+        for id in want.cgroups.keys().filter(|k| !old.cgroups.contains_key(k)) {
+            mp.cgroups
+                .insert(id, 1u8, 0)
+                .map_err(map_err(m::SEL_CGROUPS))?;
+        }
+        for uid in want.uids.difference(&old.uids) {
+            mp.uids.insert(uid, 1u8, 0).map_err(map_err(m::SEL_UIDS))?;
+        }
+        for key in want.exes.keys().filter(|k| !old.exes.contains_key(k)) {
+            mp.exes.insert(key, 1u8, 0).map_err(map_err(m::EXES))?;
+        }
+        for pid in want.pids.difference(&old.pids) {
+            mp.tgids
+                .insert(pid, KYA_SEL_PID, 0)
+                .map_err(map_err(m::SEL_TGIDS))?;
+        }
+        for port in old.ports.difference(&want.ports) {
+            remove_if_present(mp.ports.remove(port), m::PORTS)?;
+        }
+        for id in old.cgroups.keys().filter(|k| !want.cgroups.contains_key(k)) {
+            remove_if_present(mp.cgroups.remove(id), m::SEL_CGROUPS)?;
+        }
+        for uid in old.uids.difference(&want.uids) {
+            remove_if_present(mp.uids.remove(uid), m::SEL_UIDS)?;
+        }
+        for key in old.exes.keys().filter(|k| !want.exes.contains_key(k)) {
+            remove_if_present(mp.exes.remove(key), m::EXES)?;
+        }
+        for pid in old.pids.difference(&want.pids) {
+            if mp.tgids.get(pid, 0).ok() == Some(KYA_SEL_PID) {
+                remove_if_present(mp.tgids.remove(pid), m::SEL_TGIDS)?;
+            }
+        }
+        self.applied = want;
+        Ok(())
+    }
+
+    /// Selects running processes of selected executables and pids, and their
+    /// descendants (the tracepoints handle everything started later).
+    fn select_running(&mut self) -> Result<(), BpfError> {
+        let procs = scan_proc();
+        let sel = running_selection(&procs, &self.applied.exes, &self.applied.pids);
+        let me = std::process::id();
+        for (tgid, reason) in sel {
+            if tgid == me || self.maps.tgids.get(&tgid, 0).is_ok() {
+                continue;
+            }
+            self.maps
+                .tgids
+                .insert(tgid, reason, 0)
+                .map_err(map_err(m::SEL_TGIDS))?;
+            tracing::debug!(tgid, reason, "selected running process");
+        }
+        Ok(())
+    }
+
+    /// Removes stale pins of this pin_dir (a crashed earlier run), then pins
+    /// our links unless fail-open. Our links are attached before the stale
+    /// ones go, so there is no moment without a redirect.
+    fn replace_pins(&mut self) -> Result<(), BpfError> {
+        let dir = self.pin_dir.clone();
+        if dir.is_dir() {
+            for name in pin_names() {
+                let p = dir.join(name);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {
+                        tracing::warn!(pin = %p.display(), "removed a stale pinned link of an earlier run")
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(BpfError::io(
+                            format!("removing stale pin {}", p.display()),
+                            e,
+                        ))
+                    }
+                }
+            }
+        }
+        if self.fail_open {
+            if dir.is_dir() {
+                let _ = std::fs::remove_dir(&dir); // only if empty
+            }
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BpfError::io(format!("creating {}", dir.display()), e))?;
+        if !host::on_bpffs(&dir)? {
+            return Err(BpfError::BadPinDir(dir));
+        }
+        for (name, link) in &self.links {
+            let path = dir.join(name);
+            let c = CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(|_| BpfError::BadPinDir(path.clone()))?;
+            sys::obj_pin(link.as_fd(), &c).map_err(|source| BpfError::Syscall {
+                call: "BPF_OBJ_PIN",
+                source,
+            })?;
+            self.pinned.push(path);
+        }
+        Ok(())
+    }
+
+    /// The interceptor's handle on the origins of accepted connections.
+    pub fn origins(&self) -> OriginTable {
+        self.origins.clone()
+    }
+
+    /// The kernel side's counters, summed over CPUs.
+    pub fn stats(&self) -> Result<KernelStats, BpfError> {
+        let mut s = KernelStats {
+            events_read: self.events_read.load(Ordering::Relaxed),
+            ..KernelStats::default()
+        };
+        for c in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(map_err(m::COUNTERS))?;
+            s.set(c, per_cpu.iter().copied().fold(0u64, u64::wrapping_add));
+        }
+        Ok(s)
+    }
+
+    /// Starts a tokio task that logs the kernel's events with `tracing`.
+    /// Needs a running tokio runtime; callable once.
+    pub fn spawn_event_reader(&mut self) -> Result<(), BpfError> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| BpfError::NoRuntime)?;
+        let ring = self.events.take().ok_or(BpfError::ReaderRunning)?;
+        let counter = self.events_read.clone();
+        let _guard = handle.enter();
+        // SAFETY: the RingBuf owns its map fd and is moved into the AsyncFd,
+        // so the fd stays open (and is not reused) for the AsyncFd's lifetime.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register(ring) };
+        let mut afd = match registered {
+            Ok(a) => a,
+            Err(e) => return Err(BpfError::io("registering the event ring buffer", e.into())),
+        };
+        self.reader = Some(handle.spawn(async move {
+            loop {
+                let mut guard = match afd.readable_mut().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!(error = %e, "kernel event reader stopped");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    log_event(&item);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                guard.clear_ready();
+            }
+        }));
+        Ok(())
+    }
+
+    /// Applies a new selection (exes re-expanded and rescanned, ports and
+    /// listen port updated). Pin dir and fail-open cannot change while
+    /// running. Processes selected by exec or fork stay selected (selection
+    /// only ever widens silently; narrowing it for running processes needs a
+    /// restart of those processes).
+    pub fn update_selection(&mut self, cfg: &RedirectConfig) -> Result<(), BpfError> {
+        cfg.validate()?;
+        if cfg.pin_dir != self.pin_dir || cfg.fail_open != self.fail_open {
+            tracing::warn!("pin_dir and fail_open changes take effect on restart only");
+        }
+        let want = cfg.resolve(&self.cgroup2)?;
+        let port_changed = want.listen_port != self.applied.listen_port;
+        self.apply(want)?;
+        if port_changed {
+            self.write_config()?;
+        }
+        self.select_running()
+    }
+
+    /// Detaches everything and removes the pins and the pin directory: a
+    /// clean shutdown leaves nothing in bpffs and nothing attached.
+    pub fn shutdown(mut self) -> Result<(), BpfError> {
+        if let Some(h) = self.reader.take() {
+            h.abort();
+        }
+        let mut first_err = None;
+        for p in self.pinned.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    first_err
+                        .get_or_insert(BpfError::io(format!("removing pin {}", p.display()), e));
+                }
+            }
+        }
+        // closing the last fd of an unpinned link detaches it
+        self.links.clear();
+        if !self.fail_open {
+            match std::fs::remove_dir(&self.pin_dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_err.get_or_insert(BpfError::io(
+                        format!("removing {}", self.pin_dir.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        tracing::info!(pin_dir = %self.pin_dir.display(), "BPF redirect detached");
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Redirector {
+    /// Dropping without [`Redirector::shutdown`] (a panic, an early return)
+    /// keeps the pins: that is the fail-closed state, as after a crash.
+    fn drop(&mut self) {
+        if let Some(h) = self.reader.take() {
+            h.abort();
+        }
+    }
+}
+
+fn remove_if_present(r: Result<(), MapError>, name: &'static str) -> Result<(), BpfError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    let prog = ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
+    let r = match prog {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::RawTracePoint(p) => p.load(),
+        _ => return Err(BpfError::Missing(name)),
+    };
+    r.map_err(|e| BpfError::Program {
+        name,
+        source: Box::new(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RedirectConfig {
+        RedirectConfig {
+            ports: vec![443],
+            listen_port: 853,
+            pin_dir: PathBuf::from("/sys/fs/bpf/kya-unit"),
+            ..RedirectConfig::default()
+        }
+    }
+
+    #[test]
+    fn config_validation_refuses_unsafe_settings() {
+        assert!(base().validate().is_ok());
+        for lp in [0u16, 1024, 8080, u16::MAX] {
+            let c = RedirectConfig {
+                listen_port: lp,
+                ..base()
+            };
+            assert!(
+                matches!(c.validate(), Err(BpfError::BadListenPort(_))),
+                "{lp}"
+            );
+        }
+        let c = RedirectConfig {
+            ports: vec![],
+            ..base()
+        };
+        assert!(matches!(c.validate(), Err(BpfError::NoPorts)));
+        let c = RedirectConfig {
+            ports: vec![443, 0],
+            ..base()
+        };
+        assert!(matches!(c.validate(), Err(BpfError::BadPort)));
+        let c = RedirectConfig {
+            ports: (1..=300).collect(),
+            ..base()
+        };
+        assert!(matches!(c.validate(), Err(BpfError::TooMany { .. })));
+        let c = RedirectConfig {
+            uids: (0..5000).collect(),
+            ..base()
+        };
+        assert!(matches!(c.validate(), Err(BpfError::TooMany { .. })));
+        for pd in ["/sys/fs/bpf", "/", "relative", "/sys/fs/bpf/../bpf"] {
+            let c = RedirectConfig {
+                pin_dir: pd.into(),
+                ..base()
+            };
+            assert!(matches!(c.validate(), Err(BpfError::BadPinDir(_))), "{pd}");
+        }
+    }
+
+    #[test]
+    fn resolve_refuses_missing_and_escaping_cgroups() {
+        let mount = host::cgroup2_mount().unwrap();
+        let c = RedirectConfig {
+            cgroups: vec!["/kya-no-such-cgroup".into()],
+            ..base()
+        };
+        assert!(matches!(
+            c.resolve(&mount),
+            Err(BpfError::CgroupNotFound { .. })
+        ));
+        let c = RedirectConfig {
+            cgroups: vec!["/../x".into()],
+            ..base()
+        };
+        assert!(matches!(c.resolve(&mount), Err(BpfError::BadCgroupPath(_))));
+        let c = RedirectConfig {
+            cgroups: vec!["/".into()],
+            uids: vec![5, 5],
+            ..base()
+        };
+        let r = c.resolve(&mount).unwrap();
+        assert_eq!(r.cgroups.len(), 1);
+        assert_eq!(r.uids.len(), 1, "duplicates collapse");
+    }
+
+    #[test]
+    fn pin_names_are_unique() {
+        let names: BTreeSet<_> = pin_names().collect();
+        assert_eq!(
+            names.len(),
+            CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()
+        );
+    }
+}

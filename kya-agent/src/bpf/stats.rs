@@ -1,0 +1,141 @@
+//! What the kernel side did: per-CPU counters summed, and the typed events
+//! of the ring buffer turned into `tracing` records.
+
+use kya_common::maps::{
+    Counter, Event, KYA_EV_EXE_SELECTED, KYA_EV_MAP_UPDATE_FAILED, KYA_EV_REFUSED_DGRAM,
+};
+use serde::Serialize;
+
+/// Counters of the kernel side since this instance loaded, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KernelStats {
+    /// TCP connects redirected, IPv4.
+    pub redirected4: u64,
+    /// TCP connects redirected, IPv6.
+    pub redirected6: u64,
+    /// TCP connects redirected, IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+    pub redirected_v4mapped: u64,
+    /// UDP (and other non-TCP) connects/sends to a guarded port refused.
+    pub refused_dgram: u64,
+    /// Connects skipped because the socket carries kya's `SO_MARK`.
+    pub skipped_mark: u64,
+    /// Connects skipped because the caller is the daemon itself.
+    pub skipped_tgid: u64,
+    /// Processes selected when they exec'd a selected executable.
+    pub selected_exec: u64,
+    /// Processes selected because a selected process forked them.
+    pub selected_fork: u64,
+    /// Selected processes that exited (removed from the selection).
+    pub tgid_exited: u64,
+    /// Map updates that failed in the kernel (map full, no memory).
+    pub map_full: u64,
+    /// Redirected connections established and published to the interceptor.
+    pub established: u64,
+    /// getpeername calls answered with the original destination.
+    pub getpeername: u64,
+    /// Ring buffer events dropped because the buffer was full.
+    pub events_lost: u64,
+    /// Events userspace read from the ring buffer.
+    pub events_read: u64,
+}
+
+impl KernelStats {
+    pub(super) fn set(&mut self, c: Counter, v: u64) {
+        let slot = match c {
+            Counter::Redirected4 => &mut self.redirected4,
+            Counter::Redirected6 => &mut self.redirected6,
+            Counter::RedirectedV4Mapped => &mut self.redirected_v4mapped,
+            Counter::RefusedDgram => &mut self.refused_dgram,
+            Counter::SkippedMark => &mut self.skipped_mark,
+            Counter::SkippedTgid => &mut self.skipped_tgid,
+            Counter::SelectedExec => &mut self.selected_exec,
+            Counter::SelectedFork => &mut self.selected_fork,
+            Counter::TgidExited => &mut self.tgid_exited,
+            Counter::MapFull => &mut self.map_full,
+            Counter::Established => &mut self.established,
+            Counter::Getpeername => &mut self.getpeername,
+            Counter::EventsLost => &mut self.events_lost,
+        };
+        *slot = v;
+    }
+}
+
+/// Logs one ring buffer record. Malformed records (wrong size) are reported,
+/// not trusted.
+pub fn log_event(bytes: &[u8]) {
+    let Some(ev) = Event::from_bytes(bytes) else {
+        tracing::warn!(len = bytes.len(), "malformed kernel event ignored");
+        return;
+    };
+    let comm = ev.comm();
+    match ev.kind {
+        KYA_EV_MAP_UPDATE_FAILED => tracing::error!(
+            pid = ev.pid,
+            tid = ev.tid,
+            %comm,
+            map = map_name(ev.arg0),
+            errno = -ev.err,
+            "kernel map update failed; the connection or selection was not recorded"
+        ),
+        KYA_EV_EXE_SELECTED => tracing::info!(
+            pid = ev.pid,
+            %comm,
+            dev = ev.arg0,
+            ino = ev.arg1,
+            "process selected at exec"
+        ),
+        KYA_EV_REFUSED_DGRAM => tracing::info!(
+            pid = ev.pid,
+            %comm,
+            port = ev.arg0,
+            protocol = ev.arg1,
+            "refused non-TCP traffic to a guarded port (EPERM)"
+        ),
+        other => tracing::warn!(kind = other, pid = ev.pid, "unknown kernel event kind"),
+    }
+}
+
+fn map_name(id: u64) -> &'static str {
+    match id {
+        kya_common::maps::KYA_MAP_SOCKETS => "kya_sockets",
+        kya_common::maps::KYA_MAP_CONNS => "kya_conns",
+        kya_common::maps::KYA_MAP_SEL_TGIDS => "kya_sel_tgids",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_own_field() {
+        let mut s = KernelStats::default();
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            s.set(*c, i as u64 + 1);
+        }
+        let v = serde_json::to_value(s).unwrap();
+        let mut seen: Vec<u64> = v
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        seen.sort();
+        seen.dedup();
+        // 13 distinct counter values + events_read (0)
+        assert_eq!(seen.len(), Counter::ALL.len() + 1);
+    }
+
+    #[test]
+    fn logging_hostile_events_does_not_panic() {
+        log_event(&[]);
+        log_event(&[0xff; 48]);
+        log_event(&[0xff; 4096]);
+        let mut b = [0u8; 48];
+        b[0] = KYA_EV_MAP_UPDATE_FAILED as u8;
+        b[16] = 200;
+        log_event(&b);
+        assert_eq!(map_name(200), "unknown");
+    }
+}

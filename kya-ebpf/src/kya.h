@@ -1,0 +1,167 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * kya.h: every BPF map key and value kya's kernel side shares with userspace.
+ *
+ * This header is the single source of truth for the layouts. The Rust mirrors
+ * live in kya-common/src/maps.rs and a test there parses the _Static_assert
+ * lines below and compares them with size_of/offset_of!, so the two cannot
+ * drift silently. Keep one assertion per line, in the exact forms
+ *   _Static_assert(sizeof(struct NAME) == N, "...");
+ *   _Static_assert(__builtin_offsetof(struct NAME, FIELD) == N, "...");
+ *
+ * Only fixed-width types, explicit padding, no bitfields: the layout must be
+ * identical for the BPF target and x86_64/aarch64 userspace.
+ */
+#ifndef KYA_H
+#define KYA_H
+
+#include <linux/types.h>
+
+/* SO_MARK that kya's interceptor puts on its upstream sockets; such sockets
+ * are never redirected (loop avoidance). Userspace default, overridable per
+ * instance through kya_config.skip_mark. "kya" in ASCII. */
+#define KYA_SKIP_MARK 0x006b7961
+
+#define KYA_COMM_LEN 16
+/* Deepest cgroup level that is checked against the selected cgroups. */
+#define KYA_MAX_CGROUP_DEPTH 32
+
+/* Sizes of the maps (bounded everything). */
+#define KYA_MAX_PORTS 256
+#define KYA_MAX_SEL_CGROUPS 1024
+#define KYA_MAX_SEL_UIDS 1024
+#define KYA_MAX_SEL_TGIDS 65536
+#define KYA_MAX_SKIP_TGIDS 64
+#define KYA_MAX_EXES 4096
+#define KYA_MAX_SOCKETS 65536
+#define KYA_RINGBUF_BYTES (256 * 1024)
+
+/* kya_config[0]: per-instance settings. listen_port == 0 disables redirection
+ * (the state between load and the end of configuration). */
+struct kya_config {
+	__u32 listen_port; /* host byte order */
+	__u32 skip_mark;
+	__u32 flags; /* reserved, 0 */
+	__u32 _reserved;
+};
+_Static_assert(sizeof(struct kya_config) == 16, "kya_config size");
+_Static_assert(__builtin_offsetof(struct kya_config, listen_port) == 0, "kya_config.listen_port");
+_Static_assert(__builtin_offsetof(struct kya_config, skip_mark) == 4, "kya_config.skip_mark");
+_Static_assert(__builtin_offsetof(struct kya_config, flags) == 8, "kya_config.flags");
+
+/* Key of kya_exes: the executable's inode. Matching by (device, inode) rather
+ * than by path means symlinks (/usr/bin/python3 -> python3.11), relative exec
+ * paths, `exec -a` and /proc/self/exe re-execs all select the same binary, and
+ * no path string has to be copied and compared in the kernel. The device is
+ * the kernel's encoding (major << 20 | minor), which userspace converts from
+ * stat's st_dev. */
+struct kya_exe_key {
+	__u64 dev;
+	__u64 ino;
+};
+_Static_assert(sizeof(struct kya_exe_key) == 16, "kya_exe_key size");
+_Static_assert(__builtin_offsetof(struct kya_exe_key, dev) == 0, "kya_exe_key.dev");
+_Static_assert(__builtin_offsetof(struct kya_exe_key, ino) == 8, "kya_exe_key.ino");
+
+/* Why a tgid is in kya_sel_tgids (value of the map). */
+#define KYA_SEL_PID 1 /* named by the operator (--pid) */
+#define KYA_SEL_EXEC 2 /* exec'd a selected executable */
+#define KYA_SEL_FORK 3 /* forked from a selected tgid */
+#define KYA_SEL_SCAN 4 /* running a selected executable when kya started */
+
+#define KYA_FAMILY_INET 4
+#define KYA_FAMILY_INET6 6
+
+/* The origin of a redirected connection: what the agent asked for and who it
+ * is. Stored per socket (by cookie) at connect time and copied under the
+ * client's 4-tuple once the connection is established. */
+struct kya_origin {
+	__u64 cgroup_id;
+	__u32 pid; /* tgid */
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u8 dst_addr[16]; /* network order; IPv4 in the first 4 bytes */
+	__u16 dst_port; /* host byte order */
+	__u8 dst_family; /* KYA_FAMILY_* */
+	__u8 _pad0;
+	__u8 comm[KYA_COMM_LEN];
+	__u32 _pad1;
+};
+_Static_assert(sizeof(struct kya_origin) == 64, "kya_origin size");
+_Static_assert(__builtin_offsetof(struct kya_origin, cgroup_id) == 0, "kya_origin.cgroup_id");
+_Static_assert(__builtin_offsetof(struct kya_origin, pid) == 8, "kya_origin.pid");
+_Static_assert(__builtin_offsetof(struct kya_origin, tid) == 12, "kya_origin.tid");
+_Static_assert(__builtin_offsetof(struct kya_origin, uid) == 16, "kya_origin.uid");
+_Static_assert(__builtin_offsetof(struct kya_origin, gid) == 20, "kya_origin.gid");
+_Static_assert(__builtin_offsetof(struct kya_origin, dst_addr) == 24, "kya_origin.dst_addr");
+_Static_assert(__builtin_offsetof(struct kya_origin, dst_port) == 40, "kya_origin.dst_port");
+_Static_assert(__builtin_offsetof(struct kya_origin, dst_family) == 42, "kya_origin.dst_family");
+_Static_assert(__builtin_offsetof(struct kya_origin, comm) == 44, "kya_origin.comm");
+
+/* Key of kya_conns: a redirected connection as the interceptor sees it on the
+ * accepted socket: src = its peer (the agent), dst = its local address (the
+ * listener). A v4-mapped IPv6 socket is keyed as IPv4, because the IPv4
+ * listener accepts it and sees plain IPv4 addresses. */
+struct kya_conn_key {
+	__u8 src_addr[16]; /* network order; IPv4 in the first 4 bytes, rest 0 */
+	__u8 dst_addr[16];
+	__u16 src_port; /* host byte order */
+	__u16 dst_port; /* host byte order */
+	__u8 family; /* KYA_FAMILY_* */
+	__u8 _pad[3];
+};
+_Static_assert(sizeof(struct kya_conn_key) == 40, "kya_conn_key size");
+_Static_assert(__builtin_offsetof(struct kya_conn_key, src_addr) == 0, "kya_conn_key.src_addr");
+_Static_assert(__builtin_offsetof(struct kya_conn_key, dst_addr) == 16, "kya_conn_key.dst_addr");
+_Static_assert(__builtin_offsetof(struct kya_conn_key, src_port) == 32, "kya_conn_key.src_port");
+_Static_assert(__builtin_offsetof(struct kya_conn_key, dst_port) == 34, "kya_conn_key.dst_port");
+_Static_assert(__builtin_offsetof(struct kya_conn_key, family) == 36, "kya_conn_key.family");
+
+/* Indexes of the per-CPU counter array kya_counters. */
+enum kya_counter {
+	KYA_CNT_REDIRECTED4 = 0,
+	KYA_CNT_REDIRECTED6 = 1,
+	KYA_CNT_REDIRECTED_V4MAPPED = 2,
+	KYA_CNT_REFUSED_DGRAM = 3,
+	KYA_CNT_SKIPPED_MARK = 4,
+	KYA_CNT_SKIPPED_TGID = 5,
+	KYA_CNT_SELECTED_EXEC = 6,
+	KYA_CNT_SELECTED_FORK = 7,
+	KYA_CNT_TGID_EXITED = 8,
+	KYA_CNT_MAP_FULL = 9,
+	KYA_CNT_ESTABLISHED = 10,
+	KYA_CNT_GETPEERNAME = 11,
+	KYA_CNT_EVENTS_LOST = 12,
+	KYA_CNT_MAX = 16,
+};
+
+/* Ring buffer event kinds. */
+#define KYA_EV_MAP_UPDATE_FAILED 1 /* arg0 = KYA_MAP_* */
+#define KYA_EV_EXE_SELECTED 2 /* arg0 = dev, arg1 = ino */
+#define KYA_EV_REFUSED_DGRAM 3 /* arg0 = dst port, arg1 = protocol */
+
+/* Map identifiers used in KYA_EV_MAP_UPDATE_FAILED. */
+#define KYA_MAP_SOCKETS 1
+#define KYA_MAP_CONNS 2
+#define KYA_MAP_SEL_TGIDS 3
+
+struct kya_event {
+	__u32 kind;
+	__u32 pid; /* tgid */
+	__u32 tid;
+	__s32 err;
+	__u64 arg0;
+	__u64 arg1;
+	__u8 comm[KYA_COMM_LEN];
+};
+_Static_assert(sizeof(struct kya_event) == 48, "kya_event size");
+_Static_assert(__builtin_offsetof(struct kya_event, kind) == 0, "kya_event.kind");
+_Static_assert(__builtin_offsetof(struct kya_event, pid) == 4, "kya_event.pid");
+_Static_assert(__builtin_offsetof(struct kya_event, tid) == 8, "kya_event.tid");
+_Static_assert(__builtin_offsetof(struct kya_event, err) == 12, "kya_event.err");
+_Static_assert(__builtin_offsetof(struct kya_event, arg0) == 16, "kya_event.arg0");
+_Static_assert(__builtin_offsetof(struct kya_event, arg1) == 24, "kya_event.arg1");
+_Static_assert(__builtin_offsetof(struct kya_event, comm) == 32, "kya_event.comm");
+
+#endif /* KYA_H */

@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* maps.h: every map of the kya object, declared once (BTF-defined maps).
+ * Each daemon instance loads its own copy of the object, so each instance has
+ * its own maps: one instance never sees or redirects another's selection. */
+#ifndef KYA_MAPS_H
+#define KYA_MAPS_H
+
+#include "kya.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kya_config);
+} kya_config SEC(".maps");
+
+/* Guarded destination ports (host byte order). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_PORTS);
+	__type(key, __u16);
+	__type(value, __u8);
+} kya_ports SEC(".maps");
+
+/* Selected cgroup ids; a cgroup selects all its descendants. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_SEL_CGROUPS);
+	__type(key, __u64);
+	__type(value, __u8);
+} kya_sel_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_SEL_UIDS);
+	__type(key, __u32);
+	__type(value, __u8);
+} kya_sel_uids SEC(".maps");
+
+/* Selected thread groups (value: KYA_SEL_*). Keyed by tgid, so every thread
+ * of a selected process is selected. Not LRU: evicting an entry would silently
+ * unselect an agent; a full map is counted and reported instead. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_SEL_TGIDS);
+	__type(key, __u32);
+	__type(value, __u8);
+} kya_sel_tgids SEC(".maps");
+
+/* Thread groups that are never redirected: the daemon itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_SKIP_TGIDS);
+	__type(key, __u32);
+	__type(value, __u8);
+} kya_skip_tgids SEC(".maps");
+
+/* Selected executables by (device, inode). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_EXES);
+	__type(key, struct kya_exe_key);
+	__type(value, __u8);
+} kya_exes SEC(".maps");
+
+/* Socket cookie -> origin, written at connect, read by sockops and
+ * getpeername, removed when the socket closes. LRU: a connect that never
+ * completes leaves an entry that is simply aged out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KYA_MAX_SOCKETS);
+	__type(key, __u64);
+	__type(value, struct kya_origin);
+} kya_sockets SEC(".maps");
+
+/* Client 4-tuple -> origin, written when the redirected connection is
+ * established, taken (lookup-and-delete) by the interceptor on accept. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KYA_MAX_SOCKETS);
+	__type(key, struct kya_conn_key);
+	__type(value, struct kya_origin);
+} kya_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KYA_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} kya_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, KYA_RINGBUF_BYTES);
+} kya_events SEC(".maps");
+
+static __always_inline void kya_count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&kya_counters, &idx);
+
+	if (v)
+		*v += 1; /* per-CPU slot: no atomic needed */
+}
+
+static __always_inline void kya_emit(__u32 kind, __s32 err, __u64 arg0, __u64 arg1)
+{
+	struct kya_event *ev = bpf_ringbuf_reserve(&kya_events, sizeof(*ev), 0);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (!ev) {
+		kya_count(KYA_CNT_EVENTS_LOST);
+		return;
+	}
+	ev->kind = kind;
+	ev->pid = pid_tgid >> 32;
+	ev->tid = (__u32)pid_tgid;
+	ev->err = err;
+	ev->arg0 = arg0;
+	ev->arg1 = arg1;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* A failed map update is never silent: counted and reported. */
+static __always_inline void kya_map_failed(__u32 map, long err)
+{
+	kya_count(KYA_CNT_MAP_FULL);
+	kya_emit(KYA_EV_MAP_UPDATE_FAILED, (__s32)err, map, 0);
+}
+
+#endif /* KYA_MAPS_H */

@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/* sockops.bpf.c: once a redirected connection is established, publish its
+ * origin under the 4-tuple the interceptor sees on the accepted socket, and
+ * forget the per-socket record when the socket closes. */
+#include "select.h"
+
+#define KYA_TCP_CLOSE 7
+
+static __always_inline void kya_established(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct kya_origin *o = bpf_map_lookup_elem(&kya_sockets, &cookie);
+	struct kya_conn_key k = {};
+	long err;
+
+	if (!o)
+		return; /* not ours */
+	if (skops->family == KYA_AF_INET) {
+		k.family = KYA_FAMILY_INET;
+		*(__u32 *)&k.src_addr[0] = skops->local_ip4;
+		*(__u32 *)&k.dst_addr[0] = skops->remote_ip4;
+	} else if (skops->family == KYA_AF_INET6) {
+		__u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1];
+		__u32 r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
+
+		if (r0 == 0 && r1 == 0 && r2 == bpf_htonl(0xffff)) {
+			/* v4-mapped: the IPv4 listener sees plain IPv4 */
+			k.family = KYA_FAMILY_INET;
+			*(__u32 *)&k.src_addr[0] = skops->local_ip6[3];
+			*(__u32 *)&k.dst_addr[0] = r3;
+		} else {
+			k.family = KYA_FAMILY_INET6;
+			*(__u32 *)&k.src_addr[0] = skops->local_ip6[0];
+			*(__u32 *)&k.src_addr[4] = skops->local_ip6[1];
+			*(__u32 *)&k.src_addr[8] = skops->local_ip6[2];
+			*(__u32 *)&k.src_addr[12] = skops->local_ip6[3];
+			*(__u32 *)&k.dst_addr[0] = r0;
+			*(__u32 *)&k.dst_addr[4] = r1;
+			*(__u32 *)&k.dst_addr[8] = r2;
+			*(__u32 *)&k.dst_addr[12] = r3;
+		}
+	} else {
+		return;
+	}
+	k.src_port = (__u16)skops->local_port; /* host order */
+	k.dst_port = (__u16)bpf_ntohl(skops->remote_port); /* network order, shifted */
+	err = bpf_map_update_elem(&kya_conns, &k, o, BPF_ANY);
+	if (err) {
+		kya_map_failed(KYA_MAP_CONNS, err);
+		return;
+	}
+	kya_count(KYA_CNT_ESTABLISHED);
+	/* Ask for state callbacks on this socket only, to drop the per-socket
+	 * record when it closes. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+SEC("sockops")
+int kya_sockops(struct bpf_sock_ops *skops)
+{
+	__u64 cookie;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		kya_established(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == KYA_TCP_CLOSE) {
+			cookie = bpf_get_socket_cookie(skops);
+			bpf_map_delete_elem(&kya_sockets, &cookie);
+		}
+		break;
+	default:
+		break;
+	}
+	return 1;
+}
