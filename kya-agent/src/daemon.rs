@@ -1,13 +1,91 @@
 //! `kya run`: wire the redirect, the interceptor and the decision path together.
+//!
+//! Order matters: the listener is bound before the redirect is attached (so the
+//! first redirected connection finds it), and on shutdown the interceptor stops
+//! before the redirect is detached and unpinned.
 
+use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
+use crate::intercept::{Interceptor, InterceptorConfig, OriginSource};
 use anyhow::Context;
 use std::process::ExitCode;
+use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 /// Run the daemon until SIGINT/SIGTERM.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args).context("loading configuration")?;
-    tracing::info!(?config, "configuration loaded");
-    anyhow::bail!("the daemon is being assembled: redirect and interceptor are not wired yet")
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kya")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let interceptor = Interceptor::bind(InterceptorConfig {
+        listen_port: config.listen_port,
+        ..Default::default()
+    })
+    .context("binding the interceptor")?;
+
+    let mut redirector = Redirector::start(&redirect_config(&config))
+        .context("loading and attaching the eBPF redirect")?;
+    redirector
+        .spawn_event_reader()
+        .context("reading the kernel side's events")?;
+    let origins: Arc<dyn OriginSource> = Arc::new(
+        crate::intercept::kernel_origin::KernelOrigins::new(redirector.origins()),
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(interceptor.serve(origins, stop_rx));
+
+    if config.selection.is_empty() {
+        tracing::warn!("nothing is selected: add --cgroup, --uid, --exe or --pid (or [select] in the config) to intercept agents");
+    }
+    tracing::info!(
+        listen_port = config.listen_port,
+        pin_dir = %config.pin_dir.display(),
+        fail_open = config.fail_open,
+        ports = ?config.ports,
+        cgroups = ?config.selection.cgroups,
+        uids = ?config.selection.uids,
+        exes = ?config.selection.exes,
+        pids = ?config.selection.pids,
+        "kya is running"
+    );
+
+    let why = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal = why, "shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "interceptor task failed");
+    }
+    redirector
+        .shutdown()
+        .context("detaching the eBPF redirect")?;
+    tracing::info!("kya stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn redirect_config(config: &Config) -> RedirectConfig {
+    RedirectConfig {
+        cgroups: config.selection.cgroups.clone(),
+        uids: config.selection.uids.clone(),
+        exes: config.selection.exes.clone(),
+        pids: config.selection.pids.clone(),
+        ports: config.ports.clone(),
+        listen_port: config.listen_port,
+        pin_dir: config.pin_dir.clone(),
+        fail_open: config.fail_open,
+    }
 }

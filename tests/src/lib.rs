@@ -244,11 +244,17 @@ impl Drop for WaitingProbe {
     }
 }
 
+/// A peer the echo server saw, with the pid owning the peer socket when looked up.
+pub type PeerRecord = (SocketAddr, Option<u32>);
+
 /// A TCP echo server on a loopback address that records every peer it sees.
 pub struct TcpEcho {
     pub addr: SocketAddr,
-    peers: Arc<Mutex<Vec<(SocketAddr, Option<u32>)>>>,
+    peers: Arc<Mutex<Vec<PeerRecord>>>,
     stop: Arc<AtomicBool>,
+    /// A handle on the listening socket, to wake `accept` at drop.
+    wake: Option<TcpListener>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl TcpEcho {
@@ -269,12 +275,18 @@ impl TcpEcho {
         let peers = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s) = (peers.clone(), stop.clone());
-        std::thread::spawn(move || {
+        let wake = listener.try_clone().ok();
+        let thread = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(mut conn) = conn else { continue };
+                let Ok(mut conn) = conn else {
+                    if s.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                };
                 if let Ok(peer) = conn.peer_addr() {
                     let owner = if owners { socket_owner(peer) } else { None };
                     p.lock()
@@ -297,7 +309,13 @@ impl TcpEcho {
                 });
             }
         });
-        Self { addr, peers, stop }
+        Self {
+            addr,
+            peers,
+            stop,
+            wake,
+            thread: Some(thread),
+        }
     }
 
     /// Peers seen so far, in order.
@@ -311,16 +329,24 @@ impl TcpEcho {
     }
 
     /// Peers with the pid owning the peer socket (only with [`TcpEcho::start_with_owners`]).
-    pub fn peers_with_owners(&self) -> Vec<(SocketAddr, Option<u32>)> {
+    pub fn peers_with_owners(&self) -> Vec<PeerRecord> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
 impl Drop for TcpEcho {
     fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop (an unselected test process connects directly).
-        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        // shutdown(2) on a listening socket wakes a blocked accept (EINVAL);
+        // then the thread exits and the port is free for the next test.
+        if let Some(l) = &self.wake {
+            // SAFETY: a valid socket fd owned by `l`.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -328,6 +354,7 @@ impl Drop for TcpEcho {
 pub struct UdpEcho {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl UdpEcho {
@@ -337,7 +364,7 @@ impl UdpEcho {
         let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !s.load(Ordering::SeqCst) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
@@ -345,13 +372,20 @@ impl UdpEcho {
                 }
             }
         });
-        Self { addr, stop }
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
 impl Drop for UdpEcho {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

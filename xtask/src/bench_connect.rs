@@ -18,7 +18,18 @@ pub fn run(root: &Path, count: usize) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-connect loads BPF programs and creates cgroups: run it as root");
     }
-    crate::cargo(root, &["build", "--release", "-p", "kya-agent", "-p", "kya-e2e", "--bins"])?;
+    crate::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "kya-agent",
+            "-p",
+            "kya-e2e",
+            "--bins",
+        ],
+    )?;
     let bin_dir = root.join("target/release");
     std::env::set_var("KYA_BIN_DIR", &bin_dir);
     let probe = bin_dir.join("kya-probe");
@@ -34,7 +45,8 @@ pub fn run(root: &Path, count: usize) -> Result<()> {
     };
     let direct = bench(&mut Command::new(&probe)).context("baseline")?;
     let cg = TestCgroup::new("bench");
-    let daemon = Daemon::start(DaemonOptions::new(998).args(["--cgroup", &cg.rel, "--port", &port]));
+    let daemon =
+        Daemon::start(DaemonOptions::new(998).args(["--cgroup", &cg.rel, "--port", &port]));
     let unselected = bench(&mut Command::new(&probe)).context("unselected")?;
     let selected = bench(&mut cg.command(&probe, &[])).context("selected")?;
     drop(daemon);
@@ -43,10 +55,20 @@ pub fn run(root: &Path, count: usize) -> Result<()> {
     println!("| --- | ---: | ---: |");
     for (name, v) in [
         ("direct, no kya", &direct),
-        ("kya running, process not selected (BPF early exit)", &unselected),
-        ("kya running, process selected (redirect + splice)", &selected),
+        (
+            "kya running, process not selected (BPF early exit)",
+            &unselected,
+        ),
+        (
+            "kya running, process selected (redirect + splice)",
+            &selected,
+        ),
     ] {
-        println!("| {name} | {:.1} | {:.1} |", us(v, "median_ns"), us(v, "p99_ns"));
+        println!(
+            "| {name} | {:.1} | {:.1} |",
+            us(v, "median_ns"),
+            us(v, "p99_ns")
+        );
     }
     println!(
         "\nadded by redirect + splice: median {:.1} µs; by the early exit: median {:.1} µs",

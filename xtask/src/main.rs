@@ -54,7 +54,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.command {
-        Task::Test { no_lint, cargo_args } => test(&root, no_lint, &cargo_args),
+        Task::Test {
+            no_lint,
+            cargo_args,
+        } => test(&root, no_lint, &cargo_args),
         Task::CleanHost => clean::clean_host(),
         Task::BenchConnect { count } => bench_connect::run(&root, count),
         Task::Bench { cargo_args } => {
@@ -101,7 +104,17 @@ fn test(root: &Path, no_lint: bool, cargo_args: &[String]) -> Result<()> {
     }
     if !no_lint {
         cargo(root, &["fmt", "--all", "--", "--check"])?;
-        cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+        cargo(
+            root,
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )?;
     }
     // The end-to-end tests run the real binaries: build them first.
     cargo(root, &["build", "--workspace", "--bins"])?;

@@ -1,7 +1,7 @@
 //! The interceptor's view of the kernel's records: who made an accepted
 //! connection and where it was going.
 
-use super::{host, sys, BpfError};
+use super::{sys, BpfError};
 use kya_common::maps::{ConnKey, OriginRecord};
 use kya_common::ProcessIdentity;
 use std::net::SocketAddr;
@@ -46,11 +46,11 @@ impl Origin {
             pid: self.pid,
             uid: self.uid,
             gid: self.gid,
-            exe: std::fs::read_link(format!("/proc/{}/exe", self.pid))
+            exe: crate::procinfo::exe_of(self.pid)
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             comm: self.comm.clone(),
-            cgroup: host::cgroup_path_of_pid(self.pid).unwrap_or_default(),
+            cgroup: crate::procinfo::cgroup_of(self.pid).unwrap_or_default(),
         }
     }
 }

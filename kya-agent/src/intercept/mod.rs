@@ -7,6 +7,7 @@
 //! * [`upstream`]: connecting to the original destination without being redirected again.
 //! * [`splice`]: copying bytes both ways, unchanged.
 
+pub mod kernel_origin;
 pub mod listener;
 pub mod origin;
 pub mod splice;

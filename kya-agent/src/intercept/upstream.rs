@@ -5,7 +5,6 @@
 //! `SO_MARK` = [`kya_common::maps::KYA_SKIP_MARK`], which the kernel programs skip.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -36,21 +35,11 @@ pub async fn connect(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
         TcpSocket::new_v6()
     }
     .map_err(UpstreamError::Socket)?;
-    mark(&socket).map_err(UpstreamError::Mark)?;
+    crate::bpf::mark_socket(&socket).map_err(UpstreamError::Mark)?;
     socket.set_nodelay(true).map_err(UpstreamError::Socket)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(UpstreamError::Connect { dst, source }),
         Err(_) => Err(UpstreamError::Timeout(dst)),
     }
-}
-
-/// Set kya's skip mark on a socket.
-pub fn mark(socket: &impl AsFd) -> std::io::Result<()> {
-    nix::sys::socket::setsockopt(
-        socket,
-        nix::sys::socket::sockopt::Mark,
-        &kya_common::maps::KYA_SKIP_MARK,
-    )
-    .map_err(std::io::Error::from)
 }
