@@ -395,7 +395,7 @@ fn fail_open_daemon_leaves_nothing_behind_when_killed() {
     ]));
     daemon.kill9();
     let out = run_json(cg.command(
-        &probe_bin(),
+        probe_bin(),
         &["tcp", "127.0.0.2", GUARDED, "--payload", "open"],
     ));
     assert_eq!(
@@ -459,7 +459,7 @@ fn interceptor_inside_the_selected_cgroup_does_not_loop() {
         "daemon is not inside the selected cgroup"
     );
     let out = run_json(cg.command(
-        &probe_bin(),
+        probe_bin(),
         &["tcp", "127.0.0.2", GUARDED, "--payload", "no-loop"],
     ));
     assert_eq!(out["reply"], "no-loop", "{out}");
