@@ -28,6 +28,26 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the daemon: load the eBPF redirect, intercept and govern selected agents' traffic.
     Run(RunArgs),
+    /// Show what a running daemon is doing.
+    Status(StatusArgs),
+}
+
+/// `--state-dir`, shared by every client subcommand: where `kya.sock` is.
+#[derive(Debug, Clone, Args)]
+pub struct StateDirArg {
+    /// The daemon's state directory (its control socket is STATE_DIR/kya.sock).
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+/// `kya status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `kya run`: every flag overrides the config file.

@@ -7,10 +7,14 @@
 use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
+use crate::control::server::{ControlServer, Router};
 use crate::intercept::{Interceptor, InterceptorConfig, OriginSource};
+use crate::status::StatusHandler;
 use anyhow::Context;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -26,6 +30,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    prepare_state_dir(&config.state_dir)?;
+    let control = ControlServer::bind(&config.state_dir).context("binding the control socket")?;
     let interceptor = Interceptor::bind(InterceptorConfig {
         listen_port: config.listen_port,
         ..Default::default()
@@ -40,11 +46,15 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let origins: Arc<dyn OriginSource> = Arc::new(
         crate::intercept::kernel_origin::KernelOrigins::new(redirector.origins()),
     );
+    let redirector = Arc::new(Mutex::new(Some(redirector)));
+    let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
+    let router = Router::new().route("status", Arc::new(status));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(interceptor.serve(origins, stop_rx));
+    let server = tokio::spawn(interceptor.serve(origins, stop_rx.clone()));
+    let control_task = tokio::spawn(control.serve(router, stop_rx));
 
     if config.selection.is_empty() {
         tracing::warn!("nothing is selected: add --cgroup, --uid, --exe or --pid (or [select] in the config) to intercept agents");
@@ -70,11 +80,29 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if let Err(e) = server.await {
         tracing::error!(error = %e, "interceptor task failed");
     }
-    redirector
-        .shutdown()
-        .context("detaching the eBPF redirect")?;
+    if let Err(e) = control_task.await {
+        tracing::error!(error = %e, "control socket task failed");
+    }
+    let taken = redirector.lock().ok().and_then(|mut r| r.take());
+    if let Some(r) = taken {
+        if let Ok(stats) = r.stats() {
+            tracing::info!(?stats, "kernel side counters at shutdown");
+        }
+        r.shutdown().context("detaching the eBPF redirect")?;
+    }
     tracing::info!("kya stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Create the state directory: mode 0711, so local users can reach the
+/// control socket by name (to answer their own approvals) but not list or
+/// read what else is there (keys are 0600 besides).
+fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating state dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting mode of {}", dir.display()))?;
+    Ok(())
 }
 
 fn redirect_config(config: &Config) -> RedirectConfig {

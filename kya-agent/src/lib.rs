@@ -7,7 +7,9 @@
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod intercept;
 pub mod keys;
 pub mod procinfo;
+pub mod status;

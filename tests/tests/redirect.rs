@@ -503,3 +503,48 @@ fn run_help_documents_the_contract() {
         assert!(text.contains(flag), "kya run --help lacks {flag}");
     }
 }
+
+#[test]
+fn status_reports_pins_selection_and_counters() {
+    if !privileged("status_reports_pins_selection_and_counters") {
+        return;
+    }
+    let _g = serial();
+    let cg = TestCgroup::new("status");
+    let _echo = TcpEcho::start("127.0.0.2:8443");
+    let daemon =
+        Daemon::start(DaemonOptions::new(913).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let out = run_json(cg.command(probe_bin(), &["tcp", "127.0.0.2", GUARDED]));
+    assert!(out["reply"].is_string(), "{out}");
+    daemon.wait_connections(1);
+    let state = daemon.state_dir.path().display().to_string();
+    let status = Command::new(kya_bin())
+        .args(["status", "--json", "--state-dir", &state])
+        .output()
+        .expect("kya status");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let s: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(s["pid"], daemon.pid);
+    assert_eq!(s["pins_present"], true);
+    assert_eq!(s["listen_port"], 913);
+    assert_eq!(s["selection"]["cgroups"][0], cg.rel.as_str());
+    assert!(s["kernel"]["redirected4"].as_u64() >= Some(1), "{s}");
+    assert!(s["kernel"]["established"].as_u64() >= Some(1), "{s}");
+    assert!(s["interceptor"]["accepted"].as_u64() >= Some(1), "{s}");
+    let human = Command::new(kya_bin())
+        .args(["status", "--state-dir", &state])
+        .output()
+        .expect("kya status");
+    assert!(String::from_utf8_lossy(&human.stdout).contains("kernel.redirected4"));
+    // No daemon: a clear error, exit 1.
+    let none = Command::new(kya_bin())
+        .args(["status", "--state-dir", "/nonexistent-kya"])
+        .output()
+        .expect("kya status");
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("cannot reach the kya daemon"));
+}

@@ -1,0 +1,21 @@
+//! The control socket: how the `kya` client subcommands talk to a running daemon.
+//!
+//! A Unix stream socket at `STATE_DIR/kya.sock`. Each request is one JSON line;
+//! the answer is one JSON line, or a stream of lines for subscriptions
+//! (`kya events --follow`). The caller's identity is the kernel's word
+//! (`SO_PEERCRED`), never anything the client says: approving a call as its
+//! owner is decided on that uid.
+//!
+//! * [`protocol`]: the request and response shapes.
+//! * [`server`]: the listener, bounded reads, dispatch to a [`server::Handler`].
+//! * [`client`]: the blocking client the CLI uses.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+
+/// File name of the socket inside the state directory.
+pub const SOCKET_NAME: &str = "kya.sock";
+
+/// Longest request line accepted (bytes); longer is an error, not a buffer.
+pub const MAX_REQUEST: usize = 64 * 1024;

@@ -1,0 +1,372 @@
+//! The control socket listener.
+
+use super::protocol::{Caller, ErrorCode, Request, Response};
+use super::{MAX_REQUEST, SOCKET_NAME};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+/// What a handler answers: one response, or a stream of items.
+pub enum Reply {
+    Once(Response),
+    Stream(mpsc::Receiver<Value>),
+}
+
+/// A boxed future of a reply.
+pub type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+/// Serves the operations of one namespace (`approvals`, `events`, ...).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, caller: Caller, request: Request) -> ReplyFuture;
+}
+
+/// Routes `ns.op` (or `ns`) to the handler registered for `ns`.
+#[derive(Default, Clone)]
+pub struct Router {
+    routes: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl Router {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register the handler of a namespace (the part of `op` before the first '.').
+    pub fn route(mut self, namespace: &str, handler: Arc<dyn Handler>) -> Self {
+        self.routes.insert(namespace.to_string(), handler);
+        self
+    }
+
+    fn handler_for(&self, op: &str) -> Option<&Arc<dyn Handler>> {
+        let ns = op.split('.').next().unwrap_or(op);
+        self.routes.get(ns)
+    }
+}
+
+/// Errors starting the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{path}: another kya daemon is already serving this state directory")]
+    InUse { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The bound control socket.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Bind `STATE_DIR/kya.sock`. A stale socket file (no daemon answers on
+    /// it) is replaced; a live one is an error (one daemon per state dir).
+    ///
+    /// The socket is mode 0666: any local user may connect, because owners
+    /// answer approvals for their own agents; what each caller may do is
+    /// decided per request on its `SO_PEERCRED` uid.
+    pub fn bind(state_dir: &Path) -> Result<Self, ServerError> {
+        let path = state_dir.join(SOCKET_NAME);
+        let io = |source| ServerError::Io {
+            path: path.clone(),
+            source,
+        };
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(ServerError::InUse { path });
+            }
+            std::fs::remove_file(&path).map_err(io)?;
+        }
+        let listener = UnixListener::bind(&path).map_err(io)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+        Ok(Self { listener, path })
+    }
+
+    /// Where the socket is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serve until `shutdown` turns true; the socket file is removed then.
+    pub async fn serve(self, router: Router, mut shutdown: watch::Receiver<bool>) {
+        let router = Arc::new(router);
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let router = router.clone();
+                        let stop = shutdown.clone();
+                        tasks.spawn(async move { serve_conn(stream, router, stop).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tasks.abort_all();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_conn(stream: UnixStream, router: Arc<Router>, mut stop: watch::Receiver<bool>) {
+    let caller = match stream.peer_cred() {
+        Ok(c) => Caller {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection without peer credentials; closing");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let line = match read_line_bounded(&mut reader).await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(resp) => {
+                let _ = send(&mut write, &resp).await;
+                return;
+            }
+        };
+        let request: Request = match serde_json::from_slice(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let resp = Response::error(ErrorCode::BadRequest, format!("not a request: {e}"));
+                if send(&mut write, &resp).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(handler) = router.handler_for(&request.op) else {
+            let resp = Response::error(
+                ErrorCode::UnknownOp,
+                format!("unknown operation {:?}", request.op),
+            );
+            if send(&mut write, &resp).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tracing::debug!(op = %request.op, uid = caller.uid, pid = ?caller.pid, "control request");
+        match handler.handle(caller, request).await {
+            Reply::Once(resp) => {
+                if send(&mut write, &resp).await.is_err() {
+                    return;
+                }
+            }
+            Reply::Stream(mut items) => {
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        item = items.recv() => match item {
+                            Some(item) => {
+                                if send(&mut write, &Response::Item { item }).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                let _ = send(&mut write, &Response::End).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Read one line of at most [`MAX_REQUEST`] bytes. `Ok(None)` at EOF.
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<Option<Vec<u8>>, Response> {
+    let mut line = Vec::new();
+    loop {
+        let buf = reader
+            .fill_buf()
+            .await
+            .map_err(|e| Response::error(ErrorCode::BadRequest, e.to_string()))?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() { None } else { Some(line) });
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > MAX_REQUEST + 1 {
+            return Err(Response::error(
+                ErrorCode::BadRequest,
+                format!("request longer than {MAX_REQUEST} bytes"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            line.pop();
+            return Ok(Some(line));
+        }
+    }
+}
+
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    resp: &Response,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    write.write_all(&bytes).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::client::{self, ClientError};
+    use serde_json::json;
+    use std::io::{BufRead, Write};
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, caller: Caller, request: Request) -> ReplyFuture {
+            Box::pin(async move {
+                if request.op == "echo.stream" {
+                    let (tx, rx) = mpsc::channel(4);
+                    tokio::spawn(async move {
+                        for i in 0..3 {
+                            let _ = tx.send(json!(i)).await;
+                        }
+                    });
+                    return Reply::Stream(rx);
+                }
+                if request.op == "echo.deny" {
+                    return Reply::Once(Response::error(ErrorCode::Forbidden, "not yours"));
+                }
+                Reply::Once(Response::ok(
+                    json!({"uid": caller.uid, "pid": caller.pid, "args": request.args}),
+                ))
+            })
+        }
+    }
+
+    async fn start() -> (
+        tempfile::TempDir,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ControlServer::bind(dir.path()).unwrap();
+        let (tx, rx) = watch::channel(false);
+        let router = Router::new().route("echo", Arc::new(Echo));
+        let task = tokio::spawn(server.serve(router, rx));
+        (dir, tx, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn caller_identity_comes_from_the_kernel() {
+        let (dir, stop, task) = start().await;
+        let path = dir.path().to_path_buf();
+        let got = tokio::task::spawn_blocking(move || {
+            client::call(
+                &path,
+                &Request::new("echo.hi", json!({"uid": 0, "claimed": "root"})),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(got["uid"], nix::unistd::getuid().as_raw());
+        assert_eq!(got["pid"], std::process::id());
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert!(
+            !dir.path().join(SOCKET_NAME).exists(),
+            "socket file must be removed at shutdown"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn refusals_streams_and_hostile_lines() {
+        let (dir, stop, task) = start().await;
+        let path = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let err = client::call(&path, &Request::new("nope.x", json!({}))).unwrap_err();
+            assert!(matches!(err, ClientError::Refused { code: ErrorCode::UnknownOp, .. }), "{err}");
+            let err = client::call(&path, &Request::new("echo.deny", json!({}))).unwrap_err();
+            assert!(matches!(err, ClientError::Refused { code: ErrorCode::Forbidden, .. }));
+
+            let mut items = Vec::new();
+            client::Client::connect(&path)
+                .unwrap()
+                .stream(&Request::new("echo.stream", json!({})), |v| {
+                    items.push(v);
+                    true
+                })
+                .unwrap();
+            assert_eq!(items, vec![json!(0), json!(1), json!(2)]);
+
+            // Garbage, then a valid request on the same connection.
+            let mut raw = std::os::unix::net::UnixStream::connect(path.join(SOCKET_NAME)).unwrap();
+            raw.write_all(b"{not json\n[1,2]\n{\"op\":\"echo.x\",\"args\":{},\"extra\":1}\n{\"op\":\"echo.ok\"}\n").unwrap();
+            let mut r = std::io::BufReader::new(raw.try_clone().unwrap());
+            for expect in ["bad_request", "bad_request", "bad_request", "ok"] {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let kind = if v["type"] == "ok" { "ok" } else { v["code"].as_str().unwrap() };
+                assert_eq!(kind, expect, "{line}");
+            }
+
+            // An endless line is cut off with an error, not buffered.
+            let mut raw = std::os::unix::net::UnixStream::connect(path.join(SOCKET_NAME)).unwrap();
+            let big = vec![b'a'; MAX_REQUEST * 2];
+            let _ = raw.write_all(&big);
+            let mut line = String::new();
+            std::io::BufReader::new(raw).read_line(&mut line).unwrap();
+            assert!(line.contains("bad_request"), "{line}");
+        })
+        .await
+        .unwrap();
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_daemon_per_state_dir_and_stale_sockets_are_replaced() {
+        let (dir, stop, task) = start().await;
+        assert!(matches!(
+            ControlServer::bind(dir.path()),
+            Err(ServerError::InUse { .. })
+        ));
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        // A stale socket file (nobody listening) is replaced.
+        let stale = std::os::unix::net::UnixListener::bind(dir.path().join(SOCKET_NAME)).unwrap();
+        drop(stale);
+        assert!(dir.path().join(SOCKET_NAME).exists());
+        ControlServer::bind(dir.path()).unwrap();
+        let err = client::call(
+            &dir.path().join("elsewhere"),
+            &Request::new("echo", json!({})),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("is `kya run` running"), "{err}");
+    }
+}

@@ -1,0 +1,171 @@
+//! `kya status`: what a running daemon is doing, served over the control socket.
+//!
+//! The daemon registers a [`StatusHandler`] built from shared handles of its
+//! components; the CLI half ([`command`]) asks for it and prints it.
+
+use crate::bpf::Redirector;
+use crate::config::Config;
+use crate::control::protocol::{Caller, ErrorCode, Request, Response};
+use crate::control::server::{Handler, Reply, ReplyFuture};
+use crate::intercept::listener::InterceptStats;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+/// Answers `status`.
+pub struct StatusHandler {
+    config: Config,
+    started: Instant,
+    started_at: SystemTime,
+    redirector: Arc<Mutex<Option<Redirector>>>,
+    intercept: Arc<InterceptStats>,
+    /// Extra sections other components contribute (policy, approvals, audit).
+    sections: Vec<(&'static str, Arc<dyn Fn() -> Value + Send + Sync>)>,
+}
+
+impl StatusHandler {
+    pub fn new(
+        config: Config,
+        redirector: Arc<Mutex<Option<Redirector>>>,
+        intercept: Arc<InterceptStats>,
+    ) -> Self {
+        Self {
+            config,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            redirector,
+            intercept,
+            sections: Vec::new(),
+        }
+    }
+
+    /// Add a named section computed at each request.
+    pub fn section(mut self, name: &'static str, f: Arc<dyn Fn() -> Value + Send + Sync>) -> Self {
+        self.sections.push((name, f));
+        self
+    }
+
+    /// The status document.
+    pub fn snapshot(&self) -> Value {
+        let kernel = match self.redirector.lock() {
+            Ok(guard) => match guard.as_ref().map(Redirector::stats) {
+                Some(Ok(s)) => json!(s),
+                Some(Err(e)) => json!({ "error": e.to_string() }),
+                None => json!({ "error": "redirect detached" }),
+            },
+            Err(_) => json!({ "error": "redirect state unavailable" }),
+        };
+        let c = &self.config;
+        let pins_present = c.pin_dir.is_dir();
+        let started = time::OffsetDateTime::from(self.started_at)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let mut doc = json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "started": started,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "listen_port": c.listen_port,
+            "guarded_ports": c.ports,
+            "fail_open": c.fail_open,
+            "pin_dir": c.pin_dir,
+            "pins_present": pins_present,
+            "state_dir": c.state_dir,
+            "selection": {
+                "cgroups": c.selection.cgroups,
+                "uids": c.selection.uids,
+                "exes": c.selection.exes,
+                "pids": c.selection.pids,
+            },
+            "kernel": kernel,
+            "interceptor": {
+                "accepted": self.intercept.accepted.load(Ordering::Relaxed),
+                "unknown_refused": self.intercept.unknown.load(Ordering::Relaxed),
+                "upstream_failed": self.intercept.upstream_failed.load(Ordering::Relaxed),
+                "spliced": self.intercept.spliced.load(Ordering::Relaxed),
+            },
+        });
+        for (name, f) in &self.sections {
+            doc[*name] = f();
+        }
+        doc
+    }
+}
+
+impl Handler for StatusHandler {
+    fn handle(&self, _caller: Caller, request: Request) -> ReplyFuture {
+        let resp = if request.op == "status" {
+            Response::ok(self.snapshot())
+        } else {
+            Response::error(
+                ErrorCode::UnknownOp,
+                format!("unknown operation {:?}", request.op),
+            )
+        };
+        Box::pin(async move { Reply::Once(resp) })
+    }
+}
+
+/// The CLI half.
+pub mod command {
+    use crate::control::client;
+    use crate::control::protocol::Request;
+    use serde_json::Value;
+    use std::path::Path;
+
+    /// `kya status [--json]`.
+    pub fn run(state_dir: &Path, as_json: bool) -> anyhow::Result<std::process::ExitCode> {
+        let status = client::call(state_dir, &Request::new("status", Value::Null))?;
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        } else {
+            print!("{}", render(&status));
+        }
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+
+    /// Human-readable rendering: one `key: value` line per fact.
+    pub fn render(s: &Value) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, k: &str, v: &Value| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!("{k:<18} {text}\n"));
+        };
+        for key in [
+            "version",
+            "pid",
+            "started",
+            "listen_port",
+            "guarded_ports",
+            "fail_open",
+            "pin_dir",
+            "pins_present",
+        ] {
+            line(&mut out, key, &s[key]);
+        }
+        if let Some(sel) = s["selection"].as_object() {
+            for (k, v) in sel {
+                line(&mut out, &format!("select.{k}"), v);
+            }
+        }
+        for section in ["kernel", "interceptor"] {
+            if let Some(obj) = s[section].as_object() {
+                for (k, v) in obj {
+                    line(&mut out, &format!("{section}.{k}"), v);
+                }
+            }
+        }
+        if let Some(obj) = s.as_object() {
+            for (k, v) in obj {
+                if v.is_object() && !["selection", "kernel", "interceptor"].contains(&k.as_str()) {
+                    line(&mut out, k, v);
+                }
+            }
+        }
+        out
+    }
+}
