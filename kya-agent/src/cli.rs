@@ -27,7 +27,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: load the eBPF redirect, intercept and govern selected agents' traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what a running daemon is doing.
     Status(StatusArgs),
 }

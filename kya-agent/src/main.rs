@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     kya_agent::cli::init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => kya_agent::daemon::run(args),
+        Command::Run(args) => kya_agent::daemon::run(*args),
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
     };
     match result {

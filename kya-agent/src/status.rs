@@ -13,6 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+/// Computes one section of the status document at request time.
+pub type SectionFn = Arc<dyn Fn() -> Value + Send + Sync>;
+
 /// Answers `status`.
 pub struct StatusHandler {
     config: Config,
@@ -21,7 +24,7 @@ pub struct StatusHandler {
     redirector: Arc<Mutex<Option<Redirector>>>,
     intercept: Arc<InterceptStats>,
     /// Extra sections other components contribute (policy, approvals, audit).
-    sections: Vec<(&'static str, Arc<dyn Fn() -> Value + Send + Sync>)>,
+    sections: Vec<(&'static str, SectionFn)>,
 }
 
 impl StatusHandler {
@@ -41,7 +44,7 @@ impl StatusHandler {
     }
 
     /// Add a named section computed at each request.
-    pub fn section(mut self, name: &'static str, f: Arc<dyn Fn() -> Value + Send + Sync>) -> Self {
+    pub fn section(mut self, name: &'static str, f: SectionFn) -> Self {
         self.sections.push((name, f));
         self
     }
