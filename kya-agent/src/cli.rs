@@ -30,6 +30,40 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Show what a running daemon is doing.
     Status(StatusArgs),
+    /// List and answer calls held for approval.
+    Approvals(ApprovalsArgs),
+}
+
+/// `kya approvals`.
+#[derive(Debug, Clone, Args)]
+pub struct ApprovalsArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    #[command(subcommand)]
+    pub command: ApprovalsCommand,
+}
+
+/// `kya approvals list|approve|deny`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Pending approvals you may answer (all of them for root).
+    List {
+        /// Print JSON: an array of {id, agent, tool, owner, binding_message, expires, ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a held call (you must be its owner or a listed approver).
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a held call.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// `--state-dir`, shared by every client subcommand: where `kya.sock` is.

@@ -5,6 +5,9 @@
 //! before the redirect is detached and unpinned.
 
 use crate::bpf::{RedirectConfig, Redirector};
+use crate::approvals::local::LocalChannel;
+use crate::approvals::persist::Persist;
+use crate::approvals::Approvals;
 use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::control::server::{ControlServer, Router};
@@ -48,7 +51,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let redirector = Arc::new(Mutex::new(Some(redirector)));
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
-    let router = Router::new().route("status", Arc::new(status));
+    let approvals = open_approvals(&config.state_dir)?;
+    let status = status.section("approvals", {
+        let a = approvals.clone();
+        Arc::new(move || serde_json::json!({ "pending": a.len() }))
+    });
+    let router = Router::new()
+        .route("status", Arc::new(status))
+        .route("approvals", Arc::new(LocalChannel::new(approvals.clone())));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -92,6 +102,29 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("kya stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pending-approval set, after recording what a previous run left held.
+fn open_approvals(state_dir: &Path) -> anyhow::Result<Arc<Approvals>> {
+    let persist = Persist::new(state_dir);
+    match persist.take_interrupted() {
+        Ok(left) => {
+            for r in left {
+                tracing::warn!(
+                    id = %r.view.id,
+                    agent = %r.view.agent,
+                    tool = %r.view.tool,
+                    decision = %r.view.decision_id,
+                    "call was held when the daemon stopped: denied (the daemon restarted while the call was held)"
+                );
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the pending-approvals record; starting empty"),
+    }
+    Ok(Approvals::new(
+        crate::approvals::pending::DEFAULT_MAX_PENDING,
+        Some(persist),
+    ))
 }
 
 /// Create the state directory: mode 0711, so local users can reach the

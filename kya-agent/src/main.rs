@@ -8,6 +8,16 @@ fn main() -> std::process::ExitCode {
     kya_agent::cli::init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => kya_agent::daemon::run(*args),
+        Command::Approvals(args) => {
+            use kya_agent::approvals::command;
+            use kya_agent::cli::ApprovalsCommand as A;
+            let dir = &args.state.state_dir;
+            match args.command {
+                A::List { json } => command::list(dir, json),
+                A::Approve { id, reason } => command::answer(dir, &id, true, reason.as_deref()),
+                A::Deny { id, reason } => command::answer(dir, &id, false, reason.as_deref()),
+            }
+        }
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
     };
     match result {

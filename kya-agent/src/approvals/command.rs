@@ -1,0 +1,59 @@
+//! `kya approvals list|approve|deny`.
+
+use crate::control::client;
+use crate::control::protocol::Request;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `kya approvals list [--json]`.
+pub fn list(state_dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
+    let items = client::call(state_dir, &Request::new("approvals.list", Value::Null))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = items.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no pending approvals");
+    }
+    for a in rows {
+        let s = |k: &str| a[k].as_str().unwrap_or("").to_string();
+        println!(
+            "{}  {}  agent={} tool={} server={} owner={} expires={} rule={}",
+            s("id"),
+            s("binding_message"),
+            s("agent"),
+            s("tool"),
+            s("server"),
+            s("owner"),
+            s("expires"),
+            a["rule"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kya approvals approve|deny ID [--reason TEXT]`.
+pub fn answer(
+    state_dir: &Path,
+    id: &str,
+    approve: bool,
+    reason: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let op = if approve {
+        "approvals.approve"
+    } else {
+        "approvals.deny"
+    };
+    let result = client::call(
+        state_dir,
+        &Request::new(op, json!({"id": id, "reason": reason})),
+    )?;
+    let verb = if approve { "approved" } else { "denied" };
+    println!(
+        "{id} {verb} by {}",
+        result["approver"].as_str().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,201 @@
+//! The local approval channel: `kya approvals` over the control socket.
+//!
+//! The approver is the Unix user the kernel reports for the socket's peer
+//! (`SO_PEERCRED`); nothing the client sends can change that. Only the call's
+//! owner, or someone its policy names in `approvers` (a user, or `group:NAME`),
+//! may answer; everyone else gets a clear refusal and the call stays held.
+
+use super::pending::{Answer, ApprovalError, Approvals};
+use super::request::ActionRequest;
+use crate::control::protocol::{Caller, ErrorCode, Request, Response};
+use crate::control::server::{Handler, Reply, ReplyFuture};
+use serde_json::json;
+use std::sync::Arc;
+
+/// Serves `approvals.list`, `approvals.approve`, `approvals.deny`.
+pub struct LocalChannel {
+    approvals: Arc<Approvals>,
+}
+
+impl LocalChannel {
+    pub fn new(approvals: Arc<Approvals>) -> Self {
+        Self { approvals }
+    }
+
+    fn answer(&self, caller: Caller, request: &Request, approve: bool) -> Response {
+        let Some(id) = request.args.get("id").and_then(|v| v.as_str()) else {
+            return Response::error(ErrorCode::BadRequest, "missing approval id");
+        };
+        let reason = match request.args.get("reason") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if s.len() <= 1024 => Some(s.clone()),
+            Some(_) => {
+                return Response::error(
+                    ErrorCode::BadRequest,
+                    "reason must be a string of at most 1024 bytes",
+                )
+            }
+        };
+        let Some(action) = self.approvals.request(id) else {
+            return Response::error(ErrorCode::NotFound, format!("no pending approval {id}"));
+        };
+        let Some(user) = user_name(caller.uid) else {
+            return Response::error(
+                ErrorCode::Forbidden,
+                format!("uid {} has no user name; cannot be an approver", caller.uid),
+            );
+        };
+        if !may_answer(&user, caller.uid, &action) {
+            tracing::warn!(id, user, owner = %action.owner, "approval answer refused: not the owner or an approver");
+            return Response::error(
+                ErrorCode::Forbidden,
+                format!(
+                    "{user} may not answer {id}: only its owner {} or a listed approver may",
+                    action.owner
+                ),
+            );
+        }
+        let answer = Answer {
+            approve,
+            approver: user.clone(),
+            channel: "local".into(),
+            reason,
+            evidence: Some(json!({"uid": caller.uid, "pid": caller.pid})),
+        };
+        match self.approvals.answer(id, answer) {
+            Ok(()) => {
+                tracing::info!(id, user, approve, "approval answered on the local channel");
+                Response::ok(json!({"id": id, "approved": approve, "approver": user}))
+            }
+            Err(ApprovalError::AlreadyAnswered(_)) => {
+                Response::error(ErrorCode::Conflict, format!("{id} was already answered"))
+            }
+            Err(ApprovalError::NotFound(_)) => {
+                Response::error(ErrorCode::NotFound, format!("no pending approval {id}"))
+            }
+            Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn list(&self, caller: Caller) -> Response {
+        let user = user_name(caller.uid);
+        let visible: Vec<_> = self
+            .approvals
+            .list()
+            .into_iter()
+            .filter(|v| {
+                caller.uid == 0
+                    || match (&user, self.approvals.request(&v.id)) {
+                        (Some(u), Some(action)) => may_answer(u, caller.uid, &action),
+                        _ => false,
+                    }
+            })
+            .collect();
+        Response::ok(json!(visible))
+    }
+}
+
+impl Handler for LocalChannel {
+    fn handle(&self, caller: Caller, request: Request) -> ReplyFuture {
+        let resp = match request.op.as_str() {
+            "approvals.list" => self.list(caller),
+            "approvals.approve" => self.answer(caller, &request, true),
+            "approvals.deny" => self.answer(caller, &request, false),
+            other => Response::error(ErrorCode::UnknownOp, format!("unknown operation {other:?}")),
+        };
+        Box::pin(async move { Reply::Once(resp) })
+    }
+}
+
+/// The user name of a uid, from the system's user database.
+pub fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// May `user` answer for `action`: its owner, a listed approver, or a member
+/// of a listed `group:NAME`.
+pub fn may_answer(user: &str, uid: u32, action: &ActionRequest) -> bool {
+    if user == action.owner {
+        return true;
+    }
+    action
+        .approvers
+        .iter()
+        .any(|a| match a.strip_prefix("group:") {
+            Some(group) => in_group(user, uid, group),
+            None => a == user,
+        })
+}
+
+fn in_group(user: &str, uid: u32, group: &str) -> bool {
+    let Ok(Some(g)) = nix::unistd::Group::from_name(group) else {
+        return false;
+    };
+    if g.mem.iter().any(|m| m == user) {
+        return true;
+    }
+    // Primary group membership is not listed in /etc/group's member list.
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.gid == g.gid)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::approvals::pending::tests::action;
+
+    #[test]
+    fn owner_and_listed_approvers_only() {
+        let mut a = action("bot", "alice");
+        assert!(may_answer("alice", 1000, &a));
+        assert!(!may_answer("mallory", 1001, &a));
+        assert!(!may_answer("root", 0, &a), "root is not the owner");
+        a.approvers = vec!["bob".into(), "group:root".into()];
+        assert!(may_answer("bob", 1002, &a));
+        // uid 0's primary group is root.
+        assert!(may_answer("root", 0, &a));
+        a.approvers = vec!["group:no-such-group-kya".into()];
+        assert!(!may_answer("root", 0, &a));
+    }
+
+    #[tokio::test]
+    async fn answers_from_others_are_refused_and_the_call_stays_held() {
+        let approvals = Approvals::new(4, None);
+        let h = approvals
+            .submit(
+                action("bot", "owner-not-a-user"),
+                std::time::Duration::from_secs(5),
+            )
+            .unwrap();
+        let ch = LocalChannel::new(approvals.clone());
+        let me = Caller {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: 0,
+            pid: Some(1),
+        };
+        let req = Request::new("approvals.approve", json!({"id": h.id}));
+        match ch.answer(me, &req, true) {
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                error,
+            } => assert!(error.contains("only its owner")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(approvals.list().len(), 1, "still held");
+        for bad in [
+            json!({}),
+            json!({"id": 5}),
+            json!({"id": h.id, "reason": 7}),
+            json!({"id": "apr_nope"}),
+        ] {
+            let r = ch.answer(me, &Request::new("approvals.approve", bad), true);
+            assert!(matches!(r, Response::Error { .. }), "{r:?}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Human-in-the-loop approvals: a held call becomes a pending approval that its
+//! owner answers over a backchannel.
+//!
+//! * [`request`]: what is being approved (the exact action, its digest, the binding message).
+//! * [`pending`]: the bounded set of pending approvals, waiting, answering, expiry.
+//! * [`persist`]: the on-disk record, so a restart never silently loses a pending call.
+//! * [`local`]: the local channel: `kya approvals` over the control socket, authorised by `SO_PEERCRED`.
+//! * [`command`]: the `kya approvals` CLI.
+
+pub mod binding;
+pub mod command;
+pub mod local;
+pub mod pending;
+pub mod persist;
+pub mod request;
+
+pub use pending::{Answer, ApprovalError, ApprovalHandle, Approvals, Outcome};
+pub use request::{ActionRequest, ApprovalView};

@@ -1,0 +1,401 @@
+//! The bounded set of pending approvals.
+//!
+//! A held call [`Approvals::submit`]s its action and awaits
+//! [`ApprovalHandle::wait`]; an owner's answer (any channel) resolves it. The
+//! first answer wins; a later one is refused. Dropping the handle (the agent
+//! disconnected, cancelled, or the hold was released another way) removes the
+//! approval. Every change is persisted before it takes effect for others.
+
+use super::binding;
+use super::persist::{PendingRecord, Persist, PersistError};
+use super::request::{ActionRequest, ApprovalView};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+/// Default bound on pending approvals.
+pub const DEFAULT_MAX_PENDING: usize = 1024;
+
+/// An approver's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub approve: bool,
+    /// Who answered (local user name, CIBA subject).
+    pub approver: String,
+    /// Which channel carried it (`local`, `ciba`, ...).
+    pub channel: String,
+    pub reason: Option<String>,
+    /// Channel evidence (e.g. the CIBA ID token digest).
+    pub evidence: Option<serde_json::Value>,
+}
+
+/// How a pending approval ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Approved(Answer),
+    Denied(Answer),
+    /// Nobody answered before the hold timeout.
+    Expired,
+    /// Ended by kya (agent suspended, daemon shutting down...).
+    Cancelled(String),
+}
+
+enum Resolution {
+    Answer(Answer),
+    Cancel(String),
+}
+
+/// Errors of the approval set.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("too many calls are waiting for approval ({0}); denied to keep the daemon bounded")]
+    TooMany(usize),
+    #[error("no pending approval {0}")]
+    NotFound(String),
+    #[error("approval {0} was already answered")]
+    AlreadyAnswered(String),
+    #[error("cannot persist approvals: {0}")]
+    Persist(#[from] PersistError),
+}
+
+struct Entry {
+    request: ActionRequest,
+    binding_message: String,
+    created: OffsetDateTime,
+    expires: OffsetDateTime,
+    resolve: Option<oneshot::Sender<Resolution>>,
+}
+
+/// The pending approvals of one daemon.
+pub struct Approvals {
+    pending: Mutex<HashMap<String, Entry>>,
+    max_pending: usize,
+    persist: Option<Persist>,
+}
+
+impl Approvals {
+    /// An in-memory set (tests); `persist` adds the on-disk record.
+    pub fn new(max_pending: usize, persist: Option<Persist>) -> Arc<Self> {
+        Arc::new(Self {
+            pending: Mutex::new(HashMap::new()),
+            max_pending,
+            persist,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic elsewhere must not wedge every held call: the map itself is
+        // always consistent (each operation is a single insert/remove).
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register a held call. Fails when the bound is reached (the caller denies).
+    pub fn submit(
+        self: &Arc<Self>,
+        request: ActionRequest,
+        timeout: Duration,
+    ) -> Result<ApprovalHandle, ApprovalError> {
+        let id = new_id();
+        let code = binding::new_code();
+        let binding_message = binding::message(&code, &request.agent, &request.tool);
+        let created = OffsetDateTime::now_utc();
+        let expires = created + timeout;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut map = self.lock();
+            if map.len() >= self.max_pending {
+                return Err(ApprovalError::TooMany(self.max_pending));
+            }
+            map.insert(
+                id.clone(),
+                Entry {
+                    request,
+                    binding_message: binding_message.clone(),
+                    created,
+                    expires,
+                    resolve: Some(tx),
+                },
+            );
+            if let Err(e) = self.save(&map) {
+                map.remove(&id);
+                return Err(e);
+            }
+        }
+        Ok(ApprovalHandle {
+            id,
+            binding_message,
+            expires,
+            timeout,
+            rx: Some(rx),
+            approvals: self.clone(),
+        })
+    }
+
+    /// Answer a pending approval. The first answer wins.
+    pub fn answer(&self, id: &str, answer: Answer) -> Result<(), ApprovalError> {
+        self.resolve(id, Resolution::Answer(answer))
+    }
+
+    /// End a pending approval without an answer (e.g. the agent was suspended).
+    pub fn cancel(&self, id: &str, why: &str) -> Result<(), ApprovalError> {
+        self.resolve(id, Resolution::Cancel(why.to_string()))
+    }
+
+    /// Cancel every pending approval of `agent`; returns how many.
+    pub fn cancel_agent(&self, agent: &str, why: &str) -> usize {
+        let ids: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.request.agent == agent)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.iter().filter(|id| self.cancel(id, why).is_ok()).count()
+    }
+
+    fn resolve(&self, id: &str, r: Resolution) -> Result<(), ApprovalError> {
+        let mut map = self.lock();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| ApprovalError::NotFound(id.to_string()))?;
+        let tx = entry
+            .resolve
+            .take()
+            .ok_or_else(|| ApprovalError::AlreadyAnswered(id.to_string()))?;
+        // The waiter may have gone (agent disconnected) at this very moment;
+        // then the answer has no call to release, which is fine.
+        let _ = tx.send(r);
+        Ok(())
+    }
+
+    /// The request behind a pending approval (for authorisation checks).
+    pub fn request(&self, id: &str) -> Option<ActionRequest> {
+        self.lock().get(id).map(|e| e.request.clone())
+    }
+
+    /// Pending approvals not yet answered, oldest first.
+    pub fn list(&self) -> Vec<ApprovalView> {
+        let map = self.lock();
+        let mut v: Vec<(OffsetDateTime, ApprovalView)> = map
+            .iter()
+            .filter(|(_, e)| e.resolve.is_some())
+            .map(|(id, e)| (e.created, view(id, e)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        v.into_iter().map(|(_, view)| view).collect()
+    }
+
+    /// Number of pending approvals.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn remove(&self, id: &str) {
+        let mut map = self.lock();
+        if map.remove(id).is_some() {
+            if let Err(e) = self.save(&map) {
+                tracing::error!(error = %e, "cannot persist approvals after removing {id}");
+            }
+        }
+    }
+
+    fn save(&self, map: &HashMap<String, Entry>) -> Result<(), ApprovalError> {
+        let Some(p) = &self.persist else {
+            return Ok(());
+        };
+        let records: Vec<PendingRecord> = map
+            .iter()
+            .map(|(id, e)| PendingRecord {
+                view: view(id, e),
+                request: e.request.clone(),
+            })
+            .collect();
+        p.save(&records)?;
+        Ok(())
+    }
+}
+
+fn view(id: &str, e: &Entry) -> ApprovalView {
+    ApprovalView {
+        id: id.to_string(),
+        agent: e.request.agent.clone(),
+        tool: e.request.tool.clone(),
+        server: e.request.server.clone(),
+        owner: e.request.owner.clone(),
+        binding_message: e.binding_message.clone(),
+        created: rfc3339(e.created),
+        expires: rfc3339(e.expires),
+        args_digest: e.request.args_digest.clone(),
+        rule: e.request.rule.clone(),
+        reason: e.request.reason.clone(),
+        pid: e.request.process.pid,
+        decision_id: e.request.decision_id.clone(),
+    }
+}
+
+/// RFC 3339 text of a time (always representable for times kya makes).
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Approval ids: `apr_` + 16 random hex digits; short enough to type.
+fn new_id() -> String {
+    use rand::Rng;
+    format!("apr_{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// A held call's stake in its approval.
+pub struct ApprovalHandle {
+    pub id: String,
+    pub binding_message: String,
+    pub expires: OffsetDateTime,
+    timeout: Duration,
+    rx: Option<oneshot::Receiver<Resolution>>,
+    approvals: Arc<Approvals>,
+}
+
+impl ApprovalHandle {
+    /// Wait for the answer, the timeout, or a cancellation.
+    pub async fn wait(mut self) -> Outcome {
+        let Some(rx) = self.rx.take() else {
+            return Outcome::Cancelled("approval already awaited".into());
+        };
+        let outcome = match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Resolution::Answer(a))) if a.approve => Outcome::Approved(a),
+            Ok(Ok(Resolution::Answer(a))) => Outcome::Denied(a),
+            Ok(Ok(Resolution::Cancel(why))) => Outcome::Cancelled(why),
+            Ok(Err(_)) => Outcome::Cancelled("approval record dropped".into()),
+            Err(_) => Outcome::Expired,
+        };
+        self.approvals.remove(&self.id);
+        outcome
+    }
+}
+
+impl Drop for ApprovalHandle {
+    fn drop(&mut self) {
+        // Waiting ended early (client gone) or completed: either way the
+        // approval is no longer pending.
+        self.approvals.remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use kya_common::ProcessIdentity;
+
+    pub(crate) fn action(agent: &str, owner: &str) -> ActionRequest {
+        ActionRequest {
+            agent: agent.into(),
+            owner: owner.into(),
+            approvers: vec![],
+            process: ProcessIdentity {
+                pid: 42,
+                ..Default::default()
+            },
+            server: "mcp.test".into(),
+            tool: "transfer".into(),
+            args: serde_json::json!({"amount": 5000}),
+            args_digest: "ab".repeat(32),
+            policy_version: "v1".into(),
+            rule: Some("large-transfer".into()),
+            reason: "large transfer".into(),
+            decision_id: "dec_1".into(),
+        }
+    }
+
+    fn yes(by: &str) -> Answer {
+        Answer {
+            approve: true,
+            approver: by.into(),
+            channel: "local".into(),
+            reason: None,
+            evidence: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn first_answer_wins_and_later_ones_are_refused() {
+        let a = Approvals::new(8, None);
+        let h = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        let id = h.id.clone();
+        assert_eq!(a.list().len(), 1);
+        assert_eq!(a.list()[0].binding_message, h.binding_message);
+        a.answer(&id, yes("alice")).unwrap();
+        assert!(matches!(
+            a.answer(&id, yes("mallory")),
+            Err(ApprovalError::AlreadyAnswered(_))
+        ));
+        assert!(a.list().is_empty(), "answered approvals are not listed");
+        match h.wait().await {
+            Outcome::Approved(ans) => assert_eq!(ans.approver, "alice"),
+            other => panic!("{other:?}"),
+        }
+        assert!(a.is_empty());
+        assert!(matches!(
+            a.answer(&id, yes("alice")),
+            Err(ApprovalError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn deny_timeout_cancel_and_drop() {
+        let a = Approvals::new(8, None);
+        let h = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        a.answer(
+            &h.id.clone(),
+            Answer {
+                approve: false,
+                ..yes("alice")
+            },
+        )
+        .unwrap();
+        assert!(matches!(h.wait().await, Outcome::Denied(_)));
+
+        let h = a
+            .submit(action("bot", "alice"), Duration::from_millis(30))
+            .unwrap();
+        assert_eq!(h.wait().await, Outcome::Expired);
+
+        let h = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        let other = a
+            .submit(action("other", "bob"), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(a.cancel_agent("bot", "agent suspended"), 1);
+        assert_eq!(h.wait().await, Outcome::Cancelled("agent suspended".into()));
+        assert_eq!(a.len(), 1);
+        drop(other);
+        assert!(a.is_empty(), "a dropped handle removes its approval");
+    }
+
+    #[tokio::test]
+    async fn the_bound_holds() {
+        let a = Approvals::new(2, None);
+        let _h1 = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        let _h2 = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        assert!(matches!(
+            a.submit(action("bot", "alice"), Duration::from_secs(5)),
+            Err(ApprovalError::TooMany(2))
+        ));
+    }
+}
