@@ -4,14 +4,16 @@
 //! first redirected connection finds it), and on shutdown the interceptor stops
 //! before the redirect is detached and unpinned.
 
-use crate::bpf::{RedirectConfig, Redirector};
 use crate::approvals::local::LocalChannel;
 use crate::approvals::persist::Persist;
 use crate::approvals::Approvals;
+use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::control::server::{ControlServer, Router};
+use crate::intercept::listener::InterceptStats;
 use crate::intercept::{Interceptor, InterceptorConfig, OriginSource};
+use crate::metrics::{Metrics, Sample, SampleKind, Source};
 use crate::status::StatusHandler;
 use anyhow::Context;
 use std::os::unix::fs::PermissionsExt;
@@ -63,6 +65,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Metrics::new();
+    metrics.add_source(kernel_samples(redirector.clone()));
+    metrics.add_source(intercept_samples(interceptor.stats()));
+    let metrics_task = config.metrics.map(|addr| {
+        tokio::spawn(crate::metrics::serve(
+            addr,
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let server = tokio::spawn(interceptor.serve(origins, stop_rx.clone()));
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
@@ -93,6 +105,13 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if let Err(e) = control_task.await {
         tracing::error!(error = %e, "control socket task failed");
     }
+    if let Some(task) = metrics_task {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "metrics endpoint failed"),
+            Err(e) => tracing::error!(error = %e, "metrics task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     let taken = redirector.lock().ok().and_then(|mut r| r.take());
     if let Some(r) = taken {
         if let Ok(stats) = r.stats() {
@@ -102,6 +121,90 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("kya stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Kernel counters, read at scrape time.
+fn kernel_samples(redirector: Arc<Mutex<Option<Redirector>>>) -> Source {
+    Box::new(move || {
+        let stats = match redirector.lock() {
+            Ok(g) => g.as_ref().and_then(|r| r.stats().ok()),
+            Err(_) => None,
+        };
+        let Some(s) = stats else { return Vec::new() };
+        let c = |name: &str, help: &str, value: u64| Sample {
+            name: format!("kernel_{name}"),
+            help: help.to_string(),
+            kind: SampleKind::Counter,
+            value,
+        };
+        vec![
+            c(
+                "redirected",
+                "TCP connects redirected to the interceptor",
+                s.redirected4 + s.redirected6 + s.redirected_v4mapped,
+            ),
+            c(
+                "refused_dgram",
+                "UDP sends/connects to guarded ports refused",
+                s.refused_dgram,
+            ),
+            c(
+                "established",
+                "Redirected connections established",
+                s.established,
+            ),
+            c(
+                "selected_exec",
+                "Processes selected at exec",
+                s.selected_exec,
+            ),
+            c(
+                "selected_fork",
+                "Processes selected at fork",
+                s.selected_fork,
+            ),
+            c(
+                "map_full",
+                "BPF map updates that failed (map pressure)",
+                s.map_full,
+            ),
+            c(
+                "events_lost",
+                "Kernel events lost (ring buffer full)",
+                s.events_lost,
+            ),
+        ]
+    })
+}
+
+/// Interceptor counters, read at scrape time.
+fn intercept_samples(stats: Arc<InterceptStats>) -> Source {
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move || {
+        let c = |name: &str, help: &str, value: u64| Sample {
+            name: format!("intercept_{name}"),
+            help: help.to_string(),
+            kind: SampleKind::Counter,
+            value,
+        };
+        vec![
+            c(
+                "accepted",
+                "Connections accepted by the interceptor",
+                stats.accepted.load(Relaxed),
+            ),
+            c(
+                "unknown_refused",
+                "Connections refused: not redirected by kya",
+                stats.unknown.load(Relaxed),
+            ),
+            c(
+                "upstream_failed",
+                "Connections whose original destination was unreachable",
+                stats.upstream_failed.load(Relaxed),
+            ),
+        ]
+    })
 }
 
 /// The pending-approval set, after recording what a previous run left held.
@@ -119,7 +222,9 @@ fn open_approvals(state_dir: &Path) -> anyhow::Result<Arc<Approvals>> {
                 );
             }
         }
-        Err(e) => tracing::error!(error = %e, "cannot read the pending-approvals record; starting empty"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the pending-approvals record; starting empty")
+        }
     }
     Ok(Approvals::new(
         crate::approvals::pending::DEFAULT_MAX_PENDING,

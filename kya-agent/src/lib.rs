@@ -12,5 +12,6 @@ pub mod control;
 pub mod daemon;
 pub mod intercept;
 pub mod keys;
+pub mod metrics;
 pub mod procinfo;
 pub mod status;

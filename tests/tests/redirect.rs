@@ -548,3 +548,56 @@ fn status_reports_pins_selection_and_counters() {
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("cannot reach the kya daemon"));
 }
+
+#[test]
+fn metrics_endpoint_counts_redirected_connections() {
+    if !privileged("metrics_endpoint_counts_redirected_connections") {
+        return;
+    }
+    let _g = serial();
+    let cg = TestCgroup::new("metrics");
+    let _echo = TcpEcho::start("127.0.0.2:8443");
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr")
+    };
+    let daemon = Daemon::start(DaemonOptions::new(914).args([
+        "--cgroup",
+        &cg.rel,
+        "--port",
+        GUARDED,
+        "--metrics",
+        &addr.to_string(),
+    ]));
+    for i in 0..3 {
+        let out = run_json(cg.command(
+            probe_bin(),
+            &["tcp", "127.0.0.2", GUARDED, "--payload", &format!("m{i}")],
+        ));
+        assert_eq!(out["reply"], format!("m{i}"));
+    }
+    daemon.wait_connections(3);
+    let body = http_get(addr, "/metrics");
+    let value = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{body}"))
+    };
+    assert_eq!(value("kya_intercept_accepted_total "), 3);
+    assert_eq!(value("kya_kernel_redirected_total "), 3);
+    assert_eq!(value("kya_kernel_established_total "), 3);
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kya\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
