@@ -1,8 +1,10 @@
 //! MCP parsing: the pure library the interceptor calls to read, judge and answer
 //! Model Context Protocol traffic. Nothing here does I/O.
 
+pub mod deny;
 pub mod encoding;
 pub mod headers;
 pub mod json;
 pub mod jsonrpc;
 pub mod sse;
+pub mod tools_list;

@@ -1,0 +1,128 @@
+//! Filtering `tools/list` results: the model should not even see tools its agent
+//! may never call, so it neither tries them nor learns they exist.
+
+use serde_json::{Map, Value};
+
+/// The filtered result and what was hidden.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilteredTools {
+    /// The `tools/list` result with hidden tools removed (other members unchanged,
+    /// including `nextCursor`, so pagination keeps working).
+    pub result: Map<String, Value>,
+    /// Names of the tools removed, in listing order.
+    pub hidden: Vec<String>,
+}
+
+/// Why a `tools/list` result cannot be filtered (the caller refuses to forward it:
+/// a listing kya cannot read might reveal tools it would have hidden).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ToolsListError {
+    #[error("the tools/list result has no `tools` array")]
+    NoTools,
+    #[error("tools[{0}] is not an object")]
+    NotAnObject(usize),
+    #[error("tools[{0}] has no string `name`")]
+    NoName(usize),
+}
+
+/// Keep only the tools for which `may_call(name)` is true.
+pub fn filter_tools_list(
+    result: &Map<String, Value>,
+    mut may_call: impl FnMut(&str) -> bool,
+) -> Result<FilteredTools, ToolsListError> {
+    let tools = result
+        .get("tools")
+        .and_then(Value::as_array)
+        .ok_or(ToolsListError::NoTools)?;
+    let mut kept = Vec::with_capacity(tools.len());
+    let mut hidden = Vec::new();
+    for (i, tool) in tools.iter().enumerate() {
+        let obj = tool.as_object().ok_or(ToolsListError::NotAnObject(i))?;
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or(ToolsListError::NoName(i))?;
+        if may_call(name) {
+            kept.push(tool.clone());
+        } else {
+            hidden.push(name.to_string());
+        }
+    }
+    let mut out = result.clone();
+    out.insert("tools".to_string(), Value::Array(kept));
+    Ok(FilteredTools {
+        result: out,
+        hidden,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn hides_tools_and_keeps_the_rest() {
+        let r = obj(json!({"tools":[
+            {"name":"search_docs","description":"d","inputSchema":{"type":"object"}},
+            {"name":"delete_db","inputSchema":{"type":"object"}},
+            {"name":"search_web","inputSchema":{"type":"object"}}],
+            "nextCursor":"c2"}));
+        let f = filter_tools_list(&r, |n| n.starts_with("search_")).unwrap();
+        assert_eq!(f.hidden, vec!["delete_db".to_string()]);
+        assert_eq!(
+            f.result,
+            obj(json!({"tools":[
+                {"name":"search_docs","description":"d","inputSchema":{"type":"object"}},
+                {"name":"search_web","inputSchema":{"type":"object"}}],
+                "nextCursor":"c2"}))
+        );
+        let none = filter_tools_list(&r, |_| false).unwrap();
+        assert_eq!(none.result["tools"], json!([]));
+        assert_eq!(none.hidden.len(), 3);
+        let all = filter_tools_list(&r, |_| true).unwrap();
+        assert_eq!(all.result, r);
+        assert!(all.hidden.is_empty());
+    }
+
+    #[test]
+    fn malformed_listings_are_errors() {
+        assert_eq!(
+            filter_tools_list(&obj(json!({})), |_| true),
+            Err(ToolsListError::NoTools)
+        );
+        assert_eq!(
+            filter_tools_list(&obj(json!({"tools":{}})), |_| true),
+            Err(ToolsListError::NoTools)
+        );
+        assert_eq!(
+            filter_tools_list(&obj(json!({"tools":[{"name":"a"},"b"]})), |_| true),
+            Err(ToolsListError::NotAnObject(1))
+        );
+        assert_eq!(
+            filter_tools_list(&obj(json!({"tools":[{"name":1}]})), |_| true),
+            Err(ToolsListError::NoName(0))
+        );
+        assert_eq!(
+            filter_tools_list(&obj(json!({"tools":[{"title":"x"}]})), |_| true),
+            Err(ToolsListError::NoName(0))
+        );
+    }
+
+    #[test]
+    fn predicate_sees_exact_names() {
+        let r = obj(json!({"tools":[{"name":"Delete"},{"name":"delete"}]}));
+        let mut seen = Vec::new();
+        let f = filter_tools_list(&r, |n| {
+            seen.push(n.to_string());
+            n == "delete"
+        })
+        .unwrap();
+        assert_eq!(seen, vec!["Delete", "delete"]);
+        assert_eq!(f.hidden, vec!["Delete"]);
+    }
+}
