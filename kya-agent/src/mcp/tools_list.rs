@@ -1,7 +1,9 @@
 //! Filtering `tools/list` results: the model should not even see tools its agent
 //! may never call, so it neither tries them nor learns they exist.
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
+
+use super::jsonrpc::Response;
 
 /// The filtered result and what was hidden.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,10 +58,22 @@ pub fn filter_tools_list(
     })
 }
 
+/// Filter a whole `tools/list` response message (the caller matched its id to a
+/// `tools/list` request); returns the JSON-RPC message to forward and the hidden names.
+pub fn filter_tools_list_response(
+    response: &Response,
+    may_call: impl FnMut(&str) -> bool,
+) -> Result<(Value, Vec<String>), ToolsListError> {
+    let filtered = filter_tools_list(&response.result, may_call)?;
+    Ok((
+        json!({"jsonrpc": "2.0", "id": response.id.to_value(), "result": filtered.result}),
+        filtered.hidden,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
@@ -111,6 +125,26 @@ mod tests {
             filter_tools_list(&obj(json!({"tools":[{"title":"x"}]})), |_| true),
             Err(ToolsListError::NoName(0))
         );
+    }
+
+    #[test]
+    fn whole_response_message() {
+        use crate::mcp::jsonrpc::{parse_message, Id, Message};
+        let Message::Response(r) = parse_message(&json!({"jsonrpc":"2.0","id":"l1",
+            "result":{"tools":[{"name":"keep"},{"name":"drop"}]}}))
+        .unwrap() else {
+            panic!()
+        };
+        let (v, hidden) = filter_tools_list_response(&r, |n| n == "keep").unwrap();
+        assert_eq!(hidden, vec!["drop"]);
+        assert_eq!(
+            v,
+            json!({"jsonrpc":"2.0","id":"l1","result":{"tools":[{"name":"keep"}]}})
+        );
+        let Message::Response(back) = parse_message(&v).unwrap() else {
+            panic!()
+        };
+        assert_eq!(back.id, Id::Str("l1".into()));
     }
 
     #[test]
