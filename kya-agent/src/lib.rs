@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod intercept;
 pub mod keys;
+pub mod mcp;
 pub mod metrics;
 pub mod procinfo;
 pub mod status;
