@@ -4,7 +4,9 @@
 //! the command line and wires them together. See `../shared/DESIGN.md` in the
 //! workspace for the architecture.
 
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod keys;
+pub mod tls;
