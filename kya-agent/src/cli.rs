@@ -25,6 +25,8 @@ pub enum LogFormat {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing `RunArgs` would only add noise at every use.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon: load the eBPF redirect, intercept and govern selected agents' traffic.
     Run(RunArgs),

@@ -2,9 +2,9 @@
 //! installing kya, so it is explicit (`kya ca install`) and reversible
 //! (`kya ca install --uninstall`).
 //!
-//! Supported: Debian/Ubuntu (`/usr/local/share/ca-certificates` +
+//! Supported: Debian/Ubuntu (`/usr/local/share/ca-certificates` and
 //! `update-ca-certificates`) and RHEL/Fedora (`/etc/pki/ca-trust/source/anchors`
-//! + `update-ca-trust extract`). The anchor file is `kya-<instance>.crt`, where
+//! and `update-ca-trust extract`). The anchor file is `kya-<instance>.crt`, where
 //! the instance is derived from the state dir, so side-by-side daemons install
 //! side-by-side anchors and reinstalling replaces rather than accumulates.
 
