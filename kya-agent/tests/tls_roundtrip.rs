@@ -9,7 +9,7 @@ use kya_agent::ca::{LeafName, LocalCa};
 use kya_agent::tls::client_hello::{peek_classify, read_client_hello, FirstBytes, HelloLimits};
 use kya_agent::tls::leaf_cache::LeafCache;
 use kya_agent::tls::passthrough::Passthrough;
-use kya_agent::tls::terminate::{TerminateError, Terminator};
+use kya_agent::tls::terminate::{refuse, TerminateError, Terminator, UPSTREAM_CERT_ALERT};
 use kya_agent::tls::upstream::{CertFailure, UpstreamConnector, UpstreamError};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -205,7 +205,14 @@ async fn handle(
         .await
     {
         Ok(up) => up,
-        Err(e) => return Seen::UpstreamRefused(e),
+        Err(e) => {
+            let alert = match e {
+                UpstreamError::Certificate { .. } => UPSTREAM_CERT_ALERT,
+                _ => rustls::AlertDescription::HandshakeFailure,
+            };
+            refuse(tcp, alert).await;
+            return Seen::UpstreamRefused(e);
+        }
     };
     let sni = hello.info.sni.clone();
     let mut agent = match terminator
@@ -400,8 +407,13 @@ async fn invalid_upstream_certificates_are_refused_with_the_reason() {
         )
         .await;
         // The agent never gets a kya-signed session for a bad upstream.
+        // It is told why, with a bad_certificate alert.
         let agent = agent_roundtrip(addr, s.kya_ca.clone(), "mcp.test", &["h2"]).await;
-        assert!(agent.is_err(), "{want:?}: {agent:?}");
+        let err = agent.expect_err("agent must not get a session");
+        assert!(
+            err.to_string().contains("BadCertificate"),
+            "{want:?}: {err}"
+        );
         match next(&mut rx).await {
             Seen::UpstreamRefused(UpstreamError::Certificate { name, reason }) => {
                 assert_eq!(name, "mcp.test");

@@ -19,9 +19,28 @@ use rustls::server::ServerConfig;
 use rustls::sign::SingleCertAndKey;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::StartHandshake;
+
+/// Refuse a connection whose ClientHello was read but which will not be
+/// terminated (e.g. the upstream's certificate was refused): send one fatal
+/// plaintext TLS alert, so the agent reports *why* (`alert bad certificate`)
+/// instead of an unexplained EOF, then shut the stream down. Best effort:
+/// write errors are ignored (the peer may already be gone).
+pub async fn refuse<S>(mut stream: S, alert: rustls::AlertDescription)
+where
+    S: AsyncWrite + Unpin,
+{
+    // TLSPlaintext { type = alert(21), version = TLS 1.2, length = 2 }, Alert { fatal(2), description }.
+    let record = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(alert)];
+    let _ = stream.write_all(&record).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+/// The alert that tells an agent kya refused the upstream's certificate.
+pub const UPSTREAM_CERT_ALERT: rustls::AlertDescription = rustls::AlertDescription::BadCertificate;
 
 /// Errors terminating the agent's TLS.
 #[derive(Debug, thiserror::Error)]
