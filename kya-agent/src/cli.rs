@@ -32,6 +32,8 @@ pub enum Command {
     Status(StatusArgs),
     /// List and answer calls held for approval.
     Approvals(ApprovalsArgs),
+    /// Manage kya's local CA: create it, print it, add it to the system trust store.
+    Ca(CaArgs),
 }
 
 /// `kya approvals`.
@@ -82,6 +84,42 @@ pub struct StatusArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `kya ca ...`
+#[derive(Debug, Clone, Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    pub action: CaAction,
+}
+
+/// The `kya ca` actions.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CaAction {
+    /// Create the CA (ca.pem, ca-key.pem 0600) in the state dir; refuses to replace one without --force.
+    Init {
+        /// State directory (default /var/lib/kya).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Replace an existing CA (every agent trusting the old one must be given the new one).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the CA certificate (PEM) on stdout.
+    Cert {
+        /// State directory (default /var/lib/kya).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Add the CA to the system trust store (creating the CA if needed), or remove it.
+    Install {
+        /// State directory (default /var/lib/kya).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Remove this instance's CA from the system trust store instead.
+        #[arg(long)]
+        uninstall: bool,
+    },
 }
 
 /// `kya run`: every flag overrides the config file.

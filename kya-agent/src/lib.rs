@@ -6,6 +6,7 @@
 
 pub mod approvals;
 pub mod bpf;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -16,3 +17,4 @@ pub mod mcp;
 pub mod metrics;
 pub mod procinfo;
 pub mod status;
+pub mod tls;

@@ -19,6 +19,7 @@ fn main() -> std::process::ExitCode {
             }
         }
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
+        Command::Ca(args) => kya_agent::ca::command::run(args),
     };
     match result {
         Ok(code) => code,
