@@ -80,6 +80,7 @@ impl Condition {
             let msg = e
                 .errors
                 .iter()
+                .take(2)
                 .map(|e| format!("{} (column {})", e.msg, e.pos.1 + 1))
                 .collect::<Vec<_>>()
                 .join("; ");

@@ -104,8 +104,11 @@ pub fn test_command(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
         let call = CallDescription::from_json(&text)
             .and_then(|d| d.into_call(&registry))
             .map_err(|e| anyhow::anyhow!("{}: {e}", call_path.display()))?;
-        let decision = policy.decide_with(&call, None, args.explain);
-        println!("{}", serde_json::to_string_pretty(&decision)?);
+        // Budgets are evaluated against empty windows: a single call can
+        // still exceed one (or fail closed computing its amount).
+        let budgets = super::budget::BudgetState::in_memory();
+        let decision = policy.decide_with(&call, Some(&budgets), args.explain);
+        out(&serde_json::to_string_pretty(&decision)?);
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -133,11 +136,11 @@ pub fn test_command(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
                     match o.failure {
                         None => {
                             passed += 1;
-                            println!("ok   {}", o.label);
+                            out(&format!("ok   {}", o.label));
                         }
                         Some(why) => {
                             failed += 1;
-                            println!("FAIL {}: {why}", o.label);
+                            out(&format!("FAIL {}: {why}", o.label));
                         }
                     }
                 }
@@ -148,12 +151,19 @@ pub fn test_command(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
+    out(&format!("{passed} passed, {failed} failed"));
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Print a line on stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn out(line: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
 }
 
 fn read_call(path: &Path) -> anyhow::Result<String> {

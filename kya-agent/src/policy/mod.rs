@@ -138,3 +138,6 @@ pub trait Decide: Send + Sync {
     /// Decide one call. Never fails: errors fail closed inside the decision.
     fn decide(&self, call: &CallContext) -> Decision;
 }
+
+#[cfg(test)]
+mod tests;
