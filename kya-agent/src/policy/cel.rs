@@ -52,8 +52,17 @@ const FUNCTIONS: &[&str] = &[
     "filter",
 ];
 
-/// Longest accepted CEL source, in bytes.
-pub const MAX_CEL_LEN: usize = 16 * 1024;
+/// Longest accepted CEL source, in bytes. Conditions are written by people;
+/// the bound keeps parsing and evaluation of hostile input cheap.
+pub const MAX_CEL_LEN: usize = 4 * 1024;
+/// Deepest bracket nesting accepted before parsing: the parser recurses per
+/// level and would overflow the stack on thousands of `((((`.
+pub const MAX_NESTING: usize = 32;
+/// Deepest expression tree accepted (evaluation recurses per level, and may
+/// run on a 2 MiB tokio worker stack).
+pub const MAX_AST_DEPTH: usize = 96;
+/// Stack of the compiler thread.
+const COMPILE_STACK: usize = 256 * 1024 * 1024;
 
 fn env() -> &'static Arc<Env> {
     static ENV: OnceLock<Arc<Env>> = OnceLock::new();
@@ -76,6 +85,28 @@ impl Condition {
         if source.len() > MAX_CEL_LEN {
             return Err(format!("CEL expression longer than {MAX_CEL_LEN} bytes"));
         }
+        let nesting = max_nesting(source);
+        if nesting > MAX_NESTING {
+            return Err(format!(
+                "CEL expression nests brackets {nesting} deep (at most {MAX_NESTING})"
+            ));
+        }
+        // Parse and validate on a thread with a large stack: the ANTLR parser
+        // recurses several frames per nesting level, which a 2 MiB tokio
+        // worker (reloads run there) cannot afford for legitimate nesting.
+        // Compiling happens at load time only, so a thread per condition is cheap.
+        let owned = source.to_string();
+        let compiled = std::thread::Builder::new()
+            .name("kya-cel-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn(move || Condition::compile_here(&owned))
+            .map_err(|e| format!("cannot start the CEL compiler thread: {e}"))?;
+        compiled
+            .join()
+            .map_err(|_| "the CEL compiler failed on this expression".to_string())?
+    }
+
+    fn compile_here(source: &str) -> Result<Condition, String> {
         let program = env().compile(source).map_err(|e| {
             let msg = e
                 .errors
@@ -87,7 +118,7 @@ impl Condition {
             format!("CEL does not parse: {msg}")
         })?;
         let mut scope = Vec::new();
-        validate(program.expression(), &mut scope)?;
+        validate(program.expression(), &mut scope, 0)?;
         Ok(Condition {
             source: source.to_string(),
             program,
@@ -130,7 +161,42 @@ impl Condition {
     }
 }
 
-fn validate(e: &IdedExpr, scope: &mut Vec<String>) -> Result<(), String> {
+/// Deepest nesting of `(`, `[`, `{` outside string literals.
+fn max_nesting(src: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in src.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), String> {
+    if depth > MAX_AST_DEPTH {
+        return Err(format!(
+            "CEL expression is nested more than {MAX_AST_DEPTH} levels deep"
+        ));
+    }
+    let d = depth + 1;
     match &e.expr {
         Expr::Unspecified | Expr::Literal(_) => Ok(()),
         Expr::Ident(name) => check_ident(name, scope),
@@ -149,7 +215,7 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>) -> Result<(), String> {
                     }
                 }
             }
-            validate(&sel.operand, scope)
+            validate(&sel.operand, scope, d)
         }
         Expr::Call(call) => {
             let f = call.func_name.as_str();
@@ -158,16 +224,16 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>) -> Result<(), String> {
                 return Err(format!("unknown function {f}()"));
             }
             if let Some(t) = &call.target {
-                validate(t, scope)?;
+                validate(t, scope, d)?;
             }
-            call.args.iter().try_for_each(|a| validate(a, scope))
+            call.args.iter().try_for_each(|a| validate(a, scope, d))
         }
-        Expr::List(list) => list.elements.iter().try_for_each(|a| validate(a, scope)),
+        Expr::List(list) => list.elements.iter().try_for_each(|a| validate(a, scope, d)),
         Expr::Map(map) => map.entries.iter().try_for_each(|en| match &en.expr {
-            EntryExpr::StructField(f) => validate(&f.value, scope),
+            EntryExpr::StructField(f) => validate(&f.value, scope, d),
             EntryExpr::MapEntry(m) => {
-                validate(&m.key, scope)?;
-                validate(&m.value, scope)
+                validate(&m.key, scope, d)?;
+                validate(&m.value, scope, d)
             }
         }),
         Expr::Struct(s) => Err(format!(
@@ -175,17 +241,17 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>) -> Result<(), String> {
             s.type_name
         )),
         Expr::Comprehension(c) => {
-            validate(&c.iter_range, scope)?;
-            validate(&c.accu_init, scope)?;
+            validate(&c.iter_range, scope, d)?;
+            validate(&c.accu_init, scope, d)?;
             let depth = scope.len();
             scope.push(c.iter_var.clone());
             if let Some(v) = &c.iter_var2 {
                 scope.push(v.clone());
             }
             scope.push(c.accu_var.clone());
-            let r = validate(&c.loop_cond, scope)
-                .and_then(|_| validate(&c.loop_step, scope))
-                .and_then(|_| validate(&c.result, scope));
+            let r = validate(&c.loop_cond, scope, d)
+                .and_then(|_| validate(&c.loop_step, scope, d))
+                .and_then(|_| validate(&c.result, scope, d));
             scope.truncate(depth);
             r
         }
@@ -484,6 +550,47 @@ mod tests {
             c.eval(&Activation::new(&call(json!({})), plus2)),
             Ok(Value::Int(0))
         ));
+    }
+
+    /// Hostile shapes, compiled (and evaluated when valid) on a 2 MiB stack,
+    /// the size of a tokio worker's: an error, never a stack overflow.
+    #[test]
+    fn hostile_expressions_do_not_overflow_the_stack() {
+        let cases: Vec<String> = vec![
+            format!("{}true", "!".repeat(MAX_CEL_LEN - 4)),
+            format!("{}1 > 0", "-".repeat(MAX_CEL_LEN - 5)),
+            format!("{}1 > 0", "1 + ".repeat(1000)),
+            format!("{}true", "true || ".repeat(500)),
+            format!("{}true", "true && ".repeat(500)),
+            format!("{}1 == 1", "true ? ".repeat(600) + &"1 : ".repeat(0)),
+            format!("{}{}", "(".repeat(33), ")".repeat(33)),
+            format!("{}1{} == 1", "(".repeat(32), ")".repeat(32)),
+            format!("{}{} == []", "[".repeat(1000), "]".repeat(1000)),
+            format!("args{} == 1", ".a".repeat(1500)),
+            format!("args{} == 1", "['a']".repeat(800)),
+            format!("{}true", "true ? true : ".repeat(300)),
+            format!("{} == 1", "size(".repeat(30) + "args" + &")".repeat(30)),
+            "'(((((((((((((((((((((((((((((((((((((((' == ''".to_string(),
+        ];
+        let compiled: Vec<Result<Condition, String>> =
+            cases.iter().map(|s| Condition::compile(s)).collect();
+        let outcomes: Vec<bool> = compiled.iter().map(|c| c.is_ok()).collect();
+        let handle = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                for c in compiled.into_iter().flatten() {
+                    let act = Activation::new(&call(json!({"a": {"a": 1}})), time::UtcOffset::UTC);
+                    let _ = c.eval(&act);
+                }
+            })
+            .unwrap();
+        handle.join().expect("no stack overflow or panic");
+        // 1000 chained additions are too deep; 33 nested brackets too; 32 are fine.
+        assert!(!outcomes[2]);
+        // The 32-deep parenthesised literal and quoted brackets are fine; 33 deep is not.
+        assert!(!outcomes[6]);
+        assert!(outcomes[7]);
+        assert!(outcomes[13]);
     }
 
     #[test]

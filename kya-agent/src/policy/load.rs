@@ -567,7 +567,7 @@ impl Compiler {
                 self.err(
                     src,
                     s.span().start,
-                    format!("bad CEL {:?}: {e}", s.get_ref()),
+                    format!("bad CEL {:?}: {e}", truncate(s.get_ref(), 80)),
                 );
                 None
             }
@@ -592,6 +592,14 @@ impl Compiler {
                 None
             }
         }
+    }
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut (long input in messages).
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
     }
 }
 
