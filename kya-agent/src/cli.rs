@@ -34,6 +34,8 @@ pub enum Command {
     Approvals(ApprovalsArgs),
     /// Manage kya's local CA: create it, print it, add it to the system trust store.
     Ca(CaArgs),
+    /// Check policy files, or evaluate calls and policy tests against them.
+    Policy(PolicyArgs),
 }
 
 /// `kya approvals`.
@@ -120,6 +122,47 @@ pub enum CaAction {
         #[arg(long)]
         uninstall: bool,
     },
+}
+
+/// `kya policy`.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    pub command: PolicyCommand,
+}
+
+/// `kya policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate rule files, agent registries and policy tests (exit 0 valid; else file:line: message, exit 1).
+    Check(PolicyCheckArgs),
+    /// Evaluate one call (--call) and print the decision as JSON, or run [[test]] files.
+    Test(PolicyTestArgs),
+}
+
+/// `kya policy check PATH...`.
+#[derive(Debug, Args)]
+pub struct PolicyCheckArgs {
+    /// Files or directories (searched recursively).
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
+/// `kya policy test PATH... [--agents FILE] [--call FILE|-] [--explain]`.
+#[derive(Debug, Args)]
+pub struct PolicyTestArgs {
+    /// Rule files, directories and (without --call) [[test]] files.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Agent registry used to resolve the call's agent from its process.
+    #[arg(long, value_name = "FILE")]
+    pub agents: Option<PathBuf>,
+    /// A JSON call description ('-' for stdin); prints one decision.
+    #[arg(long, value_name = "FILE|-")]
+    pub call: Option<PathBuf>,
+    /// With --call: show every rule and budget and why it matched or not.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 /// `kya run`: every flag overrides the config file.

@@ -15,6 +15,7 @@ pub mod intercept;
 pub mod keys;
 pub mod mcp;
 pub mod metrics;
+pub mod policy;
 pub mod procinfo;
 pub mod status;
 pub mod tls;

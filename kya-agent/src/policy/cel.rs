@@ -1,0 +1,618 @@
+//! CEL conditions (`when`, budget `sum`): compiled and validated once at load,
+//! evaluated per call.
+//!
+//! Validation walks the parsed AST against the variables kya defines (and the
+//! fields of the structured ones), comprehension variables in scope, and an
+//! allow-list of functions that are known to work in the `cel` crate, so a
+//! typo (`arg.amount`, `time.hours`, `sizee(x)`) is a load-time error instead
+//! of a rule that silently fails closed on every call.
+
+use super::CallContext;
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use cel::objects::{Key, Map};
+use cel::{Context, Env, Program, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+/// Top-level variables and, for the structured ones, their fields.
+const VARIABLES: &[(&str, Option<&[&str]>)] = &[
+    ("agent", Some(&["name", "owner", "orphaned"])),
+    (
+        "process",
+        Some(&["pid", "uid", "gid", "exe", "comm", "cgroup"]),
+    ),
+    ("server", None),
+    ("method", None),
+    ("tool", None),
+    ("args", None),
+    ("time", Some(&["unix", "hour", "minute", "weekday"])),
+    ("credential", None),
+];
+
+/// Functions and methods a condition may call (operators, which the parser
+/// names `_op_`, `!_`, `-_` or `@...`, are always allowed).
+const FUNCTIONS: &[&str] = &[
+    "size",
+    "contains",
+    "startsWith",
+    "endsWith",
+    "matches",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bool",
+    "type",
+    "dyn",
+    "has",
+    "all",
+    "exists",
+    "exists_one",
+    "map",
+    "filter",
+];
+
+/// Longest accepted CEL source, in bytes. Conditions are written by people;
+/// the bound keeps parsing and evaluation of hostile input cheap.
+pub const MAX_CEL_LEN: usize = 4 * 1024;
+/// Deepest bracket nesting accepted before parsing: the parser recurses per
+/// level and would overflow the stack on thousands of `((((`.
+pub const MAX_NESTING: usize = 32;
+/// Deepest expression tree accepted (evaluation recurses per level, and may
+/// run on a 2 MiB tokio worker stack).
+pub const MAX_AST_DEPTH: usize = 96;
+/// Stack of the compiler thread.
+const COMPILE_STACK: usize = 256 * 1024 * 1024;
+
+fn env() -> &'static Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(Env::stdlib()))
+}
+
+/// A compiled, validated CEL expression.
+#[derive(Debug)]
+pub struct Condition {
+    source: String,
+    program: Program,
+}
+
+impl Condition {
+    /// Parse and validate `source`. The error is a one-line message.
+    pub fn compile(source: &str) -> Result<Condition, String> {
+        if source.trim().is_empty() {
+            return Err("empty CEL expression".to_string());
+        }
+        if source.len() > MAX_CEL_LEN {
+            return Err(format!("CEL expression longer than {MAX_CEL_LEN} bytes"));
+        }
+        let nesting = max_nesting(source);
+        if nesting > MAX_NESTING {
+            return Err(format!(
+                "CEL expression nests brackets {nesting} deep (at most {MAX_NESTING})"
+            ));
+        }
+        // Parse and validate on a thread with a large stack: the ANTLR parser
+        // recurses several frames per nesting level, which a 2 MiB tokio
+        // worker (reloads run there) cannot afford for legitimate nesting.
+        // Compiling happens at load time only, so a thread per condition is cheap.
+        let owned = source.to_string();
+        let compiled = std::thread::Builder::new()
+            .name("kya-cel-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn(move || Condition::compile_here(&owned))
+            .map_err(|e| format!("cannot start the CEL compiler thread: {e}"))?;
+        compiled
+            .join()
+            .map_err(|_| "the CEL compiler failed on this expression".to_string())?
+    }
+
+    fn compile_here(source: &str) -> Result<Condition, String> {
+        let program = env().compile(source).map_err(|e| {
+            let msg = e
+                .errors
+                .iter()
+                .take(2)
+                .map(|e| format!("{} (column {})", e.msg, e.pos.1 + 1))
+                .collect::<Vec<_>>()
+                .join("; ");
+            format!("CEL does not parse: {msg}")
+        })?;
+        let mut scope = Vec::new();
+        validate(program.expression(), &mut scope, 0)?;
+        Ok(Condition {
+            source: source.to_string(),
+            program,
+        })
+    }
+
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluate to a value; any runtime failure is an error string.
+    pub fn eval(&self, act: &Activation) -> Result<Value, String> {
+        self.program.execute(&act.ctx).map_err(|e| e.to_string())
+    }
+
+    /// Evaluate to a boolean; a non-boolean result is an error.
+    pub fn eval_bool(&self, act: &Activation) -> Result<bool, String> {
+        match self.eval(act)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!(
+                "condition evaluated to {}, not a bool",
+                other.type_of()
+            )),
+        }
+    }
+
+    /// Evaluate to a number (for budget sums); ints and doubles are accepted.
+    pub fn eval_number(&self, act: &Activation) -> Result<f64, String> {
+        match self.eval(act)? {
+            Value::Int(i) => Ok(i as f64),
+            Value::UInt(u) => Ok(u as f64),
+            Value::Float(f) if f.is_finite() => Ok(f),
+            Value::Float(_) => Err("sum evaluated to a non-finite number".to_string()),
+            other => Err(format!(
+                "sum evaluated to {}, not a number",
+                other.type_of()
+            )),
+        }
+    }
+}
+
+/// Deepest nesting of `(`, `[`, `{` outside string literals.
+fn max_nesting(src: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in src.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), String> {
+    if depth > MAX_AST_DEPTH {
+        return Err(format!(
+            "CEL expression is nested more than {MAX_AST_DEPTH} levels deep"
+        ));
+    }
+    let d = depth + 1;
+    match &e.expr {
+        Expr::Unspecified | Expr::Literal(_) => Ok(()),
+        Expr::Ident(name) => check_ident(name, scope),
+        Expr::Select(sel) => {
+            // A field of a structured variable must exist (unless shadowed).
+            if let Expr::Ident(root) = &sel.operand.expr {
+                if !scope.iter().any(|s| s == root) {
+                    if let Some((_, Some(fields))) = VARIABLES.iter().find(|(n, _)| n == root) {
+                        if !fields.contains(&sel.field.as_str()) {
+                            return Err(format!(
+                                "unknown field {root}.{} (known: {})",
+                                sel.field,
+                                fields.join(", ")
+                            ));
+                        }
+                    }
+                }
+            }
+            validate(&sel.operand, scope, d)
+        }
+        Expr::Call(call) => {
+            let f = call.func_name.as_str();
+            let operator = f.starts_with('_') || f.starts_with('@') || f == "!_" || f == "-_";
+            if !operator && !FUNCTIONS.contains(&f) {
+                return Err(format!("unknown function {f}()"));
+            }
+            if let Some(t) = &call.target {
+                validate(t, scope, d)?;
+            }
+            call.args.iter().try_for_each(|a| validate(a, scope, d))
+        }
+        Expr::List(list) => list.elements.iter().try_for_each(|a| validate(a, scope, d)),
+        Expr::Map(map) => map.entries.iter().try_for_each(|en| match &en.expr {
+            EntryExpr::StructField(f) => validate(&f.value, scope, d),
+            EntryExpr::MapEntry(m) => {
+                validate(&m.key, scope, d)?;
+                validate(&m.value, scope, d)
+            }
+        }),
+        Expr::Struct(s) => Err(format!(
+            "message construction {} {{...}} is not supported",
+            s.type_name
+        )),
+        Expr::Comprehension(c) => {
+            validate(&c.iter_range, scope, d)?;
+            validate(&c.accu_init, scope, d)?;
+            let depth = scope.len();
+            scope.push(c.iter_var.clone());
+            if let Some(v) = &c.iter_var2 {
+                scope.push(v.clone());
+            }
+            scope.push(c.accu_var.clone());
+            let r = validate(&c.loop_cond, scope, d)
+                .and_then(|_| validate(&c.loop_step, scope, d))
+                .and_then(|_| validate(&c.result, scope, d));
+            scope.truncate(depth);
+            r
+        }
+    }
+}
+
+fn check_ident(name: &str, scope: &[String]) -> Result<(), String> {
+    if scope.iter().any(|s| s == name) || VARIABLES.iter().any(|(n, _)| *n == name) {
+        return Ok(());
+    }
+    // Type names (`type(x) == int`) and literals the parser may surface as identifiers.
+    if matches!(
+        name,
+        "null"
+            | "true"
+            | "false"
+            | "int"
+            | "uint"
+            | "double"
+            | "string"
+            | "bool"
+            | "bytes"
+            | "list"
+            | "map"
+            | "null_type"
+            | "type"
+    ) {
+        return Ok(());
+    }
+    let known: Vec<&str> = VARIABLES.iter().map(|(n, _)| *n).collect();
+    Err(format!(
+        "unknown variable {name:?} (known: {})",
+        known.join(", ")
+    ))
+}
+
+/// The variables of one call, converted to CEL values once per decision.
+pub struct Activation<'a> {
+    ctx: Context<'a, 'a>,
+}
+
+impl Activation<'_> {
+    /// Build the CEL variables for `call`, with `time` in the policy's timezone offset.
+    pub fn new(call: &CallContext, offset: time::UtcOffset) -> Activation<'static> {
+        let mut ctx = Context::with_env(env().clone());
+        let agent = map(vec![
+            ("name", str_value(&call.agent.name)),
+            (
+                "owner",
+                call.agent
+                    .owner
+                    .as_deref()
+                    .map(str_value)
+                    .unwrap_or(Value::Null),
+            ),
+            ("orphaned", Value::Bool(call.agent.orphaned)),
+        ]);
+        let p = &call.process;
+        let process = map(vec![
+            ("pid", Value::Int(i64::from(p.pid))),
+            ("uid", Value::Int(i64::from(p.uid))),
+            ("gid", Value::Int(i64::from(p.gid))),
+            ("exe", str_value(&p.exe)),
+            ("comm", str_value(&p.comm)),
+            ("cgroup", str_value(&p.cgroup)),
+        ]);
+        let local = call.time.to_offset(offset);
+        let time = map(vec![
+            ("unix", Value::Int(call.time.unix_timestamp())),
+            ("hour", Value::Int(i64::from(local.hour()))),
+            ("minute", Value::Int(i64::from(local.minute()))),
+            (
+                "weekday",
+                Value::Int(i64::from(local.weekday().number_from_monday())),
+            ),
+        ]);
+        ctx.add_variable_from_value("agent", agent);
+        ctx.add_variable_from_value("process", process);
+        ctx.add_variable_from_value("server", str_value(&call.server));
+        ctx.add_variable_from_value("method", str_value(&call.method));
+        ctx.add_variable_from_value(
+            "tool",
+            call.tool.as_deref().map(str_value).unwrap_or(Value::Null),
+        );
+        ctx.add_variable_from_value("args", json_to_value(&call.args));
+        ctx.add_variable_from_value("time", time);
+        ctx.add_variable_from_value(
+            "credential",
+            call.credential
+                .as_ref()
+                .map(json_to_value)
+                .unwrap_or(Value::Null),
+        );
+        Activation { ctx }
+    }
+}
+
+fn str_value(s: &str) -> Value {
+    Value::String(Arc::new(s.to_string()))
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    let m: HashMap<Key, Value> = entries
+        .into_iter()
+        .map(|(k, v)| (Key::String(Arc::new(k.to_string())), v))
+        .collect();
+    Value::Map(Map { map: Arc::new(m) })
+}
+
+/// JSON to CEL: integers that fit i64 are ints, every other number a double
+/// (DESIGN.md), so `args.amount > 1000` means the same for `5000` and `5000.0`.
+pub fn json_to_value(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => str_value(s),
+        serde_json::Value::Array(a) => Value::List(Arc::new(a.iter().map(json_to_value).collect())),
+        serde_json::Value::Object(o) => {
+            let m: HashMap<Key, Value> = o
+                .iter()
+                .map(|(k, v)| (Key::String(Arc::new(k.clone())), json_to_value(v)))
+                .collect();
+            Value::Map(Map { map: Arc::new(m) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{AgentInfo, CallContext};
+    use serde_json::json;
+
+    fn call(args: serde_json::Value) -> CallContext {
+        CallContext {
+            agent: AgentInfo {
+                name: "billing-bot".into(),
+                owner: Some("alice".into()),
+                orphaned: false,
+            },
+            process: kya_common::ProcessIdentity {
+                pid: 42,
+                uid: 1000,
+                gid: 1000,
+                exe: "/usr/bin/python3".into(),
+                comm: "python3".into(),
+                cgroup: "/agents/billing".into(),
+            },
+            server: "mcp.example.com".into(),
+            method: "tools/call".into(),
+            tool: Some("transfer".into()),
+            args,
+            // 2026-11-26 is a Thursday.
+            time: time::macros::datetime!(2026-11-26 22:30 UTC),
+            credential: None,
+        }
+    }
+
+    fn eval(src: &str, args: serde_json::Value) -> Result<bool, String> {
+        let c = Condition::compile(src)?;
+        c.eval_bool(&Activation::new(&call(args), time::UtcOffset::UTC))
+    }
+
+    #[test]
+    fn numbers_compare_across_int_and_double() {
+        assert_eq!(
+            eval("args.amount > 1000", json!({"amount": 5000})),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("args.amount > 1000", json!({"amount": 5000.5})),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("args.amount > 1000.5", json!({"amount": 1001})),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("args.amount > 1000", json!({"amount": 999})),
+            Ok(false)
+        );
+        // u64 beyond i64 becomes a double, still comparable.
+        assert_eq!(
+            eval(
+                "args.amount > 1000",
+                json!({"amount": 18446744073709551615u64})
+            ),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn string_and_missing_key_are_errors() {
+        assert!(eval("args.amount > 1000", json!({"amount": "5000"})).is_err());
+        assert!(eval("args.amount > 1000", json!({})).is_err());
+        assert!(eval("args.amount > 1000", json!(null)).is_err());
+        assert!(
+            eval("args.amount", json!({"amount": 1})).is_err(),
+            "non-bool result"
+        );
+    }
+
+    #[test]
+    fn nested_args_and_macros() {
+        let args = json!({"db": {"tables": ["users", "orders"], "opts": {"cascade": true}}});
+        assert_eq!(eval("args.db.opts.cascade", args.clone()), Ok(true));
+        assert_eq!(eval("'users' in args.db.tables", args.clone()), Ok(true));
+        assert_eq!(
+            eval(
+                "args.db.tables.exists(t, t.startsWith('ord'))",
+                args.clone()
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval("args.db.tables.all(t, size(t) > 5)", args.clone()),
+            Ok(false)
+        );
+        assert_eq!(eval("has(args.db.opts.cascade)", args.clone()), Ok(true));
+        assert_eq!(eval("has(args.db.nope)", args.clone()), Ok(false));
+        assert_eq!(
+            eval(
+                "args.db.tables.filter(t, t.endsWith('s')).size() == 2",
+                args
+            ),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn every_allowed_function_really_works() {
+        let args = json!({"s": "abc", "n": 3, "l": [1, 2]});
+        for src in [
+            "size(args.s) == 3",
+            "args.s.size() == 3",
+            "args.s.contains('b')",
+            "args.s.startsWith('a')",
+            "args.s.endsWith('c')",
+            "args.s.matches('^a.c$')",
+            "int(args.n) == 3",
+            "uint(args.n) == uint(3)",
+            "double(args.n) == 3.0",
+            "string(args.n) == '3'",
+            "bool('true')",
+            "type(args.n) == int",
+            "dyn(args.n) == 3",
+            "has(args.s)",
+            "args.l.all(x, x > 0)",
+            "args.l.exists(x, x == 2)",
+            "args.l.exists_one(x, x == 2)",
+            "args.l.map(x, x * 2) == [2, 4]",
+            "args.l.filter(x, x > 1) == [2]",
+        ] {
+            assert_eq!(eval(src, args.clone()), Ok(true), "{src}");
+        }
+    }
+
+    #[test]
+    fn identity_time_and_nulls() {
+        assert_eq!(
+            eval(
+                "agent.name == 'billing-bot' && agent.owner == 'alice' && !agent.orphaned",
+                json!({})
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                "process.uid == 1000 && process.exe.endsWith('python3')",
+                json!({})
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(
+                "time.hour == 22 && time.minute == 30 && time.weekday == 4",
+                json!({})
+            ),
+            Ok(true)
+        );
+        assert_eq!(eval("credential == null", json!({})), Ok(true));
+        assert_eq!(
+            eval(
+                "tool == 'transfer' && server == 'mcp.example.com' && method == 'tools/call'",
+                json!({})
+            ),
+            Ok(true)
+        );
+        let c = Condition::compile("time.hour").unwrap();
+        let plus2 = time::UtcOffset::from_hms(2, 0, 0).unwrap();
+        assert!(matches!(
+            c.eval(&Activation::new(&call(json!({})), plus2)),
+            Ok(Value::Int(0))
+        ));
+    }
+
+    /// Hostile shapes, compiled (and evaluated when valid) on a 2 MiB stack,
+    /// the size of a tokio worker's: an error, never a stack overflow.
+    #[test]
+    fn hostile_expressions_do_not_overflow_the_stack() {
+        let cases: Vec<String> = vec![
+            format!("{}true", "!".repeat(MAX_CEL_LEN - 4)),
+            format!("{}1 > 0", "-".repeat(MAX_CEL_LEN - 5)),
+            format!("{}1 > 0", "1 + ".repeat(1000)),
+            format!("{}true", "true || ".repeat(500)),
+            format!("{}true", "true && ".repeat(500)),
+            format!("{}1 == 1", "true ? ".repeat(600) + &"1 : ".repeat(0)),
+            format!("{}{}", "(".repeat(33), ")".repeat(33)),
+            format!("{}1{} == 1", "(".repeat(32), ")".repeat(32)),
+            format!("{}{} == []", "[".repeat(1000), "]".repeat(1000)),
+            format!("args{} == 1", ".a".repeat(1500)),
+            format!("args{} == 1", "['a']".repeat(800)),
+            format!("{}true", "true ? true : ".repeat(300)),
+            format!("{} == 1", "size(".repeat(30) + "args" + &")".repeat(30)),
+            "'(((((((((((((((((((((((((((((((((((((((' == ''".to_string(),
+        ];
+        let compiled: Vec<Result<Condition, String>> =
+            cases.iter().map(|s| Condition::compile(s)).collect();
+        let outcomes: Vec<bool> = compiled.iter().map(|c| c.is_ok()).collect();
+        let handle = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                for c in compiled.into_iter().flatten() {
+                    let act = Activation::new(&call(json!({"a": {"a": 1}})), time::UtcOffset::UTC);
+                    let _ = c.eval(&act);
+                }
+            })
+            .unwrap();
+        handle.join().expect("no stack overflow or panic");
+        // 1000 chained additions are too deep; 33 nested brackets too; 32 are fine.
+        assert!(!outcomes[2]);
+        // The 32-deep parenthesised literal and quoted brackets are fine; 33 deep is not.
+        assert!(!outcomes[6]);
+        assert!(outcomes[7]);
+        assert!(outcomes[13]);
+    }
+
+    #[test]
+    fn load_time_errors() {
+        for (src, want) in [
+            ("", "empty"),
+            ("args.amount >", "does not parse"),
+            ("arg.amount > 1", "unknown variable \"arg\""),
+            ("sizee(args) > 1", "unknown function sizee"),
+            ("args.x.frobnicate()", "unknown function frobnicate"),
+            ("time.hours > 1", "unknown field time.hours"),
+            ("agent.email == 'x'", "unknown field agent.email"),
+            ("google.protobuf.Int64Value{value: 1} == 1", "not supported"),
+            ("args.l.all(x, y > 0)", "unknown variable \"y\""),
+        ] {
+            let err = Condition::compile(src).err().unwrap_or_default();
+            assert!(err.contains(want), "{src:?}: {err}");
+        }
+        assert!(Condition::compile(&"1 + ".repeat(10_000)).is_err());
+        // A comprehension variable does not leak out of its macro.
+        assert!(Condition::compile("args.l.all(x, x > 0) && x > 0").is_err());
+        // A comprehension variable may shadow a structured variable.
+        assert!(Condition::compile("args.l.all(time, time.foo > 0)").is_ok());
+    }
+}
