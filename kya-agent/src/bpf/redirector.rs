@@ -417,6 +417,17 @@ impl Redirector {
         Ok(())
     }
 
+    /// Kernel ids of this instance's programs, by program name (for
+    /// `bpftool prog show id N`, status output and tests).
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        pin_names()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((name, info.id()))
+            })
+            .collect()
+    }
+
     /// The interceptor's handle on the origins of accepted connections.
     pub fn origins(&self) -> OriginTable {
         self.origins.clone()
