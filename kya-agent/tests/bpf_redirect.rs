@@ -804,3 +804,175 @@ fn without_root_start_fails_cleanly_or_skips() {
     };
     assert!(Redirector::start(&cfg).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_side_by_side_keep_their_own_selection() {
+    if !privileged("two_instances_side_by_side_keep_their_own_selection") {
+        return;
+    }
+    let port = 18447u16;
+    let (cg_a, cg_b) = (TestCgroup::new("side-a"), TestCgroup::new("side-b"));
+    let (pins_a, pins_b) = (PinDir::new("side-a"), PinDir::new("side-b"));
+    let _up = Upstream::start(port).await;
+    let ra = Redirector::start(&config(Some(&cg_a), port, 936, &pins_a)).unwrap();
+    let rb = Redirector::start(&config(Some(&cg_b), port, 937, &pins_b)).unwrap();
+    let ia = Interceptor::start(936, ra.origins()).await;
+    let ib = Interceptor::start(937, rb.origins()).await;
+
+    for host in ["127.0.0.2", "::1", "::ffff:127.0.0.2"] {
+        let v = run_client(PYTHON, Some(&cg_a), &["tcp", host, &port.to_string()]).await;
+        assert_pong(&v);
+        let pid = v["pid"].as_u64().unwrap();
+        assert!(
+            accepted_for(&ia, pid).is_some(),
+            "A redirects its own selection ({host})"
+        );
+        assert!(ib
+            .seen()
+            .iter()
+            .all(|a| a.origin.as_ref().map(|o| u64::from(o.pid)) != Some(pid)));
+        let v = run_client(PYTHON, Some(&cg_b), &["tcp", host, &port.to_string()]).await;
+        assert_pong(&v);
+        let pid = v["pid"].as_u64().unwrap();
+        assert!(
+            accepted_for(&ib, pid).is_some(),
+            "B redirects its own selection ({host})"
+        );
+        assert!(ia
+            .seen()
+            .iter()
+            .all(|a| a.origin.as_ref().map(|o| u64::from(o.pid)) != Some(pid)));
+    }
+    assert_eq!(ia.seen().len(), 3);
+    assert_eq!(ib.seen().len(), 3);
+    let (sa, sb) = (ra.stats().unwrap(), rb.stats().unwrap());
+    assert_eq!(sa.redirected4 + sa.redirected6 + sa.redirected_v4mapped, 3);
+    assert_eq!(sb.redirected4 + sb.redirected6 + sb.redirected_v4mapped, 3);
+    // shutting one down leaves the other working
+    ra.shutdown().unwrap();
+    let v = run_client(
+        PYTHON,
+        Some(&cg_b),
+        &["tcp", "127.0.0.2", &port.to_string()],
+    )
+    .await;
+    assert!(accepted_for(&ib, v["pid"].as_u64().unwrap()).is_some());
+    rb.shutdown().unwrap();
+}
+
+const HELPER_ENV: &str = "KYA_TEST_DAEMON_HELPER";
+
+/// Not a test on its own: the "daemon" half of
+/// `daemon_inside_its_selected_cgroup_does_not_loop`, run in a re-exec of
+/// this binary placed in the selected cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_helper() {
+    let Ok(spec) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(',').collect();
+    let cfg = RedirectConfig {
+        cgroups: vec![parts[0].to_string()],
+        ports: vec![parts[1].parse().unwrap()],
+        listen_port: parts[2].parse().unwrap(),
+        pin_dir: PathBuf::from(parts[3]),
+        ..RedirectConfig::default()
+    };
+    let r = Redirector::start(&cfg).unwrap();
+    let icpt = Interceptor::start(cfg.listen_port, r.origins()).await;
+    println!(
+        "KYA_HELPER:ready:{}",
+        bpf::cgroup_path_of_pid(std::process::id()).unwrap()
+    );
+    let mut line = String::new();
+    let _ = tokio::io::AsyncBufReadExt::read_line(
+        &mut tokio::io::BufReader::new(tokio::io::stdin()),
+        &mut line,
+    )
+    .await;
+    let with_origin = icpt.seen().iter().filter(|a| a.origin.is_some()).count();
+    println!(
+        "KYA_HELPER:done:{with_origin}:{}",
+        serde_json::to_string(&r.stats().unwrap()).unwrap()
+    );
+    r.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_inside_its_selected_cgroup_does_not_loop() {
+    if std::env::var(HELPER_ENV).is_ok()
+        || !privileged("daemon_inside_its_selected_cgroup_does_not_loop")
+    {
+        return;
+    }
+    use tokio::io::AsyncBufReadExt;
+    let (port, listen) = (18448u16, 938u16);
+    let cg = TestCgroup::new("self");
+    let pins = PinDir::new("self");
+    let _up = Upstream::start(port).await;
+    let exe = std::env::current_exe().unwrap();
+    let mut daemon = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec \"$0\" \"$@\"",
+            cg.procs().display()
+        ))
+        .arg(&exe)
+        .args([
+            "daemon_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            HELPER_ENV,
+            format!("{},{port},{listen},{}", cg.rel, pins.0.display()),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(daemon.stdout.take().unwrap()).lines();
+    let mut next_helper_line = async || loop {
+        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("helper timed out")
+            .unwrap()
+            .expect("helper exited early");
+        // libtest may print "test daemon_helper ... " on the same line
+        if let Some(i) = l.find("KYA_HELPER:") {
+            return l[i + "KYA_HELPER:".len()..].to_string();
+        }
+    };
+    let ready = next_helper_line().await;
+    assert_eq!(
+        ready,
+        format!("ready:{}", cg.rel),
+        "the daemon runs inside the selected cgroup"
+    );
+
+    let v = run_client(PYTHON, Some(&cg), &["tcp", "127.0.0.2", &port.to_string()]).await;
+    assert_pong(&v);
+    let v = run_client(PYTHON, Some(&cg), &["tcp", "::1", &port.to_string()]).await;
+    assert_pong(&v);
+
+    drop(daemon.stdin.take()); // EOF: report and shut down
+    let done = next_helper_line().await;
+    let rest = done.strip_prefix("done:").unwrap();
+    let (n, stats) = rest.split_once(':').unwrap();
+    assert_eq!(
+        n, "2",
+        "exactly the two client connections, no loop: {rest}"
+    );
+    let stats: Value = serde_json::from_str(stats).unwrap();
+    eprintln!("kernel stats (daemon in selected cgroup): {stats}");
+    assert_eq!(stats["established"], 2);
+    assert!(stats["skipped_mark"].as_u64().unwrap() >= 2);
+    let status = tokio::time::timeout(Duration::from_secs(20), daemon.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(!pins.0.exists());
+}

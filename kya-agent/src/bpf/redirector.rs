@@ -275,7 +275,13 @@ impl Redirector {
         }
         // Only now switch redirection on (listen_port 0 = off).
         r.write_config()?;
-        r.replace_pins()?;
+        if let Err(e) = r.replace_pins() {
+            // no half-pinned state: what was pinned goes, the links detach
+            for p in r.pinned.drain(..) {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
         tracing::info!(
             cgroup2 = %cgroup2.display(),
             pin_dir = %r.pin_dir.display(),

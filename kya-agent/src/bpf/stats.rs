@@ -84,7 +84,9 @@ pub fn log_event(bytes: &[u8]) {
             ino = ev.arg1,
             "process selected at exec"
         ),
-        KYA_EV_REFUSED_DGRAM => tracing::info!(
+        // debug: a QUIC client retrying would otherwise flood the log; the
+        // refused_dgram counter has the total
+        KYA_EV_REFUSED_DGRAM => tracing::debug!(
             pid = ev.pid,
             %comm,
             port = ev.arg0,
