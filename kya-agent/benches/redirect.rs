@@ -1,0 +1,216 @@
+//! Connection setup overhead of the eBPF redirect (run as root:
+//! `cargo bench -p kya-agent --bench redirect`).
+//!
+//! Each iteration is one TCP connect + "ping"/"pong" round trip + close,
+//! made by a client *process* (a re-exec of this binary), because the
+//! benchmarking process is the daemon and the daemon is never redirected:
+//! * `direct_no_bpf`: nothing attached (baseline),
+//! * `unselected_bpf_attached`: kya attached, client not selected (the
+//!   programs' early exit),
+//! * `selected_redirected_spliced`: client in the selected cgroup; redirected
+//!   to the in-bench interceptor, which takes the origin and splices to the
+//!   upstream over a marked socket.
+//!
+//! Without root it prints a message and measures nothing.
+
+use criterion::Criterion;
+use kya_agent::bpf::{cgroup2_mount, mark_socket, RedirectConfig, Redirector};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+
+const CLIENT_ENV: &str = "KYA_BENCH_CLIENT";
+const UPSTREAM_PORT: u16 = 18450;
+const LISTEN_PORT: u16 = 940;
+
+/// Client mode: read an iteration count per line, run that many
+/// connect/round-trip/close cycles, answer the elapsed nanoseconds.
+fn client(target: &str) {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let Ok(n) = line.unwrap_or_default().trim().parse::<u64>() else {
+            return;
+        };
+        let start = Instant::now();
+        for _ in 0..n {
+            let mut s = std::net::TcpStream::connect(target).expect("connect");
+            s.write_all(b"ping").expect("write");
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).expect("read");
+        }
+        writeln!(out, "{}", start.elapsed().as_nanos()).expect("stdout");
+        out.flush().expect("flush");
+    }
+}
+
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Client {
+    fn spawn(cgroup_procs: Option<&PathBuf>) -> Client {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut cmd = match cgroup_procs {
+            Some(p) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg(format!("echo $$ > {} && exec \"$0\"", p.display()))
+                    .arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.env(CLIENT_ENV, format!("127.0.0.2:{UPSTREAM_PORT}"));
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn client");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Client {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+    fn run(&mut self, iters: u64) -> Duration {
+        writeln!(self.stdin, "{iters}").expect("to client");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("from client");
+        Duration::from_nanos(line.trim().parse().expect("client answer"))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The upstream: reads "ping", answers "pong".
+fn upstream(rt: &tokio::runtime::Runtime) {
+    rt.spawn(async {
+        let l = TcpListener::bind(("127.0.0.2", UPSTREAM_PORT))
+            .await
+            .expect("upstream bind");
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(b"pong").await;
+                }
+            });
+        }
+    });
+}
+
+/// A minimal interceptor: take the origin, splice to it over a marked socket.
+fn interceptor(rt: &tokio::runtime::Runtime, origins: kya_agent::bpf::OriginTable) {
+    rt.spawn(async move {
+        let l = TcpListener::bind(("127.0.0.1", LISTEN_PORT))
+            .await
+            .expect("interceptor bind");
+        loop {
+            let Ok((mut s, peer)) = l.accept().await else {
+                return;
+            };
+            let Ok(local) = s.local_addr() else { continue };
+            let Ok(Some(origin)) = origins.take(peer, local) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(sock) = TcpSocket::new_v4() else {
+                    return;
+                };
+                if mark_socket(&sock).is_err() {
+                    return;
+                }
+                let Ok(mut up) = sock.connect(origin.dst).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            });
+        }
+    });
+}
+
+fn main() {
+    if let Ok(target) = std::env::var(CLIENT_ENV) {
+        client(&target);
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("redirect bench: needs root (loads BPF, creates a cgroup); nothing measured");
+        return;
+    }
+    let mut c = Criterion::default()
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(5))
+        .configure_from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let cg_rel = format!("/kya-bench-{}", std::process::id());
+    let cg_dir = cgroup2_mount()
+        .expect("cgroup2")
+        .join(cg_rel.trim_start_matches('/'));
+    std::fs::create_dir_all(&cg_dir).expect("bench cgroup");
+    let procs = cg_dir.join("cgroup.procs");
+
+    let mut g = c.benchmark_group("connect_roundtrip");
+    {
+        upstream(&rt);
+        let mut outside = Client::spawn(None);
+        let mut inside = Client::spawn(Some(&procs));
+        g.bench_function("direct_no_bpf", |b| b.iter_custom(|n| outside.run(n)));
+
+        let cfg = RedirectConfig {
+            cgroups: vec![cg_rel.clone()],
+            ports: vec![UPSTREAM_PORT],
+            listen_port: LISTEN_PORT,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/kya-bench-{}", std::process::id())),
+            fail_open: true,
+            ..RedirectConfig::default()
+        };
+        let r = Redirector::start(&cfg).expect("redirector");
+        interceptor(&rt, r.origins());
+        std::thread::sleep(Duration::from_millis(100));
+        g.bench_function("unselected_bpf_attached", |b| {
+            b.iter_custom(|n| outside.run(n))
+        });
+        g.bench_function("selected_redirected_spliced", |b| {
+            b.iter_custom(|n| inside.run(n))
+        });
+        g.finish();
+        let stats = r.stats().expect("stats");
+        eprintln!(
+            "kernel stats after the bench: {}",
+            serde_json::to_string(&stats).unwrap_or_default()
+        );
+        drop(outside);
+        drop(inside);
+        r.shutdown().expect("shutdown");
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(&cg_dir).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.final_summary();
+}
