@@ -50,6 +50,15 @@ impl TestCgroup {
         std::fs::create_dir(&dir).unwrap();
         TestCgroup { dir, rel }
     }
+    /// A nested cgroup (declare it after its parent: dropped first).
+    fn child(&self, name: &str) -> TestCgroup {
+        let dir = self.dir.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        TestCgroup {
+            dir,
+            rel: format!("{}/{name}", self.rel),
+        }
+    }
     fn procs(&self) -> PathBuf {
         self.dir.join("cgroup.procs")
     }
@@ -414,8 +423,9 @@ async fn cgroup_selection_redirects_tcp_v4_v6_mapped_and_refuses_udp() {
         .iter()
         .any(|p| p.port() == a.peer.port()));
 
-    // IPv6
-    let v = run_client(PYTHON, Some(&cg), &["tcp", "::1", &port.to_string()]).await;
+    // IPv6, from a nested cgroup (a selected cgroup selects its descendants)
+    let sub = cg.child("nested");
+    let v = run_client(PYTHON, Some(&sub), &["tcp", "::1", &port.to_string()]).await;
     assert_pong(&v);
     assert_eq!(v["peer"], format!("[::1]:{port}"));
     let o = accepted_for(&icpt, v["pid"].as_u64().unwrap())
@@ -575,7 +585,8 @@ async fn exe_selection_at_exec_before_start_and_fork() {
 
     let mut cfg = config(None, port, listen, &pins);
     cfg.exes = vec![format!("{}/kya-agent-*", tmp.path().display())];
-    let r = Redirector::start(&cfg).unwrap();
+    let mut r = Redirector::start(&cfg).unwrap();
+    r.spawn_event_reader().unwrap();
     let icpt = Interceptor::start(listen, r.origins()).await;
 
     std::fs::write(&go, b"").unwrap();
@@ -643,6 +654,7 @@ async fn exe_selection_at_exec_before_start_and_fork() {
         "exited selected processes are forgotten"
     );
     assert_eq!(stats.redirected4 + stats.redirected6, 4);
+    assert_eq!(stats.events_read, 3, "one exe-selected event per exec");
     drop(up);
     r.shutdown().unwrap();
 }

@@ -79,11 +79,26 @@ impl RedirectConfig {
             cgroups,
             uids: self.uids.iter().copied().collect(),
             exes,
-            pids: self.pids.iter().copied().collect(),
+            pids: self
+                .pids
+                .iter()
+                .copied()
+                .filter(|p| pid_exists(*p))
+                .collect(),
             ports: self.ports.iter().copied().collect(),
             listen_port: self.listen_port,
         })
     }
+}
+
+/// A pid that does not exist is not selected: a later process reusing the
+/// number would otherwise be selected by accident.
+fn pid_exists(pid: u32) -> bool {
+    let ok = pid != 0 && Path::new(&format!("/proc/{pid}")).exists();
+    if !ok {
+        tracing::warn!(pid, "selected pid does not exist; ignored");
+    }
+    ok
 }
 
 fn check_len(what: &'static str, got: usize, max: u32) -> Result<(), BpfError> {
@@ -653,7 +668,16 @@ mod tests {
             uids: vec![5, 5],
             ..base()
         };
+        let c = RedirectConfig {
+            pids: vec![0, std::process::id(), u32::MAX],
+            ..c
+        };
         let r = c.resolve(&mount).unwrap();
+        assert_eq!(
+            r.pids,
+            [std::process::id()].into(),
+            "pids that do not exist are not selected"
+        );
         assert_eq!(r.cgroups.len(), 1);
         assert_eq!(r.uids.len(), 1, "duplicates collapse");
     }
