@@ -683,6 +683,15 @@ mod tests {
     }
 
     #[test]
+    fn handles_can_move_across_threads() {
+        fn send<T: Send>() {}
+        fn send_sync_clone<T: Send + Sync + Clone>() {}
+        send::<Redirector>();
+        send_sync_clone::<OriginTable>();
+        send_sync_clone::<super::super::Origin>();
+    }
+
+    #[test]
     fn pin_names_are_unique() {
         let names: BTreeSet<_> = pin_names().collect();
         assert_eq!(
