@@ -633,6 +633,23 @@ async fn exe_selection_at_exec_before_start_and_fork() {
         .unwrap();
     assert!(o.comm.starts_with("python3"));
 
+    // a thread of an exe-selected process is covered by its tgid, and is
+    // never inserted as a tgid itself
+    let v = run_client(&agent, None, &["thread", "127.0.0.2", &port.to_string()]).await;
+    assert_pong(&v);
+    let t = accepted_for(&icpt, v["pid"].as_u64().unwrap())
+        .expect("thread selected")
+        .origin
+        .unwrap();
+    assert_ne!(t.tid, t.pid);
+
+    // every selected process above has exited: none is left selected, so a
+    // recycled pid cannot select a stranger
+    let sel = r.selected_processes().unwrap();
+    for pid in [o.pid, t.pid, t.tid] {
+        assert!(!sel.contains_key(&pid), "{pid} still selected: {sel:?}");
+    }
+
     // the system python (another inode) is not selected
     let n = icpt.seen().len();
     let v = run_client(PYTHON, None, &["tcp", "127.0.0.2", &port.to_string()]).await;
@@ -645,16 +662,16 @@ async fn exe_selection_at_exec_before_start_and_fork() {
         serde_json::to_string(&stats).unwrap()
     );
     assert_eq!(
-        stats.selected_exec, 3,
-        "three execs of the selected binary after start"
+        stats.selected_exec, 4,
+        "four execs of the selected binary after start"
     );
     assert!(stats.selected_fork >= 1);
     assert!(
         stats.tgid_exited >= 3,
         "exited selected processes are forgotten"
     );
-    assert_eq!(stats.redirected4 + stats.redirected6, 4);
-    assert_eq!(stats.events_read, 3, "one exe-selected event per exec");
+    assert_eq!(stats.redirected4 + stats.redirected6, 5);
+    assert_eq!(stats.events_read, 4, "one exe-selected event per exec");
     drop(up);
     r.shutdown().unwrap();
 }
@@ -790,9 +807,38 @@ async fn pid_and_uid_selection_and_update() {
 }
 
 #[test]
-fn without_root_start_fails_cleanly_or_skips() {
+fn start_refuses_bad_settings_and_the_reader_needs_a_runtime() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
+        // a valid instance that selects nothing, outside any runtime
+        let pins = PinDir::new("noruntime");
+        let cfg = RedirectConfig {
+            ports: vec![18449],
+            listen_port: 939,
+            pin_dir: pins.0.clone(),
+            ..RedirectConfig::default()
+        };
+        let mut r = Redirector::start(&cfg).unwrap();
+        assert!(matches!(
+            r.spawn_event_reader(),
+            Err(bpf::BpfError::NoRuntime)
+        ));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _g = rt.enter();
+        r.spawn_event_reader().unwrap();
+        assert!(matches!(
+            r.spawn_event_reader(),
+            Err(bpf::BpfError::ReaderRunning)
+        ));
+        assert!(r.selected_processes().unwrap().is_empty());
+        let bad = RedirectConfig {
+            cgroups: vec!["/kya-no-such-cgroup".into()],
+            ..cfg.clone()
+        };
+        assert!(r.update_selection(&bad).is_err());
+        r.shutdown().unwrap();
+        assert!(!pins.0.exists());
+
         // as root: a bad pin dir is refused before anything is loaded
         let cfg = RedirectConfig {
             ports: vec![443],

@@ -449,6 +449,22 @@ impl Redirector {
             .collect()
     }
 
+    /// The processes selected by tgid right now, with the reason
+    /// (`kya_common::maps::KYA_SEL_*`): by pid, exec, fork or the start-up
+    /// scan. (cgroup and uid selection are not per process.) For status
+    /// output and tests.
+    pub fn selected_processes(&self) -> Result<BTreeMap<u32, u8>, BpfError> {
+        let mut out = BTreeMap::new();
+        for key in self.maps.tgids.keys() {
+            let tgid = key.map_err(map_err(m::SEL_TGIDS))?;
+            // an entry can vanish between keys() and get() (process exit)
+            if let Ok(reason) = self.maps.tgids.get(&tgid, 0) {
+                out.insert(tgid, reason);
+            }
+        }
+        Ok(out)
+    }
+
     /// The interceptor's handle on the origins of accepted connections.
     pub fn origins(&self) -> OriginTable {
         self.origins.clone()
