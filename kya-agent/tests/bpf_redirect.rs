@@ -413,8 +413,10 @@ async fn cgroup_selection_redirects_tcp_v4_v6_mapped_and_refuses_udp() {
     assert!(o.comm.starts_with("python3"), "comm {:?}", o.comm);
     assert_eq!(a.peer.port(), v["local"].as_u64().unwrap() as u16);
     let ident = o.identity();
-    // the process has exited; the kernel's facts remain
+    // the process has exited; the kernel's facts and its cgroup remain
     assert_eq!(ident.pid, o.pid);
+    assert_eq!(ident.cgroup, cg.rel);
+    assert_eq!(ident.comm, o.comm);
     // the upstream saw the interceptor's socket, not the client's
     assert!(!up
         .peers

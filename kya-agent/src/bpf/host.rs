@@ -128,6 +128,47 @@ pub fn cgroup_id(mount: &Path, rel: &str) -> Result<u64, BpfError> {
     Ok(md.ino())
 }
 
+/// Bound on the cgroup directories [`cgroup_path_of_id`] visits.
+const MAX_CGROUP_WALK: usize = 100_000;
+
+/// The path (relative to the cgroup2 mount, e.g. `/agents/x`) of the cgroup
+/// with this id, by a bounded walk of the hierarchy. `Ok(None)`: no such
+/// cgroup (removed since). The id is what the kernel recorded at connect
+/// time, so unlike `/proc/PID/cgroup` this still answers after the process
+/// exited or moved.
+pub fn cgroup_path_of_id(id: u64) -> Result<Option<String>, BpfError> {
+    let mount = cgroup2_mount()?;
+    Ok(find_cgroup(&mount, id))
+}
+
+fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
+    let mut stack = vec![mount.to_path_buf()];
+    let mut visited = 0usize;
+    while let Some(dir) = stack.pop() {
+        visited += 1;
+        if visited > MAX_CGROUP_WALK {
+            tracing::warn!(id, "cgroup walk stopped at {MAX_CGROUP_WALK} directories");
+            return None;
+        }
+        let Ok(md) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if md.ino() == id {
+            let rel = dir.strip_prefix(mount).ok()?;
+            return Some(format!("/{}", rel.to_string_lossy()));
+        }
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            }
+        }
+    }
+    None
+}
+
 /// Mounts bpffs at [`BPFFS_MOUNT`] unless a bpffs is already mounted there.
 pub fn ensure_bpffs() -> Result<(), BpfError> {
     let info = read_small(Path::new("/proc/self/mountinfo"))?;
@@ -254,6 +295,10 @@ mod tests {
         assert!(path.starts_with('/'));
         assert!(cgroup_id(&mount, &path).unwrap() > 0);
         assert!(cgroup_path_of_pid(u32::MAX).is_err());
+        let id = cgroup_id(&mount, &path).unwrap();
+        assert_eq!(cgroup_path_of_id(id).unwrap(), Some(path.clone()));
+        assert_eq!(cgroup_path_of_id(0).unwrap(), None);
+        assert_eq!(cgroup_path_of_id(u64::MAX).unwrap(), None);
         assert!(matches!(
             cgroup_id(&mount, "/kya-no-such-cgroup-xyz"),
             Err(BpfError::CgroupNotFound { .. })
