@@ -215,6 +215,7 @@ impl Redirector {
         let cgroup2 = host::cgroup2_mount()?;
         let want = cfg.resolve(&cgroup2)?;
 
+        raise_memlock();
         let mut ebpf = EbpfLoader::new().load(kya_ebpf::OBJECT).map_err(Box::new)?;
         for name in pin_names() {
             load_program(&mut ebpf, name)?;
@@ -583,6 +584,19 @@ impl Drop for Redirector {
         if let Some(h) = self.reader.take() {
             h.abort();
         }
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (newer ones use
+/// memcg); raising it is harmless where it no longer matters.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; failure is only logged.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
     }
 }
 
