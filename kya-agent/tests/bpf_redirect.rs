@@ -1036,3 +1036,68 @@ async fn daemon_inside_its_selected_cgroup_does_not_loop() {
     assert!(status.success());
     assert!(!pins.0.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_daemon_fails_closed_until_restarted() {
+    if std::env::var(HELPER_ENV).is_ok()
+        || !privileged("sigkilled_daemon_fails_closed_until_restarted")
+    {
+        return;
+    }
+    use tokio::io::AsyncBufReadExt;
+    let (port, listen) = (18451u16, 941u16);
+    let cg = TestCgroup::new("kill9");
+    let pins = PinDir::new("kill9");
+    let _up = Upstream::start(port).await;
+    let mut daemon = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "daemon_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            HELPER_ENV,
+            format!("{},{port},{listen},{}", cg.rel, pins.0.display()),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(daemon.stdout.take().unwrap()).lines();
+    loop {
+        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("helper timed out")
+            .unwrap()
+            .expect("helper exited early");
+        if l.contains("KYA_HELPER:ready") {
+            break;
+        }
+    }
+    let v = run_client(PYTHON, Some(&cg), &["tcp", "127.0.0.2", &port.to_string()]).await;
+    assert_pong(&v);
+
+    daemon.start_kill().unwrap(); // SIGKILL
+    daemon.wait().await.unwrap();
+    assert!(
+        pins.0.join("kya_connect4").exists(),
+        "pins survive the daemon"
+    );
+    let v = run_client(PYTHON, Some(&cg), &["tcp", "127.0.0.2", &port.to_string()]).await;
+    assert_eq!(v["errno"], ECONNREFUSED, "fail closed after SIGKILL: {v}");
+    let v = run_client(PYTHON, None, &["tcp", "127.0.0.2", &port.to_string()]).await;
+    assert_pong(&v);
+
+    let cfg = config(Some(&cg), port, listen, &pins);
+    let r = Redirector::start(&cfg).unwrap();
+    let icpt = Interceptor::start(listen, r.origins()).await;
+    let v = run_client(PYTHON, Some(&cg), &["tcp", "127.0.0.2", &port.to_string()]).await;
+    assert_pong(&v);
+    assert!(accepted_for(&icpt, v["pid"].as_u64().unwrap()).is_some());
+    let ids = r.program_ids();
+    r.shutdown().unwrap();
+    assert!(!pins.0.exists());
+    wait_unloaded(&ids).await;
+}
