@@ -27,12 +27,30 @@ const UPSTREAM_PORT: u16 = 18450;
 const LISTEN_PORT: u16 = 940;
 
 /// Client mode: read an iteration count per line, run that many
-/// connect/round-trip/close cycles, answer the elapsed nanoseconds.
+/// connect/round-trip/close cycles, answer the elapsed nanoseconds; or
+/// `lat N`: answer the N single-connect latencies.
 fn client(target: &str) {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     for line in stdin.lock().lines() {
-        let Ok(n) = line.unwrap_or_default().trim().parse::<u64>() else {
+        let line = line.unwrap_or_default();
+        if let Some(n) = line.trim().strip_prefix("lat ") {
+            // one latency per connect, for medians
+            let n: usize = n.parse().unwrap_or(0);
+            let mut lat = Vec::with_capacity(n);
+            for _ in 0..n {
+                let start = Instant::now();
+                let mut s = std::net::TcpStream::connect(target).expect("connect");
+                s.write_all(b"ping").expect("write");
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).expect("read");
+                lat.push(start.elapsed().as_nanos().to_string());
+            }
+            writeln!(out, "{}", lat.join(" ")).expect("stdout");
+            out.flush().expect("flush");
+            continue;
+        }
+        let Ok(n) = line.trim().parse::<u64>() else {
             return;
         };
         let start = Instant::now();
@@ -80,6 +98,14 @@ impl Client {
             stdout,
         }
     }
+    fn latencies(&mut self, n: usize) -> Vec<u64> {
+        writeln!(self.stdin, "lat {n}").expect("to client");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("from client");
+        line.split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    }
     fn run(&mut self, iters: u64) -> Duration {
         writeln!(self.stdin, "{iters}").expect("to client");
         let mut line = String::new();
@@ -116,9 +142,13 @@ fn upstream(rt: &tokio::runtime::Runtime) {
 }
 
 /// A minimal interceptor: take the origin, splice to it over a marked socket.
-fn interceptor(rt: &tokio::runtime::Runtime, origins: kya_agent::bpf::OriginTable) {
+fn interceptor(
+    rt: &tokio::runtime::Runtime,
+    origins: kya_agent::bpf::OriginTable,
+    port: u16,
+) -> tokio::task::JoinHandle<()> {
     rt.spawn(async move {
-        let l = TcpListener::bind(("127.0.0.1", LISTEN_PORT))
+        let l = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("interceptor bind");
         loop {
@@ -142,7 +172,56 @@ fn interceptor(rt: &tokio::runtime::Runtime, origins: kya_agent::bpf::OriginTabl
                 let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
             });
         }
-    });
+    })
+}
+
+/// Criterion runs its cases one after the other, so on a shared, loaded
+/// machine a load change between cases shows up as "overhead". This pass
+/// interleaves the cases in rounds (attach/detach between them) and reports
+/// the median, p10 and p90 of single connects per case over all rounds.
+fn interleaved(rt: &tokio::runtime::Runtime, cg_rel: &str, procs: &PathBuf) {
+    const ROUNDS: u16 = 10;
+    const PER_BATCH: usize = 200;
+    let mut outside = Client::spawn(None);
+    let mut inside = Client::spawn(Some(procs));
+    let (mut direct, mut unselected, mut selected) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        direct.extend(outside.latencies(PER_BATCH));
+        // a fresh listen port per round: no rebinding race with the last one
+        let port = LISTEN_PORT + 2 + round;
+        let cfg = RedirectConfig {
+            cgroups: vec![cg_rel.to_string()],
+            ports: vec![UPSTREAM_PORT],
+            listen_port: port,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/kya-bench-il-{}", std::process::id())),
+            fail_open: true,
+            ..RedirectConfig::default()
+        };
+        let r = Redirector::start(&cfg).expect("redirector");
+        let task = interceptor(rt, r.origins(), port);
+        std::thread::sleep(Duration::from_millis(20));
+        unselected.extend(outside.latencies(PER_BATCH));
+        selected.extend(inside.latencies(PER_BATCH));
+        r.shutdown().expect("shutdown");
+        task.abort();
+    }
+    let report = |name: &str, v: &mut Vec<u64>| {
+        v.sort_unstable();
+        if v.is_empty() {
+            return;
+        }
+        let q = |p: f64| v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+        eprintln!(
+            "interleaved {name}: n={} median={:.1}us p10={:.1}us p90={:.1}us",
+            v.len(),
+            q(0.5),
+            q(0.1),
+            q(0.9)
+        );
+    };
+    report("direct_no_bpf", &mut direct);
+    report("unselected_bpf_attached", &mut unselected);
+    report("selected_redirected_spliced", &mut selected);
 }
 
 fn main() {
@@ -188,7 +267,7 @@ fn main() {
             ..RedirectConfig::default()
         };
         let r = Redirector::start(&cfg).expect("redirector");
-        interceptor(&rt, r.origins());
+        let _icpt = interceptor(&rt, r.origins(), LISTEN_PORT);
         std::thread::sleep(Duration::from_millis(100));
         g.bench_function("unselected_bpf_attached", |b| {
             b.iter_custom(|n| outside.run(n))
@@ -206,6 +285,7 @@ fn main() {
         drop(inside);
         r.shutdown().expect("shutdown");
     }
+    interleaved(&rt, &cg_rel, &procs);
     for _ in 0..50 {
         if std::fs::remove_dir(&cg_dir).is_ok() {
             break;
