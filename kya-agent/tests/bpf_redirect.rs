@@ -1101,3 +1101,40 @@ async fn sigkilled_daemon_fails_closed_until_restarted() {
     assert!(!pins.0.exists());
     wait_unloaded(&ids).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selected_process_in_another_netns_is_not_redirected() {
+    if !privileged("selected_process_in_another_netns_is_not_redirected") {
+        return;
+    }
+    let (port, listen) = (18452u16, 952u16);
+    let cg = TestCgroup::new("netns");
+    let pins = PinDir::new("netns");
+    let r = Redirector::start(&config(Some(&cg), port, listen, &pins)).unwrap();
+    // 127.0.0.1 in a fresh netns is not the interceptor (it could be a
+    // container's own service): the kernel side must leave such sockets alone
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec unshare -n /bin/sh -c 'ip link set lo up; exec \"$0\" \"$@\"' \"$0\" \"$@\"",
+            cg.procs().display()
+        ))
+        .arg(PYTHON)
+        .arg("-c")
+        .arg(CLIENT)
+        .args(["tcp", "127.0.0.2", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let v = finish(child).await;
+    assert_eq!(
+        v["errno"], ECONNREFUSED,
+        "nothing listens in the new netns: {v}"
+    );
+    let stats = r.stats().unwrap();
+    assert_eq!(stats.skipped_netns, 1, "{stats:?}");
+    assert_eq!(stats.redirected4, 0, "{stats:?}");
+    r.shutdown().unwrap();
+}

@@ -59,6 +59,9 @@ pub struct KyaConfig {
     pub skip_mark: u32,
     pub flags: u32,
     pub _reserved: u32,
+    /// The host netns (`SO_NETNS_COOKIE`); sockets elsewhere are not
+    /// redirected. 0 disables the check.
+    pub netns_cookie: u64,
 }
 
 /// Key of `kya_exes`: an executable by (device, inode). `dev` is the
@@ -173,13 +176,14 @@ pub enum Counter {
     Established = 10,
     Getpeername = 11,
     EventsLost = 12,
+    SkippedNetns = 13,
 }
 
 /// Number of slots of `kya_counters` (room to grow without a layout change).
 pub const KYA_CNT_MAX: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Redirected4,
         Counter::Redirected6,
         Counter::RedirectedV4Mapped,
@@ -193,6 +197,7 @@ impl Counter {
         Counter::Established,
         Counter::Getpeername,
         Counter::EventsLost,
+        Counter::SkippedNetns,
     ];
 
     /// The C enumerator's name (`KYA_CNT_...`).
@@ -211,6 +216,7 @@ impl Counter {
             Counter::Established => "KYA_CNT_ESTABLISHED",
             Counter::Getpeername => "KYA_CNT_GETPEERNAME",
             Counter::EventsLost => "KYA_CNT_EVENTS_LOST",
+            Counter::SkippedNetns => "KYA_CNT_SKIPPED_NETNS",
         }
     }
 }
@@ -353,6 +359,7 @@ mod tests {
                     ("listen_port", offset_of!(KyaConfig, listen_port)),
                     ("skip_mark", offset_of!(KyaConfig, skip_mark)),
                     ("flags", offset_of!(KyaConfig, flags)),
+                    ("netns_cookie", offset_of!(KyaConfig, netns_cookie)),
                 ]),
             ),
             "kya_exe_key" => (

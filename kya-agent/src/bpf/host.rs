@@ -169,6 +169,33 @@ fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
     None
 }
 
+/// The cookie of the network namespace this process runs in (where the
+/// interceptor listens), or 0 when the kernel cannot tell (before 5.14), in
+/// which case the kernel side does not check namespaces.
+pub fn netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return 0;
+    };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket fd, out-pointer to a u64 with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "no SO_NETNS_COOKIE: sockets in other network namespaces are not told apart");
+        return 0;
+    }
+    cookie
+}
+
 /// Mounts bpffs at [`BPFFS_MOUNT`] unless a bpffs is already mounted there.
 pub fn ensure_bpffs() -> Result<(), BpfError> {
     let info = read_small(Path::new("/proc/self/mountinfo"))?;
@@ -286,6 +313,13 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn this_netns_has_a_stable_cookie() {
+        let c = netns_cookie();
+        assert_ne!(c, 0, "kernel 5.14+ reports SO_NETNS_COOKIE");
+        assert_eq!(c, netns_cookie());
     }
 
     #[test]

@@ -185,6 +185,7 @@ pub struct Redirector {
     pin_dir: PathBuf,
     fail_open: bool,
     cgroup2: PathBuf,
+    netns_cookie: u64,
     applied: Resolved,
 }
 
@@ -254,6 +255,7 @@ impl Redirector {
             pin_dir: cfg.pin_dir.clone(),
             fail_open: cfg.fail_open,
             cgroup2: cgroup2.clone(),
+            netns_cookie: host::netns_cookie(),
             applied: Resolved::default(),
         };
         // The daemon never redirects itself, even inside a selected cgroup.
@@ -325,6 +327,7 @@ impl Redirector {
             skip_mark: KYA_SKIP_MARK,
             flags: 0,
             _reserved: 0,
+            netns_cookie: self.netns_cookie,
         };
         self.maps.config.set(0, cfg, 0).map_err(map_err(m::CONFIG))
     }

@@ -35,6 +35,9 @@ pub struct KernelStats {
     pub getpeername: u64,
     /// Ring buffer events dropped because the buffer was full.
     pub events_lost: u64,
+    /// Connects of selected processes in another network namespace, not
+    /// redirected (only the host's netns is covered).
+    pub skipped_netns: u64,
     /// Events userspace read from the ring buffer.
     pub events_read: u64,
 }
@@ -55,6 +58,7 @@ impl KernelStats {
             Counter::Established => &mut self.established,
             Counter::Getpeername => &mut self.getpeername,
             Counter::EventsLost => &mut self.events_lost,
+            Counter::SkippedNetns => &mut self.skipped_netns,
         };
         *slot = v;
     }
@@ -125,7 +129,7 @@ mod tests {
             .collect();
         seen.sort();
         seen.dedup();
-        // 13 distinct counter values + events_read (0)
+        // one distinct value per counter + events_read (0)
         assert_eq!(seen.len(), Counter::ALL.len() + 1);
     }
 
