@@ -38,6 +38,10 @@
 //!   the memory of connects that never complete. The record is deleted on
 //!   `TCP_CLOSE` (sockops state callback, requested only for redirected
 //!   sockets).
+//! * **Host network namespace only**: a selected process's socket in
+//!   another netns (a container) is not redirected, since 127.0.0.1 there is
+//!   not the interceptor and may be the container's own service; it is
+//!   counted (`skipped_netns`). The host netns cookie is in `kya_config`.
 //! * **Loop avoidance**: a socket with `SO_MARK == KYA_SKIP_MARK` is never
 //!   redirected (the interceptor marks its upstream sockets), and the
 //!   daemon's tgid is in a skip map that wins over every selection.
