@@ -402,8 +402,7 @@ impl Redirector {
     fn replace_pins(&mut self) -> Result<(), BpfError> {
         let dir = self.pin_dir.clone();
         if dir.is_dir() {
-            for name in pin_names() {
-                let p = dir.join(name);
+            for p in stale_pins(&dir)? {
                 match std::fs::remove_file(&p) {
                     Ok(()) => {
                         tracing::warn!(pin = %p.display(), "removed a stale pinned link of an earlier run")
@@ -590,6 +589,22 @@ impl Drop for Redirector {
     }
 }
 
+/// Pins a kya run left in `dir`: every entry named `kya_*` (the names of
+/// this version and of any other, so an upgrade still replaces them), and
+/// nothing else, in case `dir` is shared by mistake.
+fn stale_pins(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| BpfError::io(format!("reading {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("kya_") {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (newer ones use
 /// memcg); raising it is harmless where it no longer matters.
 fn raise_memlock() {
@@ -725,8 +740,32 @@ mod tests {
     }
 
     #[test]
+    fn stale_pins_are_only_kya_entries() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "kya_connect4",
+            "kya_old_renamed_prog",
+            "cilium_thing",
+            "kyanot",
+        ] {
+            std::fs::write(d.path().join(f), b"").unwrap();
+        }
+        let got: Vec<_> = stale_pins(d.path())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect();
+        assert_eq!(got, ["kya_connect4", "kya_old_renamed_prog"]);
+        assert!(stale_pins(&d.path().join("missing")).is_err());
+    }
+
+    #[test]
     fn pin_names_are_unique() {
         let names: BTreeSet<_> = pin_names().collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("kya_")),
+            "stale_pins finds kya_* only"
+        );
         assert_eq!(
             names.len(),
             CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()
