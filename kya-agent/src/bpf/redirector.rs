@@ -458,7 +458,9 @@ impl Redirector {
     /// output and tests.
     pub fn selected_processes(&self) -> Result<BTreeMap<u32, u8>, BpfError> {
         let mut out = BTreeMap::new();
-        for key in self.maps.tgids.keys() {
+        // bounded: a key deleted mid-walk (process exit) makes the kernel
+        // restart the walk from the first key
+        for key in self.maps.tgids.keys().take(2 * KYA_MAX_SEL_TGIDS as usize) {
             let tgid = key.map_err(map_err(m::SEL_TGIDS))?;
             // an entry can vanish between keys() and get() (process exit)
             if let Ok(reason) = self.maps.tgids.get(&tgid, 0) {
