@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// What to redirect, and where to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -187,6 +187,8 @@ pub struct Redirector {
     cgroup2: PathBuf,
     netns_cookie: u64,
     applied: Resolved,
+    /// (device, inode) -> path of the selected executables, for the event log.
+    exe_names: Arc<RwLock<BTreeMap<ExeKey, PathBuf>>>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -257,6 +259,7 @@ impl Redirector {
             cgroup2: cgroup2.clone(),
             netns_cookie: host::netns_cookie(),
             applied: Resolved::default(),
+            exe_names: Arc::default(),
         };
         // The daemon never redirects itself, even inside a selected cgroup.
         let me = std::process::id();
@@ -372,6 +375,9 @@ impl Redirector {
             if mp.tgids.get(pid, 0).ok() == Some(KYA_SEL_PID) {
                 remove_if_present(mp.tgids.remove(pid), m::SEL_TGIDS)?;
             }
+        }
+        if let Ok(mut names) = self.exe_names.write() {
+            names.clone_from(&want.exes);
         }
         self.applied = want;
         Ok(())
@@ -497,6 +503,12 @@ impl Redirector {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| BpfError::NoRuntime)?;
         let ring = self.events.take().ok_or(BpfError::ReaderRunning)?;
         let counter = self.events_read.clone();
+        let exes = self.exe_names.clone();
+        let exe_path = move |k: ExeKey| {
+            exes.read()
+                .ok()
+                .and_then(|m| m.get(&k).map(|p| p.display().to_string()))
+        };
         let _guard = handle.enter();
         // SAFETY: the RingBuf owns its map fd and is moved into the AsyncFd,
         // so the fd stays open (and is not reused) for the AsyncFd's lifetime.
@@ -516,7 +528,7 @@ impl Redirector {
                 };
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    log_event(&item);
+                    log_event(&item, &exe_path);
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 guard.clear_ready();
