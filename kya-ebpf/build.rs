@@ -58,7 +58,12 @@ fn main() {
         .arg("-o")
         .arg(&obj)
         .output()
-        .unwrap_or_else(|e| panic!("kya-ebpf: running {clang}: {e}"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "kya-ebpf: cannot run clang {clang:?}: {e}. \
+                 Install it with: apt-get install -y clang-19 libbpf-dev (or point $CLANG at a clang)"
+            )
+        });
     if !output.status.success() {
         panic!(
             "kya-ebpf: {clang} failed to compile the BPF programs:\n{}{}",

@@ -59,6 +59,9 @@ pub struct KyaConfig {
     pub skip_mark: u32,
     pub flags: u32,
     pub _reserved: u32,
+    /// The host netns (`SO_NETNS_COOKIE`); sockets elsewhere are not
+    /// redirected. 0 disables the check.
+    pub netns_cookie: u64,
 }
 
 /// Key of `kya_exes`: an executable by (device, inode). `dev` is the
@@ -173,13 +176,14 @@ pub enum Counter {
     Established = 10,
     Getpeername = 11,
     EventsLost = 12,
+    SkippedNetns = 13,
 }
 
 /// Number of slots of `kya_counters` (room to grow without a layout change).
 pub const KYA_CNT_MAX: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Redirected4,
         Counter::Redirected6,
         Counter::RedirectedV4Mapped,
@@ -193,6 +197,7 @@ impl Counter {
         Counter::Established,
         Counter::Getpeername,
         Counter::EventsLost,
+        Counter::SkippedNetns,
     ];
 
     /// The C enumerator's name (`KYA_CNT_...`).
@@ -211,6 +216,7 @@ impl Counter {
             Counter::Established => "KYA_CNT_ESTABLISHED",
             Counter::Getpeername => "KYA_CNT_GETPEERNAME",
             Counter::EventsLost => "KYA_CNT_EVENTS_LOST",
+            Counter::SkippedNetns => "KYA_CNT_SKIPPED_NETNS",
         }
     }
 }
@@ -353,6 +359,7 @@ mod tests {
                     ("listen_port", offset_of!(KyaConfig, listen_port)),
                     ("skip_mark", offset_of!(KyaConfig, skip_mark)),
                     ("flags", offset_of!(KyaConfig, flags)),
+                    ("netns_cookie", offset_of!(KyaConfig, netns_cookie)),
                 ]),
             ),
             "kya_exe_key" => (
@@ -598,5 +605,61 @@ mod tests {
             (KYA_EV_EXE_SELECTED, 42, -7, 9)
         );
         assert_eq!(e.comm(), "sh");
+    }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn any_ip() -> impl Strategy<Value = IpAddr> {
+            prop_oneof![
+                any::<[u8; 4]>().prop_map(|b| IpAddr::V4(Ipv4Addr::from(b))),
+                any::<[u8; 16]>().prop_map(|b| IpAddr::V6(Ipv6Addr::from(b))),
+                // v4-mapped, the ambiguous case
+                any::<[u8; 4]>().prop_map(|b| IpAddr::V6(Ipv4Addr::from(b).to_ipv6_mapped())),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn conn_keys_are_canonical(a in any_ip(), pa: u16, b in any_ip(), pb: u16) {
+                let key = ConnKey::from_accepted(SocketAddr::new(a, pa), SocketAddr::new(b, pb));
+                let (ca, cb) = (a.to_canonical(), b.to_canonical());
+                prop_assert_eq!(key.is_some(), ca.is_ipv4() == cb.is_ipv4());
+                if let Some(k) = key {
+                    prop_assert_eq!((k.src_port, k.dst_port), (pa, pb));
+                    prop_assert_eq!(k._pad, [0; 3]);
+                    // the same connection written canonically gives the same key
+                    let again = ConnKey::from_accepted(SocketAddr::new(ca, pa), SocketAddr::new(cb, pb));
+                    prop_assert_eq!(Some(k), again);
+                    if ca.is_ipv4() {
+                        prop_assert_eq!(k.family, KYA_FAMILY_INET);
+                        prop_assert!(k.src_addr[4..].iter().chain(&k.dst_addr[4..]).all(|&x| x == 0));
+                    } else {
+                        prop_assert_eq!(k.family, KYA_FAMILY_INET6);
+                    }
+                }
+            }
+
+            #[test]
+            fn events_decode_only_at_the_exact_size(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let ev = Event::from_bytes(&bytes);
+                prop_assert_eq!(ev.is_some(), bytes.len() == std::mem::size_of::<Event>());
+                if let Some(e) = ev {
+                    prop_assert!(e.comm().chars().count() <= KYA_COMM_LEN);
+                }
+            }
+
+            #[test]
+            fn origin_records_never_panic(bytes: [u8; 16], family: u8, port: u16, comm: [u8; 16]) {
+                let o = OriginRecord { dst_addr: bytes, dst_family: family, dst_port: port, comm, ..OriginRecord::default() };
+                let dst = o.dst();
+                prop_assert_eq!(dst.is_some(), family == KYA_FAMILY_INET || family == KYA_FAMILY_INET6);
+                if let Some(d) = dst {
+                    prop_assert_eq!(d.port(), port);
+                }
+                let _ = o.comm();
+            }
+        }
     }
 }

@@ -45,6 +45,11 @@ static __always_inline struct kya_config *kya_gate(struct bpf_sock_addr *ctx, __
 	}
 	if (!kya_task_selected())
 		return 0;
+	if (cfg->netns_cookie && bpf_get_netns_cookie(ctx) != cfg->netns_cookie) {
+		/* selected, but not in the host's netns: not covered (counted) */
+		kya_count(KYA_CNT_SKIPPED_NETNS);
+		return 0;
+	}
 	return cfg;
 }
 

@@ -43,11 +43,17 @@ struct kya_config {
 	__u32 skip_mark;
 	__u32 flags; /* reserved, 0 */
 	__u32 _reserved;
+	/* The network namespace the interceptor listens in (the host's). A
+	 * socket in another netns is never redirected: 127.0.0.1 there is not
+	 * the interceptor, and could be a container's own service. 0 = no check
+	 * (kernel without SO_NETNS_COOKIE). */
+	__u64 netns_cookie;
 };
-_Static_assert(sizeof(struct kya_config) == 16, "kya_config size");
+_Static_assert(sizeof(struct kya_config) == 24, "kya_config size");
 _Static_assert(__builtin_offsetof(struct kya_config, listen_port) == 0, "kya_config.listen_port");
 _Static_assert(__builtin_offsetof(struct kya_config, skip_mark) == 4, "kya_config.skip_mark");
 _Static_assert(__builtin_offsetof(struct kya_config, flags) == 8, "kya_config.flags");
+_Static_assert(__builtin_offsetof(struct kya_config, netns_cookie) == 16, "kya_config.netns_cookie");
 
 /* Key of kya_exes: the executable's inode. Matching by (device, inode) rather
  * than by path means symlinks (/usr/bin/python3 -> python3.11), relative exec
@@ -133,6 +139,7 @@ enum kya_counter {
 	KYA_CNT_ESTABLISHED = 10,
 	KYA_CNT_GETPEERNAME = 11,
 	KYA_CNT_EVENTS_LOST = 12,
+	KYA_CNT_SKIPPED_NETNS = 13,
 	KYA_CNT_MAX = 16,
 };
 

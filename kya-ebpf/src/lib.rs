@@ -12,6 +12,39 @@
 //!
 //! The map layouts are declared in `src/kya.h` and mirrored in
 //! `kya_common::maps`.
+//!
+//! Design decisions (and why):
+//! * **Refused UDP gets `EPERM`** (`bpf_set_retval(-EPERM)` in connect and
+//!   sendmsg): the errno a local firewall's OUTPUT drop gives, so it reads as
+//!   "policy", not "network"; QUIC/HTTP3 clients fall back to TCP on it,
+//!   which is then redirected and inspected. Every non-TCP protocol with
+//!   ports (UDP, UDP-Lite, SCTP, MPTCP) is refused the same way; raw and ping
+//!   sockets are left alone (their "port" is not a port).
+//! * **Exe selection by (device, inode)**, not by path string: symlinks
+//!   (`/usr/bin/python3 -> python3.11`), relative exec paths and re-execs via
+//!   `/proc/self/exe` all hit the same inode, and no string is copied or
+//!   compared in the kernel. The device is the kernel encoding
+//!   (`kya_common::maps::kernel_dev`). Known limit: on btrfs subvolumes
+//!   `stat` reports a per-subvolume anonymous device that differs from the
+//!   superblock's, so an exe on a btrfs subvolume is not matched.
+//! * **Raw tracepoints** for exec/fork/exit: no tracefs mount is needed, and
+//!   the task/bprm pointers are read with CO-RE (`preserve_access_index`
+//!   structs declared in `process.bpf.c`), relocated by aya against the
+//!   running kernel's BTF. Selection is by tgid: a new thread is never
+//!   inserted (`child->pid != child->tgid`), and a tgid is forgotten when
+//!   its *last* thread exits (`signal->live == 0`).
+//! * **Per-socket state in an LRU hash keyed by socket cookie**, not
+//!   `sk_storage`: aya 0.13 has no sk_storage map type, and an LRU bounds
+//!   the memory of connects that never complete. The record is deleted on
+//!   `TCP_CLOSE` (sockops state callback, requested only for redirected
+//!   sockets).
+//! * **Host network namespace only**: a selected process's socket in
+//!   another netns (a container) is not redirected, since 127.0.0.1 there is
+//!   not the interceptor and may be the container's own service; it is
+//!   counted (`skipped_netns`). The host netns cookie is in `kya_config`.
+//! * **Loop avoidance**: a socket with `SO_MARK == KYA_SKIP_MARK` is never
+//!   redirected (the interceptor marks its upstream sockets), and the
+//!   daemon's tgid is in a skip map that wins over every selection.
 
 #![no_std]
 

@@ -5,6 +5,7 @@
 #ifndef KYA_MAPS_H
 #define KYA_MAPS_H
 
+#include "common.h"
 #include "kya.h"
 
 struct {

@@ -128,6 +128,74 @@ pub fn cgroup_id(mount: &Path, rel: &str) -> Result<u64, BpfError> {
     Ok(md.ino())
 }
 
+/// Bound on the cgroup directories [`cgroup_path_of_id`] visits.
+const MAX_CGROUP_WALK: usize = 100_000;
+
+/// The path (relative to the cgroup2 mount, e.g. `/agents/x`) of the cgroup
+/// with this id, by a bounded walk of the hierarchy. `Ok(None)`: no such
+/// cgroup (removed since). The id is what the kernel recorded at connect
+/// time, so unlike `/proc/PID/cgroup` this still answers after the process
+/// exited or moved.
+pub fn cgroup_path_of_id(id: u64) -> Result<Option<String>, BpfError> {
+    let mount = cgroup2_mount()?;
+    Ok(find_cgroup(&mount, id))
+}
+
+fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
+    let mut stack = vec![mount.to_path_buf()];
+    let mut visited = 0usize;
+    while let Some(dir) = stack.pop() {
+        visited += 1;
+        if visited > MAX_CGROUP_WALK {
+            tracing::warn!(id, "cgroup walk stopped at {MAX_CGROUP_WALK} directories");
+            return None;
+        }
+        let Ok(md) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if md.ino() == id {
+            let rel = dir.strip_prefix(mount).ok()?;
+            return Some(format!("/{}", rel.to_string_lossy()));
+        }
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            }
+        }
+    }
+    None
+}
+
+/// The cookie of the network namespace this process runs in (where the
+/// interceptor listens), or 0 when the kernel cannot tell (before 5.14), in
+/// which case the kernel side does not check namespaces.
+pub fn netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return 0;
+    };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket fd, out-pointer to a u64 with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "no SO_NETNS_COOKIE: sockets in other network namespaces are not told apart");
+        return 0;
+    }
+    cookie
+}
+
 /// Mounts bpffs at [`BPFFS_MOUNT`] unless a bpffs is already mounted there.
 pub fn ensure_bpffs() -> Result<(), BpfError> {
     let info = read_small(Path::new("/proc/self/mountinfo"))?;
@@ -248,12 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn this_netns_has_a_stable_cookie() {
+        let c = netns_cookie();
+        assert_ne!(c, 0, "kernel 5.14+ reports SO_NETNS_COOKIE");
+        assert_eq!(c, netns_cookie());
+    }
+
+    #[test]
     fn the_running_process_has_a_cgroup_and_a_cgroup2_mount() {
         let mount = cgroup2_mount().unwrap();
         let path = cgroup_path_of_pid(std::process::id()).unwrap();
         assert!(path.starts_with('/'));
         assert!(cgroup_id(&mount, &path).unwrap() > 0);
         assert!(cgroup_path_of_pid(u32::MAX).is_err());
+        let id = cgroup_id(&mount, &path).unwrap();
+        assert_eq!(cgroup_path_of_id(id).unwrap(), Some(path.clone()));
+        assert_eq!(cgroup_path_of_id(0).unwrap(), None);
+        assert_eq!(cgroup_path_of_id(u64::MAX).unwrap(), None);
         assert!(matches!(
             cgroup_id(&mount, "/kya-no-such-cgroup-xyz"),
             Err(BpfError::CgroupNotFound { .. })

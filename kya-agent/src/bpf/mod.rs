@@ -6,7 +6,7 @@
 //! * [`OriginTable`]: `take(peer, local)` → [`Origin`] for an accepted socket.
 //! * [`mark_socket`]: the interceptor marks its upstream sockets so they are
 //!   never redirected (loop avoidance).
-//! * [`cgroup2_mount`], [`cgroup_path_of_pid`]: host facts.
+//! * [`cgroup2_mount`], [`cgroup_path_of_pid`], [`cgroup_path_of_id`]: host facts.
 //!
 //! Fail closed: links are pinned under the instance's pin directory, so if
 //! the daemon dies they keep redirecting selected processes to the dead
@@ -21,7 +21,7 @@ mod selection;
 mod stats;
 mod sys;
 
-pub use host::{cgroup2_mount, cgroup_path_of_pid, BPFFS_MOUNT};
+pub use host::{cgroup2_mount, cgroup_path_of_id, cgroup_path_of_pid, BPFFS_MOUNT};
 pub use kya_common::maps::KYA_SKIP_MARK;
 pub use mark::{mark_socket, socket_mark};
 pub use origins::{Origin, OriginTable};

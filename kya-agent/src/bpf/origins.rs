@@ -1,7 +1,7 @@
 //! The interceptor's view of the kernel's records: who made an accepted
 //! connection and where it was going.
 
-use super::{sys, BpfError};
+use super::{host, sys, BpfError};
 use kya_common::maps::{ConnKey, OriginRecord};
 use kya_common::ProcessIdentity;
 use std::net::SocketAddr;
@@ -39,9 +39,17 @@ impl Origin {
         })
     }
 
-    /// The process identity, completed from /proc (exe, cgroup path) where
-    /// the process still exists; the kernel's facts are kept either way.
+    /// The process identity: the kernel's facts, the cgroup path from the
+    /// recorded cgroup id (valid after the process exited or moved), and the
+    /// exe from `/proc/PID/exe` while the process exists (empty after; best
+    /// effort: a pid recycled between connect and this call would give the
+    /// wrong exe, which is why policy should prefer cgroup/uid facts).
     pub fn identity(&self) -> ProcessIdentity {
+        let cgroup = host::cgroup_path_of_id(self.cgroup_id)
+            .ok()
+            .flatten()
+            .or_else(|| host::cgroup_path_of_pid(self.pid).ok())
+            .unwrap_or_default();
         ProcessIdentity {
             pid: self.pid,
             uid: self.uid,
@@ -50,7 +58,7 @@ impl Origin {
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             comm: self.comm.clone(),
-            cgroup: crate::procinfo::cgroup_of(self.pid).unwrap_or_default(),
+            cgroup,
         }
     }
 }

@@ -18,7 +18,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// What to redirect, and where to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,11 +79,26 @@ impl RedirectConfig {
             cgroups,
             uids: self.uids.iter().copied().collect(),
             exes,
-            pids: self.pids.iter().copied().collect(),
+            pids: self
+                .pids
+                .iter()
+                .copied()
+                .filter(|p| pid_exists(*p))
+                .collect(),
             ports: self.ports.iter().copied().collect(),
             listen_port: self.listen_port,
         })
     }
+}
+
+/// A pid that does not exist is not selected: a later process reusing the
+/// number would otherwise be selected by accident.
+fn pid_exists(pid: u32) -> bool {
+    let ok = pid != 0 && Path::new(&format!("/proc/{pid}")).exists();
+    if !ok {
+        tracing::warn!(pid, "selected pid does not exist; ignored");
+    }
+    ok
 }
 
 fn check_len(what: &'static str, got: usize, max: u32) -> Result<(), BpfError> {
@@ -170,7 +185,10 @@ pub struct Redirector {
     pin_dir: PathBuf,
     fail_open: bool,
     cgroup2: PathBuf,
+    netns_cookie: u64,
     applied: Resolved,
+    /// (device, inode) -> path of the selected executables, for the event log.
+    exe_names: Arc<RwLock<BTreeMap<ExeKey, PathBuf>>>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -200,6 +218,7 @@ impl Redirector {
         let cgroup2 = host::cgroup2_mount()?;
         let want = cfg.resolve(&cgroup2)?;
 
+        raise_memlock();
         let mut ebpf = EbpfLoader::new().load(kya_ebpf::OBJECT).map_err(Box::new)?;
         for name in pin_names() {
             load_program(&mut ebpf, name)?;
@@ -238,7 +257,9 @@ impl Redirector {
             pin_dir: cfg.pin_dir.clone(),
             fail_open: cfg.fail_open,
             cgroup2: cgroup2.clone(),
+            netns_cookie: host::netns_cookie(),
             applied: Resolved::default(),
+            exe_names: Arc::default(),
         };
         // The daemon never redirects itself, even inside a selected cgroup.
         let me = std::process::id();
@@ -275,7 +296,13 @@ impl Redirector {
         }
         // Only now switch redirection on (listen_port 0 = off).
         r.write_config()?;
-        r.replace_pins()?;
+        if let Err(e) = r.replace_pins() {
+            // no half-pinned state: what was pinned goes, the links detach
+            for p in r.pinned.drain(..) {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
         tracing::info!(
             cgroup2 = %cgroup2.display(),
             pin_dir = %r.pin_dir.display(),
@@ -303,6 +330,7 @@ impl Redirector {
             skip_mark: KYA_SKIP_MARK,
             flags: 0,
             _reserved: 0,
+            netns_cookie: self.netns_cookie,
         };
         self.maps.config.set(0, cfg, 0).map_err(map_err(m::CONFIG))
     }
@@ -348,6 +376,9 @@ impl Redirector {
                 remove_if_present(mp.tgids.remove(pid), m::SEL_TGIDS)?;
             }
         }
+        if let Ok(mut names) = self.exe_names.write() {
+            names.clone_from(&want.exes);
+        }
         self.applied = want;
         Ok(())
     }
@@ -377,8 +408,7 @@ impl Redirector {
     fn replace_pins(&mut self) -> Result<(), BpfError> {
         let dir = self.pin_dir.clone();
         if dir.is_dir() {
-            for name in pin_names() {
-                let p = dir.join(name);
+            for p in stale_pins(&dir)? {
                 match std::fs::remove_file(&p) {
                     Ok(()) => {
                         tracing::warn!(pin = %p.display(), "removed a stale pinned link of an earlier run")
@@ -417,6 +447,35 @@ impl Redirector {
         Ok(())
     }
 
+    /// Kernel ids of this instance's programs, by program name (for
+    /// `bpftool prog show id N`, status output and tests).
+    pub fn program_ids(&self) -> Vec<(&'static str, u32)> {
+        pin_names()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((name, info.id()))
+            })
+            .collect()
+    }
+
+    /// The processes selected by tgid right now, with the reason
+    /// (`kya_common::maps::KYA_SEL_*`): by pid, exec, fork or the start-up
+    /// scan. (cgroup and uid selection are not per process.) For status
+    /// output and tests.
+    pub fn selected_processes(&self) -> Result<BTreeMap<u32, u8>, BpfError> {
+        let mut out = BTreeMap::new();
+        // bounded: a key deleted mid-walk (process exit) makes the kernel
+        // restart the walk from the first key
+        for key in self.maps.tgids.keys().take(2 * KYA_MAX_SEL_TGIDS as usize) {
+            let tgid = key.map_err(map_err(m::SEL_TGIDS))?;
+            // an entry can vanish between keys() and get() (process exit)
+            if let Ok(reason) = self.maps.tgids.get(&tgid, 0) {
+                out.insert(tgid, reason);
+            }
+        }
+        Ok(out)
+    }
+
     /// The interceptor's handle on the origins of accepted connections.
     pub fn origins(&self) -> OriginTable {
         self.origins.clone()
@@ -444,6 +503,12 @@ impl Redirector {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| BpfError::NoRuntime)?;
         let ring = self.events.take().ok_or(BpfError::ReaderRunning)?;
         let counter = self.events_read.clone();
+        let exes = self.exe_names.clone();
+        let exe_path = move |k: ExeKey| {
+            exes.read()
+                .ok()
+                .and_then(|m| m.get(&k).map(|p| p.display().to_string()))
+        };
         let _guard = handle.enter();
         // SAFETY: the RingBuf owns its map fd and is moved into the AsyncFd,
         // so the fd stays open (and is not reused) for the AsyncFd's lifetime.
@@ -463,7 +528,7 @@ impl Redirector {
                 };
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    log_event(&item);
+                    log_event(&item, &exe_path);
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 guard.clear_ready();
@@ -535,6 +600,35 @@ impl Drop for Redirector {
         if let Some(h) = self.reader.take() {
             h.abort();
         }
+    }
+}
+
+/// Pins a kya run left in `dir`: every entry named `kya_*` (the names of
+/// this version and of any other, so an upgrade still replaces them), and
+/// nothing else, in case `dir` is shared by mistake.
+fn stale_pins(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
+    let rd = std::fs::read_dir(dir)
+        .map_err(|e| BpfError::io(format!("reading {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("kya_") {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (newer ones use
+/// memcg); raising it is harmless where it no longer matters.
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; failure is only logged.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
     }
 }
 
@@ -636,14 +730,56 @@ mod tests {
             uids: vec![5, 5],
             ..base()
         };
+        let c = RedirectConfig {
+            pids: vec![0, std::process::id(), u32::MAX],
+            ..c
+        };
         let r = c.resolve(&mount).unwrap();
+        assert_eq!(
+            r.pids,
+            [std::process::id()].into(),
+            "pids that do not exist are not selected"
+        );
         assert_eq!(r.cgroups.len(), 1);
         assert_eq!(r.uids.len(), 1, "duplicates collapse");
     }
 
     #[test]
+    fn handles_can_move_across_threads() {
+        fn send<T: Send>() {}
+        fn send_sync_clone<T: Send + Sync + Clone>() {}
+        send::<Redirector>();
+        send_sync_clone::<OriginTable>();
+        send_sync_clone::<super::super::Origin>();
+    }
+
+    #[test]
+    fn stale_pins_are_only_kya_entries() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            "kya_connect4",
+            "kya_old_renamed_prog",
+            "cilium_thing",
+            "kyanot",
+        ] {
+            std::fs::write(d.path().join(f), b"").unwrap();
+        }
+        let got: Vec<_> = stale_pins(d.path())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect();
+        assert_eq!(got, ["kya_connect4", "kya_old_renamed_prog"]);
+        assert!(stale_pins(&d.path().join("missing")).is_err());
+    }
+
+    #[test]
     fn pin_names_are_unique() {
         let names: BTreeSet<_> = pin_names().collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("kya_")),
+            "stale_pins finds kya_* only"
+        );
         assert_eq!(
             names.len(),
             CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()

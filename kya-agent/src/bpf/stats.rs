@@ -2,7 +2,7 @@
 //! of the ring buffer turned into `tracing` records.
 
 use kya_common::maps::{
-    Counter, Event, KYA_EV_EXE_SELECTED, KYA_EV_MAP_UPDATE_FAILED, KYA_EV_REFUSED_DGRAM,
+    Counter, Event, ExeKey, KYA_EV_EXE_SELECTED, KYA_EV_MAP_UPDATE_FAILED, KYA_EV_REFUSED_DGRAM,
 };
 use serde::Serialize;
 
@@ -35,6 +35,9 @@ pub struct KernelStats {
     pub getpeername: u64,
     /// Ring buffer events dropped because the buffer was full.
     pub events_lost: u64,
+    /// Connects of selected processes in another network namespace, not
+    /// redirected (only the host's netns is covered).
+    pub skipped_netns: u64,
     /// Events userspace read from the ring buffer.
     pub events_read: u64,
 }
@@ -55,14 +58,16 @@ impl KernelStats {
             Counter::Established => &mut self.established,
             Counter::Getpeername => &mut self.getpeername,
             Counter::EventsLost => &mut self.events_lost,
+            Counter::SkippedNetns => &mut self.skipped_netns,
         };
         *slot = v;
     }
 }
 
-/// Logs one ring buffer record. Malformed records (wrong size) are reported,
-/// not trusted.
-pub fn log_event(bytes: &[u8]) {
+/// Logs one ring buffer record; `exe_path` names a selected executable by
+/// its (device, inode). Malformed records (wrong size) are reported, not
+/// trusted.
+pub fn log_event(bytes: &[u8], exe_path: &dyn Fn(ExeKey) -> Option<String>) {
     let Some(ev) = Event::from_bytes(bytes) else {
         tracing::warn!(len = bytes.len(), "malformed kernel event ignored");
         return;
@@ -77,14 +82,24 @@ pub fn log_event(bytes: &[u8]) {
             errno = -ev.err,
             "kernel map update failed; the connection or selection was not recorded"
         ),
-        KYA_EV_EXE_SELECTED => tracing::info!(
-            pid = ev.pid,
-            %comm,
-            dev = ev.arg0,
-            ino = ev.arg1,
-            "process selected at exec"
-        ),
-        KYA_EV_REFUSED_DGRAM => tracing::info!(
+        KYA_EV_EXE_SELECTED => {
+            let exe = exe_path(ExeKey {
+                dev: ev.arg0,
+                ino: ev.arg1,
+            })
+            .unwrap_or_default();
+            tracing::info!(
+                pid = ev.pid,
+                %comm,
+                %exe,
+                dev = ev.arg0,
+                ino = ev.arg1,
+                "process selected at exec"
+            )
+        }
+        // debug: a QUIC client retrying would otherwise flood the log; the
+        // refused_dgram counter has the total
+        KYA_EV_REFUSED_DGRAM => tracing::debug!(
             pid = ev.pid,
             %comm,
             port = ev.arg0,
@@ -123,19 +138,23 @@ mod tests {
             .collect();
         seen.sort();
         seen.dedup();
-        // 13 distinct counter values + events_read (0)
+        // one distinct value per counter + events_read (0)
         assert_eq!(seen.len(), Counter::ALL.len() + 1);
     }
 
     #[test]
     fn logging_hostile_events_does_not_panic() {
-        log_event(&[]);
-        log_event(&[0xff; 48]);
-        log_event(&[0xff; 4096]);
+        let none = |_: ExeKey| None;
+        log_event(&[], &none);
+        log_event(&[0xff; 48], &none);
+        log_event(&[0xff; 4096], &none);
+        let mut ev = [0u8; 48];
+        ev[0] = KYA_EV_EXE_SELECTED as u8;
+        log_event(&ev, &|k: ExeKey| Some(format!("/x/{}", k.ino)));
         let mut b = [0u8; 48];
         b[0] = KYA_EV_MAP_UPDATE_FAILED as u8;
         b[16] = 200;
-        log_event(&b);
+        log_event(&b, &none);
         assert_eq!(map_name(200), "unknown");
     }
 }
