@@ -6,5 +6,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod credential;
 pub mod daemon;
 pub mod keys;

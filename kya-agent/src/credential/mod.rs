@@ -1,0 +1,18 @@
+//! Action-scoped verifiable credentials: what lets a held call through.
+//!
+//! When a human approves a held tool call (or issues a standing permission ahead
+//! of time), kya mints a W3C Verifiable Credential (Data Model 2.0) secured with
+//! a Data Integrity proof (`eddsa-jcs-2022`). Before a call is forwarded on the
+//! strength of a credential, kya verifies it against that exact call.
+//!
+//! * [`jcs`]: RFC 8785 canonical JSON and the strict JSON reader;
+//! * [`multikey`]: base58btc multibase, Ed25519 Multikey, did:key;
+//! * [`proof`]: the `eddsa-jcs-2022` Data Integrity proof (create, verify);
+//! * [`action`]: the kya action credential (subject, scope, evidence) and issuing;
+//! * [`verify`]: verifying a credential for a concrete call, one error per reason;
+//! * [`store`]: persisted revocations, spent single-use ids, standing credentials;
+//! * [`command`]: `kya credential issue|verify|revoke`.
+
+pub mod jcs;
+pub mod multikey;
+pub mod proof;
