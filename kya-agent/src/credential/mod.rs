@@ -13,6 +13,9 @@
 //! * [`store`]: persisted revocations, spent single-use ids, standing credentials;
 //! * [`command`]: `kya credential issue|verify|revoke`.
 
+pub mod action;
 pub mod jcs;
 pub mod multikey;
 pub mod proof;
+pub mod store;
+pub mod verify;
