@@ -226,7 +226,7 @@ impl Evidence {
             approver: approver.to_owned(),
             approver_uid: None,
             channel,
-            approved_at: format_time(at)?,
+            approved_at: format_time(truncate(at)?)?,
             id_token_sha256: None,
             approval_id: None,
             binding_message: None,

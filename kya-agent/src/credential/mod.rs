@@ -14,6 +14,7 @@
 //! * [`command`]: `kya credential issue|verify|revoke`.
 
 pub mod action;
+pub mod command;
 pub mod jcs;
 pub mod multikey;
 pub mod proof;
