@@ -265,21 +265,31 @@ impl CredentialStore {
         now: OffsetDateTime,
         trusted: &VerifyingKey,
     ) -> Result<Option<Covering>, StoreError> {
-        for s in self.standing()? {
-            if s.signer != *trusted || verify::check_call(&s.credential, call, now).is_err() {
-                continue;
-            }
-            if self.is_revoked(&s.credential.id)?
-                || (s.credential.subject.scope.single_use && self.is_spent(&s.credential.id)?)
-            {
-                continue;
-            }
-            return Ok(Some(Covering {
-                credential: s.credential,
-                document: s.document,
-            }));
+        // One lock and at most three `stat`s per query, however many
+        // standing credentials there are (this runs on every held call).
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        refresh(
+            &self.dir.join(STANDING_FILE),
+            &mut cache.standing,
+            read_standing,
+        )?;
+        if cache.standing.value.is_empty() {
+            return Ok(None);
         }
-        Ok(None)
+        refresh(&self.dir.join(REVOKED_FILE), &mut cache.revoked, read_ids)?;
+        refresh(&self.dir.join(SPENT_FILE), &mut cache.spent, read_ids)?;
+        let cache = &*cache;
+        let found = cache.standing.value.iter().find(|s| {
+            let id = &s.credential.id;
+            s.signer == *trusted
+                && !cache.revoked.value.contains_key(id)
+                && !(s.credential.subject.scope.single_use && cache.spent.value.contains_key(id))
+                && verify::check_call(&s.credential, call, now).is_ok()
+        });
+        Ok(found.map(|s| Covering {
+            credential: s.credential.clone(),
+            document: s.document.clone(),
+        }))
     }
 
     fn remove_standing_locked(&self, id: &str, now: OffsetDateTime) -> Result<(), StoreError> {
