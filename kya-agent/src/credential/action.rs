@@ -374,6 +374,21 @@ pub fn args_digest(args: &Value) -> Result<String, JcsError> {
     Ok(hex::encode(Sha256::digest(canonical.as_bytes())))
 }
 
+/// A JSON number as a double, only when the double is exactly that number:
+/// integers beyond 2^53 are refused (`None`) because comparing their rounded
+/// value against a bound could let 9007199254740993 pass `max = 9007199254740992`
+/// while the server reads the exact integer.
+pub fn exact_f64(n: &Number) -> Option<f64> {
+    const MAX_SAFE: u64 = 1 << 53;
+    if let Some(u) = n.as_u64() {
+        return (u <= MAX_SAFE).then_some(u as f64);
+    }
+    if let Some(i) = n.as_i64() {
+        return (i.unsigned_abs() <= MAX_SAFE).then_some(i as f64);
+    }
+    n.as_f64().filter(|f| f.is_finite())
+}
+
 /// RFC 3339 text of a time, UTC.
 pub fn format_time(t: OffsetDateTime) -> Result<String, ActionError> {
     t.to_offset(time::UtcOffset::UTC)
@@ -490,10 +505,13 @@ pub fn validate_subject(s: &AgentSubject) -> Result<(), ActionError> {
     }
     for b in &scope.arg_bounds {
         check_name("bound arg", &b.arg).map_err(|e| ActionError::Scope(e.to_string()))?;
-        match (
-            b.min.as_ref().and_then(Number::as_f64),
-            b.max.as_ref().and_then(Number::as_f64),
-        ) {
+        let exact = |n: &Option<Number>| match n {
+            None => Ok(None),
+            Some(n) => exact_f64(n).map(Some).ok_or_else(|| {
+                ActionError::Scope(format!("bound on {:?} is not an exact number", b.arg))
+            }),
+        };
+        match (exact(&b.min)?, exact(&b.max)?) {
             (None, None) => {
                 return Err(ActionError::Scope(format!(
                     "bound on {:?} has neither min nor max",

@@ -11,7 +11,22 @@
 //! * [`action`]: the kya action credential (subject, scope, evidence) and issuing;
 //! * [`verify`]: verifying a credential for a concrete call, one error per reason;
 //! * [`store`]: persisted revocations, spent single-use ids, standing credentials;
-//! * [`command`]: `kya credential issue|verify|revoke`.
+//! * [`command`]: `kya credential issue|verify|revoke|list`.
+//!
+//! # How the decision path uses it
+//!
+//! ```text
+//! approval granted      ──► action::issue(kya_key, subject{agent, exe, uid, env, scope}, from, until, evidence)
+//!                           (exact call: scope.args_sha256 = action::args_digest(args), single_use = true)
+//!                      ──► verify::verify_for_call(doc, kya_pub, call, now, store)   // proof, window, binding,
+//!                           scope, not revoked, spent now ──► forward; audit the credential id
+//! a later held call    ──► store.find_covering(call, now, kya_pub)
+//!                           Some(c) ──► CEL `credential` = c.credential.scope_json()
+//!                                    ──► released? verify::redeem(&c.credential, now, store)
+//! kya credential revoke ──► store.revoke(id): the next query (one stat) sees it
+//! ```
+//!
+//! The issuer is kya's key; the human is evidence: see [`action`] for why.
 
 pub mod action;
 pub mod command;

@@ -33,6 +33,8 @@ pub enum ProofError {
     NotAnObject,
     #[error("the document has no proof")]
     NoProof,
+    #[error("the document already has a proof")]
+    AlreadySecured,
     #[error(
         "the document's proof is not a single JSON object (proof sets and chains are not accepted)"
     )]
@@ -131,6 +133,11 @@ pub fn create_proof(
     key: &SigningKey,
 ) -> Result<Value, ProofError> {
     let doc = unsecured.as_object().ok_or(ProofError::NotAnObject)?;
+    if doc.contains_key("proof") {
+        // Proof sets / chains are not produced: the new proof would cover the
+        // old one, and verification (which removes "proof") could never match.
+        return Err(ProofError::AlreadySecured);
+    }
     let config = proof_config(unsecured, options)?;
     let hashes = hash_data(&config, unsecured)?;
     let signature = key.sign(&hashes.bytes());
@@ -458,6 +465,14 @@ mod tests {
         ));
         assert!(matches!(
             verify_proof(&Value::Null, ASSERTION_METHOD),
+            Err(ProofError::NotAnObject)
+        ));
+        assert!(matches!(
+            create_proof(&signed, &vector_options(), &vector_key()),
+            Err(ProofError::AlreadySecured)
+        ));
+        assert!(matches!(
+            create_proof(&Value::Array(vec![]), &vector_options(), &vector_key()),
             Err(ProofError::NotAnObject)
         ));
     }

@@ -155,9 +155,14 @@ impl CredentialStore {
     pub fn revoke(&self, id: &str, now: OffsetDateTime) -> Result<bool, StoreError> {
         check_id(id)?;
         let _lock = self.lock()?;
-        let until = self
-            .load_standing_file()?
-            .into_iter()
+        // A broken standing file must never block a revocation: then the id is
+        // kept without expiry, and the standing entry is left to fail later.
+        let standing = self.load_standing_file().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "revoking without reading the standing credentials");
+            Vec::new()
+        });
+        let until = standing
+            .iter()
             .find(|s| s.credential.id == id)
             .map(|s| s.credential.valid_until.unix_timestamp());
         let path = self.dir.join(REVOKED_FILE);
@@ -174,7 +179,12 @@ impl CredentialStore {
         }
         ids.insert(id.to_owned(), until);
         write_ids(&path, &ids)?;
-        self.remove_standing_locked(id, now)?;
+        if standing.iter().any(|s| s.credential.id == id) {
+            // Revocation is already durable; tidying the standing file is best effort.
+            if let Err(e) = self.remove_standing_locked(id, now) {
+                tracing::warn!(id, error = %e, "revoked, but could not drop it from the standing file");
+            }
+        }
         tracing::info!(id, "credential revoked");
         Ok(true)
     }
@@ -705,6 +715,11 @@ mod tests {
             );
             assert!(store.revoke("urn:uuid:y", NOW).is_err());
         }
+        // A corrupt standing file does not block revocation.
+        std::fs::remove_file(&revoked).unwrap();
+        std::fs::write(store.dir().join(STANDING_FILE), b"{garbage").unwrap();
+        assert!(store.revoke("urn:uuid:z", NOW).unwrap());
+        assert!(store.is_revoked("urn:uuid:z").unwrap());
         let f = std::fs::File::create(&revoked).unwrap();
         f.set_len(MAX_FILE_BYTES as u64 + 1).unwrap();
         assert!(matches!(

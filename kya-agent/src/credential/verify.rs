@@ -261,21 +261,25 @@ pub fn check_scope(cred: &ActionCredential, call: &Call) -> Result<(), VerifyErr
         }
     }
     for bound in &scope.arg_bounds {
-        let Some(v) = call.args.get(&bound.arg).and_then(Value::as_f64) else {
+        let Some(v) = call
+            .args
+            .get(&bound.arg)
+            .and_then(Value::as_number)
+            .and_then(action::exact_f64)
+        else {
             return Err(VerifyError::ArgNotNumeric {
                 arg: bound.arg.clone(),
             });
         };
-        let below = bound
-            .min
-            .as_ref()
-            .and_then(|m| m.as_f64())
-            .is_some_and(|m| v < m);
-        let above = bound
-            .max
-            .as_ref()
-            .and_then(|m| m.as_f64())
-            .is_some_and(|m| v > m);
+        // A bound that is not an exact number (never issued, but be sure)
+        // counts as violated: fail closed.
+        let outside = |limit: &Option<serde_json::Number>, beyond: fn(f64, f64) -> bool| {
+            limit
+                .as_ref()
+                .is_some_and(|n| action::exact_f64(n).is_none_or(|m| beyond(v, m)))
+        };
+        let below = outside(&bound.min, |v, m| v < m);
+        let above = outside(&bound.max, |v, m| v > m);
         if below || above {
             return Err(VerifyError::ArgOutOfBounds {
                 arg: bound.arg.clone(),
@@ -500,6 +504,12 @@ mod tests {
                 Err(VerifyError::ArgNotNumeric { .. })
             ));
         }
+        // Integers a double cannot hold exactly are never compared by rounding.
+        c.args["amount"] = serde_json::json!(9007199254740993u64);
+        assert!(matches!(
+            verify_for_call(&doc, &vk, &c, NOW, &store),
+            Err(VerifyError::ArgNotNumeric { .. })
+        ));
         c.args = serde_json::json!({"to": "bob"});
         assert!(matches!(
             verify_for_call(&doc, &vk, &c, NOW, &store),
@@ -731,6 +741,49 @@ mod tests {
         ];
         for input in inputs {
             assert!(verify_bytes(&input, &vk).is_err());
+        }
+    }
+
+    fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+            Just(Value::from("amount")),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![Just("amount".to_owned()), ".{0,6}".prop_map(String::from)],
+                    inner,
+                    0..8
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Arbitrary arguments never panic and are only covered when every bound holds.
+        #[test]
+        fn arbitrary_arguments_never_panic(args in arb_json()) {
+            let doc = signed(bounded_scope());
+            let cred = verify_document(&doc, &key().verifying_key()).unwrap();
+            let exact = signed(exact_scope());
+            let exact = verify_document(&exact, &key().verifying_key()).unwrap();
+            let mut c = call();
+            c.args = args.clone();
+            if check_scope(&cred, &c).is_ok() {
+                let amount = args.get("amount").and_then(Value::as_f64).unwrap();
+                proptest::prop_assert!((0.0..=500.0).contains(&amount));
+            }
+            let _ = check_scope(&exact, &c);
         }
     }
 
