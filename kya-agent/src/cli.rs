@@ -167,6 +167,10 @@ pub struct CredentialVerifyArgs {
     /// Check the window at this time (RFC 3339) instead of the call's time or now.
     #[arg(long, value_name = "TIME")]
     pub now: Option<String>,
+    /// Use the credential for the call: a single-use credential is spent (in the
+    /// state dir's store), so presenting it again is refused as a replay.
+    #[arg(long, requires = "call")]
+    pub consume: bool,
 }
 
 /// `kya credential revoke`

@@ -336,6 +336,52 @@ fn exact_digest_credentials_are_single_use_and_bound_to_the_arguments() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Used once (--consume spends it), a replay of the same call is refused,
+    // also by a fresh process reading the persisted spent list.
+    let out = kya(&[
+        "credential",
+        "verify",
+        s(&out_file),
+        "--state-dir",
+        s(dir.path()),
+        "--call",
+        &good,
+        "--now",
+        &now,
+        "--consume",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(stdout_json(&out)["checked"]["consumed"], true);
+    let out = kya(&[
+        "credential",
+        "verify",
+        s(&out_file),
+        "--state-dir",
+        s(dir.path()),
+        "--call",
+        &good,
+        "--now",
+        &now,
+        "--consume",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout_json(&out)["reason"], "replayed");
+    let out = kya(&[
+        "credential",
+        "verify",
+        s(&out_file),
+        "--state-dir",
+        s(dir.path()),
+        "--call",
+        &good,
+        "--now",
+        &now,
+    ]);
+    assert_eq!(stdout_json(&out)["reason"], "replayed");
     let other = write_call(dir.path(), "other.json", 6, "billing-bot", 1000);
     let out = kya(&[
         "credential",
@@ -349,6 +395,28 @@ fn exact_digest_credentials_are_single_use_and_bound_to_the_arguments() {
         &now,
     ]);
     assert_eq!(stdout_json(&out)["reason"], "out_of_scope");
+    // A standing (bounded, multi-use) credential is not spent by --consume.
+    let (bounded, _) = issue_bounded(dir.path(), &[]);
+    let call = write_call(dir.path(), "b.json", 5, "billing-bot", 1000);
+    for _ in 0..2 {
+        let out = kya(&[
+            "credential",
+            "verify",
+            &bounded,
+            "--state-dir",
+            s(dir.path()),
+            "--call",
+            &call,
+            "--now",
+            &now,
+            "--consume",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     // --args-digest and --max-arg exclude each other.
     let out = kya(&[
         "credential",

@@ -121,9 +121,14 @@ fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
         (_, dir) => Some(state_dir(dir)),
     };
     let store = match store_dir {
-        Some(d) if d.join(super::store::DIR_NAME).is_dir() => Some(CredentialStore::open(&d)?),
+        Some(d) if args.consume || d.join(super::store::DIR_NAME).is_dir() => {
+            Some(CredentialStore::open(&d)?)
+        }
         _ => None,
     };
+    if args.consume && store.is_none() {
+        bail!("--consume needs a state dir (--state-dir) to record spent credentials");
+    }
     let call = match &args.call {
         Some(path) => Some(parse_call(&read_input(path)?)?),
         None => None,
@@ -141,7 +146,9 @@ fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
             verify::check_binding(&cred, call)?;
             verify::check_scope(&cred, call)?;
         }
-        if let Some(store) = &store {
+        if let (true, Some(store)) = (args.consume, &store) {
+            verify::redeem(&cred, now, store)?;
+        } else if let Some(store) = &store {
             if store.is_revoked(&cred.id).map_err(VerifyError::Store)? {
                 return Err(VerifyError::Revoked(cred.id.clone()));
             }
@@ -165,6 +172,7 @@ fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
                 "scope": cred.scope_json(),
                 "checked": {
                     "call": call.is_some(),
+                    "consumed": args.consume && cred.subject.scope.single_use,
                     "revocation": store.is_some(),
                     "at": action::format_time(now)?,
                 },

@@ -773,17 +773,22 @@ mod tests {
         /// Arbitrary arguments never panic and are only covered when every bound holds.
         #[test]
         fn arbitrary_arguments_never_panic(args in arb_json()) {
-            let doc = signed(bounded_scope());
-            let cred = verify_document(&doc, &key().verifying_key()).unwrap();
-            let exact = signed(exact_scope());
-            let exact = verify_document(&exact, &key().verifying_key()).unwrap();
+            static CREDS: std::sync::OnceLock<(ActionCredential, ActionCredential)> =
+                std::sync::OnceLock::new();
+            let (cred, exact) = CREDS.get_or_init(|| {
+                let vk = key().verifying_key();
+                (
+                    verify_document(&signed(bounded_scope()), &vk).unwrap(),
+                    verify_document(&signed(exact_scope()), &vk).unwrap(),
+                )
+            });
             let mut c = call();
             c.args = args.clone();
-            if check_scope(&cred, &c).is_ok() {
+            if check_scope(cred, &c).is_ok() {
                 let amount = args.get("amount").and_then(Value::as_f64).unwrap();
                 proptest::prop_assert!((0.0..=500.0).contains(&amount));
             }
-            let _ = check_scope(&exact, &c);
+            let _ = check_scope(exact, &c);
         }
     }
 
