@@ -200,7 +200,9 @@ fn write_number(n: &Number, out: &mut String) -> Result<(), JcsError> {
         out.push_str(&exact_int(u.to_string(), u, u as f64)?);
     } else if let Some(i) = n.as_i64() {
         out.push_str(&exact_int(i.to_string(), i.unsigned_abs(), i as f64)?);
-    } else if let Some(f) = n.as_f64() {
+    } else if let Some(f) = n.as_f64().filter(|f| f.is_finite()) {
+        // (Finite is guaranteed by serde_json today; checked so that a feature
+        // change such as `arbitrary_precision` cannot turn 1e400 into "0".)
         out.push_str(&format_es6(f));
     } else {
         return Err(JcsError::InexactNumber(n.to_string()));
