@@ -105,6 +105,20 @@ pub struct Scope {
     pub single_use: bool,
 }
 
+impl Scope {
+    /// Exactly one call: this server, this tool, these arguments, once. What an
+    /// approval of a held call mints.
+    pub fn exact(server: &str, tool: &str, args: &Value) -> Result<Self, JcsError> {
+        Ok(Scope {
+            server: Some(server.to_owned()),
+            tool: tool.to_owned(),
+            args_sha256: Some(args_digest(args)?),
+            arg_bounds: Vec::new(),
+            single_use: true,
+        })
+    }
+}
+
 /// `min <= args[arg] <= max` (either side optional, at least one present). The
 /// argument must be present and a JSON number, else the call is not covered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +245,15 @@ impl Evidence {
             approval_id: None,
             binding_message: None,
         })
+    }
+}
+
+impl Evidence {
+    /// Record the CIBA ID token that proved the approval, by its SHA-256 (the
+    /// token itself goes to the audit log, where the digest links to it).
+    pub fn with_id_token(mut self, id_token: &str) -> Self {
+        self.id_token_sha256 = Some(hex::encode(Sha256::digest(id_token.as_bytes())));
+        self
     }
 }
 
@@ -709,6 +732,34 @@ mod tests {
         for (name, f) in cases {
             assert!(edit(&*f).is_err(), "{name} accepted");
         }
+    }
+
+    #[test]
+    fn exact_scope_and_ciba_evidence_helpers() {
+        let args = serde_json::json!({"amount": 5, "to": "bob"});
+        let scope = Scope::exact("mcp.example.com", "transfer", &args).unwrap();
+        assert!(scope.single_use);
+        assert_eq!(scope.args_sha256, Some(args_digest(&args).unwrap()));
+        let at = datetime!(2026-11-26 12:00:00 UTC);
+        let ev = Evidence::approval("alice@example.com", Channel::Ciba, at)
+            .unwrap()
+            .with_id_token("eyJhbGciOiJSUzI1NiJ9.e30.sig");
+        assert_eq!(
+            ev.id_token_sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(b"eyJhbGciOiJSUzI1NiJ9.e30.sig")).as_str())
+        );
+        let mut subject = sample_subject();
+        subject.scope = scope;
+        let (json, _) = issue(
+            &key(),
+            subject,
+            at,
+            at + time::Duration::minutes(5),
+            vec![ev],
+        )
+        .unwrap();
+        assert_eq!(json["evidence"][0]["channel"], "ciba");
+        assert_eq!(json["credentialSubject"]["scope"]["singleUse"], true);
     }
 
     #[test]
