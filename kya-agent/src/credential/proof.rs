@@ -1,5 +1,5 @@
 //! W3C Data Integrity `DataIntegrityProof` with the `eddsa-jcs-2022`
-//! cryptosuite (Data Integrity EdDSA Cryptosuites v1.0, section 3.3).
+//! cryptosuite (W3C Data Integrity EdDSA Cryptosuites v1.0, "eddsa-jcs-2022").
 //!
 //! * transformation: JCS of the unsecured document;
 //! * proof configuration: JCS of the proof options, which carry a copy of the
@@ -91,7 +91,7 @@ impl HashData {
     }
 }
 
-/// Hash a proof configuration and an unsecured document (section 3.3.4).
+/// Hash a proof configuration and an unsecured document (the suite's Hashing algorithm).
 pub fn hash_data(proof_config: &Value, document: &Value) -> Result<HashData, ProofError> {
     let canonical_config = jcs::canonicalize(proof_config)?;
     let canonical_doc = jcs::canonicalize(document)?;
@@ -101,7 +101,7 @@ pub fn hash_data(proof_config: &Value, document: &Value) -> Result<HashData, Pro
     })
 }
 
-/// The proof configuration for `document` (sections 3.3.1 step 2 and 3.3.5):
+/// The proof configuration for `document` (Create Proof and Proof Configuration algorithms):
 /// the options, with the document's `@context` copied in when it has one.
 pub fn proof_config(document: &Value, options: &ProofOptions) -> Result<Value, ProofError> {
     let doc = document.as_object().ok_or(ProofError::NotAnObject)?;
@@ -167,7 +167,7 @@ pub struct VerifiedProof {
     pub created: Option<OffsetDateTime>,
 }
 
-/// Verify the proof on `secured` (section 3.3.2), requiring `expected_purpose`.
+/// Verify the proof on `secured` (the suite's Verify Proof algorithm), requiring `expected_purpose`.
 pub fn verify_proof(secured: &Value, expected_purpose: &str) -> Result<VerifiedProof, ProofError> {
     let mut doc = secured.as_object().ok_or(ProofError::NotAnObject)?.clone();
     let proof = match doc.remove("proof") {
@@ -192,7 +192,7 @@ pub fn verify_proof(secured: &Value, expected_purpose: &str) -> Result<VerifiedP
     let key =
         multikey::resolve_verification_method(&verification_method).map_err(ProofError::Key)?;
 
-    // Section 3.3.2 step 4: the proof's @context must be a prefix of the
+    // Verify Proof: the proof's @context must be a prefix of the
     // document's, and it replaces the document's for hashing.
     if let Some(proof_ctx) = options.get("@context") {
         if !context_starts_with(doc.get("@context"), proof_ctx) {
