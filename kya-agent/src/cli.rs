@@ -141,6 +141,11 @@ pub struct CredentialIssueArgs {
     /// Spend the credential on its first use.
     #[arg(long)]
     pub single_use: bool,
+    /// Agent registry (TOML): the agent must be registered and not expired, the
+    /// invoking user must be its owner (or root), and its `match` selectors
+    /// (uid, cgroup, exe) become the binding where no flag gives one.
+    #[arg(long, value_name = "FILE")]
+    pub agents: Option<PathBuf>,
     /// State directory holding kya's key and the credential store.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,

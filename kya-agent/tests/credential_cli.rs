@@ -533,3 +533,67 @@ fn official_vector_is_refused_as_a_kya_credential_but_its_key_is_understood() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(stdout_json(&out)["reason"], "malformed");
 }
+
+#[test]
+fn registry_supplies_the_binding_and_refuses_unregistered_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("agent-bin");
+    std::fs::write(&exe, b"agent binary").unwrap();
+    let registry = dir.path().join("agents.toml");
+    std::fs::write(
+        &registry,
+        format!(
+            "[[agent]]\nname = \"billing-bot\"\nowner = \"someone-else\"\nmatch = {{ exe = {:?}, uid = 1001, cgroup = \"/agents/billing\" }}\n",
+            s(&exe)
+        ),
+    )
+    .unwrap();
+    let out_file = dir.path().join("c.json");
+    let base = [
+        "credential",
+        "issue",
+        "--tool",
+        "transfer",
+        "--max-arg",
+        "amount=10",
+        "--agents",
+        s(&registry),
+        "--state-dir",
+        s(dir.path()),
+        "--out",
+        s(&out_file),
+    ];
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--agent", "ghost-bot"]);
+    let out = kya(&args);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not registered"));
+    // A flag contradicting the registry is refused.
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--agent", "billing-bot", "--uid", "0"]);
+    assert!(!kya(&args).status.success());
+
+    let is_root = nix::unistd::Uid::current().is_root();
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--agent", "billing-bot"]);
+    let out = kya(&args);
+    if !is_root {
+        // Not the owner and not root: refused.
+        assert!(!out.status.success());
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let subject = &doc["credentialSubject"];
+    assert_eq!(subject["uid"], 1001);
+    assert_eq!(subject["environment"]["cgroup"], "/agents/billing");
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"agent binary"))
+    };
+    assert_eq!(subject["exeSha256"], digest.as_str());
+}

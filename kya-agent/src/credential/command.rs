@@ -53,10 +53,26 @@ fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
     if valid_for.is_zero() || valid_for > MAX_VALID_FOR {
         bail!("--valid-for must be more than 0 and at most 366 days");
     }
-    let exe_sha256 = match (&args.exe, &args.exe_sha256) {
-        (Some(path), _) => Some(file_sha256(path)?),
-        (None, Some(hex)) => Some(hex.to_ascii_lowercase()),
-        (None, None) => None,
+    let (approver, approver_uid) = invoking_user();
+    let now = OffsetDateTime::now_utc();
+    let registered = match &args.agents {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let entry = registered_agent(&text, &args.agent, &approver, approver_uid, now.date())
+                .with_context(|| format!("agent registry {}", path.display()))?;
+            Some(entry)
+        }
+        None => None,
+    };
+    let selectors = registered.map(|a| a.selectors).unwrap_or_default();
+    let uid = merge_binding("uid", args.uid, selectors.uid)?;
+    let cgroup = merge_binding("cgroup", args.cgroup, selectors.cgroup)?;
+    let exe_sha256 = match (&args.exe, &args.exe_sha256, &selectors.exe) {
+        (Some(path), _, _) => Some(file_sha256(path)?),
+        (None, Some(hex), _) => Some(hex.to_ascii_lowercase()),
+        (None, None, Some(path)) => Some(file_sha256(path)?),
+        (None, None, None) => None,
     };
     let host = match args.host {
         Some(h) => h,
@@ -72,18 +88,13 @@ fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
     let subject = AgentSubject {
         agent: args.agent,
         exe_sha256,
-        uid: args.uid,
-        environment: Environment {
-            host,
-            cgroup: args.cgroup,
-        },
+        uid,
+        environment: Environment { host, cgroup },
         scope,
     };
-    let now = OffsetDateTime::now_utc();
     let until = now + valid_for;
-    let (approver, uid) = invoking_user();
     let mut evidence = Evidence::approval(&approver, Channel::CliIssue, now)?;
-    evidence.approver_uid = Some(uid);
+    evidence.approver_uid = Some(approver_uid);
     let key = keys::load_or_create(&dir).context("loading kya's signing key")?;
     let (document, credential) = action::issue(&key, subject, now, until, vec![evidence])?;
     let store = CredentialStore::open(&dir)?;
@@ -238,6 +249,88 @@ fn list(args: CredentialListArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The part of an agent registry (`[[agent]]`, see DESIGN.md) that issuing
+/// needs. Other keys are ignored here; the policy module owns the full format.
+#[derive(Debug, Deserialize)]
+struct Registry {
+    #[serde(default)]
+    agent: Vec<RegisteredAgent>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RegisteredAgent {
+    name: String,
+    owner: Option<String>,
+    expires: Option<toml::Value>,
+    #[serde(default, rename = "match")]
+    selectors: Selectors,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Selectors {
+    exe: Option<PathBuf>,
+    uid: Option<u32>,
+    cgroup: Option<String>,
+}
+
+/// Find `name` in the registry and check that `user` (uid `uid`) may issue
+/// for it: its owner, or root. An expired agent (orphaned) gets nothing, and a
+/// name registered twice is ambiguous and refused.
+fn registered_agent(
+    text: &str,
+    name: &str,
+    user: &str,
+    uid: u32,
+    today: time::Date,
+) -> anyhow::Result<RegisteredAgent> {
+    let registry: Registry = toml::from_str(text)?;
+    let mut matches = registry.agent.into_iter().filter(|a| a.name == name);
+    let agent = matches
+        .next()
+        .with_context(|| format!("agent {name:?} is not registered"))?;
+    if matches.next().is_some() {
+        bail!("agent {name:?} is registered more than once");
+    }
+    if let Some(expires) = &agent.expires {
+        let text = match expires {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let date = time::Date::parse(
+            &text,
+            time::macros::format_description!("[year]-[month]-[day]"),
+        )
+        .with_context(|| format!("agent {name:?}: expires {text:?} is not a date"))?;
+        if date < today {
+            bail!("agent {name:?} expired on {text} (orphaned): no credentials for it");
+        }
+    }
+    let is_owner = agent.owner.as_deref() == Some(user);
+    if !is_owner && uid != 0 {
+        bail!(
+            "{user} is not the owner of agent {name:?} (owner: {})",
+            agent.owner.as_deref().unwrap_or("none")
+        );
+    }
+    Ok(agent)
+}
+
+/// A binding given both by a flag and the registry must agree: a credential
+/// may not bind an identity the registry does not give the agent.
+fn merge_binding<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    flag: Option<T>,
+    registry: Option<T>,
+) -> anyhow::Result<Option<T>> {
+    match (flag, registry) {
+        (Some(f), Some(r)) if f != r => {
+            bail!("--{what} {f:?} contradicts the agent registry ({r:?})")
+        }
+        (Some(f), _) => Ok(Some(f)),
+        (None, r) => Ok(r),
+    }
 }
 
 /// Merge `--min-arg`/`--max-arg KEY=N` into one bound per key.
@@ -478,6 +571,54 @@ mod tests {
         ] {
             assert!(parse_call(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn registry_owner_and_expiry_checks() {
+        let text = r#"
+[[agent]]
+name = "billing-bot"
+owner = "alice"
+created = "2026-11-01"
+expires = "2027-05-01"
+match = { exe = "/usr/bin/python3", uid = 1001, cgroup = "/agents/billing" }
+
+[[agent]]
+name = "old-bot"
+owner = "alice"
+expires = 2026-01-01
+
+[[agent]]
+name = "twice"
+owner = "alice"
+[[agent]]
+name = "twice"
+owner = "bob"
+"#;
+        let today = time::macros::date!(2026 - 11 - 26);
+        let a = registered_agent(text, "billing-bot", "alice", 1000, today).unwrap();
+        assert_eq!(a.selectors.uid, Some(1001));
+        assert_eq!(a.selectors.cgroup.as_deref(), Some("/agents/billing"));
+        // Root may issue for anyone; another user may not.
+        registered_agent(text, "billing-bot", "root", 0, today).unwrap();
+        let err = registered_agent(text, "billing-bot", "mallory", 1002, today).unwrap_err();
+        assert!(err.to_string().contains("not the owner"), "{err}");
+        assert!(registered_agent(text, "nobody", "alice", 1000, today).is_err());
+        assert!(registered_agent(text, "old-bot", "alice", 1000, today).is_err());
+        assert!(registered_agent(text, "twice", "alice", 1000, today).is_err());
+        assert!(registered_agent(
+            text,
+            "billing-bot",
+            "alice",
+            1000,
+            time::macros::date!(2027 - 05 - 02)
+        )
+        .is_err());
+        assert!(registered_agent("[[agent]]\nname = 5", "x", "root", 0, today).is_err());
+        assert!(registered_agent("not toml [", "x", "root", 0, today).is_err());
+        assert_eq!(merge_binding("uid", Some(1), Some(1)).unwrap(), Some(1));
+        assert_eq!(merge_binding("uid", None, Some(2)).unwrap(), Some(2));
+        assert!(merge_binding("uid", Some(1), Some(2)).is_err());
     }
 
     #[test]
