@@ -36,6 +36,9 @@ pub enum Command {
     Ca(CaArgs),
     /// Check policy files, or evaluate calls and policy tests against them.
     Policy(PolicyArgs),
+    /// Issue, verify or revoke action-scoped verifiable credentials (offline).
+    #[command(subcommand)]
+    Credential(CredentialCommand),
 }
 
 /// `kya approvals`.
@@ -213,6 +216,121 @@ pub struct RunArgs {
     /// Leave nothing pinned: if the daemon dies, selected processes connect directly.
     #[arg(long)]
     pub fail_open: bool,
+}
+
+/// `kya credential ...`
+// Parsed once per process: the size difference between variants costs nothing,
+// and boxing would only make `Command` itself trip the same lint against `Run`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum CredentialCommand {
+    /// Issue a standing credential with kya's key (offline; the invoking Unix user is the approver).
+    Issue(CredentialIssueArgs),
+    /// Verify a credential offline: signature, window, revocation and, with --call, scope and binding.
+    Verify(CredentialVerifyArgs),
+    /// Revoke a credential by id; takes effect on the next call.
+    Revoke(CredentialRevokeArgs),
+    /// List the standing credentials in the state dir.
+    List(CredentialListArgs),
+}
+
+/// `kya credential issue`
+#[derive(Debug, Clone, Args)]
+pub struct CredentialIssueArgs {
+    /// Registered agent name the credential is for.
+    #[arg(long, value_name = "NAME")]
+    pub agent: String,
+    /// Tool name (exact).
+    #[arg(long, value_name = "T")]
+    pub tool: String,
+    /// MCP server (SNI / Host); default any.
+    #[arg(long, value_name = "S")]
+    pub server: Option<String>,
+    /// Exactly these arguments: hex SHA-256 of their JCS form (makes the credential single-use).
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["max_args", "min_args"])]
+    pub args_digest: Option<String>,
+    /// Upper bound on a numeric argument (repeatable), e.g. amount=500.
+    #[arg(long = "max-arg", value_name = "KEY=N")]
+    pub max_args: Vec<String>,
+    /// Lower bound on a numeric argument (repeatable), e.g. amount=0.
+    #[arg(long = "min-arg", value_name = "KEY=N")]
+    pub min_args: Vec<String>,
+    /// How long the credential is valid, from now (e.g. 15m, 1h, 4days).
+    #[arg(long, value_name = "DURATION", default_value = "15m")]
+    pub valid_for: String,
+    /// Bind to this uid.
+    #[arg(long, value_name = "N")]
+    pub uid: Option<u32>,
+    /// Bind to this cgroup v2 path (and its descendants).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+    /// Bind to this executable: its SHA-256 is computed now.
+    #[arg(long, value_name = "PATH", conflicts_with = "exe_sha256")]
+    pub exe: Option<PathBuf>,
+    /// Bind to an executable by its SHA-256 (hex).
+    #[arg(long, value_name = "HEX")]
+    pub exe_sha256: Option<String>,
+    /// Host the credential is valid on (default: this host's name).
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Spend the credential on its first use.
+    #[arg(long)]
+    pub single_use: bool,
+    /// Agent registry (TOML): the agent must be registered and not expired, the
+    /// invoking user must be its owner (or root), and its `match` selectors
+    /// (uid, cgroup, exe) become the binding where no flag gives one.
+    #[arg(long, value_name = "FILE")]
+    pub agents: Option<PathBuf>,
+    /// State directory holding kya's key and the credential store.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Write the credential here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `kya credential verify`
+#[derive(Debug, Clone, Args)]
+pub struct CredentialVerifyArgs {
+    /// Credential file (JSON), or - for stdin.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Trusted issuer key: an SPKI PEM file, a did:key, or a z6Mk... multikey.
+    #[arg(long, value_name = "PUB")]
+    pub key: Option<String>,
+    /// State directory: its kya public key is trusted (unless --key) and its revocations apply.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A call description (as for `kya policy test`) the credential must cover; - for stdin.
+    #[arg(long, value_name = "CALL.json")]
+    pub call: Option<PathBuf>,
+    /// Check the window at this time (RFC 3339) instead of the call's time or now.
+    #[arg(long, value_name = "TIME")]
+    pub now: Option<String>,
+    /// Use the credential for the call: a single-use credential is spent (in the
+    /// state dir's store), so presenting it again is refused as a replay.
+    #[arg(long, requires = "call")]
+    pub consume: bool,
+}
+
+/// `kya credential revoke`
+#[derive(Debug, Clone, Args)]
+pub struct CredentialRevokeArgs {
+    /// Credential id (urn:uuid:...).
+    #[arg(value_name = "ID")]
+    pub id: String,
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `kya credential list`
+#[derive(Debug, Clone, Args)]
+pub struct CredentialListArgs {
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print a JSON array.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Install the global `tracing` subscriber (stderr; `RUST_LOG` filters, default `info`).

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod credential;
 pub mod daemon;
 pub mod intercept;
 pub mod keys;
