@@ -21,7 +21,7 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
         Command::Ca(args) => kya_agent::ca::command::run(args),
         Command::Policy(args) => kya_agent::policy::command::run(args),
-        Command::Credential(cmd) => kya_agent::credential::command::run(cmd),
+        Command::Credential(cmd) => kya_agent::credential::command::run(*cmd),
     };
     match result {
         Ok(code) => code,
