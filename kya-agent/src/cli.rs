@@ -222,7 +222,7 @@ pub struct RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum CredentialCommand {
     /// Issue a standing credential with kya's key (offline; the invoking Unix user is the approver).
-    Issue(CredentialIssueArgs),
+    Issue(Box<CredentialIssueArgs>),
     /// Verify a credential offline: signature, window, revocation and, with --call, scope and binding.
     Verify(CredentialVerifyArgs),
     /// Revoke a credential by id; takes effect on the next call.

@@ -34,7 +34,7 @@ pub const MAX_VALID_FOR: std::time::Duration = std::time::Duration::from_secs(36
 /// Run one `kya credential` subcommand.
 pub fn run(cmd: CredentialCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        CredentialCommand::Issue(args) => issue(args),
+        CredentialCommand::Issue(args) => issue(*args),
         CredentialCommand::Verify(args) => verify(args),
         CredentialCommand::Revoke(args) => revoke(args),
         CredentialCommand::List(args) => list(args),
