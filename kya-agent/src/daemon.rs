@@ -13,7 +13,8 @@ use crate::config::Config;
 use crate::control::server::{ControlServer, Router};
 use crate::intercept::listener::InterceptStats;
 use crate::intercept::{Interceptor, InterceptorConfig, OriginSource};
-use crate::metrics::{Metrics, Sample, SampleKind, Source};
+use crate::metrics::{Metrics, ReloadLabels, Sample, SampleKind, Source};
+use crate::policy::{PolicyEngine, Registry};
 use crate::status::StatusHandler;
 use anyhow::Context;
 use std::os::unix::fs::PermissionsExt;
@@ -43,7 +44,15 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     })
     .context("binding the interceptor")?;
 
-    let mut redirector = Redirector::start(&redirect_config(&config))
+    let engine = Arc::new(
+        PolicyEngine::new(
+            config.policy_paths.clone(),
+            config.agents.clone(),
+            Some(&config.state_dir),
+        )
+        .context("loading the policy")?,
+    );
+    let mut redirector = Redirector::start(&redirect_config(&config, &engine.registry()))
         .context("loading and attaching the eBPF redirect")?;
     redirector
         .spawn_event_reader()
@@ -54,6 +63,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let redirector = Arc::new(Mutex::new(Some(redirector)));
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
     let approvals = open_approvals(&config.state_dir)?;
+    let status = status.section("policy", {
+        let e = engine.clone();
+        Arc::new(move || policy_status(&e))
+    });
     let status = status.section("approvals", {
         let a = approvals.clone();
         Arc::new(move || serde_json::json!({ "pending": a.len() }))
@@ -75,10 +88,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             stop_rx.clone(),
         ))
     });
+    let reloader = crate::policy::reload::spawn_watcher(
+        engine.clone(),
+        std::time::Duration::from_secs(1),
+        on_reload(config.clone(), redirector.clone(), metrics.clone()),
+    )
+    .context("installing the policy reload watcher")?;
     let server = tokio::spawn(interceptor.serve(origins, stop_rx.clone()));
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
-    if config.selection.is_empty() {
+    if config.selection.is_empty() && engine.registry().agents().is_empty() {
         tracing::warn!("nothing is selected: add --cgroup, --uid, --exe or --pid (or [select] in the config) to intercept agents");
     }
     tracing::info!(
@@ -90,6 +109,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         uids = ?config.selection.uids,
         exes = ?config.selection.exes,
         pids = ?config.selection.pids,
+        agents = engine.registry().agents().len(),
+        policy_version = %engine.policy().version,
         "kya is running"
     );
 
@@ -99,6 +120,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     };
     tracing::info!(signal = why, "shutting down");
     let _ = stop_tx.send(true);
+    reloader.abort();
     if let Err(e) = server.await {
         tracing::error!(error = %e, "interceptor task failed");
     }
@@ -121,6 +143,50 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("kya stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a policy reload: widen or narrow the eBPF selection to the new
+/// registry, and count the reload.
+fn on_reload(
+    config: Config,
+    redirector: Arc<Mutex<Option<Redirector>>>,
+    metrics: Arc<Metrics>,
+) -> crate::policy::reload::OnReload {
+    Box::new(move |engine, result| {
+        let outcome = if result.is_ok() { "ok" } else { "rejected" };
+        metrics
+            .policy_reloads
+            .get_or_create(&ReloadLabels {
+                result: outcome.into(),
+            })
+            .inc();
+        if result.is_err() {
+            return;
+        }
+        let wanted = redirect_config(&config, &engine.registry());
+        if let Ok(mut guard) = redirector.lock() {
+            if let Some(r) = guard.as_mut() {
+                if let Err(e) = r.update_selection(&wanted) {
+                    tracing::error!(error = %e, "cannot apply the new registry's selection; the previous selection stays");
+                }
+            }
+        }
+    })
+}
+
+/// The `policy` section of `kya status`.
+fn policy_status(engine: &PolicyEngine) -> serde_json::Value {
+    let policy = engine.policy();
+    let (ok, rejected) = engine.reload_counts();
+    serde_json::json!({
+        "version": policy.version,
+        "files": policy.files,
+        "rules": policy.rules.len(),
+        "budgets": policy.budgets.len(),
+        "agents": engine.registry().agents().len(),
+        "reloads_ok": ok,
+        "reloads_rejected": rejected,
+    })
 }
 
 /// Kernel counters, read at scrape time.
@@ -243,11 +309,29 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn redirect_config(config: &Config) -> RedirectConfig {
+/// What the kernel must redirect: the configured selection plus every
+/// registered agent's selectors (any match; a process matching a selector but
+/// no agent is intercepted as the agent `unregistered`). systemd units are
+/// selected through their cgroup.
+fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
+    let sel = registry.selectors();
+    let mut cgroups = config.selection.cgroups.clone();
+    cgroups.extend(sel.cgroups);
+    cgroups.extend(sel.units.iter().map(|u| format!("/system.slice/{u}")));
+    let mut uids = config.selection.uids.clone();
+    uids.extend(sel.uids);
+    let mut exes = config.selection.exes.clone();
+    exes.extend(sel.exes);
+    cgroups.sort();
+    cgroups.dedup();
+    uids.sort_unstable();
+    uids.dedup();
+    exes.sort();
+    exes.dedup();
     RedirectConfig {
-        cgroups: config.selection.cgroups.clone(),
-        uids: config.selection.uids.clone(),
-        exes: config.selection.exes.clone(),
+        cgroups,
+        uids,
+        exes,
         pids: config.selection.pids.clone(),
         ports: config.ports.clone(),
         listen_port: config.listen_port,

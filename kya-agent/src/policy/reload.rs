@@ -3,6 +3,7 @@
 //! second's delay is irrelevant for a policy edit). A broken new policy is
 //! rejected by [`PolicyEngine::reload`] and the old one keeps running.
 
+use super::diag::Diagnostics;
 use super::engine::PolicyEngine;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,11 +44,17 @@ fn stat(p: &Path) -> Option<(u64, SystemTime)> {
     Some((m.len(), m.modified().ok()?))
 }
 
+/// Called after every reload attempt with its result (the new version, or
+/// the errors that kept the old policy running): the daemon updates the eBPF
+/// selection from the new registry and counts reloads in its metrics.
+pub type OnReload = Box<dyn Fn(&PolicyEngine, &Result<String, Diagnostics>) + Send + Sync>;
+
 /// Spawn the reload task on the current tokio runtime: reload on SIGHUP and
 /// whenever the fingerprint of the engine's files changes (checked every `interval`).
 pub fn spawn_watcher(
     engine: Arc<PolicyEngine>,
     interval: Duration,
+    on_reload: OnReload,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
@@ -68,7 +75,8 @@ pub fn spawn_watcher(
             };
             tracing::info!(trigger = why, "reloading policy");
             // Errors are logged and counted inside reload().
-            let _ = engine.reload();
+            let result = engine.reload();
+            on_reload(&engine, &result);
         }
     }))
 }

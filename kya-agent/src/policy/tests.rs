@@ -416,7 +416,17 @@ async fn watcher_reloads_on_file_change() {
     )
     .unwrap();
     let e = std::sync::Arc::new(PolicyEngine::new(vec![pol.clone()], None, None).unwrap());
-    let h = reload::spawn_watcher(e.clone(), std::time::Duration::from_millis(20)).unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    let h = reload::spawn_watcher(
+        e.clone(),
+        std::time::Duration::from_millis(20),
+        Box::new(move |_, r| {
+            assert!(r.is_ok(), "{r:?}");
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }),
+    )
+    .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
     // A different size guarantees a different fingerprint even with coarse mtimes.
     std::fs::write(
@@ -434,6 +444,10 @@ async fn watcher_reloads_on_file_change() {
     }
     h.abort();
     assert!(ok, "watcher did not reload");
+    assert!(
+        seen.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the reload hook was not called"
+    );
 }
 
 #[test]
