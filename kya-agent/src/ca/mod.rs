@@ -136,8 +136,13 @@ impl LocalCa {
         Self::create_unlocked(state_dir, force)
     }
 
-    /// Load an existing CA.
+    /// Load an existing CA (never creates anything, not even the state dir).
     pub fn load(state_dir: &Path) -> Result<Self, CaError> {
+        if !state_dir.is_dir() {
+            return Err(CaError::Missing {
+                dir: state_dir.to_path_buf(),
+            });
+        }
         let _lock = files::lock(state_dir)?;
         match files::presence(state_dir)? {
             files::Presence::Both => Self::load_unlocked(state_dir),
