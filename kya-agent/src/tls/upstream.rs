@@ -156,13 +156,16 @@ pub fn alpn_to_offer(agent: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, UpstreamError> {
     Ok(offer)
 }
 
+/// An ALPN offer and the client config that makes it.
+type OfferConfig = (Vec<Vec<u8>>, Arc<ClientConfig>);
+
 /// Builds verified upstream connections; one per daemon, shared.
 #[derive(Clone)]
 pub struct UpstreamConnector {
     /// One config per possible ALPN offer ([`alpn_to_offer`] yields at most
     /// five distinct lists), built once: no per-connection config clone. All
     /// share one session store, so reconnecting to an upstream resumes.
-    configs: Arc<Vec<(Vec<Vec<u8>>, Arc<ClientConfig>)>>,
+    configs: Arc<Vec<OfferConfig>>,
     handshake_timeout: Duration,
 }
 
