@@ -15,7 +15,10 @@
 //!   deny-list of the names an attacker with the key would not need. The key's
 //!   protection is the file mode, root ownership of the state dir, and one CA
 //!   per instance (a leaked key does not cover other hosts' installs).
-//! - **pathLenConstraint 0**: the CA can sign leaves only, never a sub-CA.
+//! - **pathLenConstraint 0**: the CA is meant to sign leaves only. OpenSSL-based
+//!   clients (curl, Python, Node) refuse a sub-CA under it; webpki (rustls)
+//!   ignores a trust anchor's constraints, so for rustls clients this is no
+//!   protection against a stolen key (tested both ways).
 //! - **Validity two years**, back-dated one hour for clock skew; re-create with
 //!   `kya ca init --force` (then `kya ca install` again).
 //! - **The subject names the key**: `CN = kya local CA <fingerprint>` where the
