@@ -331,6 +331,7 @@ fn path_length_zero_stops_sub_cas_for_openssl_not_for_webpki() {
         &sub_key,
         &LeafName::parse("x.test").unwrap(),
         OffsetDateTime::now_utc(),
+        None,
     )
     .unwrap();
 
@@ -386,4 +387,55 @@ fn path_length_zero_stops_sub_cas_for_openssl_not_for_webpki() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
+}
+
+/// Write a CA pair with the given validity, as `create_unlocked` would.
+fn write_ca_with_validity(dir: &Path, not_before: OffsetDateTime, not_after: OffsetDateTime) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = issuer_params(&key);
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let cert = params.self_signed(&key).unwrap();
+    files::write_pair(
+        dir,
+        cert.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        false,
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_expired_ca_is_refused_and_leaves_never_outlive_the_ca() {
+    let now = OffsetDateTime::now_utc();
+    let expired = tempfile::tempdir().unwrap();
+    write_ca_with_validity(
+        expired.path(),
+        now - Duration::days(10),
+        now - Duration::days(1),
+    );
+    match LocalCa::load(expired.path()) {
+        Err(CaError::Expired { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        LocalCa::load_or_init(expired.path()),
+        Err(CaError::Expired { .. })
+    ));
+
+    let ending = tempfile::tempdir().unwrap();
+    write_ca_with_validity(
+        ending.path(),
+        now - Duration::days(1),
+        now + Duration::hours(2),
+    );
+    let ca = LocalCa::load(ending.path()).unwrap();
+    assert!((ca.not_after() - (now + Duration::hours(2))).abs() < Duration::seconds(2));
+    let leaf = ca.mint_leaf(&LeafName::parse("a.test").unwrap()).unwrap();
+    assert_eq!(leaf.not_after, ca.not_after());
+
+    let fresh = tempfile::tempdir().unwrap();
+    let ca = LocalCa::init(fresh.path(), false).unwrap();
+    let left = ca.not_after() - now;
+    assert!(left > CA_VALIDITY - Duration::minutes(1) && left <= CA_VALIDITY);
 }
