@@ -81,6 +81,10 @@ fn bench(c: &mut Criterion) {
             rt.block_on(handshake(cold.clone(), format!("n{n}.example.com")))
         })
     });
+    // The two handshake benches must differ only in minting.
+    let (w, c) = (warm.cache().stats(), cold.cache().stats());
+    eprintln!("cache stats: cached {w:?}; minted {c:?}");
+    assert!(w.misses <= 1 && c.hits == 0 && c.misses > 0);
 }
 
 criterion_group!(benches, bench);

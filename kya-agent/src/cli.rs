@@ -103,7 +103,7 @@ pub struct CaArgs {
 pub enum CaAction {
     /// Create the CA (ca.pem, ca-key.pem 0600) in the state dir; refuses to replace one without --force.
     Init {
-        /// State directory (default /var/lib/kya).
+        /// State directory (default: [state] dir of /etc/kya/kya.toml, else /var/lib/kya).
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
         /// Replace an existing CA (every agent trusting the old one must be given the new one).
@@ -112,13 +112,13 @@ pub enum CaAction {
     },
     /// Print the CA certificate (PEM) on stdout.
     Cert {
-        /// State directory (default /var/lib/kya).
+        /// State directory (default: [state] dir of /etc/kya/kya.toml, else /var/lib/kya).
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
     /// Add the CA to the system trust store (creating the CA if needed), or remove it.
     Install {
-        /// State directory (default /var/lib/kya).
+        /// State directory (default: [state] dir of /etc/kya/kya.toml, else /var/lib/kya).
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
         /// Remove this instance's CA from the system trust store instead.

@@ -497,3 +497,46 @@ async fn terminating_with_an_alpn_the_agent_did_not_offer_is_refused() {
     );
     assert!(agent.await.unwrap().is_err());
 }
+
+#[tokio::test]
+async fn a_reconnecting_agent_resumes_its_session_on_the_agent_leg() {
+    let s = setup();
+    let (chain, key) = s.upstream_ca.leaf(&["mcp.test"], -1, 24);
+    let upstream = spawn_upstream(chain, key, &["h2"]).await;
+    let (addr, mut rx) = spawn_interceptor(
+        upstream,
+        s.terminator.clone(),
+        s.connector.clone(),
+        Passthrough::default(),
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(s.kya_ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("mcp.test").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let mut tls = BufReader::new(tls);
+        // Reading the upstream's line also processes the session tickets.
+        let mut line = String::new();
+        tls.read_line(&mut line).await.unwrap();
+        assert_eq!(line.trim_end(), "upstream-alpn=h2");
+        kinds.push(tls.get_ref().get_ref().1.handshake_kind());
+        assert!(matches!(next(&mut rx).await, Seen::Terminated { .. }));
+    }
+    assert_eq!(
+        kinds,
+        vec![
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}

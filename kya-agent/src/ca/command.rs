@@ -2,18 +2,29 @@
 
 use super::trust_store::{instance_name, TrustStore};
 use super::LocalCa;
-use crate::cli::{CaAction, CaArgs};
-use crate::config::DEFAULT_STATE_DIR;
+use crate::cli::{CaAction, CaArgs, RunArgs};
+use crate::config::Config;
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Run one `kya ca` action.
 pub fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
-    let dir = |d: Option<PathBuf>| d.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    // The same resolution as `kya run`: the flag, else the default config
+    // file's [state] dir, else /var/lib/kya; so `kya ca install` installs the
+    // CA the daemon will actually use.
+    let dir = |state_dir: Option<PathBuf>| -> anyhow::Result<PathBuf> {
+        let args = RunArgs {
+            state_dir,
+            ..Default::default()
+        };
+        Ok(Config::load(&args)
+            .context("resolving the state directory")?
+            .state_dir)
+    };
     match args.action {
         CaAction::Init { state_dir, force } => {
-            let state_dir = dir(state_dir);
+            let state_dir = dir(state_dir)?;
             let ca = LocalCa::init(&state_dir, force)?;
             println!(
                 "created kya local CA {} at {}",
@@ -23,14 +34,14 @@ pub fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             println!("next: `kya ca install` adds it to the system trust store");
         }
         CaAction::Cert { state_dir } => {
-            let ca = LocalCa::load(&dir(state_dir))?;
+            let ca = LocalCa::load(&dir(state_dir)?)?;
             print!("{}", ca.cert_pem());
         }
         CaAction::Install {
             state_dir,
             uninstall,
         } => {
-            let state_dir = dir(state_dir);
+            let state_dir = dir(state_dir)?;
             let instance = instance_name(&state_dir);
             let cert_path = state_dir.join(super::CA_CERT_FILE);
             let store = TrustStore::detect(&cert_path)?;

@@ -114,6 +114,7 @@ pub(super) fn mint(
     issuer_key: &KeyPair,
     name: &LeafName,
     now: OffsetDateTime,
+    issuer_not_after: Option<OffsetDateTime>,
 ) -> Result<MintedLeaf, CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
@@ -134,7 +135,12 @@ pub(super) fn mint(
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
     params.not_before = now - LEAF_BACKDATE;
-    params.not_after = now + LEAF_VALIDITY;
+    // Never outlive the CA: a leaf past its issuer's expiry fails anyway,
+    // and the cache's refresh logic should see the real end.
+    params.not_after = match issuer_not_after {
+        Some(end) => (now + LEAF_VALIDITY).min(end),
+        None => now + LEAF_VALIDITY,
+    };
     let not_after = params.not_after;
     let cert = params.signed_by(&key, issuer, issuer_key)?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));

@@ -15,7 +15,10 @@
 //!   deny-list of the names an attacker with the key would not need. The key's
 //!   protection is the file mode, root ownership of the state dir, and one CA
 //!   per instance (a leaked key does not cover other hosts' installs).
-//! - **pathLenConstraint 0**: the CA can sign leaves only, never a sub-CA.
+//! - **pathLenConstraint 0**: the CA is meant to sign leaves only. OpenSSL-based
+//!   clients (curl, Python, Node) refuse a sub-CA under it; webpki (rustls)
+//!   ignores a trust anchor's constraints, so for rustls clients this is no
+//!   protection against a stolen key (tested both ways).
 //! - **Validity two years**, back-dated one hour for clock skew; re-create with
 //!   `kya ca init --force` (then `kya ca install` again).
 //! - **The subject names the key**: `CN = kya local CA <fingerprint>` where the
@@ -30,6 +33,7 @@ pub mod command;
 mod files;
 mod mint;
 pub mod trust_store;
+pub mod validity;
 
 pub use mint::{LeafName, LeafNameError, MintedLeaf, LEAF_BACKDATE, LEAF_VALIDITY};
 
@@ -50,6 +54,8 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const CA_VALIDITY: Duration = Duration::days(730);
 /// How far a new CA's `notBefore` is set in the past (clients with a slow clock).
 pub const CA_BACKDATE: Duration = Duration::hours(1);
+/// Warn at load when the CA has less validity than this left.
+pub const CA_EXPIRY_WARNING: Duration = Duration::days(30);
 const CA_ORGANIZATION: &str = "kya";
 const CA_CN_PREFIX: &str = "kya local CA ";
 
@@ -81,6 +87,11 @@ pub enum CaError {
     CertFormat { path: PathBuf, message: String },
     #[error("{cert}: certificate does not belong to the key in {key} (or was not made by kya)")]
     Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("{path}: the CA expired at {not_after}; replace it with `kya ca init --force` and `kya ca install`")]
+    Expired {
+        path: PathBuf,
+        not_after: OffsetDateTime,
+    },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("cannot load the minted key into rustls: {0}")]
@@ -96,6 +107,7 @@ pub struct LocalCa {
     cert_der: CertificateDer<'static>,
     cert_pem: String,
     fingerprint: String,
+    not_after: OffsetDateTime,
     dir: PathBuf,
 }
 
@@ -136,8 +148,13 @@ impl LocalCa {
         Self::create_unlocked(state_dir, force)
     }
 
-    /// Load an existing CA.
+    /// Load an existing CA (never creates anything, not even the state dir).
     pub fn load(state_dir: &Path) -> Result<Self, CaError> {
+        if !state_dir.is_dir() {
+            return Err(CaError::Missing {
+                dir: state_dir.to_path_buf(),
+            });
+        }
         let _lock = files::lock(state_dir)?;
         match files::presence(state_dir)? {
             files::Presence::Both => Self::load_unlocked(state_dir),
@@ -167,6 +184,11 @@ impl LocalCa {
         &self.fingerprint
     }
 
+    /// When the CA certificate expires (leaves never outlive it).
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
     /// Path of `ca.pem`.
     pub fn cert_path(&self) -> PathBuf {
         self.dir.join(CA_CERT_FILE)
@@ -174,7 +196,13 @@ impl LocalCa {
 
     /// Mint a fresh leaf for `name` (see [`mint`](self::mint) for its profile).
     pub fn mint_leaf(&self, name: &LeafName) -> Result<MintedLeaf, CaError> {
-        mint::mint(&self.issuer, &self.key, name, OffsetDateTime::now_utc())
+        mint::mint(
+            &self.issuer,
+            &self.key,
+            name,
+            OffsetDateTime::now_utc(),
+            Some(self.not_after),
+        )
     }
 
     fn create_unlocked(state_dir: &Path, overwrite: bool) -> Result<Self, CaError> {
@@ -224,7 +252,23 @@ impl LocalCa {
                 key: key_path,
             });
         }
+        let (_, not_after) =
+            validity::validity(cert_der.as_ref()).ok_or_else(|| CaError::CertFormat {
+                path: cert_path.clone(),
+                message: "unreadable validity".into(),
+            })?;
+        let left = not_after - OffsetDateTime::now_utc();
+        if left <= Duration::ZERO {
+            return Err(CaError::Expired {
+                path: cert_path,
+                not_after,
+            });
+        }
+        if left < CA_EXPIRY_WARNING {
+            tracing::warn!(path = %cert_path.display(), %not_after, "kya's CA expires soon; replace it with `kya ca init --force` and `kya ca install`");
+        }
         Ok(LocalCa {
+            not_after,
             fingerprint: fingerprint(&key),
             key,
             issuer,

@@ -294,3 +294,148 @@ fn leaf_names_reject_hostile_input() {
     let sn = ServerName::try_from("UPPER.test").unwrap();
     assert_eq!(LeafName::from(&sn), LeafName::Dns("upper.test".into()));
 }
+
+fn pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// pathLenConstraint 0 on the CA: a sub-CA made with the CA key is refused by
+/// verifiers that honour the anchor's basic constraints (OpenSSL: curl, Python,
+/// Node). webpki (rustls) treats a trust anchor as a bare name and key and does
+/// not; that limit is documented in the module docs, and asserted here so a
+/// change in either behaviour is noticed.
+#[test]
+fn path_length_zero_stops_sub_cas_for_openssl_not_for_webpki() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::init(dir.path(), false).unwrap();
+    let sub_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut sub_params = CertificateParams::default();
+    sub_params
+        .distinguished_name
+        .push(DnType::CommonName, "sub CA");
+    sub_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    sub_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let sub = sub_params.signed_by(&sub_key, &ca.issuer, &ca.key).unwrap();
+    let leaf = mint::mint(
+        &sub,
+        &sub_key,
+        &LeafName::parse("x.test").unwrap(),
+        OffsetDateTime::now_utc(),
+        None,
+    )
+    .unwrap();
+
+    let name = ServerName::try_from("x.test").unwrap();
+    let webpki = verifier(&ca).verify_server_cert(
+        &leaf.certified.cert[0],
+        &[sub.der().clone()],
+        &name,
+        &[],
+        UnixTime::now(),
+    );
+    assert!(
+        webpki.is_ok(),
+        "webpki now enforces anchor pathLen: update the docs"
+    );
+
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs openssl"
+        );
+        return;
+    }
+    let ca_file = dir.path().join("ca-check.pem");
+    let sub_file = dir.path().join("sub.pem");
+    let leaf_file = dir.path().join("leaf.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    std::fs::write(&sub_file, sub.pem()).unwrap();
+    std::fs::write(&leaf_file, pem(&leaf.certified.cert[0])).unwrap();
+    let run = |untrusted: Option<&Path>| {
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.arg("verify").arg("-CAfile").arg(&ca_file);
+        if let Some(u) = untrusted {
+            cmd.arg("-untrusted").arg(u);
+        }
+        cmd.arg(&leaf_file).output().unwrap()
+    };
+    let refused = run(Some(&sub_file));
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("path length"), "{why}");
+    // Control: a leaf minted directly by the CA verifies with OpenSSL.
+    let direct = ca.mint_leaf(&LeafName::parse("x.test").unwrap()).unwrap();
+    std::fs::write(&leaf_file, pem(&direct.certified.cert[0])).unwrap();
+    let ok = run(None);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
+
+/// Write a CA pair with the given validity, as `create_unlocked` would.
+fn write_ca_with_validity(dir: &Path, not_before: OffsetDateTime, not_after: OffsetDateTime) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = issuer_params(&key);
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let cert = params.self_signed(&key).unwrap();
+    files::write_pair(
+        dir,
+        cert.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+        false,
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_expired_ca_is_refused_and_leaves_never_outlive_the_ca() {
+    let now = OffsetDateTime::now_utc();
+    let expired = tempfile::tempdir().unwrap();
+    write_ca_with_validity(
+        expired.path(),
+        now - Duration::days(10),
+        now - Duration::days(1),
+    );
+    match LocalCa::load(expired.path()) {
+        Err(CaError::Expired { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        LocalCa::load_or_init(expired.path()),
+        Err(CaError::Expired { .. })
+    ));
+
+    let ending = tempfile::tempdir().unwrap();
+    write_ca_with_validity(
+        ending.path(),
+        now - Duration::days(1),
+        now + Duration::hours(2),
+    );
+    let ca = LocalCa::load(ending.path()).unwrap();
+    assert!((ca.not_after() - (now + Duration::hours(2))).abs() < Duration::seconds(2));
+    let leaf = ca.mint_leaf(&LeafName::parse("a.test").unwrap()).unwrap();
+    assert_eq!(leaf.not_after, ca.not_after());
+
+    let fresh = tempfile::tempdir().unwrap();
+    let ca = LocalCa::init(fresh.path(), false).unwrap();
+    let left = ca.not_after() - now;
+    assert!(left > CA_VALIDITY - Duration::minutes(1) && left <= CA_VALIDITY);
+}

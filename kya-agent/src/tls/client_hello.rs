@@ -530,4 +530,93 @@ mod tests {
         drop(server);
         let _ = writer.await;
     }
+
+    /// The bytes a real rustls client sends first for `name` offering `alpn`.
+    fn real_client_hello(name: &str, alpn: &[&[u8]]) -> Vec<u8> {
+        let mut roots = rustls::RootCertStore::empty();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::ca::LocalCa::init(dir.path(), false).unwrap();
+        roots.add(ca.cert_der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), server_name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    async fn read_from(bytes: Vec<u8>) -> Result<PeekedHello, ClientHelloError> {
+        let (mut client, mut server) = tokio::io::duplex(256 * 1024);
+        client.write_all(&bytes).await.unwrap();
+        client.shutdown().await.unwrap();
+        let limits = HelloLimits {
+            timeout: Duration::from_secs(5),
+            ..HelloLimits::default()
+        };
+        let got = read_client_hello(&mut server, limits).await;
+        drop(client);
+        got
+    }
+
+    #[tokio::test]
+    async fn a_real_client_hello_yields_sni_alpn_and_the_exact_raw_bytes() {
+        let hello = real_client_hello("MCP.example.com", &[b"h2", b"http/1.1"]);
+        assert_eq!(classify(&hello), FirstBytes::Tls);
+        let got = read_from(hello.clone()).await.unwrap();
+        assert_eq!(
+            got.info.sni.as_deref(),
+            Some("mcp.example.com").or(got.info.sni.as_deref())
+        );
+        assert_eq!(
+            got.info
+                .sni
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("mcp.example.com")
+        );
+        assert_eq!(got.info.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(got.raw(), &hello[..]);
+        let none = read_from(real_client_hello("a.test", &[])).await.unwrap();
+        assert!(none.info.alpn.is_empty());
+        assert_eq!(
+            none.info.leaf_name("127.0.0.9".parse().unwrap()).unwrap(),
+            LeafName::Dns("a.test".into())
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(200))]
+        /// Random bytes and a real ClientHello with random corruption: an
+        /// error or a parsed hello, never a panic or a hang.
+        #[test]
+        fn hostile_hellos_never_panic(
+            random in proptest::collection::vec(proptest::num::u8::ANY, 0..2048),
+            flips in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 1..8),
+            cut in 0usize..4096,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let _ = rt.block_on(read_from(random));
+            let mut hello = real_client_hello("x.test", &[b"h2"]);
+            for (at, byte) in flips {
+                let at = at % hello.len();
+                hello[at] = byte;
+            }
+            hello.truncate(cut.max(1).min(hello.len()));
+            if let Ok(got) = rt.block_on(read_from(hello.clone())) {
+                proptest::prop_assert!(got.raw().len() <= hello.len());
+                proptest::prop_assert!(got.info.alpn.iter().all(|p| !p.is_empty()));
+            }
+        }
+    }
 }

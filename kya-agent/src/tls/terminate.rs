@@ -15,7 +15,7 @@ use super::client_hello::PeekedHello;
 use super::leaf_cache::LeafCache;
 use crate::ca::{CaError, LeafName};
 use rustls::crypto::CryptoProvider;
-use rustls::server::ServerConfig;
+use rustls::server::{ServerConfig, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::sign::SingleCertAndKey;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,12 +63,28 @@ pub enum TerminateError {
 }
 
 /// Serves minted leaves; one per daemon, shared.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Terminator {
     cache: LeafCache,
     provider: Arc<CryptoProvider>,
+    /// Shared by every per-connection config, so an agent reconnecting
+    /// resumes its session (no certificate, no signature) instead of a full
+    /// handshake. rustls only resumes for the same SNI and ALPN.
+    sessions: Arc<dyn StoresServerSessions>,
     handshake_timeout: Duration,
 }
+
+impl std::fmt::Debug for Terminator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Terminator")
+            .field("cache", &self.cache)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sessions kept for resumption on the agent leg (bounded; oldest dropped).
+pub const SESSION_CACHE_SIZE: usize = 4096;
 
 /// Default time allowed for the client's side of the handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,6 +99,7 @@ impl Terminator {
         Terminator {
             cache,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
+            sessions: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
@@ -119,6 +136,7 @@ impl Terminator {
         // No TLS 1.3 early data: 0-RTT requests are replayable and would be
         // forwarded before kya could decide on them.
         config.max_early_data_size = 0;
+        config.session_storage = self.sessions.clone();
         Ok(Arc::new(config))
     }
 

@@ -156,10 +156,16 @@ pub fn alpn_to_offer(agent: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, UpstreamError> {
     Ok(offer)
 }
 
+/// An ALPN offer and the client config that makes it.
+type OfferConfig = (Vec<Vec<u8>>, Arc<ClientConfig>);
+
 /// Builds verified upstream connections; one per daemon, shared.
 #[derive(Clone)]
 pub struct UpstreamConnector {
-    base: Arc<ClientConfig>,
+    /// One config per possible ALPN offer ([`alpn_to_offer`] yields at most
+    /// five distinct lists), built once: no per-connection config clone. All
+    /// share one session store, so reconnecting to an upstream resumes.
+    configs: Arc<Vec<OfferConfig>>,
     handshake_timeout: Duration,
 }
 
@@ -186,8 +192,24 @@ impl UpstreamConnector {
             .map_err(UpstreamError::Config)?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let (h2, h1) = (b"h2".to_vec(), b"http/1.1".to_vec());
+        let offers = [
+            vec![],
+            vec![h2.clone()],
+            vec![h1.clone()],
+            vec![h2.clone(), h1.clone()],
+            vec![h1, h2],
+        ];
+        let configs = offers
+            .into_iter()
+            .map(|offer| {
+                let mut c = config.clone();
+                c.alpn_protocols = offer.clone();
+                (offer, Arc::new(c))
+            })
+            .collect();
         Ok(UpstreamConnector {
-            base: Arc::new(config),
+            configs: Arc::new(configs),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         })
     }
@@ -265,12 +287,17 @@ impl UpstreamConnector {
         let label = name.to_string();
         let server_name: ServerName<'static> = name.to_server_name()?;
         let offer = alpn_to_offer(agent_alpn)?;
-        let config = if offer.is_empty() {
-            self.base.clone()
-        } else {
-            let mut config = (*self.base).clone();
-            config.alpn_protocols = offer;
-            Arc::new(config)
+        let config = match self.configs.iter().find(|(o, _)| *o == offer) {
+            Some((_, config)) => config.clone(),
+            // Unreachable while INSPECTABLE_ALPN has two entries; correct anyway.
+            None => match self.configs.first() {
+                Some((_, base)) => {
+                    let mut config = (**base).clone();
+                    config.alpn_protocols = offer;
+                    Arc::new(config)
+                }
+                None => return Err(UpstreamError::NoRoots),
+            },
         };
         let connector = TlsConnector::from(config);
         let handshake = connector.connect(server_name, io);
