@@ -9,4 +9,5 @@ pub mod config;
 pub mod daemon;
 pub mod intercept;
 pub mod keys;
+pub mod mcp;
 pub mod procinfo;
