@@ -534,3 +534,67 @@ pub fn default_gov() -> Arc<FakeGov> {
         ("transfer", Act::Hold(Duration::from_secs(10))),
     ])
 }
+
+/// Read SSE events from a streaming body until `n` JSON messages arrived (or the
+/// timeout passes); returns what arrived.
+pub async fn read_events(body: &mut Incoming, n: usize, timeout: Duration) -> Vec<Value> {
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = sse_messages(&buf);
+        if got.len() >= n {
+            return got;
+        }
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            _ => return sse_messages(&buf),
+        }
+    }
+}
+
+/// Raw SSE text read the same way (for `endpoint` events, which are not JSON).
+pub async fn read_raw_until(body: &mut Incoming, needle: &str, timeout: Duration) -> String {
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            _ => return text,
+        }
+    }
+}
+
+pub fn post_req(
+    path: &str,
+    body: &Value,
+    sse: bool,
+    extra: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut b = Request::post(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .header(
+            "accept",
+            if sse {
+                "application/json, text/event-stream"
+            } else {
+                "application/json"
+            },
+        );
+    for (k, v) in extra {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
