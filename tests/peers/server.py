@@ -8,6 +8,7 @@ is the Host the client sends.
 """
 
 import argparse
+import os
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
@@ -15,21 +16,32 @@ from mcp.server.transport_security import TransportSecuritySettings
 server = MCPServer("kya-test-peer")
 
 
+def record(name: str) -> None:
+    """Append the tool that really ran to $KYA_PEER_LOG: the server's own record."""
+    path = os.environ.get("KYA_PEER_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(name + "\n")
+
+
 @server.tool()
 def search_docs(query: str) -> str:
     """Search the documentation."""
+    record("search_docs")
     return f"found 3 documents about {query}"
 
 
 @server.tool()
 def delete_records(table: str) -> str:
     """Delete every record of a table."""
+    record("delete_records")
     return f"deleted all records of {table}"
 
 
 @server.tool()
 def transfer(amount: int, to: str) -> str:
     """Transfer money."""
+    record("transfer")
     return f"transferred {amount} to {to}"
 
 

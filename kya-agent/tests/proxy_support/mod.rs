@@ -62,6 +62,17 @@ impl FakeGov {
         panic!("no hold on {tool}");
     }
 
+    /// Wait until a hold on `tool` is pending (without releasing it).
+    pub async fn wait_for_hold(&self, tool: &str) {
+        for _ in 0..1000 {
+            if self.releases.lock().unwrap().contains_key(tool) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no hold on {tool}");
+    }
+
     pub fn decided_tools(&self) -> Vec<String> {
         self.calls
             .lock()

@@ -48,7 +48,10 @@ pub fn answer(shape: DenyShape, is_tool_call: bool, id: &Value, denial: &Denial)
     }
 }
 
-/// A `CallToolResult` with `isError: true`.
+/// A `CallToolResult` with `isError: true`. It carries `resultType: "complete"`:
+/// the 2026-07-28 protocol makes `Result.resultType` required (the official Python
+/// SDK 2.x rejects a result without it), and older schemas allow extra members in a
+/// result, so one shape serves every protocol version.
 pub fn tool_error(id: &Value, denial: &Denial) -> Value {
     json!({
         "jsonrpc": "2.0",
@@ -56,6 +59,7 @@ pub fn tool_error(id: &Value, denial: &Denial) -> Value {
         "result": {
             "content": [{"type": "text", "text": denial.text()}],
             "isError": true,
+            "resultType": "complete",
         }
     })
 }
@@ -103,6 +107,7 @@ mod tests {
         let v = answer(DenyShape::ToolError, true, &json!(7), &d());
         assert_eq!(v["id"], json!(7));
         assert_eq!(v["result"]["isError"], json!(true));
+        assert_eq!(v["result"]["resultType"], json!("complete"));
         assert_eq!(
             v["result"]["content"][0]["text"],
             json!("kya denied this call: destructive (rule no-destructive-db, decision d-1)")
