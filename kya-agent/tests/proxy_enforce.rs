@@ -260,7 +260,7 @@ async fn mcp_name_header_mismatch_refused() {
     )
     .await;
     assert_eq!(status, 200);
-    assert!(text_of(&v).contains("Mcp-Name header"));
+    assert!(text_of(&v).contains("header Mcp-Name"), "{v}");
 }
 
 #[tokio::test]

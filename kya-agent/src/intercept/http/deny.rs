@@ -1,21 +1,22 @@
-//! What the agent sees when kya refuses something: the denial shapes of DESIGN.md.
+//! The denials the proxy sends, built by [`crate::mcp::deny`] (the shapes of
+//! DESIGN.md) from the owned facts a [`Ruling`](super::Ruling) carries.
 //!
-//! A denial must reach the model, so it is an ordinary JSON-RPC answer to the
-//! request's id, never a bare HTTP error when an id is known: MCP clients show a
-//! `CallToolResult` with `isError: true` (or a JSON-RPC error) to the model, which can
-//! then explain or adapt, while an HTTP 403 would surface as a transport failure.
+//! One addition: every `result` kya writes carries `resultType: "complete"`. The
+//! 2026-07-28 protocol makes `Result.resultType` required and the official Python
+//! SDK 2.x rejects a `CallToolResult` without it (found by the real-peer tests);
+//! older schemas allow extra members in a result, so one shape serves every
+//! protocol version. (Reported to the `mcp` module's owner; until its builders add
+//! it, it is added here.)
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::DenyShape;
+use crate::mcp::deny as builders;
+use crate::mcp::jsonrpc::Id;
 
-/// The JSON-RPC error code kya uses for policy denials.
-pub const DENIED_CODE: i64 = -32001;
+pub use crate::mcp::deny::BATCH_REFUSAL;
 
-/// The answer to a batch member that was allowed but not forwarded.
-pub const BATCH_REFUSAL: &str = "refused: part of a batch with a denied call";
-
-/// Why and by what a message was denied.
+/// Why and by what a message was denied (owned: it outlives the ruling).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     /// The policy rule; `None` when the default decided or the proxy refused.
@@ -26,73 +27,62 @@ pub struct Denial {
 }
 
 impl Denial {
-    /// The text the model reads.
-    pub fn text(&self) -> String {
-        format!(
-            "kya denied this call: {} (rule {}, decision {})",
-            self.reason,
-            self.rule.as_deref().unwrap_or("default"),
-            self.decision
-        )
+    /// A refusal made by the proxy itself, with no policy decision behind it.
+    pub fn refusal(reason: impl Into<String>) -> Self {
+        Self {
+            rule: None,
+            reason: reason.into(),
+            decision: "-".into(),
+        }
+    }
+
+    fn borrowed(&self) -> builders::Denial<'_> {
+        builders::Denial {
+            rule: self.rule.as_deref(),
+            reason: &self.reason,
+            decision: &self.decision,
+        }
     }
 }
 
-/// The answer to a denied request with id `id`. `tool_error` is a `CallToolResult`,
-/// which only a `tools/call` can carry; any other method gets the JSON-RPC error
-/// shape whatever the configuration says, since a client expecting e.g. a
-/// `ListToolsResult` could not read a `CallToolResult`.
-pub fn answer(shape: DenyShape, is_tool_call: bool, id: &Value, denial: &Denial) -> Value {
-    match (shape, is_tool_call) {
-        (DenyShape::ToolError, true) => tool_error(id, denial),
-        _ => jsonrpc_error(id, denial),
+fn with_result_type(mut v: Value) -> Value {
+    if let Some(result) = v.get_mut("result").and_then(Value::as_object_mut) {
+        result
+            .entry("resultType")
+            .or_insert_with(|| Value::from("complete"));
     }
+    v
 }
 
-/// A `CallToolResult` with `isError: true`. It carries `resultType: "complete"`:
-/// the 2026-07-28 protocol makes `Result.resultType` required (the official Python
-/// SDK 2.x rejects a result without it), and older schemas allow extra members in a
-/// result, so one shape serves every protocol version.
-pub fn tool_error(id: &Value, denial: &Denial) -> Value {
-    json!({
-        "jsonrpc": "2.0",
-        "id": id,
-        "result": {
-            "content": [{"type": "text", "text": denial.text()}],
-            "isError": true,
-            "resultType": "complete",
-        }
-    })
+/// The denial of request `id` in the configured shape.
+pub fn answer(shape: DenyShape, is_tool_call: bool, id: &Id, denial: &Denial) -> Value {
+    with_result_type(builders::denial(
+        shape,
+        id,
+        is_tool_call,
+        &denial.borrowed(),
+    ))
 }
 
-/// A JSON-RPC error with code [`DENIED_CODE`] and `data: {rule, reason, decision}`.
-pub fn jsonrpc_error(id: &Value, denial: &Denial) -> Value {
-    json!({
-        "jsonrpc": "2.0",
-        "id": id,
-        "error": {
-            "code": DENIED_CODE,
-            "message": denial.text(),
-            "data": {"rule": denial.rule, "reason": denial.reason, "decision": denial.decision},
-        }
-    })
+/// The answer to an allowed batch member that is not forwarded.
+pub fn batch_refusal(shape: DenyShape, is_tool_call: bool, id: &Id, decision: &str) -> Value {
+    with_result_type(builders::batch_refusal(shape, id, is_tool_call, decision))
 }
 
-/// The `notifications/progress` kya streams while a call waits for approval.
-pub fn progress(token: &Value, step: u64, owner: &str, binding: &str) -> Value {
-    json!({
-        "jsonrpc": "2.0",
-        "method": "notifications/progress",
-        "params": {
-            "progressToken": token,
-            "progress": step,
-            "message": format!("waiting for approval by {owner}, code {binding}"),
-        }
-    })
+/// `notifications/progress` for a held call.
+pub fn progress(token: &Id, step: u64, owner: &str, binding: &str) -> Value {
+    builders::progress_notification(token, step, owner, binding)
+}
+
+/// The answer to a request kya could not read (id `null`).
+pub fn refusal(reason: &str) -> Value {
+    builders::refusal(reason)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn d() -> Denial {
         Denial {
@@ -103,8 +93,8 @@ mod tests {
     }
 
     #[test]
-    fn tool_error_names_rule_reason_and_decision() {
-        let v = answer(DenyShape::ToolError, true, &json!(7), &d());
+    fn tool_error_names_rule_reason_decision_and_result_type() {
+        let v = answer(DenyShape::ToolError, true, &Id::Int(7), &d());
         assert_eq!(v["id"], json!(7));
         assert_eq!(v["result"]["isError"], json!(true));
         assert_eq!(v["result"]["resultType"], json!("complete"));
@@ -115,34 +105,26 @@ mod tests {
     }
 
     #[test]
-    fn jsonrpc_error_carries_data() {
-        let v = answer(DenyShape::JsonrpcError, true, &json!("a"), &d());
+    fn jsonrpc_error_has_no_result_type() {
+        let v = answer(DenyShape::JsonrpcError, true, &Id::Str("a".into()), &d());
         assert_eq!(v["error"]["code"], json!(-32001));
-        assert_eq!(v["error"]["data"]["rule"], json!("no-destructive-db"));
         assert_eq!(v["error"]["data"]["decision"], json!("d-1"));
         assert!(v.get("result").is_none());
     }
 
     #[test]
-    fn non_tool_calls_always_get_an_error_object() {
-        let v = answer(DenyShape::ToolError, false, &json!(1), &d());
-        assert_eq!(v["error"]["code"], json!(-32001));
+    fn batch_refusal_of_a_tool_call_carries_result_type() {
+        let v = batch_refusal(DenyShape::ToolError, true, &Id::Int(1), "d-2");
+        assert_eq!(v["result"]["resultType"], json!("complete"));
+        assert!(v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains(BATCH_REFUSAL));
     }
 
     #[test]
-    fn default_rule_is_named() {
-        let mut x = d();
-        x.rule = None;
-        assert!(x.text().contains("rule default"));
-    }
-
-    #[test]
-    fn progress_message_names_owner_and_code() {
-        let v = progress(&json!("tok"), 3, "alice", "ABCD");
-        assert_eq!(v["params"]["progressToken"], json!("tok"));
-        assert_eq!(
-            v["params"]["message"],
-            json!("waiting for approval by alice, code ABCD")
-        );
+    fn refusal_has_null_id() {
+        assert_eq!(refusal("x")["id"], Value::Null);
+        assert_eq!(Denial::refusal("r").decision, "-");
     }
 }

@@ -14,12 +14,12 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::mcp::json;
-use crate::mcp::jsonrpc::{Message, Payload};
+use crate::mcp::jsonrpc::{Id, Message, Payload};
+use crate::mcp::{encoding, headers as mcp_headers};
 
 use super::body::{self, ProxyBody, ReadError};
 use super::client::Upstream;
-use super::deny::{self, Denial, BATCH_REFUSAL};
-use super::encoding;
+use super::deny::{self, Denial};
 use super::filter::{filter_server_data, Filtered, Peer};
 use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
 use super::inspect::{self, Refusal};
@@ -172,10 +172,7 @@ impl Exchange {
     ) -> Response<ProxyBody> {
         tracing::info!(conn = self.conn.conn_id, %reason, "request refused");
         self.gov.refused(&self.conn, reason);
-        let mut r = json_response(
-            status,
-            &json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32600, "message": format!("kya refused this request: {reason}")}}),
-        );
+        let mut r = json_response(status, &deny::refusal(reason));
         if status == StatusCode::REQUEST_TIMEOUT && version == Version::HTTP_11 {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -247,28 +244,8 @@ impl Exchange {
                 )
             }
         };
-        let mut encodings = head.headers.get_all(header::CONTENT_ENCODING).iter();
-        let encoding = match (encodings.next(), encodings.next()) {
-            (None, _) => None,
-            (Some(e), None) => match e.to_str() {
-                Ok(s) => Some(s),
-                Err(_) => {
-                    return self.refuse_http(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        v,
-                        "unreadable Content-Encoding",
-                    )
-                }
-            },
-            (Some(_), Some(_)) => {
-                return self.refuse_http(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    v,
-                    "more than one Content-Encoding header",
-                )
-            }
-        };
-        let decoded = match encoding::decode(encoding, &raw, self.limits.max_body) {
+        let max = usize::try_from(self.limits.max_body).unwrap_or(usize::MAX);
+        let decoded = match encoding::decode_body(&head.headers, &raw, max) {
             Ok(d) => d,
             Err(e) => {
                 return self.refuse_http(StatusCode::UNSUPPORTED_MEDIA_TYPE, v, &e.to_string())
@@ -353,23 +330,25 @@ impl Exchange {
             Value::Array(items) => items.clone(),
             single => vec![single.clone()],
         };
-        if let Err(Refusal(reason)) = inspect::check_mcp_headers(&head.headers, &payload) {
-            self.gov.refused(&self.conn, &reason);
-            let outcomes = payload
-                .messages
-                .iter()
-                .map(|_| {
-                    Outcome::Deny(Denial {
-                        rule: None,
-                        reason: reason.clone(),
-                        decision: "-".into(),
-                    })
-                })
-                .collect();
-            return self.answer(&head, &payload, outcomes);
-        }
-        let session = header_str(&head.headers, "mcp-session-id").map(str::to_string);
-        let pv = header_str(&head.headers, "mcp-protocol-version").map(str::to_string);
+        // Session, protocol version and Mcp-Method/Mcp-Name: validated, and the
+        // latter two must agree with the body.
+        let mcp = match mcp_headers::read_mcp_headers(&head.headers)
+            .and_then(|h| mcp_headers::check_agreement(&h, &payload.messages).map(|()| h))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                let reason = e.to_string();
+                self.gov.refused(&self.conn, &reason);
+                let outcomes = payload
+                    .messages
+                    .iter()
+                    .map(|_| Outcome::Deny(Denial::refusal(reason.clone())))
+                    .collect();
+                return self.answer(&head, &payload, outcomes);
+            }
+        };
+        let session = mcp.session_id;
+        let pv = mcp.protocol_version;
         let session_key = self.session_key(&head);
         let size = payload.messages.len();
 
@@ -421,19 +400,22 @@ impl Exchange {
                 let legacy = self.legacy_injector(&head).is_some();
                 let single = size == 1 && holds.len() == 1;
                 let token = payload.messages.first().and_then(|m| match m {
-                    Message::ToolCall(t) => t.progress_token.as_ref().map(|p| p.to_value()),
+                    Message::ToolCall(t) => t.progress_token.clone(),
                     _ => None,
                 });
                 if single && !legacy && accepts_sse(&head.headers) && token.is_some() {
                     if let (Some((_, _, owner, binding, wait)), Some(token)) = (holds.pop(), token)
                     {
-                        let id = payload.messages[0]
-                            .id()
-                            .map(|i| i.to_value())
-                            .unwrap_or(Value::Null);
+                        let Some(id) = payload.messages[0].id().cloned() else {
+                            return self.answer(&head, &payload, outcomes);
+                        };
                         let is_tool = matches!(payload.messages[0], Message::ToolCall(_));
-                        let key =
-                            sessions::held_key(&self.conn.dst, &server, Some(&session_key), &id);
+                        let key = sessions::held_key(
+                            &self.conn.dst,
+                            &server,
+                            Some(&session_key),
+                            &id.to_value(),
+                        );
                         return self.hold_with_progress(
                             server, head, value, key, id, is_tool, token, owner, binding, wait,
                         );
@@ -473,7 +455,7 @@ impl Exchange {
         match sessions::register_held(key) {
             Some((_guard, cancel)) => tokio::select! {
                 r = wait => to_outcome(r),
-                _ = cancel => Outcome::Deny(Denial { rule: None, reason: "cancelled by the client while held".into(), decision: "-".into() }),
+                _ = cancel => Outcome::Deny(Denial::refusal("cancelled by the client while held")),
             },
             None => Outcome::Deny(Denial {
                 rule: None,
@@ -501,23 +483,19 @@ impl Exchange {
     ) -> Response<ProxyBody> {
         let mut answers = Vec::new();
         for (msg, outcome) in payload.messages.iter().zip(outcomes) {
-            let Some(id) = msg.id().map(|i| i.to_value()) else {
+            let Some(id) = msg.id() else {
                 continue;
             };
             if matches!(msg, Message::Response(_) | Message::Error(_)) {
                 continue;
             }
             let is_tool = matches!(msg, Message::ToolCall(_));
-            let denial = match outcome {
-                Outcome::Deny(d) => d,
-                Outcome::Allow(decision) => Denial {
-                    rule: None,
-                    reason: BATCH_REFUSAL.into(),
-                    decision,
-                },
+            let shape = self.limits.deny_shape;
+            answers.push(match outcome {
+                Outcome::Deny(d) => deny::answer(shape, is_tool, id, &d),
+                Outcome::Allow(decision) => deny::batch_refusal(shape, is_tool, id, &decision),
                 Outcome::Pass => continue,
-            };
-            answers.push(deny::answer(self.limits.deny_shape, is_tool, &id, &denial));
+            });
         }
         if let Some(tx) = self.legacy_injector(head) {
             // Legacy transport: the server would answer 202 and send the response on
@@ -550,9 +528,9 @@ impl Exchange {
         head: Head,
         value: Value,
         key: String,
-        id: Value,
+        id: Id,
         is_tool: bool,
-        token: Value,
+        token: Id,
         owner: String,
         binding: String,
         mut wait: super::governor::BoxFuture<'static, Ruling>,
@@ -564,11 +542,7 @@ impl Exchange {
         tokio::spawn(async move {
             let _count = count;
             let Some((_guard, mut cancel)) = registration else {
-                let d = Denial {
-                    rule: None,
-                    reason: "a call with this id is already held".into(),
-                    decision: "-".into(),
-                };
+                let d = Denial::refusal("a call with this id is already held");
                 stream::send_message(&tx, &deny::answer(self.limits.deny_shape, is_tool, &id, &d))
                     .await;
                 return;
@@ -585,7 +559,7 @@ impl Exchange {
                         }
                         step += 1;
                     }
-                    _ = &mut cancel => break Outcome::Deny(Denial { rule: None, reason: "cancelled by the client while held".into(), decision: "-".into() }),
+                    _ = &mut cancel => break Outcome::Deny(Denial::refusal("cancelled by the client while held")),
                     _ = tx.closed() => return,
                 }
             };
@@ -598,7 +572,7 @@ impl Exchange {
                     .await;
                 }
                 Outcome::Allow(_) | Outcome::Pass => {
-                    self.forward_into_stream(&server, &head, &value, &id, tx)
+                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
                         .await
                 }
             }
@@ -787,11 +761,8 @@ impl Exchange {
                     )
                 }
             };
-        let decoded = match encoding::decode(
-            header_str(&parts.headers, "content-encoding"),
-            &raw,
-            self.limits.max_body,
-        ) {
+        let max = usize::try_from(self.limits.max_body).unwrap_or(usize::MAX);
+        let decoded = match encoding::decode_body(&parts.headers, &raw, max) {
             Ok(d) => d,
             Err(e) => {
                 return self.refuse_http(

@@ -1,5 +1,5 @@
-//! Reading an agent's request: which server it addresses, whether its body is
-//! JSON-RPC, and whether its headers agree with its body.
+//! Reading an agent's request: which server it addresses and whether its body is
+//! JSON-RPC (`Mcp-*` header agreement is [`crate::mcp::headers`]).
 //!
 //! MCP is recognised by content, not by port or path: any body whose first
 //! significant byte opens a JSON object or array, or that is declared JSON, is read
@@ -11,8 +11,9 @@
 use http::{HeaderMap, Uri};
 use serde_json::Value;
 
+use crate::mcp::headers;
 use crate::mcp::json::{self, fold_case, JsonLimits};
-use crate::mcp::jsonrpc::{self, Message, Payload};
+use crate::mcp::jsonrpc::{self, Payload};
 
 use super::governor::ConnFacts;
 
@@ -99,24 +100,6 @@ pub fn read_body(
     Ok(Body::JsonRpc { payload, value })
 }
 
-/// The name [`Message`] carries for `Mcp-Name`: the tool, prompt or resource.
-fn message_name(m: &Message) -> Option<String> {
-    match m {
-        Message::ToolCall(t) => Some(t.name.clone()),
-        Message::Request(r) => {
-            let p = r.params.as_ref()?;
-            match r.method.as_str() {
-                "prompts/get" => p.get("name")?.as_str().map(str::to_string),
-                "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                    p.get("uri")?.as_str().map(str::to_string)
-                }
-                _ => None,
-            }
-        }
-        _ => None,
-    }
-}
-
 fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Refusal> {
     let mut it = headers.get_all(name).iter();
     let Some(first) = it.next() else {
@@ -131,62 +114,16 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a st
         .map_err(|_| Refusal(format!("{name} header is not visible ASCII")))
 }
 
-/// The 2026-07-28 draft's `Mcp-Method` / `Mcp-Name` headers must say what the body
-/// says: a server (or a gateway in front of it) may route on the header while kya
-/// decided on the body.
-pub fn check_mcp_headers(headers: &HeaderMap, payload: &Payload) -> Result<(), Refusal> {
-    let method = single_header(headers, "mcp-method")?;
-    let name = single_header(headers, "mcp-name")?;
-    if method.is_none() && name.is_none() {
-        return Ok(());
-    }
-    if payload.batch {
-        return Err(Refusal("Mcp-Method/Mcp-Name headers on a batch".into()));
-    }
-    let Some(m) = payload.messages.first() else {
-        return Err(Refusal("empty payload".into()));
-    };
-    if let Some(h) = method {
-        if m.method() != Some(h) {
-            return Err(Refusal(format!(
-                "Mcp-Method header {h:?} disagrees with the body's method {:?}",
-                m.method().unwrap_or("")
-            )));
-        }
-    }
-    if let Some(h) = name {
-        match message_name(m) {
-            Some(body_name) if body_name == h => {}
-            other => {
-                return Err(Refusal(format!(
-                    "Mcp-Name header {h:?} disagrees with the body's name {:?}",
-                    other.unwrap_or_default()
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Host part of an authority, port stripped, lowercased, trailing dot removed.
-pub fn host_of(authority: &str) -> String {
-    let a = authority.trim();
-    let host = if let Some(rest) = a.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else if a.matches(':').count() == 1 {
-        a.split(':').next().unwrap_or("")
-    } else {
-        a
-    };
-    host.trim_end_matches('.').to_ascii_lowercase()
+fn normalize(host: &str) -> Result<String, Refusal> {
+    headers::normalize_host(host).map_err(|e| Refusal(e.to_string()))
 }
 
 /// The server a request addresses: SNI, else `Host` (or the URI's authority), else
 /// the destination IP. A `Host` that disagrees with the SNI is domain fronting: the
 /// TLS layer authorised one name, the HTTP layer addresses another.
 pub fn server_name(conn: &ConnFacts, headers: &HeaderMap, uri: &Uri) -> Result<String, Refusal> {
-    let host_header = single_header(headers, "host")?.map(host_of);
-    let uri_host = uri.authority().map(|a| host_of(a.as_str()));
+    let host_header = single_header(headers, "host")?.map(normalize).transpose()?;
+    let uri_host = uri.authority().map(|a| normalize(a.as_str())).transpose()?;
     if let (Some(h), Some(u)) = (&host_header, &uri_host) {
         if h != u {
             return Err(Refusal(format!(
@@ -194,10 +131,10 @@ pub fn server_name(conn: &ConnFacts, headers: &HeaderMap, uri: &Uri) -> Result<S
             )));
         }
     }
-    let host = host_header.or(uri_host).filter(|h| !h.is_empty());
+    let host = host_header.or(uri_host);
     match (&conn.sni, host) {
         (Some(sni), Some(host)) => {
-            let sni = host_of(sni);
+            let sni = normalize(sni)?;
             if sni != host {
                 return Err(Refusal(format!(
                     "Host {host:?} does not match the TLS SNI {sni:?} (domain fronting)"
@@ -205,7 +142,7 @@ pub fn server_name(conn: &ConnFacts, headers: &HeaderMap, uri: &Uri) -> Result<S
             }
             Ok(sni)
         }
-        (Some(sni), None) => Ok(host_of(sni)),
+        (Some(sni), None) => normalize(sni),
         (None, Some(host)) => Ok(host),
         (None, None) => Ok(conn.dst.ip().to_string()),
     }
@@ -277,42 +214,13 @@ mod tests {
         let b = br#"{"jsonrpc":"2.0","id":1,"method":"tools\u002fcall","params":{"name":"x"}}"#;
         match rb(Some("application/json"), b).unwrap() {
             Body::JsonRpc { payload, .. } => {
-                assert!(matches!(payload.messages[0], Message::ToolCall(_)))
+                assert!(matches!(
+                    payload.messages[0],
+                    crate::mcp::jsonrpc::Message::ToolCall(_)
+                ))
             }
             Body::Opaque => panic!("opaque"),
         }
-    }
-
-    fn payload(b: &[u8]) -> Payload {
-        match rb(None, b).unwrap() {
-            Body::JsonRpc { payload, .. } => payload,
-            Body::Opaque => panic!("opaque"),
-        }
-    }
-
-    #[test]
-    fn mcp_headers_must_agree() {
-        let p = payload(
-            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}}"#,
-        );
-        let mut h = HeaderMap::new();
-        assert!(check_mcp_headers(&h, &p).is_ok());
-        h.insert("mcp-method", HeaderValue::from_static("tools/call"));
-        h.insert("mcp-name", HeaderValue::from_static("search"));
-        assert!(check_mcp_headers(&h, &p).is_ok());
-        h.insert("mcp-name", HeaderValue::from_static("delete"));
-        assert!(check_mcp_headers(&h, &p).is_err());
-        h.remove("mcp-name");
-        h.insert("mcp-method", HeaderValue::from_static("tools/list"));
-        assert!(check_mcp_headers(&h, &p).is_err());
-        let mut h2 = HeaderMap::new();
-        h2.append("mcp-method", HeaderValue::from_static("tools/call"));
-        h2.append("mcp-method", HeaderValue::from_static("tools/call"));
-        assert!(check_mcp_headers(&h2, &p).is_err());
-        let batch = payload(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#);
-        let mut h3 = HeaderMap::new();
-        h3.insert("mcp-method", HeaderValue::from_static("ping"));
-        assert!(check_mcp_headers(&h3, &batch).is_err());
     }
 
     #[test]
@@ -339,12 +247,8 @@ mod tests {
         two.append("host", HeaderValue::from_static("a"));
         two.append("host", HeaderValue::from_static("b"));
         assert!(server_name(&conn(None), &two, &uri).is_err());
-    }
-
-    #[test]
-    fn host_parsing() {
-        assert_eq!(host_of("[::1]:8080"), "::1");
-        assert_eq!(host_of("Example.COM."), "example.com");
-        assert_eq!(host_of("a:1"), "a");
+        let mut bad = HeaderMap::new();
+        bad.insert("host", HeaderValue::from_static("a b"));
+        assert!(server_name(&conn(None), &bad, &uri).is_err());
     }
 }

@@ -9,10 +9,9 @@
 //!
 //! * [`governor`]: the seam to policy, approvals and audit.
 //! * [`limits`]: every bound.
-//! * [`inspect`]: server name, JSON-RPC recognition, `Mcp-*` header agreement.
-//! * [`encoding`]: bounded `Content-Encoding` decoding.
+//! * [`inspect`]: server name (Host vs SNI) and JSON-RPC recognition by content.
 //! * [`body`]: bounded body reading and the proxy's body type.
-//! * [`deny`]: the denial shapes.
+//! * [`deny`]: the denials (built by [`crate::mcp::deny`]).
 //! * [`sessions`]: legacy SSE sessions and held calls, across connections.
 //! * [`client`]: the upstream hyper connection.
 //! * [`sniff`]: the plaintext HTTP/2 preface check.
@@ -20,7 +19,6 @@
 pub mod body;
 pub mod client;
 pub mod deny;
-pub mod encoding;
 pub mod exchange;
 pub mod filter;
 pub mod governor;
