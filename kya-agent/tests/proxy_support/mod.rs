@@ -372,6 +372,11 @@ fn rand_id() -> u64 {
 
 /// Start the recording upstream (HTTP/1.1 and prior-knowledge h2).
 pub async fn upstream() -> Upstream {
+    upstream_with(None).await
+}
+
+/// The recording upstream, over TLS when `tls` is given (ALPN picks h2 or HTTP/1.1).
+pub async fn upstream_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -383,12 +388,22 @@ pub async fn upstream() -> Upstream {
                 return;
             };
             let (s3, l3) = (s2.clone(), l2.clone());
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(move |r| upstream_handle(r, s3.clone(), l3.clone()));
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(sock), svc)
-                    .await;
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(sock), svc).await;
+                    }
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(sock).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
             });
         }
     });
