@@ -51,6 +51,29 @@ impl Pki {
         )
     }
 
+    /// A leaf for `names` as PEM files in `dir` (for peers that read files).
+    fn leaf_pem(
+        &self,
+        names: &[&str],
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let (c, k) = (dir.join("leaf.pem"), dir.join("leaf.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn ca_pem(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca_cert.pem()).unwrap();
+        path
+    }
+
     fn acceptor(&self, name: &str, alpn: &[&[u8]]) -> TlsAcceptor {
         let (chain, key) = self.leaf(name);
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -305,4 +328,83 @@ async fn garbage_after_the_handshake_is_closed_cleanly() {
     let text = String::from_utf8_lossy(&out);
     assert!(out.is_empty() || text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(up.seen().is_empty());
+}
+
+/// Real h2 peers on both sides: PyPI `httpx` (http2=True) → kya (TLS, ALPN h2 on
+/// both legs) → PyPI `hypercorn` serving the Python MCP server over h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_h2_peers_httpx_to_hypercorn() {
+    ensure_peers();
+    let pki = Arc::new(Pki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.leaf_pem(&["mcp.test"], dir.path());
+    let ca = pki.ca_pem(dir.path());
+    let log = dir.path().join("ran");
+    let port = free_port();
+    let child = tokio::process::Command::new(peers().join(".venv/bin/hypercorn"))
+        .arg("--certfile")
+        .arg(&cert)
+        .arg("--keyfile")
+        .arg(&key)
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("asgi:app")
+        .current_dir(peers())
+        .env("KYA_PEER_LOG", &log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let _srv = Peer(child);
+    wait_listening(port).await;
+    let gov = default_gov();
+    let alpns: Alpns = Default::default();
+    let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = tls_proxy(
+        pki.clone(),
+        upstream,
+        "mcp.test",
+        gov.clone(),
+        alpns.clone(),
+    )
+    .await;
+
+    // The client reaches the proxy by IP (as the redirect would deliver it) and
+    // sends SNI and Host "mcp.test" (KYA_SNI), so both legs name the same server.
+    let call = |tool: &'static str, args: &'static str| {
+        let ca = ca.clone();
+        async move {
+            let out = tokio::process::Command::new(peers().join(".venv/bin/python"))
+                .arg(peers().join("h2_call.py"))
+                .arg(format!("https://127.0.0.1:{}/mcp", addr.port()))
+                .arg(&ca)
+                .arg(tool)
+                .arg(args)
+                .env("KYA_SNI", "mcp.test")
+                .output()
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            serde_json::from_str::<Value>(text.lines().last().unwrap_or("")).unwrap_or_else(|_| {
+                panic!("h2_call: {text} {}", String::from_utf8_lossy(&out.stderr))
+            })
+        }
+    };
+    let v = call("search_docs", r#"{"query":"h2"}"#).await;
+    assert_eq!(v["http_version"], "HTTP/2", "{v}");
+    assert_eq!(
+        v["body"]["result"]["content"][0]["text"], "found 3 documents about h2",
+        "{v}"
+    );
+    let v = call("delete_records", r#"{"table":"t"}"#).await;
+    assert_eq!(v["body"]["result"]["isError"], json!(true), "{v}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        "search_docs\n"
+    );
+    for (served, agreed) in alpns.lock().unwrap().iter() {
+        assert_eq!(served.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
+    }
 }

@@ -624,3 +624,63 @@ pub fn post_req(
     }
     b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
 }
+
+// ---- real peers (tests/peers, installed by setup.sh) ----
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub fn peers() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/peers")
+}
+
+/// Install the peers once per test binary (the script is idempotent and fast when
+/// already installed). Setup serialises on a lock so parallel tests wait for it.
+pub fn ensure_peers() {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let r = DONE.get_or_init(|| {
+        let out = std::process::Command::new("sh")
+            .arg(peers().join("setup.sh"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    if let Err(e) = r {
+        panic!("tests/peers/setup.sh failed: {e}");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A peer process, killed (by its own pid) when the test ends.
+pub struct Peer(pub tokio::process::Child);
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+pub async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("peer on port {port} never listened");
+}
