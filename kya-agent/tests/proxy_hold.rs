@@ -250,3 +250,30 @@ async fn too_many_holds_on_one_connection_are_denied() {
     }
     assert!(up.seen().is_empty());
 }
+
+#[tokio::test]
+async fn disconnect_without_sse_abandons_the_hold() {
+    let up = upstream().await;
+    let gov = default_gov();
+    let addr = proxy(up.addr, gov.clone(), limits(), HttpVersion::H1, None).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = call(1, "transfer", json!({})).to_string();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(
+        format!("POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+    )
+    .await
+    .unwrap();
+    gov.wait_for_hold("transfer").await;
+    drop(s);
+    let mut abandoned = false;
+    for _ in 0..100 {
+        if !gov.abandoned.lock().unwrap().is_empty() {
+            abandoned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(abandoned, "the governor was not told of the disconnect");
+    assert!(up.seen().is_empty());
+}

@@ -52,6 +52,15 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The defaults with the configured `intercept.max_body` and `deny_shape`.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            max_body: cfg.max_body,
+            deny_shape: cfg.deny_shape,
+            ..Self::default()
+        }
+    }
+
     /// The strict JSON parser's bounds.
     pub fn json(&self) -> JsonLimits {
         JsonLimits {
@@ -65,5 +74,26 @@ impl Limits {
         SseLimits {
             max_event_bytes: self.max_sse_event,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_file, Config};
+
+    #[test]
+    fn config_sets_body_limit_and_shape() {
+        let file = parse_file(
+            std::path::Path::new("k.toml"),
+            "[intercept]\nmax_body = \"1KiB\"\ndeny_shape = \"jsonrpc_error\"\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(file, &Default::default()).unwrap();
+        let l = Limits::from_config(&cfg);
+        assert_eq!(l.max_body, 1024);
+        assert_eq!(l.deny_shape, DenyShape::JsonrpcError);
+        assert_eq!(l.json().max_bytes, 1024);
+        assert_eq!(l.max_batch, Limits::default().max_batch);
     }
 }
