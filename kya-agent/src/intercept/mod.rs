@@ -6,7 +6,9 @@
 //! * [`listener`]: the accept loops on 127.0.0.1 and ::1.
 //! * [`upstream`]: connecting to the original destination without being redirected again.
 //! * [`splice`]: copying bytes both ways, unchanged.
+//! * [`http`]: the HTTP/MCP proxy for inspected connections.
 
+pub mod http;
 pub mod kernel_origin;
 pub mod listener;
 pub mod origin;

@@ -1,0 +1,152 @@
+//! Bodies: the one body type the proxy hands to hyper, and bounded reading of the
+//! agent's and the server's bodies.
+//!
+//! Every body kya inspects is read whole before anything is decided, so reading is
+//! bounded in size (an oversize body is refused, not truncated) and, for agent
+//! bodies, in time: a body dripped a byte at a time would otherwise pin a task and
+//! a held connection forever.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::mpsc;
+
+/// A body error: whatever failed below (hyper, a closed channel).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response the proxy produces.
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// A complete body.
+pub fn full(data: impl Into<Bytes>) -> ProxyBody {
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// No body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// The agent's or server's body passed through unchanged, streaming.
+pub fn stream(incoming: Incoming) -> ProxyBody {
+    incoming.map_err(|e| Box::new(e) as BodyError).boxed()
+}
+
+/// A body fed by a task: the proxy writes SSE events (inspected, injected, progress)
+/// into the sender. When the client goes away hyper drops the body, the receiver
+/// closes, and the writer sees `Sender::closed()`: that is how a hold learns of a
+/// disconnect.
+pub fn channel(capacity: usize) -> (mpsc::Sender<Bytes>, ProxyBody) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (tx, ChannelBody { rx }.boxed())
+}
+
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Why a body was not read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("body exceeds the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("body not received within {0:?}")]
+    TimedOut(Duration),
+    #[error("body read failed: {0}")]
+    Transport(BodyError),
+}
+
+/// Read a whole body of at most `limit` bytes within `deadline`.
+pub async fn read_bounded<B>(body: B, limit: u64, deadline: Duration) -> Result<Bytes, ReadError>
+where
+    B: Body + Unpin,
+    B::Data: bytes::Buf,
+    B::Error: Into<BodyError>,
+{
+    // A declared length over the limit is refused before a byte is read.
+    if body.size_hint().lower() > limit {
+        return Err(ReadError::TooLarge(limit));
+    }
+    match tokio::time::timeout(deadline, read_all(body, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(ReadError::TimedOut(deadline)),
+    }
+}
+
+async fn read_all<B>(mut body: B, limit: u64) -> Result<Bytes, ReadError>
+where
+    B: Body + Unpin,
+    B::Data: bytes::Buf,
+    B::Error: Into<BodyError>,
+{
+    use bytes::Buf;
+    let mut out = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Transport(e.into()))?;
+        if let Ok(mut data) = frame.into_data() {
+            if out.len() as u64 + data.remaining() as u64 > limit {
+                return Err(ReadError::TooLarge(limit));
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                out.extend_from_slice(chunk);
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_within_limit() {
+        let b = Full::new(Bytes::from_static(b"hello"));
+        let got = read_bounded(b, 5, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(&got[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn refuses_oversize() {
+        let b = Full::new(Bytes::from_static(b"hello!"));
+        assert!(matches!(
+            read_bounded(b, 5, Duration::from_secs(1)).await,
+            Err(ReadError::TooLarge(5))
+        ));
+    }
+
+    #[tokio::test]
+    async fn refuses_a_slow_body() {
+        let (tx, body) = channel(1);
+        tx.send(Bytes::from_static(b"{")).await.unwrap();
+        // The sender stays open and never finishes the body.
+        let r = read_bounded(body, 100, Duration::from_millis(50)).await;
+        assert!(matches!(r, Err(ReadError::TimedOut(_))));
+        drop(tx);
+    }
+}

@@ -1,0 +1,790 @@
+//! One HTTP exchange through the proxy: read the agent's request, have every
+//! JSON-RPC message decided, then forward the canonical bytes, answer with the
+//! denial, or hold; and judge what the server answers.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body as _, Incoming};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::mcp::json;
+use crate::mcp::jsonrpc::{Id, Message, Payload};
+use crate::mcp::{encoding, headers as mcp_headers};
+
+use super::body::{self, ProxyBody, ReadError};
+use super::client::Upstream;
+use super::deny::{self, Denial};
+use super::filter::{filter_server_data, Filtered, Peer};
+use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
+use super::inspect::{self, Refusal};
+use super::limits::Limits;
+use super::sessions;
+use super::stream;
+
+/// The request head, kept to build the upstream request (possibly later, after a hold).
+#[derive(Debug, Clone)]
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// What was decided for one message of a request.
+#[derive(Debug)]
+enum Outcome {
+    Allow(String),
+    Deny(Denial),
+    /// A response or error the client sends back to the server (the answer to a
+    /// server→client request that was already decided on its way in): not decided.
+    Pass,
+}
+
+/// Per-connection state shared by all its exchanges.
+pub(super) struct Exchange {
+    pub gov: Arc<dyn Governor>,
+    pub conn: Arc<ConnFacts>,
+    pub limits: Limits,
+    pub upstream: Upstream,
+    /// Calls currently held on this connection.
+    pub held: Arc<AtomicUsize>,
+}
+
+/// Counts a held call for as long as it lives.
+struct HeldCount(Arc<AtomicUsize>);
+
+impl Drop for HeldCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Copy headers minus hop-by-hop ones (and those the `Connection` header names).
+fn end_to_end(h: &HeaderMap, also_drop: &[&str]) -> HeaderMap {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(h.len());
+    for (k, v) in h {
+        let n = k.as_str();
+        if HOP_BY_HOP.contains(&n) || also_drop.contains(&n) || named.iter().any(|x| x == n) {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    out
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
+    let bytes = json::to_canonical_bytes(value);
+    let mut r = Response::new(body::full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn empty_response(status: StatusCode) -> Response<ProxyBody> {
+    let mut r = Response::new(body::empty());
+    *r.status_mut() = status;
+    r
+}
+
+fn accepts_sse(h: &HeaderMap) -> bool {
+    h.get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/event-stream"))
+}
+
+fn is_sse(h: &HeaderMap) -> bool {
+    header_str(h, "content-type").is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("text/event-stream")
+    })
+}
+
+fn to_outcome(r: Ruling) -> Outcome {
+    match r {
+        Ruling::Allow { decision_id } => Outcome::Allow(decision_id),
+        Ruling::Deny {
+            decision_id,
+            rule,
+            reason,
+        } => Outcome::Deny(Denial {
+            rule,
+            reason,
+            decision: decision_id,
+        }),
+        Ruling::Hold { decision_id, .. } => Outcome::Deny(Denial {
+            rule: None,
+            reason: "a hold resolved to another hold".into(),
+            decision: decision_id,
+        }),
+    }
+}
+
+impl Exchange {
+    /// hyper's service entry point; never fails (every failure is an HTTP answer).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        Ok(self.handle_request(req).await)
+    }
+
+    /// A refusal without a JSON-RPC id to answer: an HTTP error whose body is still a
+    /// JSON-RPC error, so an MCP client shows the reason.
+    fn refuse_http(
+        &self,
+        status: StatusCode,
+        version: Version,
+        reason: &str,
+    ) -> Response<ProxyBody> {
+        tracing::info!(conn = self.conn.conn_id, %reason, "request refused");
+        self.gov.refused(&self.conn, reason);
+        let mut r = json_response(status, &deny::refusal(reason));
+        if status == StatusCode::REQUEST_TIMEOUT && version == Version::HTTP_11 {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    fn peer(&self, server: &str, head: &Head) -> Peer {
+        Peer {
+            gov: self.gov.clone(),
+            conn: self.conn.clone(),
+            server: server.to_string(),
+            session: header_str(&head.headers, "mcp-session-id").map(str::to_string),
+            protocol_version: header_str(&head.headers, "mcp-protocol-version").map(str::to_string),
+            limits: self.limits.clone(),
+        }
+    }
+
+    async fn handle_request(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (parts, incoming) = req.into_parts();
+        let head = Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        };
+        let v = head.version;
+        if head.headers.len() > self.limits.max_headers {
+            return self.refuse_http(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                v,
+                "too many header fields",
+            );
+        }
+        let server = match inspect::server_name(&self.conn, &head.headers, &head.uri) {
+            Ok(s) => s,
+            Err(Refusal(r)) => return self.refuse_http(StatusCode::MISDIRECTED_REQUEST, v, &r),
+        };
+        if incoming.is_end_stream() {
+            let mcp = head.headers.contains_key("mcp-session-id")
+                || head.headers.contains_key("mcp-protocol-version");
+            return self
+                .forward(&server, &head, body::empty(), None, false, mcp)
+                .await;
+        }
+        let raw = match body::read_bounded(incoming, self.limits.max_body, self.limits.body_timeout)
+            .await
+        {
+            Ok(b) => b,
+            Err(ReadError::TooLarge(n)) => {
+                return self.refuse_http(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    v,
+                    &format!("request body over {n} bytes"),
+                )
+            }
+            Err(ReadError::TimedOut(d)) => {
+                return self.refuse_http(
+                    StatusCode::REQUEST_TIMEOUT,
+                    v,
+                    &format!("request body not received within {d:?}"),
+                )
+            }
+            Err(ReadError::Transport(e)) => {
+                return self.refuse_http(
+                    StatusCode::BAD_REQUEST,
+                    v,
+                    &format!("request body unreadable: {e}"),
+                )
+            }
+        };
+        let max = usize::try_from(self.limits.max_body).unwrap_or(usize::MAX);
+        let decoded = match encoding::decode_body(&head.headers, &raw, max) {
+            Ok(d) => d,
+            Err(e) => {
+                return self.refuse_http(StatusCode::UNSUPPORTED_MEDIA_TYPE, v, &e.to_string())
+            }
+        };
+        let ct = header_str(&head.headers, "content-type");
+        match inspect::read_body(ct, &decoded, &self.limits.json(), self.limits.max_batch) {
+            Err(Refusal(r)) => self.refuse_http(StatusCode::BAD_REQUEST, v, &r),
+            Ok(inspect::Body::Opaque) => {
+                let len = raw.len();
+                self.forward(&server, &head, body::full(raw), Some(len), false, false)
+                    .await
+            }
+            Ok(inspect::Body::JsonRpc { payload, value }) => {
+                self.govern(server, head, payload, value).await
+            }
+        }
+    }
+
+    fn call_facts(
+        &self,
+        server: &str,
+        session: Option<&str>,
+        pv: Option<&str>,
+        msg: &Message,
+        raw: &Value,
+        batch: Option<(usize, usize)>,
+    ) -> CallFacts {
+        let params = raw
+            .get("params")
+            .cloned()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        let (tool, args, progress_token) = match msg {
+            Message::ToolCall(t) => (
+                Some(t.name.clone()),
+                Value::Object(t.arguments.clone()),
+                t.progress_token.as_ref().map(|p| p.to_value()),
+            ),
+            _ => {
+                let p = params
+                    .get("_meta")
+                    .and_then(|m| m.get("progressToken"))
+                    .cloned();
+                (None, params, p)
+            }
+        };
+        CallFacts {
+            conn: self.conn.clone(),
+            server: server.to_string(),
+            direction: Direction::ClientToServer,
+            method: msg.method().unwrap_or_default().to_string(),
+            tool,
+            args,
+            jsonrpc_id: msg.id().map(|i| i.to_value()),
+            session: session.map(str::to_string),
+            protocol_version: pv.map(str::to_string),
+            progress_token,
+            batch,
+        }
+    }
+
+    /// The session a held call belongs to, for matching `notifications/cancelled`:
+    /// the `Mcp-Session-Id`, or for the legacy transport the message URL.
+    fn session_key(&self, head: &Head) -> String {
+        match header_str(&head.headers, "mcp-session-id") {
+            Some(s) => format!("sid:{s}"),
+            None => format!(
+                "url:{}",
+                head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+            ),
+        }
+    }
+
+    async fn govern(
+        self: Arc<Self>,
+        server: String,
+        head: Head,
+        payload: Payload,
+        value: Value,
+    ) -> Response<ProxyBody> {
+        let raws: Vec<Value> = match &value {
+            Value::Array(items) => items.clone(),
+            single => vec![single.clone()],
+        };
+        // Session, protocol version and Mcp-Method/Mcp-Name: validated, and the
+        // latter two must agree with the body.
+        let mcp = match mcp_headers::read_mcp_headers(&head.headers)
+            .and_then(|h| mcp_headers::check_agreement(&h, &payload.messages).map(|()| h))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                let reason = e.to_string();
+                self.gov.refused(&self.conn, &reason);
+                let outcomes = payload
+                    .messages
+                    .iter()
+                    .map(|_| Outcome::Deny(Denial::refusal(reason.clone())))
+                    .collect();
+                return self.answer(&head, &payload, outcomes);
+            }
+        };
+        let session = mcp.session_id;
+        let pv = mcp.protocol_version;
+        let session_key = self.session_key(&head);
+        let size = payload.messages.len();
+
+        let mut outcomes = Vec::with_capacity(size);
+        let mut holds = Vec::new();
+        for (i, (msg, raw)) in payload.messages.iter().zip(&raws).enumerate() {
+            if let Message::Notification(n) = msg {
+                if n.method == "notifications/cancelled" {
+                    if let Some(id) = n.params.as_ref().and_then(|p| p.get("requestId")) {
+                        let key =
+                            sessions::held_key(&self.conn.dst, &server, Some(&session_key), id);
+                        if sessions::cancel_held(&key) {
+                            tracing::info!(conn = self.conn.conn_id, request = %id, "held call cancelled by the client");
+                        }
+                    }
+                }
+            }
+            if matches!(msg, Message::Response(_) | Message::Error(_)) {
+                outcomes.push(Outcome::Pass);
+                continue;
+            }
+            let batch = payload.batch.then_some((i, size));
+            let facts =
+                self.call_facts(&server, session.as_deref(), pv.as_deref(), msg, raw, batch);
+            match self.gov.decide(facts).await {
+                Ruling::Hold {
+                    decision_id,
+                    owner,
+                    binding,
+                    wait,
+                } => {
+                    holds.push((i, decision_id.clone(), owner, binding, wait));
+                    outcomes.push(Outcome::Allow(decision_id));
+                }
+                other => outcomes.push(to_outcome(other)),
+            }
+        }
+
+        if !holds.is_empty() {
+            if self.held.load(Ordering::Acquire) + holds.len() > self.limits.max_held_per_conn {
+                for (i, decision_id, ..) in holds {
+                    outcomes[i] = Outcome::Deny(Denial {
+                        rule: None,
+                        reason: "too many calls held for approval on this connection".into(),
+                        decision: decision_id,
+                    });
+                }
+            } else {
+                let legacy = self.legacy_injector(&head).is_some();
+                let single = size == 1 && holds.len() == 1;
+                let token = payload.messages.first().and_then(|m| match m {
+                    Message::ToolCall(t) => t.progress_token.clone(),
+                    _ => None,
+                });
+                if single && !legacy && accepts_sse(&head.headers) && token.is_some() {
+                    if let (Some((_, _, owner, binding, wait)), Some(token)) = (holds.pop(), token)
+                    {
+                        let Some(id) = payload.messages[0].id().cloned() else {
+                            return self.answer(&head, &payload, outcomes);
+                        };
+                        let is_tool = matches!(payload.messages[0], Message::ToolCall(_));
+                        let key = sessions::held_key(
+                            &self.conn.dst,
+                            &server,
+                            Some(&session_key),
+                            &id.to_value(),
+                        );
+                        return self.hold_with_progress(
+                            server, head, value, key, id, is_tool, token, owner, binding, wait,
+                        );
+                    }
+                }
+                for (i, _decision_id, owner, binding, wait) in holds {
+                    let id = payload.messages[i]
+                        .id()
+                        .map(|x| x.to_value())
+                        .unwrap_or(Value::Null);
+                    let key = sessions::held_key(&self.conn.dst, &server, Some(&session_key), &id);
+                    tracing::info!(conn = self.conn.conn_id, %owner, %binding, "call held for approval");
+                    outcomes[i] = self.await_hold(key, wait).await;
+                }
+            }
+        }
+
+        let all_allowed = outcomes.iter().all(|o| !matches!(o, Outcome::Deny(_)));
+        if all_allowed {
+            let bytes = json::to_canonical_bytes(&value);
+            let len = bytes.len();
+            return self
+                .forward(&server, &head, body::full(bytes), Some(len), true, true)
+                .await;
+        }
+        self.answer(&head, &payload, outcomes)
+    }
+
+    /// Wait for a held call's final ruling, or for the client to cancel it.
+    async fn await_hold(
+        &self,
+        key: String,
+        wait: super::governor::BoxFuture<'static, Ruling>,
+    ) -> Outcome {
+        self.held.fetch_add(1, Ordering::AcqRel);
+        let _count = HeldCount(self.held.clone());
+        match sessions::register_held(key) {
+            Some((_guard, cancel)) => tokio::select! {
+                r = wait => to_outcome(r),
+                _ = cancel => Outcome::Deny(Denial::refusal("cancelled by the client while held")),
+            },
+            None => Outcome::Deny(Denial {
+                rule: None,
+                reason: "a call with this id is already held".into(),
+                decision: "-".into(),
+            }),
+        }
+    }
+
+    fn legacy_injector(&self, head: &Head) -> Option<mpsc::Sender<Value>> {
+        if head.method != Method::POST {
+            return None;
+        }
+        let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        sessions::legacy_injector(&stream::legacy_key(&self.conn.dst, pq))
+    }
+
+    /// Answer a request that is not forwarded: each request gets its denial, or the
+    /// batch refusal when it was allowed but shares a batch with a denied call.
+    fn answer(
+        &self,
+        head: &Head,
+        payload: &Payload,
+        outcomes: Vec<Outcome>,
+    ) -> Response<ProxyBody> {
+        let mut answers = Vec::new();
+        for (msg, outcome) in payload.messages.iter().zip(outcomes) {
+            let Some(id) = msg.id() else {
+                continue;
+            };
+            if matches!(msg, Message::Response(_) | Message::Error(_)) {
+                continue;
+            }
+            let is_tool = matches!(msg, Message::ToolCall(_));
+            let shape = self.limits.deny_shape;
+            answers.push(match outcome {
+                Outcome::Deny(d) => deny::answer(shape, is_tool, id, &d),
+                Outcome::Allow(decision) => deny::batch_refusal(shape, is_tool, id, &decision),
+                Outcome::Pass => continue,
+            });
+        }
+        if let Some(tx) = self.legacy_injector(head) {
+            // Legacy transport: the server would answer 202 and send the response on
+            // the session's SSE stream, so kya does the same.
+            for a in answers {
+                if tx.try_send(a).is_err() {
+                    tracing::warn!(
+                        conn = self.conn.conn_id,
+                        "legacy SSE session full or gone; denial not injected"
+                    );
+                }
+            }
+            return empty_response(StatusCode::ACCEPTED);
+        }
+        if answers.is_empty() {
+            return empty_response(StatusCode::ACCEPTED);
+        }
+        let body = if payload.batch {
+            Value::Array(answers)
+        } else {
+            answers.swap_remove(0)
+        };
+        json_response(StatusCode::OK, &body)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn hold_with_progress(
+        self: Arc<Self>,
+        server: String,
+        head: Head,
+        value: Value,
+        key: String,
+        id: Id,
+        is_tool: bool,
+        token: Id,
+        owner: String,
+        binding: String,
+        mut wait: super::governor::BoxFuture<'static, Ruling>,
+    ) -> Response<ProxyBody> {
+        let (tx, out) = body::channel(16);
+        self.held.fetch_add(1, Ordering::AcqRel);
+        let count = HeldCount(self.held.clone());
+        let registration = sessions::register_held(key);
+        tokio::spawn(async move {
+            let _count = count;
+            let Some((_guard, mut cancel)) = registration else {
+                let d = Denial::refusal("a call with this id is already held");
+                stream::send_message(&tx, &deny::answer(self.limits.deny_shape, is_tool, &id, &d))
+                    .await;
+                return;
+            };
+            let mut tick = tokio::time::interval(self.limits.progress_interval);
+            let mut step = 0u64;
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut wait => break to_outcome(r),
+                    _ = tick.tick() => {
+                        if !stream::send_message(&tx, &deny::progress(&token, step, &owner, &binding)).await {
+                            // The client went away: dropping `wait` tells the governor.
+                            return;
+                        }
+                        step += 1;
+                    }
+                    _ = &mut cancel => break Outcome::Deny(Denial::refusal("cancelled by the client while held")),
+                    _ = tx.closed() => return,
+                }
+            };
+            match outcome {
+                Outcome::Deny(d) => {
+                    stream::send_message(
+                        &tx,
+                        &deny::answer(self.limits.deny_shape, is_tool, &id, &d),
+                    )
+                    .await;
+                }
+                Outcome::Allow(_) | Outcome::Pass => {
+                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
+                        .await
+                }
+            }
+        });
+        let mut r = Response::new(out);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    }
+
+    /// After an approved hold: forward and deliver the server's answer as SSE events.
+    async fn forward_into_stream(
+        &self,
+        server: &str,
+        head: &Head,
+        value: &Value,
+        id: &Value,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let bytes = json::to_canonical_bytes(value);
+        let len = bytes.len();
+        let req = self.upstream_request(head, body::full(bytes), Some(len), true);
+        let peer = self.peer(server, head);
+        let fail = |reason: String| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": format!("kya: {reason}")}});
+        let resp = match self.upstream.send(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                stream::send_message(&tx, &fail(e.to_string())).await;
+                return;
+            }
+        };
+        if is_sse(resp.headers()) {
+            let url = self.absolute(head, server);
+            stream::relay(peer, true, url, resp.into_body(), tx).await;
+            return;
+        }
+        let raw = match body::read_bounded(
+            resp.into_body(),
+            self.limits.max_body,
+            self.limits.response_timeout,
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                stream::send_message(&tx, &fail(e.to_string())).await;
+                return;
+            }
+        };
+        match filter_server_data(&peer, &raw, true).await {
+            Filtered::JsonRpc(Some(b)) => {
+                if let Ok(v) = json::parse(&b, &self.limits.json()) {
+                    stream::send_message(&tx, &v).await;
+                }
+            }
+            Filtered::JsonRpc(None) => {}
+            Filtered::Opaque | Filtered::Refused(_) => {
+                self.gov.refused(
+                    &self.conn,
+                    "server answer to an approved call is not JSON-RPC",
+                );
+                stream::send_message(&tx, &fail("the server's answer was refused".into())).await;
+            }
+        }
+    }
+
+    /// The absolute URL of a request (the base for legacy `endpoint` resolution).
+    fn absolute(&self, head: &Head, server: &str) -> Option<Uri> {
+        let scheme = if self.conn.tls { "https" } else { "http" };
+        let authority = head
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| header_str(&head.headers, "host").map(str::to_string))
+            .unwrap_or_else(|| server.to_string());
+        let pq = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        format!("{scheme}://{authority}{pq}").parse().ok()
+    }
+
+    fn upstream_request(
+        &self,
+        head: &Head,
+        body: ProxyBody,
+        len: Option<usize>,
+        rewritten: bool,
+    ) -> Request<ProxyBody> {
+        let mut drop: Vec<&str> = vec!["content-length", "accept-encoding"];
+        if rewritten {
+            drop.push("content-encoding");
+        }
+        let mut headers = end_to_end(&head.headers, &drop);
+        if let Some(n) = len {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        let uri = if self.upstream.is_h2() {
+            self.absolute(head, "localhost")
+                .unwrap_or_else(|| head.uri.clone())
+        } else {
+            head.uri
+                .path_and_query()
+                .and_then(|pq| pq.as_str().parse().ok())
+                .unwrap_or_else(|| Uri::from_static("/"))
+        };
+        if self.upstream.is_h2() {
+            headers.remove(header::HOST);
+        }
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = if self.upstream.is_h2() {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        *req.headers_mut() = headers;
+        req
+    }
+
+    /// Forward a request and relay (and judge) the server's answer. `mcp` says the
+    /// exchange is MCP, so JSON answers are strictly parsed and filtered.
+    async fn forward(
+        &self,
+        server: &str,
+        head: &Head,
+        body: ProxyBody,
+        len: Option<usize>,
+        rewritten: bool,
+        mcp: bool,
+    ) -> Response<ProxyBody> {
+        let req = self.upstream_request(head, body, len, rewritten);
+        let resp = match self.upstream.send(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(conn = self.conn.conn_id, error = %e, "upstream request failed");
+                return json_response(
+                    StatusCode::BAD_GATEWAY,
+                    &json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32603, "message": format!("kya: {e}")}}),
+                );
+            }
+        };
+        let (parts, incoming) = resp.into_parts();
+        let peer = self.peer(server, head);
+        if is_sse(&parts.headers) {
+            if parts
+                .headers
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
+            {
+                return self.refuse_http(
+                    StatusCode::BAD_GATEWAY,
+                    head.version,
+                    "compressed event stream from the server",
+                );
+            }
+            let (tx, out) = body::channel(16);
+            let url = self.absolute(head, server);
+            let sse_mcp = mcp || head.uri.path().ends_with("/sse");
+            tokio::spawn(stream::relay(peer, sse_mcp, url, incoming, tx));
+            let mut r = Response::new(out);
+            *r.status_mut() = parts.status;
+            *r.headers_mut() = end_to_end(&parts.headers, &["content-length"]);
+            return r;
+        }
+        let declared_json = inspect::declares_json(header_str(&parts.headers, "content-type"));
+        if !(mcp && (declared_json || !incoming.is_end_stream())) {
+            let mut r = Response::new(body::stream(incoming));
+            *r.status_mut() = parts.status;
+            *r.headers_mut() = end_to_end(&parts.headers, &[]);
+            return r;
+        }
+        // An MCP answer: read it whole (bounded), decode, judge, re-serialise.
+        let raw =
+            match body::read_bounded(incoming, self.limits.max_body, self.limits.response_timeout)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    return self.refuse_http(
+                        StatusCode::BAD_GATEWAY,
+                        head.version,
+                        &format!("server answer: {e}"),
+                    )
+                }
+            };
+        let max = usize::try_from(self.limits.max_body).unwrap_or(usize::MAX);
+        let decoded = match encoding::decode_body(&parts.headers, &raw, max) {
+            Ok(d) => d,
+            Err(e) => {
+                return self.refuse_http(
+                    StatusCode::BAD_GATEWAY,
+                    head.version,
+                    &format!("server answer: {e}"),
+                )
+            }
+        };
+        let new_body = match filter_server_data(&peer, &decoded, declared_json).await {
+            Filtered::Opaque => Bytes::from(decoded),
+            Filtered::JsonRpc(Some(b)) => Bytes::from(b),
+            Filtered::JsonRpc(None) => Bytes::new(),
+            Filtered::Refused(reason) => {
+                return self.refuse_http(StatusCode::BAD_GATEWAY, head.version, &reason)
+            }
+        };
+        let mut headers = end_to_end(&parts.headers, &["content-length", "content-encoding"]);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+        let mut r = Response::new(body::full(new_body));
+        *r.status_mut() = parts.status;
+        *r.headers_mut() = headers;
+        r
+    }
+}

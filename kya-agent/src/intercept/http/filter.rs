@@ -1,0 +1,186 @@
+//! Judging what the server sends to the agent.
+//!
+//! Server→client requests (`sampling/createMessage`, `elicitation/create`, any
+//! method) and notifications reach the same [`Governor::decide`] as tool calls: a
+//! denied one is **not delivered** (the event is dropped and the decision is
+//! recorded by the governor); kya does not answer the server on the agent's behalf,
+//! so the server sees the request go unanswered, as if the client ignored it. A
+//! `tools/list` result (recognised by shape: a `result.tools` array) is filtered
+//! with [`Governor::may_call`] so the model never sees tools it may never call.
+//! Responses and errors otherwise pass unchanged.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::mcp::json;
+use crate::mcp::jsonrpc::{self, Message};
+
+use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
+use super::inspect;
+use super::limits::Limits;
+
+/// Who the server is and what the HTTP exchange said about the session.
+#[derive(Clone)]
+pub struct Peer {
+    pub gov: Arc<dyn Governor>,
+    pub conn: Arc<ConnFacts>,
+    pub server: String,
+    pub session: Option<String>,
+    pub protocol_version: Option<String>,
+    pub limits: Limits,
+}
+
+/// What became of a server body or event data.
+#[derive(Debug, PartialEq)]
+pub enum Filtered {
+    /// Not JSON-RPC: pass the original bytes.
+    Opaque,
+    /// JSON-RPC; the canonical bytes to deliver (`None`: nothing left to deliver).
+    JsonRpc(Option<Vec<u8>>),
+    /// JSON-RPC (or JSON-looking in an MCP exchange) that failed strict parsing.
+    Refused(String),
+}
+
+/// Judge one server body or SSE `data`. `mcp` says the exchange is known to be MCP,
+/// so JSON-looking data that fails strict parsing is refused rather than passed.
+pub async fn filter_server_data(peer: &Peer, data: &[u8], mcp: bool) -> Filtered {
+    if !inspect::looks_like_json(data) {
+        return Filtered::Opaque;
+    }
+    let value = match json::parse(data, &peer.limits.json()) {
+        Ok(v) => v,
+        Err(e) if mcp => {
+            return Filtered::Refused(format!("server message is not strict JSON: {e}"))
+        }
+        Err(_) => return Filtered::Opaque,
+    };
+    if !inspect::is_jsonrpc(&value) {
+        return Filtered::Opaque;
+    }
+    let payload = match jsonrpc::parse_payload(&value, peer.limits.max_batch) {
+        Ok(p) => p,
+        Err(e) => {
+            return Filtered::Refused(format!("server message is not acceptable JSON-RPC: {e}"))
+        }
+    };
+    let raws: Vec<Value> = match value {
+        Value::Array(items) => items,
+        single => vec![single],
+    };
+    let size = raws.len();
+    let mut kept = Vec::with_capacity(size);
+    for (index, (msg, raw)) in payload.messages.into_iter().zip(raws).enumerate() {
+        let batch = payload.batch.then_some((index, size));
+        if let Some(v) = judge(peer, msg, raw, batch).await {
+            kept.push(v);
+        }
+    }
+    if kept.is_empty() {
+        return Filtered::JsonRpc(None);
+    }
+    let out = if payload.batch {
+        Value::Array(kept)
+    } else {
+        kept.swap_remove(0)
+    };
+    Filtered::JsonRpc(Some(json::to_canonical_bytes(&out)))
+}
+
+async fn judge(
+    peer: &Peer,
+    msg: Message,
+    mut raw: Value,
+    batch: Option<(usize, usize)>,
+) -> Option<Value> {
+    match &msg {
+        Message::Response(_) => {
+            filter_tools(peer, &mut raw);
+            Some(raw)
+        }
+        Message::Error(_) => Some(raw),
+        Message::ToolCall(_) | Message::Request(_) | Message::Notification(_) => {
+            let facts = server_call_facts(peer, &msg, &raw, batch);
+            let method = facts.method.clone();
+            let mut ruling = peer.gov.decide(facts).await;
+            if let Ruling::Hold { wait, .. } = ruling {
+                ruling = wait.await;
+            }
+            match ruling {
+                Ruling::Allow { .. } => Some(raw),
+                Ruling::Deny {
+                    decision_id,
+                    reason,
+                    ..
+                } => {
+                    tracing::info!(conn = peer.conn.conn_id, %method, decision = %decision_id, %reason,
+                        "server-to-client message denied; not delivered");
+                    None
+                }
+                Ruling::Hold { decision_id, .. } => {
+                    tracing::warn!(conn = peer.conn.conn_id, decision = %decision_id, "nested hold treated as denial");
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn server_call_facts(
+    peer: &Peer,
+    msg: &Message,
+    raw: &Value,
+    batch: Option<(usize, usize)>,
+) -> CallFacts {
+    let params = raw
+        .get("params")
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    let progress_token = params
+        .get("_meta")
+        .and_then(|m| m.get("progressToken"))
+        .cloned();
+    let (tool, args) = match msg {
+        Message::ToolCall(t) => (Some(t.name.clone()), Value::Object(t.arguments.clone())),
+        _ => (None, params),
+    };
+    CallFacts {
+        conn: peer.conn.clone(),
+        server: peer.server.clone(),
+        direction: Direction::ServerToClient,
+        method: msg.method().unwrap_or_default().to_string(),
+        tool,
+        args,
+        jsonrpc_id: msg.id().map(|i| i.to_value()),
+        session: peer.session.clone(),
+        protocol_version: peer.protocol_version.clone(),
+        progress_token,
+        batch,
+    }
+}
+
+/// Remove from a `result.tools` array every tool the agent may never call. Entries
+/// without a string `name` are removed too: the model cannot be shown a tool kya
+/// cannot judge.
+pub fn filter_tools(peer: &Peer, response: &mut Value) {
+    let Some(tools) = response
+        .get_mut("result")
+        .and_then(|r| r.get_mut("tools"))
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    let before = tools.len();
+    tools.retain(|t| {
+        t.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|name| peer.gov.may_call(&peer.conn, &peer.server, name))
+    });
+    if tools.len() != before {
+        tracing::debug!(
+            conn = peer.conn.conn_id,
+            hidden = before - tools.len(),
+            "tools/list filtered"
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! The bounds and settings of the HTTP proxy.
+
+use std::time::Duration;
+
+use crate::config::DenyShape;
+use crate::mcp::json::JsonLimits;
+use crate::mcp::sse::SseLimits;
+
+/// Every bound the proxy enforces, plus the denial shape.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request or inspected response body (after decoding), in bytes.
+    pub max_body: u64,
+    /// Time allowed to receive a whole request body (slow-drip bodies get 408).
+    pub body_timeout: Duration,
+    /// Most header fields on a request (hyper enforces it on HTTP/1.1 too).
+    pub max_headers: usize,
+    /// Largest total header size in bytes (HTTP/2 header list, HTTP/1.1 read buffer).
+    pub max_header_bytes: usize,
+    /// How denials are shown to the agent.
+    pub deny_shape: DenyShape,
+    /// Largest single SSE event in bytes.
+    pub max_sse_event: usize,
+    /// Most calls held for approval at once on one connection.
+    pub max_held_per_conn: usize,
+    /// How often a held call with a progress token gets `notifications/progress`.
+    pub progress_interval: Duration,
+    /// Most messages in one JSON-RPC batch.
+    pub max_batch: usize,
+    /// Deepest JSON nesting.
+    pub max_json_depth: usize,
+    /// Time allowed to receive a whole JSON response body from the server.
+    pub response_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: 4 * 1024 * 1024,
+            body_timeout: Duration::from_secs(30),
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            deny_shape: DenyShape::ToolError,
+            max_sse_event: 4 * 1024 * 1024,
+            max_held_per_conn: 16,
+            progress_interval: Duration::from_secs(5),
+            max_batch: 64,
+            max_json_depth: 64,
+            response_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults with the configured `intercept.max_body` and `deny_shape`.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            max_body: cfg.max_body,
+            deny_shape: cfg.deny_shape,
+            ..Self::default()
+        }
+    }
+
+    /// The strict JSON parser's bounds.
+    pub fn json(&self) -> JsonLimits {
+        JsonLimits {
+            max_bytes: usize::try_from(self.max_body).unwrap_or(usize::MAX),
+            max_depth: self.max_json_depth,
+        }
+    }
+
+    /// The SSE parser's bounds.
+    pub fn sse(&self) -> SseLimits {
+        SseLimits {
+            max_event_bytes: self.max_sse_event,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_file, Config};
+
+    #[test]
+    fn config_sets_body_limit_and_shape() {
+        let file = parse_file(
+            std::path::Path::new("k.toml"),
+            "[intercept]\nmax_body = \"1KiB\"\ndeny_shape = \"jsonrpc_error\"\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(file, &Default::default()).unwrap();
+        let l = Limits::from_config(&cfg);
+        assert_eq!(l.max_body, 1024);
+        assert_eq!(l.deny_shape, DenyShape::JsonrpcError);
+        assert_eq!(l.json().max_bytes, 1024);
+        assert_eq!(l.max_batch, Limits::default().max_batch);
+    }
+}

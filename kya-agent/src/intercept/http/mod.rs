@@ -1,0 +1,113 @@
+//! The HTTP/MCP proxy: what the interceptor runs on a connection once it knows the
+//! origin and holds both legs (TLS-terminated or plain).
+//!
+//! The agent side is served by hyper (HTTP/1.1 keep-alive, chunked and pipelining,
+//! or HTTP/2), each request is forwarded over one hyper client connection on the
+//! upstream leg in the same version. Every JSON-RPC message in either direction goes
+//! through [`Governor`]; see [`exchange`] for the request path, [`filter`] and
+//! [`stream`] for what the server sends back.
+//!
+//! * [`governor`]: the seam to policy, approvals and audit.
+//! * [`limits`]: every bound.
+//! * [`inspect`]: server name (Host vs SNI) and JSON-RPC recognition by content.
+//! * [`body`]: bounded body reading and the proxy's body type.
+//! * [`deny`]: the denials (built by [`crate::mcp::deny`]).
+//! * [`sessions`]: legacy SSE sessions and held calls, across connections.
+//! * [`client`]: the upstream hyper connection.
+//! * [`sniff`]: the plaintext HTTP/2 preface check.
+
+pub mod body;
+pub mod client;
+pub mod deny;
+pub mod exchange;
+pub mod filter;
+pub mod governor;
+pub mod inspect;
+pub mod limits;
+pub mod sessions;
+pub mod sniff;
+pub mod stream;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use governor::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
+pub use limits::Limits;
+
+/// The HTTP version on both legs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.1 (ALPN `http/1.1`, or none).
+    H1,
+    /// HTTP/2 (ALPN `h2`).
+    H2,
+    /// Plaintext: read the first bytes and look for the HTTP/2 connection preface
+    /// (prior-knowledge h2); otherwise HTTP/1.1.
+    Detect,
+}
+
+/// Why a proxied connection ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Upstream(#[from] client::UpstreamError),
+    #[error("reading the agent's first bytes: {0}")]
+    Sniff(#[source] std::io::Error),
+    #[error("serving the agent connection: {0}")]
+    Serve(#[source] hyper::Error),
+}
+
+/// Proxy one connection until the agent closes it.
+pub async fn serve_http<A, U>(
+    agent: A,
+    upstream: U,
+    alpn: HttpVersion,
+    conn: Arc<ConnFacts>,
+    gov: Arc<dyn Governor>,
+    limits: &Limits,
+) -> Result<(), ProxyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (version, agent) = match alpn {
+        HttpVersion::Detect => sniff::sniff(agent, limits.body_timeout)
+            .await
+            .map_err(ProxyError::Sniff)?,
+        v => (v, sniff::Prefixed::new(Vec::new(), agent)),
+    };
+    let (upstream, _driver) = client::connect(upstream, version, limits.max_header_bytes).await?;
+    tracing::debug!(conn = conn.conn_id, ?version, "proxying HTTP");
+    let ex = Arc::new(exchange::Exchange {
+        gov,
+        conn,
+        limits: limits.clone(),
+        upstream,
+        held: Arc::new(AtomicUsize::new(0)),
+    });
+    let svc = service_fn(move |req| ex.clone().handle(req));
+    let io = TokioIo::new(agent);
+    let result = match version {
+        HttpVersion::H2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .serve_connection(io, svc)
+                .await
+        }
+        HttpVersion::H1 | HttpVersion::Detect => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.body_timeout)
+                .max_headers(limits.max_headers)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .serve_connection(io, svc)
+                .await
+        }
+    };
+    result.map_err(ProxyError::Serve)
+}

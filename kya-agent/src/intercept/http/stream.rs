@@ -1,0 +1,157 @@
+//! Relaying a server's `text/event-stream` to the agent, event by event.
+//!
+//! Each event is parsed (bounded), its data judged by [`filter`](super::filter), and
+//! the event re-encoded, so the agent sees exactly the events that were inspected.
+//! The relay is also where the legacy HTTP+SSE transport lives: an `endpoint`
+//! event registers the session's message URL, and denials of POSTs to that URL are
+//! injected into this stream (the POST itself is answered 202, as the server would).
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::mcp::json;
+use crate::mcp::sse::{self, SseEvent, SseItem, SseParser};
+
+use super::filter::{filter_server_data, Filtered, Peer};
+use super::sessions;
+
+/// The key of a legacy session's message URL.
+pub fn legacy_key(dst: &std::net::SocketAddr, path_and_query: &str) -> String {
+    format!("{dst}|{path_and_query}")
+}
+
+/// Write one JSON-RPC message to the agent as an SSE `message` event.
+pub async fn send_message(out: &mpsc::Sender<Bytes>, message: &Value) -> bool {
+    let data = String::from_utf8_lossy(&json::to_canonical_bytes(message)).into_owned();
+    send_event(out, SseEvent::message(data)).await
+}
+
+async fn send_event(out: &mpsc::Sender<Bytes>, event: SseEvent) -> bool {
+    match sse::encode(&SseItem::Event(event)) {
+        Ok(bytes) => out.send(Bytes::from(bytes)).await.is_ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not encode an SSE event");
+            true
+        }
+    }
+}
+
+/// Relay `upstream` into `out` until either side ends. `mcp` says the exchange is
+/// already known to be MCP; `sse_url` is the absolute URL of the stream (the base an
+/// `endpoint` event resolves against).
+pub async fn relay(
+    peer: Peer,
+    mut mcp: bool,
+    sse_url: Option<Uri>,
+    mut upstream: Incoming,
+    out: mpsc::Sender<Bytes>,
+) {
+    let mut parser = SseParser::new(peer.limits.sse());
+    let mut legacy: Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)> = None;
+    loop {
+        let injected = async {
+            match legacy.as_mut() {
+                Some((_, rx)) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            frame = upstream.frame() => {
+                let chunk = match frame {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(conn = peer.conn.conn_id, error = %e, "upstream SSE stream failed");
+                        break;
+                    }
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(_) => continue,
+                    },
+                };
+                let items = match parser.push(&chunk) {
+                    Ok(items) => items,
+                    Err(e) => {
+                        // An oversize or non-UTF-8 event: stop relaying rather than
+                        // pass something uninspected.
+                        peer.gov.refused(&peer.conn, &format!("server event stream refused: {e}"));
+                        break;
+                    }
+                };
+                for item in items {
+                    if !forward_item(&peer, &mut mcp, sse_url.as_ref(), &mut legacy, item, &out).await {
+                        return;
+                    }
+                }
+            }
+            msg = injected => {
+                match msg {
+                    Some(m) => if !send_message(&out, &m).await { return },
+                    None => legacy = None,
+                }
+            }
+            _ = out.closed() => return,
+        }
+    }
+}
+
+async fn forward_item(
+    peer: &Peer,
+    mcp: &mut bool,
+    sse_url: Option<&Uri>,
+    legacy: &mut Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)>,
+    item: SseItem,
+    out: &mpsc::Sender<Bytes>,
+) -> bool {
+    let SseItem::Event(mut event) = item else {
+        // Comments (keep-alives) carry nothing to judge.
+        return match sse::encode(&item) {
+            Ok(b) => out.send(Bytes::from(b)).await.is_ok(),
+            Err(_) => true,
+        };
+    };
+    if event.event_type() == "endpoint" {
+        *mcp = true;
+        let data = event.data.clone().unwrap_or_default();
+        let resolved = sse_url.ok_or(()).and_then(|base| {
+            sse::resolve_endpoint(base, data.trim()).map_err(|e| {
+                peer.gov
+                    .refused(&peer.conn, &format!("legacy SSE endpoint refused: {e}"));
+            })
+        });
+        let Ok(url) = resolved else {
+            return true; // not delivered: the client never learns a URL kya cannot govern
+        };
+        let pq = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        match sessions::register_legacy(legacy_key(&peer.conn.dst, pq)) {
+            Some(reg) => *legacy = Some(reg),
+            None => {
+                peer.gov.refused(&peer.conn, "too many legacy SSE sessions");
+                return true;
+            }
+        }
+        return send_event(out, event).await;
+    }
+    let Some(data) = event.data.clone() else {
+        return send_event(out, event).await;
+    };
+    match filter_server_data(peer, data.as_bytes(), *mcp).await {
+        Filtered::Opaque => send_event(out, event).await,
+        Filtered::JsonRpc(None) => {
+            *mcp = true;
+            true
+        }
+        Filtered::JsonRpc(Some(bytes)) => {
+            *mcp = true;
+            event.data = Some(String::from_utf8_lossy(&bytes).into_owned());
+            send_event(out, event).await
+        }
+        Filtered::Refused(reason) => {
+            peer.gov.refused(&peer.conn, &reason);
+            true
+        }
+    }
+}

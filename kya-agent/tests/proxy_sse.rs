@@ -1,0 +1,269 @@
+//! Server-sent events: SSE answers with server→client requests, the GET stream,
+//! tools/list filtering inside SSE, and the legacy HTTP+SSE transport.
+
+mod proxy_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use kya_agent::intercept::http::{Direction, HttpVersion, Limits};
+use proxy_support::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn sse_answer_server_requests_are_decided() {
+    let up = upstream().await;
+    let gov = FakeGov::new(&[
+        ("sampling/createMessage", Act::Deny),
+        ("elicitation/create", Act::Allow),
+    ]);
+    let addr = proxy(
+        up.addr,
+        gov.clone(),
+        Limits::default(),
+        HttpVersion::H1,
+        None,
+    )
+    .await;
+    let mut c = Client::h1(addr).await;
+    let resp = c
+        .send(post_req(
+            "/mcp-sse",
+            &call(1, "search_docs", json!({})),
+            true,
+            &[],
+        ))
+        .await;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let msgs = sse_messages(&resp.into_body().collect().await.unwrap().to_bytes());
+    let methods: Vec<_> = msgs.iter().map(|m| m["method"].clone()).collect();
+    assert_eq!(
+        methods,
+        vec![json!("elicitation/create"), json!(null)],
+        "{msgs:?}"
+    );
+    assert_eq!(msgs[1]["id"], json!(1));
+    let calls = gov.calls.lock().unwrap().clone();
+    let s2c: Vec<_> = calls
+        .iter()
+        .filter(|c| c.direction == Direction::ServerToClient)
+        .map(|c| c.method.clone())
+        .collect();
+    assert_eq!(s2c, vec!["sampling/createMessage", "elicitation/create"]);
+    assert_eq!(calls[1].jsonrpc_id, Some(json!("srv-1")));
+}
+
+#[tokio::test]
+async fn tools_list_in_sse_is_filtered() {
+    let up = upstream().await;
+    let gov = default_gov();
+    gov.hidden.lock().unwrap().push("transfer".into());
+    let addr = proxy(
+        up.addr,
+        gov.clone(),
+        Limits::default(),
+        HttpVersion::H1,
+        None,
+    )
+    .await;
+    let mut c = Client::h1(addr).await;
+    let resp = c
+        .send(post_req(
+            "/mcp-sse",
+            &json!({"jsonrpc":"2.0","id":3,"method":"tools/list"}),
+            true,
+            &[],
+        ))
+        .await;
+    let msgs = sse_messages(&resp.into_body().collect().await.unwrap().to_bytes());
+    let last = msgs.last().unwrap();
+    let names: Vec<_> = last["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["search_docs", "delete_records"]);
+}
+
+#[tokio::test]
+async fn get_stream_server_requests_are_decided() {
+    let up = upstream().await;
+    let gov = FakeGov::new(&[("sampling/createMessage", Act::Deny)]);
+    let addr = proxy(
+        up.addr,
+        gov.clone(),
+        Limits::default(),
+        HttpVersion::H1,
+        None,
+    )
+    .await;
+    let mut c = Client::h1(addr).await;
+    let req = hyper::Request::get("/stream")
+        .header("host", "127.0.0.1")
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", "S9")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send(req).await;
+    let mut body = resp.into_body();
+    let msgs = read_events(&mut body, 1, Duration::from_secs(5)).await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["method"], json!("notifications/message"));
+    let calls = gov.calls.lock().unwrap().clone();
+    assert_eq!(calls[0].method, "sampling/createMessage");
+    assert_eq!(calls[0].session.as_deref(), Some("S9"));
+}
+
+#[tokio::test]
+async fn legacy_sse_transport_with_injected_denial() {
+    let up = upstream().await;
+    let gov = default_gov();
+    let addr = proxy(
+        up.addr,
+        gov.clone(),
+        Limits::default(),
+        HttpVersion::H1,
+        None,
+    )
+    .await;
+    let mut stream_conn = Client::h1(addr).await;
+    let req = hyper::Request::get("/sse")
+        .header("host", "127.0.0.1")
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut events = stream_conn.send(req).await.into_body();
+    let text = read_raw_until(&mut events, "session_id=", Duration::from_secs(5)).await;
+    let endpoint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("endpoint event")
+        .to_string();
+    assert!(endpoint.starts_with("/messages?session_id="));
+
+    let mut poster = Client::h1(addr).await;
+    // Allowed: the server answers 202 and the result arrives on the stream.
+    let (s, _, _) = poster
+        .post(
+            &endpoint,
+            call(1, "search_docs", json!({})).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 202);
+    let msgs = read_events(&mut events, 1, Duration::from_secs(5)).await;
+    assert_eq!(msgs[0]["id"], json!(1));
+    assert!(msgs[0]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("ran search_docs"));
+    // Denied: kya answers 202 too and injects the denial into the same stream.
+    let (s, _, b) = poster
+        .post(
+            &endpoint,
+            call(2, "delete_records", json!({})).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 202);
+    assert!(b.is_empty());
+    // (read_events starts a fresh buffer: the first message was consumed above.)
+    let msgs = read_events(&mut events, 1, Duration::from_secs(5)).await;
+    assert_eq!(msgs[0]["id"], json!(2));
+    assert_eq!(msgs[0]["result"]["isError"], json!(true));
+    assert_eq!(up.tools_called(), vec!["search_docs"]);
+}
+
+#[tokio::test]
+async fn cross_origin_endpoint_is_not_delivered() {
+    // A raw upstream that announces an endpoint on another origin.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let body = "event: endpoint\ndata: http://127.0.0.9:1/messages\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\n";
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    let gov = default_gov();
+    let addr = proxy(
+        up_addr,
+        gov.clone(),
+        Limits::default(),
+        HttpVersion::H1,
+        None,
+    )
+    .await;
+    let mut c = Client::h1(addr).await;
+    let req = hyper::Request::get("/sse")
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let text = String::from_utf8_lossy(
+        &c.send(req)
+            .await
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .into_owned();
+    assert!(!text.contains("127.0.0.9"), "{text}");
+    assert!(text.contains("notifications/message"));
+    assert!(gov.refusals.lock().unwrap()[0].contains("endpoint"));
+}
+
+#[tokio::test]
+async fn garbage_json_rpc_event_in_an_mcp_stream_is_dropped() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let body = concat!(
+            "data: {\"jsonrpc\":\"2.0\",\"id\":\"x\",\"method\":\"sampling/createMessage\",\"method\":\"ping\"}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n"
+        );
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(body.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    let gov = default_gov();
+    let addr = proxy(
+        up_addr,
+        gov.clone(),
+        Limits::default(),
+        HttpVersion::H1,
+        None,
+    )
+    .await;
+    let mut c = Client::h1(addr).await;
+    let resp = c
+        .send(post_req(
+            "/mcp",
+            &call(1, "search_docs", json!({})),
+            true,
+            &[],
+        ))
+        .await;
+    let msgs = sse_messages(&resp.into_body().collect().await.unwrap().to_bytes());
+    assert_eq!(msgs, vec![json!({"jsonrpc":"2.0","id":1,"result":{}})]);
+    assert!(gov.refusals.lock().unwrap()[0].contains("duplicate key"));
+}

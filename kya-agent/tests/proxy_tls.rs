@@ -1,0 +1,410 @@
+//! The proxy over TLS on both legs, as the interceptor runs it: the agent leg is
+//! terminated with a leaf for the SNI signed by a test CA, the upstream leg is a
+//! verified TLS client, and the ALPN the upstream agreed is the one served to the
+//! agent (asserted on both legs, for h2 and HTTP/1.1). Test-local TLS set-up stands
+//! in for the `ca`/`tls` modules, which are not on this branch yet.
+
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kya_agent::intercept::http::{serve_http, ConnFacts, Governor, HttpVersion, Limits};
+use proxy_support::*;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+struct Pki {
+    ca: CertificateDer<'static>,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "kya test CA");
+        let ca_cert = p.self_signed(&ca_key).unwrap();
+        Pki {
+            ca: ca_cert.der().clone(),
+            ca_cert,
+            ca_key,
+        }
+    }
+
+    fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    /// A leaf for `names` as PEM files in `dir` (for peers that read files).
+    fn leaf_pem(
+        &self,
+        names: &[&str],
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let (c, k) = (dir.join("leaf.pem"), dir.join("leaf.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn ca_pem(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca_cert.pem()).unwrap();
+        path
+    }
+
+    fn acceptor(&self, name: &str, alpn: &[&[u8]]) -> TlsAcceptor {
+        let (chain, key) = self.leaf(name);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        TlsAcceptor::from(Arc::new(cfg))
+    }
+
+    fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+/// What the test proxy saw of the ALPNs, per connection.
+type Alpns = Arc<std::sync::Mutex<Vec<(Option<Vec<u8>>, Option<Vec<u8>>)>>>;
+
+/// A TLS-terminating proxy: upstream TLS first (offering what the agent offers),
+/// then the agent leg served with exactly the ALPN the upstream agreed.
+async fn tls_proxy(
+    pki: Arc<Pki>,
+    upstream: SocketAddr,
+    name: &'static str,
+    gov: Arc<FakeGov>,
+    alpns: Alpns,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let Ok((agent, _)) = l.accept().await else {
+                return;
+            };
+            n += 1;
+            let (pki, gov, alpns) = (pki.clone(), gov.clone(), alpns.clone());
+            tokio::spawn(async move {
+                // Peek the agent's ClientHello for SNI and ALPN.
+                let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+                    rustls::server::Acceptor::default(),
+                    agent,
+                );
+                let Ok(start) = acceptor.await else { return };
+                let hello = start.client_hello();
+                let sni = hello.server_name().map(str::to_string);
+                let offered: Vec<Vec<u8>> = hello
+                    .alpn()
+                    .map(|a| a.map(|p| p.to_vec()).collect())
+                    .unwrap_or_default();
+                let offered_refs: Vec<&[u8]> = offered.iter().map(|v| v.as_slice()).collect();
+                let up_tcp = TcpStream::connect(upstream).await.unwrap();
+                let server_name =
+                    ServerName::try_from(sni.clone().unwrap_or_else(|| name.to_string())).unwrap();
+                let up = pki
+                    .connector(&offered_refs)
+                    .connect(server_name, up_tcp)
+                    .await
+                    .unwrap();
+                let agreed = up.get_ref().1.alpn_protocol().map(|a| a.to_vec());
+                let serve_alpn: Vec<&[u8]> = agreed.iter().map(|a| a.as_slice()).collect();
+                let (chain, key) = pki.leaf(sni.as_deref().unwrap_or(name));
+                let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+                cfg.alpn_protocols = serve_alpn.iter().map(|a| a.to_vec()).collect();
+                let Ok(agent_tls) = start.into_stream(Arc::new(cfg)).await else {
+                    return;
+                };
+                let served = agent_tls.get_ref().1.alpn_protocol().map(|a| a.to_vec());
+                alpns.lock().unwrap().push((served.clone(), agreed.clone()));
+                let version = if agreed.as_deref() == Some(b"h2") {
+                    HttpVersion::H2
+                } else {
+                    HttpVersion::H1
+                };
+                let conn = Arc::new(ConnFacts {
+                    process: Default::default(),
+                    dst: upstream,
+                    sni,
+                    tls: true,
+                    conn_id: n,
+                });
+                let gov: Arc<dyn Governor> = Arc::new(GovHandle(gov));
+                let _ = serve_http(agent_tls, up, version, conn, gov, &Limits::default()).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn setup() -> (Arc<Pki>, Upstream, Arc<FakeGov>, SocketAddr, Alpns) {
+    let pki = Arc::new(Pki::new());
+    let up = upstream_with(Some(pki.acceptor("mcp.test", &[b"h2", b"http/1.1"]))).await;
+    let gov = default_gov();
+    let alpns: Alpns = Default::default();
+    let addr = tls_proxy(pki.clone(), up.addr, "mcp.test", gov.clone(), alpns.clone()).await;
+    (pki, up, gov, addr, alpns)
+}
+
+fn req(uri: &str, host: Option<&str>, body: &Value) -> Request<Full<Bytes>> {
+    let mut b = Request::post(uri)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream");
+    if let Some(h) = host {
+        b = b.header("host", h);
+    }
+    b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+#[tokio::test]
+async fn tls_h2_on_both_legs() {
+    let (pki, up, _gov, addr, alpns) = setup().await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = pki
+        .connector(&[b"h2", b"http/1.1"])
+        .connect(ServerName::try_from("mcp.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "agent leg ALPN"
+    );
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(req(
+            "https://mcp.test/mcp",
+            None,
+            &call(1, "search_docs", json!({})),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(v["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("ran search_docs"));
+    let resp = tx
+        .send_request(req(
+            "https://mcp.test/mcp",
+            None,
+            &call(2, "delete_records", json!({})),
+        ))
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["result"]["isError"], json!(true));
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].version,
+        http::Version::HTTP_2,
+        "upstream leg spoke h2"
+    );
+    assert_eq!(
+        alpns.lock().unwrap()[0],
+        (Some(b"h2".to_vec()), Some(b"h2".to_vec()))
+    );
+}
+
+#[tokio::test]
+async fn tls_http11_on_both_legs_and_fronting_refused() {
+    let (pki, up, gov, addr, alpns) = setup().await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = pki
+        .connector(&[b"http/1.1"])
+        .connect(ServerName::try_from("mcp.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Host names another server than the SNI: domain fronting.
+    let resp = tx
+        .send_request(req(
+            "/mcp",
+            Some("other.test"),
+            &call(1, "search_docs", json!({})),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 421);
+    let _ = resp.into_body().collect().await;
+    assert!(up.seen().is_empty());
+    assert!(gov.refusals.lock().unwrap()[0].contains("domain fronting"));
+    // Paired: the right Host on the same connection.
+    tx.ready().await.unwrap();
+    let resp = tx
+        .send_request(req(
+            "/mcp",
+            Some("mcp.test"),
+            &call(2, "search_docs", json!({})),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    assert_eq!(up.seen()[0].version, http::Version::HTTP_11);
+    assert_eq!(gov.calls.lock().unwrap()[0].server, "mcp.test");
+    assert_eq!(
+        alpns.lock().unwrap()[0],
+        (Some(b"http/1.1".to_vec()), Some(b"http/1.1".to_vec()))
+    );
+}
+
+#[tokio::test]
+async fn garbage_after_the_handshake_is_closed_cleanly() {
+    let (pki, up, _gov, addr, _alpns) = setup().await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = pki
+        .connector(&[b"http/1.1"])
+        .connect(ServerName::try_from("mcp.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"\x00\x01\x02 not http at all\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let r =
+        tokio::time::timeout(std::time::Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "connection left open");
+    let text = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(up.seen().is_empty());
+}
+
+/// Real h2 peers on both sides: PyPI `httpx` (http2=True) → kya (TLS, ALPN h2 on
+/// both legs) → PyPI `hypercorn` serving the Python MCP server over h2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_h2_peers_httpx_to_hypercorn() {
+    ensure_peers();
+    let pki = Arc::new(Pki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.leaf_pem(&["mcp.test"], dir.path());
+    let ca = pki.ca_pem(dir.path());
+    let log = dir.path().join("ran");
+    let port = free_port();
+    let child = tokio::process::Command::new(peers().join(".venv/bin/hypercorn"))
+        .arg("--certfile")
+        .arg(&cert)
+        .arg("--keyfile")
+        .arg(&key)
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("asgi:app")
+        .current_dir(peers())
+        .env("KYA_PEER_LOG", &log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let _srv = Peer(child);
+    wait_listening(port).await;
+    let gov = default_gov();
+    let alpns: Alpns = Default::default();
+    let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = tls_proxy(
+        pki.clone(),
+        upstream,
+        "mcp.test",
+        gov.clone(),
+        alpns.clone(),
+    )
+    .await;
+
+    // The client reaches the proxy by IP (as the redirect would deliver it) and
+    // sends SNI and Host "mcp.test" (KYA_SNI), so both legs name the same server.
+    let call = |tool: &'static str, args: &'static str| {
+        let ca = ca.clone();
+        async move {
+            let out = tokio::process::Command::new(peers().join(".venv/bin/python"))
+                .arg(peers().join("h2_call.py"))
+                .arg(format!("https://127.0.0.1:{}/mcp", addr.port()))
+                .arg(&ca)
+                .arg(tool)
+                .arg(args)
+                .env("KYA_SNI", "mcp.test")
+                .output()
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            serde_json::from_str::<Value>(text.lines().last().unwrap_or("")).unwrap_or_else(|_| {
+                panic!("h2_call: {text} {}", String::from_utf8_lossy(&out.stderr))
+            })
+        }
+    };
+    let v = call("search_docs", r#"{"query":"h2"}"#).await;
+    assert_eq!(v["http_version"], "HTTP/2", "{v}");
+    assert_eq!(
+        v["body"]["result"]["content"][0]["text"], "found 3 documents about h2",
+        "{v}"
+    );
+    let v = call("delete_records", r#"{"table":"t"}"#).await;
+    assert_eq!(v["body"]["result"]["isError"], json!(true), "{v}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        "search_docs\n"
+    );
+    for (served, agreed) in alpns.lock().unwrap().iter() {
+        assert_eq!(served.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
+    }
+}
