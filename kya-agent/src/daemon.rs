@@ -94,7 +94,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         on_reload(config.clone(), redirector.clone(), metrics.clone()),
     )
     .context("installing the policy reload watcher")?;
-    let server = tokio::spawn(interceptor.serve(origins, stop_rx.clone()));
+    let server = tokio::spawn(interceptor.serve(origins, None, stop_rx.clone()));
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
     if config.selection.is_empty() && engine.registry().agents().is_empty() {

@@ -4,6 +4,7 @@
 //! redirect (nobody should connect to the listener directly) is refused. For
 //! now each connection is spliced unchanged to its original destination.
 
+use super::dispatch::{self, Inspection};
 use super::origin::{ConnOrigin, OriginSource};
 use super::{splice, upstream};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -75,8 +76,15 @@ impl Interceptor {
         self.stats.clone()
     }
 
-    /// Serve until `shutdown` turns true; then stop accepting and end open connections.
-    pub async fn serve(self, origins: Arc<dyn OriginSource>, mut shutdown: watch::Receiver<bool>) {
+    /// Serve until `shutdown` turns true; then stop accepting and end open
+    /// connections. With `inspection`, TLS and HTTP are inspected and
+    /// governed; without, every connection is spliced unchanged.
+    pub async fn serve(
+        self,
+        origins: Arc<dyn OriginSource>,
+        inspection: Option<Arc<Inspection>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
         let mut accept_loops = JoinSet::new();
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(64);
@@ -109,8 +117,9 @@ impl Interceptor {
                     let Ok(permit) = permits.clone().acquire_owned().await else { break };
                     let origins = origins.clone();
                     let stats = self.stats.clone();
+                    let inspection = inspection.clone();
                     connections.spawn(async move {
-                        handle(stream, peer, origins.as_ref(), &stats).await;
+                        handle(stream, peer, origins.as_ref(), inspection.as_deref(), &stats).await;
                         drop(permit);
                     });
                 }
@@ -144,6 +153,7 @@ async fn handle(
     agent: TcpStream,
     peer: SocketAddr,
     origins: &dyn OriginSource,
+    inspection: Option<&Inspection>,
     stats: &InterceptStats,
 ) {
     stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +180,10 @@ async fn handle(
         }
     };
     log_connection(&origin, peer);
+    if let Some(insp) = inspection {
+        dispatch::handle(agent, origin, insp).await;
+        return;
+    }
     let mut upstream = match upstream::connect(origin.dst).await {
         Ok(s) => s,
         Err(e) => {
@@ -276,7 +290,7 @@ mod tests {
         .unwrap();
         let table = Arc::new(Table::default());
         let (stop_tx, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(interceptor.serve(table.clone(), stop_rx));
+        let server = tokio::spawn(interceptor.serve(table.clone(), None, stop_rx));
 
         // A known connection: registered before connecting, by its source address.
         let sock = TcpSocket::new_v4().unwrap();

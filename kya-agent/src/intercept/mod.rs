@@ -8,6 +8,7 @@
 //! * [`splice`]: copying bytes both ways, unchanged.
 //! * [`http`]: the HTTP/MCP proxy for inspected connections.
 
+pub mod dispatch;
 pub mod http;
 pub mod kernel_origin;
 pub mod listener;
