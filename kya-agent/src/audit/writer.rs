@@ -742,3 +742,269 @@ fn drain(rx: &mpsc::Receiver<Msg>, reason: &Option<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::event::tests::sample;
+    use crate::audit::event::EventKind;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn cfg(dir: &Path) -> AuditConfig {
+        let mut c = AuditConfig::new(dir.join("audit.jsonl"));
+        c.origin = Some("test.example/kya-audit".into());
+        c
+    }
+
+    fn verify_dir(dir: &Path, seed: u8) -> Result<verify::Report, Fault> {
+        let base = dir.join("audit.jsonl");
+        verify::verify(
+            &files::log_set(&base).unwrap(),
+            &VerifyOptions {
+                key: TrustedKey::Pinned(key(seed).verifying_key()),
+                checkpoints: None,
+                allow_torn_tail: false,
+            },
+        )
+    }
+
+    fn event(n: u64) -> DecisionEvent {
+        sample(EventKind::ALL[(n % 5) as usize], n)
+    }
+
+    #[tokio::test]
+    async fn sync_and_group_appends_commit_in_order_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        let mut receipts = Vec::new();
+        for n in 0..20u64 {
+            let d = if n % 3 == 0 {
+                Durability::Sync
+            } else {
+                Durability::Group
+            };
+            let r = log.append(&event(n), d).await.unwrap();
+            if d == Durability::Sync {
+                assert!(matches!(r, Receipt::Durable(_)));
+            }
+            receipts.push(r);
+        }
+        for (n, r) in receipts.into_iter().enumerate() {
+            assert_eq!(r.committed().await.unwrap().seq, n as u64);
+        }
+        assert_eq!(log.health().records, 20);
+        assert!(log.health().is_writable());
+        log.close().unwrap();
+        assert!(matches!(log.health().state, HealthState::Stopped { .. }));
+        assert!(matches!(
+            log.append(&event(1), Durability::Group).await,
+            Err(AuditError::Unavailable(_))
+        ));
+        let report = verify_dir(dir.path(), 1).unwrap();
+        assert_eq!(report.records, 20);
+        assert_eq!(
+            report.last_checkpoint,
+            Some(20),
+            "shutdown writes a final checkpoint"
+        );
+        // The records hold the events as given.
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let third: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
+        let back: DecisionEvent = serde_json::from_value(third["event"].clone()).unwrap();
+        assert_eq!(back, event(2));
+    }
+
+    #[tokio::test]
+    async fn concurrent_appenders_get_unique_sequence_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(AuditLog::open(cfg(dir.path()), key(1)).unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..100u64 {
+                    let d = if i % 10 == 0 {
+                        Durability::Sync
+                    } else {
+                        Durability::Group
+                    };
+                    let r = loop {
+                        match log.append(&event(t * 1000 + i), d).await {
+                            Err(AuditError::QueueFull) => tokio::task::yield_now().await,
+                            other => break other.unwrap(),
+                        }
+                    };
+                    seqs.push(r.committed().await.unwrap().seq);
+                }
+                seqs
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        assert_eq!(all, (0..800).collect::<Vec<_>>());
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 800);
+    }
+
+    #[tokio::test]
+    async fn reopen_continues_the_chain_and_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..3u64 {
+            let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+            assert_eq!(log.health().records, round * 5);
+            for n in 0..5 {
+                log.append(&event(round * 5 + n), Durability::Sync)
+                    .await
+                    .unwrap();
+            }
+            drop(log); // drop closes and checkpoints
+        }
+        let report = verify_dir(dir.path(), 1).unwrap();
+        assert_eq!(report.records, 15);
+        assert_eq!(report.last_checkpoint, Some(15));
+    }
+
+    #[tokio::test]
+    async fn a_torn_final_record_is_dropped_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        for n in 0..4 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,\"prev\":\"ab").unwrap();
+        drop(f);
+        assert!(
+            verify_dir(dir.path(), 1).is_err(),
+            "strict verification sees the torn line"
+        );
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        assert_eq!(log.health().records, 4);
+        let c = log
+            .append(&event(4), Durability::Sync)
+            .await
+            .unwrap()
+            .committed()
+            .await
+            .unwrap();
+        assert_eq!(c.seq, 4);
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 5);
+    }
+
+    #[tokio::test]
+    async fn a_tampered_or_foreign_log_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        for n in 0..4 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        assert!(matches!(
+            AuditLog::open(cfg(dir.path()), key(2)),
+            Err(AuditError::Corrupt(_))
+        ));
+        let path = dir.path().join("audit.jsonl");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[30] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        match AuditLog::open(cfg(dir.path()), key(1)) {
+            Err(AuditError::Corrupt(f)) => assert_eq!(f.line, 1, "{f}"),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("opened a tampered log"),
+        }
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_one_chain_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.rotate_bytes = 4000;
+        c.checkpoint_every = 7;
+        let log = AuditLog::open(c.clone(), key(1)).unwrap();
+        for n in 0..40 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        let set = files::log_set(&dir.path().join("audit.jsonl")).unwrap();
+        assert!(set.len() >= 4, "{set:?}");
+        let report = verify_dir(dir.path(), 1).unwrap();
+        assert_eq!(report.records, 40);
+        assert!(report.checkpoints >= 6, "{}", report.checkpoints);
+        // Reopen after rotation and keep going.
+        let log = AuditLog::open(c, key(1)).unwrap();
+        log.append(&event(40), Durability::Sync).await.unwrap();
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 41);
+        // A set with a file missing does not verify.
+        let mut gap = set.clone();
+        gap.remove(1);
+        let opts = VerifyOptions {
+            key: TrustedKey::Pinned(key(1).verifying_key()),
+            checkpoints: None,
+            allow_torn_tail: false,
+        };
+        let fault = verify::verify(&gap, &opts).unwrap_err();
+        assert!(fault.what.contains("sequence"), "{fault}");
+    }
+
+    #[tokio::test]
+    async fn bad_events_are_refused_before_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        let mut e = event(0);
+        e.verdict = kya_common::Verdict::Hold;
+        e.kind = EventKind::Decision;
+        assert!(matches!(
+            log.append(&e, Durability::Sync).await,
+            Err(AuditError::InvalidEvent(_))
+        ));
+        let mut huge = event(0);
+        huge.reason = "x".repeat(MAX_LINE_BYTES);
+        assert!(matches!(
+            log.append(&huge, Durability::Group).await,
+            Err(AuditError::EventTooLarge { .. })
+        ));
+        assert_eq!(log.health().records, 0);
+        log.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn interval_checkpoints_are_written_without_traffic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.checkpoint_interval = Duration::from_millis(20);
+        let log = AuditLog::open(c, key(1)).unwrap();
+        log.append(&event(0), Durability::Sync).await.unwrap();
+        // Wait (bounded) for the timer to sign the new head.
+        for _ in 0..200 {
+            if log.health().last_checkpoint == Some(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.health().last_checkpoint, Some(1));
+        log.close().unwrap();
+    }
+
+    #[test]
+    fn unwritable_location_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "").unwrap();
+        let c = AuditConfig::new(blocker.join("audit.jsonl"));
+        assert!(matches!(
+            AuditLog::open(c, key(1)),
+            Err(AuditError::Io { .. })
+        ));
+    }
+}
