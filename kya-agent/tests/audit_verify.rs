@@ -143,7 +143,7 @@ fn kya_verify(files: &[&Path], extra: &[&str]) -> Outcome {
     }
 }
 
-fn with_key<'a>(f: &'a Fixture) -> [&'a str; 2] {
+fn with_key(f: &Fixture) -> [&str; 2] {
     ["--key", f.pubkey.to_str().unwrap()]
 }
 
