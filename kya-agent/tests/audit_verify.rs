@@ -338,7 +338,9 @@ fn a_replaced_checkpoint_signature_is_detected() {
 
     // A valid signature over the same body by another key, under the same name.
     let other = SigningKey::from_bytes(&[42; 32]);
-    let notes = kya_agent::audit::checkpoint::parse_file(&text).unwrap();
+    let notes = kya_agent::audit::checkpoint::parse_file(&text)
+        .unwrap()
+        .notes;
     let last = &notes.last().unwrap().note;
     let resigned =
         kya_agent::audit::checkpoint::sign(&last.body, "testhost/kya-audit", &other).unwrap();

@@ -163,10 +163,9 @@ pub fn verifier_key(name: &str, key: &VerifyingKey) -> String {
 /// Parse a verifier key string, checking that its key id matches its name and key.
 pub fn parse_verifier_key(s: &str) -> Result<(String, VerifyingKey), CheckpointError> {
     let bad = |m: &str| CheckpointError::Malformed(format!("verifier key: {m}"));
-    let mut parts = s.split('+');
-    let (Some(name), Some(id), Some(key), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // The base64 key may itself contain '+': split off name and id only.
+    let mut parts = s.splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad("expected name+id+key"));
     };
     check_key_name(name)?;
@@ -274,27 +273,62 @@ pub struct FileFault {
     pub what: String,
 }
 
-/// Parse a checkpoint file: notes separated by blank lines. Strict: anything that
-/// is not body-blank-signatures is a fault at its line.
-pub fn parse_file(text: &str) -> Result<Vec<FileNote>, FileFault> {
+/// An incomplete final note: exactly what a write cut short by a crash leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TornNote {
+    /// 1-based line where it starts.
+    pub line: u64,
+    /// Byte offset where it starts (the writer truncates the file here).
+    pub offset: u64,
+}
+
+/// The notes of a checkpoint file, and an incomplete final note if there is one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ParsedFile {
+    pub notes: Vec<FileNote>,
+    pub torn: Option<TornNote>,
+}
+
+/// Parse a checkpoint file: notes separated by blank lines. Strict: anything
+/// that is not body-blank-signatures is a fault at its line, except one
+/// incomplete final note that is a byte-for-byte plausible prefix of what the
+/// writer emits (a crash mid-write). Dropping a final note that way gains an
+/// attacker nothing: removing whole final notes is equally undetectable
+/// without an outside witness of the latest checkpoint.
+pub fn parse_file(text: &str) -> Result<ParsedFile, FileFault> {
     let fault = |line: u64, what: &str| FileFault {
         line,
         what: what.to_string(),
     };
-    if !text.is_empty() && !text.ends_with('\n') {
-        let last = text.split('\n').count() as u64;
-        return Err(fault(last, "file does not end with a newline (truncated?)"));
+    let (complete, partial) = match text.rfind('\n') {
+        Some(i) => (&text[..=i], &text[i + 1..]),
+        None => ("", text),
+    };
+    let mut lines: Vec<&str> = complete.split('\n').collect();
+    lines.pop(); // the empty element after the final newline
+    let mut offsets = Vec::with_capacity(lines.len() + 1);
+    let mut at = 0u64;
+    for l in &lines {
+        offsets.push(at);
+        at += l.len() as u64 + 1;
     }
-    let lines: Vec<&str> = text.split('\n').collect();
-    // `split` yields a final empty element after the last newline.
-    let n = lines.len().saturating_sub(1);
+    offsets.push(at);
+    let n = lines.len();
     let mut notes = Vec::new();
+    let mut torn_from: Option<usize> = None;
     let mut i = 0;
+    let mut after_separator = true;
     while i < n {
         if lines[i].is_empty() {
-            // separator between notes
+            after_separator = true;
             i += 1;
             continue;
+        }
+        if !after_separator {
+            return Err(fault(
+                i as u64 + 1,
+                "expected a blank line between checkpoints",
+            ));
         }
         let start = i;
         let mut body = String::new();
@@ -313,9 +347,14 @@ pub fn parse_file(text: &str) -> Result<Vec<FileNote>, FileFault> {
             i += 1;
         }
         if i >= n {
-            return Err(fault(i as u64, "checkpoint has no signature block"));
+            torn_from = Some(start);
+            break;
         }
         i += 1; // the blank line
+        if i >= n {
+            torn_from = Some(start);
+            break;
+        }
         let mut signatures = Vec::new();
         while i < n && !lines[i].is_empty() {
             let line_no = i as u64 + 1;
@@ -348,12 +387,88 @@ pub fn parse_file(text: &str) -> Result<Vec<FileNote>, FileFault> {
         if signatures.is_empty() {
             return Err(fault(i as u64 + 1, "checkpoint has no signature lines"));
         }
+        after_separator = false;
         notes.push(FileNote {
             line: start as u64 + 1,
             note: SignedNote { body, signatures },
         });
     }
-    Ok(notes)
+    let partial = (!partial.is_empty()).then_some(partial);
+    let torn_start = match (torn_from, partial) {
+        (Some(start), _) => Some(start),
+        (None, Some(_)) if after_separator => Some(n),
+        (None, Some(_)) => {
+            return Err(fault(
+                n as u64 + 1,
+                "file does not end with a newline (truncated?)",
+            ));
+        }
+        (None, None) => None,
+    };
+    let torn = match torn_start {
+        None => None,
+        Some(start) => {
+            if !plausible_prefix(&lines[start..n], partial) {
+                return Err(fault(
+                    start as u64 + 1,
+                    "incomplete final checkpoint that is not a write cut short (altered?)",
+                ));
+            }
+            Some(TornNote {
+                line: start as u64 + 1,
+                offset: offsets[start],
+            })
+        }
+    };
+    Ok(ParsedFile { notes, torn })
+}
+
+/// Whether `lines` (complete) and `partial` (an unterminated last line) can be
+/// the start of a note as kya writes it: origin, size, root, `kya-vkey` line,
+/// blank line, one signature line.
+fn plausible_prefix(lines: &[&str], partial: Option<&str>) -> bool {
+    let elements: Vec<(&str, bool)> = lines
+        .iter()
+        .map(|l| (*l, true))
+        .chain(partial.map(|p| (p, false)))
+        .collect();
+    if elements.is_empty() || elements.len() > 6 {
+        return false;
+    }
+    let b64 = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+    };
+    let token = |s: &str| !s.chars().any(|c| c.is_whitespace() || c.is_control());
+    elements
+        .iter()
+        .enumerate()
+        .all(|(index, &(s, complete))| match index {
+            0 => !s.is_empty() && token(s),
+            1 => (!complete || !s.is_empty()) && s.bytes().all(|b| b.is_ascii_digit()),
+            2 => (!complete || !s.is_empty()) && b64(s),
+            3 => {
+                if s.len() < VKEY_EXTENSION.len() {
+                    !complete && VKEY_EXTENSION.starts_with(s)
+                } else {
+                    s.strip_prefix(VKEY_EXTENSION).is_some_and(token)
+                }
+            }
+            4 => complete && s.is_empty(),
+            // A complete signature line would have made the note complete.
+            _ => {
+                !complete
+                    && if s.len() < SIG_PREFIX.len() {
+                        SIG_PREFIX.starts_with(s)
+                    } else {
+                        s.strip_prefix(SIG_PREFIX).is_some_and(|rest| {
+                            let mut parts = rest.splitn(2, ' ');
+                            let name = parts.next().unwrap_or_default();
+                            !name.contains('+') && token(name) && parts.next().is_none_or(b64)
+                        })
+                    }
+            }
+        })
 }
 
 #[cfg(test)]
@@ -389,6 +504,19 @@ mod tests {
             parse_verifier_key(&vkey).unwrap(),
             ("example.com/log".into(), k)
         );
+        // Keys whose base64 contains '+' (many do) parse too.
+        let mut plus = 0;
+        for seed in 0..=255u8 {
+            let k = key(seed).verifying_key();
+            let vkey = verifier_key("n", &k);
+            plus += usize::from(vkey.matches('+').count() > 2);
+            assert_eq!(
+                parse_verifier_key(&vkey).unwrap(),
+                ("n".into(), k),
+                "{vkey}"
+            );
+        }
+        assert!(plus > 0, "no test key had a '+' in its base64");
         // Same key under another name, or a wrong id: refused.
         let other = vkey.replacen("example.com/log", "other", 1);
         assert!(parse_verifier_key(&other).is_err());
@@ -458,18 +586,20 @@ mod tests {
         let a = sign(&sample(1).body(), "kya", &key(1)).unwrap();
         let b = sign(&sample(2).body(), "kya", &key(1)).unwrap();
         let text = format!("{}\n{}\n", a.render(), b.render());
-        let notes = parse_file(&text).unwrap();
+        let parsed = parse_file(&text).unwrap();
+        assert_eq!(parsed.torn, None);
+        let notes = parsed.notes;
         assert_eq!(notes.len(), 2);
         assert_eq!(notes[0].line, 1);
         assert_eq!(notes[0].note, a);
         assert_eq!(notes[1].note, b);
-        assert_eq!(parse_file("").unwrap(), vec![]);
+        assert_eq!(parse_file("").unwrap(), ParsedFile::default());
 
         let sig_line = a.render().lines().last().unwrap().to_string();
         for bad in [
             "no newline".to_string(),
-            "origin\n1\nAAAA\n".to_string(),
             "origin\n1\n\n".to_string(),
+            "origin\n1\nAAAA\nkya-vkey x\nmore\n".to_string(),
             format!("origin\n{sig_line}\n\n{sig_line}\n"),
             "origin\n\n- kya AAAA\n".to_string(),
             "origin\n\n\u{2014} kya\n".to_string(),
@@ -480,5 +610,51 @@ mod tests {
             let err = parse_file(&bad).unwrap_err();
             assert!(err.line >= 1, "{bad:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn every_cut_short_write_is_a_torn_note_and_nothing_else_is() {
+        let a = sign(&sample(1).body(), "kya", &key(1)).unwrap().render() + "\n";
+        let b = sign(&sample(2).body(), "kya", &key(1)).unwrap().render() + "\n";
+        let whole = format!("{a}{b}");
+        for cut in a.len()..=whole.len() {
+            let Some(prefix) = whole.get(..cut) else {
+                continue; // inside the em dash: the verifier handles a split UTF-8 sequence
+            };
+            let parsed = parse_file(prefix).unwrap_or_else(|e| panic!("cut at {cut}: {e:?}"));
+            assert_eq!(
+                parsed.notes.len(),
+                if parsed.torn.is_some() {
+                    1
+                } else {
+                    parsed.notes.len()
+                }
+            );
+            match parsed.torn {
+                Some(t) => assert_eq!(t.offset as usize, a.len(), "cut at {cut}"),
+                None => assert!(
+                    cut == a.len() || cut + 1 >= whole.len(),
+                    "cut at {cut} parsed whole"
+                ),
+            }
+        }
+        // Changing a byte at the end of the last note is not a tear.
+        for (at, to) in [
+            (whole.len() - 1, 0x0bu8),
+            (whole.len() - 1, b'*'),
+            (whole.len() - 2, 0x0b),
+            (whole.len() - 3, b'!'),
+        ] {
+            let mut bytes = whole.clone().into_bytes();
+            bytes[at] = to;
+            let text = String::from_utf8(bytes).unwrap();
+            assert!(
+                parse_file(&text).is_err(),
+                "byte {at} -> {to}: {:?}",
+                parse_file(&text)
+            );
+        }
+        // A body line that the writer never writes is not a tear either.
+        assert!(parse_file(&format!("{a}origin\n1\nAAAA\nkya-vkey x\n*\n")).is_err());
     }
 }

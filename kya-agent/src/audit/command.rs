@@ -80,6 +80,13 @@ fn run_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
                     report.records - covered
                 );
             }
+            if let Some(t) = &report.torn_checkpoint {
+                println!(
+                    "note: {}:{}: incomplete final checkpoint (cut mid-write) ignored",
+                    report.checkpoint_file.display(),
+                    t.line
+                );
+            }
             if let Some(t) = &report.torn_tail {
                 println!(
                     "note: {}:{}: incomplete final record (cut mid-write, never acknowledged) ignored",

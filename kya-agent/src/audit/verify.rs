@@ -94,6 +94,8 @@ pub struct Report {
     pub root: Hash,
     pub chain: Chain,
     pub torn_tail: Option<TornTail>,
+    /// An incomplete final checkpoint that was tolerated (crash mid-write).
+    pub torn_checkpoint: Option<checkpoint::TornNote>,
     pub checkpoint_file: PathBuf,
 }
 
@@ -116,7 +118,12 @@ pub fn verify(files: &[PathBuf], opts: &VerifyOptions) -> Result<Report, Fault> 
         .checkpoints
         .clone()
         .unwrap_or_else(|| files::checkpoints_path(&files::base_of(last)));
-    let (expected, origin, signer) = load_checkpoints(&ck_path, &opts.key)?.unwrap_or_default();
+    let Loaded {
+        expected,
+        origin,
+        signer,
+        torn: torn_checkpoint,
+    } = load_checkpoints(&ck_path, &opts.key, opts.allow_torn_tail)?.unwrap_or_default();
     let have_checkpoint_file = !expected.is_empty() || ck_path.exists();
 
     let mut chain = Chain::default();
@@ -232,14 +239,25 @@ pub fn verify(files: &[PathBuf], opts: &VerifyOptions) -> Result<Report, Fault> 
         root: chain.tree.root(),
         chain,
         torn_tail,
+        torn_checkpoint,
         checkpoint_file: ck_path,
     })
 }
 
-type Loaded = (Vec<Expected>, Option<String>, Option<String>);
+#[derive(Default)]
+struct Loaded {
+    expected: Vec<Expected>,
+    origin: Option<String>,
+    signer: Option<String>,
+    torn: Option<checkpoint::TornNote>,
+}
 
 /// Read, parse and authenticate every checkpoint. `Ok(None)`: no file.
-fn load_checkpoints(path: &Path, key: &TrustedKey) -> Result<Option<Loaded>, Fault> {
+fn load_checkpoints(
+    path: &Path,
+    key: &TrustedKey,
+    allow_torn_tail: bool,
+) -> Result<Option<Loaded>, Fault> {
     let fault = |line: u64, what: String| Fault {
         file: path.to_path_buf(),
         line,
@@ -257,12 +275,17 @@ fn load_checkpoints(path: &Path, key: &TrustedKey) -> Result<Option<Loaded>, Fau
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| fault(0, format!("cannot read: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let upto = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..upto].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
-        fault(line, "not UTF-8".into())
-    })?;
-    let notes = checkpoint::parse_file(&text).map_err(|f| fault(f.line, f.what))?;
+    let text = checkpoint_text(bytes).map_err(|line| fault(line, "not UTF-8".into()))?;
+    let parsed = checkpoint::parse_file(&text).map_err(|f| fault(f.line, f.what))?;
+    if let Some(torn) = parsed.torn {
+        if !allow_torn_tail {
+            return Err(fault(
+                torn.line,
+                "incomplete final checkpoint (a write cut short by a crash; kya removes it when it next opens the log)".into(),
+            ));
+        }
+    }
+    let notes = parsed.notes;
     if notes.is_empty() {
         return Err(fault(0, "no checkpoints in the checkpoint file".into()));
     }
@@ -347,7 +370,37 @@ fn load_checkpoints(path: &Path, key: &TrustedKey) -> Result<Option<Loaded>, Fau
             hex::encode(checkpoint::key_id(&name, &vk))
         )
     });
-    Ok(Some((expected, origin, signer)))
+    Ok(Some(Loaded {
+        expected,
+        origin,
+        signer,
+        torn: parsed.torn,
+    }))
+}
+
+/// The file as text. A write cut short inside the em dash of a signature line
+/// leaves an incomplete UTF-8 sequence at the very end: dropped here, so the
+/// parser sees the plausible torn prefix. Anything else that is not UTF-8 is an
+/// error at its (1-based) line.
+fn checkpoint_text(bytes: Vec<u8>) -> Result<String, u64> {
+    match String::from_utf8(bytes) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let upto = e.utf8_error().valid_up_to();
+            let bytes = e.into_bytes();
+            let rest = &bytes[upto..];
+            let dash = checkpoint::SIG_PREFIX.as_bytes();
+            if is_cut_em_dash(rest, dash) {
+                // valid up to `upto` by construction
+                return String::from_utf8(bytes[..upto].to_vec()).map_err(|_| 1);
+            }
+            Err(bytes[..upto].iter().filter(|&&b| b == b'\n').count() as u64 + 1)
+        }
+    }
+}
+
+fn is_cut_em_dash(rest: &[u8], dash: &[u8]) -> bool {
+    !rest.is_empty() && rest.len() < 3 && dash.starts_with(rest)
 }
 
 /// The name under which `key` signed `note`, if it did (key ids bind name and key).

@@ -297,6 +297,16 @@ impl AuditLog {
             f.set_len(torn.offset).map_err(|e| io_err(&torn.file, &e))?;
             f.sync_all().map_err(|e| io_err(&torn.file, &e))?;
         }
+        if let Some(torn) = &report.torn_checkpoint {
+            tracing::warn!(file = %ck_path.display(), line = torn.line,
+                "checkpoint file ends in an incomplete checkpoint (crash mid-write); removing it");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&ck_path)
+                .map_err(|e| io_err(&ck_path, &e))?;
+            f.set_len(torn.offset).map_err(|e| io_err(&ck_path, &e))?;
+            f.sync_all().map_err(|e| io_err(&ck_path, &e))?;
+        }
         let configured = cfg.origin.clone().unwrap_or_else(default_origin);
         let origin = match &report.origin {
             Some(existing) if *existing != configured => {
@@ -899,6 +909,35 @@ mod tests {
         assert_eq!(c.seq, 4);
         log.close().unwrap();
         assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 5);
+    }
+
+    #[tokio::test]
+    async fn a_torn_final_checkpoint_is_dropped_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        for n in 0..3 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        let ck = dir.path().join("audit.jsonl.checkpoints");
+        let whole = std::fs::read(&ck).unwrap();
+        // Half of a checkpoint, as a crash mid-write leaves it.
+        let mut f = OpenOptions::new().append(true).open(&ck).unwrap();
+        f.write_all(b"test.example/kya-audit\n3\nAbC").unwrap();
+        drop(f);
+        assert!(
+            verify_dir(dir.path(), 1).is_err(),
+            "strict verification reports it"
+        );
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        assert_eq!(
+            std::fs::read(&ck).unwrap(),
+            whole,
+            "the torn note was removed"
+        );
+        log.append(&event(3), Durability::Sync).await.unwrap();
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 4);
     }
 
     #[tokio::test]
