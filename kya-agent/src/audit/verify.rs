@@ -418,3 +418,127 @@ fn describe_sigs(note: &SignedNote) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::event::tests::sample;
+    use crate::audit::event::EventKind;
+    use crate::audit::writer::{AuditConfig, AuditLog, Durability};
+    use ed25519_dalek::SigningKey;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[11; 32])
+    }
+
+    /// A small event: the exhaustive test below verifies once per byte.
+    fn sparse(n: u64) -> crate::audit::DecisionEvent {
+        let mut e = sample(EventKind::Decision, n);
+        e.process = Default::default();
+        e.destination = Default::default();
+        e.mcp = crate::audit::event::McpInfo {
+            method: "tools/call".into(),
+            ..Default::default()
+        };
+        e
+    }
+
+    async fn small_log(dir: &Path, records: u64) -> PathBuf {
+        let mut cfg = AuditConfig::new(dir.join("audit.jsonl"));
+        cfg.origin = Some("unit/kya-audit".into());
+        cfg.checkpoint_every = 3;
+        let log = AuditLog::open(cfg, key()).unwrap();
+        for n in 0..records {
+            log.append(&sparse(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        dir.join("audit.jsonl")
+    }
+
+    fn opts(torn: bool) -> VerifyOptions {
+        VerifyOptions {
+            key: TrustedKey::Pinned(key().verifying_key()),
+            checkpoints: None,
+            allow_torn_tail: torn,
+        }
+    }
+
+    /// Every single byte of the log and of the checkpoint file, flipped: verification
+    /// fails every time, even in the permissive mode that tolerates a torn tail
+    /// (strict mode only adds faults). One mask per byte keeps this affordable in
+    /// debug builds, where each Ed25519 verification costs milliseconds.
+    #[tokio::test]
+    async fn flipping_every_byte_of_log_and_checkpoints_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = small_log(dir.path(), 2).await;
+        let ck = files::checkpoints_path(&log);
+        let report = verify(std::slice::from_ref(&log), &opts(false)).unwrap();
+        assert_eq!((report.records, report.last_checkpoint), (2, Some(2)));
+        for path in [&log, &ck] {
+            let original = std::fs::read(path).unwrap();
+            for pos in 0..original.len() {
+                let mut bytes = original.clone();
+                bytes[pos] ^= if pos % 2 == 0 { 0x01 } else { 0x80 };
+                std::fs::write(path, &bytes).unwrap();
+                assert!(
+                    verify(std::slice::from_ref(&log), &opts(true)).is_err(),
+                    "{}: byte {pos} flipped and still verified",
+                    path.display()
+                );
+            }
+            std::fs::write(path, &original).unwrap();
+        }
+        verify(std::slice::from_ref(&log), &opts(false)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn faults_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = small_log(dir.path(), 6).await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.remove(2);
+        std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+        let f = verify(std::slice::from_ref(&log), &opts(false)).unwrap_err();
+        assert_eq!((f.file.as_path(), f.line), (log.as_path(), 3));
+        assert_eq!(
+            f.to_string(),
+            format!("{}:3: {}", log.display(), f.what),
+            "rendered as file:line: what"
+        );
+        assert!(verify(&[], &opts(false)).is_err());
+    }
+
+    #[tokio::test]
+    async fn embedded_key_mode_requires_one_consistent_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = small_log(dir.path(), 4).await;
+        let embedded = VerifyOptions {
+            key: TrustedKey::Embedded,
+            checkpoints: None,
+            allow_torn_tail: false,
+        };
+        let r = verify(std::slice::from_ref(&log), &embedded).unwrap();
+        assert!(r.signer.unwrap().starts_with("unit/kya-audit (key id "));
+        // Append a checkpoint signed (validly) by another key naming itself.
+        let other = SigningKey::from_bytes(&[12; 32]);
+        let cp = checkpoint::Checkpoint {
+            origin: "unit/kya-audit".into(),
+            size: 4,
+            root: r.root,
+            extensions: vec![format!(
+                "{}{}",
+                checkpoint::VKEY_EXTENSION,
+                checkpoint::verifier_key("unit/kya-audit", &other.verifying_key())
+            )],
+        };
+        let note = checkpoint::sign(&cp.body(), "unit/kya-audit", &other).unwrap();
+        let ck = files::checkpoints_path(&log);
+        let mut text = std::fs::read_to_string(&ck).unwrap();
+        text.push_str(&note.render());
+        std::fs::write(&ck, text).unwrap();
+        let f = verify(std::slice::from_ref(&log), &embedded).unwrap_err();
+        assert!(f.what.contains("different key"), "{f}");
+        assert!(verify(std::slice::from_ref(&log), &opts(false)).is_err());
+    }
+}
