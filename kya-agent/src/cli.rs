@@ -24,6 +24,8 @@ pub enum LogFormat {
 }
 
 /// The subcommands.
+// Parsed once per process; boxing `RunArgs` would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: load the eBPF redirect, intercept and govern selected agents' traffic.
@@ -39,6 +41,8 @@ pub enum Command {
     /// Issue, verify or revoke action-scoped verifiable credentials (offline).
     #[command(subcommand)]
     Credential(Box<CredentialCommand>),
+    /// Work with the tamper-evident audit log.
+    Audit(AuditArgs),
 }
 
 /// `kya approvals`.
@@ -166,6 +170,37 @@ pub struct PolicyTestArgs {
     /// With --call: show every rule and budget and why it matched or not.
     #[arg(long)]
     pub explain: bool,
+
+/// `kya audit ...`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+/// The audit subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Verify an audit log (or a rotated set, oldest first): hash chain, Merkle tree,
+    /// signed checkpoints. Exit 0 when intact; else exit 1 naming the first bad record.
+    Verify(AuditVerifyArgs),
+}
+
+/// `kya audit verify FILE... [--key PUB]`.
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// Log files in chain order (e.g. audit.jsonl.1 audit.jsonl.2 audit.jsonl).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Public key (SPKI PEM) the checkpoints must be signed by; only this key is accepted.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Without --key: use STATE_DIR/signing-key.pub.pem when present (default /var/lib/kya).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Checkpoint file (default: <live file>.checkpoints beside the last FILE).
+    #[arg(long, value_name = "FILE")]
+    pub checkpoints: Option<PathBuf>,
 }
 
 /// `kya run`: every flag overrides the config file.

@@ -5,6 +5,7 @@
 //! workspace for the architecture.
 
 pub mod approvals;
+pub mod audit;
 pub mod bpf;
 pub mod ca;
 pub mod cli;

@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
         Command::Ca(args) => kya_agent::ca::command::run(args),
         Command::Policy(args) => kya_agent::policy::command::run(args),
         Command::Credential(cmd) => kya_agent::credential::command::run(*cmd),
+        Command::Audit(args) => kya_agent::audit::command::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,26 @@
+//! The tamper-evident audit log.
+//!
+//! * [`event`]: the decision event kya records ([`DecisionEvent`]).
+//! * [`ocsf`]: its OCSF API Activity (6003) rendering for SIEMs.
+//! * [`record`]: one JSON line per record, hash-chained to the previous one.
+//! * [`merkle`]: RFC 6962 tree hashing and proofs over the record lines.
+//! * [`checkpoint`]: C2SP tlog-checkpoint / signed-note tree heads (Ed25519).
+//! * [`files`]: the live file, its rotated predecessors, the checkpoint file.
+//! * [`writer`]: the append path ([`AuditLog`]): batching, fdatasync, rotation.
+//! * [`verify`]: offline verification of a log set against its checkpoints.
+//! * [`command`]: `kya audit verify`.
+
+pub mod checkpoint;
+pub mod command;
+pub mod event;
+pub mod files;
+pub mod merkle;
+pub mod ocsf;
+pub mod record;
+pub mod verify;
+pub mod writer;
+
+pub use event::{DecisionEvent, EventKind};
+pub use writer::{
+    AuditConfig, AuditError, AuditLog, Committed, Durability, Health, HealthState, Receipt,
+};

@@ -1,0 +1,1049 @@
+//! The audit log writer: one thread owns the file, appends records in batches
+//! with one `fdatasync` per batch, writes signed checkpoints, rotates by size.
+//!
+//! Durability contract:
+//! * [`Durability::Sync`]: `append` returns only after the batch holding the
+//!   record was written and `fdatasync`ed. Holds, approvals and the allow that
+//!   follows an approval use this, so no such call is released before its
+//!   record is on disk.
+//! * [`Durability::Group`]: `append` returns as soon as the record is queued;
+//!   the returned [`Receipt`] resolves once it is on disk. The writer never
+//!   waits to fill a batch: it takes everything queued, writes it, syncs once.
+//!   A group record is therefore durable after the time to drain what was queued
+//!   ahead of it plus one write and one `fdatasync` (≈0.3 ms here); with the
+//!   queue bounded at [`AuditConfig::queue_capacity`] records and batches of up to
+//!   [`MAX_BATCH`], the bound is ≤ 10 ms on healthy storage (measured by
+//!   `cargo bench -p kya-agent --bench audit_append`). When storage stalls the
+//!   bound cannot hold; then the queue fills, group callers get
+//!   [`AuditError::QueueFull`] and sync callers wait: nothing is buffered
+//!   without limit.
+//!
+//! Failure contract: a failed write or sync truncates the file back to the last
+//! committed length, fails every caller in the batch with [`AuditError::Write`]
+//! and makes [`AuditLog::health`] report it (and `tracing::error!`). The next
+//! batch tries again, so the log heals when space returns. If even the
+//! truncation fails the writer stops accepting records ([`AuditError::Unavailable`]):
+//! a torn record must never be followed by more. Callers deny consequential
+//! calls whenever an append fails or `health()` is not writable (fail closed).
+//!
+//! Restart: [`AuditLog::open`] verifies the existing set (rotated files, live
+//! file, checkpoints) against kya's own key, drops an incomplete final line left
+//! by a crash (it was never acknowledged), and continues the chain and the tree.
+//! A log that fails verification is not appended to: open fails with
+//! [`AuditError::Corrupt`] and the operator must move it aside.
+
+use super::checkpoint::{self, Checkpoint, VKEY_EXTENSION};
+use super::event::DecisionEvent;
+use super::files;
+use super::merkle::{leaf_hash, Hash};
+use super::record::{compose, Chain, MAX_LINE_BYTES};
+use super::verify::{self, Fault, TrustedKey, VerifyOptions};
+use ed25519_dalek::SigningKey;
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+/// Most records written (and synced) as one batch.
+pub const MAX_BATCH: usize = 1024;
+
+/// How an append must be committed before the caller proceeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Wait for `fdatasync`.
+    Sync,
+    /// Return at once; committed with the next batch.
+    Group,
+}
+
+/// Errors from the audit log. `Clone`: one failed batch fails many callers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("audit log write failed ({path}): {message}")]
+    Write {
+        path: PathBuf,
+        kind: io::ErrorKind,
+        message: String,
+    },
+    #[error("existing audit log does not verify, refusing to append: {0}")]
+    Corrupt(Fault),
+    #[error("audit queue full")]
+    QueueFull,
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    #[error("audit event too large ({size} bytes, limit {max})")]
+    EventTooLarge { size: usize, max: usize },
+    #[error("{0}")]
+    InvalidEvent(String),
+    #[error("signing key: {0}")]
+    Key(String),
+}
+
+/// Writer settings.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The live file (`audit.jsonl`); rotated files and checkpoints live beside it.
+    pub path: PathBuf,
+    /// Checkpoint origin and signing key name; default `<hostname>/kya-audit`.
+    /// An existing log keeps the origin its checkpoints already carry.
+    pub origin: Option<String>,
+    /// Write a checkpoint after this many records...
+    pub checkpoint_every: u64,
+    /// ...or this long after the last one, whichever comes first (if there is anything new).
+    pub checkpoint_interval: Duration,
+    /// Rotate the live file once it reaches this many bytes.
+    pub rotate_bytes: u64,
+    /// Records that may wait for the writer.
+    pub queue_capacity: usize,
+}
+
+impl AuditConfig {
+    /// Defaults: checkpoint every 1000 records or 10 s, rotate at 64 MiB, queue 4096.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        AuditConfig {
+            path: path.into(),
+            origin: None,
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            rotate_bytes: 64 << 20,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+/// A record on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    /// The record's RFC 6962 leaf hash.
+    pub leaf: Hash,
+}
+
+/// The result of an append: durable already, or pending the group commit.
+#[derive(Debug)]
+pub enum Receipt {
+    Durable(Committed),
+    Pending(oneshot::Receiver<Result<Committed, AuditError>>),
+}
+
+impl Receipt {
+    /// Wait until the record is on disk.
+    pub async fn committed(self) -> Result<Committed, AuditError> {
+        match self {
+            Receipt::Durable(c) => Ok(c),
+            Receipt::Pending(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(AuditError::Unavailable("writer stopped".into()))),
+        }
+    }
+}
+
+/// Whether the log can take records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum HealthState {
+    Ok,
+    /// The last write failed; the next batch retries.
+    Failing {
+        error: String,
+    },
+    /// The writer stopped (closed, or could not repair a failed write).
+    Stopped {
+        reason: String,
+    },
+}
+
+/// A snapshot of the writer's state, for `kya status` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub state: HealthState,
+    pub path: PathBuf,
+    /// Records in the log (the tree size).
+    pub records: u64,
+    /// Tree size of the last signed checkpoint.
+    pub last_checkpoint: Option<u64>,
+    /// Writes or syncs that failed since open.
+    pub write_failures: u64,
+    /// Free slots in the queue.
+    pub queue_free: usize,
+}
+
+impl Health {
+    /// True when records are being written.
+    pub fn is_writable(&self) -> bool {
+        self.state == HealthState::Ok
+    }
+}
+
+enum Msg {
+    Append {
+        json: Vec<u8>,
+        reply: oneshot::Sender<Result<Committed, AuditError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    Checkpoint(mpsc::Sender<Result<(), AuditError>>),
+    Shutdown(mpsc::Sender<Result<(), AuditError>>),
+}
+
+struct Shared {
+    health: Mutex<Health>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Health)) {
+        match self.health.lock() {
+            Ok(mut h) => f(&mut h),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// The audit log handle. Cheap to share behind an `Arc`; dropping it writes a
+/// final checkpoint and stops the writer.
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    permits: Arc<Semaphore>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn io_err(path: &Path, e: &io::Error) -> AuditError {
+    AuditError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn write_err(path: &Path, e: &io::Error) -> AuditError {
+    AuditError::Write {
+        path: path.to_path_buf(),
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// `<hostname>/kya-audit`, restricted to characters a signed-note key name allows.
+pub fn default_origin() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() {
+        "localhost".to_string()
+    } else {
+        host
+    };
+    format!("{host}/kya-audit")
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+impl AuditLog {
+    /// Open (or create) the log at `cfg.path`, verify what is there, start the writer thread.
+    pub fn open(cfg: AuditConfig, key: SigningKey) -> Result<AuditLog, AuditError> {
+        let base = cfg.path.clone();
+        if let Some(dir) = base.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, &e))?;
+        }
+        let file = open_append(&base).map_err(|e| io_err(&base, &e))?;
+        let set = files::log_set(&base).map_err(|e| io_err(&base, &e))?;
+        let ck_path = files::checkpoints_path(&base);
+        let report = verify::verify(
+            &set,
+            &VerifyOptions {
+                key: TrustedKey::Pinned(key.verifying_key()),
+                checkpoints: Some(ck_path.clone()),
+                allow_torn_tail: true,
+            },
+        )
+        .map_err(AuditError::Corrupt)?;
+        if let Some(torn) = &report.torn_tail {
+            tracing::warn!(file = %torn.file.display(), line = torn.line,
+                "audit log ends in an incomplete record (crash mid-write); removing it");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&torn.file)
+                .map_err(|e| io_err(&torn.file, &e))?;
+            f.set_len(torn.offset).map_err(|e| io_err(&torn.file, &e))?;
+            f.sync_all().map_err(|e| io_err(&torn.file, &e))?;
+        }
+        if let Some(torn) = &report.torn_checkpoint {
+            tracing::warn!(file = %ck_path.display(), line = torn.line,
+                "checkpoint file ends in an incomplete checkpoint (crash mid-write); removing it");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&ck_path)
+                .map_err(|e| io_err(&ck_path, &e))?;
+            f.set_len(torn.offset).map_err(|e| io_err(&ck_path, &e))?;
+            f.sync_all().map_err(|e| io_err(&ck_path, &e))?;
+        }
+        let configured = cfg.origin.clone().unwrap_or_else(default_origin);
+        let origin = match &report.origin {
+            Some(existing) if *existing != configured => {
+                tracing::info!(existing = %existing, configured = %configured,
+                    "audit log keeps the origin its checkpoints already carry");
+                existing.clone()
+            }
+            Some(existing) => existing.clone(),
+            None => configured,
+        };
+        // Validate the origin as a key name now, not at the first checkpoint.
+        checkpoint::sign("probe\n", &origin, &key).map_err(|e| AuditError::Key(e.to_string()))?;
+        let file_len = file.metadata().map_err(|e| io_err(&base, &e))?.len();
+        let ck_file = open_append(&ck_path).map_err(|e| io_err(&ck_path, &e))?;
+        let ck_len = ck_file.metadata().map_err(|e| io_err(&ck_path, &e))?.len();
+        sync_dir(&base).map_err(|e| io_err(&base, &e))?;
+
+        let shared = Arc::new(Shared {
+            health: Mutex::new(Health {
+                state: HealthState::Ok,
+                path: base.clone(),
+                records: report.records,
+                last_checkpoint: report.last_checkpoint,
+                write_failures: 0,
+                queue_free: cfg.queue_capacity,
+            }),
+        });
+        let vkey_line = format!(
+            "{VKEY_EXTENSION}{}",
+            checkpoint::verifier_key(&origin, &key.verifying_key())
+        );
+        let mut core = Core {
+            base,
+            file,
+            file_len,
+            chain: report.chain,
+            key,
+            origin,
+            vkey_line,
+            ck_path,
+            ck_file,
+            ck_len,
+            last_checkpoint: report.last_checkpoint,
+            last_checkpoint_at: Instant::now(),
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            stopped: None,
+        };
+        // Cover what is already there (records written after the last checkpoint
+        // before a crash) and create the checkpoint file on a fresh log. Failing
+        // here is not fatal: health says so and appends will retry.
+        if let Err(e) = core.checkpoint() {
+            tracing::error!(error = %e, "cannot write the opening audit checkpoint");
+        }
+        let permits = Arc::new(Semaphore::new(cfg.queue_capacity.max(1)));
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kya-audit".into())
+            .spawn(move || core.run(rx))
+            .map_err(|e| AuditError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        Ok(AuditLog {
+            tx,
+            permits,
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Append `event`. See the module docs for what each [`Durability`] promises.
+    pub async fn append(
+        &self,
+        event: &DecisionEvent,
+        durability: Durability,
+    ) -> Result<Receipt, AuditError> {
+        event
+            .validate()
+            .map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
+        let json =
+            serde_json::to_vec(event).map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
+        // Room for the record envelope (seq, prev) around the event.
+        let max = MAX_LINE_BYTES - 128;
+        if json.len() > max {
+            return Err(AuditError::EventTooLarge {
+                size: json.len(),
+                max,
+            });
+        }
+        let permit = match durability {
+            Durability::Sync => self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| AuditError::Unavailable("writer stopped".into()))?,
+            Durability::Group => match self.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(TryAcquireError::NoPermits) => return Err(AuditError::QueueFull),
+                Err(TryAcquireError::Closed) => {
+                    return Err(AuditError::Unavailable("writer stopped".into()))
+                }
+            },
+        };
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Append {
+                json,
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| AuditError::Unavailable("writer stopped".into()))?;
+        let receipt = Receipt::Pending(rx);
+        match durability {
+            Durability::Sync => Ok(Receipt::Durable(receipt.committed().await?)),
+            Durability::Group => Ok(receipt),
+        }
+    }
+
+    /// The writer's current state.
+    pub fn health(&self) -> Health {
+        let mut h = match self.shared.health.lock() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        h.queue_free = self.permits.available_permits();
+        h
+    }
+
+    /// Write a checkpoint now (if anything is new). Blocks until it is on disk.
+    pub fn checkpoint(&self) -> Result<(), AuditError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Msg::Checkpoint(tx))
+            .map_err(|_| AuditError::Unavailable("writer stopped".into()))?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(AuditError::Unavailable("writer stopped".into())))
+    }
+
+    /// Commit everything queued, write the final checkpoint, stop the writer. Blocks.
+    pub fn close(&self) -> Result<(), AuditError> {
+        let (tx, rx) = mpsc::channel();
+        let result = match self.tx.send(Msg::Shutdown(tx)) {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(AuditError::Unavailable("writer stopped".into()))),
+            Err(_) => Ok(()),
+        };
+        self.permits.close();
+        let handle = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("audit writer thread panicked");
+            }
+        }
+        result
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "audit log did not close cleanly");
+        }
+    }
+}
+
+struct Core {
+    base: PathBuf,
+    file: File,
+    file_len: u64,
+    chain: Chain,
+    key: SigningKey,
+    origin: String,
+    vkey_line: String,
+    ck_path: PathBuf,
+    ck_file: File,
+    ck_len: u64,
+    last_checkpoint: Option<u64>,
+    last_checkpoint_at: Instant,
+    cfg: AuditConfig,
+    shared: Arc<Shared>,
+    /// Why the writer refuses records, once it does.
+    stopped: Option<String>,
+}
+
+struct Pending {
+    json: Vec<u8>,
+    reply: oneshot::Sender<Result<Committed, AuditError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Core {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let due = self.last_checkpoint_at + self.cfg.checkpoint_interval;
+            let wait = due.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.checkpoint_logged();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.checkpoint_logged();
+                    return;
+                }
+            };
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Append {
+                        json,
+                        reply,
+                        _permit,
+                    } => batch.push(Pending {
+                        json,
+                        reply,
+                        _permit,
+                    }),
+                    Msg::Checkpoint(reply) => {
+                        self.commit(std::mem::take(&mut batch));
+                        let _ = reply.send(self.checkpoint());
+                    }
+                    Msg::Shutdown(reply) => {
+                        self.commit(std::mem::take(&mut batch));
+                        let result = self.checkpoint();
+                        // Later appends fail; callers see it before we go.
+                        self.stopped = Some("audit log closed".into());
+                        drain(&rx, &self.stopped);
+                        self.shared.update(|h| {
+                            h.state = HealthState::Stopped {
+                                reason: "closed".into(),
+                            }
+                        });
+                        let _ = reply.send(result);
+                        return;
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(batch);
+            let since = self.last_checkpoint.unwrap_or(0);
+            if self.chain.tree.size() >= since + self.cfg.checkpoint_every.max(1)
+                || Instant::now() >= self.last_checkpoint_at + self.cfg.checkpoint_interval
+            {
+                self.checkpoint_logged();
+            }
+            if self.file_len >= self.cfg.rotate_bytes {
+                if let Err(e) = self.rotate() {
+                    tracing::error!(error = %e, "audit log rotation failed");
+                }
+            }
+        }
+    }
+
+    /// Write and sync one batch; answer every caller.
+    fn commit(&mut self, batch: Vec<Pending>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Some(reason) = &self.stopped {
+            for p in batch {
+                let _ = p.reply.send(Err(AuditError::Unavailable(reason.clone())));
+            }
+            return;
+        }
+        let mut chain = self.chain.clone();
+        let mut buf = Vec::with_capacity(batch.iter().map(|p| p.json.len() + 100).sum());
+        let mut done = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let line = compose(chain.next_seq, &chain.prev, &p.json);
+            done.push(Committed {
+                seq: chain.next_seq,
+                leaf: leaf_hash(&line),
+            });
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            chain.push(&line);
+        }
+        let result = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.chain = chain;
+                self.file_len += buf.len() as u64;
+                let records = self.chain.tree.size();
+                self.shared.update(|h| {
+                    h.records = records;
+                    if matches!(h.state, HealthState::Failing { .. }) {
+                        tracing::info!("audit log writable again");
+                        h.state = HealthState::Ok;
+                    }
+                });
+                for (p, c) in batch.into_iter().zip(done) {
+                    let _ = p.reply.send(Ok(c));
+                }
+            }
+            Err(e) => {
+                let err = write_err(&self.base, &e);
+                tracing::error!(error = %e, path = %self.base.display(), records = batch.len(),
+                    "AUDIT LOG WRITE FAILED: consequential calls are denied until it recovers");
+                self.repair(&err);
+                for p in batch {
+                    let _ = p.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// After a failed write: cut the file back to the last committed length.
+    fn repair(&mut self, err: &AuditError) {
+        let fixed = self
+            .file
+            .set_len(self.file_len)
+            .and_then(|()| self.file.sync_data());
+        let state = match fixed {
+            Ok(()) => HealthState::Failing {
+                error: err.to_string(),
+            },
+            Err(e) => {
+                let reason = format!("{err}; and the partial record could not be removed: {e}");
+                tracing::error!(%reason, "audit writer stopped");
+                self.stopped = Some(reason.clone());
+                HealthState::Stopped { reason }
+            }
+        };
+        self.shared.update(|h| {
+            h.write_failures += 1;
+            h.state = state;
+        });
+    }
+
+    fn checkpoint_logged(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "audit checkpoint failed");
+        }
+    }
+
+    /// Sign and append a checkpoint for the current tree, unless the last one covers it.
+    fn checkpoint(&mut self) -> Result<(), AuditError> {
+        self.last_checkpoint_at = Instant::now();
+        let size = self.chain.tree.size();
+        if self.last_checkpoint == Some(size) || self.stopped.is_some() {
+            return Ok(());
+        }
+        let cp = Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root: self.chain.tree.root(),
+            extensions: vec![self.vkey_line.clone()],
+        };
+        let note = checkpoint::sign(&cp.body(), &self.origin, &self.key)
+            .map_err(|e| AuditError::Key(e.to_string()))?;
+        let mut text = note.render();
+        text.push('\n');
+        let result = self
+            .ck_file
+            .write_all(text.as_bytes())
+            .and_then(|()| self.ck_file.sync_data());
+        match result {
+            Ok(()) => {
+                self.ck_len += text.len() as u64;
+                self.last_checkpoint = Some(size);
+                self.shared.update(|h| h.last_checkpoint = Some(size));
+                Ok(())
+            }
+            Err(e) => {
+                let err = write_err(&self.ck_path, &e);
+                let fixed = self
+                    .ck_file
+                    .set_len(self.ck_len)
+                    .and_then(|()| self.ck_file.sync_data());
+                if let Err(e2) = fixed {
+                    // A torn checkpoint makes the whole file unparseable: stop.
+                    let reason =
+                        format!("{err}; and the partial checkpoint could not be removed: {e2}");
+                    self.stopped = Some(reason.clone());
+                    self.shared
+                        .update(|h| h.state = HealthState::Stopped { reason });
+                } else {
+                    self.shared.update(|h| {
+                        h.write_failures += 1;
+                        h.state = HealthState::Failing {
+                            error: err.to_string(),
+                        };
+                    });
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Rename the live file to the next free number and start a new one; the chain continues.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.checkpoint()?;
+        let next = files::rotated(&self.base)
+            .map_err(|e| io_err(&self.base, &e))?
+            .last()
+            .map(|(n, _)| n + 1)
+            .unwrap_or(1);
+        let target = files::rotated_name(&self.base, next);
+        std::fs::rename(&self.base, &target).map_err(|e| io_err(&self.base, &e))?;
+        match OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o640)
+            .open(&self.base)
+            .and_then(|f| sync_dir(&self.base).map(|()| f))
+        {
+            Ok(f) => {
+                self.file = f;
+                self.file_len = 0;
+                tracing::info!(rotated = %target.display(), "audit log rotated");
+                Ok(())
+            }
+            Err(e) => {
+                // Keep appending to the renamed file: the chain stays intact, the
+                // name is just unusual. Rotation is retried after the next batch.
+                tracing::error!(error = %e, "cannot create a new audit log file after rotation");
+                Err(io_err(&self.base, &e))
+            }
+        }
+    }
+}
+
+fn drain(rx: &mpsc::Receiver<Msg>, reason: &Option<String>) {
+    let reason = reason.clone().unwrap_or_else(|| "audit log closed".into());
+    while let Ok(msg) = rx.try_recv() {
+        match msg {
+            Msg::Append { reply, .. } => {
+                let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
+            }
+            Msg::Checkpoint(r) | Msg::Shutdown(r) => {
+                let _ = r.send(Err(AuditError::Unavailable(reason.clone())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::event::tests::sample;
+    use crate::audit::event::EventKind;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn cfg(dir: &Path) -> AuditConfig {
+        let mut c = AuditConfig::new(dir.join("audit.jsonl"));
+        c.origin = Some("test.example/kya-audit".into());
+        c
+    }
+
+    fn verify_dir(dir: &Path, seed: u8) -> Result<verify::Report, Fault> {
+        let base = dir.join("audit.jsonl");
+        verify::verify(
+            &files::log_set(&base).unwrap(),
+            &VerifyOptions {
+                key: TrustedKey::Pinned(key(seed).verifying_key()),
+                checkpoints: None,
+                allow_torn_tail: false,
+            },
+        )
+    }
+
+    fn event(n: u64) -> DecisionEvent {
+        sample(EventKind::ALL[(n % 5) as usize], n)
+    }
+
+    #[tokio::test]
+    async fn sync_and_group_appends_commit_in_order_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        let mut receipts = Vec::new();
+        for n in 0..20u64 {
+            let d = if n % 3 == 0 {
+                Durability::Sync
+            } else {
+                Durability::Group
+            };
+            let r = log.append(&event(n), d).await.unwrap();
+            if d == Durability::Sync {
+                assert!(matches!(r, Receipt::Durable(_)));
+            }
+            receipts.push(r);
+        }
+        for (n, r) in receipts.into_iter().enumerate() {
+            assert_eq!(r.committed().await.unwrap().seq, n as u64);
+        }
+        assert_eq!(log.health().records, 20);
+        assert!(log.health().is_writable());
+        log.close().unwrap();
+        assert!(matches!(log.health().state, HealthState::Stopped { .. }));
+        assert!(matches!(
+            log.append(&event(1), Durability::Group).await,
+            Err(AuditError::Unavailable(_))
+        ));
+        let report = verify_dir(dir.path(), 1).unwrap();
+        assert_eq!(report.records, 20);
+        assert_eq!(
+            report.last_checkpoint,
+            Some(20),
+            "shutdown writes a final checkpoint"
+        );
+        // The records hold the events as given.
+        let text = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let third: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
+        let back: DecisionEvent = serde_json::from_value(third["event"].clone()).unwrap();
+        assert_eq!(back, event(2));
+    }
+
+    #[tokio::test]
+    async fn concurrent_appenders_get_unique_sequence_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(AuditLog::open(cfg(dir.path()), key(1)).unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..100u64 {
+                    let d = if i % 10 == 0 {
+                        Durability::Sync
+                    } else {
+                        Durability::Group
+                    };
+                    let r = loop {
+                        match log.append(&event(t * 1000 + i), d).await {
+                            Err(AuditError::QueueFull) => tokio::task::yield_now().await,
+                            other => break other.unwrap(),
+                        }
+                    };
+                    seqs.push(r.committed().await.unwrap().seq);
+                }
+                seqs
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        assert_eq!(all, (0..800).collect::<Vec<_>>());
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 800);
+    }
+
+    #[tokio::test]
+    async fn reopen_continues_the_chain_and_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..3u64 {
+            let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+            assert_eq!(log.health().records, round * 5);
+            for n in 0..5 {
+                log.append(&event(round * 5 + n), Durability::Sync)
+                    .await
+                    .unwrap();
+            }
+            drop(log); // drop closes and checkpoints
+        }
+        let report = verify_dir(dir.path(), 1).unwrap();
+        assert_eq!(report.records, 15);
+        assert_eq!(report.last_checkpoint, Some(15));
+    }
+
+    #[tokio::test]
+    async fn a_torn_final_record_is_dropped_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        for n in 0..4 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,\"prev\":\"ab").unwrap();
+        drop(f);
+        assert!(
+            verify_dir(dir.path(), 1).is_err(),
+            "strict verification sees the torn line"
+        );
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        assert_eq!(log.health().records, 4);
+        let c = log
+            .append(&event(4), Durability::Sync)
+            .await
+            .unwrap()
+            .committed()
+            .await
+            .unwrap();
+        assert_eq!(c.seq, 4);
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 5);
+    }
+
+    #[tokio::test]
+    async fn a_torn_final_checkpoint_is_dropped_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        for n in 0..3 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        let ck = dir.path().join("audit.jsonl.checkpoints");
+        let whole = std::fs::read(&ck).unwrap();
+        // Half of a checkpoint, as a crash mid-write leaves it.
+        let mut f = OpenOptions::new().append(true).open(&ck).unwrap();
+        f.write_all(b"test.example/kya-audit\n3\nAbC").unwrap();
+        drop(f);
+        assert!(
+            verify_dir(dir.path(), 1).is_err(),
+            "strict verification reports it"
+        );
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        assert_eq!(
+            std::fs::read(&ck).unwrap(),
+            whole,
+            "the torn note was removed"
+        );
+        log.append(&event(3), Durability::Sync).await.unwrap();
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 4);
+    }
+
+    #[tokio::test]
+    async fn a_tampered_or_foreign_log_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        for n in 0..4 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        assert!(matches!(
+            AuditLog::open(cfg(dir.path()), key(2)),
+            Err(AuditError::Corrupt(_))
+        ));
+        let path = dir.path().join("audit.jsonl");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[30] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        match AuditLog::open(cfg(dir.path()), key(1)) {
+            Err(AuditError::Corrupt(f)) => assert_eq!(f.line, 1, "{f}"),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("opened a tampered log"),
+        }
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_one_chain_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.rotate_bytes = 4000;
+        c.checkpoint_every = 7;
+        let log = AuditLog::open(c.clone(), key(1)).unwrap();
+        for n in 0..40 {
+            log.append(&event(n), Durability::Sync).await.unwrap();
+        }
+        log.close().unwrap();
+        let set = files::log_set(&dir.path().join("audit.jsonl")).unwrap();
+        assert!(set.len() >= 4, "{set:?}");
+        let report = verify_dir(dir.path(), 1).unwrap();
+        assert_eq!(report.records, 40);
+        assert!(report.checkpoints >= 6, "{}", report.checkpoints);
+        // Reopen after rotation and keep going.
+        let log = AuditLog::open(c, key(1)).unwrap();
+        log.append(&event(40), Durability::Sync).await.unwrap();
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 41);
+        // A set with a file missing does not verify.
+        let mut gap = set.clone();
+        gap.remove(1);
+        let opts = VerifyOptions {
+            key: TrustedKey::Pinned(key(1).verifying_key()),
+            checkpoints: None,
+            allow_torn_tail: false,
+        };
+        let fault = verify::verify(&gap, &opts).unwrap_err();
+        assert!(fault.what.contains("sequence"), "{fault}");
+    }
+
+    #[tokio::test]
+    async fn bad_events_are_refused_before_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        let mut e = event(0);
+        e.verdict = kya_common::Verdict::Hold;
+        e.kind = EventKind::Decision;
+        assert!(matches!(
+            log.append(&e, Durability::Sync).await,
+            Err(AuditError::InvalidEvent(_))
+        ));
+        let mut huge = event(0);
+        huge.reason = "x".repeat(MAX_LINE_BYTES);
+        assert!(matches!(
+            log.append(&huge, Durability::Group).await,
+            Err(AuditError::EventTooLarge { .. })
+        ));
+        assert_eq!(log.health().records, 0);
+        log.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn interval_checkpoints_are_written_without_traffic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.checkpoint_interval = Duration::from_millis(20);
+        let log = AuditLog::open(c, key(1)).unwrap();
+        log.append(&event(0), Durability::Sync).await.unwrap();
+        // Wait (bounded) for the timer to sign the new head.
+        for _ in 0..200 {
+            if log.health().last_checkpoint == Some(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.health().last_checkpoint, Some(1));
+        log.close().unwrap();
+    }
+
+    #[test]
+    fn unwritable_location_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "").unwrap();
+        let c = AuditConfig::new(blocker.join("audit.jsonl"));
+        assert!(matches!(
+            AuditLog::open(c, key(1)),
+            Err(AuditError::Io { .. })
+        ));
+    }
+}
