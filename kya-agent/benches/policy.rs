@@ -3,8 +3,9 @@
 //! The rule mix is what real policies look like: exact tool names, tool globs
 //! (prefix and suffix), server-only rules, CEL conditions over nested
 //! arguments, a few catch-all rules that every call must evaluate (after-hours
-//! and a destructive-SQL check), and two budgets. The calls hit exact names,
-//! globs, CEL rules, server rules and nothing at all.
+//! and a destructive-SQL check), and two budgets. Each tool has a bounded
+//! number of rules (as in real policies), so more rules means more tools.
+//! The calls hit exact names, globs, CEL rules, server rules and nothing at all.
 //!
 //! Run: `cargo bench -p kya-agent --bench policy`. Besides criterion's
 //! estimates it prints median and p99 of individually timed decisions.
@@ -21,7 +22,7 @@ fn policy_text(n: usize) -> String {
     let mut t = String::from(
         "[defaults]\nverdict = \"deny\"\nmethods = \"allow\"\n\n\
          [[rule]]\nid = \"after-hours\"\ntool = \"*\"\nwhen = \"time.hour < 8 || time.hour >= 18 || time.weekday >= 6\"\nverdict = \"hold\"\n\n\
-         [[rule]]\nid = \"no-drop\"\nwhen = \"has(args.sql) && string(args.sql).matches(r'(?i)\\\\bdrop\\\\b')\"\nverdict = \"deny\"\n\n\
+         [[rule]]\nid = \"no-drop\"\nwhen = \"has(args.sql) && args.sql.contains('drop')\"\nverdict = \"deny\"\n\n\
          [[budget]]\nid = \"calls\"\nmax_calls = 1000000\nper = \"1h\"\n\n\
          [[budget]]\nid = \"spend\"\ntool = \"transfer_*\"\nsum = \"args.amount\"\nmax = 1000000\nper = \"24h\"\nverdict = \"hold\"\n\n",
     );
@@ -38,8 +39,8 @@ fn policy_text(n: usize) -> String {
             // server-only (10%)
             6 => writeln!(t, "[[rule]]\nid = \"server-{i}\"\nserver = \"host{i}.example.com\"\nverdict = \"{v}\"\n"),
             // CEL conditions over nested args (30%)
-            7 => writeln!(t, "[[rule]]\nid = \"cel-amount-{i}\"\ntool = \"transfer_{}\"\nwhen = \"args.amount > {i} && args.meta.currency == 'EUR'\"\nverdict = \"{v}\"\n", i % 100),
-            8 => writeln!(t, "[[rule]]\nid = \"cel-path-{i}\"\ntool = \"fs{}_*\"\nwhen = \"args.path.startsWith('/srv/{i}') || 'admin' in args.tags\"\nverdict = \"{v}\"\n", i % 100),
+            7 => writeln!(t, "[[rule]]\nid = \"cel-amount-{i}\"\ntool = \"transfer_{i}\"\nwhen = \"args.amount > {i} && args.meta.currency == 'EUR'\"\nverdict = \"{v}\"\n"),
+            8 => writeln!(t, "[[rule]]\nid = \"cel-path-{i}\"\ntool = \"fs{i}_*\"\nwhen = \"args.path.startsWith('/srv/{i}') || 'admin' in args.tags\"\nverdict = \"{v}\"\n"),
             _ => writeln!(t, "[[rule]]\nid = \"cel-agent-{i}\"\ntool = \"tool_{}\"\nwhen = \"agent.name == 'bot-{i}' && process.uid == 1000\"\nverdict = \"{v}\"\n", i.saturating_sub(9)),
         };
     }
@@ -97,14 +98,14 @@ fn calls(n: usize) -> Vec<CallContext> {
             json!({}),
         ),
         mk(
-            "transfer_7",
+            &format!("transfer_{}", m10(mid, 7)),
             "pay.example.com",
-            json!({"amount": 5000, "to": "bob", "meta": {"currency": "EUR", "ref": "inv-1"}}),
+            json!({"amount": 25000, "to": "bob", "meta": {"currency": "EUR", "ref": "inv-1"}}),
         ),
         mk(
-            "fs7_read",
+            &format!("fs{}_read", m10(mid, 8)),
             "files.example.com",
-            json!({"path": "/srv/7/data.csv", "tags": ["ops", "admin"]}),
+            json!({"path": format!("/srv/{}/data.csv", m10(mid, 8)), "tags": ["ops", "admin"]}),
         ),
         mk(
             "query",
@@ -174,6 +175,24 @@ fn bench(c: &mut Criterion) {
             cs.len()
         );
     }
+    // `matches` compiles its regex on every evaluation in the cel crate
+    // (0.15): measured separately so policies can budget for it.
+    let policy = Policy::from_sources(&[Source::new(
+        "re.toml",
+        "[[rule]]\nid = \"sel\"\ntool = \"query\"\nwhen = \"args.sql.matches('^(?i)select ')\"\nverdict = \"allow\"\n",
+    )])
+    .expect("regex policy compiles");
+    let e = PolicyEngine::from_parts(
+        policy,
+        Registry::empty(),
+        Vec::new(),
+        None,
+        BudgetState::in_memory(),
+    );
+    let c = calls(10).swap_remove(7);
+    g.bench_function("one_rule_with_matches", |b| {
+        b.iter(|| black_box(e.decide(black_box(&c))))
+    });
     g.finish();
 }
 

@@ -77,6 +77,8 @@ fn env() -> &'static Arc<Env> {
 pub struct Condition {
     source: String,
     program: Program,
+    /// The same condition for the fast path, when it has that shape.
+    fast: Option<super::fast::Fast>,
     /// Which top-level variables it reads (bit i = `VARIABLES[i]`), so a
     /// decision converts only those to CEL values.
     vars: VarMask,
@@ -140,11 +142,23 @@ impl Condition {
         let mut scope = Vec::new();
         let mut vars = 0;
         validate(program.expression(), &mut scope, 0, &mut vars)?;
+        let fast = super::fast::Fast::compile(program.expression());
         Ok(Condition {
             source: source.to_string(),
             program,
+            fast,
             vars,
         })
+    }
+
+    /// The fast-path answer, when the fast path is certain (see [`super::fast`]).
+    pub fn fast_bool(&self, call: &CallContext, offset: time::UtcOffset) -> Option<bool> {
+        self.fast.as_ref()?.eval_bool(call, offset)
+    }
+
+    /// Does the condition have a fast-path form?
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// The variables it reads.
@@ -261,6 +275,9 @@ fn validate(
             if !operator && !FUNCTIONS.contains(&f) {
                 return Err(format!("unknown function {f}()"));
             }
+            if f == "matches" {
+                check_regex_literal(call.target.is_some(), &call.args)?;
+            }
             if let Some(t) = &call.target {
                 validate(t, scope, d, vars)?;
             }
@@ -299,6 +316,27 @@ fn validate(
             r
         }
     }
+}
+
+/// A `matches` pattern written as a literal must be a valid regex: better a
+/// load-time error than a rule that fails closed on every call.
+fn check_regex_literal(member: bool, args: &[IdedExpr]) -> Result<(), String> {
+    use cel::common::ast::LiteralValue;
+    let pattern = if member { args.first() } else { args.get(1) };
+    if let Some(IdedExpr {
+        expr: Expr::Literal(LiteralValue::String(s)),
+        ..
+    }) = pattern
+    {
+        regex::Regex::new(s.inner()).map_err(|e| {
+            format!(
+                "matches(): invalid regex {:?}: {}",
+                s.inner(),
+                e.to_string().lines().last().unwrap_or_default()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn check_ident(name: &str, scope: &[String]) -> Result<(), String> {
@@ -697,6 +735,8 @@ mod tests {
             ("sizee(args) > 1", "unknown function sizee"),
             ("args.x.frobnicate()", "unknown function frobnicate"),
             ("time.hours > 1", "unknown field time.hours"),
+            ("args.s.matches('(unclosed')", "invalid regex"),
+            ("matches(args.s, '[z-a]')", "invalid regex"),
             ("agent.email == 'x'", "unknown field agent.email"),
             ("google.protobuf.Int64Value{value: 1} == 1", "not supported"),
             ("args.l.all(x, y > 0)", "unknown variable \"y\""),

@@ -170,8 +170,15 @@ impl Policy {
             let (matched, why) = match &rule.when {
                 None => (true, "all patterns match".to_string()),
                 Some(cond) => {
-                    let a = act.get_or_insert_with(|| Activation::with_vars(call, offset, mask));
-                    match cond.eval_bool(a) {
+                    let result = match cond.fast_bool(call, offset) {
+                        Some(b) => Ok(b),
+                        None => {
+                            let a = act
+                                .get_or_insert_with(|| Activation::with_vars(call, offset, mask));
+                            cond.eval_bool(a)
+                        }
+                    };
+                    match result {
                         Ok(b) => (b, format!("when {:?} is {b}", cond.source())),
                         Err(e) => {
                             // Fail closed: an error matches deny/hold, never allow.
