@@ -156,6 +156,11 @@ impl Condition {
         self.fast.as_ref()?.eval_bool(call, offset)
     }
 
+    /// The fast-path number (budget sums), when the fast path is certain.
+    pub fn fast_number(&self, call: &CallContext, offset: time::UtcOffset) -> Option<f64> {
+        self.fast.as_ref()?.eval_number(call, offset)
+    }
+
     /// Does the condition have a fast-path form?
     pub fn has_fast_path(&self) -> bool {
         self.fast.is_some()

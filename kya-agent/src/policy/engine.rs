@@ -233,9 +233,16 @@ impl Policy {
                 let (amount, max) = match &b.limit {
                     Limit::Calls(n) => (Ok(1.0), *n as f64),
                     Limit::Sum { expr, max } => {
-                        let a =
-                            act.get_or_insert_with(|| Activation::with_vars(call, offset, mask));
-                        (expr.eval_number(a), *max)
+                        let amount = match expr.fast_number(call, offset) {
+                            Some(n) => Ok(n),
+                            None => {
+                                let a = act.get_or_insert_with(|| {
+                                    Activation::with_vars(call, offset, mask)
+                                });
+                                expr.eval_number(a)
+                            }
+                        };
+                        (amount, *max)
                     }
                 };
                 let (exceeded, why) = match amount {
@@ -370,8 +377,13 @@ impl Policy {
             let amount = match &b.limit {
                 Limit::Calls(_) => 1.0,
                 Limit::Sum { expr, .. } => {
-                    let a = act.get_or_insert_with(|| Activation::new(call, self.defaults.offset));
-                    match expr.eval_number(a) {
+                    let fast = expr.fast_number(call, self.defaults.offset);
+                    let slow = || {
+                        let a =
+                            act.get_or_insert_with(|| Activation::new(call, self.defaults.offset));
+                        expr.eval_number(a)
+                    };
+                    match fast.map(Ok).unwrap_or_else(slow) {
                         Ok(n) => n,
                         Err(e) => {
                             tracing::warn!(budget = %b.id, error = %e, "forwarded call has no amount; counted as 0");

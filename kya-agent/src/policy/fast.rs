@@ -30,6 +30,10 @@ pub enum Fast {
     Or(Box<Fast>, Box<Fast>),
     /// `!a`.
     Not(Box<Fast>),
+    /// Any other expression: only CEL can evaluate it. Kept so that
+    /// `fast && other` can still be decided when `fast` is false (CEL
+    /// evaluates `&&` / `||` left to right and stops there too).
+    Opaque,
 }
 
 /// A literal value.
@@ -121,11 +125,11 @@ impl Fast {
                     )),
                     ("_&&_", [a, b]) => Some(Fast::And(
                         Box::new(Fast::compile(a)?),
-                        Box::new(Fast::compile(b)?),
+                        Box::new(Fast::compile_or_opaque(b)),
                     )),
                     ("_||_", [a, b]) => Some(Fast::Or(
                         Box::new(Fast::compile(a)?),
-                        Box::new(Fast::compile(b)?),
+                        Box::new(Fast::compile_or_opaque(b)),
                     )),
                     ("!_", [a]) => Some(Fast::Not(Box::new(Fast::compile(a)?))),
                     _ => None,
@@ -135,10 +139,23 @@ impl Fast {
         }
     }
 
+    fn compile_or_opaque(e: &IdedExpr) -> Fast {
+        Fast::compile(e).unwrap_or(Fast::Opaque)
+    }
+
     /// Evaluate to a boolean, or None when only CEL can say.
     pub fn eval_bool(&self, call: &CallContext, offset: time::UtcOffset) -> Option<bool> {
         match self.eval(call, offset)? {
             V::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Evaluate to a finite number (budget sums), or None when only CEL can say.
+    pub fn eval_number(&self, call: &CallContext, offset: time::UtcOffset) -> Option<f64> {
+        match self.eval(call, offset)? {
+            V::Int(i) => Some(i as f64),
+            V::Float(f) if f.is_finite() => Some(f),
             _ => None,
         }
     }
@@ -167,12 +184,23 @@ impl Fast {
                 V::Bool(b) => Some(V::Bool(!b)),
                 _ => None,
             },
-            Fast::And(a, b) => match (a.eval(call, offset)?, b.eval(call, offset)?) {
-                (V::Bool(x), V::Bool(y)) => Some(V::Bool(x && y)),
+            Fast::Opaque => None,
+            // Left to right, as the interpreter: a false left side decides `&&`,
+            // a true one decides `||`; otherwise both sides must be booleans.
+            Fast::And(a, b) => match a.eval(call, offset)? {
+                V::Bool(false) => Some(V::Bool(false)),
+                V::Bool(true) => match b.eval(call, offset)? {
+                    V::Bool(y) => Some(V::Bool(y)),
+                    _ => None,
+                },
                 _ => None,
             },
-            Fast::Or(a, b) => match (a.eval(call, offset)?, b.eval(call, offset)?) {
-                (V::Bool(x), V::Bool(y)) => Some(V::Bool(x || y)),
+            Fast::Or(a, b) => match a.eval(call, offset)? {
+                V::Bool(true) => Some(V::Bool(true)),
+                V::Bool(false) => match b.eval(call, offset)? {
+                    V::Bool(y) => Some(V::Bool(y)),
+                    _ => None,
+                },
                 _ => None,
             },
             Fast::Cmp(op, a, b) => {

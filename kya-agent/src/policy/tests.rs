@@ -865,6 +865,8 @@ fn cond() -> impl Strategy<Value = String> {
         Just("has(args.c.d)".to_string()),
         Just("agent.orphaned".to_string()),
         Just("args.a".to_string()),
+        Just("size(args.a) > 0".to_string()),
+        Just("args.a.startsWith('x')".to_string()),
     ];
     leaf.prop_recursive(3, 12, 2, |inner| {
         prop_oneof![
@@ -913,6 +915,14 @@ proptest! {
         if let Some(fast) = c.fast_bool(&call, time::UtcOffset::UTC) {
             prop_assert_eq!(slow, Ok(fast), "{}", src);
         }
+        // Budget sums: the fast number equals CEL's.
+        for num in ["args.a", "args.c.d", "time.hour", "process.uid"] {
+            let n = super::cel::Condition::compile(num).unwrap();
+            if let Some(fast) = n.fast_number(&call, time::UtcOffset::UTC) {
+                let slow = n.eval_number(&super::cel::Activation::new(&call, time::UtcOffset::UTC));
+                prop_assert_eq!(slow, Ok(fast), "{}", num);
+            }
+        }
     }
 }
 
@@ -924,6 +934,7 @@ fn fast_path_covers_the_common_shapes() {
         "time.hour < 8 || time.hour >= 18 || time.weekday >= 6",
         "agent.name == 'bot' && process.uid == 1000",
         "has(args.sql) && !agent.orphaned",
+        "has(args.sql) && string(args.sql).matches('drop')",
     ] {
         assert!(
             super::cel::Condition::compile(src).unwrap().has_fast_path(),
