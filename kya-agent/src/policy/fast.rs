@@ -34,6 +34,19 @@ pub enum Fast {
     /// `fast && other` can still be decided when `fast` is false (CEL
     /// evaluates `&&` / `||` left to right and stops there too).
     Opaque,
+    /// `s.contains(t)`, `s.startsWith(t)`, `s.endsWith(t)` on strings.
+    Str(StrOp, Box<Fast>, Box<Fast>),
+}
+
+/// A string method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrOp {
+    /// `contains`
+    Contains,
+    /// `startsWith`
+    StartsWith,
+    /// `endsWith`
+    EndsWith,
 }
 
 /// A literal value.
@@ -106,6 +119,22 @@ impl Fast {
                 } else {
                     Fast::Path(path)
                 })
+            }
+            Expr::Call(c) if c.target.is_some() => {
+                let op = match c.func_name.as_str() {
+                    "contains" => StrOp::Contains,
+                    "startsWith" => StrOp::StartsWith,
+                    "endsWith" => StrOp::EndsWith,
+                    _ => return None,
+                };
+                match (c.target.as_deref(), c.args.as_slice()) {
+                    (Some(t), [a]) => Some(Fast::Str(
+                        op,
+                        Box::new(Fast::compile(t)?),
+                        Box::new(Fast::compile(a)?),
+                    )),
+                    _ => None,
+                }
             }
             Expr::Call(c) if c.target.is_none() => {
                 let op = match c.func_name.as_str() {
@@ -185,6 +214,14 @@ impl Fast {
                 _ => None,
             },
             Fast::Opaque => None,
+            Fast::Str(op, a, b) => match (a.eval(call, offset)?, b.eval(call, offset)?) {
+                (V::Str(x), V::Str(y)) => Some(V::Bool(match op {
+                    StrOp::Contains => x.contains(y),
+                    StrOp::StartsWith => x.starts_with(y),
+                    StrOp::EndsWith => x.ends_with(y),
+                })),
+                _ => None,
+            },
             // Left to right, as the interpreter: a false left side decides `&&`,
             // a true one decides `||`; otherwise both sides must be booleans.
             Fast::And(a, b) => match a.eval(call, offset)? {

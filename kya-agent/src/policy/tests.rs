@@ -867,6 +867,10 @@ fn cond() -> impl Strategy<Value = String> {
         Just("args.a".to_string()),
         Just("size(args.a) > 0".to_string()),
         Just("args.a.startsWith('x')".to_string()),
+        Just("args.a.contains('')".to_string()),
+        Just("args.b.endsWith('0')".to_string()),
+        Just("agent.name.contains('bill')".to_string()),
+        Just("tool.startsWith(args.a)".to_string()),
     ];
     leaf.prop_recursive(3, 12, 2, |inner| {
         prop_oneof![
@@ -880,6 +884,8 @@ fn cond() -> impl Strategy<Value = String> {
 fn json_scalar() -> impl Strategy<Value = serde_json::Value> {
     prop_oneof![
         (-3i64..1500).prop_map(|i| json!(i)),
+        Just(json!("x1500")),
+        Just(json!("trans")),
         Just(json!(1.5)),
         Just(json!(1000.0)),
         Just(json!("x")),
@@ -935,6 +941,8 @@ fn fast_path_covers_the_common_shapes() {
         "agent.name == 'bot' && process.uid == 1000",
         "has(args.sql) && !agent.orphaned",
         "has(args.sql) && string(args.sql).matches('drop')",
+        "has(args.sql) && args.sql.contains('drop')",
+        "args.path.startsWith('/srv') || args.path.endsWith('.csv')",
     ] {
         assert!(
             super::cel::Condition::compile(src).unwrap().has_fast_path(),
