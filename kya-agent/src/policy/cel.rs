@@ -9,7 +9,10 @@
 
 use super::CallContext;
 use cel::common::ast::{EntryExpr, Expr, IdedExpr};
-use cel::objects::{Key, Map};
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
+};
+use cel::common::value::Val;
 use cel::{Context, Env, Program, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -74,6 +77,25 @@ fn env() -> &'static Arc<Env> {
 pub struct Condition {
     source: String,
     program: Program,
+    /// The same condition for the fast path, when it has that shape.
+    fast: Option<super::fast::Fast>,
+    /// Which top-level variables it reads (bit i = `VARIABLES[i]`), so a
+    /// decision converts only those to CEL values.
+    vars: VarMask,
+}
+
+/// A set of top-level variables (bit i = `VARIABLES[i]`).
+pub type VarMask = u16;
+
+/// Every variable.
+pub const ALL_VARS: VarMask = (1 << VARIABLES.len()) - 1;
+
+fn var_bit(name: &str) -> VarMask {
+    VARIABLES
+        .iter()
+        .position(|(n, _)| *n == name)
+        .map(|i| 1 << i)
+        .unwrap_or(0)
 }
 
 impl Condition {
@@ -118,11 +140,35 @@ impl Condition {
             format!("CEL does not parse: {msg}")
         })?;
         let mut scope = Vec::new();
-        validate(program.expression(), &mut scope, 0)?;
+        let mut vars = 0;
+        validate(program.expression(), &mut scope, 0, &mut vars)?;
+        let fast = super::fast::Fast::compile(program.expression());
         Ok(Condition {
             source: source.to_string(),
             program,
+            fast,
+            vars,
         })
+    }
+
+    /// The fast-path answer, when the fast path is certain (see [`super::fast`]).
+    pub fn fast_bool(&self, call: &CallContext, offset: time::UtcOffset) -> Option<bool> {
+        self.fast.as_ref()?.eval_bool(call, offset)
+    }
+
+    /// The fast-path number (budget sums), when the fast path is certain.
+    pub fn fast_number(&self, call: &CallContext, offset: time::UtcOffset) -> Option<f64> {
+        self.fast.as_ref()?.eval_number(call, offset)
+    }
+
+    /// Does the condition have a fast-path form?
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The variables it reads.
+    pub fn vars(&self) -> VarMask {
+        self.vars
     }
 
     /// The expression as written.
@@ -190,7 +236,12 @@ fn max_nesting(src: &str) -> usize {
     max
 }
 
-fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), String> {
+fn validate(
+    e: &IdedExpr,
+    scope: &mut Vec<String>,
+    depth: usize,
+    vars: &mut VarMask,
+) -> Result<(), String> {
     if depth > MAX_AST_DEPTH {
         return Err(format!(
             "CEL expression is nested more than {MAX_AST_DEPTH} levels deep"
@@ -199,7 +250,13 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), S
     let d = depth + 1;
     match &e.expr {
         Expr::Unspecified | Expr::Literal(_) => Ok(()),
-        Expr::Ident(name) => check_ident(name, scope),
+        Expr::Ident(name) => {
+            check_ident(name, scope)?;
+            if !scope.iter().any(|s| s == name) {
+                *vars |= var_bit(name);
+            }
+            Ok(())
+        }
         Expr::Select(sel) => {
             // A field of a structured variable must exist (unless shadowed).
             if let Expr::Ident(root) = &sel.operand.expr {
@@ -215,7 +272,7 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), S
                     }
                 }
             }
-            validate(&sel.operand, scope, d)
+            validate(&sel.operand, scope, d, vars)
         }
         Expr::Call(call) => {
             let f = call.func_name.as_str();
@@ -223,17 +280,25 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), S
             if !operator && !FUNCTIONS.contains(&f) {
                 return Err(format!("unknown function {f}()"));
             }
-            if let Some(t) = &call.target {
-                validate(t, scope, d)?;
+            if f == "matches" {
+                check_regex_literal(call.target.is_some(), &call.args)?;
             }
-            call.args.iter().try_for_each(|a| validate(a, scope, d))
+            if let Some(t) = &call.target {
+                validate(t, scope, d, vars)?;
+            }
+            call.args
+                .iter()
+                .try_for_each(|a| validate(a, scope, d, vars))
         }
-        Expr::List(list) => list.elements.iter().try_for_each(|a| validate(a, scope, d)),
+        Expr::List(list) => list
+            .elements
+            .iter()
+            .try_for_each(|a| validate(a, scope, d, vars)),
         Expr::Map(map) => map.entries.iter().try_for_each(|en| match &en.expr {
-            EntryExpr::StructField(f) => validate(&f.value, scope, d),
+            EntryExpr::StructField(f) => validate(&f.value, scope, d, vars),
             EntryExpr::MapEntry(m) => {
-                validate(&m.key, scope, d)?;
-                validate(&m.value, scope, d)
+                validate(&m.key, scope, d, vars)?;
+                validate(&m.value, scope, d, vars)
             }
         }),
         Expr::Struct(s) => Err(format!(
@@ -241,21 +306,42 @@ fn validate(e: &IdedExpr, scope: &mut Vec<String>, depth: usize) -> Result<(), S
             s.type_name
         )),
         Expr::Comprehension(c) => {
-            validate(&c.iter_range, scope, d)?;
-            validate(&c.accu_init, scope, d)?;
+            validate(&c.iter_range, scope, d, vars)?;
+            validate(&c.accu_init, scope, d, vars)?;
             let depth = scope.len();
             scope.push(c.iter_var.clone());
             if let Some(v) = &c.iter_var2 {
                 scope.push(v.clone());
             }
             scope.push(c.accu_var.clone());
-            let r = validate(&c.loop_cond, scope, d)
-                .and_then(|_| validate(&c.loop_step, scope, d))
-                .and_then(|_| validate(&c.result, scope, d));
+            let r = validate(&c.loop_cond, scope, d, vars)
+                .and_then(|_| validate(&c.loop_step, scope, d, vars))
+                .and_then(|_| validate(&c.result, scope, d, vars));
             scope.truncate(depth);
             r
         }
     }
+}
+
+/// A `matches` pattern written as a literal must be a valid regex: better a
+/// load-time error than a rule that fails closed on every call.
+fn check_regex_literal(member: bool, args: &[IdedExpr]) -> Result<(), String> {
+    use cel::common::ast::LiteralValue;
+    let pattern = if member { args.first() } else { args.get(1) };
+    if let Some(IdedExpr {
+        expr: Expr::Literal(LiteralValue::String(s)),
+        ..
+    }) = pattern
+    {
+        regex::Regex::new(s.inner()).map_err(|e| {
+            format!(
+                "matches(): invalid regex {:?}: {}",
+                s.inner(),
+                e.to_string().lines().last().unwrap_or_default()
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn check_ident(name: &str, scope: &[String]) -> Result<(), String> {
@@ -288,97 +374,127 @@ fn check_ident(name: &str, scope: &[String]) -> Result<(), String> {
     ))
 }
 
-/// The variables of one call, converted to CEL values once per decision.
+/// The variables of one call as CEL values, built once per decision and only
+/// for the variables the candidate conditions read. Strings borrow from the
+/// call (no copies of the arguments).
 pub struct Activation<'a> {
     ctx: Context<'a, 'a>,
 }
 
-impl Activation<'_> {
-    /// Build the CEL variables for `call`, with `time` in the policy's timezone offset.
-    pub fn new(call: &CallContext, offset: time::UtcOffset) -> Activation<'static> {
+impl<'a> Activation<'a> {
+    /// Every variable of `call`, with `time` in the policy's timezone offset.
+    pub fn new(call: &'a CallContext, offset: time::UtcOffset) -> Activation<'a> {
+        Activation::with_vars(call, offset, ALL_VARS)
+    }
+
+    /// Only the variables in `mask`.
+    pub fn with_vars(
+        call: &'a CallContext,
+        offset: time::UtcOffset,
+        mask: VarMask,
+    ) -> Activation<'a> {
         let mut ctx = Context::with_env(env().clone());
-        let agent = map(vec![
-            ("name", str_value(&call.agent.name)),
-            (
-                "owner",
-                call.agent
-                    .owner
-                    .as_deref()
-                    .map(str_value)
-                    .unwrap_or(Value::Null),
-            ),
-            ("orphaned", Value::Bool(call.agent.orphaned)),
-        ]);
-        let p = &call.process;
-        let process = map(vec![
-            ("pid", Value::Int(i64::from(p.pid))),
-            ("uid", Value::Int(i64::from(p.uid))),
-            ("gid", Value::Int(i64::from(p.gid))),
-            ("exe", str_value(&p.exe)),
-            ("comm", str_value(&p.comm)),
-            ("cgroup", str_value(&p.cgroup)),
-        ]);
-        let local = call.time.to_offset(offset);
-        let time = map(vec![
-            ("unix", Value::Int(call.time.unix_timestamp())),
-            ("hour", Value::Int(i64::from(local.hour()))),
-            ("minute", Value::Int(i64::from(local.minute()))),
-            (
-                "weekday",
-                Value::Int(i64::from(local.weekday().number_from_monday())),
-            ),
-        ]);
-        ctx.add_variable_from_value("agent", agent);
-        ctx.add_variable_from_value("process", process);
-        ctx.add_variable_from_value("server", str_value(&call.server));
-        ctx.add_variable_from_value("method", str_value(&call.method));
-        ctx.add_variable_from_value(
-            "tool",
-            call.tool.as_deref().map(str_value).unwrap_or(Value::Null),
-        );
-        ctx.add_variable_from_value("args", json_to_value(&call.args));
-        ctx.add_variable_from_value("time", time);
-        ctx.add_variable_from_value(
-            "credential",
-            call.credential
-                .as_ref()
-                .map(json_to_value)
-                .unwrap_or(Value::Null),
-        );
+        let want = |name: &str| mask & var_bit(name) != 0;
+        if want("agent") {
+            let owner: Box<dyn Val + 'a> = match call.agent.owner.as_deref() {
+                Some(o) => Box::new(CelString::from(o)),
+                None => Box::new(CelNull),
+            };
+            ctx.add_variable_as_val(
+                "agent",
+                map(vec![
+                    ("name", Box::new(CelString::from(call.agent.name.as_str()))),
+                    ("owner", owner),
+                    ("orphaned", Box::new(CelBool::from(call.agent.orphaned))),
+                ]),
+            );
+        }
+        if want("process") {
+            let p = &call.process;
+            ctx.add_variable_as_val(
+                "process",
+                map(vec![
+                    ("pid", Box::new(CelInt::from(i64::from(p.pid)))),
+                    ("uid", Box::new(CelInt::from(i64::from(p.uid)))),
+                    ("gid", Box::new(CelInt::from(i64::from(p.gid)))),
+                    ("exe", Box::new(CelString::from(p.exe.as_str()))),
+                    ("comm", Box::new(CelString::from(p.comm.as_str()))),
+                    ("cgroup", Box::new(CelString::from(p.cgroup.as_str()))),
+                ]),
+            );
+        }
+        if want("time") {
+            let local = call.time.to_offset(offset);
+            ctx.add_variable_as_val(
+                "time",
+                map(vec![
+                    ("unix", Box::new(CelInt::from(call.time.unix_timestamp()))),
+                    ("hour", Box::new(CelInt::from(i64::from(local.hour())))),
+                    ("minute", Box::new(CelInt::from(i64::from(local.minute())))),
+                    (
+                        "weekday",
+                        Box::new(CelInt::from(i64::from(
+                            local.weekday().number_from_monday(),
+                        ))),
+                    ),
+                ]),
+            );
+        }
+        if want("server") {
+            ctx.add_variable_as_val("server", Box::new(CelString::from(call.server.as_str())));
+        }
+        if want("method") {
+            ctx.add_variable_as_val("method", Box::new(CelString::from(call.method.as_str())));
+        }
+        if want("tool") {
+            let tool: Box<dyn Val + 'a> = match call.tool.as_deref() {
+                Some(t) => Box::new(CelString::from(t)),
+                None => Box::new(CelNull),
+            };
+            ctx.add_variable_as_val("tool", tool);
+        }
+        if want("args") {
+            ctx.add_variable_as_val("args", json_val(&call.args));
+        }
+        if want("credential") {
+            let cred: Box<dyn Val + 'a> = match &call.credential {
+                Some(c) => json_val(c),
+                None => Box::new(CelNull),
+            };
+            ctx.add_variable_as_val("credential", cred);
+        }
         Activation { ctx }
     }
 }
 
-fn str_value(s: &str) -> Value {
-    Value::String(Arc::new(s.to_string()))
-}
-
-fn map(entries: Vec<(&str, Value)>) -> Value {
-    let m: HashMap<Key, Value> = entries
+fn map<'a>(entries: Vec<(&'static str, Box<dyn Val + 'a>)>) -> Box<dyn Val + 'a> {
+    let m: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = entries
         .into_iter()
-        .map(|(k, v)| (Key::String(Arc::new(k.to_string())), v))
+        .map(|(k, v)| (CelMapKey::from(k), v))
         .collect();
-    Value::Map(Map { map: Arc::new(m) })
+    Box::new(CelMap::from(m))
 }
 
 /// JSON to CEL: integers that fit i64 are ints, every other number a double
 /// (DESIGN.md), so `args.amount > 1000` means the same for `5000` and `5000.0`.
-pub fn json_to_value(v: &serde_json::Value) -> Value {
+pub fn json_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
     match v {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Null => Box::new(CelNull),
+        serde_json::Value::Bool(b) => Box::new(CelBool::from(*b)),
         serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Int(i),
-            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            Some(i) => Box::new(CelInt::from(i)),
+            None => Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN))),
         },
-        serde_json::Value::String(s) => str_value(s),
-        serde_json::Value::Array(a) => Value::List(Arc::new(a.iter().map(json_to_value).collect())),
+        serde_json::Value::String(s) => Box::new(CelString::from(s.as_str())),
+        serde_json::Value::Array(a) => {
+            Box::new(CelList::from(a.iter().map(json_val).collect::<Vec<_>>()))
+        }
         serde_json::Value::Object(o) => {
-            let m: HashMap<Key, Value> = o
+            let m: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = o
                 .iter()
-                .map(|(k, v)| (Key::String(Arc::new(k.clone())), json_to_value(v)))
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), json_val(v)))
                 .collect();
-            Value::Map(Map { map: Arc::new(m) })
+            Box::new(CelMap::from(m))
         }
     }
 }
@@ -579,7 +695,8 @@ mod tests {
             .stack_size(2 * 1024 * 1024)
             .spawn(move || {
                 for c in compiled.into_iter().flatten() {
-                    let act = Activation::new(&call(json!({"a": {"a": 1}})), time::UtcOffset::UTC);
+                    let c0 = call(json!({"a": {"a": 1}}));
+                    let act = Activation::new(&c0, time::UtcOffset::UTC);
                     let _ = c.eval(&act);
                 }
             })
@@ -594,6 +711,27 @@ mod tests {
     }
 
     #[test]
+    fn variable_masks_name_what_is_read() {
+        let c = Condition::compile("args.a > 1 && time.hour > 1").unwrap();
+        assert_eq!(c.vars(), var_bit("args") | var_bit("time"));
+        let c = Condition::compile("args.l.all(agent, agent > 0)").unwrap();
+        assert_eq!(
+            c.vars(),
+            var_bit("args"),
+            "a comprehension variable is not the agent"
+        );
+        assert_eq!(Condition::compile("1 == 1").unwrap().vars(), 0);
+        // Evaluating with just the needed variables gives the same result.
+        let call = call(json!({"a": 2}));
+        let c = Condition::compile("args.a > 1 && tool == 'transfer'").unwrap();
+        let act = Activation::with_vars(&call, time::UtcOffset::UTC, c.vars());
+        assert_eq!(c.eval_bool(&act), Ok(true));
+        // A missing variable would be an error, never a silent false.
+        let act = Activation::with_vars(&call, time::UtcOffset::UTC, var_bit("args"));
+        assert!(c.eval_bool(&act).is_err());
+    }
+
+    #[test]
     fn load_time_errors() {
         for (src, want) in [
             ("", "empty"),
@@ -602,6 +740,8 @@ mod tests {
             ("sizee(args) > 1", "unknown function sizee"),
             ("args.x.frobnicate()", "unknown function frobnicate"),
             ("time.hours > 1", "unknown field time.hours"),
+            ("args.s.matches('(unclosed')", "invalid regex"),
+            ("matches(args.s, '[z-a]')", "invalid regex"),
             ("agent.email == 'x'", "unknown field agent.email"),
             ("google.protobuf.Int64Value{value: 1} == 1", "not supported"),
             ("args.l.all(x, y > 0)", "unknown variable \"y\""),

@@ -3,7 +3,7 @@
 //! [`PolicyEngine`] the daemon shares between connections.
 
 use super::budget::{window_key, BudgetError, BudgetState};
-use super::cel::Activation;
+use super::cel::{Activation, VarMask};
 use super::diag::Diagnostics;
 use super::glob::Glob;
 use super::model::{Budget, GroupBy, Limit, Policy, Rule};
@@ -134,21 +134,51 @@ impl Policy {
             self.index
                 .candidates(&call.method, call.tool.as_deref(), &server)
         };
+        // Phase 1: patterns only; collect the variables the surviving conditions read.
+        let mut survivors: Vec<(usize, &Rule)> = Vec::with_capacity(candidates.len());
+        let mut mask: VarMask = 0;
         for i in candidates {
             let Some(rule) = self.rules.get(i as usize) else {
                 continue;
             };
-            if let Err(why) = Self::rule_static_match(rule, call, &server) {
-                if explain {
-                    explanation.push(explain_line(rule, false, why));
+            match Self::rule_static_match(rule, call, &server) {
+                Ok(()) => {
+                    if let Some(w) = &rule.when {
+                        mask |= w.vars();
+                    }
+                    survivors.push((i as usize, rule));
                 }
-                continue;
+                Err(why) if explain => explanation.push(explain_line(rule, false, why)),
+                Err(_) => {}
             }
+        }
+        let applying: Vec<&Budget> = match budgets {
+            Some(_) => self
+                .budgets
+                .iter()
+                .filter(|b| Self::budget_applies(b, call, &server))
+                .collect(),
+            None => Vec::new(),
+        };
+        for b in &applying {
+            if let Limit::Sum { expr, .. } = &b.limit {
+                mask |= expr.vars();
+            }
+        }
+        // Phase 2: conditions, with one activation holding just those variables.
+        for (i, rule) in survivors {
             let (matched, why) = match &rule.when {
                 None => (true, "all patterns match".to_string()),
                 Some(cond) => {
-                    let a = act.get_or_insert_with(|| Activation::new(call, offset));
-                    match cond.eval_bool(a) {
+                    let result = match cond.fast_bool(call, offset) {
+                        Some(b) => Ok(b),
+                        None => {
+                            let a = act
+                                .get_or_insert_with(|| Activation::with_vars(call, offset, mask));
+                            cond.eval_bool(a)
+                        }
+                    };
+                    match result {
                         Ok(b) => (b, format!("when {:?} is {b}", cond.source())),
                         Err(e) => {
                             // Fail closed: an error matches deny/hold, never allow.
@@ -178,7 +208,7 @@ impl Policy {
                     id: rule.id.clone(),
                     verdict: rule.verdict,
                     reason: rule.reason.clone(),
-                    rule: Some(i as usize),
+                    rule: Some(i),
                 });
             }
         }
@@ -186,7 +216,7 @@ impl Policy {
         if let Some(state) = budgets {
             let now_ms = unix_ms(call.time);
             for b in &self.budgets {
-                if !Self::budget_applies(b, call, &server) {
+                if !applying.iter().any(|a| std::ptr::eq(*a, b)) {
                     if explain {
                         explanation.push(Explanation {
                             id: b.id.clone(),
@@ -203,8 +233,16 @@ impl Policy {
                 let (amount, max) = match &b.limit {
                     Limit::Calls(n) => (Ok(1.0), *n as f64),
                     Limit::Sum { expr, max } => {
-                        let a = act.get_or_insert_with(|| Activation::new(call, offset));
-                        (expr.eval_number(a), *max)
+                        let amount = match expr.fast_number(call, offset) {
+                            Some(n) => Ok(n),
+                            None => {
+                                let a = act.get_or_insert_with(|| {
+                                    Activation::with_vars(call, offset, mask)
+                                });
+                                expr.eval_number(a)
+                            }
+                        };
+                        (amount, *max)
                     }
                 };
                 let (exceeded, why) = match amount {
@@ -339,8 +377,13 @@ impl Policy {
             let amount = match &b.limit {
                 Limit::Calls(_) => 1.0,
                 Limit::Sum { expr, .. } => {
-                    let a = act.get_or_insert_with(|| Activation::new(call, self.defaults.offset));
-                    match expr.eval_number(a) {
+                    let fast = expr.fast_number(call, self.defaults.offset);
+                    let slow = || {
+                        let a =
+                            act.get_or_insert_with(|| Activation::new(call, self.defaults.offset));
+                        expr.eval_number(a)
+                    };
+                    match fast.map(Ok).unwrap_or_else(slow) {
                         Ok(n) => n,
                         Err(e) => {
                             tracing::warn!(budget = %b.id, error = %e, "forwarded call has no amount; counted as 0");

@@ -142,16 +142,37 @@ impl Glob {
 
     /// Does `text` match the whole pattern?
     pub fn matches(&self, text: &str) -> bool {
-        let text: Vec<char> = text
-            .chars()
-            .map(|c| fold(c, self.case_insensitive))
-            .collect();
+        if !self.has_wildcard {
+            // Exact names: a plain comparison (folded when case-insensitive).
+            return if self.case_insensitive {
+                self.prefix.eq_ignore_ascii_case(text)
+            } else {
+                self.prefix == text
+            };
+        }
+        if text.is_ascii() {
+            // Hot path: names are ASCII; compare bytes without allocating.
+            let bytes = text.as_bytes();
+            self.match_with(bytes.len(), |i| {
+                fold(char::from(bytes[i]), self.case_insensitive)
+            })
+        } else {
+            let chars: Vec<char> = text
+                .chars()
+                .map(|c| fold(c, self.case_insensitive))
+                .collect();
+            self.match_with(chars.len(), |i| chars[i])
+        }
+    }
+
+    /// Iterative wildcard matching with a single backtrack point (the last
+    /// `*`), which is complete for `*`/`?` globs and linear-times-pattern.
+    fn match_with(&self, len: usize, at: impl Fn(usize) -> char) -> bool {
         let (mut t, mut p) = (0usize, 0usize);
-        // Backtrack point: position of the last `*` and the text index it resumed at.
         let mut star: Option<(usize, usize)> = None;
-        while t < text.len() {
+        while t < len {
             match self.tokens.get(p) {
-                Some(Token::Literal(c)) if *c == text[t] => {
+                Some(Token::Literal(c)) if *c == at(t) => {
                     t += 1;
                     p += 1;
                 }
@@ -288,6 +309,14 @@ mod tests {
             let g = Glob::new(&s).unwrap();
             prop_assert_eq!(g.matches(&t), s == t);
             prop_assert_eq!(g.exact(), Some(s.as_str()));
+        }
+
+        #[test]
+        fn case_insensitive_agrees_with_lowercased_reference(p in "[aBé*?]{1,6}", t in "[AbÉé]{0,8}") {
+            let g = Glob::new_case_insensitive(&p).unwrap();
+            let pc: Vec<char> = p.to_ascii_lowercase().chars().collect();
+            let tc: Vec<char> = t.to_ascii_lowercase().chars().collect();
+            prop_assert_eq!(g.matches(&t), reference(&pc, &tc));
         }
 
         #[test]

@@ -24,6 +24,7 @@ pub mod check;
 pub mod command;
 pub mod diag;
 pub mod engine;
+pub mod fast;
 pub mod glob;
 pub mod index;
 pub mod load;

@@ -836,3 +836,150 @@ proptest! {
         }
     }
 }
+
+// ---- fast path agrees with CEL ----
+
+fn atom() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("args.a".to_string()),
+        Just("args.b".to_string()),
+        Just("args.c.d".to_string()),
+        Just("args.missing".to_string()),
+        Just("time.hour".to_string()),
+        Just("time.weekday".to_string()),
+        Just("agent.name".to_string()),
+        Just("agent.owner".to_string()),
+        Just("agent.orphaned".to_string()),
+        Just("tool".to_string()),
+        Just("process.uid".to_string()),
+        Just("credential".to_string()),
+        (-3i64..1500).prop_map(|i| i.to_string()),
+        Just("1.5".to_string()),
+        Just("1000.0".to_string()),
+        Just("'x'".to_string()),
+        Just("'billing-bot'".to_string()),
+        Just("true".to_string()),
+        Just("false".to_string()),
+        Just("null".to_string()),
+    ]
+}
+
+fn cond() -> impl Strategy<Value = String> {
+    let op = prop_oneof![
+        Just("=="),
+        Just("!="),
+        Just("<"),
+        Just("<="),
+        Just(">"),
+        Just(">=")
+    ];
+    let leaf = prop_oneof![
+        (atom(), op, atom()).prop_map(|(a, o, b)| format!("{a} {o} {b}")),
+        Just("has(args.a)".to_string()),
+        Just("has(args.c.d)".to_string()),
+        Just("agent.orphaned".to_string()),
+        Just("args.a".to_string()),
+        Just("size(args.a) > 0".to_string()),
+        Just("args.a.startsWith('x')".to_string()),
+        Just("args.a.contains('')".to_string()),
+        Just("args.b.endsWith('0')".to_string()),
+        Just("agent.name.contains('bill')".to_string()),
+        Just("tool.startsWith(args.a)".to_string()),
+    ];
+    leaf.prop_recursive(3, 12, 2, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) && ({b})")),
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a}) || ({b})")),
+            inner.prop_map(|a| format!("!({a})")),
+        ]
+    })
+}
+
+fn json_scalar() -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        (-3i64..1500).prop_map(|i| json!(i)),
+        Just(json!("x1500")),
+        Just(json!("trans")),
+        Just(json!(1.5)),
+        Just(json!(1000.0)),
+        Just(json!("x")),
+        Just(json!("5000")),
+        Just(json!(true)),
+        Just(json!(null)),
+        Just(json!({"d": 1})),
+        Just(json!([1, 2])),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    /// Whenever the fast path answers, the CEL interpreter gives the same boolean.
+    #[test]
+    fn fast_path_agrees_with_cel(
+        src in cond(),
+        a in prop::option::of(json_scalar()),
+        b in prop::option::of(json_scalar()),
+        d in prop::option::of(json_scalar()),
+        orphaned in any::<bool>(),
+        hour in 0u8..24,
+    ) {
+        let Ok(c) = super::cel::Condition::compile(&src) else { return Ok(()) };
+        let mut args = serde_json::Map::new();
+        if let Some(a) = a { args.insert("a".into(), a); }
+        if let Some(b) = b { args.insert("b".into(), b); }
+        if let Some(d) = d { args.insert("c".into(), json!({"d": d})); }
+        let mut call = call("transfer", serde_json::Value::Object(args));
+        call.agent.orphaned = orphaned;
+        call.time = call.time.replace_hour(hour).unwrap();
+        let slow = c.eval_bool(&super::cel::Activation::new(&call, time::UtcOffset::UTC));
+        if let Some(fast) = c.fast_bool(&call, time::UtcOffset::UTC) {
+            prop_assert_eq!(slow, Ok(fast), "{}", src);
+        }
+        // Budget sums: the fast number equals CEL's.
+        for num in ["args.a", "args.c.d", "time.hour", "process.uid"] {
+            let n = super::cel::Condition::compile(num).unwrap();
+            if let Some(fast) = n.fast_number(&call, time::UtcOffset::UTC) {
+                let slow = n.eval_number(&super::cel::Activation::new(&call, time::UtcOffset::UTC));
+                prop_assert_eq!(slow, Ok(fast), "{}", num);
+            }
+        }
+    }
+}
+
+#[test]
+fn fast_path_covers_the_common_shapes() {
+    for src in [
+        "args.amount > 1000",
+        "args.amount <= 1000 && args.meta.currency == 'EUR'",
+        "time.hour < 8 || time.hour >= 18 || time.weekday >= 6",
+        "agent.name == 'bot' && process.uid == 1000",
+        "has(args.sql) && !agent.orphaned",
+        "has(args.sql) && string(args.sql).matches('drop')",
+        "has(args.sql) && args.sql.contains('drop')",
+        "args.path.startsWith('/srv') || args.path.endsWith('.csv')",
+    ] {
+        assert!(
+            super::cel::Condition::compile(src).unwrap().has_fast_path(),
+            "{src}"
+        );
+    }
+    // Errors fall back to CEL (and fail closed there).
+    let c = super::cel::Condition::compile("args.amount > 1000").unwrap();
+    assert_eq!(
+        c.fast_bool(&call("t", json!({"amount": "5000"})), time::UtcOffset::UTC),
+        None
+    );
+    assert_eq!(
+        c.fast_bool(&call("t", json!({})), time::UtcOffset::UTC),
+        None
+    );
+    assert_eq!(
+        c.fast_bool(&call("t", json!({"amount": 1000.5})), time::UtcOffset::UTC),
+        None,
+        "cross-type goes to CEL"
+    );
+    assert_eq!(
+        c.fast_bool(&call("t", json!({"amount": 1001})), time::UtcOffset::UTC),
+        Some(true)
+    );
+}
