@@ -24,8 +24,6 @@ pub enum LogFormat {
 }
 
 /// The subcommands.
-// Parsed once per process; boxing `RunArgs` would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: load the eBPF redirect, intercept and govern selected agents' traffic.
@@ -170,6 +168,7 @@ pub struct PolicyTestArgs {
     /// With --call: show every rule and budget and why it matched or not.
     #[arg(long)]
     pub explain: bool,
+}
 
 /// `kya audit ...`.
 #[derive(Debug, Args)]

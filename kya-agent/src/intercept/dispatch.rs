@@ -65,9 +65,20 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Inspection) {
     match client_hello::peek_classify(&agent, FIRST_BYTES_TIMEOUT).await {
         Ok(FirstBytes::Tls) => tls_path(agent, &origin, insp, facts).await,
         Ok(FirstBytes::Http) => {
-            let Some(up) = connect_or_reset(&agent, &origin).await else { return };
+            let Some(up) = connect_or_reset(&agent, &origin).await else {
+                return;
+            };
             let conn = facts(None, false);
-            if let Err(e) = http::serve_http(agent, up, HttpVersion::Detect, conn, insp.governor.clone(), &insp.limits).await {
+            if let Err(e) = http::serve_http(
+                agent,
+                up,
+                HttpVersion::Detect,
+                conn,
+                insp.governor.clone(),
+                &insp.limits,
+            )
+            .await
+            {
                 tracing::debug!(conn_id, pid, %dst, error = %e, "plaintext HTTP connection ended with an error");
             }
         }
@@ -75,7 +86,9 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Inspection) {
             tracing::debug!(conn_id, pid, %dst, "not TLS or HTTP: splicing unchanged");
             splice_plain(agent, &origin, &[]).await;
         }
-        Err(e) => tracing::debug!(conn_id, pid, %dst, error = %e, "connection closed before its first bytes"),
+        Err(e) => {
+            tracing::debug!(conn_id, pid, %dst, error = %e, "connection closed before its first bytes")
+        }
     }
 }
 
@@ -106,13 +119,21 @@ async fn tls_path(
         Ok(n) => n,
         Err(e) => {
             tracing::info!(pid = origin.process.pid, %dst, error = %e, "unusable server name; refusing");
-            insp.governor.refused(&facts(sni, true), &format!("unusable TLS server name: {e}"));
+            insp.governor
+                .refused(&facts(sni, true), &format!("unusable TLS server name: {e}"));
             refuse(agent, rustls::AlertDescription::UnrecognisedName).await;
             return;
         }
     };
-    let Some(tcp) = connect_or_reset(&agent, origin).await else { return };
-    let up = match insp.tls.upstream.connect(tcp, &name, &hello.info.alpn).await {
+    let Some(tcp) = connect_or_reset(&agent, origin).await else {
+        return;
+    };
+    let up = match insp
+        .tls
+        .upstream
+        .connect(tcp, &name, &hello.info.alpn)
+        .await
+    {
         Ok(up) => up,
         Err(UpstreamError::UninspectableAlpn { offered }) => {
             // Not HTTP (e.g. a protocol of its own over TLS): it carries no MCP
@@ -134,7 +155,12 @@ async fn tls_path(
         Some(b"h2") => HttpVersion::H2,
         _ => HttpVersion::H1,
     };
-    let agent_tls = match insp.tls.terminator.terminate(agent, hello, &name, up.alpn.as_deref()).await {
+    let agent_tls = match insp
+        .tls
+        .terminator
+        .terminate(agent, hello, &name, up.alpn.as_deref())
+        .await
+    {
         Ok(t) => t,
         Err(e) => {
             tracing::info!(pid = origin.process.pid, %dst, error = %e, "agent TLS handshake failed");
@@ -143,7 +169,16 @@ async fn tls_path(
     };
     let conn = facts(sni, true);
     let conn_id = conn.conn_id;
-    if let Err(e) = http::serve_http(agent_tls, up.stream, version, conn, insp.governor.clone(), &insp.limits).await {
+    if let Err(e) = http::serve_http(
+        agent_tls,
+        up.stream,
+        version,
+        conn,
+        insp.governor.clone(),
+        &insp.limits,
+    )
+    .await
+    {
         tracing::debug!(conn_id, pid = origin.process.pid, %dst, error = %e, "TLS connection ended with an error");
     }
 }
@@ -162,7 +197,9 @@ async fn connect_or_reset(agent: &TcpStream, origin: &ConnOrigin) -> Option<TcpS
 
 /// Splice to the original destination, first replaying `already_read`.
 pub async fn splice_plain(mut agent: TcpStream, origin: &ConnOrigin, already_read: &[u8]) {
-    let Some(mut up) = connect_or_reset(&agent, origin).await else { return };
+    let Some(mut up) = connect_or_reset(&agent, origin).await else {
+        return;
+    };
     if !already_read.is_empty() {
         if let Err(e) = up.write_all(already_read).await {
             tracing::debug!(dst = %origin.dst, error = %e, "replaying the first bytes upstream failed");
@@ -170,7 +207,11 @@ pub async fn splice_plain(mut agent: TcpStream, origin: &ConnOrigin, already_rea
         }
     }
     match splice::splice(&mut agent, &mut up).await {
-        Ok(moved) => tracing::debug!(pid = origin.process.pid, dst = %origin.dst, to_upstream = moved.to_upstream, to_agent = moved.to_agent, "spliced connection closed"),
-        Err(e) => tracing::debug!(pid = origin.process.pid, dst = %origin.dst, error = %e, "spliced connection ended with an error"),
+        Ok(moved) => {
+            tracing::debug!(pid = origin.process.pid, dst = %origin.dst, to_upstream = moved.to_upstream, to_agent = moved.to_agent, "spliced connection closed")
+        }
+        Err(e) => {
+            tracing::debug!(pid = origin.process.pid, dst = %origin.dst, error = %e, "spliced connection ended with an error")
+        }
     }
 }
