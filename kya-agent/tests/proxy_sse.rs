@@ -267,3 +267,59 @@ async fn garbage_json_rpc_event_in_an_mcp_stream_is_dropped() {
     assert_eq!(msgs, vec![json!({"jsonrpc":"2.0","id":1,"result":{}})]);
     assert!(gov.refusals.lock().unwrap()[0].contains("duplicate key"));
 }
+
+#[tokio::test]
+async fn legacy_sse_hold_answers_202_at_once_then_streams_progress_and_result() {
+    let up = upstream().await;
+    let gov = default_gov();
+    let limits = Limits {
+        progress_interval: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let addr = proxy(up.addr, gov.clone(), limits, HttpVersion::H1, None).await;
+    let mut stream_conn = Client::h1(addr).await;
+    let req = hyper::Request::get("/sse")
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut events = stream_conn.send(req).await.into_body();
+    let text = read_raw_until(&mut events, "session_id=", Duration::from_secs(5)).await;
+    let endpoint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap()
+        .to_string();
+    let mut poster = Client::h1(addr).await;
+    let held = json!({"jsonrpc":"2.0","id":11,"method":"tools/call",
+        "params":{"name":"transfer","arguments":{"amount":5000},"_meta":{"progressToken":"p"}}});
+    let (s, _, _) = tokio::time::timeout(
+        Duration::from_secs(2),
+        poster.post(&endpoint, held.to_string(), &[]),
+    )
+    .await
+    .expect("the POST must not wait for the approval");
+    assert_eq!(s, 202);
+    let progress = read_events(&mut events, 2, Duration::from_secs(5)).await;
+    assert!(
+        progress
+            .iter()
+            .all(|m| m["method"] == "notifications/progress"),
+        "{progress:?}"
+    );
+    assert!(up.tools_called().is_empty());
+    gov.release("transfer", true).await;
+    let mut result = None;
+    for _ in 0..50 {
+        let msgs = read_events(&mut events, 1, Duration::from_millis(200)).await;
+        if let Some(m) = msgs.into_iter().find(|m| m["id"] == json!(11)) {
+            result = Some(m);
+            break;
+        }
+    }
+    let result = result.expect("the result on the stream");
+    assert!(result["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("ran transfer"));
+    assert_eq!(up.tools_called(), vec!["transfer"]);
+}
