@@ -308,12 +308,15 @@ impl Exchange {
     }
 
     /// The session a held call belongs to, for matching `notifications/cancelled`:
-    /// the `Mcp-Session-Id`, or for the legacy transport the message URL.
+    /// the `Mcp-Session-Id`, or without one (legacy transport, stateless servers)
+    /// the message URL and the calling process, so one process cannot cancel
+    /// another's held call by guessing its id.
     fn session_key(&self, head: &Head) -> String {
         match header_str(&head.headers, "mcp-session-id") {
             Some(s) => format!("sid:{s}"),
             None => format!(
-                "url:{}",
+                "url:{}:{}",
+                self.conn.process.pid,
                 head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
             ),
         }
