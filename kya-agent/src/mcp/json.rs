@@ -223,8 +223,9 @@ impl<'a> Parser<'a> {
         self.enter(depth)?;
         self.pos += 1; // '{'
         let mut map = Map::new();
-        // folded key -> the spelling first seen, to find case variants.
-        let mut folded: HashMap<String, String> = HashMap::new();
+        // Folded key -> first spelling; built only once an object is large, since
+        // small objects (nearly all of them) are checked faster by a scan.
+        let mut folded: Option<HashMap<String, String>> = None;
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.pos += 1;
@@ -237,21 +238,7 @@ impl<'a> Parser<'a> {
             }
             let key_offset = self.pos;
             let key = self.string()?;
-            if map.contains_key(&key) {
-                return Err(JsonError::DuplicateKey {
-                    key,
-                    offset: key_offset,
-                });
-            }
-            let fold = fold_case(&key);
-            if let Some(first) = folded.get(&fold) {
-                return Err(JsonError::CaseVariantKey {
-                    first: first.clone(),
-                    second: key,
-                    offset: key_offset,
-                });
-            }
-            folded.insert(fold, key.clone());
+            check_new_key(&map, &mut folded, &key, key_offset)?;
             self.skip_ws();
             if self.peek() != Some(b':') {
                 return Err(self.unexpected("':'"));
@@ -440,6 +427,56 @@ impl<'a> Parser<'a> {
         }
         Ok(Value::Number(number))
     }
+}
+
+/// Objects with fewer keys than this are checked for duplicates by a linear scan.
+const SCAN_KEYS: usize = 16;
+
+/// Reject `key` if `map` already has it, or a spelling that differs only in case.
+fn check_new_key(
+    map: &Map<String, Value>,
+    folded: &mut Option<HashMap<String, String>>,
+    key: &str,
+    offset: usize,
+) -> Result<(), JsonError> {
+    let clash = |first: &str| {
+        if first == key {
+            JsonError::DuplicateKey {
+                key: key.to_string(),
+                offset,
+            }
+        } else {
+            JsonError::CaseVariantKey {
+                first: first.to_string(),
+                second: key.to_string(),
+                offset,
+            }
+        }
+    };
+    if folded.is_none() && map.len() < SCAN_KEYS {
+        for prior in map.keys() {
+            let same = if prior.is_ascii() && key.is_ascii() {
+                prior.eq_ignore_ascii_case(key)
+            } else {
+                fold_case(prior) == fold_case(key)
+            };
+            if same {
+                return Err(clash(prior));
+            }
+        }
+        return Ok(());
+    }
+    let index = folded.get_or_insert_with(|| {
+        map.keys()
+            .map(|k| (fold_case(k), k.clone()))
+            .collect::<HashMap<_, _>>()
+    });
+    let fold = fold_case(key);
+    if let Some(first) = index.get(&fold) {
+        return Err(clash(first));
+    }
+    index.insert(fold, key.to_string());
+    Ok(())
 }
 
 /// A decimal number reduced to a unique form: sign, significant digits without
@@ -642,6 +679,25 @@ mod tests {
         ));
         // The same key in sibling objects is fine.
         assert!(p(r#"[{"a":1},{"a":2}]"#).is_ok());
+        // Large objects (past the linear-scan size) are checked as strictly.
+        let keys: Vec<String> = (0..100).map(|i| format!("\"k{i}\":{i}")).collect();
+        let big = |extra: &str| format!("{{{},{extra}}}", keys.join(","));
+        assert!(p(&big("\"k100\":0")).is_ok());
+        assert!(matches!(
+            p(&big("\"k3\":0")),
+            Err(JsonError::DuplicateKey { ref key, .. }) if key == "k3"
+        ));
+        assert!(matches!(
+            p(&big("\"K99\":0")),
+            Err(JsonError::CaseVariantKey { ref first, .. }) if first == "k99"
+        ));
+        assert!(matches!(
+            p(&big(r#""k\u0031":0"#)),
+            Err(JsonError::DuplicateKey { .. })
+        ));
+        // A hostile object with very many keys stays linear-time.
+        let many: Vec<String> = (0..100_000).map(|i| format!("\"{i}\":0")).collect();
+        assert!(p(&format!("{{{}}}", many.join(","))).is_ok());
     }
 
     #[test]
