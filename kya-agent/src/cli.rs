@@ -25,9 +25,49 @@ pub enum LogFormat {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing `RunArgs` would only add noise at every use.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon: load the eBPF redirect, intercept and govern selected agents' traffic.
     Run(RunArgs),
+    /// Manage kya's local CA: create it, print it, add it to the system trust store.
+    Ca(CaArgs),
+}
+
+/// `kya ca ...`
+#[derive(Debug, Clone, Args)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    pub action: CaAction,
+}
+
+/// The `kya ca` actions.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CaAction {
+    /// Create the CA (ca.pem, ca-key.pem 0600) in the state dir; refuses to replace one without --force.
+    Init {
+        /// State directory (default: [state] dir of /etc/kya/kya.toml, else /var/lib/kya).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Replace an existing CA (every agent trusting the old one must be given the new one).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the CA certificate (PEM) on stdout.
+    Cert {
+        /// State directory (default: [state] dir of /etc/kya/kya.toml, else /var/lib/kya).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Add the CA to the system trust store (creating the CA if needed), or remove it.
+    Install {
+        /// State directory (default: [state] dir of /etc/kya/kya.toml, else /var/lib/kya).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Remove this instance's CA from the system trust store instead.
+        #[arg(long)]
+        uninstall: bool,
+    },
 }
 
 /// `kya run`: every flag overrides the config file.

@@ -4,6 +4,7 @@
 //! the command line and wires them together. See `../shared/DESIGN.md` in the
 //! workspace for the architecture.
 
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -11,3 +12,4 @@ pub mod intercept;
 pub mod keys;
 pub mod mcp;
 pub mod procinfo;
+pub mod tls;

@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
     kya_agent::cli::init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => kya_agent::daemon::run(args),
+        Command::Ca(args) => kya_agent::ca::command::run(args),
     };
     match result {
         Ok(code) => code,
