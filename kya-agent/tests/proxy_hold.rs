@@ -277,3 +277,35 @@ async fn disconnect_without_sse_abandons_the_hold() {
     assert!(abandoned, "the governor was not told of the disconnect");
     assert!(up.seen().is_empty());
 }
+
+#[tokio::test]
+async fn h2_hold_with_progress_and_stream_reset_abandons() {
+    let up = upstream().await;
+    let gov = default_gov();
+    let addr = proxy(up.addr, gov.clone(), limits(), HttpVersion::Detect, None).await;
+    let mut c = Client::h2(addr).await;
+    let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","_meta":{"progressToken":1}}});
+    let uri = format!("http://127.0.0.1:{}/mcp", addr.port());
+    let resp = c.send(post_req(&uri, &body, true, &[])).await;
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let mut incoming = resp.into_body();
+    let first = read_events(&mut incoming, 1, Duration::from_secs(5)).await;
+    assert_eq!(first[0]["method"], json!("notifications/progress"));
+    // Resetting the stream (dropping the body) while the connection stays up.
+    drop(incoming);
+    let mut abandoned = false;
+    for _ in 0..100 {
+        if !gov.abandoned.lock().unwrap().is_empty() {
+            abandoned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(abandoned, "the governor was not told");
+    // The connection still serves: an allowed call on it succeeds.
+    let (s, _, _) = c
+        .post("/mcp", call(2, "search_docs", json!({})).to_string(), &[])
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(up.tools_called(), vec!["search_docs"]);
+}

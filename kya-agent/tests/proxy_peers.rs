@@ -175,7 +175,27 @@ async fn python_and_node_sdk_over_legacy_sse() {
     assert_eq!(v["isError"], Value::Bool(true), "{v}");
     let v = node_client(&url, &["search_docs", r#"{"query":"node"}"#, "--sse"]).await;
     assert_eq!(v["text"], "found 3 documents about node", "{v}");
-    assert_eq!(ran(&log), vec!["search_docs", "search_docs"]);
+    // A held call over the legacy transport: 202 at once, progress and the result
+    // on the session's stream once the owner approves.
+    let g = gov.clone();
+    tokio::spawn(async move {
+        g.wait_for_hold("transfer").await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        g.release("transfer", true).await;
+    });
+    let v = py_client(
+        &url,
+        &[
+            "transfer",
+            r#"{"amount":9000,"to":"carol"}"#,
+            "--sse",
+            "--progress",
+        ],
+    )
+    .await;
+    assert_eq!(v["text"], "transferred 9000 to carol", "{v}");
+    assert!(!v["progress"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(ran(&log), vec!["search_docs", "search_docs", "transfer"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

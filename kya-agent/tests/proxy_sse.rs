@@ -267,3 +267,146 @@ async fn garbage_json_rpc_event_in_an_mcp_stream_is_dropped() {
     assert_eq!(msgs, vec![json!({"jsonrpc":"2.0","id":1,"result":{}})]);
     assert!(gov.refusals.lock().unwrap()[0].contains("duplicate key"));
 }
+
+#[tokio::test]
+async fn legacy_sse_hold_answers_202_at_once_then_streams_progress_and_result() {
+    let up = upstream().await;
+    let gov = default_gov();
+    let limits = Limits {
+        progress_interval: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let addr = proxy(up.addr, gov.clone(), limits, HttpVersion::H1, None).await;
+    let mut stream_conn = Client::h1(addr).await;
+    let req = hyper::Request::get("/sse")
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut events = stream_conn.send(req).await.into_body();
+    let text = read_raw_until(&mut events, "session_id=", Duration::from_secs(5)).await;
+    let endpoint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap()
+        .to_string();
+    let mut poster = Client::h1(addr).await;
+    let held = json!({"jsonrpc":"2.0","id":11,"method":"tools/call",
+        "params":{"name":"transfer","arguments":{"amount":5000},"_meta":{"progressToken":"p"}}});
+    let (s, _, _) = tokio::time::timeout(
+        Duration::from_secs(2),
+        poster.post(&endpoint, held.to_string(), &[]),
+    )
+    .await
+    .expect("the POST must not wait for the approval");
+    assert_eq!(s, 202);
+    let progress = read_events(&mut events, 2, Duration::from_secs(5)).await;
+    assert!(
+        progress
+            .iter()
+            .all(|m| m["method"] == "notifications/progress"),
+        "{progress:?}"
+    );
+    assert!(up.tools_called().is_empty());
+    gov.release("transfer", true).await;
+    let mut result = None;
+    for _ in 0..50 {
+        let msgs = read_events(&mut events, 1, Duration::from_millis(200)).await;
+        if let Some(m) = msgs.into_iter().find(|m| m["id"] == json!(11)) {
+            result = Some(m);
+            break;
+        }
+    }
+    let result = result.expect("the result on the stream");
+    assert!(result["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("ran transfer"));
+    assert_eq!(up.tools_called(), vec!["transfer"]);
+}
+
+/// A raw upstream answering every request with `body` as `content_type`.
+async fn raw_upstream(content_type: &'static str, body: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn ambiguous_json_answer_from_the_server_is_refused() {
+    let up = raw_upstream(
+        "application/json",
+        r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]},"result":{"isError":true}}"#,
+    )
+    .await;
+    let gov = default_gov();
+    let addr = proxy(up, gov.clone(), Limits::default(), HttpVersion::H1, None).await;
+    let mut c = Client::h1(addr).await;
+    let (s, _, _) = c
+        .post("/mcp", call(1, "search_docs", json!({})).to_string(), &[])
+        .await;
+    assert_eq!(s, 502);
+    assert!(gov.refusals.lock().unwrap()[0].contains("duplicate key"));
+}
+
+#[tokio::test]
+async fn tools_without_a_name_are_hidden() {
+    let up = raw_upstream(
+        "application/json",
+        r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search_docs"},{"title":"nameless"},{"name":7}]}}"#,
+    )
+    .await;
+    let gov = default_gov();
+    let addr = proxy(up, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut c = Client::h1(addr).await;
+    let (_, _, b) = c
+        .post(
+            "/mcp",
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        json_of(&b)["result"]["tools"],
+        json!([{"name":"search_docs"}])
+    );
+}
+
+#[tokio::test]
+async fn non_mcp_json_answers_pass_unchanged() {
+    let up = raw_upstream("application/json", r#"{"b": 1,   "a": [1, 2]}"#).await;
+    let gov = default_gov();
+    let addr = proxy(up, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut c = Client::h1(addr).await;
+    let req = hyper::Request::get("/api/thing")
+        .header("host", "127.0.0.1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let body = c
+        .send(req)
+        .await
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], br#"{"b": 1,   "a": [1, 2]}"#);
+}

@@ -1,8 +1,9 @@
 //! The proxy over TLS on both legs, as the interceptor runs it: the agent leg is
 //! terminated with a leaf for the SNI signed by a test CA, the upstream leg is a
 //! verified TLS client, and the ALPN the upstream agreed is the one served to the
-//! agent (asserted on both legs, for h2 and HTTP/1.1). Test-local TLS set-up stands
-//! in for the `ca`/`tls` modules, which are not on this branch yet.
+//! agent (asserted on both legs, for h2 and HTTP/1.1). Most tests use a small
+//! test-local TLS set-up (so they can observe both ALPNs);
+//! `with_kya_tls_pieces_both_alpns` runs kya's own `ca`/`tls` modules.
 
 mod proxy_support;
 
@@ -407,4 +408,161 @@ async fn real_h2_peers_httpx_to_hypercorn() {
         assert_eq!(served.as_deref(), Some(&b"h2"[..]));
         assert_eq!(agreed.as_deref(), Some(&b"h2"[..]));
     }
+}
+
+/// The same flow with kya's own TLS pieces (the `ca`/`tls` modules): ClientHello
+/// read, verified upstream connector, termination with a leaf from kya's local CA
+/// serving the upstream's ALPN; then the proxy. h2 and HTTP/1.1.
+#[tokio::test]
+async fn with_kya_tls_pieces_both_alpns() {
+    use kya_agent::tls::client_hello::{read_client_hello, HelloLimits};
+    use kya_agent::tls::passthrough::Passthrough;
+    use kya_agent::tls::upstream::UpstreamConnector;
+    use kya_agent::tls::TlsContext;
+
+    let pki = Arc::new(Pki::new());
+    let up = upstream_with(Some(pki.acceptor("mcp.test", &[b"h2", b"http/1.1"]))).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let ctx = TlsContext::new(
+        state.path(),
+        UpstreamConnector::new(roots).unwrap(),
+        Passthrough::new::<&str>(&[]).unwrap(),
+        std::num::NonZeroUsize::new(16).unwrap(),
+    )
+    .unwrap();
+    let gov = default_gov();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ctx2, gov2, up_addr) = (ctx.clone(), gov.clone(), up.addr);
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            let (ctx, gov) = (ctx2.clone(), gov2.clone());
+            tokio::spawn(async move {
+                let hello = read_client_hello(&mut tcp, HelloLimits::default())
+                    .await
+                    .unwrap();
+                let name = hello.info.leaf_name(up_addr.ip()).unwrap();
+                let sni = hello.info.sni.clone();
+                let upstream = ctx
+                    .upstream
+                    .connect_tcp(up_addr, &name, &hello.info.alpn)
+                    .await
+                    .unwrap();
+                let agent = ctx
+                    .terminator
+                    .terminate(tcp, hello, &name, upstream.alpn.as_deref())
+                    .await
+                    .unwrap();
+                let version = match upstream.alpn.as_deref() {
+                    Some(b"h2") => HttpVersion::H2,
+                    _ => HttpVersion::H1,
+                };
+                let conn = Arc::new(ConnFacts {
+                    process: Default::default(),
+                    dst: up_addr,
+                    sni,
+                    tls: true,
+                    conn_id: n,
+                });
+                let gov: Arc<dyn Governor> = Arc::new(GovHandle(gov));
+                let _ = serve_http(
+                    agent,
+                    upstream.stream,
+                    version,
+                    conn,
+                    gov,
+                    &Limits::default(),
+                )
+                .await;
+            });
+        }
+    });
+    // The agent trusts only kya's CA.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ctx.ca.cert_der().clone()).unwrap();
+    let client_cfg = |alpn: &[&[u8]]| {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        TlsConnector::from(Arc::new(cfg))
+    };
+
+    // h2.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = client_cfg(&[b"h2", b"http/1.1"])
+        .connect(ServerName::try_from("mcp.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(req(
+            "https://mcp.test/mcp",
+            None,
+            &call(1, "search_docs", json!({})),
+        ))
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert!(v["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("ran search_docs"));
+    let resp = tx
+        .send_request(req(
+            "https://mcp.test/mcp",
+            None,
+            &call(2, "delete_records", json!({})),
+        ))
+        .await
+        .unwrap();
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["result"]["isError"], json!(true));
+
+    // HTTP/1.1.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = client_cfg(&[b"http/1.1"])
+        .connect(ServerName::try_from("mcp.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(req(
+            "/mcp",
+            Some("mcp.test"),
+            &call(3, "search_docs", json!({})),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+
+    let seen = up.seen();
+    assert_eq!(
+        seen.iter().map(|s| s.version).collect::<Vec<_>>(),
+        vec![http::Version::HTTP_2, http::Version::HTTP_11]
+    );
+    assert_eq!(up.tools_called(), vec!["search_docs", "search_docs"]);
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 pub use crate::config::DenyShape;
 
-use super::jsonrpc::Id;
+use super::jsonrpc::{Id, Message};
 
 /// The JSON-RPC error code of a policy denial (implementation-defined server range).
 pub const DENIAL_CODE: i64 = -32001;
@@ -100,6 +100,53 @@ pub fn batch_refusal(shape: DenyShape, id: &Id, is_tool_call: bool, decision: &s
             },
         }),
     }
+}
+
+/// How one member of a batch was decided, for [`refuse_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberVerdict<'a> {
+    /// Allowed on its own, but not forwarded because another member was not.
+    Allowed { decision: &'a str },
+    /// Denied (or a hold that ended in denial).
+    Denied(Denial<'a>),
+}
+
+/// The answer to a batch in which some member was not allowed, so no member is
+/// forwarded (DESIGN.md): every request gets its own answer, in order; notifications
+/// and responses get none (JSON-RPC answers neither). `verdicts[i]` belongs to
+/// `messages[i]`; a request without a verdict is answered as denied, never skipped,
+/// so a caller's bookkeeping slip cannot leave a client waiting on a silent success.
+pub fn refuse_batch(
+    shape: DenyShape,
+    messages: &[Message],
+    verdicts: &[Option<MemberVerdict<'_>>],
+) -> Value {
+    let mut answers = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let (id, is_tool_call) = match m {
+            Message::ToolCall(t) => (&t.id, true),
+            Message::Request(r) => (&r.id, false),
+            _ => continue,
+        };
+        let answer = match verdicts.get(i).copied().flatten() {
+            Some(MemberVerdict::Allowed { decision }) => {
+                batch_refusal(shape, id, is_tool_call, decision)
+            }
+            Some(MemberVerdict::Denied(d)) => denial(shape, id, is_tool_call, &d),
+            None => denial(
+                shape,
+                id,
+                is_tool_call,
+                &Denial {
+                    rule: None,
+                    reason: "no decision was recorded for this batch member",
+                    decision: "none",
+                },
+            ),
+        };
+        answers.push(answer);
+    }
+    Value::Array(answers)
 }
 
 /// A `notifications/progress` for a held call, so clients that reset their timeout
@@ -207,6 +254,40 @@ mod tests {
         reparse(&v);
         let v = batch_refusal(DenyShape::ToolError, &Id::Int(3), false, "d-3");
         assert_eq!(v["error"]["code"], DENIAL_CODE);
+    }
+
+    #[test]
+    fn whole_batch_refusal() {
+        use crate::mcp::jsonrpc::parse_payload;
+        let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}},
+            {"jsonrpc":"2.0","method":"notifications/progress","params":{}},
+            {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_db"}},
+            {"jsonrpc":"2.0","id":3,"method":"resources/read","params":{"uri":"x"}}]"#;
+        let p = parse_payload(&parse(body, &JsonLimits::default()).unwrap(), 8).unwrap();
+        let v = refuse_batch(
+            DenyShape::ToolError,
+            &p.messages,
+            &[
+                Some(MemberVerdict::Allowed { decision: "d-1" }),
+                None,
+                Some(MemberVerdict::Denied(D)),
+            ],
+        );
+        let answers = v.as_array().unwrap();
+        assert_eq!(answers.len(), 3, "{v}");
+        assert_eq!(answers[0]["id"], 1);
+        assert_eq!(answers[0]["result"]["content"][0]["text"], BATCH_REFUSAL);
+        assert_eq!(answers[1]["id"], 2);
+        assert_eq!(answers[1]["result"]["content"][0]["text"], D.text());
+        // Member 3 had no verdict: it is denied, not silently dropped.
+        assert_eq!(answers[2]["id"], 3);
+        assert_eq!(answers[2]["error"]["code"], DENIAL_CODE);
+        let back = parse_payload(
+            &parse(&to_canonical_bytes(&v), &JsonLimits::default()).unwrap(),
+            8,
+        )
+        .unwrap();
+        assert!(back.batch);
     }
 
     #[test]

@@ -244,6 +244,7 @@ mod tests {
     use super::*;
     use crate::mcp::jsonrpc::parse_message;
     use http::HeaderValue;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn headers(pairs: &[(&'static str, &[u8])]) -> HeaderMap {
@@ -402,6 +403,32 @@ mod tests {
                 "{bad:?}: {:?}",
                 normalize_host(bad)
             );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_header_values_never_panic(v in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(hv) = HeaderValue::from_bytes(&v) {
+                for name in [MCP_SESSION_ID, MCP_PROTOCOL_VERSION, MCP_METHOD, MCP_NAME] {
+                    let mut h = HeaderMap::new();
+                    h.insert(name, hv.clone());
+                    let _ = read_mcp_headers(&h);
+                }
+            }
+            let s = String::from_utf8_lossy(&v);
+            let _ = normalize_host(&s);
+            let _ = decode_name(&s);
+            let _ = check_host_sni(&s, "mcp.test");
+        }
+
+        #[test]
+        fn encoded_names_round_trip(name in "\\PC{0,30}") {
+            let enc = format!(
+                "=?base64?{}?=",
+                base64::engine::general_purpose::STANDARD.encode(name.as_bytes())
+            );
+            prop_assert_eq!(decode_name(&enc).unwrap(), name);
         }
     }
 }

@@ -143,7 +143,8 @@ pub enum EventContent {
     Messages(Payload),
     /// The legacy transport's `endpoint` event, resolved and same-origin.
     Endpoint(Uri),
-    /// No data (an id/retry-only block) or a comment: nothing to judge.
+    /// No data (an id/retry-only block, or a priming event's empty `data`) or a
+    /// comment: nothing to judge.
     Nothing,
     /// An event of another type: no MCP client acts on it and kya does not judge it,
     /// so it is not forwarded.
@@ -184,7 +185,9 @@ pub fn inspect_event(
         }
         SseItem::Event(e) => e,
     };
-    let Some(data) = &event.data else {
+    // No data, or the empty `data:` of a priming event (an id for resumption that
+    // servers send first, SEP-1699): clients skip it, so there is nothing to judge.
+    let Some(data) = event.data.as_ref().filter(|d| !d.is_empty()) else {
         return Ok(InspectedEvent {
             content: EventContent::Nothing,
             forward: sse::encode(item)?,
@@ -547,6 +550,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(again.messages(), r.messages());
+    }
+
+    #[test]
+    fn priming_events_pass_unjudged() {
+        let body = b"id: 0\ndata:\n\nretry: 1000\n\ndata: {\"id\":1,\"jsonrpc\":\"2.0\",\"result\":{}}\n\n";
+        let r = inspect_response(
+            body,
+            &h(&[("content-type", "text/event-stream")]),
+            None,
+            &Limits::default(),
+        )
+        .unwrap();
+        let InspectedResponse::EventStream { events } = &r else {
+            panic!()
+        };
+        assert_eq!(events[0].content, EventContent::Nothing);
+        assert_eq!(events[0].forward, b"id: 0\ndata: \n\n");
+        assert_eq!(events[1].content, EventContent::Nothing);
+        assert_eq!(r.messages().len(), 1);
+        // Whitespace is not empty: it is data no client can read as JSON.
+        assert!(inspect_response(
+            b"data:  \n\n",
+            &h(&[("content-type", "text/event-stream")]),
+            None,
+            &Limits::default()
+        )
+        .is_err());
     }
 
     #[test]

@@ -167,8 +167,8 @@ impl Message {
         }
     }
 
-    /// `params` of a request or notification (for a tool call, rebuilt from its parts
-    /// is not needed: the caller has [`ToolCall`]).
+    /// `params` of a request or notification other than `tools/call` (whose parts
+    /// are in [`ToolCall`]).
     pub fn params(&self) -> Option<&Map<String, Value>> {
         match self {
             Message::Request(r) => r.params.as_ref(),

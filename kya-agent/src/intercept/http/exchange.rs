@@ -308,12 +308,15 @@ impl Exchange {
     }
 
     /// The session a held call belongs to, for matching `notifications/cancelled`:
-    /// the `Mcp-Session-Id`, or for the legacy transport the message URL.
+    /// the `Mcp-Session-Id`, or without one (legacy transport, stateless servers)
+    /// the message URL and the calling process, so one process cannot cancel
+    /// another's held call by guessing its id.
     fn session_key(&self, head: &Head) -> String {
         match header_str(&head.headers, "mcp-session-id") {
             Some(s) => format!("sid:{s}"),
             None => format!(
-                "url:{}",
+                "url:{}:{}",
+                self.conn.process.pid,
                 head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
             ),
         }
@@ -421,47 +424,97 @@ impl Exchange {
                         );
                     }
                 }
+                if let Some(inject) = self.legacy_injector(&head) {
+                    // Legacy transport: the POST is answered 202 at once (clients give
+                    // POSTs a short timeout); the hold is resolved in the background
+                    // and the answer, and any progress, arrive on the session's stream.
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        for (i, _decision_id, owner, binding, wait) in holds {
+                            let key = this.held_key_of(&server, &session_key, &payload.messages[i]);
+                            let progress = match &payload.messages[i] {
+                                Message::ToolCall(t) => t
+                                    .progress_token
+                                    .clone()
+                                    .map(|tok| (tok, owner, binding, inject.clone())),
+                                _ => None,
+                            };
+                            outcomes[i] = this.await_hold(key, wait, progress).await;
+                        }
+                        drop(
+                            this.finish(&server, &head, &payload, &value, outcomes)
+                                .await,
+                        );
+                    });
+                    return empty_response(StatusCode::ACCEPTED);
+                }
                 for (i, _decision_id, owner, binding, wait) in holds {
-                    let id = payload.messages[i]
-                        .id()
-                        .map(|x| x.to_value())
-                        .unwrap_or(Value::Null);
-                    let key = sessions::held_key(&self.conn.dst, &server, Some(&session_key), &id);
+                    let key = self.held_key_of(&server, &session_key, &payload.messages[i]);
                     tracing::info!(conn = self.conn.conn_id, %owner, %binding, "call held for approval");
-                    outcomes[i] = self.await_hold(key, wait).await;
+                    outcomes[i] = self.await_hold(key, wait, None).await;
                 }
             }
         }
-
-        let all_allowed = outcomes.iter().all(|o| !matches!(o, Outcome::Deny(_)));
-        if all_allowed {
-            let bytes = json::to_canonical_bytes(&value);
-            let len = bytes.len();
-            return self
-                .forward(&server, &head, body::full(bytes), Some(len), true, true)
-                .await;
-        }
-        self.answer(&head, &payload, outcomes)
+        self.finish(&server, &head, &payload, &value, outcomes)
+            .await
     }
 
-    /// Wait for a held call's final ruling, or for the client to cancel it.
+    /// Every message decided: forward the canonical bytes if all were allowed,
+    /// otherwise answer each request.
+    async fn finish(
+        &self,
+        server: &str,
+        head: &Head,
+        payload: &Payload,
+        value: &Value,
+        outcomes: Vec<Outcome>,
+    ) -> Response<ProxyBody> {
+        let all_allowed = outcomes.iter().all(|o| !matches!(o, Outcome::Deny(_)));
+        if all_allowed {
+            let bytes = json::to_canonical_bytes(value);
+            let len = bytes.len();
+            return self
+                .forward(server, head, body::full(bytes), Some(len), true, true)
+                .await;
+        }
+        self.answer(head, payload, outcomes)
+    }
+
+    fn held_key_of(&self, server: &str, session_key: &str, msg: &Message) -> String {
+        let id = msg.id().map(|x| x.to_value()).unwrap_or(Value::Null);
+        sessions::held_key(&self.conn.dst, server, Some(session_key), &id)
+    }
+
+    /// Wait for a held call's final ruling, or for the client to cancel it. With
+    /// `progress` (token, owner, binding, legacy stream), `notifications/progress`
+    /// is injected into the legacy session's stream meanwhile.
     async fn await_hold(
         &self,
         key: String,
-        wait: super::governor::BoxFuture<'static, Ruling>,
+        mut wait: super::governor::BoxFuture<'static, Ruling>,
+        progress: Option<(Id, String, String, mpsc::Sender<Value>)>,
     ) -> Outcome {
         self.held.fetch_add(1, Ordering::AcqRel);
         let _count = HeldCount(self.held.clone());
-        match sessions::register_held(key) {
-            Some((_guard, cancel)) => tokio::select! {
-                r = wait => to_outcome(r),
-                _ = cancel => Outcome::Deny(Denial::refusal("cancelled by the client while held")),
-            },
-            None => Outcome::Deny(Denial {
-                rule: None,
-                reason: "a call with this id is already held".into(),
-                decision: "-".into(),
-            }),
+        let Some((_guard, mut cancel)) = sessions::register_held(key) else {
+            return Outcome::Deny(Denial::refusal("a call with this id is already held"));
+        };
+        let mut tick = tokio::time::interval(self.limits.progress_interval);
+        let mut step = 0u64;
+        loop {
+            tokio::select! {
+                r = &mut wait => return to_outcome(r),
+                _ = &mut cancel => return Outcome::Deny(Denial::refusal("cancelled by the client while held")),
+                _ = tick.tick(), if progress.is_some() => {
+                    if let Some((token, owner, binding, tx)) = &progress {
+                        if tx.send(deny::progress(token, step, owner, binding)).await.is_err() {
+                            // The session's stream is gone: nobody is waiting any more.
+                            return Outcome::Deny(Denial::refusal("the client went away while held"));
+                        }
+                        step += 1;
+                    }
+                }
+            }
         }
     }
 

@@ -7,6 +7,12 @@
 //! through [`Governor`]; see [`exchange`] for the request path, [`filter`] and
 //! [`stream`] for what the server sends back.
 //!
+//! Wiring (the listener's side): once the origin is known and both legs exist, call
+//! [`serve_http`] with the TLS streams (the ALPN the upstream agreed: `H1`/`H2`) or
+//! the plain TCP streams (`Detect`: the h2 preface is sniffed). Set `TCP_NODELAY` on
+//! both sockets first: the proxy writes small frames. Denials of server→client
+//! requests drop the event (recorded by the governor, not answered to the server).
+//!
 //! * [`governor`]: the seam to policy, approvals and audit.
 //! * [`limits`]: every bound.
 //! * [`inspect`]: server name (Host vs SNI) and JSON-RPC recognition by content.
