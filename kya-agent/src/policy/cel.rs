@@ -454,7 +454,7 @@ impl<'a> Activation<'a> {
             ctx.add_variable_as_val("tool", tool);
         }
         if want("args") {
-            ctx.add_variable_as_val("args", json_val(&call.args));
+            ctx.add_variable_as_val("args", json_val(call.args_for_conditions()));
         }
         if want("credential") {
             let cred: Box<dyn Val + 'a> = match &call.credential {

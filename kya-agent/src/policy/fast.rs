@@ -311,7 +311,7 @@ fn json<'a>(v: &'a serde_json::Value) -> V<'a> {
 fn resolve<'a>(call: &'a CallContext, offset: time::UtcOffset, path: &[String]) -> Option<V<'a>> {
     let (root, rest) = path.split_first()?;
     let mut cur = match (root.as_str(), rest.first().map(String::as_str)) {
-        ("args", _) => json(&call.args),
+        ("args", _) => json(call.args_for_conditions()),
         ("credential", _) => match &call.credential {
             Some(c) => json(c),
             None => V::Null,

@@ -86,6 +86,20 @@ pub struct CallContext {
     pub credential: Option<serde_json::Value>,
 }
 
+impl CallContext {
+    /// The arguments as conditions see them: absent (`null`) arguments are an
+    /// empty object, as MCP defines `params.arguments` as optional, so
+    /// `has(args.x)` is false rather than an error for a call without arguments.
+    pub fn args_for_conditions(&self) -> &serde_json::Value {
+        static EMPTY: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+        if self.args.is_null() {
+            EMPTY.get_or_init(|| serde_json::Value::Object(Default::default()))
+        } else {
+            &self.args
+        }
+    }
+}
+
 /// The outcome of a policy decision. Its JSON is what `kya policy test` prints.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
