@@ -41,6 +41,33 @@ pub enum Command {
     Credential(Box<CredentialCommand>),
     /// Work with the tamper-evident audit log.
     Audit(AuditArgs),
+    /// Show decisions as they happen (recent ones, or --follow).
+    Events(EventsArgs),
+}
+
+/// `kya events`.
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    /// Keep streaming new decisions.
+    #[arg(long)]
+    pub follow: bool,
+    /// One JSON object per line instead of the compact form.
+    #[arg(long)]
+    pub json: bool,
+    /// Only this process.
+    #[arg(long, value_name = "N")]
+    pub pid: Option<u32>,
+    /// Only this agent.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// Only this verdict (allow, deny, hold) or kind (approved, rejected, expired).
+    #[arg(long, value_name = "V")]
+    pub verdict: Option<String>,
+    /// Only decisions at or after this time (RFC 3339).
+    #[arg(long, value_name = "T")]
+    pub since: Option<String>,
 }
 
 /// `kya approvals`.

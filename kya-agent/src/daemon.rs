@@ -7,15 +7,22 @@
 use crate::approvals::local::LocalChannel;
 use crate::approvals::persist::Persist;
 use crate::approvals::Approvals;
+use crate::audit::writer::{AuditConfig, AuditLog};
 use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::control::server::{ControlServer, Router};
+use crate::credential::store::CredentialStore;
+use crate::decision::events::{EventHub, EventsHandler};
+use crate::decision::DecisionPath;
+use crate::intercept::dispatch::Inspection;
+use crate::intercept::http::{Governor, Limits};
 use crate::intercept::listener::InterceptStats;
 use crate::intercept::{Interceptor, InterceptorConfig, OriginSource};
 use crate::metrics::{Metrics, ReloadLabels, Sample, SampleKind, Source};
 use crate::policy::{PolicyEngine, Registry};
 use crate::status::StatusHandler;
+use crate::tls::TlsContext;
 use anyhow::Context;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -63,6 +70,30 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let redirector = Arc::new(Mutex::new(Some(redirector)));
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
     let approvals = open_approvals(&config.state_dir)?;
+    let key = Arc::new(
+        crate::keys::load_or_create(&config.state_dir).context("loading kya's signing key")?,
+    );
+    let audit = Arc::new(
+        AuditLog::open(AuditConfig::new(&config.audit_path), (*key).clone())
+            .with_context(|| format!("opening the audit log {}", config.audit_path.display()))?,
+    );
+    let credentials =
+        Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
+    let tls = TlsContext::from_config(&config).context("setting up TLS interception")?;
+    let events = EventHub::new();
+    let status = status.section("audit", {
+        let a = audit.clone();
+        Arc::new(move || serde_json::json!(a.health()))
+    });
+    let status = status.section("events", {
+        let e = events.clone();
+        Arc::new(move || serde_json::json!({"published": e.published(), "dropped_by_slow_followers": e.dropped()}))
+    });
+    let status = status.section("ca", {
+        let fp = tls.ca.fingerprint().to_string();
+        let path = tls.ca.cert_path().display().to_string();
+        Arc::new(move || serde_json::json!({"fingerprint": fp, "cert": path}))
+    });
     let status = status.section("policy", {
         let e = engine.clone();
         Arc::new(move || policy_status(&e))
@@ -73,12 +104,22 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     });
     let router = Router::new()
         .route("status", Arc::new(status))
-        .route("approvals", Arc::new(LocalChannel::new(approvals.clone())));
+        .route("approvals", Arc::new(LocalChannel::new(approvals.clone())))
+        .route("events", Arc::new(EventsHandler::new(events.clone())));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
+    let decision_path: Arc<dyn Governor> = Arc::new(DecisionPath::new(
+        engine.clone(),
+        approvals.clone(),
+        credentials,
+        key,
+        audit.clone(),
+        events,
+        metrics.clone(),
+    ));
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));
     let metrics_task = config.metrics.map(|addr| {
@@ -94,7 +135,12 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         on_reload(config.clone(), redirector.clone(), metrics.clone()),
     )
     .context("installing the policy reload watcher")?;
-    let server = tokio::spawn(interceptor.serve(origins, None, stop_rx.clone()));
+    let inspection = Arc::new(Inspection::new(
+        tls,
+        decision_path,
+        Limits::from_config(&config),
+    ));
+    let server = tokio::spawn(interceptor.serve(origins, Some(inspection), stop_rx.clone()));
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
     if config.selection.is_empty() && engine.registry().agents().is_empty() {
@@ -133,6 +179,13 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             Err(e) => tracing::error!(error = %e, "metrics task failed"),
             Ok(Ok(())) => {}
         }
+    }
+    // Commit what is queued and sign the final checkpoint.
+    let closing = audit.clone();
+    match tokio::task::spawn_blocking(move || closing.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "closing the audit log failed"),
+        Err(e) => tracing::error!(error = %e, "audit close task failed"),
     }
     let taken = redirector.lock().ok().and_then(|mut r| r.take());
     if let Some(r) = taken {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod credential;
 pub mod daemon;
+pub mod decision;
 pub mod intercept;
 pub mod keys;
 pub mod mcp;

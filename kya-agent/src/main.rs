@@ -18,6 +18,17 @@ fn main() -> std::process::ExitCode {
                 A::Deny { id, reason } => command::answer(dir, &id, false, reason.as_deref()),
             }
         }
+        Command::Events(args) => kya_agent::decision::events::command::run(
+            &args.state.state_dir,
+            kya_agent::decision::events::command::EventsQuery {
+                follow: args.follow,
+                json: args.json,
+                pid: args.pid,
+                agent: args.agent.as_deref(),
+                verdict: args.verdict.as_deref(),
+                since: args.since.as_deref(),
+            },
+        ),
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
         Command::Ca(args) => kya_agent::ca::command::run(args),
         Command::Policy(args) => kya_agent::policy::command::run(args),

@@ -1,0 +1,640 @@
+//! The one decision point: every JSON-RPC message the proxy sees, in either
+//! direction, over every transport, is decided here.
+//!
+//! [`DecisionPath`] implements the proxy's [`Governor`] seam. For each call it
+//! resolves the agent from the process, looks for a standing credential that
+//! covers exactly this call, asks the policy engine, and then:
+//!
+//! * **allow**: records the decision (group commit) and lets the proxy forward;
+//! * **deny**: records it and answers the agent with the rule and reason;
+//! * **hold**: records the hold durably, creates a pending approval for the
+//!   owner and keeps the call open; an approval mints a single-use,
+//!   action-scoped credential, verifies and spends it, records the approval
+//!   durably, and only then releases the call. A denial, a timeout, a
+//!   suspension or the agent giving up ends the hold as a denial.
+//!
+//! If the audit log cannot be written, `tools/call` is denied (fail closed).
+
+pub mod events;
+mod record;
+
+use crate::approvals::{ActionRequest, Approvals, Outcome};
+use crate::audit::event::{ApprovalInfo, EventKind};
+use crate::audit::writer::{AuditLog, Durability};
+use crate::audit::DecisionEvent;
+use crate::credential::action::{self, AgentSubject, Channel, Environment, Evidence, Scope};
+use crate::credential::store::CredentialStore;
+use crate::credential::verify::{self, Call as CredCall};
+use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
+use crate::metrics::{ApprovalLabels, DecisionLabels, Metrics};
+use crate::policy::{AgentInfo, CallContext, Decide, Decision, PolicyEngine};
+use ed25519_dalek::SigningKey;
+use events::EventHub;
+use kya_common::Verdict;
+use record::EventFacts;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+/// How long a credential minted for one approved call stays valid: long
+/// enough to forward the call, short enough to be useless later.
+pub const APPROVAL_CREDENTIAL_TTL: Duration = Duration::from_secs(120);
+
+/// The daemon's decision path.
+pub struct DecisionPath {
+    engine: Arc<PolicyEngine>,
+    approvals: Arc<Approvals>,
+    credentials: Arc<CredentialStore>,
+    key: Arc<SigningKey>,
+    audit: Arc<AuditLog>,
+    events: Arc<EventHub>,
+    metrics: Arc<Metrics>,
+    host: String,
+}
+
+impl DecisionPath {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Arc<PolicyEngine>,
+        approvals: Arc<Approvals>,
+        credentials: Arc<CredentialStore>,
+        key: Arc<SigningKey>,
+        audit: Arc<AuditLog>,
+        events: Arc<EventHub>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        Self {
+            engine,
+            approvals,
+            credentials,
+            key,
+            audit,
+            events,
+            metrics,
+            host,
+        }
+    }
+
+    fn credential_call(&self, call: &CallFacts, agent: &AgentInfo) -> Option<CredCall> {
+        if call.method != "tools/call" {
+            return None;
+        }
+        let p = &call.conn.process;
+        Some(CredCall {
+            agent: agent.name.clone(),
+            uid: p.uid,
+            cgroup: p.cgroup.clone(),
+            exe_sha256: None,
+            host: self.host.clone(),
+            server: call.server.clone(),
+            method: call.method.clone(),
+            tool: call.tool.clone().unwrap_or_default(),
+            args: call.args.clone(),
+        })
+    }
+
+    fn count(&self, verdict: Verdict, agent: &str, rule: Option<&str>, started: Instant) {
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                verdict: verdict.as_str().into(),
+                agent: agent.into(),
+                rule: rule.unwrap_or("default").into(),
+            })
+            .inc();
+        self.metrics
+            .decision_latency
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Everything one decision needs after the synchronous part, owned so the
+/// hold's future can outlive the `decide` call.
+struct Pending {
+    audit: Arc<AuditLog>,
+    events: Arc<EventHub>,
+    facts: EventFacts,
+}
+
+impl Pending {
+    /// Write `event` with `durability`; publish it to the live stream once it
+    /// is accepted. Returns the audit error for the caller to fail closed on.
+    async fn record(&self, event: DecisionEvent, durability: Durability) -> Result<(), String> {
+        // Sync: `append` returns after fdatasync. Group: committed within
+        // the writer's batch bound; the call does not wait for it.
+        self.audit
+            .append(&event, durability)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.events.publish(event);
+        Ok(())
+    }
+}
+
+fn new_decision_id() -> String {
+    use rand::Rng;
+    format!("dec_{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+impl Governor for DecisionPath {
+    fn decide(&self, call: CallFacts) -> BoxFuture<'static, Ruling> {
+        let started = Instant::now();
+        let now = OffsetDateTime::now_utc();
+        let decision_id = new_decision_id();
+        let agent = self.engine.resolve(&call.conn.process, now);
+        let mut ctx = CallContext {
+            agent: agent.clone(),
+            process: call.conn.process.clone(),
+            server: call.server.clone(),
+            method: call.method.clone(),
+            tool: call.tool.clone(),
+            args: call.args.clone(),
+            time: now,
+            credential: None,
+        };
+        // A standing credential covering exactly this call may release a hold.
+        let cred_call = self.credential_call(&call, &agent);
+        let covering = cred_call.as_ref().and_then(|c| {
+            match self
+                .credentials
+                .find_covering(c, now, &self.key.verifying_key())
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::error!(error = %e, "credential store unreadable; no credential releases this call");
+                    None
+                }
+            }
+        });
+        if let Some(cov) = &covering {
+            ctx.credential = Some(cov.credential.scope_json());
+        }
+        let mut decision = self.engine.decide(&ctx);
+        let mut credential_id = None;
+        if decision.released_by_credential {
+            let redeemed = match &covering {
+                Some(cov) => verify::redeem(&cov.credential, now, &self.credentials)
+                    .map(|()| cov.credential.id.clone())
+                    .map_err(|e| e.to_string()),
+                None => Err("no covering credential".to_string()),
+            };
+            match redeemed {
+                Ok(id) => credential_id = Some(id),
+                Err(e) => {
+                    // Spent (replay), revoked meanwhile: decide as if it were absent.
+                    tracing::info!(error = %e, "covering credential could not be redeemed; deciding without it");
+                    ctx.credential = None;
+                    decision = self.engine.decide(&ctx);
+                }
+            }
+        }
+        let facts = EventFacts::new(&self.host, &call, &agent, &decision, &decision_id, started);
+        let pending = Pending {
+            audit: self.audit.clone(),
+            events: self.events.clone(),
+            facts,
+        };
+        // Fail closed when the audit log cannot take records.
+        let health = self.audit.health();
+        if call.method == "tools/call" && !health.is_writable() {
+            let reason = format!(
+                "the audit log is not writable ({health:?}); consequential calls are denied"
+            );
+            tracing::error!(%reason);
+            self.count(
+                Verdict::Deny,
+                &agent.name,
+                Some("kya:audit-unavailable"),
+                started,
+            );
+            return Box::pin(async move {
+                Ruling::Deny {
+                    decision_id,
+                    rule: Some("kya:audit-unavailable".into()),
+                    reason,
+                }
+            });
+        }
+        match decision.verdict {
+            Verdict::Allow => {
+                self.count(
+                    Verdict::Allow,
+                    &agent.name,
+                    decision.rule.as_deref(),
+                    started,
+                );
+                // The allow that follows a credential is on disk before release.
+                let durability = if credential_id.is_some() {
+                    Durability::Sync
+                } else {
+                    Durability::Group
+                };
+                let engine = self.engine.clone();
+                Box::pin(async move {
+                    let event = pending.facts.event(
+                        EventKind::Decision,
+                        Verdict::Allow,
+                        None,
+                        credential_id.clone(),
+                    );
+                    if let Err(e) = pending.record(event, durability).await {
+                        if call.method == "tools/call" {
+                            return audit_denial(decision_id, &e);
+                        }
+                    }
+                    // Budgets count calls that go forward.
+                    engine.record_forwarded(&ctx);
+                    Ruling::Allow { decision_id }
+                })
+            }
+            Verdict::Deny => {
+                self.count(
+                    Verdict::Deny,
+                    &agent.name,
+                    decision.rule.as_deref(),
+                    started,
+                );
+                Box::pin(async move {
+                    let event = pending
+                        .facts
+                        .event(EventKind::Decision, Verdict::Deny, None, None);
+                    if let Err(e) = pending.record(event, Durability::Group).await {
+                        tracing::error!(error = %e, "audit append failed for a denial");
+                    }
+                    Ruling::Deny {
+                        decision_id,
+                        rule: decision.rule.clone(),
+                        reason: decision.reason.clone(),
+                    }
+                })
+            }
+            Verdict::Hold => self.hold(call, ctx, agent, decision, decision_id, pending, started),
+        }
+    }
+
+    fn may_call(&self, conn: &ConnFacts, server: &str, tool: &str) -> bool {
+        let now = OffsetDateTime::now_utc();
+        let ctx = CallContext {
+            agent: self.engine.resolve(&conn.process, now),
+            process: conn.process.clone(),
+            server: server.to_string(),
+            method: "tools/call".into(),
+            tool: Some(tool.to_string()),
+            args: serde_json::json!({}),
+            time: now,
+            credential: None,
+        };
+        let d = self.engine.decide(&ctx);
+        // Hidden only when no arguments could change the answer: a deny with
+        // no evaluation errors, by the defaults or by a rule without `when`.
+        if d.verdict != Verdict::Deny || !d.errors.is_empty() {
+            return true;
+        }
+        match &d.rule {
+            None => false,
+            Some(id) => {
+                let policy = self.engine.policy();
+                match policy.rules.iter().find(|r| &r.id == id) {
+                    Some(rule) => rule.when.is_some(),
+                    // Budgets and kya:* pseudo-rules depend on state: keep visible.
+                    None => true,
+                }
+            }
+        }
+    }
+
+    fn refused(&self, conn: &ConnFacts, reason: &str) {
+        let started = Instant::now();
+        let now = OffsetDateTime::now_utc();
+        let agent = self.engine.resolve(&conn.process, now);
+        let decision_id = new_decision_id();
+        let facts = EventFacts::refused(
+            &self.host,
+            conn,
+            &agent,
+            reason,
+            &decision_id,
+            &self.engine.policy().version,
+            started,
+        );
+        self.count(Verdict::Deny, &agent.name, Some("kya:protocol"), started);
+        let pending = Pending {
+            audit: self.audit.clone(),
+            events: self.events.clone(),
+            facts,
+        };
+        tokio::spawn(async move {
+            let event = pending
+                .facts
+                .event(EventKind::Decision, Verdict::Deny, None, None);
+            if let Err(e) = pending.record(event, Durability::Group).await {
+                tracing::error!(error = %e, "audit append failed for a protocol refusal");
+            }
+        });
+    }
+}
+
+fn audit_denial(decision_id: String, error: &str) -> Ruling {
+    Ruling::Deny {
+        decision_id,
+        rule: Some("kya:audit-unavailable".into()),
+        reason: format!(
+            "the audit log could not record this call ({error}); consequential calls are denied"
+        ),
+    }
+}
+
+impl DecisionPath {
+    #[allow(clippy::too_many_arguments)]
+    fn hold(
+        &self,
+        call: CallFacts,
+        ctx: CallContext,
+        agent: AgentInfo,
+        decision: Decision,
+        decision_id: String,
+        pending: Pending,
+        started: Instant,
+    ) -> BoxFuture<'static, Ruling> {
+        let owner = decision
+            .approvers
+            .first()
+            .cloned()
+            .or_else(|| agent.owner.clone());
+        let deny_now = |reason: String, rule: &str| -> BoxFuture<'static, Ruling> {
+            let decision_id = decision_id.clone();
+            let rule = rule.to_string();
+            Box::pin(async move {
+                Ruling::Deny {
+                    decision_id,
+                    rule: Some(rule),
+                    reason,
+                }
+            })
+        };
+        let Some(owner) = owner else {
+            self.count(Verdict::Deny, &agent.name, Some("kya:no-approver"), started);
+            return deny_now(
+                format!(
+                    "held by rule {} but agent {} has no owner to approve it",
+                    decision.rule.as_deref().unwrap_or("default"),
+                    agent.name
+                ),
+                "kya:no-approver",
+            );
+        };
+        if call.direction == Direction::ServerToClient || call.method != "tools/call" {
+            // Only tool calls have an owner-facing approval; anything else held is denied.
+            self.count(
+                Verdict::Deny,
+                &agent.name,
+                decision.rule.as_deref(),
+                started,
+            );
+            return deny_now(
+                format!(
+                    "{} (held messages other than tools/call are denied)",
+                    decision.reason
+                ),
+                decision.rule.as_deref().unwrap_or("default"),
+            );
+        }
+        let args_digest = action::args_digest(&call.args).unwrap_or_default();
+        let request = ActionRequest {
+            agent: agent.name.clone(),
+            owner: owner.clone(),
+            approvers: decision.approvers.clone(),
+            process: call.conn.process.clone(),
+            server: call.server.clone(),
+            tool: call.tool.clone().unwrap_or_default(),
+            args: call.args.clone(),
+            args_digest,
+            policy_version: decision.policy_version.clone(),
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            decision_id: decision_id.clone(),
+        };
+        let handle = match self.approvals.submit(request, decision.hold_timeout) {
+            Ok(h) => h,
+            Err(e) => {
+                self.count(
+                    Verdict::Deny,
+                    &agent.name,
+                    Some("kya:too-many-holds"),
+                    started,
+                );
+                return deny_now(e.to_string(), "kya:too-many-holds");
+            }
+        };
+        self.count(
+            Verdict::Hold,
+            &agent.name,
+            decision.rule.as_deref(),
+            started,
+        );
+        let approval_id = handle.id.clone();
+        let binding = handle.binding_message.clone();
+        let metrics = self.metrics.clone();
+        let credentials = self.credentials.clone();
+        let key = self.key.clone();
+        let engine = self.engine.clone();
+        let host = self.host.clone();
+        let timeout = decision.hold_timeout;
+        let rule = decision.rule.clone();
+        let hold_id = approval_id.clone();
+        let wait_decision_id = decision_id.clone();
+        let wait_binding = binding.clone();
+        metrics.held.inc();
+        let wait: BoxFuture<'static, Ruling> = Box::pin(async move {
+            let _held = HeldGauge(metrics.clone());
+            // The hold itself is on disk before anyone is asked.
+            let hold_event = pending.facts.event(
+                EventKind::Hold,
+                Verdict::Hold,
+                Some(ApprovalInfo {
+                    id: hold_id.clone(),
+                    approver: None,
+                    channel: None,
+                }),
+                None,
+            );
+            if let Err(e) = pending.record(hold_event, Durability::Sync).await {
+                return audit_denial(wait_decision_id, &e);
+            }
+            let outcome = handle.wait().await;
+            let (channel, outcome_name) = match &outcome {
+                Outcome::Approved(a) => (a.channel.clone(), "approved"),
+                Outcome::Denied(a) => (a.channel.clone(), "denied"),
+                Outcome::Expired => ("none".to_string(), "expired"),
+                Outcome::Cancelled(_) => ("none".to_string(), "cancelled"),
+            };
+            metrics
+                .approvals
+                .get_or_create(&ApprovalLabels {
+                    channel,
+                    outcome: outcome_name.into(),
+                })
+                .inc();
+            match outcome {
+                Outcome::Approved(answer) => {
+                    let info = ApprovalInfo {
+                        id: hold_id.clone(),
+                        approver: Some(answer.approver.clone()),
+                        channel: Some(answer.channel.clone()),
+                    };
+                    match mint_and_redeem(
+                        &key,
+                        &credentials,
+                        &host,
+                        &call,
+                        &ctx,
+                        &answer.approver,
+                        &answer.channel,
+                        &hold_id,
+                        &wait_binding,
+                    ) {
+                        Ok(cred_id) => {
+                            let ev = pending.facts.event(
+                                EventKind::Approved,
+                                Verdict::Allow,
+                                Some(info),
+                                Some(cred_id),
+                            );
+                            if let Err(e) = pending.record(ev, Durability::Sync).await {
+                                return audit_denial(wait_decision_id, &e);
+                            }
+                            engine.record_forwarded(&ctx);
+                            Ruling::Allow {
+                                decision_id: wait_decision_id,
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "approved call could not be given its credential; denying");
+                            Ruling::Deny {
+                                decision_id: wait_decision_id,
+                                rule: rule.clone(),
+                                reason: format!(
+                                    "approved, but kya could not mint the action credential: {e}"
+                                ),
+                            }
+                        }
+                    }
+                }
+                Outcome::Denied(answer) => {
+                    let info = ApprovalInfo {
+                        id: hold_id.clone(),
+                        approver: Some(answer.approver.clone()),
+                        channel: Some(answer.channel.clone()),
+                    };
+                    let ev =
+                        pending
+                            .facts
+                            .event(EventKind::Rejected, Verdict::Deny, Some(info), None);
+                    let _ = pending.record(ev, Durability::Sync).await;
+                    let why = answer.reason.map(|r| format!(": {r}")).unwrap_or_default();
+                    Ruling::Deny {
+                        decision_id: wait_decision_id,
+                        rule: rule.clone(),
+                        reason: format!("denied by {}{why}", answer.approver),
+                    }
+                }
+                Outcome::Expired | Outcome::Cancelled(_) => {
+                    let reason = match &outcome {
+                        Outcome::Cancelled(why) => format!("hold ended: {why}"),
+                        _ => format!("no approval within {}", humantime::format_duration(timeout)),
+                    };
+                    let info = ApprovalInfo {
+                        id: hold_id.clone(),
+                        approver: None,
+                        channel: None,
+                    };
+                    let ev =
+                        pending
+                            .facts
+                            .event(EventKind::Expired, Verdict::Deny, Some(info), None);
+                    let _ = pending.record(ev, Durability::Sync).await;
+                    Ruling::Deny {
+                        decision_id: wait_decision_id,
+                        rule: rule.clone(),
+                        reason,
+                    }
+                }
+            }
+        });
+        Box::pin(async move {
+            Ruling::Hold {
+                decision_id,
+                owner,
+                binding,
+                wait,
+            }
+        })
+    }
+}
+
+/// Decrements the held-calls gauge however the hold ends (including the
+/// agent dropping it).
+struct HeldGauge(Arc<Metrics>);
+
+impl Drop for HeldGauge {
+    fn drop(&mut self) {
+        self.0.held.dec();
+    }
+}
+
+/// Mint the single-use credential for exactly this approved call, verify it as
+/// any verifier would, and spend it. Returns its id.
+#[allow(clippy::too_many_arguments)]
+fn mint_and_redeem(
+    key: &SigningKey,
+    store: &CredentialStore,
+    host: &str,
+    call: &CallFacts,
+    ctx: &CallContext,
+    approver: &str,
+    channel: &str,
+    approval_id: &str,
+    binding: &str,
+) -> Result<String, String> {
+    let now = OffsetDateTime::now_utc();
+    let tool = call.tool.clone().unwrap_or_default();
+    let scope = Scope::exact(&call.server, &tool, &call.args).map_err(|e| e.to_string())?;
+    let subject = AgentSubject {
+        agent: ctx.agent.name.clone(),
+        exe_sha256: None,
+        uid: Some(ctx.process.uid),
+        environment: Environment {
+            host: host.to_string(),
+            cgroup: (!ctx.process.cgroup.is_empty()).then(|| ctx.process.cgroup.clone()),
+        },
+        scope,
+    };
+    let channel = if channel == "ciba" {
+        Channel::Ciba
+    } else {
+        Channel::Local
+    };
+    let mut evidence = Evidence::approval(approver, channel, now).map_err(|e| e.to_string())?;
+    evidence.approval_id = Some(approval_id.to_string());
+    evidence.binding_message = Some(binding.to_string());
+    let until = now + APPROVAL_CREDENTIAL_TTL;
+    let (doc, _) =
+        action::issue(key, subject, now, until, vec![evidence]).map_err(|e| e.to_string())?;
+    let call = CredCall {
+        agent: ctx.agent.name.clone(),
+        uid: ctx.process.uid,
+        cgroup: ctx.process.cgroup.clone(),
+        exe_sha256: None,
+        host: host.to_string(),
+        server: call.server.clone(),
+        method: call.method.clone(),
+        tool,
+        args: call.args.clone(),
+    };
+    let cred = verify::verify_for_call(&doc, &key.verifying_key(), &call, now, store)
+        .map_err(|e| e.to_string())?;
+    Ok(cred.id)
+}

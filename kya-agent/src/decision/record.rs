@@ -1,0 +1,141 @@
+//! Building the audit/stream record of a decision from what the proxy and the
+//! policy engine know.
+
+use crate::audit::event::{
+    AgentInfo as EventAgent, ApprovalInfo, Destination, EventKind, McpInfo, ProcessInfo,
+};
+use crate::audit::DecisionEvent;
+use crate::intercept::http::{CallFacts, ConnFacts};
+use crate::policy::{AgentInfo, Decision};
+use kya_common::Verdict;
+use std::time::Instant;
+use time::OffsetDateTime;
+
+/// The facts shared by every record of one decision (a hold and its outcome
+/// share them).
+pub(super) struct EventFacts {
+    decision_id: String,
+    host: String,
+    process: ProcessInfo,
+    agent: EventAgent,
+    destination: Destination,
+    mcp: McpInfo,
+    rule: Option<String>,
+    reason: String,
+    policy_version: String,
+    started: Instant,
+}
+
+impl EventFacts {
+    pub(super) fn new(
+        host: &str,
+        call: &CallFacts,
+        agent: &AgentInfo,
+        decision: &Decision,
+        decision_id: &str,
+        started: Instant,
+    ) -> Self {
+        let mut mcp = McpInfo {
+            session_id: call.session.clone(),
+            method: call.method.clone(),
+            tool: call.tool.clone(),
+            jsonrpc_id: call.jsonrpc_id.clone(),
+            ..McpInfo::default()
+        };
+        mcp.set_args(&call.args, false, &[]);
+        Self {
+            decision_id: decision_id.to_string(),
+            host: host.to_string(),
+            process: process_info(&call.conn),
+            agent: EventAgent {
+                name: agent.name.clone(),
+                owner: agent.owner.clone(),
+            },
+            destination: destination(&call.conn, &call.server),
+            mcp,
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            policy_version: decision.policy_version.clone(),
+            started,
+        }
+    }
+
+    /// A protocol-level refusal (no policy decision behind it).
+    pub(super) fn refused(
+        host: &str,
+        conn: &ConnFacts,
+        agent: &AgentInfo,
+        reason: &str,
+        decision_id: &str,
+        policy_version: &str,
+        started: Instant,
+    ) -> Self {
+        let server = conn
+            .sni
+            .clone()
+            .unwrap_or_else(|| conn.dst.ip().to_string());
+        Self {
+            decision_id: decision_id.to_string(),
+            host: host.to_string(),
+            process: process_info(conn),
+            agent: EventAgent {
+                name: agent.name.clone(),
+                owner: agent.owner.clone(),
+            },
+            destination: destination(conn, &server),
+            mcp: McpInfo {
+                method: "kya/refused".into(),
+                ..McpInfo::default()
+            },
+            rule: Some("kya:protocol".into()),
+            reason: reason.to_string(),
+            policy_version: policy_version.to_string(),
+            started,
+        }
+    }
+
+    pub(super) fn event(
+        &self,
+        kind: EventKind,
+        verdict: Verdict,
+        approval: Option<ApprovalInfo>,
+        credential_id: Option<String>,
+    ) -> DecisionEvent {
+        let hold_id = approval.as_ref().map(|a| a.id.clone());
+        DecisionEvent {
+            decision_id: self.decision_id.clone(),
+            kind,
+            time: OffsetDateTime::now_utc(),
+            host: self.host.clone(),
+            process: self.process.clone(),
+            agent: self.agent.clone(),
+            destination: self.destination.clone(),
+            mcp: self.mcp.clone(),
+            verdict,
+            rule: self.rule.clone(),
+            reason: self.reason.clone(),
+            policy_version: self.policy_version.clone(),
+            approval,
+            credential_id,
+            hold_id,
+            latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn process_info(conn: &ConnFacts) -> ProcessInfo {
+    let mut p = ProcessInfo::from(&conn.process);
+    let facts = crate::procinfo::read(conn.process.pid);
+    p.cmdline = facts.cmdline;
+    p.ppid = facts.ppid;
+    p
+}
+
+fn destination(conn: &ConnFacts, server: &str) -> Destination {
+    Destination {
+        host: server.to_string(),
+        ip: Some(conn.dst.ip()),
+        port: conn.dst.port(),
+        sni: conn.sni.clone(),
+    }
+}
