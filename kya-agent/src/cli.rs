@@ -106,7 +106,7 @@ pub enum ApprovalsCommand {
 #[derive(Debug, Clone, Args)]
 pub struct StateDirArg {
     /// The daemon's state directory (its control socket is STATE_DIR/kya.sock).
-    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
+    #[arg(long, global = true, value_name = "DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
 

@@ -1,0 +1,383 @@
+//! Issues 3, 5, 6 end to end: an unmodified MCP client (PyPI `mcp`) in a
+//! selected cgroup talks to a real MCP server over plaintext Streamable HTTP on
+//! a guarded port; the eBPF redirect brings it through kya, which decides every
+//! tool call. Checked against the server's own record of which tools really
+//! ran, the client's own output, and the audit log verified offline.
+
+use kya_e2e::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PORT: u16 = 18080;
+
+fn peers() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
+}
+
+fn ensure_peers() {
+    let out = Command::new("sh")
+        .arg(peers().join("setup.sh"))
+        .output()
+        .expect("run tests/peers/setup.sh");
+    assert!(
+        out.status.success(),
+        "tests/peers/setup.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn python() -> PathBuf {
+    peers().join(".venv/bin/python")
+}
+
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Self {
+        let log = dir.join("peer.log");
+        std::fs::write(&log, "").expect("peer log");
+        let child = Command::new(python())
+            .arg(peers().join("server.py"))
+            .args(["--port", &PORT.to_string()])
+            .env("KYA_PEER_LOG", &log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start MCP server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() {
+            assert!(Instant::now() < deadline, "MCP server did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, log }
+    }
+
+    /// Tools that really ran, in order (the server's own record).
+    fn ran(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start the real MCP client inside the cgroup; returns the child (its pid is
+/// the client's: `sh` execs it).
+fn client(cg: &TestCgroup, args: &[&str]) -> Child {
+    let url = format!("http://127.0.0.1:{PORT}/mcp");
+    let script = peers().join("client.py");
+    let mut all: Vec<&str> = vec![script.to_str().expect("utf-8"), &url];
+    all.extend_from_slice(args);
+    cg.command(python(), &all)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start MCP client")
+}
+
+fn finish(child: Child) -> Value {
+    let out = child.wait_with_output().expect("client output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn kya(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(kya_bin())
+        .args(args)
+        .arg("--state-dir")
+        .arg(daemon.state_dir.path())
+        .output()
+        .expect("kya client command")
+}
+
+fn pending_approvals(daemon: &Daemon) -> Vec<Value> {
+    let out = kya(daemon, &["approvals", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .expect("approvals JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_pending(daemon: &Daemon) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(a) = pending_approvals(daemon).into_iter().next() {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval appeared:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const POLICY: &str = r#"
+[defaults]
+verdict = "deny"
+methods = "allow"
+hold_timeout = "4s"
+
+[[rule]]
+id = "docs-ok"
+tool = "search_docs"
+verdict = "allow"
+
+[[rule]]
+id = "no-delete"
+tool = "delete_*"
+verdict = "deny"
+reason = "deleting records is not allowed from agents"
+
+[[rule]]
+id = "big-transfer"
+tool = "transfer"
+when = "args.amount > 1000"
+verdict = "hold"
+
+[[rule]]
+id = "small-transfer"
+tool = "transfer"
+when = "args.amount <= 1000"
+verdict = "allow"
+"#;
+
+#[test]
+fn real_mcp_client_is_governed_through_the_redirect() {
+    if !privileged("real_mcp_client_is_governed_through_the_redirect") {
+        return;
+    }
+    let _g = serial();
+    ensure_peers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cg = TestCgroup::new("mcp");
+    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+    std::fs::write(
+        dir.path().join("agents.toml"),
+        format!(
+            "[[agent]]\nname = \"e2e-agent\"\nowner = \"root\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
+            cg.rel
+        ),
+    )
+    .expect("agents");
+    let server = Server::start(dir.path());
+    let mut daemon = Daemon::start(DaemonOptions::new(930).args([
+        "--policy",
+        dir.path().join("policy.toml").to_str().expect("utf-8"),
+        "--agents",
+        dir.path().join("agents.toml").to_str().expect("utf-8"),
+        "--port",
+        &PORT.to_string(),
+    ]));
+
+    // tools/list: a tool this agent may never call is hidden.
+    let listed = finish(client(&cg, &["--list"]));
+    let tools: Vec<&str> = listed["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        tools.contains(&"search_docs") && tools.contains(&"transfer"),
+        "{listed}"
+    );
+    assert!(
+        !tools.contains(&"delete_records"),
+        "delete_records must be hidden: {listed}"
+    );
+
+    // allow: the server's real result.
+    let allowed = client(&cg, &["search_docs", r#"{"query": "kya"}"#]);
+    let allowed_pid = allowed.id();
+    let r = finish(allowed);
+    assert_eq!(r["isError"], false, "{r}");
+    assert_eq!(r["text"], "found 3 documents about kya");
+
+    // deny: the denial text, and the server never ran the tool.
+    let r = finish(client(&cg, &["delete_records", r#"{"table": "users"}"#]));
+    assert_eq!(r["isError"], true, "{r}");
+    let text = r["text"].as_str().unwrap_or("");
+    assert!(
+        text.contains("kya denied this call") && text.contains("no-delete"),
+        "{r}"
+    );
+
+    // hold, approved by the owner: completes with the real result.
+    let held = client(&cg, &["transfer", r#"{"amount": 5000, "to": "bob"}"#]);
+    let a = wait_pending(&daemon);
+    assert_eq!(a["agent"], "e2e-agent");
+    assert_eq!(a["tool"], "transfer");
+    assert_eq!(a["owner"], "root");
+    assert!(
+        a["binding_message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("KYA-"),
+        "{a}"
+    );
+    assert_eq!(
+        server.ran().iter().filter(|t| *t == "transfer").count(),
+        0,
+        "a held call reached the server"
+    );
+    let id = a["id"].as_str().expect("id");
+    let ok = kya(&daemon, &["approvals", "approve", id]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let r = finish(held);
+    assert_eq!(r["isError"], false, "{r}");
+    assert_eq!(r["text"], "transferred 5000 to bob");
+
+    // hold, denied by the owner.
+    let held = client(&cg, &["transfer", r#"{"amount": 7000, "to": "eve"}"#]);
+    let a = wait_pending(&daemon);
+    let no = kya(
+        &daemon,
+        &[
+            "approvals",
+            "deny",
+            a["id"].as_str().expect("id"),
+            "--reason",
+            "not today",
+        ],
+    );
+    assert!(
+        no.status.success(),
+        "{}",
+        String::from_utf8_lossy(&no.stderr)
+    );
+    let r = finish(held);
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"].as_str().unwrap_or("").contains("not today"),
+        "{r}"
+    );
+
+    // hold, nobody answers: denied after the hold timeout.
+    let r = finish(client(
+        &cg,
+        &["transfer", r#"{"amount": 6000, "to": "mallory"}"#],
+    ));
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no approval within"),
+        "{r}"
+    );
+
+    // The server's own record: exactly the allowed and approved calls ran.
+    assert_eq!(
+        server.ran(),
+        vec!["search_docs", "transfer"],
+        "tools that really ran"
+    );
+
+    // The live stream saw every decision with the client's process identity.
+    let ev = kya(&daemon, &["events", "--json"]);
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&ev.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &Value| e["mcp"]["method"] == "tools/call")
+        .collect();
+    let kinds: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or("").to_string(),
+                e["verdict"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let count = |k: &str, v: &str| kinds.iter().filter(|(a, b)| a == k && b == v).count();
+    assert_eq!(count("decision", "allow"), 1, "{kinds:?}");
+    assert_eq!(count("decision", "deny"), 1, "{kinds:?}");
+    assert_eq!(count("hold", "hold"), 3, "{kinds:?}");
+    assert_eq!(count("approved", "allow"), 1, "{kinds:?}");
+    assert_eq!(count("rejected", "deny"), 1, "{kinds:?}");
+    assert_eq!(count("expired", "deny"), 1, "{kinds:?}");
+    let allow = events
+        .iter()
+        .find(|e| e["kind"] == "decision" && e["verdict"] == "allow")
+        .expect("allow event");
+    assert_eq!(allow["process"]["pid"], allowed_pid, "{allow}");
+    assert_eq!(allow["agent"]["name"], "e2e-agent");
+    assert_eq!(allow["rule"], "docs-ok");
+    assert_eq!(allow["destination"]["port"], PORT);
+    let approved = events
+        .iter()
+        .find(|e| e["kind"] == "approved")
+        .expect("approved event");
+    assert_eq!(approved["approval"]["approver"], "root");
+    assert!(
+        approved["credential_id"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("urn:uuid:"),
+        "{approved}"
+    );
+
+    // Metrics-free check of the audit log: stop cleanly, then verify offline
+    // with the daemon's public key.
+    assert!(daemon.terminate().success());
+    let audit = daemon.state_dir.path().join("audit.jsonl");
+    let key = daemon.state_dir.path().join("signing-key.pub.pem");
+    let v = Command::new(kya_bin())
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("kya audit verify");
+    assert!(
+        v.status.success(),
+        "audit log must verify: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let log = std::fs::read_to_string(&audit).expect("audit log");
+    let tool_calls = log
+        .lines()
+        .filter(|l| l.contains("\"method\":\"tools/call\""))
+        .count();
+    assert_eq!(
+        tool_calls,
+        events.len(),
+        "every decision exactly once in the audit log"
+    );
+}
