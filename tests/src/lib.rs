@@ -397,6 +397,8 @@ pub struct DaemonOptions {
     pub in_cgroup: Option<PathBuf>,
     /// Keep what an earlier daemon left pinned in the same pin directory (restart tests).
     pub reuse_pins: bool,
+    /// Config file (default: none, `/dev/null`).
+    pub config: Option<PathBuf>,
 }
 
 impl DaemonOptions {
@@ -406,6 +408,7 @@ impl DaemonOptions {
             args: Vec::new(),
             in_cgroup: None,
             reuse_pins: false,
+            config: None,
         }
     }
 
@@ -451,7 +454,10 @@ impl Daemon {
             "json".into(),
             "run".into(),
             "--config".into(),
-            "/dev/null".into(),
+            opts.config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "/dev/null".into()),
             "--listen-port".into(),
             opts.listen_port.to_string(),
             "--pin-dir".into(),

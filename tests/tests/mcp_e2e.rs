@@ -41,7 +41,9 @@ impl Server {
     fn start(dir: &Path) -> Self {
         let log = dir.join("peer.log");
         std::fs::write(&log, "").expect("peer log");
+        use std::os::unix::process::CommandExt;
         let child = Command::new(python())
+            .process_group(0)
             .arg(peers().join("server.py"))
             .args(["--port", &PORT.to_string()])
             .env("KYA_PEER_LOG", &log)
@@ -69,7 +71,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The whole process group: nothing may keep the port after the test.
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
