@@ -43,6 +43,7 @@ pub const APPROVAL_CREDENTIAL_TTL: Duration = Duration::from_secs(120);
 /// The daemon's decision path.
 pub struct DecisionPath {
     engine: Arc<PolicyEngine>,
+    budget: Arc<ToForward>,
     approvals: Arc<Approvals>,
     credentials: Arc<CredentialStore>,
     key: Arc<SigningKey>,
@@ -67,6 +68,7 @@ impl DecisionPath {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
         Self {
+            budget: Arc::new(ToForward::new(engine.clone())),
             engine,
             approvals,
             credentials,
@@ -232,7 +234,7 @@ impl Governor for DecisionPath {
                 } else {
                     Durability::Group
                 };
-                let engine = self.engine.clone();
+                let budget = self.budget.clone();
                 Box::pin(async move {
                     let event = pending.facts.event(
                         EventKind::Decision,
@@ -245,8 +247,8 @@ impl Governor for DecisionPath {
                             return audit_denial(decision_id, &e);
                         }
                     }
-                    // Budgets count calls that go forward.
-                    engine.record_forwarded(&ctx);
+                    // Budgets count the call once the proxy really forwards it.
+                    budget.allowed(&decision_id, ctx);
                     Ruling::Allow { decision_id }
                 })
             }
@@ -304,6 +306,10 @@ impl Governor for DecisionPath {
                 }
             }
         }
+    }
+
+    fn forwarded(&self, decision_id: &str) {
+        self.budget.forwarded(decision_id);
     }
 
     fn refused(&self, conn: &ConnFacts, reason: &str) {
@@ -440,7 +446,7 @@ impl DecisionPath {
         let metrics = self.metrics.clone();
         let credentials = self.credentials.clone();
         let key = self.key.clone();
-        let engine = self.engine.clone();
+        let budget = self.budget.clone();
         let host = self.host.clone();
         let timeout = decision.hold_timeout;
         let rule = decision.rule.clone();
@@ -506,7 +512,7 @@ impl DecisionPath {
                             if let Err(e) = pending.record(ev, Durability::Sync).await {
                                 return audit_denial(wait_decision_id, &e);
                             }
-                            engine.record_forwarded(&ctx);
+                            budget.allowed(&wait_decision_id, ctx.clone());
                             Ruling::Allow {
                                 decision_id: wait_decision_id,
                             }
@@ -572,6 +578,55 @@ impl DecisionPath {
                 wait,
             }
         })
+    }
+}
+
+/// Allowed calls waiting to be forwarded: budgets count a call only when the
+/// proxy really sends it (a batch with a denied member sends none).
+struct ToForward {
+    engine: Arc<PolicyEngine>,
+    waiting: std::sync::Mutex<std::collections::HashMap<String, (Instant, CallContext)>>,
+}
+
+/// Allowed calls remembered at once; beyond it a call is counted at once
+/// (over-counting is the safe side of a budget).
+const MAX_TO_FORWARD: usize = 65_536;
+/// An allowed call not forwarded within this long never will be.
+const FORWARD_WINDOW: Duration = Duration::from_secs(600);
+
+impl ToForward {
+    fn new(engine: Arc<PolicyEngine>) -> Self {
+        Self {
+            engine,
+            waiting: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn allowed(&self, decision_id: &str, ctx: CallContext) {
+        if ctx.method != "tools/call" {
+            return;
+        }
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() >= MAX_TO_FORWARD {
+            w.retain(|_, (at, _)| at.elapsed() < FORWARD_WINDOW);
+        }
+        if w.len() >= MAX_TO_FORWARD {
+            drop(w);
+            self.engine.record_forwarded(&ctx);
+            return;
+        }
+        w.insert(decision_id.to_string(), (Instant::now(), ctx));
+    }
+
+    fn forwarded(&self, decision_id: &str) {
+        let entry = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(decision_id);
+        if let Some((_, ctx)) = entry {
+            self.engine.record_forwarded(&ctx);
+        }
     }
 }
 

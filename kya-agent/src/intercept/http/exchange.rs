@@ -471,6 +471,11 @@ impl Exchange {
     ) -> Response<ProxyBody> {
         let all_allowed = outcomes.iter().all(|o| !matches!(o, Outcome::Deny(_)));
         if all_allowed {
+            for o in &outcomes {
+                if let Outcome::Allow(decision_id) = o {
+                    self.gov.forwarded(decision_id);
+                }
+            }
             let bytes = json::to_canonical_bytes(value);
             let len = bytes.len();
             return self
@@ -624,7 +629,12 @@ impl Exchange {
                     )
                     .await;
                 }
-                Outcome::Allow(_) | Outcome::Pass => {
+                Outcome::Allow(decision_id) => {
+                    self.gov.forwarded(&decision_id);
+                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
+                        .await
+                }
+                Outcome::Pass => {
                     self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
                         .await
                 }

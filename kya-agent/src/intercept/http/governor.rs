@@ -129,4 +129,9 @@ pub trait Governor: Send + Sync + 'static {
     /// ambiguous, oversize, undecodable, slow body, Host/SNI mismatch...), so it is
     /// audited too.
     fn refused(&self, conn: &ConnFacts, reason: &str);
+    /// An allowed message was actually sent upstream (a batch with a denied
+    /// member sends none). Budgets count only these.
+    fn forwarded(&self, decision_id: &str) {
+        let _ = decision_id;
+    }
 }
