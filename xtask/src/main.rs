@@ -126,7 +126,54 @@ fn test(root: &Path, no_lint: bool, cargo_args: &[String]) -> Result<()> {
         args.push("--");
         args.extend(cargo_args.iter().map(String::as_str));
     }
-    cargo(root, &args)
+    cargo_test_with_summary(root, &args)
+}
+
+/// Run `cargo test`, echoing its output, and end with one line that sums
+/// every test binary's result (the last line cargo prints is a doc-test
+/// binary's, which says nothing about the suite).
+fn cargo_test_with_summary(root: &Path, args: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(cargo)
+        .args(args)
+        .current_dir(root)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        let stdout = std::io::stdout();
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading cargo test output")?;
+            let _ = writeln!(stdout.lock(), "{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match kind {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 fn nix_is_root() -> bool {
