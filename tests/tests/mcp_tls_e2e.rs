@@ -98,23 +98,42 @@ fn ran(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The real client, in the cgroup and in a mount namespace whose /etc/hosts
-/// names mcp.test; it trusts only `trust`.
+/// The real Python client, in the cgroup and in a mount namespace whose
+/// /etc/hosts names mcp.test; it trusts only `trust` (`SSL_CERT_FILE`).
 fn client(cg: &TestCgroup, dir: &Path, trust: &Path, url: &str, args: &[&str]) -> Value {
+    let mut prog = vec![peers().join(".venv/bin/python"), peers().join("client.py")];
+    prog.push(PathBuf::from(url));
+    run_in_agent_ns(cg, dir, &prog, args, &[("SSL_CERT_FILE", trust)])
+}
+
+/// The real Node client (npm @modelcontextprotocol/sdk), the same way; Node
+/// takes extra roots from `NODE_EXTRA_CA_CERTS`.
+fn node_client(cg: &TestCgroup, dir: &Path, trust: &Path, url: &str, args: &[&str]) -> Value {
+    let prog = vec![PathBuf::from("node"), peers().join("client.mjs"), PathBuf::from(url)];
+    run_in_agent_ns(cg, dir, &prog, args, &[("NODE_EXTRA_CA_CERTS", trust)])
+}
+
+fn run_in_agent_ns(
+    cg: &TestCgroup,
+    dir: &Path,
+    prog: &[PathBuf],
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> Value {
     let script = format!(
         "mount --bind {hosts} /etc/hosts && echo $$ > {procs} && exec \"$@\"",
         hosts = dir.join("hosts").display(),
         procs = cg.path.join("cgroup.procs").display()
     );
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
-        .arg(peers().join(".venv/bin/python"))
-        .arg(peers().join("client.py"))
-        .arg(url)
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
+        .args(prog)
         .args(args)
-        .env("SSL_CERT_FILE", trust)
-        .output()
-        .expect("client");
+        .current_dir(peers());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("client");
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
         panic!(
@@ -210,6 +229,15 @@ fn tls_is_terminated_with_kyas_ca_and_every_call_decided() {
         "{r}"
     );
     assert_eq!(ran(d), vec!["search_docs"], "the server's own record");
+
+    // The Node SDK client, trusting kya's CA the way Node does.
+    let r = node_client(&cg, d, &kya_ca, url, &["search_docs", r#"{"query": "node"}"#]);
+    assert_eq!(r["isError"], false, "{r}");
+    assert_eq!(r["text"], "found 3 documents about node");
+    let r = node_client(&cg, d, &kya_ca, url, &["delete_records", r#"{"table": "t"}"#]);
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(r["text"].as_str().unwrap_or("").contains("kya denied this call"), "{r}");
+    assert_eq!(ran(d), vec!["search_docs", "search_docs"], "the server's own record");
 
     // Passthrough: spliced untouched, so the client sees the real certificate
     // (it trusts only the test CA here) and kya decides nothing.
