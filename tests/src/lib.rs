@@ -76,6 +76,11 @@ pub struct ProbeCopy {
 
 impl ProbeCopy {
     pub fn new(name: &str) -> Self {
+        Self::of(&probe_bin(), name)
+    }
+
+    /// A world-executable copy of any built binary (e.g. `kya` for a non-root user).
+    pub fn of(src: &Path, name: &str) -> Self {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix("kya-e2e-probe-")
@@ -84,9 +89,64 @@ impl ProbeCopy {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
         let path = dir.path().join(name);
-        std::fs::copy(probe_bin(), &path).expect("copy probe");
+        std::fs::copy(src, &path).expect("copy binary");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         Self { _dir: dir, path }
+    }
+}
+
+/// A local user created for a test (`useradd`), removed on drop.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TestUser {
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("userdel").arg(name).output();
+        let out = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .output()
+            .expect("useradd");
+        assert!(
+            out.status.success(),
+            "useradd {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id").args([flag, name]).output().expect("id");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("numeric id")
+        };
+        Self {
+            name: name.to_string(),
+            uid: id("-u"),
+            gid: id("-g"),
+        }
+    }
+
+    /// A command run as this user (real and effective uid/gid, no groups).
+    pub fn command(&self, program: impl AsRef<Path>) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &self.uid.to_string(),
+            "--regid",
+            &self.gid.to_string(),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(program.as_ref());
+        c
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
     }
 }
 

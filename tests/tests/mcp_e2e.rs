@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 18080;
+const LEGACY_PORT: u16 = 18081;
 
 fn peers() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
@@ -39,20 +40,30 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Self {
-        let log = dir.join("peer.log");
+        Self::start_on(dir, PORT, &[], "peer.log")
+    }
+
+    /// The legacy HTTP+SSE transport (GET /sse + POST to the endpoint).
+    fn start_legacy(dir: &Path) -> Self {
+        Self::start_on(dir, LEGACY_PORT, &["--transport", "sse"], "legacy.log")
+    }
+
+    fn start_on(dir: &Path, port: u16, extra: &[&str], log_name: &str) -> Self {
+        let log = dir.join(log_name);
         std::fs::write(&log, "").expect("peer log");
         use std::os::unix::process::CommandExt;
         let child = Command::new(python())
             .process_group(0)
             .arg(peers().join("server.py"))
-            .args(["--port", &PORT.to_string()])
+            .args(["--port", &port.to_string()])
+            .args(extra)
             .env("KYA_PEER_LOG", &log)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start MCP server");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "MCP server did not listen");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -81,9 +92,12 @@ impl Drop for Server {
 /// Start the real MCP client inside the cgroup; returns the child (its pid is
 /// the client's: `sh` execs it).
 fn client(cg: &TestCgroup, args: &[&str]) -> Child {
-    let url = format!("http://127.0.0.1:{PORT}/mcp");
+    client_at(cg, &format!("http://127.0.0.1:{PORT}/mcp"), args)
+}
+
+fn client_at(cg: &TestCgroup, url: &str, args: &[&str]) -> Child {
     let script = peers().join("client.py");
-    let mut all: Vec<&str> = vec![script.to_str().expect("utf-8"), &url];
+    let mut all: Vec<&str> = vec![script.to_str().expect("utf-8"), url];
     all.extend_from_slice(args);
     cg.command(python(), &all)
         .stdout(Stdio::piped())
@@ -180,16 +194,24 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     ensure_peers();
     let dir = tempfile::tempdir().expect("tempdir");
     let cg = TestCgroup::new("mcp");
+    let alice = TestUser::new("kya-e2e-alice");
+    let mallory = TestUser::new("kya-e2e-mallory");
+    let kya_copy = ProbeCopy::of(&kya_bin(), "kya");
     std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
     std::fs::write(
         dir.path().join("agents.toml"),
         format!(
-            "[[agent]]\nname = \"e2e-agent\"\nowner = \"root\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
-            cg.rel
+            "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
+            alice.name, cg.rel
         ),
     )
     .expect("agents");
     let server = Server::start(dir.path());
+    let legacy = Server::start_legacy(dir.path());
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr")
+    };
     let mut daemon = Daemon::start(DaemonOptions::new(930).args([
         "--policy",
         dir.path().join("policy.toml").to_str().expect("utf-8"),
@@ -197,7 +219,16 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         dir.path().join("agents.toml").to_str().expect("utf-8"),
         "--port",
         &PORT.to_string(),
+        "--port",
+        &LEGACY_PORT.to_string(),
+        "--metrics",
+        &metrics_addr.to_string(),
     ]));
+    let as_user = |u: &TestUser, args: &[&str]| {
+        let mut c = u.command(&kya_copy.path);
+        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
+        c.output().expect("kya as a user")
+    };
 
     // tools/list: a tool this agent may never call is hidden.
     let listed = finish(client(&cg, &["--list"]));
@@ -237,7 +268,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     let a = wait_pending(&daemon);
     assert_eq!(a["agent"], "e2e-agent");
     assert_eq!(a["tool"], "transfer");
-    assert_eq!(a["owner"], "root");
+    assert_eq!(a["owner"], alice.name.as_str());
     assert!(
         a["binding_message"]
             .as_str()
@@ -251,7 +282,27 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "a held call reached the server"
     );
     let id = a["id"].as_str().expect("id");
-    let ok = kya(&daemon, &["approvals", "approve", id]);
+    // Another local user may not answer: refused, and the call stays held.
+    let no = as_user(&mallory, &["approvals", "approve", id]);
+    assert!(!no.status.success(), "mallory approved alice's call");
+    assert!(
+        String::from_utf8_lossy(&no.stderr).contains("may not answer"),
+        "{}",
+        String::from_utf8_lossy(&no.stderr)
+    );
+    assert_eq!(
+        pending_approvals(&daemon).len(),
+        1,
+        "the call must still be held"
+    );
+    // The owner, a non-root user, sees it and approves it.
+    let seen = as_user(&alice, &["approvals", "list", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&seen.stdout).contains(id),
+        "{}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    let ok = as_user(&alice, &["approvals", "approve", id]);
     assert!(
         ok.status.success(),
         "{}",
@@ -264,8 +315,8 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     // hold, denied by the owner.
     let held = client(&cg, &["transfer", r#"{"amount": 7000, "to": "eve"}"#]);
     let a = wait_pending(&daemon);
-    let no = kya(
-        &daemon,
+    let no = as_user(
+        &alice,
         &[
             "approvals",
             "deny",
@@ -300,6 +351,70 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "{r}"
     );
 
+    // The legacy HTTP+SSE transport goes through the same decision point.
+    let legacy_url = format!("http://127.0.0.1:{LEGACY_PORT}/sse");
+    let r = finish(client_at(
+        &cg,
+        &legacy_url,
+        &["search_docs", r#"{"query": "legacy"}"#, "--sse"],
+    ));
+    assert_eq!(r["text"], "found 3 documents about legacy", "{r}");
+    let r = finish(client_at(
+        &cg,
+        &legacy_url,
+        &["delete_records", r#"{"table": "t"}"#, "--sse"],
+    ));
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"].as_str().unwrap_or("").contains("no-delete"),
+        "{r}"
+    );
+    assert_eq!(
+        legacy.ran(),
+        vec!["search_docs"],
+        "the legacy server's own record"
+    );
+
+    // Metrics agree with the decisions made.
+    let metrics = http_get(metrics_addr, "/metrics");
+    let value = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        value(r#"kya_decisions_total{verdict="deny",agent="e2e-agent",rule="no-delete"} "#),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"kya_decisions_total{verdict="allow",agent="e2e-agent",rule="docs-ok"} "#),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"kya_decisions_total{verdict="hold",agent="e2e-agent",rule="big-transfer"} "#),
+        3,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"kya_approvals_total{channel="local",outcome="approved"} "#),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"kya_approvals_total{channel="local",outcome="denied"} "#),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"kya_approvals_total{channel="none",outcome="expired"} "#),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(value("kya_held_calls "), 0, "{metrics}");
+
     // The server's own record: exactly the allowed and approved calls ran.
     assert_eq!(
         server.ran(),
@@ -329,25 +444,29 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         })
         .collect();
     let count = |k: &str, v: &str| kinds.iter().filter(|(a, b)| a == k && b == v).count();
-    assert_eq!(count("decision", "allow"), 1, "{kinds:?}");
-    assert_eq!(count("decision", "deny"), 1, "{kinds:?}");
+    assert_eq!(count("decision", "allow"), 2, "{kinds:?}");
+    assert_eq!(count("decision", "deny"), 2, "{kinds:?}");
     assert_eq!(count("hold", "hold"), 3, "{kinds:?}");
     assert_eq!(count("approved", "allow"), 1, "{kinds:?}");
     assert_eq!(count("rejected", "deny"), 1, "{kinds:?}");
     assert_eq!(count("expired", "deny"), 1, "{kinds:?}");
     let allow = events
         .iter()
-        .find(|e| e["kind"] == "decision" && e["verdict"] == "allow")
-        .expect("allow event");
+        .find(|e| {
+            e["kind"] == "decision" && e["verdict"] == "allow" && e["process"]["pid"] == allowed_pid
+        })
+        .expect("allow event of the first client");
     assert_eq!(allow["process"]["pid"], allowed_pid, "{allow}");
     assert_eq!(allow["agent"]["name"], "e2e-agent");
     assert_eq!(allow["rule"], "docs-ok");
     assert_eq!(allow["destination"]["port"], PORT);
+    assert_eq!(allow["process"]["uid"], 0);
+    assert_eq!(allow["process"]["cgroup"], cg.rel.as_str());
     let approved = events
         .iter()
         .find(|e| e["kind"] == "approved")
         .expect("approved event");
-    assert_eq!(approved["approval"]["approver"], "root");
+    assert_eq!(approved["approval"]["approver"], alice.name.as_str());
     assert!(
         approved["credential_id"]
             .as_str()
@@ -384,4 +503,17 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         events.len(),
         "every decision exactly once in the audit log"
     );
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kya\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }

@@ -109,7 +109,11 @@ fn client(cg: &TestCgroup, dir: &Path, trust: &Path, url: &str, args: &[&str]) -
 /// The real Node client (npm @modelcontextprotocol/sdk), the same way; Node
 /// takes extra roots from `NODE_EXTRA_CA_CERTS`.
 fn node_client(cg: &TestCgroup, dir: &Path, trust: &Path, url: &str, args: &[&str]) -> Value {
-    let prog = vec![PathBuf::from("node"), peers().join("client.mjs"), PathBuf::from(url)];
+    let prog = vec![
+        PathBuf::from("node"),
+        peers().join("client.mjs"),
+        PathBuf::from(url),
+    ];
     run_in_agent_ns(cg, dir, &prog, args, &[("NODE_EXTRA_CA_CERTS", trust)])
 }
 
@@ -231,13 +235,35 @@ fn tls_is_terminated_with_kyas_ca_and_every_call_decided() {
     assert_eq!(ran(d), vec!["search_docs"], "the server's own record");
 
     // The Node SDK client, trusting kya's CA the way Node does.
-    let r = node_client(&cg, d, &kya_ca, url, &["search_docs", r#"{"query": "node"}"#]);
+    let r = node_client(
+        &cg,
+        d,
+        &kya_ca,
+        url,
+        &["search_docs", r#"{"query": "node"}"#],
+    );
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(r["text"], "found 3 documents about node");
-    let r = node_client(&cg, d, &kya_ca, url, &["delete_records", r#"{"table": "t"}"#]);
+    let r = node_client(
+        &cg,
+        d,
+        &kya_ca,
+        url,
+        &["delete_records", r#"{"table": "t"}"#],
+    );
     assert_eq!(r["isError"], true, "{r}");
-    assert!(r["text"].as_str().unwrap_or("").contains("kya denied this call"), "{r}");
-    assert_eq!(ran(d), vec!["search_docs", "search_docs"], "the server's own record");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("kya denied this call"),
+        "{r}"
+    );
+    assert_eq!(
+        ran(d),
+        vec!["search_docs", "search_docs"],
+        "the server's own record"
+    );
 
     // Passthrough: spliced untouched, so the client sees the real certificate
     // (it trusts only the test CA here) and kya decides nothing.
