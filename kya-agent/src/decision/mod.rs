@@ -118,6 +118,7 @@ impl DecisionPath {
 struct Pending {
     audit: Arc<AuditLog>,
     events: Arc<EventHub>,
+    metrics: Arc<Metrics>,
     facts: EventFacts,
 }
 
@@ -127,10 +128,17 @@ impl Pending {
     async fn record(&self, event: DecisionEvent, durability: Durability) -> Result<(), String> {
         // Sync: `append` returns after fdatasync. Group: committed within
         // the writer's batch bound; the call does not wait for it.
-        self.audit
-            .append(&event, durability)
-            .await
-            .map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        if let Err(e) = self.audit.append(&event, durability).await {
+            self.metrics.audit_write_failures.inc();
+            tracing::error!(error = %e, decision = %event.decision_id, "audit append failed");
+            return Err(e.to_string());
+        }
+        if durability == Durability::Sync {
+            self.metrics
+                .audit_write_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
         self.events.publish(event);
         Ok(())
     }
@@ -197,6 +205,7 @@ impl Governor for DecisionPath {
         let pending = Pending {
             audit: self.audit.clone(),
             events: self.events.clone(),
+            metrics: self.metrics.clone(),
             facts,
         };
         // Fail closed when the audit log cannot take records.
@@ -330,6 +339,7 @@ impl Governor for DecisionPath {
         let pending = Pending {
             audit: self.audit.clone(),
             events: self.events.clone(),
+            metrics: self.metrics.clone(),
             facts,
         };
         tokio::spawn(async move {
