@@ -728,3 +728,35 @@ fn socket_inode(local: SocketAddr) -> Option<u64> {
     }
     None
 }
+
+/// GET `path` from a loopback HTTP server (metrics); returns the whole response.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: kya\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The real MCP peers (tests/peers): a Python venv and node_modules.
+pub fn peers() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
+}
+
+/// Install the peers (idempotent and fast once installed).
+pub fn ensure_peers() {
+    let out = Command::new("sh")
+        .arg(peers().join("setup.sh"))
+        .output()
+        .expect("run tests/peers/setup.sh");
+    assert!(
+        out.status.success(),
+        "tests/peers/setup.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -13,22 +13,6 @@ use std::time::{Duration, Instant};
 const PORT: u16 = 18080;
 const LEGACY_PORT: u16 = 18081;
 
-fn peers() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
-}
-
-fn ensure_peers() {
-    let out = Command::new("sh")
-        .arg(peers().join("setup.sh"))
-        .output()
-        .expect("run tests/peers/setup.sh");
-    assert!(
-        out.status.success(),
-        "tests/peers/setup.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn python() -> PathBuf {
     peers().join(".venv/bin/python")
 }
@@ -503,17 +487,4 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         events.len(),
         "every decision exactly once in the audit log"
     );
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: kya\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }

@@ -12,10 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn peers() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
-}
-
 fn sh(cmd: &str, dir: &Path) {
     let out = Command::new("sh")
         .arg("-c")
@@ -165,15 +161,7 @@ reason = "deleting records is not allowed from agents"
 "#;
 
 fn setup(tag: &str) -> (tempfile::TempDir, TestCgroup) {
-    let out = Command::new("sh")
-        .arg(peers().join("setup.sh"))
-        .output()
-        .expect("setup.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ensure_peers();
     let dir = tempfile::tempdir().expect("tempdir");
     pki(dir.path());
     std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");

@@ -587,17 +587,3 @@ fn metrics_endpoint_counts_redirected_connections() {
     assert_eq!(value("kya_kernel_redirected_total "), 3);
     assert_eq!(value("kya_kernel_established_total "), 3);
 }
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: kya\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}

@@ -128,10 +128,7 @@ pub struct ProcEntry {
 /// The parent pid from `/proc/PID/stat` (`pid (comm) state ppid ...`). The
 /// comm may contain spaces and parentheses, so parse after the last ')'.
 pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut it = rest.split_whitespace();
-    let _state = it.next()?;
-    it.next()?.parse().ok()
+    crate::procinfo::parse_stat_ppid(stat.as_bytes())
 }
 
 /// Every process in /proc (threads are not listed at the top level).

@@ -123,6 +123,15 @@ struct Pending {
 }
 
 impl Pending {
+    /// Record a plain denial (group commit: the agent's answer never waits
+    /// for the disk; a failure is logged and counted by `record`).
+    async fn record_denial(&self) {
+        let event = self
+            .facts
+            .event(EventKind::Decision, Verdict::Deny, None, None);
+        let _ = self.record(event, Durability::Group).await;
+    }
+
     /// Write `event` with `durability`; publish it to the live stream once it
     /// is accepted. Returns the audit error for the caller to fail closed on.
     async fn record(&self, event: DecisionEvent, durability: Durability) -> Result<(), String> {
@@ -269,12 +278,7 @@ impl Governor for DecisionPath {
                     started,
                 );
                 Box::pin(async move {
-                    let event = pending
-                        .facts
-                        .event(EventKind::Decision, Verdict::Deny, None, None);
-                    if let Err(e) = pending.record(event, Durability::Group).await {
-                        tracing::error!(error = %e, "audit append failed for a denial");
-                    }
+                    pending.record_denial().await;
                     Ruling::Deny {
                         decision_id,
                         rule: decision.rule.clone(),
@@ -342,14 +346,7 @@ impl Governor for DecisionPath {
             metrics: self.metrics.clone(),
             facts,
         };
-        tokio::spawn(async move {
-            let event = pending
-                .facts
-                .event(EventKind::Decision, Verdict::Deny, None, None);
-            if let Err(e) = pending.record(event, Durability::Group).await {
-                tracing::error!(error = %e, "audit append failed for a protocol refusal");
-            }
-        });
+        tokio::spawn(async move { pending.record_denial().await });
     }
 }
 
