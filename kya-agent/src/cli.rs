@@ -43,6 +43,31 @@ pub enum Command {
     Audit(AuditArgs),
     /// Show decisions as they happen (recent ones, or --follow).
     Events(EventsArgs),
+    /// List registered agents; suspend or resume one (the kill switch).
+    Agents(AgentsArgs),
+}
+
+/// `kya agents`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    #[command(subcommand)]
+    pub command: AgentsCommand,
+}
+
+/// `kya agents list|suspend|resume`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AgentsCommand {
+    /// Registered agents with owner and state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny the agent's next call and end its held calls (root or its owner).
+    Suspend { name: String },
+    /// Lift a suspension.
+    Resume { name: String },
 }
 
 /// `kya events`.

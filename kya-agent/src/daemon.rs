@@ -4,6 +4,7 @@
 //! first redirected connection finds it), and on shutdown the interceptor stops
 //! before the redirect is detached and unpinned.
 
+use crate::agents::{AgentsHandler, Suspensions};
 use crate::approvals::local::LocalChannel;
 use crate::approvals::persist::Persist;
 use crate::approvals::Approvals;
@@ -70,6 +71,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let redirector = Arc::new(Mutex::new(Some(redirector)));
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
     let approvals = open_approvals(&config.state_dir)?;
+    let suspensions = Arc::new(
+        Suspensions::open(&config.state_dir).context("reading the agent suspension list")?,
+    );
     let key = Arc::new(
         crate::keys::load_or_create(&config.state_dir).context("loading kya's signing key")?,
     );
@@ -105,7 +109,15 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let router = Router::new()
         .route("status", Arc::new(status))
         .route("approvals", Arc::new(LocalChannel::new(approvals.clone())))
-        .route("events", Arc::new(EventsHandler::new(events.clone())));
+        .route("events", Arc::new(EventsHandler::new(events.clone())))
+        .route(
+            "agents",
+            Arc::new(AgentsHandler::new(
+                engine.clone(),
+                suspensions.clone(),
+                approvals.clone(),
+            )),
+        );
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -119,6 +131,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         audit.clone(),
         events,
         metrics.clone(),
+        suspensions,
     ));
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));

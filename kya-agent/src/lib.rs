@@ -4,6 +4,7 @@
 //! the command line and wires them together. See `../shared/DESIGN.md` in the
 //! workspace for the architecture.
 
+pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod bpf;

@@ -29,6 +29,16 @@ fn main() -> std::process::ExitCode {
                 since: args.since.as_deref(),
             },
         ),
+        Command::Agents(args) => {
+            use kya_agent::agents::command;
+            use kya_agent::cli::AgentsCommand as A;
+            let dir = &args.state.state_dir;
+            match args.command {
+                A::List { json } => command::list(dir, json),
+                A::Suspend { name } => command::set(dir, &name, true),
+                A::Resume { name } => command::set(dir, &name, false),
+            }
+        }
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
         Command::Ca(args) => kya_agent::ca::command::run(args),
         Command::Policy(args) => kya_agent::policy::command::run(args),

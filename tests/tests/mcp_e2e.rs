@@ -488,3 +488,92 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "every decision exactly once in the audit log"
     );
 }
+
+#[test]
+fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
+    if !privileged("suspending_an_agent_denies_its_next_call_and_ends_its_held_calls") {
+        return;
+    }
+    let _g = serial();
+    ensure_peers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cg = TestCgroup::new("suspend");
+    let alice = TestUser::new("kya-e2e-owner");
+    let mallory = TestUser::new("kya-e2e-other");
+    let kya_copy = ProbeCopy::of(&kya_bin(), "kya");
+    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+    std::fs::write(
+        dir.path().join("agents.toml"),
+        format!(
+            "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
+            alice.name, cg.rel
+        ),
+    )
+    .expect("agents");
+    let server = Server::start(dir.path());
+    let daemon = Daemon::start(DaemonOptions::new(933).args([
+        "--policy",
+        dir.path().join("policy.toml").to_str().expect("utf-8"),
+        "--agents",
+        dir.path().join("agents.toml").to_str().expect("utf-8"),
+        "--port",
+        &PORT.to_string(),
+    ]));
+    let as_user = |u: &TestUser, args: &[&str]| {
+        let mut c = u.command(&kya_copy.path);
+        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
+        c.output().expect("kya as a user")
+    };
+
+    // A held call, then the owner pulls the kill switch.
+    let held = client(&cg, &["transfer", r#"{"amount": 9000, "to": "bob"}"#]);
+    wait_pending(&daemon);
+    let no = as_user(&mallory, &["agents", "suspend", "e2e-agent"]);
+    assert!(!no.status.success(), "another user suspended alice's agent");
+    let started = Instant::now();
+    let out = as_user(&alice, &["agents", "suspend", "e2e-agent"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = finish(held);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the held call must end at once"
+    );
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"].as_str().unwrap_or("").contains("suspended"),
+        "{r}"
+    );
+
+    // The next call is denied, even one the policy allows. Every message of a
+    // suspended agent is refused, so the client may already fail at
+    // `initialize` (a JSON-RPC error) rather than get a tool result.
+    let r = finish(client(&cg, &["search_docs", r#"{"query": "x"}"#]));
+    assert!(r.to_string().contains("kya:agent-suspended"), "{r}");
+    assert_ne!(r["isError"], false, "{r}");
+    let list = kya(&daemon, &["agents", "list", "--json"]);
+    let agents: Value = serde_json::from_slice(&list.stdout).expect("agents JSON");
+    assert_eq!(
+        agents[0]["suspended"]["by"],
+        alice.name.as_str(),
+        "{agents}"
+    );
+
+    // Resumed: allowed again.
+    let out = kya(&daemon, &["agents", "resume", "e2e-agent"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = finish(client(&cg, &["search_docs", r#"{"query": "back"}"#]));
+    assert_eq!(r["text"], "found 3 documents about back", "{r}");
+    assert_eq!(
+        server.ran(),
+        vec!["search_docs"],
+        "only the call after resume ran"
+    );
+}

@@ -18,6 +18,7 @@
 pub mod events;
 mod record;
 
+use crate::agents::Suspensions;
 use crate::approvals::{ActionRequest, Approvals, Outcome};
 use crate::audit::event::{ApprovalInfo, EventKind};
 use crate::audit::writer::{AuditLog, Durability};
@@ -43,6 +44,7 @@ pub const APPROVAL_CREDENTIAL_TTL: Duration = Duration::from_secs(120);
 /// The daemon's decision path.
 pub struct DecisionPath {
     engine: Arc<PolicyEngine>,
+    suspensions: Arc<Suspensions>,
     budget: Arc<ToForward>,
     approvals: Arc<Approvals>,
     credentials: Arc<CredentialStore>,
@@ -63,12 +65,14 @@ impl DecisionPath {
         audit: Arc<AuditLog>,
         events: Arc<EventHub>,
         metrics: Arc<Metrics>,
+        suspensions: Arc<Suspensions>,
     ) -> Self {
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
         Self {
             budget: Arc::new(ToForward::new(engine.clone())),
+            suspensions,
             engine,
             approvals,
             credentials,
@@ -209,6 +213,17 @@ impl Governor for DecisionPath {
                     decision = self.engine.decide(&ctx);
                 }
             }
+        }
+        // The kill switch overrides everything, including credentials.
+        if let Some(why) = self.suspensions.get(&agent.name) {
+            decision.verdict = Verdict::Deny;
+            decision.rule = Some("kya:agent-suspended".into());
+            decision.reason = format!(
+                "agent {} is suspended (by {})",
+                agent.name,
+                why["by"].as_str().unwrap_or("an administrator")
+            );
+            credential_id = None;
         }
         let facts = EventFacts::new(&self.host, &call, &agent, &decision, &decision_id, started);
         let pending = Pending {
