@@ -40,6 +40,8 @@ pub enum ConfigError {
     Size(String),
     #[error("cgroup path {0:?} must start with '/' and must not contain '..'")]
     CgroupPath(String),
+    #[error("[audit] sinks: {0}")]
+    Sink(String),
 }
 
 /// The file's schema (every key optional, unknown keys rejected).
@@ -99,6 +101,10 @@ pub struct PolicySection {
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
     pub path: Option<PathBuf>,
+    /// Export sinks for the decision stream, besides the audit log:
+    /// `"stdout"` or `"file:/path/events.jsonl"` (OCSF JSON lines).
+    #[serde(default)]
+    pub sinks: Vec<String>,
 }
 
 /// `[state]`.
@@ -170,6 +176,8 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub audit_path: PathBuf,
+    /// Export sinks (`[audit] sinks`).
+    pub sinks: Vec<crate::decision::sinks::SinkSpec>,
     pub upstream_ca: Option<PathBuf>,
     pub metrics: Option<std::net::SocketAddr>,
     pub fail_open: bool,
@@ -243,8 +251,14 @@ impl Config {
         let audit_path = args
             .audit
             .clone()
-            .or(file.audit.path)
+            .or(file.audit.path.clone())
             .unwrap_or_else(|| state_dir.join("audit.jsonl"));
+        let sinks = file
+            .audit
+            .sinks
+            .iter()
+            .map(|s| s.parse().map_err(ConfigError::Sink))
+            .collect::<Result<Vec<_>, _>>()?;
         let policy_paths = if args.policies.is_empty() {
             file.policy.paths
         } else {
@@ -265,6 +279,7 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
             state_dir,
             audit_path,
+            sinks,
             upstream_ca: args.upstream_ca.clone(),
             metrics: args.metrics,
             fail_open: args.fail_open,

@@ -89,6 +89,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         let a = audit.clone();
         Arc::new(move || serde_json::json!(a.health()))
     });
+    let sinks = crate::decision::sinks::spawn(&events, &config.sinks);
+    let status = status.section("sinks", {
+        Arc::new(move || serde_json::json!(sinks.iter().map(|s| s.snapshot()).collect::<Vec<_>>()))
+    });
     let status = status.section("events", {
         let e = events.clone();
         Arc::new(move || serde_json::json!({"published": e.published(), "dropped_by_slow_followers": e.dropped()}))

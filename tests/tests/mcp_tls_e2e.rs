@@ -165,9 +165,13 @@ fn setup(tag: &str) -> (tempfile::TempDir, TestCgroup) {
     let dir = tempfile::tempdir().expect("tempdir");
     pki(dir.path());
     std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+    let sink = dir.path().join("ocsf.jsonl");
     std::fs::write(
         dir.path().join("kya.toml"),
-        "[intercept]\npassthrough = [\"pinned.test\"]\n",
+        format!(
+            "[intercept]\npassthrough = [\"pinned.test\"]\n[audit]\nsinks = [\"file:{}\"]\n",
+            sink.display()
+        ),
     )
     .expect("config");
     (dir, TestCgroup::new(tag))
@@ -252,6 +256,39 @@ fn tls_is_terminated_with_kyas_ca_and_every_call_decided() {
         vec!["search_docs", "search_docs"],
         "the server's own record"
     );
+
+    // The export sink got every tool-call decision as OCSF API Activity.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ocsf = loop {
+        let lines: Vec<Value> = std::fs::read_to_string(d.join("ocsf.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &Value| v["api"]["operation"] == "tools/call")
+            .collect();
+        if lines.len() >= 4 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ocsf.len(), 4, "{ocsf:#?}");
+    assert!(ocsf.iter().all(|v| v["class_uid"] == 6003), "{ocsf:#?}");
+    assert_eq!(
+        ocsf.iter().filter(|v| v["disposition_id"] == 2).count(),
+        2,
+        "two blocked: {ocsf:#?}"
+    );
+    let status = Command::new(kya_bin())
+        .args(["status", "--json", "--state-dir"])
+        .arg(daemon.state_dir.path())
+        .output()
+        .expect("kya status");
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert!(
+        status["sinks"][0]["written"].as_u64() >= Some(4),
+        "{status}"
+    );
+    assert_eq!(status["sinks"][0]["failures"], 0, "{status}");
 
     // Passthrough: spliced untouched, so the client sees the real certificate
     // (it trusts only the test CA here) and kya decides nothing.

@@ -62,6 +62,12 @@ impl EventHub {
         let _ = self.tx.send(event);
     }
 
+    /// A follower of every event published from now on (bounded: a slow
+    /// follower loses events and learns how many).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<DecisionEvent>> {
+        self.tx.subscribe()
+    }
+
     /// Events lost by slow followers so far.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

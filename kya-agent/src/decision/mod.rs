@@ -17,6 +17,7 @@
 
 pub mod events;
 mod record;
+pub mod sinks;
 
 use crate::agents::Suspensions;
 use crate::approvals::{ActionRequest, Approvals, Outcome};

@@ -1,0 +1,185 @@
+//! Export sinks: the decision stream as OCSF JSON lines for a SIEM, on
+//! stdout (journald, container logs) or in a size-rotated file.
+//!
+//! Each sink is a follower of the [`EventHub`]: a sink too slow to keep up
+//! loses events (counted, visible in `kya status`) and never slows a
+//! decision; the audit log is the record that never drops.
+
+use super::events::EventHub;
+use crate::audit::ocsf::to_ocsf;
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+/// A rotated file is renamed to `.1` (the previous `.1` is dropped) past this size.
+pub const ROTATE_BYTES: u64 = 64 << 20;
+
+/// Where a sink writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    Stdout,
+    File(PathBuf),
+}
+
+impl FromStr for SinkSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SinkSpec::Stdout),
+            other => match other.strip_prefix("file:") {
+                Some(p) if p.starts_with('/') => Ok(SinkSpec::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "unknown sink {other:?} (expected \"stdout\" or \"file:/absolute/path\")"
+                )),
+            },
+        }
+    }
+}
+
+/// A sink's counters, for `kya status`.
+#[derive(Debug, Default, Serialize)]
+pub struct SinkHealth {
+    pub sink: String,
+    pub written: AtomicU64,
+    pub dropped: AtomicU64,
+    pub failures: AtomicU64,
+    #[serde(skip)]
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl SinkHealth {
+    /// A JSON snapshot.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "sink": self.sink,
+            "written": self.written.load(Ordering::Relaxed),
+            "dropped": self.dropped.load(Ordering::Relaxed),
+            "failures": self.failures.load(Ordering::Relaxed),
+            "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+        })
+    }
+}
+
+/// Start one task per sink; returns their health handles.
+pub fn spawn(hub: &EventHub, specs: &[SinkSpec]) -> Vec<Arc<SinkHealth>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let health = Arc::new(SinkHealth {
+                sink: match spec {
+                    SinkSpec::Stdout => "stdout".into(),
+                    SinkSpec::File(p) => format!("file:{}", p.display()),
+                },
+                ..Default::default()
+            });
+            let rx = hub.subscribe();
+            let h = health.clone();
+            let spec = spec.clone();
+            // Writes are blocking I/O: a thread of its own per sink.
+            std::thread::Builder::new()
+                .name("kya-sink".into())
+                .spawn(move || run(spec, rx, &h))
+                .map_err(|e| tracing::error!(error = %e, "cannot start an export sink"))
+                .ok();
+            health
+        })
+        .collect()
+}
+
+fn run(
+    spec: SinkSpec,
+    mut rx: broadcast::Receiver<Arc<crate::audit::DecisionEvent>>,
+    health: &SinkHealth,
+) {
+    let mut out: Box<dyn Write> = match &spec {
+        SinkSpec::Stdout => Box::new(std::io::stdout()),
+        SinkSpec::File(p) => match open(p) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                fail(health, format!("{}: {e}", p.display()));
+                return;
+            }
+        },
+    };
+    loop {
+        let event = match rx.blocking_recv() {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                health.dropped.fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let mut line = to_ocsf(&event).to_string();
+        line.push('\n');
+        if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+            fail(health, e.to_string());
+            continue;
+        }
+        health.written.fetch_add(1, Ordering::Relaxed);
+        if let SinkSpec::File(p) = &spec {
+            if std::fs::metadata(p)
+                .map(|m| m.len() >= ROTATE_BYTES)
+                .unwrap_or(false)
+            {
+                match rotate(p) {
+                    Ok(f) => out = Box::new(f),
+                    Err(e) => fail(health, format!("rotating {}: {e}", p.display())),
+                }
+            }
+        }
+    }
+}
+
+fn open(p: &std::path::Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+}
+
+fn rotate(p: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let old = p.with_extension(format!(
+        "{}.1",
+        p.extension().and_then(|e| e.to_str()).unwrap_or("log")
+    ));
+    std::fs::rename(p, old)?;
+    open(p)
+}
+
+fn fail(health: &SinkHealth, message: String) {
+    health.failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(sink = %health.sink, error = %message, "export sink write failed");
+    *health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_reject_garbage() {
+        assert_eq!("stdout".parse::<SinkSpec>(), Ok(SinkSpec::Stdout));
+        assert_eq!(
+            "file:/var/log/kya.jsonl".parse::<SinkSpec>(),
+            Ok(SinkSpec::File("/var/log/kya.jsonl".into()))
+        );
+        for bad in [
+            "",
+            "file:",
+            "file:relative.jsonl",
+            "syslog:",
+            "STDOUT",
+            "http://x",
+        ] {
+            assert!(bad.parse::<SinkSpec>().is_err(), "{bad:?}");
+        }
+    }
+}
