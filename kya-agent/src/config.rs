@@ -421,6 +421,37 @@ dir = "/var/lib/kya"
     }
 
     #[test]
+    fn the_shipped_example_config_parses_and_means_the_defaults() {
+        let text = include_str!("../../packaging/kya.toml");
+        let file = parse_file(Path::new("packaging/kya.toml"), text).unwrap();
+        let cfg = Config::merge(file, &RunArgs::default()).unwrap();
+        assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
+        assert!(cfg.selection.is_empty());
+        assert!(cfg.sinks.is_empty());
+    }
+
+    #[test]
+    fn sinks_are_checked_at_load() {
+        let file = parse_file(
+            Path::new("k.toml"),
+            "[audit]\nsinks = [\"stdout\", \"file:/var/log/kya/e.jsonl\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Config::merge(file, &RunArgs::default())
+                .unwrap()
+                .sinks
+                .len(),
+            2
+        );
+        let bad = parse_file(Path::new("k.toml"), "[audit]\nsinks = [\"syslog\"]\n").unwrap();
+        assert!(matches!(
+            Config::merge(bad, &RunArgs::default()),
+            Err(ConfigError::Sink(_))
+        ));
+    }
+
+    #[test]
     fn defaults_when_empty() {
         let cfg = Config::merge(FileConfig::default(), &RunArgs::default()).unwrap();
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
