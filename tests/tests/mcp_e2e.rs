@@ -169,38 +169,76 @@ when = "args.amount <= 1000"
 verdict = "allow"
 "#;
 
+/// What both scenarios share: a cgroup the registered agent lives in, its
+/// owner and another local user, the policy and registry files, and a copy of
+/// `kya` other users can execute.
+struct Scene {
+    dir: tempfile::TempDir,
+    cg: TestCgroup,
+    owner: TestUser,
+    other: TestUser,
+    kya_copy: ProbeCopy,
+}
+
+impl Scene {
+    fn new(tag: &str) -> Self {
+        ensure_peers();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cg = TestCgroup::new(tag);
+        let owner = TestUser::new(&format!("kya-e2e-{tag}-own"));
+        let other = TestUser::new(&format!("kya-e2e-{tag}-oth"));
+        std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+        std::fs::write(
+            dir.path().join("agents.toml"),
+            format!(
+                "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
+                owner.name, cg.rel
+            ),
+        )
+        .expect("agents");
+        Self {
+            dir,
+            cg,
+            owner,
+            other,
+            kya_copy: ProbeCopy::of(&kya_bin(), "kya"),
+        }
+    }
+
+    /// `--policy` and `--agents` for the daemon.
+    fn daemon_args(&self) -> Vec<String> {
+        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        vec![
+            "--policy".into(),
+            p("policy.toml"),
+            "--agents".into(),
+            p("agents.toml"),
+        ]
+    }
+
+    /// Run `kya ARGS --state-dir ...` as a local user.
+    fn as_user(&self, daemon: &Daemon, user: &TestUser, args: &[&str]) -> std::process::Output {
+        let mut c = user.command(&self.kya_copy.path);
+        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
+        c.output().expect("kya as a user")
+    }
+}
+
 #[test]
 fn real_mcp_client_is_governed_through_the_redirect() {
     if !privileged("real_mcp_client_is_governed_through_the_redirect") {
         return;
     }
     let _g = serial();
-    ensure_peers();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cg = TestCgroup::new("mcp");
-    let alice = TestUser::new("kya-e2e-alice");
-    let mallory = TestUser::new("kya-e2e-mallory");
-    let kya_copy = ProbeCopy::of(&kya_bin(), "kya");
-    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
-    std::fs::write(
-        dir.path().join("agents.toml"),
-        format!(
-            "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
-            alice.name, cg.rel
-        ),
-    )
-    .expect("agents");
+    let scene = Scene::new("mcp");
+    let (dir, cg, alice, mallory) = (&scene.dir, &scene.cg, &scene.owner, &scene.other);
     let server = Server::start(dir.path());
     let legacy = Server::start_legacy(dir.path());
     let metrics_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         l.local_addr().expect("addr")
     };
-    let mut daemon = Daemon::start(DaemonOptions::new(930).args([
-        "--policy",
-        dir.path().join("policy.toml").to_str().expect("utf-8"),
-        "--agents",
-        dir.path().join("agents.toml").to_str().expect("utf-8"),
+    let mut daemon = Daemon::start(DaemonOptions::new(930).args(scene.daemon_args()).args([
         "--port",
         &PORT.to_string(),
         "--port",
@@ -208,14 +246,10 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "--metrics",
         &metrics_addr.to_string(),
     ]));
-    let as_user = |u: &TestUser, args: &[&str]| {
-        let mut c = u.command(&kya_copy.path);
-        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
-        c.output().expect("kya as a user")
-    };
+    let as_user = |u: &TestUser, args: &[&str]| scene.as_user(&daemon, u, args);
 
     // tools/list: a tool this agent may never call is hidden.
-    let listed = finish(client(&cg, &["--list"]));
+    let listed = finish(client(cg, &["--list"]));
     let tools: Vec<&str> = listed["tools"]
         .as_array()
         .expect("tools")
@@ -232,14 +266,14 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     );
 
     // allow: the server's real result.
-    let allowed = client(&cg, &["search_docs", r#"{"query": "kya"}"#]);
+    let allowed = client(cg, &["search_docs", r#"{"query": "kya"}"#]);
     let allowed_pid = allowed.id();
     let r = finish(allowed);
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(r["text"], "found 3 documents about kya");
 
     // deny: the denial text, and the server never ran the tool.
-    let r = finish(client(&cg, &["delete_records", r#"{"table": "users"}"#]));
+    let r = finish(client(cg, &["delete_records", r#"{"table": "users"}"#]));
     assert_eq!(r["isError"], true, "{r}");
     let text = r["text"].as_str().unwrap_or("");
     assert!(
@@ -248,7 +282,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     );
 
     // hold, approved by the owner: completes with the real result.
-    let held = client(&cg, &["transfer", r#"{"amount": 5000, "to": "bob"}"#]);
+    let held = client(cg, &["transfer", r#"{"amount": 5000, "to": "bob"}"#]);
     let a = wait_pending(&daemon);
     assert_eq!(a["agent"], "e2e-agent");
     assert_eq!(a["tool"], "transfer");
@@ -267,7 +301,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     );
     let id = a["id"].as_str().expect("id");
     // Another local user may not answer: refused, and the call stays held.
-    let no = as_user(&mallory, &["approvals", "approve", id]);
+    let no = as_user(mallory, &["approvals", "approve", id]);
     assert!(!no.status.success(), "mallory approved alice's call");
     assert!(
         String::from_utf8_lossy(&no.stderr).contains("may not answer"),
@@ -280,13 +314,13 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "the call must still be held"
     );
     // The owner, a non-root user, sees it and approves it.
-    let seen = as_user(&alice, &["approvals", "list", "--json"]);
+    let seen = as_user(alice, &["approvals", "list", "--json"]);
     assert!(
         String::from_utf8_lossy(&seen.stdout).contains(id),
         "{}",
         String::from_utf8_lossy(&seen.stderr)
     );
-    let ok = as_user(&alice, &["approvals", "approve", id]);
+    let ok = as_user(alice, &["approvals", "approve", id]);
     assert!(
         ok.status.success(),
         "{}",
@@ -297,10 +331,10 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     assert_eq!(r["text"], "transferred 5000 to bob");
 
     // hold, denied by the owner.
-    let held = client(&cg, &["transfer", r#"{"amount": 7000, "to": "eve"}"#]);
+    let held = client(cg, &["transfer", r#"{"amount": 7000, "to": "eve"}"#]);
     let a = wait_pending(&daemon);
     let no = as_user(
-        &alice,
+        alice,
         &[
             "approvals",
             "deny",
@@ -323,7 +357,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
 
     // hold, nobody answers: denied after the hold timeout.
     let r = finish(client(
-        &cg,
+        cg,
         &["transfer", r#"{"amount": 6000, "to": "mallory"}"#],
     ));
     assert_eq!(r["isError"], true, "{r}");
@@ -338,13 +372,13 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     // The legacy HTTP+SSE transport goes through the same decision point.
     let legacy_url = format!("http://127.0.0.1:{LEGACY_PORT}/sse");
     let r = finish(client_at(
-        &cg,
+        cg,
         &legacy_url,
         &["search_docs", r#"{"query": "legacy"}"#, "--sse"],
     ));
     assert_eq!(r["text"], "found 3 documents about legacy", "{r}");
     let r = finish(client_at(
-        &cg,
+        cg,
         &legacy_url,
         &["delete_records", r#"{"table": "t"}"#, "--sse"],
     ));
@@ -495,43 +529,23 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
         return;
     }
     let _g = serial();
-    ensure_peers();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cg = TestCgroup::new("suspend");
-    let alice = TestUser::new("kya-e2e-owner");
-    let mallory = TestUser::new("kya-e2e-other");
-    let kya_copy = ProbeCopy::of(&kya_bin(), "kya");
-    std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
-    std::fs::write(
-        dir.path().join("agents.toml"),
-        format!(
-            "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
-            alice.name, cg.rel
-        ),
-    )
-    .expect("agents");
+    let scene = Scene::new("susp");
+    let (dir, cg, alice, mallory) = (&scene.dir, &scene.cg, &scene.owner, &scene.other);
     let server = Server::start(dir.path());
-    let daemon = Daemon::start(DaemonOptions::new(933).args([
-        "--policy",
-        dir.path().join("policy.toml").to_str().expect("utf-8"),
-        "--agents",
-        dir.path().join("agents.toml").to_str().expect("utf-8"),
-        "--port",
-        &PORT.to_string(),
-    ]));
-    let as_user = |u: &TestUser, args: &[&str]| {
-        let mut c = u.command(&kya_copy.path);
-        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
-        c.output().expect("kya as a user")
-    };
+    let daemon = Daemon::start(
+        DaemonOptions::new(933)
+            .args(scene.daemon_args())
+            .args(["--port", &PORT.to_string()]),
+    );
+    let as_user = |u: &TestUser, args: &[&str]| scene.as_user(&daemon, u, args);
 
     // A held call, then the owner pulls the kill switch.
-    let held = client(&cg, &["transfer", r#"{"amount": 9000, "to": "bob"}"#]);
+    let held = client(cg, &["transfer", r#"{"amount": 9000, "to": "bob"}"#]);
     wait_pending(&daemon);
-    let no = as_user(&mallory, &["agents", "suspend", "e2e-agent"]);
+    let no = as_user(mallory, &["agents", "suspend", "e2e-agent"]);
     assert!(!no.status.success(), "another user suspended alice's agent");
     let started = Instant::now();
-    let out = as_user(&alice, &["agents", "suspend", "e2e-agent"]);
+    let out = as_user(alice, &["agents", "suspend", "e2e-agent"]);
     assert!(
         out.status.success(),
         "{}",
@@ -551,7 +565,7 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
     // The next call is denied, even one the policy allows. Every message of a
     // suspended agent is refused, so the client may already fail at
     // `initialize` (a JSON-RPC error) rather than get a tool result.
-    let r = finish(client(&cg, &["search_docs", r#"{"query": "x"}"#]));
+    let r = finish(client(cg, &["search_docs", r#"{"query": "x"}"#]));
     assert!(r.to_string().contains("kya:agent-suspended"), "{r}");
     assert_ne!(r["isError"], false, "{r}");
     let list = kya(&daemon, &["agents", "list", "--json"]);
@@ -569,7 +583,7 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = finish(client(&cg, &["search_docs", r#"{"query": "back"}"#]));
+    let r = finish(client(cg, &["search_docs", r#"{"query": "back"}"#]));
     assert_eq!(r["text"], "found 3 documents about back", "{r}");
     assert_eq!(
         server.ran(),
