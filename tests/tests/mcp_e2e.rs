@@ -591,3 +591,103 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
         "only the call after resume ran"
     );
 }
+
+/// A tmpfs of its own, unmounted at drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn new(dir: &Path, size: &str) -> Self {
+        let mnt = dir.join("smallfs");
+        std::fs::create_dir_all(&mnt).expect("mkdir");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "kya-e2e",
+                mnt.to_str().expect("utf-8"),
+            ])
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(mnt)
+    }
+
+    /// Fill the filesystem completely.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).expect("filler");
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_full_audit_disk_denies_consequential_calls_with_a_clear_reason() {
+    if !privileged("a_full_audit_disk_denies_consequential_calls_with_a_clear_reason") {
+        return;
+    }
+    let _g = serial();
+    let scene = Scene::new("full");
+    let small = SmallFs::new(scene.dir.path(), "256k");
+    let audit = small.0.join("audit.jsonl");
+    let _server = Server::start(scene.dir.path());
+    let daemon = Daemon::start(DaemonOptions::new(934).args(scene.daemon_args()).args([
+        "--port",
+        &PORT.to_string(),
+        "--audit",
+        audit.to_str().expect("utf-8"),
+    ]));
+    let cg = &scene.cg;
+    // Room on disk: allowed as usual.
+    let r = finish(client(cg, &["search_docs", r#"{"query": "before"}"#]));
+    assert_eq!(r["text"], "found 3 documents about before", "{r}");
+
+    small.fill();
+    // A hold must be on disk before anyone is asked: it cannot be, so it is denied.
+    let r = finish(client(
+        cg,
+        &["transfer", r#"{"amount": 5000, "to": "bob"}"#],
+    ));
+    assert_eq!(r["isError"], true, "{r}");
+    let text = r["text"].as_str().unwrap_or("");
+    assert!(
+        text.contains("kya:audit-unavailable") && text.contains("audit log"),
+        "{r}"
+    );
+    assert!(
+        pending_approvals(&daemon).is_empty(),
+        "nobody may be asked about an unrecorded hold"
+    );
+    // From then on every tool call is refused while the log cannot be written.
+    let r = finish(client(cg, &["search_docs", r#"{"query": "after"}"#]));
+    assert!(r.to_string().contains("audit"), "{r}");
+    assert_ne!(
+        r["text"], "found 3 documents about after",
+        "an unrecorded call went through: {r}"
+    );
+    // Loud in status, and the daemon is still alive (no panic).
+    let status = kya(&daemon, &["status", "--json"]);
+    let s: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert!(s["audit"]["write_failures"].as_u64() >= Some(1), "{s}");
+    assert_eq!(s["audit"]["state"]["state"], "failing", "{s}");
+    assert!(
+        s["audit"]["state"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("space"),
+        "the reason must say the disk is full: {s}"
+    );
+}
