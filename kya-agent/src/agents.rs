@@ -12,7 +12,6 @@ use crate::control::server::{Handler, Reply, ReplyFuture};
 use crate::policy::PolicyEngine;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -78,12 +77,8 @@ impl Suspensions {
             path: self.path.clone(),
             source,
         };
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(set).map_err(|e| io(std::io::Error::other(e)))?;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_data().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(io)
     }
 }
 

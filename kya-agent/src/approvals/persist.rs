@@ -8,7 +8,6 @@
 
 use super::request::{ActionRequest, ApprovalView};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// File name inside the state directory.
@@ -59,20 +58,7 @@ impl Persist {
             source,
         };
         let bytes = serde_json::to_vec_pretty(records).map_err(|e| io(std::io::Error::other(e)))?;
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_data().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        crate::fsutil::write_atomic(&self.path, &bytes).map_err(io)
     }
 
     /// Read what a previous run left pending, then clear the file. A missing
