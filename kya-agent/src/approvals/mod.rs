@@ -4,15 +4,18 @@
 //! * [`request`]: what is being approved (the exact action, its digest, the binding message).
 //! * [`pending`]: the bounded set of pending approvals, waiting, answering, expiry.
 //! * [`persist`]: the on-disk record, so a restart never silently loses a pending call.
+//! * [`channel`]: the seam to backchannels (CIBA, webhook) that ask the owner.
 //! * [`local`]: the local channel: `kya approvals` over the control socket, authorised by `SO_PEERCRED`.
 //! * [`command`]: the `kya approvals` CLI.
 
 pub mod binding;
+pub mod channel;
 pub mod command;
 pub mod local;
 pub mod pending;
 pub mod persist;
 pub mod request;
 
+pub use channel::{ApprovalChannel, Ask};
 pub use pending::{Answer, ApprovalError, ApprovalHandle, Approvals, Outcome};
 pub use request::{ActionRequest, ApprovalView};

@@ -7,6 +7,7 @@
 //! approval. Every change is persisted before it takes effect for others.
 
 use super::binding;
+use super::channel::{ApprovalChannel, Ask};
 use super::persist::{PendingRecord, Persist, PersistError};
 use super::request::{ActionRequest, ApprovalView};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// Default bound on pending approvals.
 pub const DEFAULT_MAX_PENDING: usize = 1024;
@@ -68,6 +69,8 @@ struct Entry {
     created: OffsetDateTime,
     expires: OffsetDateTime,
     resolve: Option<oneshot::Sender<Resolution>>,
+    /// Dropped with the entry: tells channels the approval is no longer pending.
+    _ended: watch::Sender<()>,
 }
 
 /// The pending approvals of one daemon.
@@ -75,6 +78,7 @@ pub struct Approvals {
     pending: Mutex<HashMap<String, Entry>>,
     max_pending: usize,
     persist: Option<Persist>,
+    channels: std::sync::RwLock<Vec<Arc<dyn ApprovalChannel>>>,
 }
 
 impl Approvals {
@@ -84,7 +88,31 @@ impl Approvals {
             pending: Mutex::new(HashMap::new()),
             max_pending,
             persist,
+            channels: std::sync::RwLock::new(Vec::new()),
         })
+    }
+
+    /// Add a backchannel: every approval submitted from now on is put to it.
+    pub fn add_channel(&self, channel: Arc<dyn ApprovalChannel>) {
+        self.channels
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(channel);
+    }
+
+    /// Names of the backchannels in use (besides the local one).
+    pub fn channel_names(&self) -> Vec<&'static str> {
+        self.channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|c| c.name())
+            .collect()
+    }
+
+    /// True while `id` waits for an answer.
+    pub fn is_pending(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|e| e.resolve.is_some())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -105,6 +133,8 @@ impl Approvals {
         let created = OffsetDateTime::now_utc();
         let expires = created + timeout;
         let (tx, rx) = oneshot::channel();
+        let (ended_tx, ended_rx) = watch::channel(());
+        let ask_request = request.clone();
         {
             let mut map = self.lock();
             if map.len() >= self.max_pending {
@@ -118,12 +148,28 @@ impl Approvals {
                     created,
                     expires,
                     resolve: Some(tx),
+                    _ended: ended_tx,
                 },
             );
             if let Err(e) = self.save(&map) {
                 map.remove(&id);
                 return Err(e);
             }
+        }
+        let channels = self
+            .channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for channel in channels {
+            let ask = Ask::new(
+                id.clone(),
+                binding_message.clone(),
+                expires,
+                ask_request.clone(),
+                ended_rx.clone(),
+            );
+            channel.ask(ask, self.clone());
         }
         Ok(ApprovalHandle {
             id,
@@ -397,5 +443,88 @@ pub(crate) mod tests {
             a.submit(action("bot", "alice"), Duration::from_secs(5)),
             Err(ApprovalError::TooMany(2))
         ));
+    }
+
+    /// A channel that answers every ask itself, as a backchannel would.
+    struct AutoAnswer {
+        approve: bool,
+        seen: Mutex<Vec<String>>,
+    }
+
+    impl ApprovalChannel for AutoAnswer {
+        fn name(&self) -> &'static str {
+            "auto"
+        }
+        fn ask(&self, ask: Ask, approvals: Arc<Approvals>) {
+            self.seen.lock().unwrap().push(ask.binding_message.clone());
+            let approve = self.approve;
+            tokio::spawn(async move {
+                let _ = approvals.answer(
+                    &ask.id,
+                    Answer {
+                        approve,
+                        channel: "auto".into(),
+                        ..yes("robot")
+                    },
+                );
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn channels_are_asked_and_their_answer_releases_the_call() {
+        let a = Approvals::new(8, None);
+        let ch = Arc::new(AutoAnswer {
+            approve: true,
+            seen: Mutex::new(Vec::new()),
+        });
+        a.add_channel(ch.clone());
+        assert_eq!(a.channel_names(), vec!["auto"]);
+        let h = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(*ch.seen.lock().unwrap(), vec![h.binding_message.clone()]);
+        match h.wait().await {
+            Outcome::Approved(ans) => assert_eq!(ans.channel, "auto"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A channel that only waits for the end of the approval.
+    struct Watcher(Arc<tokio::sync::Notify>);
+
+    impl ApprovalChannel for Watcher {
+        fn name(&self) -> &'static str {
+            "watcher"
+        }
+        fn ask(&self, ask: Ask, _approvals: Arc<Approvals>) {
+            let done = self.0.clone();
+            tokio::spawn(async move {
+                ask.ended().await;
+                done.notify_one();
+            });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_channel_learns_when_the_approval_ends() {
+        let a = Approvals::new(8, None);
+        let done = Arc::new(tokio::sync::Notify::new());
+        a.add_channel(Arc::new(Watcher(done.clone())));
+        let h = a
+            .submit(action("bot", "alice"), Duration::from_secs(60))
+            .unwrap();
+        assert!(a.is_pending(&h.id));
+        let ended = tokio::time::timeout(Duration::from_millis(50), done.notified()).await;
+        assert!(
+            ended.is_err(),
+            "still pending: the channel must keep asking"
+        );
+        a.answer(&h.id.clone(), yes("alice")).unwrap();
+        assert!(!a.is_pending(&h.id), "answered is no longer pending");
+        assert!(matches!(h.wait().await, Outcome::Approved(_)));
+        tokio::time::timeout(Duration::from_secs(5), done.notified())
+            .await
+            .expect("the channel is told the approval ended");
     }
 }

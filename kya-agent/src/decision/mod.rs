@@ -20,7 +20,7 @@ mod record;
 pub mod sinks;
 
 use crate::agents::Suspensions;
-use crate::approvals::{ActionRequest, Approvals, Outcome};
+use crate::approvals::{ActionRequest, Answer, Approvals, Outcome};
 use crate::audit::event::{ApprovalInfo, EventKind};
 use crate::audit::writer::{AuditLog, Durability};
 use crate::audit::DecisionEvent;
@@ -520,8 +520,7 @@ impl DecisionPath {
                         &host,
                         &call,
                         &ctx,
-                        &answer.approver,
-                        &answer.channel,
+                        &answer,
                         &hold_id,
                         &wait_binding,
                     ) {
@@ -672,8 +671,7 @@ fn mint_and_redeem(
     host: &str,
     call: &CallFacts,
     ctx: &CallContext,
-    approver: &str,
-    channel: &str,
+    answer: &Answer,
     approval_id: &str,
     binding: &str,
 ) -> Result<String, String> {
@@ -690,12 +688,20 @@ fn mint_and_redeem(
         },
         scope,
     };
-    let channel = if channel == "ciba" {
+    let channel = if answer.channel == "ciba" {
         Channel::Ciba
     } else {
         Channel::Local
     };
-    let mut evidence = Evidence::approval(approver, channel, now).map_err(|e| e.to_string())?;
+    let mut evidence =
+        Evidence::approval(&answer.approver, channel, now).map_err(|e| e.to_string())?;
+    // A CIBA answer carries the digest of the verified ID token that proved it.
+    evidence.id_token_sha256 = answer
+        .evidence
+        .as_ref()
+        .and_then(|e| e.get("id_token_sha256"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
     evidence.approval_id = Some(approval_id.to_string());
     evidence.binding_message = Some(binding.to_string());
     let until = now + APPROVAL_CREDENTIAL_TTL;
