@@ -370,6 +370,11 @@ pub struct CredentialIssueArgs {
     /// Write the credential here instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Sign with the key in the state dir even when a daemon runs (needs read
+    /// access to the key). By default the running daemon issues, authorising
+    /// the caller by SO_PEERCRED against its live agent registry.
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// `kya credential verify`
@@ -404,6 +409,9 @@ pub struct CredentialRevokeArgs {
     pub id: String,
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Write the revocation to the state dir directly even when a daemon runs.
+    #[arg(long)]
+    pub offline: bool,
 }
 
 /// `kya credential list`

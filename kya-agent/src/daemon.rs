@@ -13,6 +13,7 @@ use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
 use crate::control::server::{ControlServer, Router};
+use crate::credential::service::CredentialService;
 use crate::credential::store::CredentialStore;
 use crate::decision::events::{EventHub, EventsHandler};
 use crate::decision::DecisionPath;
@@ -83,6 +84,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
+    let host = crate::decision::host_name();
     let tls = TlsContext::from_config(&config).context("setting up TLS interception")?;
     let events = EventHub::new();
     let status = status.section("audit", {
@@ -114,6 +116,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .route("status", Arc::new(status))
         .route("approvals", Arc::new(LocalChannel::new(approvals.clone())))
         .route("events", Arc::new(EventsHandler::new(events.clone())))
+        .route(
+            "credential",
+            Arc::new(CredentialService::new(
+                engine.clone(),
+                key.clone(),
+                credentials.clone(),
+                approvals.clone(),
+                host.clone(),
+            )),
+        )
         .route(
             "agents",
             Arc::new(AgentsHandler::new(

@@ -222,6 +222,15 @@ impl Approvals {
         self.lock().get(id).map(|e| e.request.clone())
     }
 
+    /// The actions of the approvals not yet answered, with their ids.
+    pub fn pending(&self) -> Vec<(String, ActionRequest)> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.resolve.is_some())
+            .map(|(id, e)| (id.clone(), e.request.clone()))
+            .collect()
+    }
+
     /// Pending approvals not yet answered, oldest first.
     pub fn list(&self) -> Vec<ApprovalView> {
         let map = self.lock();

@@ -6,9 +6,10 @@
 //! control socket, where the approver comes from `SO_PEERCRED` and only an
 //! agent's owner may issue for it.
 
-use super::action::{self, AgentSubject, ArgBound, Channel, Environment, Evidence, Scope};
+use super::action::{self, AgentSubject, Channel, Environment, Evidence, Scope};
 use super::jcs;
 use super::multikey;
+use super::service;
 use super::store::CredentialStore;
 use super::verify::{self, Call, VerifyError};
 use crate::cli::{
@@ -16,20 +17,21 @@ use crate::cli::{
     CredentialVerifyArgs,
 };
 use crate::config::DEFAULT_STATE_DIR;
+use crate::control::client::{self, ClientError};
+use crate::control::protocol::Request;
 use crate::keys;
 use anyhow::{bail, Context};
 use ed25519_dalek::VerifyingKey;
 use serde::Deserialize;
-use serde_json::{json, Number, Value};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use time::OffsetDateTime;
 
-/// Longest validity `kya credential issue` grants: standing permissions are
-/// meant for days ("until Friday"), not for ever.
-pub const MAX_VALID_FOR: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+/// Longest validity `kya credential issue` grants.
+pub use super::service::MAX_VALID_FOR;
 
 /// Run one `kya credential` subcommand.
 pub fn run(cmd: CredentialCommand) -> anyhow::Result<ExitCode> {
@@ -48,11 +50,18 @@ fn state_dir(dir: &Option<PathBuf>) -> PathBuf {
 
 fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.state_dir);
-    let valid_for = humantime::parse_duration(&args.valid_for)
-        .with_context(|| format!("--valid-for {:?}", args.valid_for))?;
-    if valid_for.is_zero() || valid_for > MAX_VALID_FOR {
-        bail!("--valid-for must be more than 0 and at most 366 days");
+    if args.agents.is_none() && !args.offline {
+        match client::Client::connect(&dir) {
+            Ok(mut c) => return issue_via_daemon(&mut c, args),
+            Err(ClientError::Connect { path, .. }) => eprintln!(
+                "kya: no daemon answers at {}; issuing offline with the key in {}",
+                path.display(),
+                dir.display()
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
+    let valid_for = service::parse_valid_for(&args.valid_for).context("--valid-for")?;
     let (approver, approver_uid) = invoking_user();
     let now = OffsetDateTime::now_utc();
     let registered = match &args.agents {
@@ -66,8 +75,8 @@ fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let selectors = registered.map(|a| a.selectors).unwrap_or_default();
-    let uid = merge_binding("uid", args.uid, selectors.uid)?;
-    let cgroup = merge_binding("cgroup", args.cgroup, selectors.cgroup)?;
+    let uid = service::merge_binding("--uid", args.uid, selectors.uid)?;
+    let cgroup = service::merge_binding("--cgroup", args.cgroup, selectors.cgroup)?;
     let exe_sha256 = match (&args.exe, &args.exe_sha256, &selectors.exe) {
         (Some(path), _, _) => Some(file_sha256(path)?),
         (None, Some(hex), _) => Some(hex.to_ascii_lowercase()),
@@ -82,7 +91,7 @@ fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
         server: args.server,
         tool: args.tool,
         args_sha256: args.args_digest.as_deref().map(str::to_ascii_lowercase),
-        arg_bounds: parse_bounds(&args.min_args, &args.max_args)?,
+        arg_bounds: service::parse_bounds(&args.min_args, &args.max_args)?,
         single_use: args.single_use || args.args_digest.is_some(),
     };
     let subject = AgentSubject {
@@ -112,6 +121,63 @@ fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
         credential.subject.agent,
         credential.subject.scope.tool,
         action::format_time(credential.valid_until)?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Issue through the running daemon: the issuer is who the kernel says we are
+/// (`SO_PEERCRED`), checked against the daemon's live agent registry.
+fn issue_via_daemon(c: &mut client::Client, args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
+    let exe_sha256 = match (&args.exe, &args.exe_sha256) {
+        (Some(path), _) => Some(file_sha256(path)?),
+        (None, hex) => hex.clone(),
+    };
+    let req = service::IssueRequest {
+        agent: args.agent.clone(),
+        tool: args.tool,
+        server: args.server,
+        args_digest: args.args_digest,
+        min_args: args.min_args,
+        max_args: args.max_args,
+        valid_for: args.valid_for,
+        uid: args.uid,
+        cgroup: args.cgroup,
+        exe_sha256,
+        host: args.host,
+        single_use: args.single_use,
+    };
+    let result = c.call(&Request::new(
+        "credential.issue",
+        serde_json::to_value(&req)?,
+    ))?;
+    let document = result
+        .get("credential")
+        .context("the daemon sent no credential")?;
+    let text = serde_json::to_string_pretty(document)? + "\n";
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{text}"),
+    }
+    let released = result
+        .get("released")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .unwrap_or(0);
+    eprintln!(
+        "kya: issued credential {} for agent {:?}, tool {:?}, valid until {}{}",
+        result["id"].as_str().unwrap_or_default(),
+        req.agent,
+        document["credentialSubject"]["scope"]["tool"]
+            .as_str()
+            .unwrap_or_default(),
+        document["validUntil"].as_str().unwrap_or_default(),
+        if released > 0 {
+            format!("; released {released} held call(s)")
+        } else {
+            String::new()
+        }
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -201,7 +267,23 @@ fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn revoke(args: CredentialRevokeArgs) -> anyhow::Result<ExitCode> {
-    let store = CredentialStore::open(&state_dir(&args.state_dir))?;
+    let dir = state_dir(&args.state_dir);
+    if !args.offline {
+        match client::Client::connect(&dir) {
+            Ok(mut c) => {
+                let r = c.call(&Request::new("credential.revoke", json!({"id": args.id})))?;
+                if r["already"] == true {
+                    println!("{} was already revoked", args.id);
+                } else {
+                    println!("revoked {}", args.id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(ClientError::Connect { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let store = CredentialStore::open(&dir)?;
     if store.revoke(&args.id, OffsetDateTime::now_utc())? {
         println!("revoked {}", args.id);
     } else {
@@ -315,69 +397,6 @@ fn registered_agent(
         );
     }
     Ok(agent)
-}
-
-/// A binding given both by a flag and the registry must agree: a credential
-/// may not bind an identity the registry does not give the agent.
-fn merge_binding<T: PartialEq + std::fmt::Debug>(
-    what: &str,
-    flag: Option<T>,
-    registry: Option<T>,
-) -> anyhow::Result<Option<T>> {
-    match (flag, registry) {
-        (Some(f), Some(r)) if f != r => {
-            bail!("--{what} {f:?} contradicts the agent registry ({r:?})")
-        }
-        (Some(f), _) => Ok(Some(f)),
-        (None, r) => Ok(r),
-    }
-}
-
-/// Merge `--min-arg`/`--max-arg KEY=N` into one bound per key.
-fn parse_bounds(mins: &[String], maxs: &[String]) -> anyhow::Result<Vec<ArgBound>> {
-    let mut bounds: Vec<ArgBound> = Vec::new();
-    for (text, is_max) in mins
-        .iter()
-        .map(|t| (t, false))
-        .chain(maxs.iter().map(|t| (t, true)))
-    {
-        let (key, n) = text
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty())
-            .with_context(|| format!("bound {text:?} is not KEY=N"))?;
-        let n = parse_number(n).with_context(|| format!("bound {text:?}: not a finite number"))?;
-        let idx = match bounds.iter().position(|b| b.arg == key) {
-            Some(i) => i,
-            None => {
-                bounds.push(ArgBound {
-                    arg: key.to_owned(),
-                    min: None,
-                    max: None,
-                });
-                bounds.len() - 1
-            }
-        };
-        let slot = if is_max {
-            &mut bounds[idx].max
-        } else {
-            &mut bounds[idx].min
-        };
-        if slot.is_some() {
-            bail!(
-                "two {} bounds for argument {key:?}",
-                if is_max { "max" } else { "min" }
-            );
-        }
-        *slot = Some(n);
-    }
-    Ok(bounds)
-}
-
-fn parse_number(text: &str) -> Option<Number> {
-    if let Ok(i) = text.parse::<i64>() {
-        return Some(i.into());
-    }
-    text.parse::<f64>().ok().and_then(Number::from_f64)
 }
 
 /// `--key`: a did:key (with or without fragment), a `z6Mk…` multikey, or a PEM file.
@@ -523,6 +542,8 @@ fn invoking_user() -> (String, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credential::service::{merge_binding, parse_bounds};
+    use serde_json::Number;
 
     #[test]
     fn bounds_merge_per_argument_and_refuse_garbage() {

@@ -11,6 +11,8 @@
 //! * [`action`]: the kya action credential (subject, scope, evidence) and issuing;
 //! * [`verify`]: verifying a credential for a concrete call, one error per reason;
 //! * [`store`]: persisted revocations, spent single-use ids, standing credentials;
+//! * [`service`]: the daemon's `credential.issue|revoke|list` over the control socket
+//!   (owners issue for their own agents, authorised by `SO_PEERCRED`);
 //! * [`command`]: `kya credential issue|verify|revoke|list`.
 //!
 //! # How the decision path uses it
@@ -33,5 +35,6 @@ pub mod command;
 pub mod jcs;
 pub mod multikey;
 pub mod proof;
+pub mod service;
 pub mod store;
 pub mod verify;

@@ -25,6 +25,7 @@ use crate::audit::event::{ApprovalInfo, EventKind};
 use crate::audit::writer::{AuditLog, Durability};
 use crate::audit::DecisionEvent;
 use crate::credential::action::{self, AgentSubject, Channel, Environment, Evidence, Scope};
+use crate::credential::service;
 use crate::credential::store::CredentialStore;
 use crate::credential::verify::{self, Call as CredCall};
 use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
@@ -68,9 +69,7 @@ impl DecisionPath {
         metrics: Arc<Metrics>,
         suspensions: Arc<Suspensions>,
     ) -> Self {
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = host_name();
         Self {
             budget: Arc::new(ToForward::new(engine.clone())),
             suspensions,
@@ -94,7 +93,7 @@ impl DecisionPath {
             agent: agent.name.clone(),
             uid: p.uid,
             cgroup: p.cgroup.clone(),
-            exe_sha256: None,
+            exe_sha256: self.engine.registry().exe_hash(p),
             host: self.host.clone(),
             server: call.server.clone(),
             method: call.method.clone(),
@@ -156,6 +155,14 @@ impl Pending {
         self.events.publish(event);
         Ok(())
     }
+}
+
+/// This host's name: what credentials bind to (`environment.host`) and what
+/// decision records carry.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn new_decision_id() -> String {
@@ -302,7 +309,16 @@ impl Governor for DecisionPath {
                     }
                 })
             }
-            Verdict::Hold => self.hold(call, ctx, agent, decision, decision_id, pending, started),
+            Verdict::Hold => self.hold(
+                call,
+                ctx,
+                agent,
+                decision,
+                decision_id,
+                pending,
+                started,
+                cred_call,
+            ),
         }
     }
 
@@ -387,6 +403,7 @@ impl DecisionPath {
         decision_id: String,
         pending: Pending,
         started: Instant,
+        cred_call: Option<CredCall>,
     ) -> BoxFuture<'static, Ruling> {
         let owner = decision
             .approvers
@@ -514,16 +531,38 @@ impl DecisionPath {
                         approver: Some(answer.approver.clone()),
                         channel: Some(answer.channel.clone()),
                     };
-                    match mint_and_redeem(
-                        &key,
-                        &credentials,
-                        &host,
-                        &call,
-                        &ctx,
-                        &answer,
-                        &hold_id,
-                        &wait_binding,
-                    ) {
+                    let released = if answer.channel == service::RELEASE_CHANNEL {
+                        // A standing credential issued while the call was held:
+                        // re-check and redeem exactly it (revoked meanwhile → denied).
+                        let id = answer
+                            .evidence
+                            .as_ref()
+                            .and_then(|e| e.get("credential_id"))
+                            .and_then(|v| v.as_str())
+                            .unwrap_or_default();
+                        match &cred_call {
+                            Some(c) => service::redeem_standing(
+                                &credentials,
+                                &key.verifying_key(),
+                                id,
+                                c,
+                                OffsetDateTime::now_utc(),
+                            ),
+                            None => Err("not a tool call".to_string()),
+                        }
+                    } else {
+                        mint_and_redeem(
+                            &key,
+                            &credentials,
+                            &host,
+                            &call,
+                            &ctx,
+                            &answer,
+                            &hold_id,
+                            &wait_binding,
+                        )
+                    };
+                    match released {
                         Ok(cred_id) => {
                             let ev = pending.facts.event(
                                 EventKind::Approved,
@@ -540,12 +579,19 @@ impl DecisionPath {
                             }
                         }
                         Err(e) => {
-                            tracing::error!(error = %e, "approved call could not be given its credential; denying");
+                            tracing::error!(error = %e, "approved call has no valid credential; denying");
+                            let ev = pending.facts.event(
+                                EventKind::Rejected,
+                                Verdict::Deny,
+                                Some(info),
+                                None,
+                            );
+                            let _ = pending.record(ev, Durability::Sync).await;
                             Ruling::Deny {
                                 decision_id: wait_decision_id,
                                 rule: rule.clone(),
                                 reason: format!(
-                                    "approved, but kya could not mint the action credential: {e}"
+                                    "approved, but no valid credential releases it: {e}"
                                 ),
                             }
                         }

@@ -243,7 +243,7 @@ impl Registry {
 
     /// SHA-256 of the process's executable (via `/proc/PID/exe` when the
     /// process still exists, else the path), cached by path, size and mtime.
-    fn exe_hash(&self, p: &ProcessIdentity) -> Option<String> {
+    pub fn exe_hash(&self, p: &ProcessIdentity) -> Option<String> {
         let proc_exe = format!("/proc/{}/exe", p.pid);
         let path = if p.pid != 0 && Path::new(&proc_exe).exists() {
             proc_exe
