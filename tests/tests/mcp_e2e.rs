@@ -691,3 +691,171 @@ fn a_full_audit_disk_denies_consequential_calls_with_a_clear_reason() {
         "the reason must say the disk is full: {s}"
     );
 }
+
+/// Issue 5 (e): a standing credential issued by the owner (a non-root user,
+/// over the control socket) releases a matching held call without asking; a
+/// call outside its scope is still held; one issued while a call is held
+/// releases it at once; a revoked credential releases nothing more.
+#[test]
+fn standing_credentials_from_the_owner_release_held_calls() {
+    if !privileged("standing_credentials_from_the_owner_release_held_calls") {
+        return;
+    }
+    let _g = serial();
+    let scene = Scene::new("cred");
+    let (dir, cg, alice, mallory) = (&scene.dir, &scene.cg, &scene.owner, &scene.other);
+    // Long enough that issuing during a hold never races its timeout.
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        POLICY.replace("hold_timeout = \"4s\"", "hold_timeout = \"60s\""),
+    )
+    .expect("policy");
+    let server = Server::start(dir.path());
+    let mut daemon = Daemon::start(
+        DaemonOptions::new(935)
+            .args(scene.daemon_args())
+            .args(["--port", &PORT.to_string()]),
+    );
+    let as_user = |u: &TestUser, args: &[&str]| scene.as_user(&daemon, u, args);
+    let issue = |u: &TestUser, extra: &[&str]| {
+        let mut args = vec![
+            "credential",
+            "issue",
+            "--agent",
+            "e2e-agent",
+            "--tool",
+            "transfer",
+        ];
+        args.extend_from_slice(extra);
+        as_user(u, &args)
+    };
+
+    // Another user may not issue for alice's agent.
+    let no = issue(mallory, &["--max-arg", "amount=5000", "--valid-for", "10m"]);
+    assert!(!no.status.success(), "mallory issued for alice's agent");
+    assert!(
+        String::from_utf8_lossy(&no.stderr).contains("not the owner"),
+        "{}",
+        String::from_utf8_lossy(&no.stderr)
+    );
+
+    // The owner issues "transfer up to 5000 for 10 minutes" ahead of time.
+    let out = issue(alice, &["--max-arg", "amount=5000", "--valid-for", "10m"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("credential JSON");
+    let standing_id = doc["id"].as_str().expect("credential id").to_string();
+    assert_eq!(doc["evidence"][0]["approver"], alice.name.as_str(), "{doc}");
+    assert_eq!(
+        doc["credentialSubject"]["environment"]["cgroup"],
+        cg.rel.as_str(),
+        "{doc}"
+    );
+
+    // A matching call the policy would hold goes through without asking.
+    let r = finish(client(
+        cg,
+        &["transfer", r#"{"amount": 3000, "to": "bob"}"#],
+    ));
+    assert_eq!(r["text"], "transferred 3000 to bob", "{r}");
+    assert!(pending_approvals(&daemon).is_empty());
+
+    // Outside its scope (amount > 5000): still held.
+    let held = client(cg, &["transfer", r#"{"amount": 9000, "to": "carol"}"#]);
+    let a = wait_pending(&daemon);
+    assert!(server.ran().iter().filter(|t| *t == "transfer").count() == 1);
+    // A single-use credential wide enough, issued now, releases it at once.
+    let out = issue(
+        alice,
+        &[
+            "--max-arg",
+            "amount=10000",
+            "--valid-for",
+            "5m",
+            "--single-use",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("released 1 held call"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let single: Value = serde_json::from_slice(&out.stdout).expect("credential JSON");
+    let r = finish(held);
+    assert_eq!(r["text"], "transferred 9000 to carol", "{r}");
+    assert!(pending_approvals(&daemon).is_empty(), "{a}");
+
+    // Spent: the same call again is held, and so is it after a revocation of
+    // the standing one (the owner revokes it over the socket).
+    let out = as_user(mallory, &["credential", "revoke", &standing_id]);
+    assert!(!out.status.success(), "mallory revoked alice's credential");
+    let out = as_user(alice, &["credential", "revoke", &standing_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for args in [
+        r#"{"amount": 9000, "to": "carol"}"#,
+        r#"{"amount": 3000, "to": "bob"}"#,
+    ] {
+        let held = client(cg, &["transfer", args]);
+        let a = wait_pending(&daemon);
+        let id = a["id"].as_str().expect("approval id");
+        let out = as_user(alice, &["approvals", "deny", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = finish(held);
+        assert_eq!(r["isError"], true, "{r}");
+    }
+    assert_eq!(
+        server.ran(),
+        vec!["transfer", "transfer"],
+        "tools that really ran"
+    );
+
+    // The record: each release names its credential; the log verifies.
+    let ev = kya(&daemon, &["events", "--json"]);
+    let events: Vec<Value> = String::from_utf8_lossy(&ev.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &Value| e["mcp"]["method"] == "tools/call")
+        .collect();
+    let with_cred = |id: &str| {
+        events
+            .iter()
+            .filter(|e| e["credential_id"] == id && e["verdict"] == "allow")
+            .count()
+    };
+    assert_eq!(with_cred(&standing_id), 1, "{events:?}");
+    assert_eq!(
+        with_cred(single["id"].as_str().unwrap_or("?")),
+        1,
+        "{events:?}"
+    );
+    let released = events
+        .iter()
+        .find(|e| e["kind"] == "approved" && e["approval"]["channel"] == "credential")
+        .expect("approved-by-credential event");
+    assert_eq!(released["approval"]["approver"], alice.name.as_str());
+    assert!(daemon.terminate().success());
+    let v = Command::new(kya_bin())
+        .args(["audit", "verify"])
+        .arg(daemon.state_dir.path().join("audit.jsonl"))
+        .arg("--key")
+        .arg(daemon.state_dir.path().join("signing-key.pub.pem"))
+        .output()
+        .expect("kya audit verify");
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
