@@ -18,6 +18,7 @@
 pub mod events;
 mod record;
 pub mod sinks;
+pub mod syslog;
 
 use crate::agents::Suspensions;
 use crate::approvals::{ActionRequest, Answer, Approvals, Outcome};
