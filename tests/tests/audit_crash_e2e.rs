@@ -346,6 +346,18 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
     .expect("agents");
     let _server = Server::start(dir.path());
     let audit = dir.path().join("audit.jsonl");
+    // A syslog sink with nothing listening: its failures are counted in
+    // `kya status`, and decisions go on regardless.
+    let config = dir.path().join("kya.toml");
+    let dead_syslog = dir.path().join("no-syslog-here");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nsinks = [\"syslog:unix:{}\"]\n",
+            dead_syslog.display()
+        ),
+    )
+    .expect("config");
     let keys = dir.path().join("keys");
     std::fs::create_dir_all(&keys).expect("keys dir");
     let public_key = keys.join("signing-key.pub.pem");
@@ -367,6 +379,7 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
     let mut torn = 0;
     for trial in 0..TRIALS {
         let mut opts = DaemonOptions::new(LISTEN_PORT).args(args(&audit));
+        opts.config = Some(config.clone());
         if trial > 0 {
             opts.key_from = Some(keys.clone());
         }
@@ -389,6 +402,26 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
                 daemon.log_text()
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if trial == 0 {
+            let status = Command::new(kya_bin())
+                .args(["status", "--json", "--state-dir"])
+                .arg(daemon.state_dir.path())
+                .output()
+                .expect("kya status");
+            let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+            let sink = &status["sinks"][0];
+            assert!(
+                sink["sink"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("syslog:unix:")
+                    && sink["failures"].as_u64().unwrap_or(0) > 0
+                    && sink["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("no-syslog-here")),
+                "an unreachable syslog sink must show in kya status: {status}"
+            );
         }
         std::thread::sleep(Duration::from_millis(random_ms(50, 1500)));
         daemon.kill9();
