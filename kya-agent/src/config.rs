@@ -102,7 +102,10 @@ pub struct PolicySection {
 pub struct AuditSection {
     pub path: Option<PathBuf>,
     /// Export sinks for the decision stream, besides the audit log:
-    /// `"stdout"` or `"file:/path/events.jsonl"` (OCSF JSON lines).
+    /// `"stdout"` or `"file:/path/events.jsonl"` (OCSF JSON lines), or
+    /// `"syslog"` (`/dev/log`), `"syslog:unix:/path"`, `"syslog:udp://HOST:PORT"`,
+    /// `"syslog:tcp://HOST:PORT"` (RFC 5424, MSG = OCSF JSON), each optionally
+    /// with `?facility=NAME` (default `authpriv`).
     #[serde(default)]
     pub sinks: Vec<String>,
 }
@@ -434,7 +437,7 @@ dir = "/var/lib/kya"
     fn sinks_are_checked_at_load() {
         let file = parse_file(
             Path::new("k.toml"),
-            "[audit]\nsinks = [\"stdout\", \"file:/var/log/kya/e.jsonl\"]\n",
+            "[audit]\nsinks = [\"stdout\", \"file:/var/log/kya/e.jsonl\", \"syslog\", \"syslog:udp://127.0.0.1:514?facility=local0\"]\n",
         )
         .unwrap();
         assert_eq!(
@@ -442,9 +445,13 @@ dir = "/var/lib/kya"
                 .unwrap()
                 .sinks
                 .len(),
-            2
+            4
         );
-        let bad = parse_file(Path::new("k.toml"), "[audit]\nsinks = [\"syslog\"]\n").unwrap();
+        let bad = parse_file(
+            Path::new("k.toml"),
+            "[audit]\nsinks = [\"syslog:pigeon://x\"]\n",
+        )
+        .unwrap();
         assert!(matches!(
             Config::merge(bad, &RunArgs::default()),
             Err(ConfigError::Sink(_))

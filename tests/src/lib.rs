@@ -459,6 +459,9 @@ pub struct DaemonOptions {
     pub reuse_pins: bool,
     /// Config file (default: none, `/dev/null`).
     pub config: Option<PathBuf>,
+    /// Copy the signing key from this state directory into the new one, so a
+    /// restarted daemon continues the same audit log (crash tests).
+    pub key_from: Option<PathBuf>,
 }
 
 impl DaemonOptions {
@@ -469,6 +472,7 @@ impl DaemonOptions {
             in_cgroup: None,
             reuse_pins: false,
             config: None,
+            key_from: None,
         }
     }
 
@@ -501,6 +505,12 @@ impl Daemon {
             .tempdir()
             .expect("state tempdir");
         let log = state_dir.path().join("daemon.log");
+        if let Some(from) = &opts.key_from {
+            for name in ["signing-key.pem", "signing-key.pub.pem"] {
+                let dst = state_dir.path().join(name);
+                std::fs::copy(from.join(name), &dst).expect("copy the signing key");
+            }
+        }
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/kya-e2e-{}-{}",
             std::process::id(),

@@ -1,29 +1,36 @@
-//! The audit log writer: one thread owns the file, appends records in batches
-//! with one `fdatasync` per batch, writes signed checkpoints, rotates by size.
+//! The audit log writer: one thread owns the file and `write(2)`s records in
+//! batches; a second thread `fdatasync`s what was written (one sync per group)
+//! and writes signed checkpoints over what is durable; the writer rotates by size.
 //!
 //! Durability contract:
 //! * [`Durability::Sync`]: `append` returns only after the batch holding the
 //!   record was written and `fdatasync`ed. Holds, approvals and the allow that
 //!   follows an approval use this, so no such call is released before its
 //!   record is on disk.
-//! * [`Durability::Group`]: `append` returns as soon as the record is queued;
-//!   the returned [`Receipt`] resolves once it is on disk. The writer never
-//!   waits to fill a batch: it takes everything queued, writes it, syncs once.
-//!   A group record is therefore durable after the time to drain what was queued
-//!   ahead of it plus one write and one `fdatasync` (≈0.3 ms here); with the
-//!   queue bounded at [`AuditConfig::queue_capacity`] records and batches of up to
+//! * [`Durability::Group`]: `append` returns once the record has been
+//!   written to the file (`write(2)`: it is in the kernel's page cache, so a
+//!   crash of kya itself, even `kill -9`, cannot lose it; only a crash of the
+//!   machine can) and never waits for an `fdatasync`; the returned [`Receipt`]
+//!   resolves once it is on disk. The writer never waits to fill a batch and
+//!   never waits for a sync: it takes everything queued and writes it while the
+//!   sync thread syncs the previous batches. A group record is therefore
+//!   durable after the time to drain what was queued ahead of it plus one write
+//!   and one `fdatasync` (≈0.3 ms on quiet storage); with the queue bounded at
+//!   [`AuditConfig::queue_capacity`] records and batches of up to
 //!   [`MAX_BATCH`], the bound is ≤ 10 ms on healthy storage (measured by
 //!   `cargo bench -p kya-agent --bench audit_append`). When storage stalls the
-//!   bound cannot hold; then the queue fills, group callers get
-//!   [`AuditError::QueueFull`] and sync callers wait: nothing is buffered
-//!   without limit.
+//!   bound cannot hold; then the queue fills (a record holds its queue slot
+//!   until it is durable), group callers get [`AuditError::QueueFull`] and sync
+//!   callers wait: nothing is buffered without limit.
 //!
 //! Failure contract: a failed write or sync truncates the file back to the last
 //! committed length, fails every caller in the batch with [`AuditError::Write`]
 //! and makes [`AuditLog::health`] report it (and `tracing::error!`). The next
 //! batch tries again, so the log heals when space returns. If even the
 //! truncation fails the writer stops accepting records ([`AuditError::Unavailable`]):
-//! a torn record must never be followed by more. Callers deny consequential
+//! a torn record must never be followed by more. A failed `fdatasync` also
+//! stops it: the kernel may have dropped the dirty pages, so what the file
+//! holds is unknown until kya restarts and verifies it. Callers deny consequential
 //! calls whenever an append fails or `health()` is not writable (fail closed).
 //!
 //! Restart: [`AuditLog::open`] verifies the existing set (rotated files, live
@@ -186,11 +193,42 @@ impl Health {
 enum Msg {
     Append {
         json: Vec<u8>,
+        /// Group appends: answered once the record is written (in the kernel's
+        /// page cache), before its `fdatasync`.
+        written: Option<oneshot::Sender<Result<Committed, AuditError>>>,
+        /// Answered once the record is on disk.
         reply: oneshot::Sender<Result<Committed, AuditError>>,
         _permit: OwnedSemaphorePermit,
     },
     Checkpoint(mpsc::Sender<Result<(), AuditError>>),
     Shutdown(mpsc::Sender<Result<(), AuditError>>),
+}
+
+/// What the writer thread hands the sync thread.
+enum SyncMsg {
+    /// A batch that was written; sync it and answer its callers.
+    Job(SyncJob),
+    /// Sync everything before this, write a checkpoint, answer.
+    Barrier(mpsc::Sender<Result<(), AuditError>>),
+    /// Like `Barrier`, then stop.
+    Shutdown(mpsc::Sender<Result<(), AuditError>>),
+}
+
+struct SyncJob {
+    /// The file the batch went to (rotation swaps the writer's file).
+    file: Arc<File>,
+    /// Tree size and root once this batch is on disk.
+    size: u64,
+    root: Hash,
+    replies: Vec<Written>,
+}
+
+struct Written {
+    reply: oneshot::Sender<Result<Committed, AuditError>>,
+    committed: Committed,
+    /// The queue slot is held until the record is durable, so the records
+    /// waiting for a sync are bounded by the queue too.
+    _permit: OwnedSemaphorePermit,
 }
 
 struct Shared {
@@ -202,6 +240,18 @@ impl Shared {
         match self.health.lock() {
             Ok(mut h) => f(&mut h),
             Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Why the log stopped taking records, if it did (either thread may stop it).
+    fn stopped(&self) -> Option<String> {
+        let h = match self.health.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        match &h.state {
+            HealthState::Stopped { reason } => Some(reason.clone()),
+            _ => None,
         }
     }
 }
@@ -269,7 +319,8 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 }
 
 impl AuditLog {
-    /// Open (or create) the log at `cfg.path`, verify what is there, start the writer thread.
+    /// Open (or create) the log at `cfg.path`, verify what is there, start the
+    /// writer and sync threads.
     pub fn open(cfg: AuditConfig, key: SigningKey) -> Result<AuditLog, AuditError> {
         let base = cfg.path.clone();
         if let Some(dir) = base.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -319,6 +370,9 @@ impl AuditLog {
         };
         // Validate the origin as a key name now, not at the first checkpoint.
         checkpoint::sign("probe\n", &origin, &key).map_err(|e| AuditError::Key(e.to_string()))?;
+        // Records left by a crash were written but maybe never synced: sync
+        // them before a checkpoint covers them.
+        file.sync_data().map_err(|e| io_err(&base, &e))?;
         let file_len = file.metadata().map_err(|e| io_err(&base, &e))?.len();
         let ck_file = open_append(&ck_path).map_err(|e| io_err(&ck_path, &e))?;
         let ck_len = ck_file.metadata().map_err(|e| io_err(&ck_path, &e))?.len();
@@ -338,17 +392,16 @@ impl AuditLog {
             "{VKEY_EXTENSION}{}",
             checkpoint::verifier_key(&origin, &key.verifying_key())
         );
-        let mut core = Core {
-            base,
-            file,
-            file_len,
-            chain: report.chain,
+        let mut syncer = Syncer {
+            base: base.clone(),
             key,
             origin,
             vkey_line,
             ck_path,
             ck_file,
             ck_len,
+            durable_size: report.chain.tree.size(),
+            durable_root: report.chain.tree.root(),
             last_checkpoint: report.last_checkpoint,
             last_checkpoint_at: Instant::now(),
             cfg: cfg.clone(),
@@ -358,9 +411,25 @@ impl AuditLog {
         // Cover what is already there (records written after the last checkpoint
         // before a crash) and create the checkpoint file on a fresh log. Failing
         // here is not fatal: health says so and appends will retry.
-        if let Err(e) = core.checkpoint() {
+        if let Err(e) = syncer.checkpoint() {
             tracing::error!(error = %e, "cannot write the opening audit checkpoint");
         }
+        let (sync_tx, sync_rx) = mpsc::channel();
+        let sync_thread = std::thread::Builder::new()
+            .name("kya-audit-sync".into())
+            .spawn(move || syncer.run(sync_rx))
+            .map_err(|e| AuditError::Unavailable(format!("cannot start the sync thread: {e}")))?;
+        let core = Core {
+            base,
+            file: Arc::new(file),
+            file_len,
+            chain: report.chain,
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            stopped: None,
+            sync_tx,
+            sync_thread: Some(sync_thread),
+        };
         let permits = Arc::new(Semaphore::new(cfg.queue_capacity.max(1)));
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -410,17 +479,31 @@ impl AuditLog {
             },
         };
         let (reply, rx) = oneshot::channel();
+        let (written, written_rx) = match durability {
+            Durability::Group => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Sync => (None, None),
+        };
         self.tx
             .send(Msg::Append {
                 json,
+                written,
                 reply,
                 _permit: permit,
             })
             .map_err(|_| AuditError::Unavailable("writer stopped".into()))?;
         let receipt = Receipt::Pending(rx);
-        match durability {
-            Durability::Sync => Ok(Receipt::Durable(receipt.committed().await?)),
-            Durability::Group => Ok(receipt),
+        match written_rx {
+            None => Ok(Receipt::Durable(receipt.committed().await?)),
+            // The record is in the file (a SIGKILL of kya cannot lose it) before
+            // the caller answers anyone; its fdatasync follows in the group.
+            Some(w) => match w.await {
+                Ok(Ok(_)) => Ok(receipt),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(AuditError::Unavailable("writer stopped".into())),
+            },
         }
     }
 
@@ -475,44 +558,44 @@ impl Drop for AuditLog {
     }
 }
 
+/// The writer thread: owns the live file and the chain; `write(2)`s batches
+/// and never waits for `fdatasync` (except around a rotation).
 struct Core {
     base: PathBuf,
-    file: File,
+    file: Arc<File>,
     file_len: u64,
     chain: Chain,
-    key: SigningKey,
-    origin: String,
-    vkey_line: String,
-    ck_path: PathBuf,
-    ck_file: File,
-    ck_len: u64,
-    last_checkpoint: Option<u64>,
-    last_checkpoint_at: Instant,
     cfg: AuditConfig,
     shared: Arc<Shared>,
     /// Why the writer refuses records, once it does.
     stopped: Option<String>,
+    sync_tx: mpsc::Sender<SyncMsg>,
+    sync_thread: Option<JoinHandle<()>>,
 }
 
 struct Pending {
     json: Vec<u8>,
+    written: Option<oneshot::Sender<Result<Committed, AuditError>>>,
     reply: oneshot::Sender<Result<Committed, AuditError>>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn fail(self, err: AuditError) {
+        if let Some(w) = self.written {
+            let _ = w.send(Err(err.clone()));
+        }
+        let _ = self.reply.send(Err(err));
+    }
 }
 
 impl Core {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         loop {
-            let due = self.last_checkpoint_at + self.cfg.checkpoint_interval;
-            let wait = due.saturating_duration_since(Instant::now());
-            let first = match rx.recv_timeout(wait) {
+            let first = match rx.recv() {
                 Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.checkpoint_logged();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.checkpoint_logged();
+                Err(_) => {
+                    let _ = self.stop_syncer();
                     return;
                 }
             };
@@ -522,20 +605,28 @@ impl Core {
                 match msg {
                     Msg::Append {
                         json,
+                        written,
                         reply,
                         _permit,
                     } => batch.push(Pending {
                         json,
+                        written,
                         reply,
                         _permit,
                     }),
                     Msg::Checkpoint(reply) => {
                         self.commit(std::mem::take(&mut batch));
-                        let _ = reply.send(self.checkpoint());
+                        // The sync thread answers once everything is synced and signed.
+                        if let Err(mpsc::SendError(SyncMsg::Barrier(reply))) =
+                            self.sync_tx.send(SyncMsg::Barrier(reply))
+                        {
+                            let _ = reply
+                                .send(Err(AuditError::Unavailable("sync thread stopped".into())));
+                        }
                     }
                     Msg::Shutdown(reply) => {
                         self.commit(std::mem::take(&mut batch));
-                        let result = self.checkpoint();
+                        let result = self.stop_syncer();
                         // Later appends fail; callers see it before we go.
                         self.stopped = Some("audit log closed".into());
                         drain(&rx, &self.stopped);
@@ -553,12 +644,6 @@ impl Core {
                 }
             }
             self.commit(batch);
-            let since = self.last_checkpoint.unwrap_or(0);
-            if self.chain.tree.size() >= since + self.cfg.checkpoint_every.max(1)
-                || Instant::now() >= self.last_checkpoint_at + self.cfg.checkpoint_interval
-            {
-                self.checkpoint_logged();
-            }
             if self.file_len >= self.cfg.rotate_bytes {
                 if let Err(e) = self.rotate() {
                     tracing::error!(error = %e, "audit log rotation failed");
@@ -567,14 +652,45 @@ impl Core {
         }
     }
 
-    /// Write and sync one batch; answer every caller.
+    /// Sync, checkpoint and stop the sync thread; wait for it.
+    fn stop_syncer(&mut self) -> Result<(), AuditError> {
+        let (tx, rx) = mpsc::channel();
+        let result = match self.sync_tx.send(SyncMsg::Shutdown(tx)) {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(AuditError::Unavailable("sync thread stopped".into()))),
+            Err(_) => Err(AuditError::Unavailable("sync thread stopped".into())),
+        };
+        if let Some(h) = self.sync_thread.take() {
+            if h.join().is_err() {
+                tracing::error!("audit sync thread panicked");
+            }
+        }
+        result
+    }
+
+    /// Sync everything written so far and write a checkpoint; wait for it.
+    fn barrier(&mut self) -> Result<(), AuditError> {
+        let (tx, rx) = mpsc::channel();
+        self.sync_tx
+            .send(SyncMsg::Barrier(tx))
+            .map_err(|_| AuditError::Unavailable("sync thread stopped".into()))?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(AuditError::Unavailable("sync thread stopped".into())))
+    }
+
+    /// Write one batch (one `write(2)`), tell group callers it is written, and
+    /// hand it to the sync thread, which answers every caller once it is on disk.
     fn commit(&mut self, batch: Vec<Pending>) {
         if batch.is_empty() {
             return;
         }
+        if self.stopped.is_none() {
+            self.stopped = self.shared.stopped();
+        }
         if let Some(reason) = &self.stopped {
             for p in batch {
-                let _ = p.reply.send(Err(AuditError::Unavailable(reason.clone())));
+                p.fail(AuditError::Unavailable(reason.clone()));
             }
             return;
         }
@@ -591,25 +707,36 @@ impl Core {
             buf.push(b'\n');
             chain.push(&line);
         }
-        let result = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| self.file.sync_data());
-        match result {
+        match (&*self.file).write_all(&buf) {
             Ok(()) => {
                 self.chain = chain;
                 self.file_len += buf.len() as u64;
-                let records = self.chain.tree.size();
                 self.shared.update(|h| {
-                    h.records = records;
                     if matches!(h.state, HealthState::Failing { .. }) {
                         tracing::info!("audit log writable again");
                         h.state = HealthState::Ok;
                     }
                 });
-                for (p, c) in batch.into_iter().zip(done) {
-                    let _ = p.reply.send(Ok(c));
+                let mut replies = Vec::with_capacity(batch.len());
+                for (p, committed) in batch.into_iter().zip(done) {
+                    if let Some(w) = p.written {
+                        let _ = w.send(Ok(committed));
+                    }
+                    replies.push(Written {
+                        reply: p.reply,
+                        committed,
+                        _permit: p._permit,
+                    });
                 }
+                let job = SyncJob {
+                    file: self.file.clone(),
+                    size: self.chain.tree.size(),
+                    root: self.chain.tree.root(),
+                    replies,
+                };
+                // If the sync thread is gone the replies drop: callers see
+                // "writer stopped".
+                let _ = self.sync_tx.send(SyncMsg::Job(job));
             }
             Err(e) => {
                 let err = write_err(&self.base, &e);
@@ -617,13 +744,14 @@ impl Core {
                     "AUDIT LOG WRITE FAILED: consequential calls are denied until it recovers");
                 self.repair(&err);
                 for p in batch {
-                    let _ = p.reply.send(Err(err.clone()));
+                    p.fail(err.clone());
                 }
             }
         }
     }
 
-    /// After a failed write: cut the file back to the last committed length.
+    /// After a failed write: cut the file back to the last written length
+    /// (batches before it are whole and are being synced).
     fn repair(&mut self, err: &AuditError) {
         let fixed = self
             .file
@@ -646,23 +774,176 @@ impl Core {
         });
     }
 
+    /// Rename the live file to the next free number and start a new one; the chain continues.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        // Everything in the old file is synced and covered by a checkpoint first.
+        self.barrier()?;
+        let next = files::rotated(&self.base)
+            .map_err(|e| io_err(&self.base, &e))?
+            .last()
+            .map(|(n, _)| n + 1)
+            .unwrap_or(1);
+        let target = files::rotated_name(&self.base, next);
+        std::fs::rename(&self.base, &target).map_err(|e| io_err(&self.base, &e))?;
+        match OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o640)
+            .open(&self.base)
+            .and_then(|f| sync_dir(&self.base).map(|()| f))
+        {
+            Ok(f) => {
+                self.file = Arc::new(f);
+                self.file_len = 0;
+                tracing::info!(rotated = %target.display(), "audit log rotated");
+                Ok(())
+            }
+            Err(e) => {
+                // Keep appending to the renamed file: the chain stays intact, the
+                // name is just unusual. Rotation is retried after the next batch.
+                tracing::error!(error = %e, "cannot create a new audit log file after rotation");
+                Err(io_err(&self.base, &e))
+            }
+        }
+    }
+}
+
+/// The sync thread: `fdatasync`s what the writer wrote, answers the callers
+/// waiting for durability, and signs checkpoints over what is durable.
+struct Syncer {
+    base: PathBuf,
+    key: SigningKey,
+    origin: String,
+    vkey_line: String,
+    ck_path: PathBuf,
+    ck_file: File,
+    ck_len: u64,
+    /// Tree size and root of what is on disk.
+    durable_size: u64,
+    durable_root: Hash,
+    last_checkpoint: Option<u64>,
+    last_checkpoint_at: Instant,
+    cfg: AuditConfig,
+    shared: Arc<Shared>,
+    stopped: Option<String>,
+}
+
+impl Syncer {
+    fn run(mut self, rx: mpsc::Receiver<SyncMsg>) {
+        loop {
+            let due = self.last_checkpoint_at + self.cfg.checkpoint_interval;
+            let wait = due.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.checkpoint_logged();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.checkpoint_logged();
+                    return;
+                }
+            };
+            let mut jobs = Vec::new();
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    SyncMsg::Job(job) => jobs.push(job),
+                    SyncMsg::Barrier(reply) => {
+                        self.sync(std::mem::take(&mut jobs));
+                        let _ = reply.send(self.checkpoint());
+                    }
+                    SyncMsg::Shutdown(reply) => {
+                        self.sync(std::mem::take(&mut jobs));
+                        let _ = reply.send(self.checkpoint());
+                        return;
+                    }
+                }
+                // The queue's permits bound how many jobs can be waiting.
+                next = rx.try_recv().ok();
+            }
+            self.sync(jobs);
+            let since = self.last_checkpoint.unwrap_or(0);
+            if self.durable_size >= since + self.cfg.checkpoint_every.max(1)
+                || Instant::now() >= self.last_checkpoint_at + self.cfg.checkpoint_interval
+            {
+                self.checkpoint_logged();
+            }
+        }
+    }
+
+    /// One `fdatasync` for everything written so far; answer every caller.
+    fn sync(&mut self, jobs: Vec<SyncJob>) {
+        let Some(last) = jobs.last() else {
+            return;
+        };
+        if let Some(reason) = &self.stopped {
+            let err = AuditError::Unavailable(reason.clone());
+            for w in jobs.into_iter().flat_map(|j| j.replies) {
+                let _ = w.reply.send(Err(err.clone()));
+            }
+            return;
+        }
+        let (size, root) = (last.size, last.root);
+        // Normally one file; a batch before a rotation was synced at the barrier.
+        let mut result = Ok(());
+        let mut synced: Vec<&Arc<File>> = Vec::new();
+        for j in &jobs {
+            if !synced.iter().any(|f| Arc::ptr_eq(f, &j.file)) {
+                result = j.file.sync_data();
+                if result.is_err() {
+                    break;
+                }
+                synced.push(&j.file);
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.durable_size = size;
+                self.durable_root = root;
+                self.shared.update(|h| h.records = size);
+                for w in jobs.into_iter().flat_map(|j| j.replies) {
+                    let _ = w.reply.send(Ok(w.committed));
+                }
+            }
+            Err(e) => {
+                // After a failed fdatasync the kernel may have dropped the dirty
+                // pages: what the file holds is unknown, so nothing more is
+                // appended. Restarting kya re-verifies the log.
+                let err = write_err(&self.base, &e);
+                let reason = format!(
+                    "{err}; records written since the last successful sync may be lost; restart kya to re-verify the log"
+                );
+                tracing::error!(%reason, "AUDIT LOG SYNC FAILED: the audit writer stopped; consequential calls are denied");
+                self.stopped = Some(reason.clone());
+                self.shared.update(|h| {
+                    h.write_failures += 1;
+                    h.state = HealthState::Stopped { reason };
+                });
+                for w in jobs.into_iter().flat_map(|j| j.replies) {
+                    let _ = w.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
     fn checkpoint_logged(&mut self) {
         if let Err(e) = self.checkpoint() {
             tracing::error!(error = %e, "audit checkpoint failed");
         }
     }
 
-    /// Sign and append a checkpoint for the current tree, unless the last one covers it.
+    /// Sign and append a checkpoint for the durable tree, unless the last one covers it.
     fn checkpoint(&mut self) -> Result<(), AuditError> {
         self.last_checkpoint_at = Instant::now();
-        let size = self.chain.tree.size();
+        let size = self.durable_size;
         if self.last_checkpoint == Some(size) || self.stopped.is_some() {
             return Ok(());
         }
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size,
-            root: self.chain.tree.root(),
+            root: self.durable_root,
             extensions: vec![self.vkey_line.clone()],
         };
         let note = checkpoint::sign(&cp.body(), &self.origin, &self.key)
@@ -705,45 +986,16 @@ impl Core {
             }
         }
     }
-
-    /// Rename the live file to the next free number and start a new one; the chain continues.
-    fn rotate(&mut self) -> Result<(), AuditError> {
-        self.checkpoint()?;
-        let next = files::rotated(&self.base)
-            .map_err(|e| io_err(&self.base, &e))?
-            .last()
-            .map(|(n, _)| n + 1)
-            .unwrap_or(1);
-        let target = files::rotated_name(&self.base, next);
-        std::fs::rename(&self.base, &target).map_err(|e| io_err(&self.base, &e))?;
-        match OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .mode(0o640)
-            .open(&self.base)
-            .and_then(|f| sync_dir(&self.base).map(|()| f))
-        {
-            Ok(f) => {
-                self.file = f;
-                self.file_len = 0;
-                tracing::info!(rotated = %target.display(), "audit log rotated");
-                Ok(())
-            }
-            Err(e) => {
-                // Keep appending to the renamed file: the chain stays intact, the
-                // name is just unusual. Rotation is retried after the next batch.
-                tracing::error!(error = %e, "cannot create a new audit log file after rotation");
-                Err(io_err(&self.base, &e))
-            }
-        }
-    }
 }
 
 fn drain(rx: &mpsc::Receiver<Msg>, reason: &Option<String>) {
     let reason = reason.clone().unwrap_or_else(|| "audit log closed".into());
     while let Ok(msg) = rx.try_recv() {
         match msg {
-            Msg::Append { reply, .. } => {
+            Msg::Append { written, reply, .. } => {
+                if let Some(w) = written {
+                    let _ = w.send(Err(AuditError::Unavailable(reason.clone())));
+                }
                 let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
             }
             Msg::Checkpoint(r) | Msg::Shutdown(r) => {
@@ -825,6 +1077,25 @@ mod tests {
         let third: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
         let back: DecisionEvent = serde_json::from_value(third["event"].clone()).unwrap();
         assert_eq!(back, event(2));
+    }
+
+    /// What a SIGKILL of kya cannot lose: a group append has returned only
+    /// once its record is in the file (written, maybe not yet synced).
+    #[tokio::test]
+    async fn a_group_append_is_in_the_file_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(cfg(dir.path()), key(1)).unwrap();
+        let path = dir.path().join("audit.jsonl");
+        for n in 0..50u64 {
+            let mut e = event(n);
+            e.decision_id = format!("dec_written_{n}");
+            let r = log.append(&e, Durability::Group).await.unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(&e.decision_id), "record {n} not written yet");
+            drop(r);
+        }
+        log.close().unwrap();
+        assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 50);
     }
 
     #[tokio::test]

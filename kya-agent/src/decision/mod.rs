@@ -18,6 +18,7 @@
 pub mod events;
 mod record;
 pub mod sinks;
+pub mod syslog;
 
 use crate::agents::Suspensions;
 use crate::approvals::{ActionRequest, Answer, Approvals, Outcome};
@@ -127,8 +128,10 @@ struct Pending {
 }
 
 impl Pending {
-    /// Record a plain denial (group commit: the agent's answer never waits
-    /// for the disk; a failure is logged and counted by `record`).
+    /// Record a plain denial (group commit: the record is written to the file
+    /// before the agent is answered, so a `kill -9` of kya cannot lose it, but
+    /// the answer never waits for `fdatasync`; a failure is logged and counted
+    /// by `record`).
     async fn record_denial(&self) {
         let event = self
             .facts
@@ -139,8 +142,9 @@ impl Pending {
     /// Write `event` with `durability`; publish it to the live stream once it
     /// is accepted. Returns the audit error for the caller to fail closed on.
     async fn record(&self, event: DecisionEvent, durability: Durability) -> Result<(), String> {
-        // Sync: `append` returns after fdatasync. Group: committed within
-        // the writer's batch bound; the call does not wait for it.
+        // Sync: `append` returns after fdatasync. Group: `append` returns once
+        // the record is written (page cache); its fdatasync follows within the
+        // writer's batch bound and the call does not wait for it.
         let started = Instant::now();
         if let Err(e) = self.audit.append(&event, durability).await {
             self.metrics.audit_write_failures.inc();

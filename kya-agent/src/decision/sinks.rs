@@ -1,11 +1,13 @@
 //! Export sinks: the decision stream as OCSF JSON lines for a SIEM, on
-//! stdout (journald, container logs) or in a size-rotated file.
+//! stdout (journald, container logs), in a size-rotated file, or as RFC 5424
+//! syslog messages (local `/dev/log`, UDP or TCP: see [`super::syslog`]).
 //!
 //! Each sink is a follower of the [`EventHub`]: a sink too slow to keep up
 //! loses events (counted, visible in `kya status`) and never slows a
 //! decision; the audit log is the record that never drops.
 
 use super::events::EventHub;
+use super::syslog::{SyslogSink, SyslogSpec};
 use crate::audit::ocsf::to_ocsf;
 use serde::Serialize;
 use std::io::Write;
@@ -23,6 +25,7 @@ pub const ROTATE_BYTES: u64 = 64 << 20;
 pub enum SinkSpec {
     Stdout,
     File(PathBuf),
+    Syslog(SyslogSpec),
 }
 
 impl FromStr for SinkSpec {
@@ -30,12 +33,17 @@ impl FromStr for SinkSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "stdout" => Ok(SinkSpec::Stdout),
-            other => match other.strip_prefix("file:") {
-                Some(p) if p.starts_with('/') => Ok(SinkSpec::File(PathBuf::from(p))),
-                _ => Err(format!(
-                    "unknown sink {other:?} (expected \"stdout\" or \"file:/absolute/path\")"
-                )),
-            },
+            other => {
+                if let Some(rest) = other.strip_prefix("syslog") {
+                    return SyslogSpec::parse(rest).map(SinkSpec::Syslog);
+                }
+                match other.strip_prefix("file:") {
+                    Some(p) if p.starts_with('/') => Ok(SinkSpec::File(PathBuf::from(p))),
+                    _ => Err(format!(
+                        "unknown sink {other:?} (expected \"stdout\", \"file:/absolute/path\", \"syslog\", \"syslog:unix:/path\", \"syslog:udp://HOST:PORT\" or \"syslog:tcp://HOST:PORT\")"
+                    )),
+                }
+            }
         }
     }
 }
@@ -47,6 +55,8 @@ pub struct SinkHealth {
     pub written: AtomicU64,
     pub dropped: AtomicU64,
     pub failures: AtomicU64,
+    /// Messages cut to fit the transport (syslog).
+    pub truncated: AtomicU64,
     #[serde(skip)]
     pub last_error: Mutex<Option<String>>,
 }
@@ -59,6 +69,7 @@ impl SinkHealth {
             "written": self.written.load(Ordering::Relaxed),
             "dropped": self.dropped.load(Ordering::Relaxed),
             "failures": self.failures.load(Ordering::Relaxed),
+            "truncated": self.truncated.load(Ordering::Relaxed),
             "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
@@ -73,6 +84,7 @@ pub fn spawn(hub: &EventHub, specs: &[SinkSpec]) -> Vec<Arc<SinkHealth>> {
                 sink: match spec {
                     SinkSpec::Stdout => "stdout".into(),
                     SinkSpec::File(p) => format!("file:{}", p.display()),
+                    SinkSpec::Syslog(s) => s.name(),
                 },
                 ..Default::default()
             });
@@ -96,6 +108,7 @@ fn run(
     health: &SinkHealth,
 ) {
     let mut out: Box<dyn Write> = match &spec {
+        SinkSpec::Syslog(s) => return run_syslog(SyslogSink::new(s.clone()), rx, health),
         SinkSpec::Stdout => Box::new(std::io::stdout()),
         SinkSpec::File(p) => match open(p) {
             Ok(f) => Box::new(f),
@@ -135,6 +148,22 @@ fn run(
     }
 }
 
+fn run_syslog(
+    mut sink: SyslogSink,
+    mut rx: broadcast::Receiver<Arc<crate::audit::DecisionEvent>>,
+    health: &SinkHealth,
+) {
+    loop {
+        match rx.blocking_recv() {
+            Ok(e) => sink.emit(&e, health),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                health.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 fn open(p: &std::path::Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir)?;
@@ -154,7 +183,7 @@ fn rotate(p: &std::path::Path) -> std::io::Result<std::fs::File> {
     open(p)
 }
 
-fn fail(health: &SinkHealth, message: String) {
+pub(super) fn fail(health: &SinkHealth, message: String) {
     health.failures.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(sink = %health.sink, error = %message, "export sink write failed");
     *health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
@@ -171,11 +200,20 @@ mod tests {
             "file:/var/log/kya.jsonl".parse::<SinkSpec>(),
             Ok(SinkSpec::File("/var/log/kya.jsonl".into()))
         );
+        assert!(matches!(
+            "syslog".parse::<SinkSpec>(),
+            Ok(SinkSpec::Syslog(_))
+        ));
+        assert!(matches!(
+            "syslog:udp://127.0.0.1:514".parse::<SinkSpec>(),
+            Ok(SinkSpec::Syslog(_))
+        ));
         for bad in [
             "",
             "file:",
             "file:relative.jsonl",
             "syslog:",
+            "syslogx",
             "STDOUT",
             "http://x",
         ] {
