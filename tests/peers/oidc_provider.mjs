@@ -22,7 +22,7 @@
 //   GET  /requests            [{id, login_hint, binding_message, requested_expiry, done}]
 //   POST /requests/ID/approve the human approves (a Grant with scope openid)
 //   POST /requests/ID/deny    the human refuses (AccessDenied)
-//   POST /tamper  {"mode": "none"|"evil_key"|"wrong_aud"|"wrong_sub"|"unknown_kid"}
+//   POST /tamper?mode=none|evil_key|wrong_aud|wrong_sub|unknown_kid
 //                 rewrite the ID token of the next token responses (a
 //                 man-in-the-middle with a key outside the JWKS, or a real
 //                 signature over wrong claims)
@@ -156,15 +156,6 @@ provider.use(async (ctx, next) => {
 provider.on('server_error', (_ctx, err) => console.error('server_error', err));
 provider.on('backchannel.error', (_ctx, err) => console.error('backchannel.error', err));
 
-async function body(req) {
-  let data = '';
-  for await (const chunk of req) {
-    data += chunk;
-    if (data.length > 65536) throw new Error('body too large');
-  }
-  return data ? JSON.parse(data) : {};
-}
-
 function send(res, status, value) {
   res.writeHead(status, { 'content-type': 'application/json' });
   res.end(JSON.stringify(value));
@@ -181,7 +172,7 @@ const control = http.createServer(async (req, res) => {
       return send(res, 200, [...requests.values()].map(({ request, ...r }) => r));
     }
     if (req.method === 'POST' && url.pathname === '/tamper') {
-      tamper = (await body(req)).mode || 'none';
+      tamper = url.searchParams.get('mode') || 'none';
       return send(res, 200, { tamper });
     }
     if (req.method === 'POST' && m) {
