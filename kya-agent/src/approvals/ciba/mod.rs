@@ -382,9 +382,12 @@ impl Inner {
         let lifetime = Duration::from_secs(started.expires_in).min(MAX_REQUEST_LIFETIME);
         let deadline = Instant::now() + lifetime;
         let mut interval = started.interval;
+        // Ping mode: a token fetch that failed on the network is retried on a
+        // timer (the provider pings once).
+        let mut retry = false;
         loop {
             // Wait for the next poll, or for a notification naming this request.
-            match wait.as_mut() {
+            match wait.as_mut().filter(|_| !retry) {
                 None => {
                     let next = Instant::now() + Duration::from_secs(interval);
                     if next > deadline {
@@ -440,12 +443,15 @@ impl Inner {
                         })),
                     }));
                 }
-                // A network hiccup must not drop the question: poll again later.
-                Err(CibaError::Http(e)) if wait.is_none() => {
-                    tracing::warn!(approval = %ask.id, error = %e, "CIBA token poll failed; retrying");
+                // A network hiccup must not drop the question: ask again later.
+                Err(CibaError::Http(e)) => {
+                    tracing::warn!(approval = %ask.id, error = %e, "CIBA token request failed; retrying");
+                    retry = wait.is_some();
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
             }
+            retry = false;
         }
     }
 
