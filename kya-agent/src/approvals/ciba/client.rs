@@ -277,6 +277,74 @@ mod tests {
         assert_eq!(long.len(), 20);
     }
 
+    /// Serve one canned HTTP response on loopback; returns the URL.
+    async fn canned(status: u16, body: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/x", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(body.as_bytes()).await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn token_responses_map_to_the_state_machine() {
+        let http = HttpClient::new(None, std::time::Duration::from_secs(5)).unwrap();
+        let auth = ClientAuth::new("kya".into(), "s".into());
+        let err = |e: &str| serde_json::json!({ "error": e }).to_string();
+        for (body, want) in [
+            (err("authorization_pending"), TokenPoll::Pending),
+            (err("slow_down"), TokenPoll::SlowDown),
+            (err("expired_token"), TokenPoll::Expired),
+            (
+                err("access_denied"),
+                TokenPoll::Denied { description: None },
+            ),
+        ] {
+            let url = canned(400, body).await;
+            assert_eq!(token(&http, &url, &auth, "r").await.unwrap(), want);
+        }
+        let url = canned(400, err("invalid_grant")).await;
+        assert_eq!(
+            token(&http, &url, &auth, "r").await.unwrap_err().code(),
+            Some("invalid_grant")
+        );
+        let url = canned(200, r#"{"access_token":"a"}"#.into()).await;
+        assert!(matches!(
+            token(&http, &url, &auth, "r").await,
+            Err(CibaError::Malformed { .. })
+        ));
+        let url = canned(200, format!(r#"{{"id_token":"{}"}}"#, "a".repeat(70_000))).await;
+        assert!(matches!(
+            token(&http, &url, &auth, "r").await,
+            Err(CibaError::Http(HttpError::TooLarge { .. }))
+        ));
+        let url = canned(
+            200,
+            r#"{"auth_req_id":"r1","expires_in":60,"interval":0}"#.into(),
+        )
+        .await;
+        let req = AuthRequest {
+            login_hint: "alice",
+            binding_message: "KYA-AAAA-CCCC",
+            requested_expiry: 60,
+            client_notification_token: None,
+        };
+        let started = start(&http, &url, &auth, &req).await.unwrap();
+        assert_eq!(started.interval, MIN_INTERVAL_SECS);
+        let url = canned(200, r#"{"expires_in":60}"#.into()).await;
+        assert!(start(&http, &url, &auth, &req).await.is_err());
+    }
+
     #[test]
     fn provider_errors_are_clipped() {
         let body = serde_json::json!({"error": "x\n".repeat(300), "error_description": "d"});
