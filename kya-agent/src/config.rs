@@ -42,6 +42,8 @@ pub enum ConfigError {
     CgroupPath(String),
     #[error("[audit] sinks: {0}")]
     Sink(String),
+    #[error("[approvals.ciba] {0}")]
+    Ciba(String),
 }
 
 /// The file's schema (every key optional, unknown keys rejected).
@@ -58,6 +60,173 @@ pub struct FileConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub state: StateSection,
+    #[serde(default)]
+    pub approvals: ApprovalsSection,
+}
+
+/// `[approvals]`: backchannels that ask an owner (the local one always exists).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsSection {
+    pub ciba: Option<CibaSection>,
+}
+
+/// `[approvals.ciba]` as written (validated into [`CibaConfig`]).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CibaSection {
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    pub mode: Option<CibaMode>,
+    pub ping_listen: Option<std::net::SocketAddr>,
+    pub ping_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// CIBA token delivery mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CibaMode {
+    /// kya polls the token endpoint.
+    #[default]
+    Poll,
+    /// The provider notifies kya's HTTPS endpoint; kya then fetches the token once.
+    Ping,
+}
+
+impl CibaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CibaMode::Poll => "poll",
+            CibaMode::Ping => "ping",
+        }
+    }
+}
+
+/// Where kya's client secret comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CibaSecret {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for CibaSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CibaSecret::Inline(_) => f.write_str("Inline(<redacted>)"),
+            CibaSecret::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+/// The ping-mode endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CibaPing {
+    /// Where kya's HTTPS notification endpoint listens.
+    pub listen: std::net::SocketAddr,
+    /// What the provider was told (its client registration).
+    pub url: String,
+    /// The URL's host (the minted certificate's name).
+    pub host: String,
+    /// The URL's path (the only path served).
+    pub path: String,
+}
+
+/// A validated `[approvals.ciba]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CibaConfig {
+    pub issuer: String,
+    pub client_id: String,
+    pub secret: CibaSecret,
+    pub mode: CibaMode,
+    pub ping: Option<CibaPing>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl CibaSection {
+    /// Check the section; errors name the key.
+    pub fn validate(self) -> Result<CibaConfig, ConfigError> {
+        use crate::approvals::ciba::http::parse_url;
+        let err = |m: String| ConfigError::Ciba(m);
+        let issuer = self
+            .issuer
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| err("issuer is required".into()))?;
+        let target = parse_url(&issuer).map_err(|e| err(format!("issuer: {e}")))?;
+        if issuer.contains('?') {
+            return Err(err("issuer: must not have a query".into()));
+        }
+        let _ = target;
+        let client_id = self
+            .client_id
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| err("client_id is required".into()))?;
+        if client_id.len() > 256 || client_id.chars().any(char::is_control) {
+            return Err(err(
+                "client_id: at most 256 characters, no control characters".into(),
+            ));
+        }
+        let secret = match (self.client_secret, self.client_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "client_secret and client_secret_file are exclusive".into()
+                ))
+            }
+            (Some(s), None) if !s.is_empty() => CibaSecret::Inline(s),
+            (None, Some(p)) => {
+                if !p.is_absolute() {
+                    return Err(err("client_secret_file must be an absolute path".into()));
+                }
+                CibaSecret::File(p)
+            }
+            _ => {
+                return Err(err(
+                    "client_secret_file (or client_secret) is required".into()
+                ))
+            }
+        };
+        let mode = self.mode.unwrap_or_default();
+        let ping = match mode {
+            CibaMode::Poll => {
+                if self.ping_listen.is_some() || self.ping_url.is_some() {
+                    return Err(err("ping_listen and ping_url need mode = \"ping\"".into()));
+                }
+                None
+            }
+            CibaMode::Ping => {
+                let listen = self
+                    .ping_listen
+                    .ok_or_else(|| err("mode = \"ping\" needs ping_listen".into()))?;
+                let url = self
+                    .ping_url
+                    .ok_or_else(|| err("mode = \"ping\" needs ping_url".into()))?;
+                let t = parse_url(&url).map_err(|e| err(format!("ping_url: {e}")))?;
+                if !t.https {
+                    return Err(err("ping_url must be https (CIBA Core 10.2)".into()));
+                }
+                crate::ca::LeafName::parse(&t.host).map_err(|e| err(format!("ping_url: {e}")))?;
+                if t.path_and_query.contains('?') {
+                    return Err(err("ping_url: must not have a query".into()));
+                }
+                Some(CibaPing {
+                    listen,
+                    host: t.host,
+                    path: t.path_and_query,
+                    url,
+                })
+            }
+        };
+        Ok(CibaConfig {
+            issuer,
+            client_id,
+            secret,
+            mode,
+            ping,
+            ca_file: self.ca_file,
+        })
+    }
 }
 
 /// `[select]`: any match selects a process.
@@ -184,6 +353,8 @@ pub struct Config {
     pub upstream_ca: Option<PathBuf>,
     pub metrics: Option<std::net::SocketAddr>,
     pub fail_open: bool,
+    /// `[approvals.ciba]`, validated.
+    pub ciba: Option<CibaConfig>,
 }
 
 impl Config {
@@ -262,6 +433,7 @@ impl Config {
             .iter()
             .map(|s| s.parse().map_err(ConfigError::Sink))
             .collect::<Result<Vec<_>, _>>()?;
+        let ciba = file.approvals.ciba.map(CibaSection::validate).transpose()?;
         let policy_paths = if args.policies.is_empty() {
             file.policy.paths
         } else {
@@ -286,6 +458,7 @@ impl Config {
             upstream_ca: args.upstream_ca.clone(),
             metrics: args.metrics,
             fail_open: args.fail_open,
+            ciba,
         })
     }
 }
@@ -456,6 +629,57 @@ dir = "/var/lib/kya"
             Config::merge(bad, &RunArgs::default()),
             Err(ConfigError::Sink(_))
         ));
+    }
+
+    #[test]
+    fn ciba_section_is_validated_at_load() {
+        let load = |text: &str| {
+            parse_file(Path::new("k.toml"), text)
+                .and_then(|f| Config::merge(f, &RunArgs::default()))
+        };
+        let cfg = load(
+            "[approvals.ciba]\nissuer = \"https://login.example.com\"\nclient_id = \"kya\"\n\
+             client_secret_file = \"/etc/kya/ciba-secret\"\n",
+        )
+        .unwrap();
+        let c = cfg.ciba.unwrap();
+        assert_eq!(c.mode, CibaMode::Poll);
+        assert_eq!(c.secret, CibaSecret::File("/etc/kya/ciba-secret".into()));
+        let ping = load(
+            "[approvals.ciba]\nissuer = \"http://127.0.0.1:18300\"\nclient_id = \"kya\"\n\
+             client_secret = \"s\"\nmode = \"ping\"\nping_listen = \"127.0.0.1:8790\"\n\
+             ping_url = \"https://localhost:8790/ciba/notify\"\n",
+        )
+        .unwrap()
+        .ciba
+        .unwrap();
+        let p = ping.ping.unwrap();
+        assert_eq!(
+            (p.host.as_str(), p.path.as_str()),
+            ("localhost", "/ciba/notify")
+        );
+        assert_eq!(format!("{:?}", ping.secret), "Inline(<redacted>)");
+        let base = "[approvals.ciba]\nclient_id = \"kya\"\nclient_secret = \"s\"\n";
+        for (bad, why) in [
+            (format!("{base}issuer = \"http://login.example.com\"\n"), "loopback"),
+            (base.to_string(), "issuer is required"),
+            (format!("{base}issuer = \"https://x\"\nclient_secret_file = \"/s\"\n"), "exclusive"),
+            (format!("{base}issuer = \"https://x\"\nmode = \"ping\"\n"), "ping_listen"),
+            (format!("{base}issuer = \"https://x\"\nmode = \"push\"\n"), "unknown variant"),
+            (format!("{base}issuer = \"https://x\"\nping_url = \"https://x/n\"\n"), "need mode"),
+            (
+                format!("{base}issuer = \"https://x\"\nmode = \"ping\"\nping_listen = \"127.0.0.1:1\"\nping_url = \"http://localhost/n\"\n"),
+                "must be https",
+            ),
+            (format!("{base}issuer = \"https://x\"\nbogus = 1\n"), "unknown field"),
+            (
+                "[approvals.ciba]\nissuer = \"https://x\"\nclient_id = \"kya\"\nclient_secret_file = \"rel\"\n".into(),
+                "absolute",
+            ),
+        ] {
+            let e = load(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! before the redirect is detached and unpinned.
 
 use crate::agents::{AgentsHandler, Suspensions};
+use crate::approvals::ciba::CibaChannel;
 use crate::approvals::local::LocalChannel;
 use crate::approvals::persist::Persist;
 use crate::approvals::Approvals;
@@ -110,8 +111,21 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     });
     let status = status.section("approvals", {
         let a = approvals.clone();
-        Arc::new(move || serde_json::json!({ "pending": a.len() }))
+        Arc::new(move || serde_json::json!({ "pending": a.len(), "channels": a.channel_names() }))
     });
+    // CIBA: local problems (secret file, ping port) stop the start; an
+    // unreachable provider does not (discovery retries in the background and
+    // the local channel answers meanwhile).
+    let status = match &config.ciba {
+        Some(ciba) => {
+            let channel = CibaChannel::start(ciba.clone(), tls.ca.clone())
+                .await
+                .context("starting the CIBA approval channel")?;
+            approvals.add_channel(channel.clone());
+            status.section("ciba", Arc::new(move || channel.status()))
+        }
+        None => status,
+    };
     let router = Router::new()
         .route("status", Arc::new(status))
         .route("approvals", Arc::new(LocalChannel::new(approvals.clone())))

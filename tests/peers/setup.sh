@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install the real MCP peers the tests use, idempotently: a Python venv at
 # tests/peers/.venv (PyPI mcp, hypercorn, httpx[http2]) and node_modules (npm
-# @modelcontextprotocol/sdk and server-everything). Re-running is cheap: each
+# @modelcontextprotocol/sdk and server-everything, and oidc-provider for CIBA). Re-running is cheap: each
 # half is skipped when its stamp is newer than its manifest.
 set -eu
 cd "$(dirname "$0")"
@@ -20,3 +20,4 @@ if [ ! -f node_modules/.stamp ] || [ package.json -nt node_modules/.stamp ]; the
 fi
 .venv/bin/python -c 'import importlib.metadata as m; print("mcp", m.version("mcp"))'
 node -e 'console.log("sdk", require("./node_modules/@modelcontextprotocol/sdk/package.json").version)'
+node -e 'console.log("oidc-provider", require("./node_modules/oidc-provider/package.json").version)'

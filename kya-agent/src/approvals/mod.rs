@@ -6,10 +6,12 @@
 //! * [`persist`]: the on-disk record, so a restart never silently loses a pending call.
 //! * [`channel`]: the seam to backchannels (CIBA, webhook) that ask the owner.
 //! * [`local`]: the local channel: `kya approvals` over the control socket, authorised by `SO_PEERCRED`.
+//! * [`ciba`]: the OpenID CIBA channel: the owner's OpenID Provider asks them and signs the answer.
 //! * [`command`]: the `kya approvals` CLI.
 
 pub mod binding;
 pub mod channel;
+pub mod ciba;
 pub mod command;
 pub mod local;
 pub mod pending;
