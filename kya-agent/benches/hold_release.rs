@@ -53,7 +53,8 @@ owner = "nobody"
 match = { uid = 4242 }
 "#;
 
-const RESULT: &str = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
+const RESULT: &str =
+    r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -68,7 +69,9 @@ async fn upstream(arrived: mpsc::UnboundedSender<Instant>) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             let arrived = arrived.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -99,11 +102,15 @@ async fn proxy(up: SocketAddr, gov: Arc<dyn Governor>) -> SocketAddr {
     tokio::spawn(async move {
         let mut n = 0;
         loop {
-            let Ok((agent, _)) = l.accept().await else { continue };
+            let Ok((agent, _)) = l.accept().await else {
+                continue;
+            };
             n += 1;
             let gov = gov.clone();
             tokio::spawn(async move {
-                let Ok(upstream) = TcpStream::connect(up).await else { return };
+                let Ok(upstream) = TcpStream::connect(up).await else {
+                    return;
+                };
                 let conn = Arc::new(ConnFacts {
                     process: kya_common::ProcessIdentity {
                         pid: 1,
@@ -130,13 +137,15 @@ async fn proxy(up: SocketAddr, gov: Arc<dyn Governor>) -> SocketAddr {
 /// the harness as little memory as possible). Returns when answered.
 async fn held_call(addr: SocketAddr, i: usize) {
     let body = format!(
-        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"transfer","arguments":{{"amount":{i},"to":"bob"}}}}}}"#
+        r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"transfer","arguments":{{"amount":{i},"to":"bob"}}}}}}"#
     );
     let req = format!(
         "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let Ok(mut s) = TcpStream::connect(addr).await else { return };
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
     if s.write_all(req.as_bytes()).await.is_err() {
         return;
     }

@@ -309,3 +309,43 @@ async fn h2_hold_with_progress_and_stream_reset_abandons() {
     assert_eq!(s, 200);
     assert_eq!(up.tools_called(), vec!["search_docs"]);
 }
+
+/// Two client sessions of one process, without `Mcp-Session-Id` (a stateless
+/// server), may hold calls with the same JSON-RPC id at once: both are held
+/// and both are released, neither is refused as a duplicate.
+#[tokio::test]
+async fn same_id_held_twice_without_a_session_id() {
+    let up = upstream().await;
+    let gov = FakeGov::new(&[
+        ("transfer", Act::Hold(Duration::from_secs(10))),
+        ("refund", Act::Hold(Duration::from_secs(10))),
+    ]);
+    let addr = proxy(up.addr, gov.clone(), limits(), HttpVersion::H1, None).await;
+    let mut a = Client::h1(addr).await;
+    let mut b = Client::h1(addr).await;
+    let first = tokio::spawn(async move {
+        a.post("/mcp", call(1, "transfer", json!({})).to_string(), &[])
+            .await
+    });
+    gov.wait_for_hold("transfer").await;
+    let second = tokio::spawn(async move {
+        b.post("/mcp", call(1, "refund", json!({})).to_string(), &[])
+            .await
+    });
+    gov.wait_for_hold("refund").await;
+    gov.release("refund", true).await;
+    gov.release("transfer", true).await;
+    for r in [first.await.unwrap(), second.await.unwrap()] {
+        let v = json_of(&r.2);
+        assert!(
+            v["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("ran "),
+            "{v}"
+        );
+    }
+    let mut ran = up.tools_called();
+    ran.sort();
+    assert_eq!(ran, vec!["refund", "transfer"]);
+}

@@ -27,6 +27,8 @@ use super::limits::Limits;
 use super::sessions;
 use super::stream;
 
+/// Refusal when the process-wide table of held calls is full (audited).
+const TOO_MANY_HELD: &str = "too many calls are held at once";
 /// The request head, kept to build the upstream request (possibly later, after a hold).
 #[derive(Debug, Clone)]
 struct Head {
@@ -502,7 +504,8 @@ impl Exchange {
         self.held.fetch_add(1, Ordering::AcqRel);
         let _count = HeldCount(self.held.clone());
         let Some((_guard, mut cancel)) = sessions::register_held(key) else {
-            return Outcome::Deny(Denial::refusal("a call with this id is already held"));
+            self.gov.refused(&self.conn, TOO_MANY_HELD);
+            return Outcome::Deny(Denial::refusal(TOO_MANY_HELD));
         };
         let mut tick = tokio::time::interval(self.limits.progress_interval);
         let mut step = 0u64;
@@ -600,7 +603,8 @@ impl Exchange {
         tokio::spawn(async move {
             let _count = count;
             let Some((_guard, mut cancel)) = registration else {
-                let d = Denial::refusal("a call with this id is already held");
+                self.gov.refused(&self.conn, TOO_MANY_HELD);
+                let d = Denial::refusal(TOO_MANY_HELD);
                 stream::send_message(&tx, &deny::answer(self.limits.deny_shape, is_tool, &id, &d))
                     .await;
                 return;

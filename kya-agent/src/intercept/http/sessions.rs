@@ -24,7 +24,11 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 #[derive(Default)]
 struct Tables {
     legacy: HashMap<String, (u64, mpsc::Sender<Value>)>,
-    held: HashMap<String, (u64, oneshot::Sender<()>)>,
+    /// Several calls may be held under one key: without an `Mcp-Session-Id`
+    /// (stateless servers), two client sessions in one process can use the
+    /// same JSON-RPC id at once.
+    held: HashMap<String, Vec<(u64, oneshot::Sender<()>)>>,
+    held_count: usize,
 }
 
 static TABLES: LazyLock<Mutex<Tables>> = LazyLock::new(|| Mutex::new(Tables::default()));
@@ -85,36 +89,46 @@ pub struct HeldGuard {
 impl Drop for HeldGuard {
     fn drop(&mut self) {
         with(|t| {
-            if t.held
-                .get(&self.key)
-                .is_some_and(|(g, _)| *g == self.generation)
-            {
-                t.held.remove(&self.key);
+            if let Some(list) = t.held.get_mut(&self.key) {
+                let before = list.len();
+                list.retain(|(g, _)| *g != self.generation);
+                t.held_count -= before - list.len();
+                if list.is_empty() {
+                    t.held.remove(&self.key);
+                }
             }
         });
     }
 }
 
 /// Register a held call under `key`; the receiver fires when the client cancels it.
-/// `None` when the table is full or the key is already held (a second request with
-/// the same id in the same session is ambiguous).
+/// `None` only when the table is full ([`MAX_HELD`]).
 pub fn register_held(key: String) -> Option<(HeldGuard, oneshot::Receiver<()>)> {
     let (tx, rx) = oneshot::channel();
     let generation = NEXT.fetch_add(1, Ordering::Relaxed);
     with(|t| {
-        if t.held.len() >= MAX_HELD || t.held.contains_key(&key) {
+        if t.held_count >= MAX_HELD {
             return None;
         }
-        t.held.insert(key.clone(), (generation, tx));
+        t.held
+            .entry(key.clone())
+            .or_default()
+            .push((generation, tx));
+        t.held_count += 1;
         Some((HeldGuard { key, generation }, rx))
     })
 }
 
-/// Cancel the held call under `key`; returns whether one was held.
+/// Cancel the held calls under `key`; returns whether any was held. Without a
+/// session id the key is the calling process and URL, so a cancellation can
+/// only ever end that process's own calls (ending a call is the safe side).
 pub fn cancel_held(key: &str) -> bool {
     with(|t| match t.held.remove(key) {
-        Some((_, tx)) => {
-            let _ = tx.send(());
+        Some(list) => {
+            t.held_count -= list.len();
+            for (_, tx) in list {
+                let _ = tx.send(());
+            }
             true
         }
         None => false,
@@ -156,9 +170,17 @@ mod tests {
     #[test]
     fn held_cancel_and_duplicates() {
         let (g, mut rx) = register_held("t3|1".into()).unwrap();
-        assert!(register_held("t3|1".into()).is_none());
+        // Two stateless sessions of one process may hold the same id at once.
+        let (g2, mut rx2) = register_held("t3|1".into()).unwrap();
+        drop(g2);
+        assert!(
+            rx2.try_recv().is_err(),
+            "dropping unregisters, never cancels"
+        );
+        let (_g3, mut rx3) = register_held("t3|1".into()).unwrap();
         assert!(cancel_held("t3|1"));
         assert!(rx.try_recv().is_ok());
+        assert!(rx3.try_recv().is_ok());
         assert!(!cancel_held("t3|1"));
         drop(g);
         assert!(register_held("t3|1".into()).is_some());
