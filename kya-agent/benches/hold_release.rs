@@ -183,7 +183,37 @@ async fn wait_pending(approvals: &Approvals, n: usize) {
     }
 }
 
+/// The capacity run's upstream lives in a child process (this binary again,
+/// with `KYA_BENCH_UPSTREAM=1`), so its memory is not counted as kya's.
+fn upstream_child() -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("KYA_BENCH_UPSTREAM", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (child, line.trim().parse().unwrap())
+}
+
 fn main() {
+    if std::env::var_os("KYA_BENCH_UPSTREAM").is_some() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let addr = upstream(tx).await;
+            println!("{addr}");
+            while rx.recv().await.is_some() {}
+        });
+        return;
+    }
+    let (mut child, child_up) = upstream_child();
     let releases = env_usize("KYA_BENCH_RELEASES", 300);
     let holds = env_usize("KYA_BENCH_HOLDS", 1000);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -224,7 +254,7 @@ fn main() {
         ));
         let (tx, mut arrived) = mpsc::unbounded_channel();
         let up = upstream(tx).await;
-        let px = proxy(up, gov).await;
+        let px = proxy(up, gov.clone()).await;
 
         // 1. approval → upstream, one held call at a time.
         let mut lat = Vec::with_capacity(releases);
@@ -248,7 +278,8 @@ fn main() {
             "approval -> upstream, {releases} held calls one at a time: p50 {p50:?} p99 {p99:?} max {max:?}"
         );
 
-        // 2. capacity: `holds` calls held at once.
+        // 2. capacity: `holds` calls held at once, the upstream out of process.
+        let px = proxy(child_up, gov).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = rss_kib();
         let t = Instant::now();
@@ -259,7 +290,7 @@ fn main() {
         let after = rss_kib();
         let per = (after.saturating_sub(before) * 1024) / holds.max(1) as u64;
         eprintln!(
-            "{holds} calls held at once: all pending after {entered:?} ({:.0} holds/s); RSS {before} KiB -> {after} KiB, {per} bytes per held call (proxy, decision path, approval and the harness's agent socket)",
+            "{holds} calls held at once: all pending after {entered:?} ({:.0} holds/s); RSS {before} KiB -> {after} KiB, {per} bytes per held call (kya's side: both connections, proxy, decision path, approval; plus the harness's agent-side socket task)",
             holds as f64 / entered.as_secs_f64()
         );
         let t = Instant::now();
@@ -275,4 +306,6 @@ fn main() {
             holds as f64 / drained.as_secs_f64()
         );
     });
+    let _ = child.kill();
+    let _ = child.wait();
 }
