@@ -44,6 +44,8 @@ pub enum ConfigError {
     Sink(String),
     #[error("[approvals.ciba] {0}")]
     Ciba(String),
+    #[error("[approvals.webhook] {0}")]
+    Webhook(String),
 }
 
 /// The file's schema (every key optional, unknown keys rejected).
@@ -69,6 +71,54 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsSection {
     pub ciba: Option<CibaSection>,
+    pub webhook: Option<WebhookSection>,
+}
+
+/// `[approvals.webhook]`: a signed notification per held call (see
+/// [`crate::approvals::webhook`]); answers still come over the CLI or CIBA.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    pub url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// Deadline of one attempt, e.g. "5s".
+    pub timeout: Option<String>,
+}
+
+impl WebhookSection {
+    /// Check the section; errors name the key.
+    pub fn validate(self) -> Result<crate::approvals::webhook::WebhookConfig, ConfigError> {
+        let err = |m: String| ConfigError::Webhook(m);
+        let url = self
+            .url
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| err("url is required".into()))?;
+        crate::approvals::http::parse_url(&url).map_err(|e| err(format!("url: {e}")))?;
+        if let Some(p) = &self.ca_file {
+            if !p.is_absolute() {
+                return Err(err(format!(
+                    "ca_file {} must be an absolute path",
+                    p.display()
+                )));
+            }
+        }
+        let timeout = match &self.timeout {
+            None => crate::approvals::webhook::DEFAULT_TIMEOUT,
+            Some(t) => {
+                let d =
+                    humantime::parse_duration(t).map_err(|e| err(format!("timeout {t:?}: {e}")))?;
+                if d.is_zero() || d > std::time::Duration::from_secs(60) {
+                    return Err(err("timeout must be more than 0 and at most 60s".into()));
+                }
+                d
+            }
+        };
+        Ok(crate::approvals::webhook::WebhookConfig {
+            url,
+            ca_file: self.ca_file,
+            timeout,
+        })
+    }
 }
 
 /// `[approvals.ciba]` as written (validated into [`CibaConfig`]).
@@ -148,7 +198,7 @@ pub struct CibaConfig {
 impl CibaSection {
     /// Check the section; errors name the key.
     pub fn validate(self) -> Result<CibaConfig, ConfigError> {
-        use crate::approvals::ciba::http::parse_url;
+        use crate::approvals::http::parse_url;
         let err = |m: String| ConfigError::Ciba(m);
         let issuer = self
             .issuer
@@ -355,6 +405,8 @@ pub struct Config {
     pub fail_open: bool,
     /// `[approvals.ciba]`, validated.
     pub ciba: Option<CibaConfig>,
+    /// `[approvals.webhook]`, validated.
+    pub webhook: Option<crate::approvals::webhook::WebhookConfig>,
 }
 
 impl Config {
@@ -434,6 +486,11 @@ impl Config {
             .map(|s| s.parse().map_err(ConfigError::Sink))
             .collect::<Result<Vec<_>, _>>()?;
         let ciba = file.approvals.ciba.map(CibaSection::validate).transpose()?;
+        let webhook = file
+            .approvals
+            .webhook
+            .map(WebhookSection::validate)
+            .transpose()?;
         let policy_paths = if args.policies.is_empty() {
             file.policy.paths
         } else {
@@ -459,6 +516,7 @@ impl Config {
             metrics: args.metrics,
             fail_open: args.fail_open,
             ciba,
+            webhook,
         })
     }
 }

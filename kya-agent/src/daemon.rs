@@ -8,6 +8,7 @@ use crate::agents::{AgentsHandler, Suspensions};
 use crate::approvals::ciba::CibaChannel;
 use crate::approvals::local::LocalChannel;
 use crate::approvals::persist::Persist;
+use crate::approvals::webhook::WebhookChannel;
 use crate::approvals::Approvals;
 use crate::audit::writer::{AuditConfig, AuditLog};
 use crate::bpf::{RedirectConfig, Redirector};
@@ -123,6 +124,15 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
                 .context("starting the CIBA approval channel")?;
             approvals.add_channel(channel.clone());
             status.section("ciba", Arc::new(move || channel.status()))
+        }
+        None => status,
+    };
+    let status = match &config.webhook {
+        Some(hook) => {
+            let channel = WebhookChannel::new(hook.clone(), key.clone(), host.clone())
+                .context("starting the approval webhook")?;
+            approvals.add_channel(channel.clone());
+            status.section("webhook", Arc::new(move || channel.status()))
         }
         None => status,
     };

@@ -6,8 +6,8 @@
 //! Needs node and the test peers (`tests/peers/setup.sh`, run here); a
 //! missing peer fails the test (never a silent skip).
 
-use kya_agent::approvals::ciba::http::HttpClient;
 use kya_agent::approvals::ciba::CibaChannel;
+use kya_agent::approvals::http::HttpClient;
 use kya_agent::approvals::{ActionRequest, Approvals, Outcome};
 use kya_agent::ca::LocalCa;
 use kya_agent::config::{CibaConfig, CibaMode, CibaPing, CibaSecret};

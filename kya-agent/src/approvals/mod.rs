@@ -7,16 +7,20 @@
 //! * [`channel`]: the seam to backchannels (CIBA, webhook) that ask the owner.
 //! * [`local`]: the local channel: `kya approvals` over the control socket, authorised by `SO_PEERCRED`.
 //! * [`ciba`]: the OpenID CIBA channel: the owner's OpenID Provider asks them and signs the answer.
+//! * [`webhook`]: signed notifications (Standard Webhooks, Ed25519) to a configured URL.
+//! * [`http`]: the outbound HTTP client of the backchannels.
 //! * [`command`]: the `kya approvals` CLI.
 
 pub mod binding;
 pub mod channel;
 pub mod ciba;
 pub mod command;
+pub mod http;
 pub mod local;
 pub mod pending;
 pub mod persist;
 pub mod request;
+pub mod webhook;
 
 pub use channel::{ApprovalChannel, Ask};
 pub use pending::{Answer, ApprovalError, ApprovalHandle, Approvals, Outcome};

@@ -6,7 +6,7 @@
 //! defensively: unknown fields are ignored, missing ones are errors, and
 //! error texts from the provider are truncated before they reach a log.
 
-use super::http::{enc, HttpClient, HttpError};
+use crate::approvals::http::{enc, HttpClient, HttpError};
 use base64::Engine;
 use serde::Deserialize;
 

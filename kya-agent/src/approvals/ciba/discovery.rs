@@ -5,7 +5,7 @@
 //! and the three endpoints CIBA needs. Each endpoint must itself be an
 //! acceptable URL (https, or http on loopback).
 
-use super::http::{parse_url, HttpClient, HttpError};
+use crate::approvals::http::{parse_url, HttpClient, HttpError};
 use serde::Deserialize;
 
 /// Errors discovering the provider.

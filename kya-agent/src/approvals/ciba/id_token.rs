@@ -22,7 +22,7 @@
 //!    `urn:openid:params:jwt:claim:auth_req_id` claim, when present, is this
 //!    request's.
 
-use super::http::{HttpClient, HttpError};
+use crate::approvals::http::{HttpClient, HttpError};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;

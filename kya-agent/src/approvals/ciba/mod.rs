@@ -43,7 +43,7 @@
 
 pub mod client;
 pub mod discovery;
-pub mod http;
+use super::http;
 pub mod id_token;
 pub mod ping;
 

@@ -1,14 +1,16 @@
-//! The outbound HTTP client kya uses to talk to the OpenID Provider.
+//! The outbound HTTP client of the approval backchannels: the OpenID Provider
+//! (CIBA) and approval webhooks.
 //!
 //! One request per connection (the exchanges are rare: discovery, one
-//! authentication request and a few token polls per held call), HTTP/1.1 over
+//! authentication request and a few token polls, or one webhook POST, per held
+//! call), HTTP/1.1 over
 //! tokio-rustls, so no connection pool or extra client crate is needed.
 //! Every request has a deadline covering connect, TLS, request and the whole
 //! response body; bodies are bounded ([`MAX_BODY`]). The provider's certificate
-//! is verified against the system trust store plus an optional `ca_file`.
-//! Plain `http://` is accepted only for loopback hosts (tests, a provider on
-//! the same machine): anything else would send the client secret and receive
-//! ID tokens in clear.
+//! (or webhook receiver's) certificate is verified against the system trust
+//! store plus an optional `ca_file`. Plain `http://` is accepted only for
+//! loopback hosts (tests, a provider on the same machine): anything else would
+//! send the client secret, ID tokens and what agents are about to do in clear.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
@@ -215,6 +217,35 @@ impl HttpClient {
             );
         if let Some(value) = authorization {
             builder = builder.header(http::header::AUTHORIZATION, value);
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|_| HttpError::Url {
+                url: url.chars().take(300).collect(),
+                why: "cannot build a request for it",
+            })?;
+        self.send(url, &target, req).await
+    }
+
+    /// `POST url` with a JSON body and extra headers (names lowercase ASCII).
+    pub async fn post_json(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, HttpError> {
+        let target = parse_url(url)?;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(target.path_and_query.as_str())
+            .header(http::header::HOST, target.authority.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("kya/", env!("CARGO_PKG_VERSION")),
+            );
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
         }
         let req = builder
             .body(Full::new(Bytes::from(body)))
