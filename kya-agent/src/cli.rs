@@ -118,6 +118,10 @@ pub enum ApprovalsCommand {
         id: String,
         #[arg(long)]
         reason: Option<String>,
+        /// Approve this tool on this server for a while (e.g. 1h), not just this
+        /// one call: later calls of the agent to it are released without asking.
+        #[arg(long = "for", value_name = "DURATION")]
+        standing_for: Option<String>,
     },
     /// Deny a held call.
     Deny {

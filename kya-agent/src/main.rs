@@ -14,8 +14,12 @@ fn main() -> std::process::ExitCode {
             let dir = &args.state.state_dir;
             match args.command {
                 A::List { json } => command::list(dir, json),
-                A::Approve { id, reason } => command::answer(dir, &id, true, reason.as_deref()),
-                A::Deny { id, reason } => command::answer(dir, &id, false, reason.as_deref()),
+                A::Approve {
+                    id,
+                    reason,
+                    standing_for,
+                } => command::answer(dir, &id, true, reason.as_deref(), standing_for.as_deref()),
+                A::Deny { id, reason } => command::answer(dir, &id, false, reason.as_deref(), None),
             }
         }
         Command::Events(args) => kya_agent::decision::events::command::run(

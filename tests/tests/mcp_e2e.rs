@@ -819,9 +819,27 @@ fn standing_credentials_from_the_owner_release_held_calls() {
         let r = finish(held);
         assert_eq!(r["isError"], true, "{r}");
     }
+    // The approver widens one approval: "this tool for 10 minutes". The held
+    // call proceeds, and the next one to the same tool is not held at all.
+    let held = client(cg, &["transfer", r#"{"amount": 7000, "to": "dave"}"#]);
+    let a = wait_pending(&daemon);
+    let id = a["id"].as_str().expect("approval id");
+    let out = as_user(alice, &["approvals", "approve", id, "--for", "10m"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(finish(held)["text"], "transferred 7000 to dave");
+    let r = finish(client(
+        cg,
+        &["transfer", r#"{"amount": 8000, "to": "erin"}"#],
+    ));
+    assert_eq!(r["text"], "transferred 8000 to erin", "{r}");
+    assert!(pending_approvals(&daemon).is_empty());
     assert_eq!(
         server.ran(),
-        vec!["transfer", "transfer"],
+        vec!["transfer", "transfer", "transfer", "transfer"],
         "tools that really ran"
     );
 

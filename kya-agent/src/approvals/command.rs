@@ -40,6 +40,7 @@ pub fn answer(
     id: &str,
     approve: bool,
     reason: Option<&str>,
+    standing_for: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let op = if approve {
         "approvals.approve"
@@ -48,12 +49,19 @@ pub fn answer(
     };
     let result = client::call(
         state_dir,
-        &Request::new(op, json!({"id": id, "reason": reason})),
+        &Request::new(
+            op,
+            json!({"id": id, "reason": reason, "standing_for": standing_for}),
+        ),
     )?;
     let verb = if approve { "approved" } else { "denied" };
     println!(
-        "{id} {verb} by {}",
-        result["approver"].as_str().unwrap_or("?")
+        "{id} {verb} by {}{}",
+        result["approver"].as_str().unwrap_or("?"),
+        match standing_for {
+            Some(d) => format!(" (and its tool for {d})"),
+            None => String::new(),
+        }
     );
     Ok(ExitCode::SUCCESS)
 }

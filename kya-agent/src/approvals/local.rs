@@ -36,6 +36,22 @@ impl LocalChannel {
                 )
             }
         };
+        // "This tool for an hour": a wider, standing scope chosen by the approver.
+        let standing_for = match request.args.get("standing_for") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if approve => {
+                match crate::credential::service::parse_valid_for(s) {
+                    Ok(d) => Some(d.as_secs()),
+                    Err(e) => return Response::error(ErrorCode::BadRequest, format!("--for: {e}")),
+                }
+            }
+            Some(_) => {
+                return Response::error(
+                    ErrorCode::BadRequest,
+                    "standing_for is a duration, and only for approvals",
+                )
+            }
+        };
         let Some(action) = self.approvals.request(id) else {
             return Response::error(ErrorCode::NotFound, format!("no pending approval {id}"));
         };
@@ -60,7 +76,9 @@ impl LocalChannel {
             approver: user.clone(),
             channel: "local".into(),
             reason,
-            evidence: Some(json!({"uid": caller.uid, "pid": caller.pid})),
+            evidence: Some(
+                json!({"uid": caller.uid, "pid": caller.pid, "standing_for_secs": standing_for}),
+            ),
         };
         match self.approvals.answer(id, answer) {
             Ok(()) => {
@@ -196,6 +214,54 @@ mod tests {
         ] {
             let r = ch.answer(me, &Request::new("approvals.approve", bad), true);
             assert!(matches!(r, Response::Error { .. }), "{r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wider_scope_is_a_checked_duration_and_only_for_approvals() {
+        let approvals = Approvals::new(4, None);
+        // root's own name is the owner here, so the answer is authorised.
+        let h = approvals
+            .submit(action("bot", "root"), std::time::Duration::from_secs(5))
+            .unwrap();
+        let ch = LocalChannel::new(approvals.clone());
+        let root = Caller {
+            uid: 0,
+            gid: 0,
+            pid: Some(1),
+        };
+        for (approve, args) in [
+            (true, json!({"id": h.id, "standing_for": "0s"})),
+            (true, json!({"id": h.id, "standing_for": "400days"})),
+            (true, json!({"id": h.id, "standing_for": 3600})),
+            (false, json!({"id": h.id, "standing_for": "1h"})),
+        ] {
+            let req = Request::new("approvals.x", args.clone());
+            assert!(
+                matches!(
+                    ch.answer(root, &req, approve),
+                    Response::Error {
+                        code: ErrorCode::BadRequest,
+                        ..
+                    }
+                ),
+                "{args}"
+            );
+        }
+        assert!(
+            approvals.is_pending(&h.id),
+            "refused requests answer nothing"
+        );
+        let req = Request::new(
+            "approvals.approve",
+            json!({"id": h.id, "standing_for": "1h"}),
+        );
+        assert!(matches!(ch.answer(root, &req, true), Response::Ok { .. }));
+        match h.wait().await {
+            crate::approvals::Outcome::Approved(a) => {
+                assert_eq!(a.evidence.unwrap()["standing_for_secs"], 3600)
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -296,7 +296,16 @@ fn list(args: CredentialListArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(&args.state_dir);
     let now = OffsetDateTime::now_utc();
     let mut rows = Vec::new();
-    if dir.join(super::store::DIR_NAME).is_dir() {
+    // A running daemon lists what the caller may manage (root: all); without
+    // one, the store is read directly (needs access to the state dir).
+    let from_daemon = match client::Client::connect(&dir) {
+        Ok(mut c) => Some(c.call(&Request::new("credential.list", Value::Null))?),
+        Err(ClientError::Connect { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(Value::Array(items)) = from_daemon {
+        rows = items;
+    } else if dir.join(super::store::DIR_NAME).is_dir() {
         let store = CredentialStore::open(&dir)?;
         for s in store.standing()? {
             let c = &s.credential;
@@ -316,7 +325,7 @@ fn list(args: CredentialListArgs) -> anyhow::Result<ExitCode> {
     } else {
         for r in &rows {
             println!(
-                "{}  agent={}  tool={}  until={}{}{}",
+                "{}  agent={}  tool={}  until={}{}{}{}",
                 r["id"].as_str().unwrap_or_default(),
                 r["agent"].as_str().unwrap_or_default(),
                 r["tool"].as_str().unwrap_or_default(),
@@ -327,6 +336,11 @@ fn list(args: CredentialListArgs) -> anyhow::Result<ExitCode> {
                     ""
                 },
                 if r["spent"] == true { "  (spent)" } else { "" },
+                if r["revoked"] == true {
+                    "  (revoked)"
+                } else {
+                    ""
+                },
             );
         }
     }

@@ -727,7 +727,25 @@ fn mint_and_redeem(
 ) -> Result<String, String> {
     let now = OffsetDateTime::now_utc();
     let tool = call.tool.clone().unwrap_or_default();
-    let scope = Scope::exact(&call.server, &tool, &call.args).map_err(|e| e.to_string())?;
+    // The approver may have chosen a wider scope: this tool on this server for
+    // a while (a standing credential later calls match), else exactly this call.
+    let standing_for = answer
+        .evidence
+        .as_ref()
+        .and_then(|e| e.get("standing_for_secs"))
+        .and_then(|v| v.as_u64())
+        .map(Duration::from_secs)
+        .filter(|d| !d.is_zero() && *d <= service::MAX_VALID_FOR);
+    let scope = match standing_for {
+        Some(_) => Scope {
+            server: Some(call.server.clone()),
+            tool: tool.clone(),
+            args_sha256: None,
+            arg_bounds: Vec::new(),
+            single_use: false,
+        },
+        None => Scope::exact(&call.server, &tool, &call.args).map_err(|e| e.to_string())?,
+    };
     let subject = AgentSubject {
         agent: ctx.agent.name.clone(),
         exe_sha256: None,
@@ -754,9 +772,14 @@ fn mint_and_redeem(
         .map(str::to_owned);
     evidence.approval_id = Some(approval_id.to_string());
     evidence.binding_message = Some(binding.to_string());
-    let until = now + APPROVAL_CREDENTIAL_TTL;
-    let (doc, _) =
+    let until = now + standing_for.unwrap_or(APPROVAL_CREDENTIAL_TTL);
+    let (doc, minted) =
         action::issue(key, subject, now, until, vec![evidence]).map_err(|e| e.to_string())?;
+    if standing_for.is_some() {
+        store
+            .add_standing(&doc, &minted, now)
+            .map_err(|e| format!("cannot store the standing credential: {e}"))?;
+    }
     let call = CredCall {
         agent: ctx.agent.name.clone(),
         uid: ctx.process.uid,
