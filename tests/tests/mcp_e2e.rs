@@ -877,3 +877,157 @@ fn standing_credentials_from_the_owner_release_held_calls() {
         .expect("kya audit verify");
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
+
+/// A webhook receiver on loopback: each request's headers (lowercased names)
+/// and body, answered 200.
+fn webhook_receiver() -> (
+    u16,
+    std::sync::mpsc::Receiver<(Vec<(String, String)>, Vec<u8>)>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+    let port = l.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            let _ = r.read_line(&mut line); // request line
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.trim_end().split_once(':') {
+                    headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
+            }
+            let len: usize = headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0u8; len.min(1 << 20)];
+            let _ = r.read_exact(&mut body);
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            if tx.send((headers, body)).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
+
+/// kya's public key from its PEM (SPKI: the Ed25519 key is the last 32 bytes).
+fn kya_public_key(state_dir: &Path) -> ed25519_dalek::VerifyingKey {
+    use base64::Engine;
+    let pem = std::fs::read_to_string(state_dir.join("signing-key.pub.pem")).expect("public key");
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("PEM base64");
+    let raw: [u8; 32] = der[der.len() - 32..].try_into().expect("32 bytes");
+    ed25519_dalek::VerifyingKey::from_bytes(&raw).expect("Ed25519 key")
+}
+
+/// Issue 5: with `[approvals.webhook]`, a held call is announced to the URL in
+/// a POST the receiver verifies with kya's public key (Standard Webhooks,
+/// Ed25519); the owner then answers with `kya approvals`, and the call runs.
+#[test]
+fn a_held_call_is_announced_to_the_webhook_signed_by_kya() {
+    if !privileged("a_held_call_is_announced_to_the_webhook_signed_by_kya") {
+        return;
+    }
+    let _g = serial();
+    let scene = Scene::new("hook");
+    let (dir, cg, alice) = (&scene.dir, &scene.cg, &scene.owner);
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        POLICY.replace("hold_timeout = \"4s\"", "hold_timeout = \"60s\""),
+    )
+    .expect("policy");
+    let (port, hooks) = webhook_receiver();
+    let config = dir.path().join("kya.toml");
+    std::fs::write(
+        &config,
+        format!("[approvals.webhook]\nurl = \"http://127.0.0.1:{port}/hooks/kya\"\n"),
+    )
+    .expect("config");
+    let server = Server::start(dir.path());
+    let mut options = DaemonOptions::new(941)
+        .args(scene.daemon_args())
+        .args(["--port", &PORT.to_string()]);
+    options.config = Some(config);
+    let daemon = Daemon::start(options);
+
+    let held = client(cg, &["transfer", r#"{"amount": 6000, "to": "carol"}"#]);
+    let pending = wait_pending(&daemon);
+    let (headers, body) = hooks
+        .recv_timeout(Duration::from_secs(15))
+        .expect("the webhook was called");
+    let h = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    // The receiver's own check: "{id}.{timestamp}.{body}" signed by kya's key.
+    let id = h("webhook-id");
+    let ts = h("webhook-timestamp");
+    let sig = h("webhook-signature");
+    assert_eq!(id, pending["id"].as_str().unwrap_or("?"));
+    let sig = {
+        use base64::Engine;
+        let b64 = sig.strip_prefix("v1a,").expect("asymmetric signature");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64");
+        ed25519_dalek::Signature::from_slice(&bytes).expect("signature")
+    };
+    let mut signed = format!("{id}.{ts}.").into_bytes();
+    signed.extend_from_slice(&body);
+    kya_public_key(daemon.state_dir.path())
+        .verify_strict(&signed, &sig)
+        .expect("the webhook verifies with kya's public key");
+    let mut tampered = signed.clone();
+    let last = tampered.len() - 2;
+    tampered[last] ^= 1;
+    assert!(kya_public_key(daemon.state_dir.path())
+        .verify_strict(&tampered, &sig)
+        .is_err());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!((now - ts.parse::<i64>().expect("timestamp")).abs() < 60);
+    let v: Value = serde_json::from_slice(&body).expect("JSON body");
+    assert_eq!(v["type"], "approval.requested");
+    assert_eq!(v["data"]["binding_message"], pending["binding_message"]);
+    assert_eq!(v["data"]["owner"], alice.name.as_str());
+    assert_eq!(v["data"]["tool"], "transfer");
+    assert!(
+        !String::from_utf8_lossy(&body).contains("carol"),
+        "arguments are not sent, only their digest"
+    );
+    assert!(
+        server.ran().is_empty(),
+        "the webhook does not release the call"
+    );
+
+    // The answer comes from the owner, on the CLI.
+    let out = scene.as_user(&daemon, alice, &["approvals", "approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(finish(held)["text"], "transferred 6000 to carol");
+    assert_eq!(server.ran(), vec!["transfer"]);
+    let status = kya(&daemon, &["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(status["webhook"]["sent"], 1, "{}", status["webhook"]);
+}
