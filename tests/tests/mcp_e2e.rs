@@ -878,12 +878,12 @@ fn standing_credentials_from_the_owner_release_held_calls() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
 
+/// One received webhook: headers (lowercased names) and body.
+type Hook = (Vec<(String, String)>, Vec<u8>);
+
 /// A webhook receiver on loopback: each request's headers (lowercased names)
 /// and body, answered 200.
-fn webhook_receiver() -> (
-    u16,
-    std::sync::mpsc::Receiver<(Vec<(String, String)>, Vec<u8>)>,
-) {
+fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<Hook>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
     let port = l.local_addr().expect("addr").port();
