@@ -233,6 +233,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             Ok(Ok(())) => {}
         }
     }
+    // Budgets are written by a background flusher; write the last changes now.
+    engine.flush_budgets();
     // Commit what is queued and sign the final checkpoint.
     let closing = audit.clone();
     match tokio::task::spawn_blocking(move || closing.close()).await {

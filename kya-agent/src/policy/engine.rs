@@ -442,9 +442,17 @@ pub struct PolicyEngine {
     registry: RwLock<Arc<Registry>>,
     paths: Vec<PathBuf>,
     agents_path: Option<PathBuf>,
-    budgets: BudgetState,
+    budgets: Arc<BudgetState>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+}
+
+impl Drop for PolicyEngine {
+    fn drop(&mut self) {
+        // Here, not later in the flusher thread: whoever drops the engine
+        // finds its budgets on disk.
+        self.budgets.flush();
+    }
 }
 
 impl PolicyEngine {
@@ -459,11 +467,16 @@ impl PolicyEngine {
         let registry = Self::load_registry(agents.as_deref()).map_err(EngineError::Invalid)?;
         let budgets = match state_dir {
             Some(d) => BudgetState::open(d)?,
-            None => BudgetState::in_memory(),
+            None => Arc::new(BudgetState::in_memory()),
         };
         Ok(PolicyEngine::from_parts(
             policy, registry, paths, agents, budgets,
         ))
+    }
+
+    /// Write budget state that changed since its last write (shutdown).
+    pub fn flush_budgets(&self) {
+        self.budgets.flush();
     }
 
     /// Assemble an engine from already-loaded parts (tests, benchmarks).
@@ -472,14 +485,14 @@ impl PolicyEngine {
         registry: Registry,
         paths: Vec<PathBuf>,
         agents: Option<PathBuf>,
-        budgets: BudgetState,
+        budgets: impl Into<Arc<BudgetState>>,
     ) -> PolicyEngine {
         PolicyEngine {
             policy: RwLock::new(Arc::new(policy)),
             registry: RwLock::new(Arc::new(registry)),
             paths,
             agents_path: agents,
-            budgets,
+            budgets: budgets.into(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
         }
