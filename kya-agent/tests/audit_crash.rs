@@ -58,6 +58,7 @@ fn event(trial: u64, n: u64) -> DecisionEvent {
             id: format!("a{n}"),
             approver: Some("alice".into()),
             channel: Some("cli".into()),
+            id_token_sha256: None,
         }),
         credential_id: None,
         hold_id: None,

@@ -67,6 +67,7 @@ fn event(n: u64) -> DecisionEvent {
             id: format!("ap-{n}"),
             approver: Some("alice".into()),
             channel: Some("cli".into()),
+            id_token_sha256: None,
         }),
         credential_id: None,
         hold_id: None,

@@ -19,7 +19,8 @@
 //                  (^[a-zA-Z0-9-._+/!?#]{1,20}$); otherwise printable ASCII up to 128
 //
 // Control API (JSON, 127.0.0.1:CONTROL_PORT):
-//   GET  /requests            [{id, login_hint, binding_message, requested_expiry, done}]
+//   GET  /requests            [{id, login_hint, binding_message, requested_expiry, done,
+//                              id_token_sha256 (hex SHA-256 of the ID token the client got)}]
 //   POST /requests/ID/approve the human approves (a Grant with scope openid)
 //   POST /requests/ID/deny    the human refuses (AccessDenied)
 //   POST /tamper?mode=none|evil_key|wrong_aud|wrong_sub|unknown_kid
@@ -150,6 +151,14 @@ provider.use(async (ctx, next) => {
       ...ctx.body,
       id_token: await new jose.SignJWT(claims).setProtectedHeader({ alg: ALG, kid }).sign(priv),
     };
+  }
+  // Remember the digest of the ID token the client really got (what kya's
+  // audit log must name for an approval).
+  if (ctx.path === '/token' && ctx.status === 200 && ctx.body?.id_token) {
+    const entry = requests.get(ctx.oidc?.params?.auth_req_id);
+    if (entry) {
+      entry.id_token_sha256 = crypto.createHash('sha256').update(ctx.body.id_token).digest('hex');
+    }
   }
 });
 

@@ -770,3 +770,163 @@ pub fn ensure_peers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---- Real MCP peers (tests/peers) and the kya client, for tests that drive
+// ---- a real MCP client through the redirect.
+
+/// The peers' Python interpreter (tests/peers/.venv).
+pub fn peers_python() -> PathBuf {
+    peers().join(".venv/bin/python")
+}
+
+/// The real MCP server (`tests/peers/server.py`) on a loopback port, in a
+/// process group of its own (killed whole on drop), recording every tool that
+/// really ran in its own log.
+pub struct McpServer {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl McpServer {
+    /// Start on `port`, logging to `dir/log_name`; waits until it listens.
+    pub fn start(dir: &Path, port: u16, log_name: &str) -> Self {
+        use std::os::unix::process::CommandExt;
+        let log = dir.join(log_name);
+        std::fs::write(&log, "").expect("peer log");
+        let child = Command::new(peers_python())
+            .process_group(0)
+            .arg(peers().join("server.py"))
+            .args(["--port", &port.to_string()])
+            .env("KYA_PEER_LOG", &log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start MCP server");
+        let server = Self { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "MCP server did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// Its Streamable HTTP URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+
+    /// Tools that really ran, in order (the server's own record).
+    pub fn ran(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        // The whole process group: nothing may keep the port after the test.
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Start the real MCP client (`tests/peers/client.py URL ARGS...`) inside the
+/// cgroup; its pid is the client's (`sh` execs it).
+pub fn mcp_client(cg: &TestCgroup, url: &str, args: &[&str]) -> Child {
+    let script = peers().join("client.py");
+    let mut all: Vec<&str> = vec![script.to_str().expect("utf-8"), url];
+    all.extend_from_slice(args);
+    cg.command(peers_python(), &all)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start MCP client")
+}
+
+/// Wait for an MCP client and parse the JSON line it printed.
+pub fn mcp_result(child: Child) -> Value {
+    let out = child.wait_with_output().expect("client output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `kya ARGS --state-dir <the daemon's>` as root.
+pub fn kya_cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(kya_bin())
+        .args(args)
+        .arg("--state-dir")
+        .arg(daemon.state_dir.path())
+        .output()
+        .expect("kya client command")
+}
+
+/// `kya status --json` of a running daemon.
+pub fn kya_status(daemon: &Daemon) -> Value {
+    let out = kya_cli(daemon, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "kya status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// The pending approvals (`kya approvals list --json`).
+pub fn approvals_pending(daemon: &Daemon) -> Vec<Value> {
+    let out = kya_cli(daemon, &["approvals", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .expect("approvals JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Wait (up to 20 s) for a pending approval whose id is not in `seen`.
+pub fn wait_new_approval(daemon: &Daemon, seen: &[&str]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(a) = approvals_pending(daemon)
+            .into_iter()
+            .find(|a| !seen.contains(&a["id"].as_str().unwrap_or("")))
+        {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no approval appeared:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The daemon's recent decisions on `tools/call` (`kya events --json`).
+pub fn tool_call_events(daemon: &Daemon) -> Vec<Value> {
+    let ev = kya_cli(daemon, &["events", "--json"]);
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    String::from_utf8_lossy(&ev.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &Value| e["mcp"]["method"] == "tools/call")
+        .collect()
+}

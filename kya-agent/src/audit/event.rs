@@ -250,6 +250,11 @@ pub struct ApprovalInfo {
     /// `ciba`, `cli`, `webhook`...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
+    /// SHA-256 (hex) of the verified OpenID ID token that proved a CIBA
+    /// approval: ties the logged release to the provider's signed statement
+    /// (the minted credential, which carries the same digest, is not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_token_sha256: Option<String>,
 }
 
 /// One decision, as recorded.
@@ -408,6 +413,7 @@ pub(crate) mod tests {
                     id: format!("a-{n}"),
                     approver: Some("alice".into()),
                     channel: Some("ciba".into()),
+                    id_token_sha256: None,
                 }
             }),
             credential_id: (kind == EventKind::Approved).then(|| "cred-1".into()),

@@ -20,7 +20,7 @@
 //! | `rule`, `policy_version`, `reason` | `policy.uid`, `policy.name`, `policy.version`, `policy.desc`; `reason` also `status_detail` |
 //! | `approval`, `credential_id` | `authorizations[]` (`decision`, `policy.uid`) |
 //! | `latency_us` | `duration` (ms) and `unmapped.latency_us` |
-//! | everything else (tgid, gid, cgroup, systemd unit, SNI, args digest, args, redactions, hold id) | `unmapped` |
+//! | everything else (tgid, gid, cgroup, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest) | `unmapped` |
 //!
 //! `severity_id`: 1 Informational for allows, 2 Low for holds and approvals,
 //! 3 Medium for denies (a denied agent call is something a SOC may want to see).
@@ -219,6 +219,14 @@ pub fn to_ocsf(e: &DecisionEvent) -> Value {
         "hold_id",
         e.hold_id.as_ref().map(|h| json!(h)),
     );
+    put(
+        &mut unmapped,
+        "id_token_sha256",
+        e.approval
+            .as_ref()
+            .and_then(|a| a.id_token_sha256.as_ref())
+            .map(|d| json!(d)),
+    );
     unmapped.insert("verdict".into(), json!(e.verdict));
     unmapped.insert("latency_us".into(), json!(e.latency_us));
 
@@ -357,6 +365,15 @@ mod tests {
         assert_eq!(auth[0]["decision"], "Approved by alice via ciba");
         assert_eq!(auth[0]["policy"]["uid"], "a-1");
         assert_eq!(auth[1]["policy"]["uid"], "cred-1");
+        assert!(approved["unmapped"].get("id_token_sha256").is_none());
+        let mut ciba = sample(EventKind::Approved, 1);
+        if let Some(a) = ciba.approval.as_mut() {
+            a.id_token_sha256 = Some("cd".repeat(32));
+        }
+        assert_eq!(
+            to_ocsf(&ciba)["unmapped"]["id_token_sha256"],
+            "cd".repeat(32).as_str()
+        );
         let deny = to_ocsf(&sample(EventKind::Decision, 1));
         assert_eq!(deny["status_detail"], "amount above 1000");
         assert!(deny.get("authorizations").is_none());

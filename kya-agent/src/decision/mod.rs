@@ -506,8 +506,7 @@ impl DecisionPath {
                 Verdict::Hold,
                 Some(ApprovalInfo {
                     id: hold_id.clone(),
-                    approver: None,
-                    channel: None,
+                    ..ApprovalInfo::default()
                 }),
                 None,
             );
@@ -530,11 +529,7 @@ impl DecisionPath {
                 .inc();
             match outcome {
                 Outcome::Approved(answer) => {
-                    let info = ApprovalInfo {
-                        id: hold_id.clone(),
-                        approver: Some(answer.approver.clone()),
-                        channel: Some(answer.channel.clone()),
-                    };
+                    let info = approval_info(&hold_id, &answer);
                     let released = if answer.channel == service::RELEASE_CHANNEL {
                         // A standing credential issued while the call was held:
                         // re-check and redeem exactly it (revoked meanwhile → denied).
@@ -602,11 +597,7 @@ impl DecisionPath {
                     }
                 }
                 Outcome::Denied(answer) => {
-                    let info = ApprovalInfo {
-                        id: hold_id.clone(),
-                        approver: Some(answer.approver.clone()),
-                        channel: Some(answer.channel.clone()),
-                    };
+                    let info = approval_info(&hold_id, &answer);
                     let ev =
                         pending
                             .facts
@@ -626,8 +617,7 @@ impl DecisionPath {
                     };
                     let info = ApprovalInfo {
                         id: hold_id.clone(),
-                        approver: None,
-                        channel: None,
+                        ..ApprovalInfo::default()
                     };
                     let ev =
                         pending
@@ -712,6 +702,29 @@ impl Drop for HeldGauge {
     }
 }
 
+/// The digest of the verified ID token behind a CIBA answer, if any.
+fn id_token_digest(answer: &Answer) -> Option<String> {
+    answer
+        .evidence
+        .as_ref()
+        .and_then(|e| e.get("id_token_sha256"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+}
+
+/// What the audit record of an answered hold says about the answer: who, on
+/// which channel, and for CIBA the ID token digest, so the log itself ties the
+/// release to the provider's signed statement (the minted credential that
+/// also carries it is spent and not kept).
+fn approval_info(hold_id: &str, answer: &Answer) -> ApprovalInfo {
+    ApprovalInfo {
+        id: hold_id.to_string(),
+        approver: Some(answer.approver.clone()),
+        channel: Some(answer.channel.clone()),
+        id_token_sha256: id_token_digest(answer),
+    }
+}
+
 /// Mint the single-use credential for exactly this approved call, verify it as
 /// any verifier would, and spend it. Returns its id.
 #[allow(clippy::too_many_arguments)]
@@ -764,12 +777,7 @@ fn mint_and_redeem(
     let mut evidence =
         Evidence::approval(&answer.approver, channel, now).map_err(|e| e.to_string())?;
     // A CIBA answer carries the digest of the verified ID token that proved it.
-    evidence.id_token_sha256 = answer
-        .evidence
-        .as_ref()
-        .and_then(|e| e.get("id_token_sha256"))
-        .and_then(|v| v.as_str())
-        .map(str::to_owned);
+    evidence.id_token_sha256 = id_token_digest(answer);
     evidence.approval_id = Some(approval_id.to_string());
     evidence.binding_message = Some(binding.to_string());
     let until = now + standing_for.unwrap_or(APPROVAL_CREDENTIAL_TTL);
@@ -794,4 +802,46 @@ fn mint_and_redeem(
     let cred = verify::verify_for_call(&doc, &key.verifying_key(), &call, now, store)
         .map_err(|e| e.to_string())?;
     Ok(cred.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(channel: &str, evidence: Option<serde_json::Value>) -> Answer {
+        Answer {
+            approve: true,
+            approver: "alice".into(),
+            channel: channel.into(),
+            reason: None,
+            evidence,
+        }
+    }
+
+    #[test]
+    fn a_ciba_approval_records_its_id_token_digest_in_the_audit_event() {
+        let digest = "ab".repeat(32);
+        let a = answer(
+            "ciba",
+            Some(
+                serde_json::json!({"id_token_sha256": digest, "iss": "http://127.0.0.1:1", "auth_req_id": "r"}),
+            ),
+        );
+        let info = approval_info("apr_1", &a);
+        assert_eq!(info.id, "apr_1");
+        assert_eq!(info.approver.as_deref(), Some("alice"));
+        assert_eq!(info.channel.as_deref(), Some("ciba"));
+        assert_eq!(info.id_token_sha256.as_deref(), Some(digest.as_str()));
+        let json = serde_json::to_value(&info).expect("json");
+        assert_eq!(json["id_token_sha256"], digest.as_str());
+
+        // A local answer has no token: the field is absent from the record.
+        let local = approval_info(
+            "apr_2",
+            &answer("local", Some(serde_json::json!({"uid": 1000}))),
+        );
+        assert_eq!(local.id_token_sha256, None);
+        let json = serde_json::to_value(&local).expect("json");
+        assert!(json.get("id_token_sha256").is_none(), "{json}");
+    }
 }

@@ -30,7 +30,8 @@
 //!    the verified `sub`, evidence = `{id_token_sha256, iss, auth_req_id}`.
 //!    The action-scoped credential minted on approval
 //!    (`decision::mint_and_redeem`) is signed by kya's own key and carries the
-//!    verified identity and the ID token digest, so the audit log ties the
+//!    verified identity and the ID token digest, and so does the audit log's
+//!    `approved` record (`approval.id_token_sha256`): the log ties the
 //!    forwarded call to the OP's signed statement.
 //!
 //! **A token that fails verification never approves, and never denies**: the
