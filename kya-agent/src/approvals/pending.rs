@@ -4,7 +4,14 @@
 //! [`ApprovalHandle::wait`]; an owner's answer (any channel) resolves it. The
 //! first answer wins; a later one is refused. Dropping the handle (the agent
 //! disconnected, cancelled, or the hold was released another way) removes the
-//! approval. Every change is persisted before it takes effect for others.
+//! approval.
+//!
+//! With a [`Persist`] journal, a new approval is on disk (durably) before it is
+//! visible to anyone (listed, put to channels, answerable), and its end is
+//! journaled when it is removed (see [`super::persist`] for the guarantees).
+//! The journal I/O is done outside the map's mutex: a slot is reserved under
+//! the mutex (so the bound holds), the record is written, then the approval
+//! is inserted. Concurrent submissions share the journal's `fdatasync`.
 
 use super::binding;
 use super::channel::{ApprovalChannel, Ask};
@@ -12,6 +19,7 @@ use super::persist::{PendingRecord, Persist, PersistError};
 use super::request::{ActionRequest, ApprovalView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
@@ -76,6 +84,8 @@ struct Entry {
 /// The pending approvals of one daemon.
 pub struct Approvals {
     pending: Mutex<HashMap<String, Entry>>,
+    /// Slots taken by submissions being journaled (changed under `pending`'s lock).
+    reserved: AtomicUsize,
     max_pending: usize,
     persist: Option<Persist>,
     channels: std::sync::RwLock<Vec<Arc<dyn ApprovalChannel>>>,
@@ -86,6 +96,7 @@ impl Approvals {
     pub fn new(max_pending: usize, persist: Option<Persist>) -> Arc<Self> {
         Arc::new(Self {
             pending: Mutex::new(HashMap::new()),
+            reserved: AtomicUsize::new(0),
             max_pending,
             persist,
             channels: std::sync::RwLock::new(Vec::new()),
@@ -136,25 +147,33 @@ impl Approvals {
         let (ended_tx, ended_rx) = watch::channel(());
         let ask_request = request.clone();
         {
-            let mut map = self.lock();
-            if map.len() >= self.max_pending {
+            let map = self.lock();
+            if map.len() + self.reserved.load(Ordering::Relaxed) >= self.max_pending {
                 return Err(ApprovalError::TooMany(self.max_pending));
             }
-            map.insert(
-                id.clone(),
-                Entry {
-                    request,
-                    binding_message: binding_message.clone(),
-                    created,
-                    expires,
-                    resolve: Some(tx),
-                    _ended: ended_tx,
-                },
-            );
-            if let Err(e) = self.save(&map) {
-                map.remove(&id);
-                return Err(e);
-            }
+            self.reserved.fetch_add(1, Ordering::Relaxed);
+        }
+        let entry = Entry {
+            request,
+            binding_message: binding_message.clone(),
+            created,
+            expires,
+            resolve: Some(tx),
+            _ended: ended_tx,
+        };
+        // Durable before anyone sees it; outside the map's lock.
+        let saved = match &self.persist {
+            Some(p) => p.add(&PendingRecord {
+                view: view(&id, &entry),
+                request: entry.request.clone(),
+            }),
+            None => Ok(()),
+        };
+        {
+            let mut map = self.lock();
+            self.reserved.fetch_sub(1, Ordering::Relaxed);
+            saved?;
+            map.insert(id.clone(), entry);
         }
         let channels = self
             .channels
@@ -254,27 +273,15 @@ impl Approvals {
     }
 
     fn remove(&self, id: &str) {
-        let mut map = self.lock();
-        if map.remove(id).is_some() {
-            if let Err(e) = self.save(&map) {
-                tracing::error!(error = %e, "cannot persist approvals after removing {id}");
+        let removed = self.lock().remove(id);
+        // The entry (and its `_ended` sender) is dropped outside the lock.
+        if removed.is_some() {
+            if let Some(p) = &self.persist {
+                if let Err(e) = p.end(id) {
+                    tracing::error!(error = %e, "cannot journal the end of approval {id}");
+                }
             }
         }
-    }
-
-    fn save(&self, map: &HashMap<String, Entry>) -> Result<(), ApprovalError> {
-        let Some(p) = &self.persist else {
-            return Ok(());
-        };
-        let records: Vec<PendingRecord> = map
-            .iter()
-            .map(|(id, e)| PendingRecord {
-                view: view(id, e),
-                request: e.request.clone(),
-            })
-            .collect();
-        p.save(&records)?;
-        Ok(())
     }
 }
 
@@ -452,6 +459,54 @@ pub(crate) mod tests {
             a.submit(action("bot", "alice"), Duration::from_secs(5)),
             Err(ApprovalError::TooMany(2))
         ));
+    }
+
+    #[test]
+    fn concurrent_submissions_keep_the_bound_and_the_journal_exact() {
+        use crate::approvals::persist::Persist;
+        let dir = tempfile::tempdir().unwrap();
+        let a = Approvals::new(40, Some(Persist::new(dir.path())));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    let mut refused = 0;
+                    for i in 0..10 {
+                        match a.submit(action("bot", "alice"), Duration::from_secs(60)) {
+                            // Every other one ends (answered and gone).
+                            Ok(h) if (t + i) % 2 == 0 => drop(h),
+                            Ok(h) => kept.push(h),
+                            Err(ApprovalError::TooMany(40)) => refused += 1,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    (kept, refused)
+                })
+            })
+            .collect();
+        let mut kept = Vec::new();
+        for t in threads {
+            let (k, _refused) = t.join().unwrap();
+            kept.extend(k);
+        }
+        assert!(kept.len() <= 40);
+        assert_eq!(a.len(), kept.len());
+        let mut want: Vec<String> = kept.iter().map(|h| h.id.clone()).collect();
+        want.sort();
+        let mut listed: Vec<String> = a.list().into_iter().map(|v| v.id).collect();
+        listed.sort();
+        assert_eq!(listed, want);
+        // What a crash now would leave: exactly the pending set.
+        let mut left: Vec<String> = Persist::new(dir.path())
+            .take_interrupted()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.view.id)
+            .collect();
+        left.sort();
+        assert_eq!(left, want);
+        std::mem::forget(kept);
     }
 
     /// A channel that answers every ask itself, as a backchannel would.

@@ -1,21 +1,55 @@
 //! The persisted credential state in `STATE_DIR/credentials/`:
 //!
 //! * `revoked.json`: revoked credential ids (`kya credential revoke`);
-//! * `spent.json`: single-use credential ids already used (replay protection);
+//! * `spent.log`: single-use credential ids already used (replay protection),
+//!   append-only (below);
 //! * `standing.json`: standing credentials issued ahead of time, which the
 //!   decision path queries ("is there a valid credential covering this call?").
 //!
 //! Several processes share these files (the daemon, and offline `kya credential`
-//! commands), so every change is a read-modify-write under an exclusive `flock`
-//! on `credentials/lock`, written atomically (temp file, fsync, rename, fsync of
-//! the directory): a crash leaves the old or the new file, never a torn one, and
-//! a spent id survives a restart. Readers re-read a file when its identity
-//! (inode, size, mtime, ctime) changed, so a revocation written by another
-//! process is seen on the next call with one `stat`.
+//! commands), so every change is made under an exclusive `flock` on
+//! `credentials/lock`. `revoked.json` and `standing.json` (rare changes) are
+//! read-modify-written atomically (temp file, fsync, rename, fsync of the
+//! directory): a crash leaves the old or the new file, never a torn one.
+//! Readers re-read a file when its identity (inode, size, mtime, ctime)
+//! changed, so a revocation written by another process is seen on the next
+//! call with one `stat`.
+//!
+//! # The spent log
+//!
+//! Spending happens on every approval, so it must not cost a rewrite of every
+//! spent id. `spent.log` is a text file: the header line `kya-spent 1`, then
+//! one line per spent id, `UNTIL ID\n` (`UNTIL`: Unix seconds after which the
+//! credential is expired, so keeping its id is pointless; `ID` has no
+//! whitespace or control characters, see [`MAX_ID_LEN`]).
+//!
+//! [`CredentialStore::spend`], under the `flock`: reads the lines other
+//! processes appended since its last read (or the whole file when it was
+//! replaced), refuses an id already there, appends the new line and
+//! `fdatasync`s it before returning. The check and the record are therefore
+//! one atomic step across processes, and a spent id survives a crash: a spend
+//! that returned is on disk. Readers ([`CredentialStore::is_spent`],
+//! [`CredentialStore::find_covering`]) keep the set in memory and read only
+//! the file's new tail when its size or inode changed.
+//!
+//! A crash in the middle of an append leaves a torn last line (no `\n`): it
+//! was never acknowledged, so readers ignore it and the next spender (holding
+//! the lock, so certain no append is in progress) truncates it away. Any other
+//! malformed line, a bad header, or a file larger than [`MAX_SPENT_LOG_BYTES`]
+//! is an error, and callers fail closed on it (nothing is spent, so nothing is
+//! released).
+//!
+//! When the log holds many more lines than unexpired ids (`2 × live + 1024`),
+//! a spend compacts it under the lock: the unexpired ids are rewritten
+//! atomically (temp file, fsync, rename, directory fsync); other processes see
+//! the new inode and re-read it whole. An existing `spent.json` (the earlier
+//! whole-file format) is merged into the log by the first spend and removed;
+//! until then readers consult it too.
 //!
 //! Entries expire with their credential (an expired credential fails its window
-//! check anyway), which keeps the files bounded; they are pruned on each write.
-//! A corrupt or oversized file is an error, and callers fail closed on it.
+//! check anyway), which keeps the files bounded; revocations are pruned on each
+//! write, spent ids by compaction (and in memory, as of the latest spend's
+//! clock). A corrupt or oversized file is an error, and callers fail closed on it.
 
 use super::action::ActionCredential;
 use super::jcs;
@@ -25,7 +59,8 @@ use ed25519_dalek::VerifyingKey;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -34,7 +69,14 @@ use time::OffsetDateTime;
 /// Subdirectory of the state dir holding the credential files.
 pub const DIR_NAME: &str = "credentials";
 const REVOKED_FILE: &str = "revoked.json";
-const SPENT_FILE: &str = "spent.json";
+/// The earlier whole-file spent list, merged into [`SPENT_LOG`] and removed.
+const SPENT_LEGACY: &str = "spent.json";
+const SPENT_LOG: &str = "spent.log";
+const SPENT_HEADER: &[u8] = b"kya-spent 1\n";
+/// Largest spent log read (about [`MAX_IDS`] longest ids, with compaction slack).
+pub const MAX_SPENT_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// Lines beyond twice the live ids tolerated before a compaction.
+const SPENT_SLACK_LINES: u64 = 1024;
 const STANDING_FILE: &str = "standing.json";
 const LOCK_FILE: &str = "lock";
 /// Largest store file read: bounds memory on a hostile or runaway file.
@@ -119,14 +161,37 @@ struct Cached<T> {
 #[derive(Default)]
 struct Cache {
     revoked: Cached<BTreeMap<String, Option<i64>>>,
-    spent: Cached<BTreeMap<String, Option<i64>>>,
     standing: Cached<Vec<Standing>>,
+}
+
+/// The spent ids as this process knows them: the log read up to `offset`.
+#[derive(Default)]
+struct Spent {
+    /// (device, inode) of the log read, with a handle on it.
+    file_id: Option<(u64, u64)>,
+    file: Option<std::fs::File>,
+    /// Bytes read: through the last complete line.
+    offset: u64,
+    /// The file's length when last looked at (a torn tail is beyond `offset`).
+    seen_len: u64,
+    /// Lines in the file (header included).
+    lines: u64,
+    /// Line count at which the next spend prunes and considers compacting.
+    check_at: u64,
+    /// Spent ids with their expiry (Unix seconds).
+    ids: HashMap<String, i64>,
+    /// The latest clock a spend ran at: ids that expired before are as
+    /// good as pruned (an expired credential fails its window check anyway).
+    horizon: Option<i64>,
+    /// The legacy `spent.json`, while it exists.
+    legacy: Cached<BTreeMap<String, Option<i64>>>,
 }
 
 /// Handle on `STATE_DIR/credentials/`.
 pub struct CredentialStore {
     dir: PathBuf,
     cache: Mutex<Cache>,
+    spent: Mutex<Spent>,
 }
 
 impl CredentialStore {
@@ -141,6 +206,7 @@ impl CredentialStore {
         Ok(CredentialStore {
             dir,
             cache: Mutex::new(Cache::default()),
+            spent: Mutex::new(Spent::default()),
         })
     }
 
@@ -198,10 +264,9 @@ impl CredentialStore {
 
     /// Whether the single-use credential `id` was already used.
     pub fn is_spent(&self, id: &str) -> Result<bool, StoreError> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let path = self.dir.join(SPENT_FILE);
-        refresh(&path, &mut cache.spent, read_ids)?;
-        Ok(cache.spent.value.contains_key(id))
+        let mut spent = self.lock_spent();
+        self.refresh_spent(&mut spent, false)?;
+        Ok(spent.contains(id))
     }
 
     /// Spend a single-use credential: atomically check it is unused and record
@@ -214,20 +279,159 @@ impl CredentialStore {
     ) -> Result<(), StoreError> {
         check_id(id)?;
         let _lock = self.lock()?;
-        let path = self.dir.join(SPENT_FILE);
-        let mut ids = read_ids(&path)?;
-        if ids.contains_key(id) {
+        let mut spent = self.lock_spent();
+        self.migrate_spent(&mut spent)?;
+        self.refresh_spent(&mut spent, true)?;
+        if spent.contains(id) {
             return Err(StoreError::AlreadySpent(id.to_owned()));
         }
-        prune(&mut ids, now);
-        if ids.len() >= MAX_IDS {
-            return Err(StoreError::Full {
-                what: "spent-credential list",
-                max: MAX_IDS,
+        let now = now.unix_timestamp();
+        spent.horizon = Some(spent.horizon.map_or(now, |h| h.max(now)));
+        if spent.ids.len() >= MAX_IDS || spent.lines >= spent.check_at {
+            // Every so often (amortized O(1) per spend): prune, and compact
+            // when the log is mostly dead lines.
+            spent.prune();
+            if spent.ids.len() >= MAX_IDS {
+                return Err(StoreError::Full {
+                    what: "spent-credential list",
+                    max: MAX_IDS,
+                });
+            }
+            if spent.lines > 2 * spent.ids.len() as u64 + SPENT_SLACK_LINES {
+                self.compact_spent(&mut spent)?;
+            }
+            spent.check_at = spent.lines + SPENT_SLACK_LINES.max(spent.ids.len() as u64);
+        }
+        if spent.file.is_none() || spent.offset == 0 {
+            // No log yet (or an empty one): start it atomically, with its header.
+            self.compact_spent(&mut spent)?;
+        }
+        let path = self.dir.join(SPENT_LOG);
+        let line = format!("{} {id}\n", until.unix_timestamp());
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        if file.metadata().map_err(io(&path))?.ino() != spent.file_id.map_or(0, |f| f.1) {
+            // Not reachable under the lock (only lock holders replace the log).
+            return Err(StoreError::Lock {
+                path,
+                message: "the spent log was replaced while locked".into(),
             });
         }
-        ids.insert(id.to_owned(), Some(until.unix_timestamp()));
-        write_ids(&path, &ids)
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            // Never leave a partial line for the next append to follow.
+            let _ = file.set_len(spent.offset);
+            spent.seen_len = spent.offset;
+            return Err(io(&path)(e));
+        }
+        // From here the id counts as spent, even if the sync fails (fail closed).
+        spent.ids.insert(id.to_owned(), until.unix_timestamp());
+        spent.offset += line.len() as u64;
+        spent.seen_len = spent.offset;
+        spent.lines += 1;
+        file.sync_data().map_err(io(&path))
+    }
+
+    fn lock_spent(&self) -> std::sync::MutexGuard<'_, Spent> {
+        self.spent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bring `spent` up to date with the log: read what was appended since the
+    /// last read, or all of it when the file was replaced. `writer` (the flock
+    /// is held, so no append is in progress): truncate a torn last line.
+    fn refresh_spent(&self, spent: &mut Spent, writer: bool) -> Result<(), StoreError> {
+        let legacy = self.dir.join(SPENT_LEGACY);
+        refresh(&legacy, &mut spent.legacy, read_ids)?;
+        let path = self.dir.join(SPENT_LOG);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                spent.reset(None, None);
+                return Ok(());
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let same = spent.file_id == Some((meta.dev(), meta.ino()));
+        // Within one inode the bytes before `offset` never change (appends
+        // only; a spender truncates nothing but a torn tail past it), so an
+        // unchanged length means nothing new, unless a torn tail was seen: a
+        // spender may have replaced it with a line of the same length.
+        if same && meta.len() == spent.seen_len && spent.seen_len == spent.offset {
+            return Ok(());
+        }
+        if !same || meta.len() < spent.offset {
+            let file = std::fs::File::open(&path).map_err(io(&path))?;
+            let m = file.metadata().map_err(io(&path))?;
+            spent.reset(Some((m.dev(), m.ino())), Some(file));
+        }
+        let Some(file) = spent.file.as_ref() else {
+            return Ok(());
+        };
+        let len = file.metadata().map_err(io(&path))?.len();
+        if len > MAX_SPENT_LOG_BYTES {
+            return Err(StoreError::Corrupt {
+                path,
+                message: format!("larger than {MAX_SPENT_LOG_BYTES} bytes"),
+            });
+        }
+        let mut buf = vec![0; (len.saturating_sub(spent.offset)) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, spent.offset)
+            .map_err(io(&path))?;
+        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let entries = parse_spent(&path, &buf[..complete], spent.offset == 0)?;
+        spent.lines += entries.len() as u64 + u64::from(spent.offset == 0 && complete > 0);
+        spent.ids.extend(entries);
+        spent.offset += complete as u64;
+        spent.seen_len = len;
+        if writer && len > spent.offset {
+            tracing::warn!(path = %path.display(), "truncating a torn last line of the spent log");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(spent.offset))
+                .map_err(io(&path))?;
+            spent.seen_len = spent.offset;
+        }
+        Ok(())
+    }
+
+    /// Rewrite the log with the live ids only (atomically), and read it back.
+    fn compact_spent(&self, spent: &mut Spent) -> Result<(), StoreError> {
+        spent.prune();
+        let path = self.dir.join(SPENT_LOG);
+        let mut bytes = SPENT_HEADER.to_vec();
+        for (id, until) in &spent.ids {
+            bytes.extend_from_slice(format!("{until} {id}\n").as_bytes());
+        }
+        write_atomic(&path, &bytes)?;
+        let file = std::fs::File::open(&path).map_err(io(&path))?;
+        let m = file.metadata().map_err(io(&path))?;
+        let lines = 1 + spent.ids.len() as u64;
+        spent.file_id = Some((m.dev(), m.ino()));
+        spent.file = Some(file);
+        spent.offset = bytes.len() as u64;
+        spent.seen_len = spent.offset;
+        spent.lines = lines;
+        Ok(())
+    }
+
+    /// Merge a legacy `spent.json` into the log, then remove it (flock held).
+    fn migrate_spent(&self, spent: &mut Spent) -> Result<(), StoreError> {
+        let legacy = self.dir.join(SPENT_LEGACY);
+        if !legacy.exists() {
+            return Ok(());
+        }
+        let old = read_ids(&legacy)?;
+        self.refresh_spent(spent, true)?;
+        for (id, until) in old {
+            spent.ids.entry(id).or_insert(until.unwrap_or(i64::MAX));
+        }
+        self.compact_spent(spent)?;
+        std::fs::remove_file(&legacy).map_err(io(&legacy))?;
+        spent.legacy = Cached::default();
+        tracing::info!(path = %legacy.display(), "spent-credential list migrated to spent.log");
+        Ok(())
     }
 
     /// Add a standing credential (already verified by the caller). Adding the
@@ -286,13 +490,14 @@ impl CredentialStore {
             return Ok(None);
         }
         refresh(&self.dir.join(REVOKED_FILE), &mut cache.revoked, read_ids)?;
-        refresh(&self.dir.join(SPENT_FILE), &mut cache.spent, read_ids)?;
+        let mut spent = self.lock_spent();
+        self.refresh_spent(&mut spent, false)?;
         let cache = &*cache;
         let found = cache.standing.value.iter().find(|s| {
             let id = &s.credential.id;
             s.signer == *trusted
                 && !cache.revoked.value.contains_key(id)
-                && !(s.credential.subject.scope.single_use && cache.spent.value.contains_key(id))
+                && !(s.credential.subject.scope.single_use && spent.contains(id))
                 && verify::check_call(&s.credential, call, now).is_ok()
         });
         Ok(found.map(|s| Covering {
@@ -362,6 +567,69 @@ fn check_id(id: &str) -> Result<(), StoreError> {
         return Err(StoreError::BadId(id.chars().take(80).collect()));
     }
     Ok(())
+}
+
+impl Spent {
+    /// Whether `id` is recorded as spent (and not expired as of the horizon).
+    fn contains(&self, id: &str) -> bool {
+        self.ids
+            .get(id)
+            .is_some_and(|until| self.horizon.is_none_or(|h| *until >= h))
+            || self.legacy.value.contains_key(id)
+    }
+
+    /// Forget the log read (it was replaced or removed); keep the clock.
+    fn reset(&mut self, file_id: Option<(u64, u64)>, file: Option<std::fs::File>) {
+        *self = Spent {
+            file_id,
+            file,
+            horizon: self.horizon,
+            legacy: std::mem::take(&mut self.legacy),
+            ..Spent::default()
+        };
+    }
+
+    /// Drop the ids that expired before the horizon.
+    fn prune(&mut self) {
+        if let Some(h) = self.horizon {
+            self.ids.retain(|_, until| *until >= h);
+        }
+    }
+}
+
+/// Parse complete lines of the spent log (`first`: starting with the header).
+fn parse_spent(path: &Path, bytes: &[u8], first: bool) -> Result<Vec<(String, i64)>, StoreError> {
+    let corrupt = |n: usize, message: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        message: format!("line {n}: {message}"),
+    };
+    let mut lines = bytes.split_inclusive(|&b| b == b'\n');
+    if first && !bytes.is_empty() && lines.next() != Some(SPENT_HEADER) {
+        return Err(corrupt(1, "not a kya spent log (bad header)"));
+    }
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let n = i + 1 + usize::from(first);
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = std::str::from_utf8(line).map_err(|_| corrupt(n, "not UTF-8"))?;
+        let (until, id) = text
+            .split_once(' ')
+            .ok_or_else(|| corrupt(n, "expected `UNTIL ID`"))?;
+        let valid_number = !until.is_empty()
+            && until
+                .strip_prefix('-')
+                .unwrap_or(until)
+                .bytes()
+                .all(|b| b.is_ascii_digit());
+        let until: i64 = until
+            .parse()
+            .ok()
+            .filter(|_| valid_number)
+            .ok_or_else(|| corrupt(n, "bad expiry"))?;
+        check_id(id).map_err(|_| corrupt(n, "bad credential id"))?;
+        out.push((id.to_owned(), until));
+    }
+    Ok(out)
 }
 
 fn prune(ids: &mut BTreeMap<String, Option<i64>>, now: OffsetDateTime) {
@@ -705,6 +973,193 @@ mod tests {
                 Err(StoreError::BadId(_))
             ));
         }
+    }
+
+    fn log_text(store: &CredentialStore) -> String {
+        std::fs::read_to_string(store.dir().join(SPENT_LOG)).unwrap()
+    }
+
+    #[test]
+    fn spent_log_is_appended_and_read_incrementally_by_other_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let until = datetime!(2026-11-26 14:00:00 UTC);
+        let a = CredentialStore::open(dir.path()).unwrap();
+        let b = CredentialStore::open(dir.path()).unwrap();
+        assert!(!b.is_spent("urn:uuid:x").unwrap());
+        a.spend("urn:uuid:x", until, NOW).unwrap();
+        assert!(b.is_spent("urn:uuid:x").unwrap(), "b reads a's append");
+        b.spend("urn:uuid:y", until, NOW).unwrap();
+        assert!(matches!(
+            a.spend("urn:uuid:y", until, NOW),
+            Err(StoreError::AlreadySpent(_))
+        ));
+        assert!(matches!(
+            b.spend("urn:uuid:x", until, NOW),
+            Err(StoreError::AlreadySpent(_))
+        ));
+        let text = log_text(&a);
+        assert_eq!(
+            text,
+            format!(
+                "kya-spent 1\n{t} urn:uuid:x\n{t} urn:uuid:y\n",
+                t = until.unix_timestamp()
+            )
+        );
+        assert!(!dir.path().join(DIR_NAME).join(SPENT_LEGACY).exists());
+    }
+
+    #[test]
+    fn a_torn_spent_line_is_ignored_then_truncated_by_the_next_spender() {
+        let dir = tempfile::tempdir().unwrap();
+        let until = datetime!(2026-11-26 14:00:00 UTC);
+        let store = CredentialStore::open(dir.path()).unwrap();
+        store.spend("urn:uuid:a", until, NOW).unwrap();
+        // A writer crashed in the middle of its append.
+        let path = store.dir().join(SPENT_LOG);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"1764165600 urn:uuid:to").unwrap();
+        drop(f);
+        let other = CredentialStore::open(dir.path()).unwrap();
+        assert!(other.is_spent("urn:uuid:a").unwrap());
+        assert!(!other.is_spent("urn:uuid:to").unwrap());
+        assert!(!store.is_spent("urn:uuid:to").unwrap());
+        other.spend("urn:uuid:b", until, NOW).unwrap();
+        let t = until.unix_timestamp();
+        assert_eq!(
+            log_text(&store),
+            format!("kya-spent 1\n{t} urn:uuid:a\n{t} urn:uuid:b\n")
+        );
+        assert!(store.is_spent("urn:uuid:b").unwrap());
+        let reopened = CredentialStore::open(dir.path()).unwrap();
+        assert!(reopened.is_spent("urn:uuid:a").unwrap());
+        assert!(reopened.is_spent("urn:uuid:b").unwrap());
+        // A torn header only (a crash right after creating by hand): restarted.
+        std::fs::write(&path, b"kya-sp").unwrap();
+        let fresh = CredentialStore::open(dir.path()).unwrap();
+        assert!(!fresh.is_spent("urn:uuid:a").unwrap());
+        fresh.spend("urn:uuid:c", until, NOW).unwrap();
+        assert_eq!(log_text(&fresh), format!("kya-spent 1\n{t} urn:uuid:c\n"));
+    }
+
+    #[test]
+    fn spent_log_compaction_drops_expired_ids_and_keeps_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open(dir.path()).unwrap();
+        let reader = CredentialStore::open(dir.path()).unwrap();
+        let path = store.dir().join(SPENT_LOG);
+        // A long history: 3000 expired ids, 10 live ones.
+        let expired = datetime!(2026-11-26 12:00:00 UTC).unix_timestamp();
+        let live = datetime!(2026-11-26 14:00:00 UTC).unix_timestamp();
+        let mut text = String::from("kya-spent 1\n");
+        for i in 0..3000 {
+            text.push_str(&format!("{expired} urn:uuid:old-{i}\n"));
+        }
+        for i in 0..10 {
+            text.push_str(&format!("{live} urn:uuid:live-{i}\n"));
+        }
+        std::fs::write(&path, &text).unwrap();
+        assert!(reader.is_spent("urn:uuid:live-3").unwrap());
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        store
+            .spend("urn:uuid:new", datetime!(2026-11-26 14:00:00 UTC), NOW)
+            .unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), ino, "rewritten");
+        let after = log_text(&store);
+        assert_eq!(after.lines().count(), 1 + 10 + 1, "{after}");
+        assert!(!after.contains("old-"));
+        for s in [&store, &reader, &CredentialStore::open(dir.path()).unwrap()] {
+            assert!(s.is_spent("urn:uuid:live-9").unwrap());
+            assert!(s.is_spent("urn:uuid:new").unwrap());
+        }
+        assert!(matches!(
+            reader.spend("urn:uuid:live-0", datetime!(2026-11-26 14:00:00 UTC), NOW),
+            Err(StoreError::AlreadySpent(_))
+        ));
+        // Appends go on after a compaction, seen by the other handle.
+        store
+            .spend("urn:uuid:newer", datetime!(2026-11-26 14:00:00 UTC), NOW)
+            .unwrap();
+        assert!(reader.is_spent("urn:uuid:newer").unwrap());
+    }
+
+    #[test]
+    fn legacy_spent_json_is_honoured_then_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open(dir.path()).unwrap();
+        let legacy = store.dir().join(SPENT_LEGACY);
+        let mut old = BTreeMap::new();
+        old.insert("urn:uuid:old".to_string(), Some(NOW.unix_timestamp() + 600));
+        old.insert("urn:uuid:forever".to_string(), None);
+        write_ids(&legacy, &old).unwrap();
+        assert!(
+            store.is_spent("urn:uuid:old").unwrap(),
+            "read before migration"
+        );
+        assert!(matches!(
+            store.spend("urn:uuid:old", NOW, NOW),
+            Err(StoreError::AlreadySpent(_))
+        ));
+        assert!(!legacy.exists(), "migrated by the first spend");
+        store
+            .spend("urn:uuid:new", datetime!(2026-11-26 14:00:00 UTC), NOW)
+            .unwrap();
+        let reopened = CredentialStore::open(dir.path()).unwrap();
+        for id in ["urn:uuid:old", "urn:uuid:forever", "urn:uuid:new"] {
+            assert!(reopened.is_spent(id).unwrap(), "{id}");
+        }
+        // A corrupt legacy file fails closed.
+        std::fs::write(&legacy, b"{garbage").unwrap();
+        assert!(matches!(
+            reopened.spend("urn:uuid:z", NOW, NOW),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(reopened.is_spent("urn:uuid:z").is_err());
+    }
+
+    #[test]
+    fn hostile_spent_logs_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open(dir.path()).unwrap();
+        let path = store.dir().join(SPENT_LOG);
+        for bad in [
+            &b"not a spent log\n"[..],
+            b"1764165600 urn:uuid:a\n",
+            b"kya-spent 2\n",
+            b"kya-spent 1\ngarbage\n1764165600 urn:uuid:a\n",
+            b"kya-spent 1\nx1 urn:uuid:a\n",
+            b"kya-spent 1\n+1 urn:uuid:a\n",
+            b"kya-spent 1\n99999999999999999999 urn:uuid:a\n",
+            b"kya-spent 1\n1 urn:uuid:a b\n",
+            b"kya-spent 1\n1 \n",
+            b"kya-spent 1\n1 urn:\xff\n",
+            b"kya-spent 1\n\0\0\0\n1 urn:uuid:a\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let fresh = CredentialStore::open(dir.path()).unwrap();
+            assert!(
+                matches!(
+                    fresh.is_spent("urn:uuid:a"),
+                    Err(StoreError::Corrupt { .. })
+                ),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(matches!(
+                fresh.spend("urn:uuid:b", NOW, NOW),
+                Err(StoreError::Corrupt { .. })
+            ));
+            // A handle that had read a good prefix fails on the bad tail too.
+            assert!(store.is_spent("urn:uuid:a").is_err());
+        }
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_SPENT_LOG_BYTES + 1).unwrap();
+        assert!(matches!(
+            store.spend("urn:uuid:b", NOW, NOW),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]
