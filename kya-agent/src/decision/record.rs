@@ -123,11 +123,38 @@ impl EventFacts {
     }
 }
 
+/// Command line and parent of a connection's process, read from `/proc` once
+/// per connection (its process does not change) instead of per decision.
+/// Keyed by connection number *and* pid; bounded (cleared when full).
+const MAX_CACHED_CONNS: usize = 4096;
+
+type ProcCache = std::collections::HashMap<(u64, u32), (Vec<String>, Option<u32>)>;
+
 fn process_info(conn: &ConnFacts) -> ProcessInfo {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<ProcCache>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (conn.conn_id, conn.process.pid);
     let mut p = ProcessInfo::from(&conn.process);
-    let facts = crate::procinfo::read(conn.process.pid);
-    p.cmdline = facts.cmdline;
-    p.ppid = facts.ppid;
+    let cached = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let (cmdline, ppid) = match cached {
+        Some(found) => found,
+        None => {
+            let facts = crate::procinfo::read(conn.process.pid);
+            let found = (facts.cmdline, facts.ppid);
+            let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= MAX_CACHED_CONNS {
+                map.clear();
+            }
+            map.insert(key, found.clone());
+            found
+        }
+    };
+    p.cmdline = cmdline;
+    p.ppid = ppid;
     p
 }
 
@@ -137,5 +164,35 @@ fn destination(conn: &ConnFacts, server: &str) -> Destination {
         ip: Some(conn.dst.ip()),
         port: conn.dst.port(),
         sni: conn.sni.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(conn_id: u64, pid: u32) -> ConnFacts {
+        ConnFacts {
+            process: kya_common::ProcessIdentity {
+                pid,
+                ..Default::default()
+            },
+            dst: "127.0.0.1:80".parse().unwrap(),
+            sni: None,
+            tls: false,
+            conn_id,
+        }
+    }
+
+    #[test]
+    fn process_facts_come_from_proc_once_per_connection() {
+        let me = std::process::id();
+        let first = process_info(&conn(u64::MAX - 7, me));
+        assert!(!first.cmdline.is_empty(), "our own command line");
+        assert_eq!(first.ppid, Some(nix::unistd::getppid().as_raw() as u32));
+        assert_eq!(process_info(&conn(u64::MAX - 7, me)).cmdline, first.cmdline);
+        // Same connection number, another process: not confused with it.
+        let gone = process_info(&conn(u64::MAX - 7, u32::MAX - 1));
+        assert!(gone.cmdline.is_empty() && gone.ppid.is_none());
     }
 }
