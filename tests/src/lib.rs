@@ -686,6 +686,46 @@ pub fn attached_programs() -> BTreeSet<(u64, String)> {
     set
 }
 
+/// Every tgid in every `kya_skip_tgids` map loaded in the kernel (all kya
+/// instances; tests run serially).
+pub fn skip_tgids() -> BTreeSet<u32> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()
+        .expect("bpftool (apt-get install bpftool)");
+    let maps: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut tgids = BTreeSet::new();
+    for m in maps.as_array().into_iter().flatten() {
+        if m["name"] != "kya_skip_tgids" {
+            continue;
+        }
+        let Some(id) = m["id"].as_u64() else { continue };
+        let dump = Command::new("bpftool")
+            .args(["-j", "map", "dump", "id", &id.to_string()])
+            .output()
+            .expect("bpftool map dump");
+        let entries: Value = serde_json::from_slice(&dump.stdout).unwrap_or(Value::Null);
+        for e in entries.as_array().into_iter().flatten() {
+            // With BTF the key is a number; without, little-endian hex bytes.
+            let key = match &e["key"] {
+                Value::Number(n) => n.as_u64().map(|k| k as u32),
+                Value::Array(bytes) => {
+                    let b: Vec<u8> = bytes
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .filter_map(|x| u8::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+                        .collect();
+                    b.get(..4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                }
+                _ => None,
+            };
+            tgids.extend(key);
+        }
+    }
+    tgids
+}
+
 /// The pid owning the TCP socket whose local address is `local` (from
 /// `/proc/net/tcp{,6}` and `/proc/*/fd`), if any.
 pub fn socket_owner(local: SocketAddr) -> Option<u32> {

@@ -339,7 +339,17 @@ fn killed_daemon_fails_closed_and_restart_replaces_pins() {
     let mut daemon = Daemon::start(opts());
     let ours = attached_programs().difference(&before).count();
     assert!(ours > 0, "the daemon attached nothing");
+    assert!(
+        skip_tgids().contains(&daemon.pid),
+        "the daemon's own connections are skipped by its tgid"
+    );
     daemon.kill9();
+    // The exit tracepoint forgets the dead daemon's tgid at once: a process
+    // that later gets the same pid is refused like any selected one.
+    assert!(
+        !skip_tgids().contains(&daemon.pid),
+        "a killed daemon's tgid stayed in the pinned skip map"
+    );
 
     let probe = probe_bin();
     let refused = run_json(cg.command(&probe, &["tcp", "127.0.0.2", GUARDED]));
