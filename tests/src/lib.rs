@@ -819,6 +819,68 @@ pub fn peers_python() -> PathBuf {
     peers().join(".venv/bin/python")
 }
 
+/// A registered agent `e2e-agent` in a cgroup of its own, owned by a non-root
+/// user the test creates (`owner`), another non-root user (`other`), the
+/// policy and registry files, and a copy of `kya` other users can execute.
+pub struct AgentScene {
+    pub dir: tempfile::TempDir,
+    pub cg: TestCgroup,
+    pub owner: TestUser,
+    pub other: TestUser,
+    pub kya_copy: ProbeCopy,
+}
+
+impl AgentScene {
+    pub fn new(tag: &str, policy: &str) -> Self {
+        ensure_peers();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cg = TestCgroup::new(tag);
+        let owner = TestUser::new(&format!("kya-e2e-{tag}-own"));
+        let other = TestUser::new(&format!("kya-e2e-{tag}-oth"));
+        std::fs::write(dir.path().join("policy.toml"), policy).expect("policy");
+        std::fs::write(
+            dir.path().join("agents.toml"),
+            format!(
+                "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
+                owner.name, cg.rel
+            ),
+        )
+        .expect("agents");
+        Self {
+            dir,
+            cg,
+            owner,
+            other,
+            kya_copy: ProbeCopy::of(&kya_bin(), "kya"),
+        }
+    }
+
+    /// `--policy` and `--agents` for the daemon.
+    pub fn daemon_args(&self) -> Vec<String> {
+        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        vec![
+            "--policy".into(),
+            p("policy.toml"),
+            "--agents".into(),
+            p("agents.toml"),
+        ]
+    }
+
+    /// Daemon options: listen port, this scene's policy and registry, one guarded port.
+    pub fn daemon_options(&self, listen: u16, guarded: u16) -> DaemonOptions {
+        DaemonOptions::new(listen)
+            .args(self.daemon_args())
+            .args(["--port", &guarded.to_string()])
+    }
+
+    /// Run `kya ARGS --state-dir ...` as a local user.
+    pub fn as_user(&self, daemon: &Daemon, user: &TestUser, args: &[&str]) -> std::process::Output {
+        let mut c = user.command(&self.kya_copy.path);
+        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
+        c.output().expect("kya as a user")
+    }
+}
+
 /// The real MCP server (`tests/peers/server.py`) on a loopback port, in a
 /// process group of its own (killed whole on drop), recording every tool that
 /// really ran in its own log.
@@ -831,6 +893,11 @@ pub struct McpServer {
 impl McpServer {
     /// Start on `port`, logging to `dir/log_name`; waits until it listens.
     pub fn start(dir: &Path, port: u16, log_name: &str) -> Self {
+        Self::start_with(dir, port, &[], log_name)
+    }
+
+    /// [`McpServer::start`] with more server arguments (`--transport sse`).
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str], log_name: &str) -> Self {
         use std::os::unix::process::CommandExt;
         let log = dir.join(log_name);
         std::fs::write(&log, "").expect("peer log");
@@ -838,6 +905,7 @@ impl McpServer {
             .process_group(0)
             .arg(peers().join("server.py"))
             .args(["--port", &port.to_string()])
+            .args(extra)
             .env("KYA_PEER_LOG", &log)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -69,37 +69,6 @@ fn random_ms(lo: u64, hi: u64) -> u64 {
     lo + h.finish() % (hi - lo)
 }
 
-struct Server(Child);
-
-impl Server {
-    fn start(dir: &Path) -> Self {
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(python())
-            .process_group(0)
-            .arg(peers().join("server.py"))
-            .args(["--port", &PORT.to_string()])
-            .env("KYA_PEER_LOG", dir.join("peer.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start MCP server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() {
-            assert!(Instant::now() < deadline, "MCP server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Server(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let group = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
-
 /// The load client; its answers are collected line by line as they arrive.
 struct Load {
     child: Child,
@@ -344,7 +313,7 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
         ),
     )
     .expect("agents");
-    let _server = Server::start(dir.path());
+    let _server = McpServer::start(dir.path(), PORT, "peer.log");
     let audit = dir.path().join("audit.jsonl");
     // A syslog sink with nothing listening: its failures are counted in
     // `kya status`, and decisions go on regardless.

@@ -198,78 +198,45 @@ impl Drop for Provider {
     }
 }
 
-/// A registered agent in its own cgroup, its (non-root) owner, the policy,
-/// registry and CIBA config files, and a copy of `kya` the owner can execute.
-struct Scene {
-    dir: tempfile::TempDir,
-    cg: TestCgroup,
-    owner: TestUser,
-    kya_copy: ProbeCopy,
+/// Write the client secret (0600) and a kya config with `[approvals.ciba]`
+/// (`extra`: more keys of that section); returns the config's path.
+fn ciba_config(scene: &AgentScene, issuer: &str, mode: &str, extra: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = scene.dir.path().join("ciba-secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let config = scene.dir.path().join("kya.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[approvals.ciba]\nissuer = \"{issuer}\"\nclient_id = \"kya\"\n\
+             client_secret_file = \"{}\"\nmode = \"{mode}\"\n{extra}",
+            secret.display()
+        ),
+    )
+    .expect("config");
+    config
 }
 
-impl Scene {
-    fn new(tag: &str, hold_timeout: &str) -> Self {
-        ensure_peers();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cg = TestCgroup::new(tag);
-        let owner = TestUser::new(&format!("kya-e2e-{tag}-own"));
-        std::fs::write(dir.path().join("policy.toml"), policy(hold_timeout)).expect("policy");
-        std::fs::write(
-            dir.path().join("agents.toml"),
-            format!(
-                "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
-                owner.name, cg.rel
-            ),
-        )
-        .expect("agents");
-        Self {
-            dir,
-            cg,
-            owner,
-            kya_copy: ProbeCopy::of(&kya_bin(), "kya"),
-        }
-    }
+fn start_daemon(scene: &AgentScene, listen: u16, mcp_port: u16, config: PathBuf) -> Daemon {
+    let mut opts = scene.daemon_options(listen, mcp_port);
+    opts.config = Some(config);
+    Daemon::start(opts)
+}
 
-    /// Write the client secret (0600) and a kya config with `[approvals.ciba]`
-    /// (`extra`: more keys of that section); returns the config's path.
-    fn ciba_config(&self, issuer: &str, mode: &str, extra: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let secret = self.dir.path().join("ciba-secret");
-        std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let config = self.dir.path().join("kya.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[approvals.ciba]\nissuer = \"{issuer}\"\nclient_id = \"kya\"\n\
-                 client_secret_file = \"{}\"\nmode = \"{mode}\"\n{extra}",
-                secret.display()
-            ),
-        )
-        .expect("config");
-        config
-    }
-
-    fn daemon(&self, listen: u16, mcp_port: u16, config: PathBuf) -> Daemon {
-        let p = |f: &str| self.dir.path().join(f).display().to_string();
-        let mut opts = DaemonOptions::new(listen).args([
-            "--policy".to_string(),
-            p("policy.toml"),
-            "--agents".into(),
-            p("agents.toml"),
-            "--port".into(),
-            mcp_port.to_string(),
-        ]);
-        opts.config = Some(config);
-        Daemon::start(opts)
-    }
-
-    /// Run `kya ARGS --state-dir ...` as the owner.
-    fn as_owner(&self, daemon: &Daemon, args: &[&str]) -> std::process::Output {
-        let mut c = self.owner.command(&self.kya_copy.path);
-        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
-        c.output().expect("kya as the owner")
-    }
+/// An `approved` record of a CIBA answer: the owner, the digest of the ID
+/// token the provider issued, and the minted credential.
+fn assert_ciba_approval(ev: &Value, owner: &str, token_digest: &str) {
+    assert_eq!(ev["approval"]["channel"], "ciba", "{ev}");
+    assert_eq!(ev["approval"]["approver"], owner, "{ev}");
+    assert_eq!(ev["approval"]["id_token_sha256"], token_digest, "{ev}");
+    assert!(
+        ev["credential_id"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("urn:uuid:"),
+        "{ev}"
+    );
 }
 
 /// Wait until kya has read the provider's discovery document.
@@ -345,7 +312,7 @@ fn ciba_poll_mode_governs_held_calls_of_a_real_mcp_client() {
     }
     let _g = serial();
     let started = Instant::now();
-    let scene = Scene::new("cibapoll", "6s");
+    let scene = AgentScene::new("cibapoll", &policy("6s"));
     let (cg, owner) = (&scene.cg, &scene.owner.name);
     let server = McpServer::start(scene.dir.path(), POLL_MCP, "peer.log");
     let op = Provider::start(
@@ -354,8 +321,8 @@ fn ciba_poll_mode_governs_held_calls_of_a_real_mcp_client() {
         POLL_CONTROL,
         &[("ID_TOKEN_ALG", "ES256".into())],
     );
-    let config = scene.ciba_config(&op.issuer, "poll", "");
-    let mut daemon = scene.daemon(POLL_LISTEN, POLL_MCP, config);
+    let config = ciba_config(&scene, &op.issuer, "poll", "");
+    let mut daemon = start_daemon(&scene, POLL_LISTEN, POLL_MCP, config);
     let s = wait_discovered(&daemon);
     assert_eq!(s["ciba"]["mode"], "poll", "{s}");
     assert_eq!(s["ciba"]["issuer"], op.issuer.as_str(), "{s}");
@@ -385,20 +352,7 @@ fn ciba_poll_mode_governs_held_calls_of_a_real_mcp_client() {
     let events = tool_call_events(&daemon);
     let ev = approval_event(&events, "approved", &approved_id);
     assert_eq!(ev["verdict"], "allow", "{ev}");
-    assert_eq!(ev["approval"]["channel"], "ciba", "{ev}");
-    assert_eq!(ev["approval"]["approver"], owner.as_str(), "{ev}");
-    assert_eq!(
-        ev["approval"]["id_token_sha256"],
-        token_digest.as_str(),
-        "{ev}"
-    );
-    assert!(
-        ev["credential_id"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("urn:uuid:"),
-        "{ev}"
-    );
+    assert_ciba_approval(ev, owner, &token_digest);
 
     // 2. AccessDenied on the device: the client gets a denial, nothing ran.
     let held = transfer(cg, &server, 7000, "eve");
@@ -459,7 +413,7 @@ fn ciba_poll_mode_governs_held_calls_of_a_real_mcp_client() {
     let a = wait_new_approval(&daemon, &[]);
     let local_id = a["id"].as_str().expect("id").to_string();
     let req = op.wait_request(a["binding_message"].as_str().expect("bm"), &daemon);
-    let out = scene.as_owner(&daemon, &["approvals", "approve", &local_id]);
+    let out = scene.as_user(&daemon, &scene.owner, &["approvals", "approve", &local_id]);
     assert!(
         out.status.success(),
         "{}",
@@ -498,13 +452,7 @@ fn ciba_poll_mode_governs_held_calls_of_a_real_mcp_client() {
     // CIBA approval names the provider's ID token.
     let audit = verified_audit(&mut daemon);
     let ev = approval_event(&audit, "approved", &approved_id);
-    assert_eq!(ev["approval"]["channel"], "ciba", "{ev}");
-    assert_eq!(ev["approval"]["approver"], owner.as_str(), "{ev}");
-    assert_eq!(
-        ev["approval"]["id_token_sha256"],
-        token_digest.as_str(),
-        "{ev}"
-    );
+    assert_ciba_approval(ev, owner, &token_digest);
     let ev = approval_event(&audit, "rejected", &denied_id);
     assert_eq!(ev["approval"]["channel"], "ciba", "{ev}");
     assert_eq!(ev["approval"]["approver"], owner.as_str(), "{ev}");
@@ -530,18 +478,19 @@ fn ciba_ping_mode_governs_held_calls_of_a_real_mcp_client() {
     }
     let _g = serial();
     let started = Instant::now();
-    let scene = Scene::new("cibaping", "30s");
+    let scene = AgentScene::new("cibaping", &policy("30s"));
     let (cg, owner) = (&scene.cg, &scene.owner.name);
     let server = McpServer::start(scene.dir.path(), PING_MCP, "peer.log");
     let issuer = format!("http://127.0.0.1:{PING_OP}");
     let notify = format!("https://127.0.0.1:{PING_NOTIFY}/ciba/notify");
-    let config = scene.ciba_config(
+    let config = ciba_config(
+        &scene,
         &issuer,
         "ping",
         &format!("ping_listen = \"127.0.0.1:{PING_NOTIFY}\"\nping_url = \"{notify}\"\n"),
     );
     // kya first: the provider must trust kya's CA, which the daemon creates.
-    let mut daemon = scene.daemon(PING_LISTEN, PING_MCP, config);
+    let mut daemon = start_daemon(&scene, PING_LISTEN, PING_MCP, config);
     let ca = daemon.state_dir.path().join("ca.pem");
     assert!(ca.exists(), "kya's CA certificate");
     let op = Provider::start(
@@ -595,20 +544,7 @@ fn ciba_ping_mode_governs_held_calls_of_a_real_mcp_client() {
     assert_eq!(s["ciba"]["refused_id_tokens"], 0, "{s}");
     let audit = verified_audit(&mut daemon);
     let ev = approval_event(&audit, "approved", &approved_id);
-    assert_eq!(ev["approval"]["channel"], "ciba", "{ev}");
-    assert_eq!(ev["approval"]["approver"], owner.as_str(), "{ev}");
-    assert_eq!(
-        ev["approval"]["id_token_sha256"],
-        token_digest.as_str(),
-        "{ev}"
-    );
-    assert!(
-        ev["credential_id"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("urn:uuid:"),
-        "{ev}"
-    );
+    assert_ciba_approval(ev, owner, &token_digest);
     let ev = approval_event(&audit, "rejected", &denied_id);
     assert_eq!(ev["approval"]["channel"], "ciba", "{ev}");
     eprintln!("ping scenario took {:?}", started.elapsed());

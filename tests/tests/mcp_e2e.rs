@@ -7,136 +7,24 @@
 use kya_e2e::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 18080;
 const LEGACY_PORT: u16 = 18081;
 
-fn python() -> PathBuf {
-    peers().join(".venv/bin/python")
+/// The Python MCP server on the guarded port (`--transport sse`: legacy).
+fn server(dir: &Path) -> McpServer {
+    McpServer::start(dir, PORT, "peer.log")
 }
 
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Self {
-        Self::start_on(dir, PORT, &[], "peer.log")
-    }
-
-    /// The legacy HTTP+SSE transport (GET /sse + POST to the endpoint).
-    fn start_legacy(dir: &Path) -> Self {
-        Self::start_on(dir, LEGACY_PORT, &["--transport", "sse"], "legacy.log")
-    }
-
-    fn start_on(dir: &Path, port: u16, extra: &[&str], log_name: &str) -> Self {
-        let log = dir.join(log_name);
-        std::fs::write(&log, "").expect("peer log");
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(python())
-            .process_group(0)
-            .arg(peers().join("server.py"))
-            .args(["--port", &port.to_string()])
-            .args(extra)
-            .env("KYA_PEER_LOG", &log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start MCP server");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "MCP server did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { child, log }
-    }
-
-    /// Tools that really ran, in order (the server's own record).
-    fn ran(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // The whole process group: nothing may keep the port after the test.
-        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-/// Start the real MCP client inside the cgroup; returns the child (its pid is
-/// the client's: `sh` execs it).
+/// The real MCP client in the cgroup, calling the server on the guarded port.
 fn client(cg: &TestCgroup, args: &[&str]) -> Child {
-    client_at(cg, &format!("http://127.0.0.1:{PORT}/mcp"), args)
-}
-
-fn client_at(cg: &TestCgroup, url: &str, args: &[&str]) -> Child {
-    let script = peers().join("client.py");
-    let mut all: Vec<&str> = vec![script.to_str().expect("utf-8"), url];
-    all.extend_from_slice(args);
-    cg.command(python(), &all)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start MCP client")
-}
-
-fn finish(child: Child) -> Value {
-    let out = child.wait_with_output().expect("client output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
-        panic!(
-            "client printed no JSON ({e}): {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn kya(daemon: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new(kya_bin())
-        .args(args)
-        .arg("--state-dir")
-        .arg(daemon.state_dir.path())
-        .output()
-        .expect("kya client command")
-}
-
-fn pending_approvals(daemon: &Daemon) -> Vec<Value> {
-    let out = kya(daemon, &["approvals", "list", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .expect("approvals JSON")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    mcp_client(cg, &format!("http://127.0.0.1:{PORT}/mcp"), args)
 }
 
 fn wait_pending(daemon: &Daemon) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(a) = pending_approvals(daemon).into_iter().next() {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no approval appeared:\n{}",
-            daemon.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_new_approval(daemon, &[])
 }
 
 const POLICY: &str = r#"
@@ -169,71 +57,21 @@ when = "args.amount <= 1000"
 verdict = "allow"
 "#;
 
-/// What both scenarios share: a cgroup the registered agent lives in, its
-/// owner and another local user, the policy and registry files, and a copy of
-/// `kya` other users can execute.
-struct Scene {
-    dir: tempfile::TempDir,
-    cg: TestCgroup,
-    owner: TestUser,
-    other: TestUser,
-    kya_copy: ProbeCopy,
-}
-
-impl Scene {
-    fn new(tag: &str) -> Self {
-        ensure_peers();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cg = TestCgroup::new(tag);
-        let owner = TestUser::new(&format!("kya-e2e-{tag}-own"));
-        let other = TestUser::new(&format!("kya-e2e-{tag}-oth"));
-        std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
-        std::fs::write(
-            dir.path().join("agents.toml"),
-            format!(
-                "[[agent]]\nname = \"e2e-agent\"\nowner = \"{}\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
-                owner.name, cg.rel
-            ),
-        )
-        .expect("agents");
-        Self {
-            dir,
-            cg,
-            owner,
-            other,
-            kya_copy: ProbeCopy::of(&kya_bin(), "kya"),
-        }
-    }
-
-    /// `--policy` and `--agents` for the daemon.
-    fn daemon_args(&self) -> Vec<String> {
-        let p = |f: &str| self.dir.path().join(f).display().to_string();
-        vec![
-            "--policy".into(),
-            p("policy.toml"),
-            "--agents".into(),
-            p("agents.toml"),
-        ]
-    }
-
-    /// Run `kya ARGS --state-dir ...` as a local user.
-    fn as_user(&self, daemon: &Daemon, user: &TestUser, args: &[&str]) -> std::process::Output {
-        let mut c = user.command(&self.kya_copy.path);
-        c.args(args).arg("--state-dir").arg(daemon.state_dir.path());
-        c.output().expect("kya as a user")
-    }
-}
-
 #[test]
 fn real_mcp_client_is_governed_through_the_redirect() {
     if !privileged("real_mcp_client_is_governed_through_the_redirect") {
         return;
     }
     let _g = serial();
-    let scene = Scene::new("mcp");
+    let scene = AgentScene::new("mcp", POLICY);
     let (dir, cg, alice, mallory) = (&scene.dir, &scene.cg, &scene.owner, &scene.other);
-    let server = Server::start(dir.path());
-    let legacy = Server::start_legacy(dir.path());
+    let server = server(dir.path());
+    let legacy = McpServer::start_with(
+        dir.path(),
+        LEGACY_PORT,
+        &["--transport", "sse"],
+        "legacy.log",
+    );
     let metrics_addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         l.local_addr().expect("addr")
@@ -249,7 +87,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     let as_user = |u: &TestUser, args: &[&str]| scene.as_user(&daemon, u, args);
 
     // tools/list: a tool this agent may never call is hidden.
-    let listed = finish(client(cg, &["--list"]));
+    let listed = mcp_result(client(cg, &["--list"]));
     let tools: Vec<&str> = listed["tools"]
         .as_array()
         .expect("tools")
@@ -268,12 +106,12 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     // allow: the server's real result.
     let allowed = client(cg, &["search_docs", r#"{"query": "kya"}"#]);
     let allowed_pid = allowed.id();
-    let r = finish(allowed);
+    let r = mcp_result(allowed);
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(r["text"], "found 3 documents about kya");
 
     // deny: the denial text, and the server never ran the tool.
-    let r = finish(client(cg, &["delete_records", r#"{"table": "users"}"#]));
+    let r = mcp_result(client(cg, &["delete_records", r#"{"table": "users"}"#]));
     assert_eq!(r["isError"], true, "{r}");
     let text = r["text"].as_str().unwrap_or("");
     assert!(
@@ -309,7 +147,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         String::from_utf8_lossy(&no.stderr)
     );
     assert_eq!(
-        pending_approvals(&daemon).len(),
+        approvals_pending(&daemon).len(),
         1,
         "the call must still be held"
     );
@@ -326,7 +164,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let r = finish(held);
+    let r = mcp_result(held);
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(r["text"], "transferred 5000 to bob");
 
@@ -348,7 +186,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
         "{}",
         String::from_utf8_lossy(&no.stderr)
     );
-    let r = finish(held);
+    let r = mcp_result(held);
     assert_eq!(r["isError"], true, "{r}");
     assert!(
         r["text"].as_str().unwrap_or("").contains("not today"),
@@ -356,7 +194,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     );
 
     // hold, nobody answers: denied after the hold timeout.
-    let r = finish(client(
+    let r = mcp_result(client(
         cg,
         &["transfer", r#"{"amount": 6000, "to": "mallory"}"#],
     ));
@@ -371,13 +209,13 @@ fn real_mcp_client_is_governed_through_the_redirect() {
 
     // The legacy HTTP+SSE transport goes through the same decision point.
     let legacy_url = format!("http://127.0.0.1:{LEGACY_PORT}/sse");
-    let r = finish(client_at(
+    let r = mcp_result(mcp_client(
         cg,
         &legacy_url,
         &["search_docs", r#"{"query": "legacy"}"#, "--sse"],
     ));
     assert_eq!(r["text"], "found 3 documents about legacy", "{r}");
-    let r = finish(client_at(
+    let r = mcp_result(mcp_client(
         cg,
         &legacy_url,
         &["delete_records", r#"{"table": "t"}"#, "--sse"],
@@ -441,7 +279,7 @@ fn real_mcp_client_is_governed_through_the_redirect() {
     );
 
     // The live stream saw every decision with the client's process identity.
-    let ev = kya(&daemon, &["events", "--json"]);
+    let ev = kya_cli(&daemon, &["events", "--json"]);
     assert!(
         ev.status.success(),
         "{}",
@@ -529,9 +367,9 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
         return;
     }
     let _g = serial();
-    let scene = Scene::new("susp");
+    let scene = AgentScene::new("susp", POLICY);
     let (dir, cg, alice, mallory) = (&scene.dir, &scene.cg, &scene.owner, &scene.other);
-    let server = Server::start(dir.path());
+    let server = server(dir.path());
     let daemon = Daemon::start(
         DaemonOptions::new(933)
             .args(scene.daemon_args())
@@ -551,7 +389,7 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = finish(held);
+    let r = mcp_result(held);
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "the held call must end at once"
@@ -565,10 +403,10 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
     // The next call is denied, even one the policy allows. Every message of a
     // suspended agent is refused, so the client may already fail at
     // `initialize` (a JSON-RPC error) rather than get a tool result.
-    let r = finish(client(cg, &["search_docs", r#"{"query": "x"}"#]));
+    let r = mcp_result(client(cg, &["search_docs", r#"{"query": "x"}"#]));
     assert!(r.to_string().contains("kya:agent-suspended"), "{r}");
     assert_ne!(r["isError"], false, "{r}");
-    let list = kya(&daemon, &["agents", "list", "--json"]);
+    let list = kya_cli(&daemon, &["agents", "list", "--json"]);
     let agents: Value = serde_json::from_slice(&list.stdout).expect("agents JSON");
     assert_eq!(
         agents[0]["suspended"]["by"],
@@ -577,13 +415,13 @@ fn suspending_an_agent_denies_its_next_call_and_ends_its_held_calls() {
     );
 
     // Resumed: allowed again.
-    let out = kya(&daemon, &["agents", "resume", "e2e-agent"]);
+    let out = kya_cli(&daemon, &["agents", "resume", "e2e-agent"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = finish(client(cg, &["search_docs", r#"{"query": "back"}"#]));
+    let r = mcp_result(client(cg, &["search_docs", r#"{"query": "back"}"#]));
     assert_eq!(r["text"], "found 3 documents about back", "{r}");
     assert_eq!(
         server.ran(),
@@ -640,10 +478,10 @@ fn a_full_audit_disk_denies_consequential_calls_with_a_clear_reason() {
         return;
     }
     let _g = serial();
-    let scene = Scene::new("full");
+    let scene = AgentScene::new("full", POLICY);
     let small = SmallFs::new(scene.dir.path(), "256k");
     let audit = small.0.join("audit.jsonl");
-    let _server = Server::start(scene.dir.path());
+    let _server = server(scene.dir.path());
     let daemon = Daemon::start(DaemonOptions::new(934).args(scene.daemon_args()).args([
         "--port",
         &PORT.to_string(),
@@ -652,12 +490,12 @@ fn a_full_audit_disk_denies_consequential_calls_with_a_clear_reason() {
     ]));
     let cg = &scene.cg;
     // Room on disk: allowed as usual.
-    let r = finish(client(cg, &["search_docs", r#"{"query": "before"}"#]));
+    let r = mcp_result(client(cg, &["search_docs", r#"{"query": "before"}"#]));
     assert_eq!(r["text"], "found 3 documents about before", "{r}");
 
     small.fill();
     // A hold must be on disk before anyone is asked: it cannot be, so it is denied.
-    let r = finish(client(
+    let r = mcp_result(client(
         cg,
         &["transfer", r#"{"amount": 5000, "to": "bob"}"#],
     ));
@@ -668,18 +506,18 @@ fn a_full_audit_disk_denies_consequential_calls_with_a_clear_reason() {
         "{r}"
     );
     assert!(
-        pending_approvals(&daemon).is_empty(),
+        approvals_pending(&daemon).is_empty(),
         "nobody may be asked about an unrecorded hold"
     );
     // From then on every tool call is refused while the log cannot be written.
-    let r = finish(client(cg, &["search_docs", r#"{"query": "after"}"#]));
+    let r = mcp_result(client(cg, &["search_docs", r#"{"query": "after"}"#]));
     assert!(r.to_string().contains("audit"), "{r}");
     assert_ne!(
         r["text"], "found 3 documents about after",
         "an unrecorded call went through: {r}"
     );
     // Loud in status, and the daemon is still alive (no panic).
-    let status = kya(&daemon, &["status", "--json"]);
+    let status = kya_cli(&daemon, &["status", "--json"]);
     let s: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
     assert!(s["audit"]["write_failures"].as_u64() >= Some(1), "{s}");
     assert_eq!(s["audit"]["state"]["state"], "failing", "{s}");
@@ -702,7 +540,7 @@ fn standing_credentials_from_the_owner_release_held_calls() {
         return;
     }
     let _g = serial();
-    let scene = Scene::new("cred");
+    let scene = AgentScene::new("cred", POLICY);
     let (dir, cg, alice, mallory) = (&scene.dir, &scene.cg, &scene.owner, &scene.other);
     // Long enough that issuing during a hold never races its timeout.
     std::fs::write(
@@ -710,7 +548,7 @@ fn standing_credentials_from_the_owner_release_held_calls() {
         POLICY.replace("hold_timeout = \"4s\"", "hold_timeout = \"60s\""),
     )
     .expect("policy");
-    let server = Server::start(dir.path());
+    let server = server(dir.path());
     let mut daemon = Daemon::start(
         DaemonOptions::new(935)
             .args(scene.daemon_args())
@@ -756,12 +594,12 @@ fn standing_credentials_from_the_owner_release_held_calls() {
     );
 
     // A matching call the policy would hold goes through without asking.
-    let r = finish(client(
+    let r = mcp_result(client(
         cg,
         &["transfer", r#"{"amount": 3000, "to": "bob"}"#],
     ));
     assert_eq!(r["text"], "transferred 3000 to bob", "{r}");
-    assert!(pending_approvals(&daemon).is_empty());
+    assert!(approvals_pending(&daemon).is_empty());
 
     // Outside its scope (amount > 5000): still held.
     let held = client(cg, &["transfer", r#"{"amount": 9000, "to": "carol"}"#]);
@@ -789,9 +627,9 @@ fn standing_credentials_from_the_owner_release_held_calls() {
         String::from_utf8_lossy(&out.stderr)
     );
     let single: Value = serde_json::from_slice(&out.stdout).expect("credential JSON");
-    let r = finish(held);
+    let r = mcp_result(held);
     assert_eq!(r["text"], "transferred 9000 to carol", "{r}");
-    assert!(pending_approvals(&daemon).is_empty(), "{a}");
+    assert!(approvals_pending(&daemon).is_empty(), "{a}");
 
     // Spent: the same call again is held, and so is it after a revocation of
     // the standing one (the owner revokes it over the socket).
@@ -816,7 +654,7 @@ fn standing_credentials_from_the_owner_release_held_calls() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let r = finish(held);
+        let r = mcp_result(held);
         assert_eq!(r["isError"], true, "{r}");
     }
     // The approver widens one approval: "this tool for 10 minutes". The held
@@ -830,13 +668,13 @@ fn standing_credentials_from_the_owner_release_held_calls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(finish(held)["text"], "transferred 7000 to dave");
-    let r = finish(client(
+    assert_eq!(mcp_result(held)["text"], "transferred 7000 to dave");
+    let r = mcp_result(client(
         cg,
         &["transfer", r#"{"amount": 8000, "to": "erin"}"#],
     ));
     assert_eq!(r["text"], "transferred 8000 to erin", "{r}");
-    assert!(pending_approvals(&daemon).is_empty());
+    assert!(approvals_pending(&daemon).is_empty());
     assert_eq!(
         server.ran(),
         vec!["transfer", "transfer", "transfer", "transfer"],
@@ -844,7 +682,7 @@ fn standing_credentials_from_the_owner_release_held_calls() {
     );
 
     // The record: each release names its credential; the log verifies.
-    let ev = kya(&daemon, &["events", "--json"]);
+    let ev = kya_cli(&daemon, &["events", "--json"]);
     let events: Vec<Value> = String::from_utf8_lossy(&ev.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -942,7 +780,7 @@ fn a_held_call_is_announced_to_the_webhook_signed_by_kya() {
         return;
     }
     let _g = serial();
-    let scene = Scene::new("hook");
+    let scene = AgentScene::new("hook", POLICY);
     let (dir, cg, alice) = (&scene.dir, &scene.cg, &scene.owner);
     std::fs::write(
         dir.path().join("policy.toml"),
@@ -956,7 +794,7 @@ fn a_held_call_is_announced_to_the_webhook_signed_by_kya() {
         format!("[approvals.webhook]\nurl = \"http://127.0.0.1:{port}/hooks/kya\"\n"),
     )
     .expect("config");
-    let server = Server::start(dir.path());
+    let server = server(dir.path());
     let mut options = DaemonOptions::new(941)
         .args(scene.daemon_args())
         .args(["--port", &PORT.to_string()]);
@@ -1025,9 +863,9 @@ fn a_held_call_is_announced_to_the_webhook_signed_by_kya() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(finish(held)["text"], "transferred 6000 to carol");
+    assert_eq!(mcp_result(held)["text"], "transferred 6000 to carol");
     assert_eq!(server.ran(), vec!["transfer"]);
-    let status = kya(&daemon, &["status", "--json"]);
+    let status = kya_cli(&daemon, &["status", "--json"]);
     let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
     assert_eq!(status["webhook"]["sent"], 1, "{}", status["webhook"]);
 }
