@@ -16,8 +16,10 @@
 //! * kya is the party that verified the human and that enforces the credential,
 //!   so a relying party needs exactly one trust anchor (kya's public key), and a
 //!   credential can never be more than kya was willing to attest;
-//! * the evidence is checkable after the fact: the ID token digest links the
-//!   credential to the provider-signed token kept in the audit log.
+//! * the evidence is checkable after the fact: the ID token's SHA-256 is in the
+//!   credential and in the audit log's `approved` record, so the provider-signed
+//!   token (which the provider, or whoever kept it, can produce) is bound to
+//!   exactly this approval.
 //!
 //! # Shape
 //!
