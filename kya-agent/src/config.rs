@@ -129,6 +129,8 @@ pub struct CibaSection {
     pub client_id: Option<String>,
     pub client_secret: Option<String>,
     pub client_secret_file: Option<PathBuf>,
+    /// `private_key_jwt`: kya's Ed25519 client key (PKCS#8 PEM).
+    pub client_key_file: Option<PathBuf>,
     pub mode: Option<CibaMode>,
     pub ping_listen: Option<std::net::SocketAddr>,
     pub ping_url: Option<String>,
@@ -155,18 +157,36 @@ impl CibaMode {
     }
 }
 
-/// Where kya's client secret comes from.
+/// How kya authenticates to the provider, and where its credential comes from.
 #[derive(Clone, PartialEq, Eq)]
-pub enum CibaSecret {
-    Inline(String),
-    File(PathBuf),
+pub enum CibaClientAuth {
+    /// `client_secret_basic` with the secret written in the config.
+    SecretInline(String),
+    /// `client_secret_basic` with the secret read from a file.
+    SecretFile(PathBuf),
+    /// `private_key_jwt` (RFC 7523) with an Ed25519 key read from a PKCS#8
+    /// PEM file; assertions are signed `EdDSA`.
+    PrivateKeyFile(PathBuf),
 }
 
-impl std::fmt::Debug for CibaSecret {
+impl CibaClientAuth {
+    /// The OAuth client authentication method's registered name.
+    pub fn method(&self) -> &'static str {
+        match self {
+            CibaClientAuth::SecretInline(_) | CibaClientAuth::SecretFile(_) => {
+                "client_secret_basic"
+            }
+            CibaClientAuth::PrivateKeyFile(_) => "private_key_jwt",
+        }
+    }
+}
+
+impl std::fmt::Debug for CibaClientAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CibaSecret::Inline(_) => f.write_str("Inline(<redacted>)"),
-            CibaSecret::File(p) => f.debug_tuple("File").field(p).finish(),
+            CibaClientAuth::SecretInline(_) => f.write_str("SecretInline(<redacted>)"),
+            CibaClientAuth::SecretFile(p) => f.debug_tuple("SecretFile").field(p).finish(),
+            CibaClientAuth::PrivateKeyFile(p) => f.debug_tuple("PrivateKeyFile").field(p).finish(),
         }
     }
 }
@@ -189,7 +209,7 @@ pub struct CibaPing {
 pub struct CibaConfig {
     pub issuer: String,
     pub client_id: String,
-    pub secret: CibaSecret,
+    pub client_auth: CibaClientAuth,
     pub mode: CibaMode,
     pub ping: Option<CibaPing>,
     pub ca_file: Option<PathBuf>,
@@ -218,22 +238,33 @@ impl CibaSection {
                 "client_id: at most 256 characters, no control characters".into(),
             ));
         }
-        let secret = match (self.client_secret, self.client_secret_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "client_secret and client_secret_file are exclusive".into()
-                ))
+        let absolute = |key: &str, p: PathBuf| {
+            if p.is_absolute() {
+                Ok(p)
+            } else {
+                Err(err(format!("{key} must be an absolute path")))
             }
-            (Some(s), None) if !s.is_empty() => CibaSecret::Inline(s),
-            (None, Some(p)) => {
-                if !p.is_absolute() {
-                    return Err(err("client_secret_file must be an absolute path".into()));
-                }
-                CibaSecret::File(p)
+        };
+        let client_auth = match (
+            self.client_secret,
+            self.client_secret_file,
+            self.client_key_file,
+        ) {
+            (Some(s), None, None) if !s.is_empty() => CibaClientAuth::SecretInline(s),
+            (None, Some(p), None) => CibaClientAuth::SecretFile(absolute("client_secret_file", p)?),
+            (None, None, Some(p)) => {
+                CibaClientAuth::PrivateKeyFile(absolute("client_key_file", p)?)
+            }
+            (None, None, None) | (Some(_), None, None) => {
+                return Err(err(
+                    "client authentication is required: client_secret_file (or client_secret) \
+                     for client_secret_basic, or client_key_file for private_key_jwt"
+                        .into(),
+                ))
             }
             _ => {
                 return Err(err(
-                    "client_secret_file (or client_secret) is required".into()
+                    "client_secret, client_secret_file and client_key_file are exclusive".into(),
                 ))
             }
         };
@@ -271,7 +302,7 @@ impl CibaSection {
         Ok(CibaConfig {
             issuer,
             client_id,
-            secret,
+            client_auth,
             mode,
             ping,
             ca_file: self.ca_file,
@@ -702,7 +733,10 @@ dir = "/var/lib/kya"
         .unwrap();
         let c = cfg.ciba.unwrap();
         assert_eq!(c.mode, CibaMode::Poll);
-        assert_eq!(c.secret, CibaSecret::File("/etc/kya/ciba-secret".into()));
+        assert_eq!(
+            c.client_auth,
+            CibaClientAuth::SecretFile("/etc/kya/ciba-secret".into())
+        );
         let ping = load(
             "[approvals.ciba]\nissuer = \"http://127.0.0.1:18300\"\nclient_id = \"kya\"\n\
              client_secret = \"s\"\nmode = \"ping\"\nping_listen = \"127.0.0.1:8790\"\n\
@@ -716,12 +750,32 @@ dir = "/var/lib/kya"
             (p.host.as_str(), p.path.as_str()),
             ("localhost", "/ciba/notify")
         );
-        assert_eq!(format!("{:?}", ping.secret), "Inline(<redacted>)");
+        assert_eq!(
+            format!("{:?}", ping.client_auth),
+            "SecretInline(<redacted>)"
+        );
+        let jwt = load(
+            "[approvals.ciba]\nissuer = \"https://login.example.com\"\nclient_id = \"kya\"\n\
+             client_key_file = \"/etc/kya/ciba-client.pem\"\n",
+        )
+        .unwrap()
+        .ciba
+        .unwrap();
+        assert_eq!(jwt.client_auth.method(), "private_key_jwt");
         let base = "[approvals.ciba]\nclient_id = \"kya\"\nclient_secret = \"s\"\n";
         for (bad, why) in [
             (format!("{base}issuer = \"http://login.example.com\"\n"), "loopback"),
             (base.to_string(), "issuer is required"),
             (format!("{base}issuer = \"https://x\"\nclient_secret_file = \"/s\"\n"), "exclusive"),
+            (format!("{base}issuer = \"https://x\"\nclient_key_file = \"/k.pem\"\n"), "exclusive"),
+            (
+                "[approvals.ciba]\nissuer = \"https://x\"\nclient_id = \"kya\"\n".into(),
+                "client authentication is required",
+            ),
+            (
+                "[approvals.ciba]\nissuer = \"https://x\"\nclient_id = \"kya\"\nclient_key_file = \"k.pem\"\n".into(),
+                "client_key_file must be an absolute path",
+            ),
             (format!("{base}issuer = \"https://x\"\nmode = \"ping\"\n"), "ping_listen"),
             (format!("{base}issuer = \"https://x\"\nmode = \"push\"\n"), "unknown variant"),
             (format!("{base}issuer = \"https://x\"\nping_url = \"https://x/n\"\n"), "need mode"),

@@ -10,7 +10,7 @@ use kya_agent::approvals::ciba::CibaChannel;
 use kya_agent::approvals::http::HttpClient;
 use kya_agent::approvals::{ActionRequest, Approvals, Outcome};
 use kya_agent::ca::LocalCa;
-use kya_agent::config::{CibaConfig, CibaMode, CibaPing, CibaSecret};
+use kya_agent::config::{CibaClientAuth, CibaConfig, CibaMode, CibaPing};
 use kya_common::ProcessIdentity;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -150,7 +150,7 @@ fn config(issuer: &str, mode: CibaMode, ping: Option<CibaPing>) -> CibaConfig {
     CibaConfig {
         issuer: issuer.to_string(),
         client_id: "kya".into(),
-        secret: CibaSecret::Inline(SECRET.into()),
+        client_auth: CibaClientAuth::SecretInline(SECRET.into()),
         mode,
         ping,
         ca_file: None,
@@ -241,6 +241,114 @@ async fn poll_mode_approve_carries_the_verified_owner_and_token_digest() {
     let status = k.channel.status();
     assert_eq!(status["approved"], 1, "{status}");
     assert_eq!(status["discovered"], true);
+}
+
+/// An Ed25519 key as `openssl genpkey -algorithm ed25519` writes it, in a
+/// file; returns the file and the public JWK as the provider registers it
+/// (the one `kya status` shows: kid = its RFC 7638 thumbprint).
+fn client_key(dir: &std::path::Path, seed: u8) -> (PathBuf, Value) {
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, EncodePrivateKey};
+    let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    let pem = key.to_pkcs8_pem(LineEnding::LF).expect("PEM");
+    let path = dir.join(format!("client-{seed}.pem"));
+    std::fs::write(&path, pem.as_bytes()).expect("write key");
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
+    let kid = kya_agent::approvals::ciba::client::jwk_thumbprint(&key.verifying_key());
+    (
+        path,
+        serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid}),
+    )
+}
+
+#[tokio::test]
+async fn private_key_jwt_authenticates_kya_and_another_key_is_refused() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (registered, jwk) = client_key(keys.path(), 1);
+    let (stranger, _) = client_key(keys.path(), 2);
+    let op = Op::start(free_port(), &[("CLIENT_JWK", jwk.to_string())]).await;
+
+    // kya signs with the registered key: the owner is asked and approves.
+    let mut cfg = config(&op.issuer, CibaMode::Poll, None);
+    cfg.client_auth = CibaClientAuth::PrivateKeyFile(registered);
+    let k = kya(cfg).await;
+    let status = k.channel.status();
+    assert_eq!(status["client_auth"], "private_key_jwt");
+    for member in ["kty", "crv", "x", "kid"] {
+        assert_eq!(status["client_jwk"][member], jwk[member], "{status}");
+    }
+    let h = k
+        .approvals
+        .submit(action("alice"), Duration::from_secs(60))
+        .expect("submit");
+    let req = op.next_request().await;
+    assert_eq!(req["login_hint"], "alice");
+    op.answer(req["id"].as_str().expect("id"), "approve").await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), h.wait())
+        .await
+        .expect("answered in time");
+    approved(outcome, "alice");
+
+    // The client secret no longer works for this client, and a key the
+    // provider does not know is refused: nobody is asked, the hold expires.
+    for auth in [
+        CibaClientAuth::PrivateKeyFile(stranger),
+        CibaClientAuth::SecretInline(SECRET.into()),
+    ] {
+        let mut cfg = config(&op.issuer, CibaMode::Poll, None);
+        cfg.client_auth = auth.clone();
+        let k = kya(cfg).await;
+        let before = op.requests().await.len();
+        let h = k
+            .approvals
+            .submit(action("alice"), Duration::from_secs(3))
+            .expect("submit");
+        assert_eq!(h.wait().await, Outcome::Expired, "{auth:?}");
+        assert_eq!(
+            op.requests().await.len(),
+            before,
+            "{auth:?}: nobody was asked"
+        );
+        let status = k.channel.status();
+        assert!(
+            status["errors"].as_u64().is_some_and(|n| n >= 1),
+            "{status}"
+        );
+        assert!(
+            status["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("invalid_client")),
+            "{status}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bad_client_key_file_stops_the_channel_with_its_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let missing = dir.path().join("missing.pem");
+    let ca = Arc::new(LocalCa::load_or_init(dir.path()).expect("CA"));
+    for (path, why) in [
+        (bad, "not an Ed25519 PKCS#8 PEM"),
+        (missing, "No such file"),
+    ] {
+        let mut cfg = config("http://127.0.0.1:9", CibaMode::Poll, None);
+        cfg.client_auth = CibaClientAuth::PrivateKeyFile(path.clone());
+        let e = match CibaChannel::start(cfg, ca.clone()).await {
+            Ok(_) => panic!("{path:?} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains(why) && e.contains(&path.display().to_string()),
+            "{e}"
+        );
+    }
 }
 
 #[tokio::test]

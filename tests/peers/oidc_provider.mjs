@@ -9,6 +9,8 @@
 //                  http://127.0.0.1:OP_PORT
 //   CONTROL_PORT   control API port on 127.0.0.1 (default 18301)
 //   CLIENT_ID      (default "kya")     CLIENT_SECRET (default "kya-test-secret")
+//   CLIENT_JWK     the client's public JWK (JSON): the client authenticates
+//                  with private_key_jwt against it instead of client_secret_basic
 //   DELIVERY_MODE  poll | ping (default poll)
 //   PING_URL       kya's notification endpoint (ping mode), e.g.
 //                  https://127.0.0.1:18302/ciba/notify; start node with
@@ -40,6 +42,7 @@ const OP_PORT = Number(process.env.OP_PORT || 18300);
 const CONTROL_PORT = Number(process.env.CONTROL_PORT || 18301);
 const CLIENT_ID = process.env.CLIENT_ID || 'kya';
 const CLIENT_SECRET = process.env.CLIENT_SECRET || 'kya-test-secret';
+const CLIENT_JWK = process.env.CLIENT_JWK ? JSON.parse(process.env.CLIENT_JWK) : null;
 const MODE = process.env.DELIVERY_MODE || 'poll';
 const PING_URL = process.env.PING_URL;
 const ALG = process.env.ID_TOKEN_ALG || 'RS256';
@@ -77,6 +80,11 @@ const client = {
   backchannel_token_delivery_mode: MODE,
   id_token_signed_response_alg: ALG,
 };
+if (CLIENT_JWK) {
+  delete client.client_secret;
+  client.token_endpoint_auth_method = 'private_key_jwt';
+  client.jwks = { keys: [CLIENT_JWK] };
+}
 if (MODE === 'ping') {
   if (!PING_URL) throw new Error('DELIVERY_MODE=ping needs PING_URL');
   client.backchannel_client_notification_endpoint = PING_URL;
@@ -164,6 +172,12 @@ provider.use(async (ctx, next) => {
 
 provider.on('server_error', (_ctx, err) => console.error('server_error', err));
 provider.on('backchannel.error', (_ctx, err) => console.error('backchannel.error', err));
+// Why a client was refused (oidc-provider keeps the detail out of the response).
+for (const ev of ['backchannel_authentication.error', 'grant.error']) {
+  provider.on(ev, (_ctx, err) => {
+    if (err?.error === 'invalid_client') console.error(ev, err.error_detail || err.message);
+  });
+}
 
 function send(res, status, value) {
   res.writeHead(status, { 'content-type': 'application/json' });

@@ -13,7 +13,9 @@
 //!    `login_hint` = the agent's owner, `binding_message` = kya's code and
 //!    what is asked, `requested_expiry` = the seconds left in the hold, and in
 //!    ping mode a fresh 256-bit `client_notification_token`), authenticated
-//!    with `client_secret_basic`. A provider that refuses the message
+//!    with `client_secret_basic` or `private_key_jwt` (an `EdDSA` assertion
+//!    signed with kya's Ed25519 client key; its public JWK is in `kya status`
+//!    for the provider's client registration). A provider that refuses the message
 //!    (`invalid_binding_message`; oidc-provider's default allows only
 //!    `^[a-zA-Z0-9-._+/!?#]{1,20}$`) is asked again with the code alone.
 //! 3. Waiting: in **poll** mode kya polls the token endpoint every `interval`
@@ -51,14 +53,15 @@ pub mod ping;
 use super::channel::{ApprovalChannel, Ask};
 use super::pending::{Answer, ApprovalError, Approvals};
 use crate::ca::{LeafName, LocalCa};
-use crate::config::{CibaConfig, CibaSecret};
+use crate::config::{CibaClientAuth, CibaConfig};
 use client::{AuthRequest, CibaError, ClientAuth, TokenPoll};
 use discovery::{DiscoveryError, Endpoints};
+use ed25519_dalek::SigningKey;
 use id_token::{Expect, IdTokenError, Jwks};
 use ping::PingRegistry;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,11 +79,15 @@ const DISCOVERY_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Errors starting the channel (local problems: they stop the daemon's start).
 #[derive(Debug, thiserror::Error)]
 pub enum CibaSetupError {
-    #[error("[approvals.ciba] client_secret_file {path}: {source}")]
-    Secret {
+    #[error("[approvals.ciba] {path}: {source}")]
+    Read {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "[approvals.ciba] client_key_file {path}: not an Ed25519 PKCS#8 PEM private key ({why})"
+    )]
+    Key { path: PathBuf, why: String },
     #[error("[approvals.ciba] client_secret_file {0} is empty")]
     EmptySecret(PathBuf),
     #[error("[approvals.ciba] {0}")]
@@ -146,29 +153,54 @@ impl Drop for CibaChannel {
     }
 }
 
-/// Read the client secret (a trailing newline is not part of it).
-fn read_secret(secret: &CibaSecret) -> Result<String, CibaSetupError> {
-    match secret {
-        CibaSecret::Inline(s) => Ok(s.clone()),
-        CibaSecret::File(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Secret {
-                path: path.clone(),
-                source,
-            })?;
-            #[cfg(unix)]
-            if let Ok(meta) = std::fs::metadata(path) {
-                use std::os::unix::fs::PermissionsExt;
-                if meta.permissions().mode() & 0o077 != 0 {
-                    tracing::warn!(path = %path.display(), "the CIBA client secret file is readable by group or others; chmod 600 it");
-                }
-            }
-            let s = text.trim_end_matches(['\n', '\r']).to_string();
-            if s.is_empty() {
-                return Err(CibaSetupError::EmptySecret(path.clone()));
-            }
-            Ok(s)
+/// Read a client secret file (a trailing newline is not part of it).
+fn read_secret_file(path: &Path) -> Result<String, CibaSetupError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    warn_if_shared(path);
+    let s = text.trim_end_matches(['\n', '\r']).to_string();
+    if s.is_empty() {
+        return Err(CibaSetupError::EmptySecret(path.to_path_buf()));
+    }
+    Ok(s)
+}
+
+/// Read an Ed25519 client key (PKCS#8 PEM, as `openssl genpkey -algorithm
+/// ed25519` writes it).
+fn read_key_file(path: &Path) -> Result<SigningKey, CibaSetupError> {
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    warn_if_shared(path);
+    SigningKey::from_pkcs8_pem(&text).map_err(|e| CibaSetupError::Key {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
+}
+
+fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "the CIBA client credential file is readable by group or others; chmod 600 it");
         }
     }
+}
+
+/// kya's client authentication as configured.
+fn client_auth(cfg: &CibaConfig) -> Result<ClientAuth, CibaSetupError> {
+    let id = cfg.client_id.clone();
+    Ok(match &cfg.client_auth {
+        CibaClientAuth::SecretInline(s) => ClientAuth::secret_basic(id, s.clone()),
+        CibaClientAuth::SecretFile(p) => ClientAuth::secret_basic(id, read_secret_file(p)?),
+        CibaClientAuth::PrivateKeyFile(p) => {
+            ClientAuth::private_key_jwt(id, read_key_file(p)?, cfg.issuer.clone())
+        }
+    })
 }
 
 impl CibaChannel {
@@ -176,7 +208,7 @@ impl CibaChannel {
     /// mode, serving a leaf from `ca`), and start discovery in the background.
     /// Must run inside a tokio runtime.
     pub async fn start(cfg: CibaConfig, ca: Arc<LocalCa>) -> Result<Arc<Self>, CibaSetupError> {
-        let secret = read_secret(&cfg.secret)?;
+        let auth = client_auth(&cfg)?;
         let http = http::HttpClient::new(cfg.ca_file.as_deref(), http::DEFAULT_TIMEOUT)?;
         let mut tasks = Vec::new();
         let (ping, ping_addr) = match &cfg.ping {
@@ -210,7 +242,7 @@ impl CibaChannel {
             None => (None, None),
         };
         let inner = Arc::new(Inner {
-            auth: ClientAuth::new(cfg.client_id.clone(), secret),
+            auth,
             cfg,
             http,
             discovered: Mutex::new(None),
@@ -243,6 +275,8 @@ impl CibaChannel {
         serde_json::json!({
             "issuer": self.inner.cfg.issuer,
             "client_id": self.inner.cfg.client_id,
+            "client_auth": self.inner.auth.method_name(),
+            "client_jwk": self.inner.auth.public_jwk(),
             "mode": self.inner.cfg.mode.as_str(),
             "ping_url": self.inner.cfg.ping.as_ref().map(|p| p.url.clone()),
             "discovered": self.discovered(),
