@@ -348,7 +348,19 @@ impl TcpEcho {
                     continue;
                 };
                 if let Ok(peer) = conn.peer_addr() {
-                    let owner = if owners { socket_owner(peer) } else { None };
+                    let owner = if owners {
+                        // The connection stays open (nothing is echoed until
+                        // this is done); a /proc scan racing process churn on a
+                        // busy machine can miss once, so look again.
+                        (0..10).find_map(|i| {
+                            if i > 0 {
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                            }
+                            socket_owner(peer)
+                        })
+                    } else {
+                        None
+                    };
                     p.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push((peer, owner));
