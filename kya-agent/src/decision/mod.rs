@@ -31,6 +31,7 @@ use crate::credential::store::CredentialStore;
 use crate::credential::verify::{self, Call as CredCall};
 use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
 use crate::metrics::{ApprovalLabels, DecisionLabels, Metrics};
+use crate::policy::budget::ReservationId;
 use crate::policy::{AgentInfo, CallContext, Decide, Decision, PolicyEngine};
 use ed25519_dalek::SigningKey;
 use events::EventHub;
@@ -207,7 +208,10 @@ impl Governor for DecisionPath {
         if let Some(cov) = &covering {
             ctx.credential = Some(cov.credential.scope_json());
         }
-        let mut decision = self.engine.decide(&ctx);
+        // An allowed call reserves its budget amounts now (atomically with the
+        // check); `reservation` is released below on every path that does not
+        // hand it to the forwarding ledger.
+        let (mut decision, mut reservation) = self.engine.decide_reserving(&ctx);
         let mut credential_id = None;
         if decision.released_by_credential {
             let redeemed = match &covering {
@@ -222,7 +226,10 @@ impl Governor for DecisionPath {
                     // Spent (replay), revoked meanwhile: decide as if it were absent.
                     tracing::info!(error = %e, "covering credential could not be redeemed; deciding without it");
                     ctx.credential = None;
-                    decision = self.engine.decide(&ctx);
+                    if let Some(r) = reservation.take() {
+                        self.engine.release(r);
+                    }
+                    (decision, reservation) = self.engine.decide_reserving(&ctx);
                 }
             }
         }
@@ -237,6 +244,11 @@ impl Governor for DecisionPath {
             );
             credential_id = None;
         }
+        // Released when dropped: on every path but the forwarded allow.
+        let reservation = Reserved {
+            engine: self.engine.clone(),
+            id: reservation,
+        };
         let facts = EventFacts::new(&self.host, &call, &agent, &decision, &decision_id, started);
         let pending = Pending {
             audit: self.audit.clone(),
@@ -293,7 +305,7 @@ impl Governor for DecisionPath {
                         }
                     }
                     // Budgets count the call once the proxy really forwards it.
-                    budget.allowed(&decision_id, ctx);
+                    budget.allowed(&decision_id, ctx, reservation.take());
                     Ruling::Allow { decision_id }
                 })
             }
@@ -355,6 +367,10 @@ impl Governor for DecisionPath {
                 }
             }
         }
+    }
+
+    fn not_forwarded(&self, decision_id: &str) {
+        self.budget.not_forwarded(decision_id);
     }
 
     fn forwarded(&self, decision_id: &str) {
@@ -572,7 +588,7 @@ impl DecisionPath {
                             if let Err(e) = pending.record(ev, Durability::Sync).await {
                                 return audit_denial(wait_decision_id, &e);
                             }
-                            budget.allowed(&wait_decision_id, ctx.clone());
+                            budget.allowed(&wait_decision_id, ctx.clone(), None);
                             Ruling::Allow {
                                 decision_id: wait_decision_id,
                             }
@@ -643,12 +659,36 @@ impl DecisionPath {
     }
 }
 
+/// A budget reservation, released when dropped unless taken.
+struct Reserved {
+    engine: Arc<PolicyEngine>,
+    id: Option<ReservationId>,
+}
+
+impl Reserved {
+    fn take(mut self) -> Option<ReservationId> {
+        self.id.take()
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.engine.release(id);
+        }
+    }
+}
+
 /// Allowed calls waiting to be forwarded: budgets count a call only when the
-/// proxy really sends it (a batch with a denied member sends none).
+/// proxy really sends it (a batch with a denied member sends none). A call
+/// allowed under a budget carries the reservation made when it was decided.
 struct ToForward {
     engine: Arc<PolicyEngine>,
-    waiting: std::sync::Mutex<std::collections::HashMap<String, (Instant, CallContext)>>,
+    waiting: std::sync::Mutex<std::collections::HashMap<String, Waiting>>,
 }
+
+/// An allowed call not yet forwarded: since when, what, and its reservation.
+type Waiting = (Instant, CallContext, Option<ReservationId>);
 
 /// Allowed calls remembered at once; beyond it a call is counted at once
 /// (over-counting is the safe side of a budget).
@@ -664,30 +704,55 @@ impl ToForward {
         }
     }
 
-    fn allowed(&self, decision_id: &str, ctx: CallContext) {
+    fn allowed(&self, decision_id: &str, ctx: CallContext, reservation: Option<ReservationId>) {
         if ctx.method != "tools/call" {
+            if let Some(r) = reservation {
+                self.engine.release(r);
+            }
             return;
         }
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         if w.len() >= MAX_TO_FORWARD {
-            w.retain(|_, (at, _)| at.elapsed() < FORWARD_WINDOW);
+            let stale: Vec<String> = w
+                .iter()
+                .filter(|(_, (at, _, _))| at.elapsed() >= FORWARD_WINDOW)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in stale {
+                if let Some((_, _, Some(r))) = w.remove(&k) {
+                    self.engine.release(r);
+                }
+            }
         }
         if w.len() >= MAX_TO_FORWARD {
             drop(w);
-            self.engine.record_forwarded(&ctx);
+            match reservation {
+                Some(r) => self.engine.commit_forwarded(r, &ctx),
+                None => self.engine.record_forwarded(&ctx),
+            }
             return;
         }
-        w.insert(decision_id.to_string(), (Instant::now(), ctx));
+        w.insert(decision_id.to_string(), (Instant::now(), ctx, reservation));
+    }
+
+    fn take(&self, decision_id: &str) -> Option<Waiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(decision_id)
     }
 
     fn forwarded(&self, decision_id: &str) {
-        let entry = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(decision_id);
-        if let Some((_, ctx)) = entry {
-            self.engine.record_forwarded(&ctx);
+        match self.take(decision_id) {
+            Some((_, ctx, Some(r))) => self.engine.commit_forwarded(r, &ctx),
+            Some((_, ctx, None)) => self.engine.record_forwarded(&ctx),
+            None => {}
+        }
+    }
+
+    fn not_forwarded(&self, decision_id: &str) {
+        if let Some((_, _, Some(r))) = self.take(decision_id) {
+            self.engine.release(r);
         }
     }
 }

@@ -7,6 +7,16 @@
 //! reload, and it is written to `STATE_DIR/budgets.json` so it survives a
 //! restart.
 //!
+//! **Reservations** close the gap between deciding and forwarding: a call
+//! allowed under a budget reserves its amount in the same critical section
+//! that checked the budget ([`BudgetState::begin`] → [`BudgetGuard::reserve`]),
+//! so concurrent calls see each other and cannot together overshoot it. The
+//! reservation becomes a recorded event when the call is forwarded
+//! ([`BudgetState::commit`]), and is released when it is not
+//! ([`BudgetState::release`]); one never resolved expires after
+//! [`RESERVATION_TTL`] (until then it counts: over-counting is a budget's safe
+//! side). Reservations live in memory only: a restart ends every call in flight.
+//!
 //! Writing is off the decision path: a change marks the state dirty and a
 //! flusher thread writes it atomically (temp file, fsync, rename, directory
 //! fsync) at most every [`FLUSH_INTERVAL`], coalescing bursts; [`BudgetState::flush`]
@@ -16,7 +26,7 @@
 //! every agent a fresh budget).
 
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
@@ -30,6 +40,12 @@ pub const STATE_FILE: &str = "budgets.json";
 pub const MAX_WINDOWS: usize = 65_536;
 /// Bound on events kept per window (older ones are merged into one).
 pub const MAX_EVENTS: usize = 100_000;
+/// A reservation neither committed nor released within this long is dropped
+/// (longer than any hold a batch's allowed calls may wait behind).
+pub const RESERVATION_TTL: Duration = Duration::from_secs(600);
+/// Bound on reservations outstanding at once; beyond it a call is refused a
+/// reservation and so denied by its budget (fail closed).
+pub const MAX_RESERVATIONS: usize = 65_536;
 
 /// Errors reading or writing budget state.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +74,144 @@ pub enum BudgetError {
 struct Windows {
     /// key → events (unix ms, amount), oldest first.
     windows: HashMap<String, VecDeque<(i64, f64)>>,
+    /// key → (sum, count) of its outstanding reservations (not persisted).
+    #[serde(skip)]
+    pending: HashMap<String, (f64, usize)>,
+    /// Outstanding reservations by id (ids increase: the first is the oldest).
+    #[serde(skip)]
+    reservations: BTreeMap<u64, Reservation>,
+    #[serde(skip)]
+    next_reservation: u64,
+}
+
+/// Amounts reserved by one allowed call, until it is forwarded or not.
+#[derive(Debug)]
+struct Reservation {
+    at: std::time::Instant,
+    /// When the call was decided (unix ms): where its events land.
+    now_ms: i64,
+    items: Vec<BudgetItem>,
+}
+
+/// One budget window a call counts toward, with its amount.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetItem {
+    pub key: String,
+    pub amount: f64,
+    pub per: Duration,
+}
+
+/// An outstanding reservation's handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationId(u64);
+
+/// The budget state locked for one decision: what [`BudgetGuard::used`]
+/// reports (recorded events and outstanding reservations) cannot change until
+/// the guard is dropped or reserves.
+pub struct BudgetGuard<'a> {
+    windows: std::sync::MutexGuard<'a, Windows>,
+}
+
+impl BudgetGuard<'_> {
+    /// Recorded amounts in the window `(now - per, now]`, plus every
+    /// outstanding reservation on `key`.
+    pub fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
+        let reserved = self.windows.pending.get(key).map_or(0.0, |(sum, _)| *sum);
+        self.windows.used(key, now_ms, per) + reserved
+    }
+
+    /// Reserve `items` for a call decided at `now_ms`. None when the bound on
+    /// outstanding reservations is reached (the caller must then not allow).
+    pub fn reserve(mut self, now_ms: i64, items: Vec<BudgetItem>) -> Option<ReservationId> {
+        let w = &mut *self.windows;
+        // Expire the stale ones first (oldest first: ids increase).
+        while let Some(entry) = w.reservations.first_entry() {
+            if entry.get().at.elapsed() < RESERVATION_TTL {
+                break;
+            }
+            let stale = entry.remove();
+            tracing::warn!(
+                items = stale.items.len(),
+                "a budget reservation was never resolved; dropped"
+            );
+            w.unpend(&stale.items);
+        }
+        if w.reservations.len() >= MAX_RESERVATIONS {
+            tracing::error!("too many outstanding budget reservations; call refused");
+            return None;
+        }
+        for item in &items {
+            let e = w.pending.entry(item.key.clone()).or_insert((0.0, 0));
+            e.0 += item.amount;
+            e.1 += 1;
+        }
+        let id = w.next_reservation;
+        w.next_reservation += 1;
+        w.reservations.insert(
+            id,
+            Reservation {
+                at: std::time::Instant::now(),
+                now_ms,
+                items,
+            },
+        );
+        Some(ReservationId(id))
+    }
+}
+
+impl Windows {
+    fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
+        let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
+        self.windows
+            .get(key)
+            .map(|q| {
+                q.iter()
+                    .filter(|(t, _)| *t > start && *t <= now_ms)
+                    .map(|(_, a)| a)
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    }
+
+    fn unpend(&mut self, items: &[BudgetItem]) {
+        for item in items {
+            if let Some((sum, count)) = self.pending.get_mut(&item.key) {
+                *sum -= item.amount;
+                *count -= 1;
+                // Drop the entry (and any float rounding residue) when
+                // nothing else is reserved on the key.
+                if *count == 0 {
+                    self.pending.remove(&item.key);
+                }
+            }
+        }
+    }
+
+    /// Append one event (the caller marks the state dirty).
+    fn record(&mut self, key: &str, now_ms: i64, amount: f64, per: Duration) {
+        let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
+        if !self.windows.contains_key(key) && self.windows.len() >= MAX_WINDOWS {
+            // Drop windows with nothing recent rather than grow without bound.
+            self.windows
+                .retain(|_, q| q.back().is_some_and(|(t, _)| *t > start));
+            if self.windows.len() >= MAX_WINDOWS {
+                tracing::warn!(key, "too many budget windows; call not recorded");
+                return;
+            }
+        }
+        let q = self.windows.entry(key.to_string()).or_default();
+        while q.front().is_some_and(|(t, _)| *t <= start) {
+            q.pop_front();
+        }
+        if q.len() >= MAX_EVENTS {
+            // Merge the two oldest: the sum stays right, the window only
+            // becomes slightly more conservative (the merged event keeps the newer time).
+            if let (Some((_, a)), Some(second)) = (q.pop_front(), q.front_mut()) {
+                second.1 += a;
+            }
+        }
+        q.push_back((now_ms, amount));
+    }
 }
 
 /// The key of one window.
@@ -119,57 +273,72 @@ impl BudgetState {
         Ok(state)
     }
 
-    /// Sum of amounts in the window `(now - per, now]`.
+    /// Lock the state for one decision. None when the lock is poisoned (a
+    /// panic elsewhere): the caller must count every budget as exhausted.
+    pub fn begin(&self) -> Option<BudgetGuard<'_>> {
+        self.inner
+            .lock()
+            .ok()
+            .map(|windows| BudgetGuard { windows })
+    }
+
+    /// Sum of amounts in the window `(now - per, now]`, reservations included
+    /// (infinite when the state is unusable, so callers fail closed).
     pub fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
-        let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
-        let Ok(inner) = self.inner.lock() else {
-            // A poisoned lock means a panic elsewhere; report the budget as
-            // exhausted so the caller fails closed.
-            return f64::INFINITY;
-        };
-        inner
-            .windows
-            .get(key)
-            .map(|q| {
-                q.iter()
-                    .filter(|(t, _)| *t > start && *t <= now_ms)
-                    .map(|(_, a)| a)
-                    .sum()
-            })
-            .unwrap_or(0.0)
+        match self.begin() {
+            Some(g) => g.used(key, now_ms, per),
+            None => f64::INFINITY,
+        }
     }
 
     /// Record a forwarded call's amount, dropping events older than `per`, and persist.
     pub fn record(&self, key: &str, now_ms: i64, amount: f64, per: Duration) {
-        let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
         {
             let Ok(mut inner) = self.inner.lock() else {
                 tracing::error!("budget state lock poisoned; call not recorded");
                 return;
             };
-            if !inner.windows.contains_key(key) && inner.windows.len() >= MAX_WINDOWS {
-                // Drop windows with nothing recent rather than grow without bound.
-                inner
-                    .windows
-                    .retain(|_, q| q.back().is_some_and(|(t, _)| *t > start));
-                if inner.windows.len() >= MAX_WINDOWS {
-                    tracing::warn!(key, "too many budget windows; call not recorded");
-                    return;
-                }
-            }
-            let q = inner.windows.entry(key.to_string()).or_default();
-            while q.front().is_some_and(|(t, _)| *t <= start) {
-                q.pop_front();
-            }
-            if q.len() >= MAX_EVENTS {
-                // Merge the two oldest: the sum stays right, the window only
-                // becomes slightly more conservative (the merged event keeps the newer time).
-                if let (Some((_, a)), Some(second)) = (q.pop_front(), q.front_mut()) {
-                    second.1 += a;
-                }
-            }
-            q.push_back((now_ms, amount));
+            inner.record(key, now_ms, amount, per);
         }
+        self.mark_dirty();
+    }
+
+    /// The reserved call was forwarded: its reservation becomes recorded
+    /// events. False when it is no longer outstanding (expired), in which case
+    /// the caller records the call itself.
+    pub fn commit(&self, id: ReservationId) -> bool {
+        {
+            let Ok(mut inner) = self.inner.lock() else {
+                tracing::error!("budget state lock poisoned; call not recorded");
+                return true;
+            };
+            let Some(r) = inner.reservations.remove(&id.0) else {
+                return false;
+            };
+            inner.unpend(&r.items);
+            for item in &r.items {
+                inner.record(&item.key, r.now_ms, item.amount, item.per);
+            }
+        }
+        self.mark_dirty();
+        true
+    }
+
+    /// The reserved call was not forwarded: give its amounts back.
+    pub fn release(&self, id: ReservationId) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if let Some(r) = inner.reservations.remove(&id.0) {
+                inner.unpend(&r.items);
+            }
+        }
+    }
+
+    /// Outstanding reservations (status, tests).
+    pub fn reservations(&self) -> usize {
+        self.inner.lock().map(|i| i.reservations.len()).unwrap_or(0)
+    }
+
+    fn mark_dirty(&self) {
         if self.path.is_some() {
             let mut dirty = self.flush.dirty.lock().unwrap_or_else(|p| p.into_inner());
             *dirty = true;
@@ -319,6 +488,61 @@ mod tests {
         drop(s);
         let again = BudgetState::open(dir.path()).unwrap();
         assert_eq!(again.used(&k, 10_000, H), 1000.0);
+    }
+
+    fn item(key: &str, amount: f64) -> BudgetItem {
+        BudgetItem {
+            key: key.to_string(),
+            amount,
+            per: H,
+        }
+    }
+
+    #[test]
+    fn reservations_count_until_committed_or_released() {
+        let s = BudgetState::in_memory();
+        let (a, b) = (window_key("x", "bot", None), window_key("y", "bot", None));
+        let r1 = s
+            .begin()
+            .unwrap()
+            .reserve(1_000, vec![item(&a, 300.0), item(&b, 1.0)])
+            .unwrap();
+        let r2 = s
+            .begin()
+            .unwrap()
+            .reserve(1_001, vec![item(&a, 200.0)])
+            .unwrap();
+        assert_ne!(r1, r2);
+        // Outstanding reservations count, and nothing is recorded yet.
+        assert_eq!(s.used(&a, 1_002, H), 500.0);
+        assert_eq!(s.used(&b, 1_002, H), 1.0);
+        assert_eq!(s.reservations(), 2);
+        // Forwarded: the amount moves from reserved to recorded, at decision time.
+        assert!(s.commit(r1));
+        assert_eq!(s.used(&a, 1_002, H), 500.0);
+        assert_eq!(s.begin().unwrap().windows.windows[&a], [(1_000, 300.0)]);
+        // Not forwarded: given back; a second resolution is a no-op.
+        s.release(r2);
+        assert_eq!(s.used(&a, 1_002, H), 300.0);
+        assert!(!s.commit(r2), "a released reservation cannot be committed");
+        assert!(!s.commit(r1), "nor a committed one twice");
+        s.release(r1);
+        assert_eq!(s.used(&a, 1_002, H), 300.0);
+        assert_eq!(s.reservations(), 0);
+        assert!(s.begin().unwrap().windows.pending.is_empty());
+    }
+
+    #[test]
+    fn reservations_are_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = window_key("b", "bot", None);
+        {
+            let s = BudgetState::open(dir.path()).unwrap();
+            s.begin().unwrap().reserve(5, vec![item(&k, 9.0)]).unwrap();
+            s.record(&k, 6, 1.0, H);
+        }
+        let s = BudgetState::open(dir.path()).unwrap();
+        assert_eq!(s.used(&k, 10, H), 1.0);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! evaluation errors, credential release of holds; and the live
 //! [`PolicyEngine`] the daemon shares between connections.
 
-use super::budget::{window_key, BudgetError, BudgetState};
+use super::budget::{window_key, BudgetError, BudgetGuard, BudgetItem, BudgetState, ReservationId};
+
+/// The pseudo-rule of a call refused because budgets could not reserve for it.
+pub const BUDGET_UNAVAILABLE_RULE: &str = "kya:budget-unavailable";
 use super::cel::{Activation, VarMask};
 use super::diag::Diagnostics;
 use super::glob::Glob;
@@ -103,12 +106,36 @@ impl Policy {
 
     /// Decide `call` against this policy and (optionally) budget state.
     /// With `explain`, every rule and budget is examined and reported.
+    /// Nothing is reserved: see [`Policy::decide_reserving`].
     pub fn decide_with(
         &self,
         call: &CallContext,
         budgets: Option<&BudgetState>,
         explain: bool,
     ) -> Decision {
+        self.decide_inner(call, budgets, explain, false).0
+    }
+
+    /// Decide `call` for forwarding: when it is allowed under budgets, its
+    /// amounts are reserved in the same critical section that checked them,
+    /// so concurrent calls cannot together overshoot a budget. The caller must
+    /// [`BudgetState::commit`] the reservation once the call is forwarded, or
+    /// [`BudgetState::release`] it.
+    pub fn decide_reserving(
+        &self,
+        call: &CallContext,
+        budgets: &BudgetState,
+    ) -> (Decision, Option<ReservationId>) {
+        self.decide_inner(call, Some(budgets), false, true)
+    }
+
+    fn decide_inner(
+        &self,
+        call: &CallContext,
+        budgets: Option<&BudgetState>,
+        explain: bool,
+        reserve: bool,
+    ) -> (Decision, Option<ReservationId>) {
         let server = normalize_server(&call.server);
         let mut matches: Vec<Match> = Vec::new();
         let mut errors: Vec<String> = Vec::new();
@@ -213,8 +240,20 @@ impl Policy {
             }
         }
 
+        // Held from the budget check to the reservation (see decide_reserving).
+        let mut guard: Option<BudgetGuard<'_>> = None;
+        let mut items: Vec<BudgetItem> = Vec::new();
+        let now_ms = unix_ms(call.time);
         if let Some(state) = budgets {
-            let now_ms = unix_ms(call.time);
+            if !applying.is_empty() {
+                guard = state.begin();
+                if guard.is_none() {
+                    errors.push(
+                        "budget state unusable (a panic elsewhere); budgets count as exhausted"
+                            .into(),
+                    );
+                }
+            }
             for b in &self.budgets {
                 if !applying.iter().any(|a| std::ptr::eq(*a, b)) {
                     if explain {
@@ -229,7 +268,9 @@ impl Policy {
                     continue;
                 }
                 let key = Self::budget_key(b, call);
-                let used = state.used(&key, now_ms, b.per);
+                let used = guard
+                    .as_ref()
+                    .map_or(f64::INFINITY, |g| g.used(&key, now_ms, b.per));
                 let (amount, max) = match &b.limit {
                     Limit::Calls(n) => (Ok(1.0), *n as f64),
                     Limit::Sum { expr, max } => {
@@ -245,6 +286,13 @@ impl Policy {
                         (amount, *max)
                     }
                 };
+                if let Ok(amount) = &amount {
+                    items.push(BudgetItem {
+                        key: key.clone(),
+                        amount: *amount,
+                        per: b.per,
+                    });
+                }
                 let (exceeded, why) = match amount {
                     Ok(amount) => (
                         used + amount > max,
@@ -358,11 +406,23 @@ impl Policy {
                 decision.reason
             );
         }
+        let mut reservation = None;
+        if reserve && decision.verdict == Verdict::Allow && !items.is_empty() {
+            reservation = guard.and_then(|g| g.reserve(now_ms, items));
+            if reservation.is_none() {
+                decision.verdict = Verdict::Deny;
+                decision.rule = Some(BUDGET_UNAVAILABLE_RULE.into());
+                decision.reason =
+                    "budgets cannot take this call now (too many calls in flight); try again"
+                        .into();
+                errors.push("no budget reservation".into());
+            }
+        }
         decision.errors = errors;
         if explain {
             decision.explain = Some(explanation);
         }
-        decision
+        (decision, reservation)
     }
 
     /// Count a forwarded call toward every budget it falls under.
@@ -585,6 +645,30 @@ impl PolicyEngine {
     /// Count a forwarded call toward budgets (call only after forwarding).
     pub fn record_forwarded(&self, call: &CallContext) {
         self.policy().record_forwarded(call, &self.budgets);
+    }
+
+    /// Decide for forwarding, reserving budget for an allowed call (see
+    /// [`Policy::decide_reserving`]).
+    pub fn decide_reserving(&self, call: &CallContext) -> (Decision, Option<ReservationId>) {
+        self.policy().decide_reserving(call, &self.budgets)
+    }
+
+    /// The reserved call `call` was forwarded: count it. A reservation that
+    /// expired meanwhile is counted afresh.
+    pub fn commit_forwarded(&self, reservation: ReservationId, call: &CallContext) {
+        if !self.budgets.commit(reservation) {
+            self.record_forwarded(call);
+        }
+    }
+
+    /// The reserved call was not forwarded.
+    pub fn release(&self, reservation: ReservationId) {
+        self.budgets.release(reservation);
+    }
+
+    /// Budget reservations outstanding (calls allowed, not yet forwarded).
+    pub fn budget_reservations(&self) -> usize {
+        self.budgets.reservations()
     }
 
     /// Decide with `--explain`-style detail.

@@ -346,6 +346,69 @@ group_by = "agent+tool"
     assert!(d.errors.iter().any(|e| e.contains("spend")));
 }
 
+/// Concurrent calls cannot together overshoot a budget: the check and the
+/// reservation are one step, a call not forwarded gives its amount back, and
+/// plain `decide_with` (may_call, `kya policy test`) reserves nothing.
+#[test]
+fn concurrent_calls_cannot_overshoot_a_budget() {
+    let p = policy(
+        r#"
+[defaults]
+verdict = "allow"
+[[budget]]
+id = "spend"
+tool = "transfer"
+sum = "args.amount"
+max = 1000
+per = "24h"
+verdict = "deny"
+"#,
+    );
+    let state = BudgetState::in_memory();
+    let c = call("transfer", json!({"amount": 300}));
+    for _ in 0..5 {
+        assert_eq!(
+            p.decide_with(&c, Some(&state), false).verdict,
+            Verdict::Allow
+        );
+    }
+    assert_eq!(state.reservations(), 0);
+    let barrier = std::sync::Barrier::new(16);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    p.decide_reserving(&c, &state)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let allowed: Vec<_> = results
+        .iter()
+        .filter(|(d, _)| d.verdict == Verdict::Allow)
+        .collect();
+    assert_eq!(allowed.len(), 3, "300 × 3 ≤ 1000 < 300 × 4");
+    assert!(allowed.iter().all(|(_, r)| r.is_some()));
+    assert!(results
+        .iter()
+        .filter(|(d, _)| d.verdict == Verdict::Deny)
+        .all(|(d, r)| r.is_none() && d.rule.as_deref() == Some("spend")));
+    // Two are forwarded, one is not (its batch was refused): 400 left.
+    let ids: Vec<_> = allowed.iter().filter_map(|(_, r)| *r).collect();
+    assert!(state.commit(ids[0]) && state.commit(ids[1]));
+    state.release(ids[2]);
+    // 600 recorded + 300 reserved: 100 more fits exactly, 1 more does not.
+    let (d, r) = p.decide_reserving(&c, &state);
+    assert!(d.verdict == Verdict::Allow && r.is_some());
+    let (d, r) = p.decide_reserving(&call("transfer", json!({"amount": 100})), &state);
+    assert!(d.verdict == Verdict::Allow && r.is_some());
+    let (d, r) = p.decide_reserving(&call("transfer", json!({"amount": 1})), &state);
+    assert_eq!((d.verdict, r), (Verdict::Deny, None));
+    assert_eq!(state.reservations(), 2);
+}
+
 #[test]
 fn budget_state_survives_reload_and_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -418,6 +418,17 @@ pub async fn proxy(
     version: HttpVersion,
     sni: Option<&str>,
 ) -> SocketAddr {
+    proxy_with(upstream, Arc::new(GovHandle(gov)), limits, version, sni).await
+}
+
+/// The proxy behind any governor (the real decision path, say).
+pub async fn proxy_with(
+    upstream: SocketAddr,
+    gov: Arc<dyn Governor>,
+    limits: Limits,
+    version: HttpVersion,
+    sni: Option<&str>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sni = sni.map(str::to_string);
@@ -436,7 +447,7 @@ pub async fn proxy(
                 tls: false,
                 conn_id: n,
             });
-            let gov: Arc<dyn Governor> = Arc::new(GovHandle(gov.clone()));
+            let gov = gov.clone();
             let limits = limits.clone();
             tokio::spawn(async move {
                 let _ = serve_http(agent, up, version, conn, gov, &limits).await;

@@ -484,6 +484,11 @@ impl Exchange {
                 .forward(server, head, body::full(bytes), Some(len), true, true)
                 .await;
         }
+        for o in &outcomes {
+            if let Outcome::Allow(decision_id) = o {
+                self.gov.not_forwarded(decision_id);
+            }
+        }
         self.answer(head, payload, outcomes)
     }
 

@@ -134,4 +134,9 @@ pub trait Governor: Send + Sync + 'static {
     fn forwarded(&self, decision_id: &str) {
         let _ = decision_id;
     }
+    /// An allowed message will not be sent (another member of its batch was
+    /// refused): what was reserved for it is given back.
+    fn not_forwarded(&self, decision_id: &str) {
+        let _ = decision_id;
+    }
 }
