@@ -283,7 +283,8 @@ impl Policy {
                                 expr.eval_number(a)
                             }
                         };
-                        (amount, *max)
+                        // An agent cannot earn budget back with a negative amount.
+                        (amount.map(|n| n.max(0.0)), *max)
                     }
                 };
                 if let Ok(amount) = &amount {
@@ -444,7 +445,7 @@ impl Policy {
                         expr.eval_number(a)
                     };
                     match fast.map(Ok).unwrap_or_else(slow) {
-                        Ok(n) => n,
+                        Ok(n) => n.max(0.0),
                         Err(e) => {
                             tracing::warn!(budget = %b.id, error = %e, "forwarded call has no amount; counted as 0");
                             0.0

@@ -409,6 +409,48 @@ verdict = "deny"
     assert_eq!(state.reservations(), 2);
 }
 
+/// A negative amount cannot give budget back: it counts as 0, in the check
+/// and in what is recorded.
+#[test]
+fn negative_amounts_do_not_refill_a_budget() {
+    let p = policy(
+        r#"
+[defaults]
+verdict = "allow"
+[[budget]]
+id = "spend"
+tool = "transfer"
+sum = "args.amount"
+max = 1000
+per = "24h"
+verdict = "deny"
+"#,
+    );
+    let state = BudgetState::in_memory();
+    let big = call("transfer", json!({"amount": 900}));
+    assert_eq!(
+        p.decide_with(&big, Some(&state), false).verdict,
+        Verdict::Allow
+    );
+    p.record_forwarded(&big, &state);
+    let refund = call("transfer", json!({"amount": -1_000_000}));
+    assert_eq!(
+        p.decide_with(&refund, Some(&state), false).verdict,
+        Verdict::Allow
+    );
+    p.record_forwarded(&refund, &state);
+    let (d, r) = p.decide_reserving(&refund, &state);
+    assert!(d.verdict == Verdict::Allow && r.is_some());
+    assert!(state.commit(r.unwrap()));
+    // Still 900 used: 200 more is over.
+    let more = call("transfer", json!({"amount": 200}));
+    let d = p.decide_with(&more, Some(&state), false);
+    assert_eq!(
+        (d.verdict, d.rule.as_deref()),
+        (Verdict::Deny, Some("spend"))
+    );
+}
+
 #[test]
 fn budget_state_survives_reload_and_restart() {
     let dir = tempfile::tempdir().unwrap();
