@@ -193,6 +193,40 @@ fn bench(c: &mut Criterion) {
     g.bench_function("one_rule_with_matches", |b| {
         b.iter(|| black_box(e.decide(black_box(&c))))
     });
+
+    // A busy budget: 50,000 forwarded calls already in its window (e.g. 14
+    // calls/s for an hour). What one more decision costs, and what the
+    // forwarding path costs (check + reserve, then commit).
+    let policy = Policy::from_sources(&[Source::new(
+        "budget.toml",
+        "[defaults]\nverdict = \"allow\"\n[[budget]]\nid = \"calls\"\nmax_calls = 1000000000\nper = \"1h\"\n",
+    )])
+    .expect("budget policy compiles");
+    let e = PolicyEngine::from_parts(
+        policy,
+        Registry::empty(),
+        Vec::new(),
+        None,
+        BudgetState::in_memory(),
+    );
+    let mut c = calls(10).swap_remove(0);
+    let start = c.time;
+    for i in 0..50_000i64 {
+        c.time = start + time::Duration::milliseconds(i * 70);
+        e.record_forwarded(&c);
+    }
+    g.bench_function("budget_50k_events_decide", |b| {
+        b.iter(|| black_box(e.decide(black_box(&c))))
+    });
+    g.bench_function("budget_50k_events_reserve_commit", |b| {
+        b.iter(|| {
+            let (d, r) = e.decide_reserving(black_box(&c));
+            if let Some(r) = r {
+                e.commit_forwarded(r, &c);
+            }
+            black_box(d)
+        })
+    });
     g.finish();
 }
 

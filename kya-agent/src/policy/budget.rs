@@ -74,6 +74,9 @@ pub enum BudgetError {
 struct Windows {
     /// key → events (unix ms, amount), oldest first.
     windows: HashMap<String, VecDeque<(i64, f64)>>,
+    /// key → the sum of its events (kept with every change; not persisted).
+    #[serde(skip)]
+    sums: HashMap<String, f64>,
     /// key → (sum, count) of its outstanding reservations (not persisted).
     #[serde(skip)]
     pending: HashMap<String, (f64, usize)>,
@@ -160,17 +163,36 @@ impl BudgetGuard<'_> {
 }
 
 impl Windows {
+    /// After loading: events in time order (files of older versions appended
+    /// in arrival order) and their sums.
+    fn index(&mut self) {
+        self.sums.clear();
+        for (key, q) in &mut self.windows {
+            q.make_contiguous()
+                .sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+            self.sums
+                .insert(key.clone(), q.iter().map(|(_, a)| a).sum());
+        }
+    }
+
+    /// Sum of the events in `(now - per, now]`: the window's running sum less
+    /// the stale events not yet dropped and any event after `now` (events are
+    /// kept in time order, so both are found by binary search and are few).
     fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
         let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
-        self.windows
-            .get(key)
-            .map(|q| {
-                q.iter()
-                    .filter(|(t, _)| *t > start && *t <= now_ms)
-                    .map(|(_, a)| a)
-                    .sum()
-            })
-            .unwrap_or(0.0)
+        let Some(q) = self.windows.get(key) else {
+            return 0.0;
+        };
+        let total = self.sums.get(key).copied().unwrap_or(0.0);
+        let first = q.partition_point(|(t, _)| *t <= start);
+        let end = q.partition_point(|(t, _)| *t <= now_ms).max(first);
+        let stale: f64 = q.range(..first).map(|(_, a)| a).sum();
+        let future: f64 = q.range(end..).map(|(_, a)| a).sum();
+        if first == 0 && end == q.len() {
+            total
+        } else {
+            total - stale - future
+        }
     }
 
     fn unpend(&mut self, items: &[BudgetItem]) {
@@ -187,21 +209,29 @@ impl Windows {
         }
     }
 
-    /// Append one event (the caller marks the state dirty).
+    /// Add one event in time order (the caller marks the state dirty).
     fn record(&mut self, key: &str, now_ms: i64, amount: f64, per: Duration) {
         let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
         if !self.windows.contains_key(key) && self.windows.len() >= MAX_WINDOWS {
             // Drop windows with nothing recent rather than grow without bound.
             self.windows
                 .retain(|_, q| q.back().is_some_and(|(t, _)| *t > start));
+            let windows = &self.windows;
+            self.sums.retain(|k, _| windows.contains_key(k));
             if self.windows.len() >= MAX_WINDOWS {
                 tracing::warn!(key, "too many budget windows; call not recorded");
                 return;
             }
         }
         let q = self.windows.entry(key.to_string()).or_default();
-        while q.front().is_some_and(|(t, _)| *t <= start) {
+        let sum = self.sums.entry(key.to_string()).or_insert(0.0);
+        while let Some((_, a)) = q.front().filter(|(t, _)| *t <= start).copied() {
             q.pop_front();
+            *sum -= a;
+        }
+        if q.is_empty() {
+            // Start again from exactly zero (no float residue).
+            *sum = 0.0;
         }
         if q.len() >= MAX_EVENTS {
             // Merge the two oldest: the sum stays right, the window only
@@ -210,7 +240,11 @@ impl Windows {
                 second.1 += a;
             }
         }
-        q.push_back((now_ms, amount));
+        // Nearly always the newest; a call forwarded after a later-decided one
+        // (both reserved) lands a few places from the end.
+        let at = q.partition_point(|(t, _)| *t <= now_ms);
+        q.insert(at, (now_ms, amount));
+        *sum += amount;
     }
 }
 
@@ -249,7 +283,7 @@ impl BudgetState {
     /// Load (or start) the state file `dir/budgets.json`, and start its flusher.
     pub fn open(dir: &Path) -> Result<Arc<BudgetState>, BudgetError> {
         let path = dir.join(STATE_FILE);
-        let windows = match std::fs::read(&path) {
+        let mut windows: Windows = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| BudgetError::Corrupt {
                 path: path.clone(),
                 source,
@@ -257,6 +291,7 @@ impl BudgetState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Windows::default(),
             Err(source) => return Err(BudgetError::Read { path, source }),
         };
+        windows.index();
         let state = Arc::new(BudgetState {
             path: Some(path),
             inner: Mutex::new(windows),
@@ -530,6 +565,61 @@ mod tests {
         assert_eq!(s.used(&a, 1_002, H), 300.0);
         assert_eq!(s.reservations(), 0);
         assert!(s.begin().unwrap().windows.pending.is_empty());
+    }
+
+    #[test]
+    fn running_sums_match_a_full_scan_with_events_out_of_order() {
+        let s = BudgetState::in_memory();
+        let k = window_key("b", "bot", None);
+        // Forwarded in another order than decided (reservations commit at
+        // decision time), and queried at times before, inside and after them.
+        let events = [
+            (5_000, 1.0),
+            (3_000, 2.0),
+            (4_000, 4.0),
+            (9_000, 8.0),
+            (3_500, 16.0),
+        ];
+        for (t, a) in events {
+            s.record(&k, t, a, H);
+        }
+        let times: Vec<i64> = s.begin().unwrap().windows.windows[&k]
+            .iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(
+            times,
+            [3_000, 3_500, 4_000, 5_000, 9_000],
+            "kept in time order"
+        );
+        let scan = |now: i64, per: i64| -> f64 {
+            events
+                .iter()
+                .filter(|(t, _)| *t > now - per && *t <= now)
+                .map(|(_, a)| a)
+                .sum()
+        };
+        for now in [0, 3_000, 3_499, 3_500, 4_500, 5_000, 8_999, 9_000, 20_000] {
+            for per in [1_000i64, 2_000, 3_600_000] {
+                assert_eq!(
+                    s.used(&k, now, Duration::from_millis(per as u64)),
+                    scan(now, per),
+                    "now {now} per {per}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_file_in_arrival_order_is_sorted_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = window_key("b", "bot", None);
+        let file = serde_json::json!({"windows": {k.clone(): [[5_000, 1.0], [3_000, 2.0]]}});
+        std::fs::write(dir.path().join(STATE_FILE), file.to_string()).unwrap();
+        let s = BudgetState::open(dir.path()).unwrap();
+        assert_eq!(s.used(&k, 5_000, H), 3.0);
+        assert_eq!(s.used(&k, 4_000, H), 2.0);
+        assert_eq!(s.used(&k, 5_000, Duration::from_millis(1_500)), 1.0);
     }
 
     #[test]
