@@ -121,7 +121,12 @@ fn calls(n: usize) -> Vec<CallContext> {
 }
 
 fn engine(n: usize) -> PolicyEngine {
-    let policy = Policy::from_sources(&[Source::new("bench.toml", policy_text(n))])
+    engine_of(&policy_text(n))
+}
+
+/// An engine over one policy text, with in-memory budgets.
+fn engine_of(text: &str) -> PolicyEngine {
+    let policy = Policy::from_sources(&[Source::new("bench.toml", text.to_string())])
         .expect("bench policy compiles");
     PolicyEngine::from_parts(
         policy,
@@ -177,17 +182,8 @@ fn bench(c: &mut Criterion) {
     }
     // `matches` compiles its regex on every evaluation in the cel crate
     // (0.15): measured separately so policies can budget for it.
-    let policy = Policy::from_sources(&[Source::new(
-        "re.toml",
+    let e = engine_of(
         "[[rule]]\nid = \"sel\"\ntool = \"query\"\nwhen = \"args.sql.matches('^(?i)select ')\"\nverdict = \"allow\"\n",
-    )])
-    .expect("regex policy compiles");
-    let e = PolicyEngine::from_parts(
-        policy,
-        Registry::empty(),
-        Vec::new(),
-        None,
-        BudgetState::in_memory(),
     );
     let c = calls(10).swap_remove(7);
     g.bench_function("one_rule_with_matches", |b| {
@@ -197,17 +193,8 @@ fn bench(c: &mut Criterion) {
     // A busy budget: 50,000 forwarded calls already in its window (e.g. 14
     // calls/s for an hour). What one more decision costs, and what the
     // forwarding path costs (check + reserve, then commit).
-    let policy = Policy::from_sources(&[Source::new(
-        "budget.toml",
+    let e = engine_of(
         "[defaults]\nverdict = \"allow\"\n[[budget]]\nid = \"calls\"\nmax_calls = 1000000000\nper = \"1h\"\n",
-    )])
-    .expect("budget policy compiles");
-    let e = PolicyEngine::from_parts(
-        policy,
-        Registry::empty(),
-        Vec::new(),
-        None,
-        BudgetState::in_memory(),
     );
     let mut c = calls(10).swap_remove(0);
     let start = c.time;

@@ -199,6 +199,17 @@ async fn kya(cfg: CibaConfig) -> Kya {
     }
 }
 
+/// Hold a call of `owner`'s agent for a minute; the request the provider got.
+async fn ask(k: &Kya, op: &Op, owner: &str) -> (kya_agent::approvals::ApprovalHandle, Value) {
+    let h = k
+        .approvals
+        .submit(action(owner), Duration::from_secs(60))
+        .expect("submit");
+    let req = op.next_request().await;
+    assert_eq!(req["login_hint"], owner);
+    (h, req)
+}
+
 fn approved(outcome: Outcome, owner: &str) {
     match outcome {
         Outcome::Approved(a) => {
@@ -221,12 +232,7 @@ fn approved(outcome: Outcome, owner: &str) {
 async fn poll_mode_approve_carries_the_verified_owner_and_token_digest() {
     let op = Op::start(free_port(), &[]).await;
     let k = kya(config(&op.issuer, CibaMode::Poll, None)).await;
-    let h = k
-        .approvals
-        .submit(action("alice"), Duration::from_secs(60))
-        .expect("submit");
-    let req = op.next_request().await;
-    assert_eq!(req["login_hint"], "alice");
+    let (h, req) = ask(&k, &op, "alice").await;
     assert_eq!(req["binding_message"], h.binding_message.as_str());
     let expiry: u64 = req["requested_expiry"]
         .as_str()
@@ -277,12 +283,7 @@ async fn private_key_jwt_authenticates_kya_and_another_key_is_refused() {
     for member in ["kty", "crv", "x", "kid"] {
         assert_eq!(status["client_jwk"][member], jwk[member], "{status}");
     }
-    let h = k
-        .approvals
-        .submit(action("alice"), Duration::from_secs(60))
-        .expect("submit");
-    let req = op.next_request().await;
-    assert_eq!(req["login_hint"], "alice");
+    let (h, req) = ask(&k, &op, "alice").await;
     op.answer(req["id"].as_str().expect("id"), "approve").await;
     let outcome = tokio::time::timeout(Duration::from_secs(20), h.wait())
         .await

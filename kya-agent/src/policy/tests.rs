@@ -346,13 +346,8 @@ group_by = "agent+tool"
     assert!(d.errors.iter().any(|e| e.contains("spend")));
 }
 
-/// Concurrent calls cannot together overshoot a budget: the check and the
-/// reservation are one step, a call not forwarded gives its amount back, and
-/// plain `decide_with` (may_call, `kya policy test`) reserves nothing.
-#[test]
-fn concurrent_calls_cannot_overshoot_a_budget() {
-    let p = policy(
-        r#"
+/// Allow everything, but at most 1000 transferred per day.
+const SPEND_1000: &str = r#"
 [defaults]
 verdict = "allow"
 [[budget]]
@@ -362,8 +357,14 @@ sum = "args.amount"
 max = 1000
 per = "24h"
 verdict = "deny"
-"#,
-    );
+"#;
+
+/// Concurrent calls cannot together overshoot a budget: the check and the
+/// reservation are one step, a call not forwarded gives its amount back, and
+/// plain `decide_with` (may_call, `kya policy test`) reserves nothing.
+#[test]
+fn concurrent_calls_cannot_overshoot_a_budget() {
+    let p = policy(SPEND_1000);
     let state = BudgetState::in_memory();
     let c = call("transfer", json!({"amount": 300}));
     for _ in 0..5 {
@@ -413,19 +414,7 @@ verdict = "deny"
 /// and in what is recorded.
 #[test]
 fn negative_amounts_do_not_refill_a_budget() {
-    let p = policy(
-        r#"
-[defaults]
-verdict = "allow"
-[[budget]]
-id = "spend"
-tool = "transfer"
-sum = "args.amount"
-max = 1000
-per = "24h"
-verdict = "deny"
-"#,
-    );
+    let p = policy(SPEND_1000);
     let state = BudgetState::in_memory();
     let big = call("transfer", json!({"amount": 900}));
     assert_eq!(
