@@ -9,7 +9,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&cut, body)) = data.split_first() else {
         return;
     };
-    let limits = SseLimits { max_event_bytes: 1024 };
+    let limits = SseLimits {
+        max_event_bytes: 1024,
+    };
     let whole = parse_all(body, limits);
     let cut = usize::from(cut).min(body.len());
     let mut p = SseParser::new(limits);

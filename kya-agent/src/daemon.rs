@@ -175,6 +175,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     ));
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));
+    metrics.add_source(budget_samples(engine.clone()));
     let metrics_task = config.metrics.map(|addr| {
         tokio::spawn(crate::metrics::serve(
             addr,
@@ -351,6 +352,18 @@ fn kernel_samples(redirector: Arc<Mutex<Option<Redirector>>>) -> Source {
     })
 }
 
+/// Budget state, read at scrape time.
+fn budget_samples(engine: Arc<PolicyEngine>) -> Source {
+    Box::new(move || {
+        vec![Sample {
+            name: "budget_reservations".into(),
+            help: "Calls allowed under a budget and not yet forwarded (amounts reserved)".into(),
+            kind: SampleKind::Gauge,
+            value: engine.budget_reservations() as u64,
+        }]
+    })
+}
+
 /// Interceptor counters, read at scrape time.
 fn intercept_samples(stats: Arc<InterceptStats>) -> Source {
     use std::sync::atomic::Ordering::Relaxed;
@@ -445,5 +458,53 @@ fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
         listen_port: config.listen_port,
         pin_dir: config.pin_dir.clone(),
         fail_open: config.fail_open,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::budget::BudgetState;
+    use crate::policy::diag::Source as PolicySource;
+    use crate::policy::{AgentInfo, CallContext, Policy};
+
+    #[test]
+    fn the_budget_gauge_counts_calls_in_flight() {
+        let policy = Policy::from_sources(&[PolicySource::new(
+            "p.toml",
+            "[defaults]\nverdict = \"allow\"\n[[budget]]\nid = \"calls\"\nmax_calls = 10\nper = \"1h\"\n"
+                .to_string(),
+        )])
+        .unwrap();
+        let engine = Arc::new(PolicyEngine::from_parts(
+            policy,
+            Registry::empty(),
+            Vec::new(),
+            None,
+            BudgetState::in_memory(),
+        ));
+        let gauge = budget_samples(engine.clone());
+        assert_eq!(gauge()[0].value, 0);
+        let call = CallContext {
+            agent: AgentInfo {
+                name: "bot".into(),
+                owner: None,
+                orphaned: false,
+            },
+            process: Default::default(),
+            server: "mcp.test".into(),
+            method: "tools/call".into(),
+            tool: Some("t".into()),
+            args: serde_json::json!({}),
+            time: time::OffsetDateTime::now_utc(),
+            credential: None,
+        };
+        let (_, first) = engine.decide_reserving(&call);
+        let (_, second) = engine.decide_reserving(&call);
+        let s = gauge();
+        assert_eq!((s[0].name.as_str(), s[0].value), ("budget_reservations", 2));
+        engine.commit_forwarded(first.unwrap(), &call);
+        engine.release(second.unwrap());
+        assert_eq!(gauge()[0].value, 0);
     }
 }
