@@ -40,6 +40,9 @@ struct Document {
     jwks_uri: Option<String>,
     #[serde(default)]
     backchannel_token_delivery_modes_supported: Option<Vec<String>>,
+    /// Advisory only (a warning): read leniently, never a reason to refuse.
+    #[serde(default)]
+    token_endpoint_auth_methods_supported: Option<serde_json::Value>,
 }
 
 /// The endpoints kya uses.
@@ -49,6 +52,20 @@ pub struct Endpoints {
     pub backchannel_authentication: String,
     pub token: String,
     pub jwks_uri: String,
+    /// `token_endpoint_auth_methods_supported`, when the provider says.
+    pub auth_methods: Option<Vec<String>>,
+}
+
+impl Endpoints {
+    /// False when the provider lists its client authentication methods and
+    /// `method` is not among them (RFC 8414: absent means
+    /// `client_secret_basic` only).
+    pub fn supports_auth_method(&self, method: &str) -> bool {
+        match &self.auth_methods {
+            Some(list) => list.iter().any(|m| m == method),
+            None => method == "client_secret_basic",
+        }
+    }
 }
 
 /// The discovery URL for `issuer` (a trailing `/` is not doubled).
@@ -100,6 +117,15 @@ pub fn parse(body: &[u8], issuer: &str, mode: &'static str) -> Result<Endpoints,
         )?,
         token: check("token_endpoint", doc.token_endpoint)?,
         jwks_uri: check("jwks_uri", doc.jwks_uri)?,
+        auth_methods: match doc.token_endpoint_auth_methods_supported {
+            Some(serde_json::Value::Array(list)) => Some(
+                list.iter()
+                    .filter_map(|m| m.as_str().map(str::to_string))
+                    .take(64)
+                    .collect(),
+            ),
+            _ => None,
+        },
     })
 }
 
@@ -133,6 +159,30 @@ mod tests {
             well_known("https://op.example.com/"),
             "https://op.example.com/.well-known/openid-configuration"
         );
+    }
+
+    #[test]
+    fn client_authentication_methods_are_read() {
+        let listed = parse(
+            &doc(serde_json::json!({"token_endpoint_auth_methods_supported": ["private_key_jwt"]})),
+            ISS,
+            "poll",
+        )
+        .unwrap();
+        assert!(listed.supports_auth_method("private_key_jwt"));
+        assert!(!listed.supports_auth_method("client_secret_basic"));
+        // Absent: RFC 8414's default, client_secret_basic only.
+        let silent = parse(&doc(serde_json::json!({})), ISS, "poll").unwrap();
+        assert!(silent.supports_auth_method("client_secret_basic"));
+        assert!(!silent.supports_auth_method("private_key_jwt"));
+        // Not a list: advisory only, so the document still serves (as if absent).
+        let odd = parse(
+            &doc(serde_json::json!({"token_endpoint_auth_methods_supported": "private_key_jwt"})),
+            ISS,
+            "poll",
+        )
+        .unwrap();
+        assert_eq!(odd.auth_methods, None);
     }
 
     #[test]

@@ -333,6 +333,11 @@ impl Inner {
             discovery::discover(&self.http, &self.cfg.issuer, self.cfg.mode.as_str()).await?;
         tracing::info!(issuer = %endpoints.issuer, backchannel = %endpoints.backchannel_authentication,
             token = %endpoints.token, "CIBA provider discovered");
+        let method = self.auth.method_name();
+        if !endpoints.supports_auth_method(method) {
+            tracing::warn!(issuer = %endpoints.issuer, method, offered = ?endpoints.auth_methods,
+                "the provider does not list kya's client authentication method; requests will likely be refused (invalid_client)");
+        }
         let d = Arc::new(Discovered {
             jwks: Jwks::new(endpoints.jwks_uri.clone(), self.http.clone()),
             endpoints,
