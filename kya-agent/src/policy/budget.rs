@@ -175,9 +175,11 @@ impl Windows {
         }
     }
 
-    /// Sum of the events in `(now - per, now]`: the window's running sum less
-    /// the stale events not yet dropped and any event after `now` (events are
-    /// kept in time order, so both are found by binary search and are few).
+    /// Sum of the events after `now - per`: the window's running sum less the
+    /// stale events not yet dropped (events are kept in time order, so those
+    /// are found by binary search and are few). Events stamped after `now`
+    /// count too: a call decided a moment earlier than one already forwarded
+    /// must see it (and a clock stepped back must not hand out fresh budget).
     fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
         let start = now_ms.saturating_sub(per.as_millis().min(i64::MAX as u128) as i64);
         let Some(q) = self.windows.get(key) else {
@@ -185,14 +187,10 @@ impl Windows {
         };
         let total = self.sums.get(key).copied().unwrap_or(0.0);
         let first = q.partition_point(|(t, _)| *t <= start);
-        let end = q.partition_point(|(t, _)| *t <= now_ms).max(first);
-        let stale: f64 = q.range(..first).map(|(_, a)| a).sum();
-        let future: f64 = q.range(end..).map(|(_, a)| a).sum();
-        if first == 0 && end == q.len() {
-            total
-        } else {
-            total - stale - future
+        if first == 0 {
+            return total;
         }
+        total - q.range(..first).map(|(_, a)| a).sum::<f64>()
     }
 
     fn unpend(&mut self, items: &[BudgetItem]) {
@@ -592,10 +590,11 @@ mod tests {
             [3_000, 3_500, 4_000, 5_000, 9_000],
             "kept in time order"
         );
+        // Events after `now` count (see Windows::used).
         let scan = |now: i64, per: i64| -> f64 {
             events
                 .iter()
-                .filter(|(t, _)| *t > now - per && *t <= now)
+                .filter(|(t, _)| *t > now - per)
                 .map(|(_, a)| a)
                 .sum()
         };
@@ -618,7 +617,7 @@ mod tests {
         std::fs::write(dir.path().join(STATE_FILE), file.to_string()).unwrap();
         let s = BudgetState::open(dir.path()).unwrap();
         assert_eq!(s.used(&k, 5_000, H), 3.0);
-        assert_eq!(s.used(&k, 4_000, H), 2.0);
+        assert_eq!(s.used(&k, 4_000, H), 3.0, "a later event counts too");
         assert_eq!(s.used(&k, 5_000, Duration::from_millis(1_500)), 1.0);
     }
 

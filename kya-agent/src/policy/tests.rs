@@ -410,6 +410,25 @@ fn concurrent_calls_cannot_overshoot_a_budget() {
     assert_eq!(state.reservations(), 2);
 }
 
+/// Decision times are taken before the budget lock, so a call can be checked
+/// with a clock reading a moment earlier than a call already forwarded (its
+/// events are stamped with its own decision time): it must still count it.
+#[test]
+fn a_call_checked_with_an_earlier_clock_sees_later_forwarded_calls() {
+    let p = policy(SPEND_1000);
+    let state = BudgetState::in_memory();
+    let early = call("transfer", json!({"amount": 300}));
+    let mut late = early.clone();
+    late.time += time::Duration::milliseconds(5);
+    for _ in 0..3 {
+        let (d, r) = p.decide_reserving(&late, &state);
+        assert_eq!(d.verdict, Verdict::Allow);
+        assert!(state.commit(r.unwrap()));
+    }
+    let (d, r) = p.decide_reserving(&early, &state);
+    assert_eq!((d.verdict, r), (Verdict::Deny, None), "{}", d.reason);
+}
+
 /// A negative amount cannot give budget back: it counts as 0, in the check
 /// and in what is recorded.
 #[test]
