@@ -209,9 +209,13 @@ impl Governor for DecisionPath {
             ctx.credential = Some(cov.credential.scope_json());
         }
         // An allowed call reserves its budget amounts now (atomically with the
-        // check); `reservation` is released below on every path that does not
-        // hand it to the forwarding ledger.
-        let (mut decision, mut reservation) = self.engine.decide_reserving(&ctx);
+        // check). The guard gives them back when dropped: on every path but
+        // the allow that hands it to the forwarding ledger.
+        let (mut decision, reserved) = self.engine.decide_reserving(&ctx);
+        let mut reservation = Reserved {
+            engine: self.engine.clone(),
+            id: reserved,
+        };
         let mut credential_id = None;
         if decision.released_by_credential {
             let redeemed = match &covering {
@@ -226,10 +230,13 @@ impl Governor for DecisionPath {
                     // Spent (replay), revoked meanwhile: decide as if it were absent.
                     tracing::info!(error = %e, "covering credential could not be redeemed; deciding without it");
                     ctx.credential = None;
-                    if let Some(r) = reservation.take() {
-                        self.engine.release(r);
-                    }
-                    (decision, reservation) = self.engine.decide_reserving(&ctx);
+                    let (again, reserved) = self.engine.decide_reserving(&ctx);
+                    decision = again;
+                    // Replacing the guard releases the first reservation.
+                    reservation = Reserved {
+                        engine: self.engine.clone(),
+                        id: reserved,
+                    };
                 }
             }
         }
@@ -244,11 +251,6 @@ impl Governor for DecisionPath {
             );
             credential_id = None;
         }
-        // Released when dropped: on every path but the forwarded allow.
-        let reservation = Reserved {
-            engine: self.engine.clone(),
-            id: reservation,
-        };
         let facts = EventFacts::new(&self.host, &call, &agent, &decision, &decision_id, started);
         let pending = Pending {
             audit: self.audit.clone(),

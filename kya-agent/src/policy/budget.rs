@@ -116,7 +116,7 @@ pub struct BudgetGuard<'a> {
 }
 
 impl BudgetGuard<'_> {
-    /// Recorded amounts in the window `(now - per, now]`, plus every
+    /// Recorded amounts after `now - per` (later stamps included), plus every
     /// outstanding reservation on `key`.
     pub fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
         let reserved = self.windows.pending.get(key).map_or(0.0, |(sum, _)| *sum);
@@ -315,8 +315,8 @@ impl BudgetState {
             .map(|windows| BudgetGuard { windows })
     }
 
-    /// Sum of amounts in the window `(now - per, now]`, reservations included
-    /// (infinite when the state is unusable, so callers fail closed).
+    /// [`BudgetGuard::used`] without holding the lock (infinite when the state
+    /// is unusable, so callers fail closed).
     pub fn used(&self, key: &str, now_ms: i64, per: Duration) -> f64 {
         match self.begin() {
             Some(g) => g.used(key, now_ms, per),

@@ -6,7 +6,7 @@ use super::budget::{window_key, BudgetError, BudgetGuard, BudgetItem, BudgetStat
 
 /// The pseudo-rule of a call refused because budgets could not reserve for it.
 pub const BUDGET_UNAVAILABLE_RULE: &str = "kya:budget-unavailable";
-use super::cel::{Activation, VarMask};
+use super::cel::{Activation, VarMask, ALL_VARS};
 use super::diag::Diagnostics;
 use super::glob::Glob;
 use super::model::{Budget, GroupBy, Limit, Policy, Rule};
@@ -271,22 +271,11 @@ impl Policy {
                 let used = guard
                     .as_ref()
                     .map_or(f64::INFINITY, |g| g.used(&key, now_ms, b.per));
-                let (amount, max) = match &b.limit {
-                    Limit::Calls(n) => (Ok(1.0), *n as f64),
-                    Limit::Sum { expr, max } => {
-                        let amount = match expr.fast_number(call, offset) {
-                            Some(n) => Ok(n),
-                            None => {
-                                let a = act.get_or_insert_with(|| {
-                                    Activation::with_vars(call, offset, mask)
-                                });
-                                expr.eval_number(a)
-                            }
-                        };
-                        // An agent cannot earn budget back with a negative amount.
-                        (amount.map(|n| n.max(0.0)), *max)
-                    }
+                let max = match &b.limit {
+                    Limit::Calls(n) => *n as f64,
+                    Limit::Sum { max, .. } => *max,
                 };
+                let amount = self.budget_amount(b, call, &mut act, mask);
                 if let Ok(amount) = &amount {
                     items.push(BudgetItem {
                         key: key.clone(),
@@ -426,6 +415,31 @@ impl Policy {
         (decision, reservation)
     }
 
+    /// What `call` counts toward budget `b`: 1 for a call budget, the `sum`
+    /// expression otherwise (`act` holds the variables in `mask`, built on
+    /// first need). Never negative: an agent cannot earn budget back.
+    fn budget_amount<'c>(
+        &self,
+        b: &Budget,
+        call: &'c CallContext,
+        act: &mut Option<Activation<'c>>,
+        mask: VarMask,
+    ) -> Result<f64, String> {
+        let expr = match &b.limit {
+            Limit::Calls(_) => return Ok(1.0),
+            Limit::Sum { expr, .. } => expr,
+        };
+        let offset = self.defaults.offset;
+        let amount = match expr.fast_number(call, offset) {
+            Some(n) => Ok(n),
+            None => {
+                let a = act.get_or_insert_with(|| Activation::with_vars(call, offset, mask));
+                expr.eval_number(a)
+            }
+        };
+        amount.map(|n| n.max(0.0))
+    }
+
     /// Count a forwarded call toward every budget it falls under.
     pub fn record_forwarded(&self, call: &CallContext, state: &BudgetState) {
         let server = normalize_server(&call.server);
@@ -435,22 +449,11 @@ impl Policy {
             if !Self::budget_applies(b, call, &server) {
                 continue;
             }
-            let amount = match &b.limit {
-                Limit::Calls(_) => 1.0,
-                Limit::Sum { expr, .. } => {
-                    let fast = expr.fast_number(call, self.defaults.offset);
-                    let slow = || {
-                        let a =
-                            act.get_or_insert_with(|| Activation::new(call, self.defaults.offset));
-                        expr.eval_number(a)
-                    };
-                    match fast.map(Ok).unwrap_or_else(slow) {
-                        Ok(n) => n.max(0.0),
-                        Err(e) => {
-                            tracing::warn!(budget = %b.id, error = %e, "forwarded call has no amount; counted as 0");
-                            0.0
-                        }
-                    }
+            let amount = match self.budget_amount(b, call, &mut act, ALL_VARS) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(budget = %b.id, error = %e, "forwarded call has no amount; counted as 0");
+                    0.0
                 }
             };
             state.record(&Self::budget_key(b, call), now_ms, amount, b.per);
