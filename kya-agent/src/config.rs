@@ -169,18 +169,6 @@ pub enum CibaClientAuth {
     PrivateKeyFile(PathBuf),
 }
 
-impl CibaClientAuth {
-    /// The OAuth client authentication method's registered name.
-    pub fn method(&self) -> &'static str {
-        match self {
-            CibaClientAuth::SecretInline(_) | CibaClientAuth::SecretFile(_) => {
-                "client_secret_basic"
-            }
-            CibaClientAuth::PrivateKeyFile(_) => "private_key_jwt",
-        }
-    }
-}
-
 impl std::fmt::Debug for CibaClientAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -761,7 +749,10 @@ dir = "/var/lib/kya"
         .unwrap()
         .ciba
         .unwrap();
-        assert_eq!(jwt.client_auth.method(), "private_key_jwt");
+        assert_eq!(
+            jwt.client_auth,
+            CibaClientAuth::PrivateKeyFile("/etc/kya/ciba-client.pem".into())
+        );
         let base = "[approvals.ciba]\nclient_id = \"kya\"\nclient_secret = \"s\"\n";
         for (bad, why) in [
             (format!("{base}issuer = \"http://login.example.com\"\n"), "loopback"),

@@ -155,11 +155,7 @@ impl Drop for CibaChannel {
 
 /// Read a client secret file (a trailing newline is not part of it).
 fn read_secret_file(path: &Path) -> Result<String, CibaSetupError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    warn_if_shared(path);
+    let text = read_credential_file(path)?;
     let s = text.trim_end_matches(['\n', '\r']).to_string();
     if s.is_empty() {
         return Err(CibaSetupError::EmptySecret(path.to_path_buf()));
@@ -171,24 +167,26 @@ fn read_secret_file(path: &Path) -> Result<String, CibaSetupError> {
 /// ed25519` writes it).
 fn read_key_file(path: &Path) -> Result<SigningKey, CibaSetupError> {
     use ed25519_dalek::pkcs8::DecodePrivateKey;
-    let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    warn_if_shared(path);
+    let text = read_credential_file(path)?;
     SigningKey::from_pkcs8_pem(&text).map_err(|e| CibaSetupError::Key {
         path: path.to_path_buf(),
         why: e.to_string(),
     })
 }
 
-fn warn_if_shared(path: &Path) {
+/// Read a file holding a client credential, warning when others may read it.
+fn read_credential_file(path: &Path) -> Result<String, CibaSetupError> {
     use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if let Ok(meta) = std::fs::metadata(path) {
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(path = %path.display(), "the CIBA client credential file is readable by group or others; chmod 600 it");
         }
     }
+    Ok(text)
 }
 
 /// kya's client authentication as configured.
