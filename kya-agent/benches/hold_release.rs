@@ -126,7 +126,18 @@ async fn proxy(up: SocketAddr, gov: Arc<dyn Governor>) -> SocketAddr {
                     progress_interval: Duration::from_secs(3600),
                     ..Limits::default()
                 };
-                let _ = serve_http(agent, upstream, HttpVersion::H1, conn, gov, &limits).await;
+                let _ = serve_http(
+                    agent,
+                    upstream,
+                    HttpVersion::H1,
+                    conn,
+                    gov,
+                    &limits,
+                    std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                        Default::default(),
+                    )),
+                )
+                .await;
             });
         }
     });

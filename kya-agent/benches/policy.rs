@@ -63,6 +63,7 @@ fn calls(n: usize) -> Vec<CallContext> {
             cgroup: "/agents/billing".into(),
         },
         server: server.into(),
+        destination: None,
         method: "tools/call".into(),
         tool: Some(tool.into()),
         args,

@@ -90,6 +90,9 @@ async fn proxy(up: SocketAddr) -> SocketAddr {
                     conn,
                     gov,
                     &Limits::default(),
+                    std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                        Default::default(),
+                    )),
                 )
                 .await;
             });

@@ -19,6 +19,9 @@ pub const DEFAULT_LISTEN_PORT: u16 = 1021;
 pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 /// Default request/response body limit.
 pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
+/// How long a redirected client may stay silent before its first bytes; then
+/// its connection is refused (never spliced uninspected).
+pub const DEFAULT_FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum ConfigError {
     Ciba(String),
     #[error("[approvals.webhook] {0}")]
     Webhook(String),
+    #[error("[intercept] {0}")]
+    Intercept(String),
 }
 
 /// The file's schema (every key optional, unknown keys rejected).
@@ -323,6 +328,12 @@ pub struct InterceptSection {
     pub passthrough: Vec<String>,
     pub max_body: Option<SizeValue>,
     pub deny_shape: Option<DenyShape>,
+    /// Guarded ports where traffic that is neither TLS nor HTTP is spliced to
+    /// its destination instead of refused (e.g. a server-speaks-first protocol).
+    #[serde(default)]
+    pub splice_ports: Vec<u16>,
+    /// How long a client may stay silent before its first bytes, e.g. "30s".
+    pub first_bytes_timeout: Option<String>,
 }
 
 /// `[policy]`.
@@ -409,6 +420,10 @@ pub struct Config {
     pub ports: Vec<u16>,
     pub listen_port: u16,
     pub passthrough: Vec<String>,
+    /// Guarded ports on which unclassifiable traffic is spliced, not refused.
+    pub splice_ports: Vec<u16>,
+    /// Longest silence before a connection's first bytes.
+    pub first_bytes_timeout: std::time::Duration,
     pub max_body: u64,
     pub deny_shape: DenyShape,
     /// Policy files/directories; empty means the embedded example policy.
@@ -484,6 +499,27 @@ impl Config {
             return Err(ConfigError::ListenPortNotPrivileged(listen_port));
         }
 
+        let mut splice_ports = file.intercept.splice_ports.clone();
+        dedup(&mut splice_ports);
+        if let Some(p) = splice_ports.iter().find(|p| !ports.contains(p)) {
+            return Err(ConfigError::Intercept(format!(
+                "splice_ports names port {p}, which is not guarded (add it to ports)"
+            )));
+        }
+        let first_bytes_timeout = match &file.intercept.first_bytes_timeout {
+            None => DEFAULT_FIRST_BYTES_TIMEOUT,
+            Some(t) => {
+                let d = humantime::parse_duration(t).map_err(|e| {
+                    ConfigError::Intercept(format!("first_bytes_timeout {t:?}: {e}"))
+                })?;
+                if d.is_zero() || d > std::time::Duration::from_secs(600) {
+                    return Err(ConfigError::Intercept(
+                        "first_bytes_timeout must be more than 0 and at most 10m".into(),
+                    ));
+                }
+                d
+            }
+        };
         let max_body = match &file.intercept.max_body {
             Some(v) => v.bytes()?,
             None => DEFAULT_MAX_BODY,
@@ -520,6 +556,8 @@ impl Config {
             ports,
             listen_port,
             passthrough: file.intercept.passthrough,
+            splice_ports,
+            first_bytes_timeout,
             max_body,
             deny_shape: file.intercept.deny_shape.unwrap_or_default(),
             policy_paths,

@@ -193,6 +193,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         tls,
         decision_path,
         Limits::from_config(&config),
+        crate::intercept::dispatch::Unclassified::from_config(&config),
+        Arc::new(crate::intercept::names::NameResolver::new()),
     ));
     let server = tokio::spawn(interceptor.serve(origins, Some(inspection), stop_rx.clone()));
     let control_task = tokio::spawn(control.serve(router, stop_rx));
@@ -493,6 +495,7 @@ mod tests {
             },
             process: Default::default(),
             server: "mcp.test".into(),
+            destination: None,
             method: "tools/call".into(),
             tool: Some("t".into()),
             args: serde_json::json!({}),

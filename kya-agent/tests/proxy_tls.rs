@@ -178,7 +178,18 @@ async fn tls_proxy(
                     conn_id: n,
                 });
                 let gov: Arc<dyn Governor> = Arc::new(GovHandle(gov));
-                let _ = serve_http(agent_tls, up, version, conn, gov, &Limits::default()).await;
+                let _ = serve_http(
+                    agent_tls,
+                    up,
+                    version,
+                    conn,
+                    gov,
+                    &Limits::default(),
+                    std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                        Default::default(),
+                    )),
+                )
+                .await;
             });
         }
     });
@@ -479,6 +490,9 @@ async fn with_kya_tls_pieces_both_alpns() {
                     conn,
                     gov,
                     &Limits::default(),
+                    std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                        Default::default(),
+                    )),
                 )
                 .await;
             });

@@ -474,6 +474,9 @@ pub struct DaemonOptions {
     /// Copy the signing key from this state directory into the new one, so a
     /// restarted daemon continues the same audit log (crash tests).
     pub key_from: Option<PathBuf>,
+    /// Run the daemon in a mount namespace of its own whose /etc/hosts is this
+    /// file (names the test's servers without any DNS query).
+    pub hosts: Option<PathBuf>,
 }
 
 impl DaemonOptions {
@@ -485,6 +488,7 @@ impl DaemonOptions {
             reuse_pins: false,
             config: None,
             key_from: None,
+            hosts: None,
         }
     }
 
@@ -549,9 +553,18 @@ impl Daemon {
         ];
         args.extend(opts.args);
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut cmd = match &opts.in_cgroup {
-            Some(dir) => in_cgroup(dir, kya_bin(), &arg_refs),
-            None => {
+        let mut cmd = match (&opts.in_cgroup, &opts.hosts) {
+            (Some(dir), _) => in_cgroup(dir, kya_bin(), &arg_refs),
+            (None, Some(hosts)) => {
+                // unshare and sh exec: the daemon keeps the child's pid.
+                let script = format!("mount --bind {} /etc/hosts && exec \"$@\"", hosts.display());
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
+                    .arg(kya_bin())
+                    .args(&arg_refs);
+                c
+            }
+            (None, None) => {
                 let mut c = Command::new(kya_bin());
                 c.args(&arg_refs);
                 c
@@ -1049,4 +1062,143 @@ pub fn tool_call_events(daemon: &Daemon) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .filter(|e: &Value| e["mcp"]["method"] == "tools/call")
         .collect()
+}
+
+/// Run `cmd` in `dir` through `sh -c`, failing the test on a non-zero exit.
+pub fn sh(cmd: &str, dir: &Path) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// In `dir`: a test CA (`test-ca.pem`), a server certificate for mcp.test and
+/// pinned.test (`srv.pem`, `srv.key`), and a hosts file naming the test
+/// servers: mcp.test and pinned.test at 127.0.0.2, trusted.test at 127.0.0.5.
+pub fn test_pki(dir: &Path) {
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out test-ca.pem -days 2 -subj /CN=kya-e2e-test-ca 2>/dev/null", dir);
+    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=mcp.test 2>/dev/null", dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:mcp.test,DNS:pinned.test\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    sh("openssl x509 -req -in srv.csr -CA test-ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>/dev/null", dir);
+    std::fs::write(
+        dir.join("hosts"),
+        "127.0.0.1 localhost\n127.0.0.2 mcp.test pinned.test\n127.0.0.5 trusted.test\n",
+    )
+    .expect("hosts");
+}
+
+/// The test MCP server as an ASGI app (`tests/peers/asgi.py`: stateless, JSON
+/// answers) under hypercorn, on one or more loopback addresses, recording the
+/// tools that really ran in `dir/peer.log`. Its process group is killed on drop.
+pub struct Hypercorn {
+    child: Child,
+    binds: Vec<String>,
+}
+
+impl Hypercorn {
+    /// Over TLS with `dir/srv.pem` (see [`test_pki`]).
+    pub fn start_tls(dir: &Path, binds: &[&str]) -> Self {
+        Self::start(dir, binds, true)
+    }
+
+    /// Over plaintext HTTP.
+    pub fn start_plain(dir: &Path, binds: &[&str]) -> Self {
+        Self::start(dir, binds, false)
+    }
+
+    fn start(dir: &Path, binds: &[&str], tls: bool) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(peers().join(".venv/bin/hypercorn"));
+        // Its own process group: hypercorn runs workers in child processes,
+        // and all of them must go at drop.
+        cmd.process_group(0);
+        if tls {
+            cmd.arg("--certfile")
+                .arg(dir.join("srv.pem"))
+                .arg("--keyfile")
+                .arg(dir.join("srv.key"));
+        }
+        for b in binds {
+            cmd.args(["--bind", b]);
+        }
+        let child = cmd
+            .arg("asgi:app")
+            .current_dir(peers())
+            .env("KYA_PEER_LOG", dir.join("peer.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start hypercorn");
+        let server = Self {
+            child,
+            binds: binds.iter().map(|b| b.to_string()).collect(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for b in &server.binds {
+            while std::net::TcpStream::connect(b.as_str()).is_err() {
+                assert!(Instant::now() < deadline, "hypercorn did not listen on {b}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        server
+    }
+}
+
+impl Drop for Hypercorn {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+        // The ports must be free for the next test.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for b in &self.binds {
+            while std::net::TcpStream::connect(b.as_str()).is_ok() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Run `prog ARGS` in the cgroup and in a mount namespace whose /etc/hosts is
+/// `dir/hosts` (see [`test_pki`]), with `env`; parse the last line it printed
+/// as JSON.
+pub fn run_in_agent_ns(
+    cg: &TestCgroup,
+    dir: &Path,
+    prog: &[PathBuf],
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> Value {
+    let script = format!(
+        "mount --bind {hosts} /etc/hosts && echo $$ > {procs} && exec \"$@\"",
+        hosts = dir.join("hosts").display(),
+        procs = cg.path.join("cgroup.procs").display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
+        .args(prog)
+        .args(args)
+        .current_dir(peers());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+        panic!(
+            "client printed no JSON ({e}): {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }

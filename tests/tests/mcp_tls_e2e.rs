@@ -9,82 +9,8 @@
 use kya_e2e::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn sh(cmd: &str, dir: &Path) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(dir)
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test CA and a server certificate for mcp.test and pinned.test.
-fn pki(dir: &Path) {
-    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out test-ca.pem -days 2 -subj /CN=kya-e2e-test-ca 2>/dev/null", dir);
-    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=mcp.test 2>/dev/null", dir);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:mcp.test,DNS:pinned.test\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext");
-    sh("openssl x509 -req -in srv.csr -CA test-ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>/dev/null", dir);
-    std::fs::write(
-        dir.join("hosts"),
-        "127.0.0.1 localhost\n127.0.0.2 mcp.test pinned.test\n",
-    )
-    .expect("hosts");
-}
-
-struct Hypercorn(Child);
-
-impl Hypercorn {
-    fn start(dir: &Path) -> Self {
-        use std::os::unix::process::CommandExt;
-        let child = Command::new(peers().join(".venv/bin/hypercorn"))
-            // Its own process group: hypercorn runs workers in child
-            // processes, and all of them must go at drop.
-            .process_group(0)
-            .arg("--certfile")
-            .arg(dir.join("srv.pem"))
-            .arg("--keyfile")
-            .arg(dir.join("srv.key"))
-            .args(["--bind", "127.0.0.2:8443", "asgi:app"])
-            .current_dir(peers())
-            .env("KYA_PEER_LOG", dir.join("peer.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start hypercorn");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.2", 8443)).is_err() {
-            assert!(Instant::now() < deadline, "hypercorn did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self(child)
-    }
-}
-
-impl Drop for Hypercorn {
-    fn drop(&mut self) {
-        let group = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
-        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-        // The port must be free for the next test.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.2", 8443)).is_ok() && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
 
 fn ran(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("peer.log"))
@@ -113,36 +39,6 @@ fn node_client(cg: &TestCgroup, dir: &Path, trust: &Path, url: &str, args: &[&st
     run_in_agent_ns(cg, dir, &prog, args, &[("NODE_EXTRA_CA_CERTS", trust)])
 }
 
-fn run_in_agent_ns(
-    cg: &TestCgroup,
-    dir: &Path,
-    prog: &[PathBuf],
-    args: &[&str],
-    env: &[(&str, &Path)],
-) -> Value {
-    let script = format!(
-        "mount --bind {hosts} /etc/hosts && echo $$ > {procs} && exec \"$@\"",
-        hosts = dir.join("hosts").display(),
-        procs = cg.path.join("cgroup.procs").display()
-    );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script, "sh"])
-        .args(prog)
-        .args(args)
-        .current_dir(peers());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
-        panic!(
-            "client printed no JSON ({e}): {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 const POLICY: &str = r#"
 [defaults]
 verdict = "deny"
@@ -163,7 +59,7 @@ reason = "deleting records is not allowed from agents"
 fn setup(tag: &str) -> (tempfile::TempDir, TestCgroup) {
     ensure_peers();
     let dir = tempfile::tempdir().expect("tempdir");
-    pki(dir.path());
+    test_pki(dir.path());
     std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
     let sink = dir.path().join("ocsf.jsonl");
     std::fs::write(
@@ -185,7 +81,7 @@ fn tls_is_terminated_with_kyas_ca_and_every_call_decided() {
     let _g = serial();
     let (dir, cg) = setup("tls");
     let d = dir.path();
-    let _server = Hypercorn::start(d);
+    let _server = Hypercorn::start_tls(d, &["127.0.0.2:8443"]);
     let mut opts = DaemonOptions::new(931).args([
         "--policy",
         d.join("policy.toml").to_str().expect("utf-8"),
@@ -197,6 +93,8 @@ fn tls_is_terminated_with_kyas_ca_and_every_call_decided() {
         d.join("test-ca.pem").to_str().expect("utf-8"),
     ]);
     opts.config = Some(d.join("kya.toml"));
+    // The daemon resolves the passthrough name (pinned.test) the way the agent does.
+    opts.hosts = Some(d.join("hosts"));
     let daemon = Daemon::start(opts);
     let kya_ca = daemon.state_dir.path().join("ca.pem");
     assert!(kya_ca.exists(), "kya run must create its CA");
@@ -317,7 +215,7 @@ fn an_upstream_certificate_kya_cannot_verify_is_refused() {
     let _g = serial();
     let (dir, cg) = setup("badcert");
     let d = dir.path();
-    let _server = Hypercorn::start(d);
+    let _server = Hypercorn::start_tls(d, &["127.0.0.2:8443"]);
     // No --upstream-ca: the test CA is unknown to kya.
     let daemon = Daemon::start(DaemonOptions::new(932).args([
         "--policy",

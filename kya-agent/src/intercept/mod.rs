@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod http;
 pub mod kernel_origin;
 pub mod listener;
+pub mod names;
 pub mod origin;
 pub mod splice;
 pub mod upstream;

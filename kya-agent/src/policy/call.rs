@@ -24,6 +24,9 @@ pub struct CallDescription {
     /// SNI / Host.
     #[serde(default)]
     pub server: String,
+    /// The address connected to, e.g. `"203.0.113.7:443"`.
+    #[serde(default)]
+    pub destination: Option<std::net::SocketAddr>,
     /// JSON-RPC method (default `tools/call`).
     #[serde(default = "tools_call")]
     pub method: String,
@@ -141,6 +144,7 @@ impl CallDescription {
             agent,
             process: self.process,
             server: self.server,
+            destination: self.destination,
             method: self.method,
             tool: self.tool,
             args: self.args,

@@ -25,6 +25,7 @@ const VARIABLES: &[(&str, Option<&[&str]>)] = &[
         Some(&["pid", "uid", "gid", "exe", "comm", "cgroup"]),
     ),
     ("server", None),
+    ("destination", Some(&["ip", "port"])),
     ("method", None),
     ("tool", None),
     ("args", None),
@@ -494,6 +495,16 @@ impl<'a> Activation<'a> {
         if want("server") {
             ctx.add_variable_as_val("server", Box::new(CelString::from(call.server.as_str())));
         }
+        if want("destination") {
+            let dst: Box<dyn Val + 'a> = match call.destination {
+                Some(d) => map(vec![
+                    ("ip", Box::new(CelString::from(d.ip().to_string()))),
+                    ("port", Box::new(CelInt::from(i64::from(d.port())))),
+                ]),
+                None => Box::new(CelNull),
+            };
+            ctx.add_variable_as_val("destination", dst);
+        }
         if want("method") {
             ctx.add_variable_as_val("method", Box::new(CelString::from(call.method.as_str())));
         }
@@ -572,6 +583,7 @@ mod tests {
                 cgroup: "/agents/billing".into(),
             },
             server: "mcp.example.com".into(),
+            destination: Some("203.0.113.7:443".parse().unwrap()),
             method: "tools/call".into(),
             tool: Some("transfer".into()),
             args,
@@ -610,6 +622,25 @@ mod tests {
                 "args.amount > 1000",
                 json!({"amount": 18446744073709551615u64})
             ),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn destination_is_readable() {
+        assert_eq!(
+            eval(
+                "destination.ip == '203.0.113.7' && destination.port == 443",
+                json!({})
+            ),
+            Ok(true)
+        );
+        assert!(Condition::compile("destination.host == 'x'").is_err());
+        let mut c = call(json!({}));
+        c.destination = None;
+        let cond = Condition::compile("destination == null").unwrap();
+        assert_eq!(
+            cond.eval_bool(&Activation::new(&c, time::UtcOffset::UTC)),
             Ok(true)
         );
     }

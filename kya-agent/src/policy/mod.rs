@@ -73,6 +73,10 @@ pub struct CallContext {
     pub process: ProcessIdentity,
     /// SNI / Host of the MCP server (any case, port allowed: normalised here).
     pub server: String,
+    /// The address the connection really goes to (`destination.ip`,
+    /// `destination.port` in conditions); None outside the proxy (policy tests
+    /// that do not name one).
+    pub destination: Option<std::net::SocketAddr>,
     /// JSON-RPC method (`tools/call`, `tools/list`, ...).
     pub method: String,
     /// `params.name` of a `tools/call`.

@@ -39,6 +39,7 @@ fn call(tool: &str, args: serde_json::Value) -> CallContext {
             ..Default::default()
         },
         server: "mcp.example.com".into(),
+        destination: None,
         method: "tools/call".into(),
         tool: Some(tool.into()),
         args,

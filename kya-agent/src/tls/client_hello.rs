@@ -79,8 +79,9 @@ pub fn classify(first: &[u8]) -> FirstBytes {
     }
 }
 
-/// `16 03 0x LL LL 01`: handshake record, SSL3/TLS1.x record version, a sane
-/// length, and the first handshake message is a ClientHello.
+/// `16 03 0x LL LL 01`: handshake record, SSL3/TLS1.x record version, a
+/// non-empty record no longer than TLS allows, and the first handshake message
+/// is a ClientHello.
 fn classify_tls(first: &[u8]) -> FirstBytes {
     // Each check may look only at bytes 0..=i; a short prefix that passes all
     // checks so far needs more bytes.
@@ -95,7 +96,9 @@ fn classify_tls(first: &[u8]) -> FirstBytes {
             3 => true,
             4 => {
                 let len = usize::from(u16::from_be_bytes([first[3], byte]));
-                (4..=MAX_TLS_RECORD).contains(&len)
+                // A ClientHello may be cut into records of any size down
+                // to one byte (legal, and every server reassembles it).
+                (1..=MAX_TLS_RECORD).contains(&len)
             }
             _ => byte == 0x01,
         };
@@ -327,6 +330,11 @@ mod tests {
 
     #[test]
     fn classifies_tls_http_and_other() {
+        // A ClientHello cut into one-byte records is still TLS.
+        assert_eq!(
+            classify(&[0x16, 0x03, 0x01, 0x00, 0x01, 0x01]),
+            FirstBytes::Tls
+        );
         assert_eq!(
             classify(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0xaa]),
             FirstBytes::Tls
@@ -593,6 +601,32 @@ mod tests {
             none.info.leaf_name("127.0.0.9".parse().unwrap()).unwrap(),
             LeafName::Dns("a.test".into())
         );
+    }
+
+    /// Re-cut the handshake bytes of `hello` (one record) into records of at
+    /// most `size` bytes each: legal TLS that every server reassembles.
+    pub(crate) fn fragment_records(hello: &[u8], size: usize) -> Vec<u8> {
+        let body = &hello[5..];
+        let mut out = Vec::new();
+        for chunk in body.chunks(size) {
+            out.extend_from_slice(&[0x16, hello[1], hello[2]]);
+            out.extend_from_slice(&u16::try_from(chunk.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_client_hello_cut_into_tiny_records_is_tls_and_reassembled() {
+        let hello = real_client_hello("mcp.example.com", &[b"http/1.1"]);
+        for size in [1, 2, 3, 7, 64] {
+            let cut = fragment_records(&hello, size);
+            assert_eq!(classify(&cut), FirstBytes::Tls, "records of {size}");
+            let got = read_from(cut.clone()).await.unwrap();
+            assert_eq!(got.info.sni.as_deref(), Some("mcp.example.com"));
+            assert_eq!(got.info.alpn, vec![b"http/1.1".to_vec()]);
+            assert_eq!(got.raw(), &cut[..]);
+        }
     }
 
     proptest::proptest! {

@@ -450,7 +450,18 @@ pub async fn proxy_with(
             let gov = gov.clone();
             let limits = limits.clone();
             tokio::spawn(async move {
-                let _ = serve_http(agent, up, version, conn, gov, &limits).await;
+                let _ = serve_http(
+                    agent,
+                    up,
+                    version,
+                    conn,
+                    gov,
+                    &limits,
+                    std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                        Default::default(),
+                    )),
+                )
+                .await;
             });
         }
     });

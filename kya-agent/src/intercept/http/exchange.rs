@@ -26,6 +26,7 @@ use super::inspect::{self, Refusal};
 use super::limits::Limits;
 use super::sessions;
 use super::stream;
+use crate::intercept::names::NameResolver;
 
 /// Refusal when the process-wide table of held calls is full (audited).
 const TOO_MANY_HELD: &str = "too many calls are held at once";
@@ -56,6 +57,8 @@ pub(super) struct Exchange {
     pub upstream: Upstream,
     /// Calls currently held on this connection.
     pub held: Arc<AtomicUsize>,
+    /// Checks a `Host` that no certificate vouched for against the destination.
+    pub names: Arc<NameResolver>,
 }
 
 /// Counts a held call for as long as it lives.
@@ -182,6 +185,29 @@ impl Exchange {
         r
     }
 
+    /// The server name policy sees. Under TLS with an SNI the upstream's
+    /// certificate vouched for the name. Otherwise the name is only the agent's
+    /// `Host` header: it counts if it resolves to the address the connection
+    /// really goes to, and else the destination address is the server's name
+    /// (an agent cannot borrow a trusted name for another address).
+    async fn bind_to_destination(&self, claimed: String) -> String {
+        if self.conn.sni.is_some() {
+            return claimed;
+        }
+        let ip = self.conn.dst.ip();
+        match self.names.resolves_to(&claimed, ip).await {
+            Ok(true) => claimed,
+            Ok(false) => {
+                tracing::info!(conn = self.conn.conn_id, host = %claimed, dst = %ip, "Host does not resolve to the destination: the server is named by its address");
+                ip.to_string()
+            }
+            Err(e) => {
+                tracing::info!(conn = self.conn.conn_id, host = %claimed, dst = %ip, error = %e, "Host cannot be checked: the server is named by its address");
+                ip.to_string()
+            }
+        }
+    }
+
     fn peer(&self, server: &str, head: &Head) -> Peer {
         Peer {
             gov: self.gov.clone(),
@@ -213,6 +239,7 @@ impl Exchange {
             Ok(s) => s,
             Err(Refusal(r)) => return self.refuse_http(StatusCode::MISDIRECTED_REQUEST, v, &r),
         };
+        let server = self.bind_to_destination(server).await;
         if incoming.is_end_stream() {
             let mcp = head.headers.contains_key("mcp-session-id")
                 || head.headers.contains_key("mcp-protocol-version");

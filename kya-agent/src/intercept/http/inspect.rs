@@ -46,16 +46,107 @@ pub fn looks_like_json(body: &[u8]) -> bool {
     )
 }
 
-/// Whether a content type declares JSON (`application/json`, `+json`, ...).
+/// Whether a content type declares JSON. As wide as the most lenient real
+/// server: the official TypeScript SDK accepts any `Content-Type` that merely
+/// contains `application/json`, so anything mentioning `json` counts.
 pub fn declares_json(content_type: Option<&str>) -> bool {
-    content_type.is_some_and(|ct| {
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        essence == "application/json" || essence.ends_with("+json") || essence.ends_with("/json")
+    content_type.is_some_and(|ct| ct.to_ascii_lowercase().contains("json"))
+}
+
+/// The UTF-8 byte-order mark, which the TypeScript SDK's decoder and Python's
+/// `json.loads` on bytes both skip.
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// The UTF-16/32 encodings a JSON reader may detect in a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WideEncoding {
+    Utf16Le,
+    Utf16Be,
+    Utf32Le,
+    Utf32Be,
+}
+
+impl WideEncoding {
+    fn name(self) -> &'static str {
+        match self {
+            WideEncoding::Utf16Le => "UTF-16LE",
+            WideEncoding::Utf16Be => "UTF-16BE",
+            WideEncoding::Utf32Le => "UTF-32LE",
+            WideEncoding::Utf32Be => "UTF-32BE",
+        }
+    }
+
+    fn unit(self) -> usize {
+        match self {
+            WideEncoding::Utf16Le | WideEncoding::Utf16Be => 2,
+            WideEncoding::Utf32Le | WideEncoding::Utf32Be => 4,
+        }
+    }
+
+    fn code_unit(self, b: &[u8]) -> u32 {
+        match self {
+            WideEncoding::Utf16Le => u32::from(u16::from_le_bytes([b[0], b[1]])),
+            WideEncoding::Utf16Be => u32::from(u16::from_be_bytes([b[0], b[1]])),
+            WideEncoding::Utf32Le => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            WideEncoding::Utf32Be => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    }
+}
+
+/// The encoding Python's `json.loads` would read `body` in, when not UTF-8:
+/// a UTF-16/32 byte-order mark, or zero bytes among the first four (RFC 4627 §3).
+fn wide_encoding(body: &[u8]) -> Option<WideEncoding> {
+    if body.starts_with(b"\xff\xfe\x00\x00") {
+        return Some(WideEncoding::Utf32Le);
+    }
+    if body.starts_with(b"\x00\x00\xfe\xff") {
+        return Some(WideEncoding::Utf32Be);
+    }
+    if body.starts_with(b"\xff\xfe") {
+        return Some(WideEncoding::Utf16Le);
+    }
+    if body.starts_with(b"\xfe\xff") {
+        return Some(WideEncoding::Utf16Be);
+    }
+    match body {
+        [0, b1, ..] if body.len() >= 4 => Some(if *b1 != 0 {
+            WideEncoding::Utf16Be
+        } else {
+            WideEncoding::Utf32Be
+        }),
+        [_, 0, b2, b3, ..] => Some(if *b2 != 0 || *b3 != 0 {
+            WideEncoding::Utf16Le
+        } else {
+            WideEncoding::Utf32Le
+        }),
+        [0, _] => Some(WideEncoding::Utf16Be),
+        [_, 0] => Some(WideEncoding::Utf16Le),
+        _ => None,
+    }
+}
+
+/// Whether `body`, read in `enc`, opens a JSON object or array (after a BOM
+/// and JSON whitespace). Only the first significant character is decoded.
+fn wide_looks_like_json(body: &[u8], enc: WideEncoding) -> bool {
+    for unit in body.chunks_exact(enc.unit()) {
+        match enc.code_unit(unit) {
+            0xfeff | 0x20 | 0x09 | 0x0a | 0x0d => continue,
+            c => return c == u32::from(b'{') || c == u32::from(b'['),
+        }
+    }
+    false
+}
+
+/// A `charset` parameter other than UTF-8 (or its ASCII subset), if declared.
+fn foreign_charset(content_type: Option<&str>) -> Option<String> {
+    let ct = content_type?;
+    ct.split(';').skip(1).find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("charset") {
+            return None;
+        }
+        let value = value.trim().trim_matches('"').to_ascii_lowercase();
+        (!matches!(value.as_str(), "utf-8" | "utf8" | "us-ascii" | "ascii")).then_some(value)
     })
 }
 
@@ -78,22 +169,43 @@ pub fn is_jsonrpc(value: &Value) -> bool {
 }
 
 /// Classify and strictly parse a (decoded) request body.
+///
+/// What some real server would read as JSON is judged as JSON here: a UTF-8
+/// BOM is skipped (and absent from the canonical bytes forwarded), and a body a
+/// server would decode as UTF-16/32 JSON, or JSON-RPC declared in a charset
+/// other than UTF-8, is refused rather than forwarded unread.
 pub fn read_body(
     content_type: Option<&str>,
     body: &[u8],
     limits: &JsonLimits,
     max_batch: usize,
 ) -> Result<Body, Refusal> {
-    if !declares_json(content_type) && !looks_like_json(body) {
+    let declared = declares_json(content_type);
+    if let Some(enc) = wide_encoding(body) {
+        if declared || wide_looks_like_json(body, enc) {
+            return Err(Refusal(format!(
+                "body is JSON in {}: only UTF-8 JSON is accepted",
+                enc.name()
+            )));
+        }
         return Ok(Body::Opaque);
     }
-    if body.iter().all(|b| b.is_ascii_whitespace()) && !declares_json(content_type) {
+    let text = body.strip_prefix(UTF8_BOM).unwrap_or(body);
+    if !declared && !looks_like_json(text) {
+        return Ok(Body::Opaque);
+    }
+    if text.iter().all(|b| b.is_ascii_whitespace()) && !declared {
         return Ok(Body::Opaque);
     }
     let value =
-        json::parse(body, limits).map_err(|e| Refusal(format!("body is not strict JSON: {e}")))?;
+        json::parse(text, limits).map_err(|e| Refusal(format!("body is not strict JSON: {e}")))?;
     if !is_jsonrpc(&value) {
         return Ok(Body::Opaque);
+    }
+    if let Some(charset) = foreign_charset(content_type) {
+        return Err(Refusal(format!(
+            "JSON-RPC declared in charset {charset:?}: only UTF-8 is accepted"
+        )));
     }
     let payload = jsonrpc::parse_payload(&value, max_batch)
         .map_err(|e| Refusal(format!("body is not an acceptable JSON-RPC message: {e}")))?;
@@ -207,6 +319,95 @@ mod tests {
         }
         // Declared JSON but garbage.
         assert!(rb(Some("application/json"), b"garbage").is_err());
+    }
+
+    fn utf16le(s: &str, bom: bool) -> Vec<u8> {
+        let mut out = if bom { vec![0xff, 0xfe] } else { Vec::new() };
+        for u in s.encode_utf16() {
+            out.extend_from_slice(&u.to_le_bytes());
+        }
+        out
+    }
+
+    fn utf32be(s: &str) -> Vec<u8> {
+        s.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect()
+    }
+
+    const CALL: &str =
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer"}}"#;
+
+    #[test]
+    fn a_utf8_bom_is_skipped_and_the_call_judged() {
+        let mut b = b"\xef\xbb\xbf".to_vec();
+        b.extend_from_slice(CALL.as_bytes());
+        // Declared as JSON in any spelling a lenient server accepts, or not at all.
+        for ct in [
+            Some("application/json"),
+            Some("application/json-x; charset=utf-8"),
+            Some("text/plain, application/json"),
+            Some("TEXT/JSON"),
+            Some("text/plain"),
+            None,
+        ] {
+            match rb(ct, &b) {
+                Ok(Body::JsonRpc { payload, .. }) => assert!(matches!(
+                    payload.messages[0],
+                    crate::mcp::jsonrpc::Message::ToolCall(_)
+                )),
+                other => panic!("{ct:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn utf16_and_utf32_json_is_refused_never_opaque() {
+        let bodies = [
+            utf16le(CALL, true),
+            utf16le(CALL, false),
+            utf16le(&format!("  {CALL}"), false),
+            utf32be(CALL),
+            {
+                let mut b = vec![0x00, 0x00, 0xfe, 0xff];
+                b.extend(utf32be(CALL));
+                b
+            },
+        ];
+        for b in &bodies {
+            for ct in [Some("application/json"), Some("text/plain"), None] {
+                assert!(rb(ct, b).is_err(), "{ct:?}: {b:?}");
+            }
+        }
+        // Binary that merely has zero bytes and is not JSON in any encoding.
+        assert!(matches!(
+            rb(Some("application/octet-stream"), b"\x00\x01\x02\x03binary"),
+            Ok(Body::Opaque)
+        ));
+        assert!(rb(Some("application/json"), b"\x00\x01\x02\x03").is_err());
+    }
+
+    #[test]
+    fn json_rpc_in_another_charset_is_refused() {
+        for ct in [
+            "application/json; charset=iso-8859-1",
+            "application/json;charset=\"UTF-16\"",
+            "text/plain; CHARSET=latin1",
+        ] {
+            assert!(rb(Some(ct), CALL.as_bytes()).is_err(), "{ct}");
+        }
+        for ct in [
+            "application/json; charset=utf-8",
+            "application/json; charset=\"UTF8\"",
+        ] {
+            assert!(
+                matches!(rb(Some(ct), CALL.as_bytes()), Ok(Body::JsonRpc { .. })),
+                "{ct}"
+            );
+        }
+        // Not JSON-RPC: ordinary API traffic in its own charset passes.
+        assert!(matches!(
+            rb(Some("application/json; charset=latin1"), br#"{"a":1}"#),
+            Ok(Body::Opaque)
+        ));
     }
 
     #[test]

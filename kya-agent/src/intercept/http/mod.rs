@@ -75,6 +75,7 @@ pub async fn serve_http<A, U>(
     conn: Arc<ConnFacts>,
     gov: Arc<dyn Governor>,
     limits: &Limits,
+    names: Arc<crate::intercept::names::NameResolver>,
 ) -> Result<(), ProxyError>
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -94,6 +95,7 @@ where
         limits: limits.clone(),
         upstream,
         held: Arc::new(AtomicUsize::new(0)),
+        names,
     });
     let svc = service_fn(move |req| ex.clone().handle(req));
     let io = TokioIo::new(agent);
