@@ -8,9 +8,12 @@
 //!
 //! * [`protocol`]: the request and response shapes.
 //! * [`server`]: the listener, bounded reads, dispatch to a [`server::Handler`].
+//! * [`guard`]: the gate of every state-changing operation (the caller must
+//!   not be, nor descend from, a process kya selects).
 //! * [`client`]: the blocking client the CLI uses.
 
 pub mod client;
+pub mod guard;
 pub mod protocol;
 pub mod server;
 
