@@ -24,6 +24,7 @@ use crate::audit::event::{
 use kya_common::Verdict;
 use serde_json::Value;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -174,16 +175,30 @@ impl Gate {
     }
 
     /// Admit `request` from `caller`: the caller with its [`Unselected`]
-    /// proof, or the refusal to send (recorded before it is returned). The
+    /// proof, or the refusal to send (recorded before it is returned).
+    /// `pidfd` pins the peer process: it must still be alive after the walk,
+    /// or the pid the walk started from may have named another process. The
     /// `/proc` walk runs on the blocking pool.
     pub async fn admit(
         self: &Arc<Self>,
         caller: Caller,
+        pidfd: Option<Arc<OwnedFd>>,
         request: &Request,
     ) -> Result<Caller, Response> {
         let gate = self.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            let verdict = gate.check(caller.pid);
+            let verdict = gate.check(caller.pid).and_then(|proof| match pidfd {
+                Some(fd) if super::peer::is_alive(&fd) => Ok(proof),
+                Some(_) => Err(Refusal::Unresolvable {
+                    peer: caller.pid,
+                    why: "the calling process has exited; its pid may name another process now"
+                        .into(),
+                }),
+                None => Err(Refusal::Unresolvable {
+                    peer: caller.pid,
+                    why: "no pidfd for the calling process".into(),
+                }),
+            });
             let facts = match (&verdict, caller.pid) {
                 (Err(_), Some(pid)) if pid > 0 => {
                     Some(crate::procinfo::read_at(&gate.proc_root, pid as u32))
@@ -452,11 +467,33 @@ mod tests {
             "approvals.approve",
             serde_json::json!({"id": "apr_1", "reason": "me"}),
         );
-        let ok = g.admit(caller(50), &req).await.unwrap();
+        let me = || {
+            super::super::peer::peer_pidfd(
+                std::fs::File::open("/dev/null").unwrap(),
+                Some(std::process::id() as i32),
+            )
+            .map(Arc::new)
+        };
+        let ok = g.admit(caller(50), me(), &req).await.unwrap();
         assert!(ok.clearance.is_some());
         assert!(seen.lock().unwrap().is_empty());
 
-        match g.admit(caller(40), &req).await {
+        // Without a live pidfd nothing is admitted.
+        assert!(g.admit(caller(50), None, &req).await.is_err());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = super::super::peer::peer_pidfd(
+            std::fs::File::open("/dev/null").unwrap(),
+            Some(child.id() as i32),
+        )
+        .map(Arc::new);
+        child.wait().unwrap();
+        match g.admit(caller(50), gone, &req).await {
+            Err(Response::Error { error, .. }) => assert!(error.contains("has exited"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        seen.lock().unwrap().clear();
+
+        match g.admit(caller(40), me(), &req).await {
             Err(Response::Error {
                 code: ErrorCode::Forbidden,
                 error,
@@ -484,7 +521,7 @@ mod tests {
             "credential.issue",
             serde_json::json!({"x": "y".repeat(10_000)}),
         );
-        assert!(g.admit(caller(20), &big).await.is_err());
+        assert!(g.admit(caller(20), me(), &big).await.is_err());
         let e = seen.lock().unwrap()[1].clone();
         assert!(e.mcp.args.is_none() && e.mcp.args_sha256.is_some());
         assert!(e.approval.is_none());

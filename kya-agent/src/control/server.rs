@@ -148,6 +148,7 @@ async fn serve_conn(stream: UnixStream, router: Arc<Router>, mut stop: watch::Re
             return;
         }
     };
+    let pidfd = super::peer::peer_pidfd(&stream, caller.pid).map(Arc::new);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -183,7 +184,7 @@ async fn serve_conn(stream: UnixStream, router: Arc<Router>, mut stop: watch::Re
         let caller = if handler.read_only(&request.op) {
             caller
         } else {
-            match router.gate.admit(caller, &request).await {
+            match router.gate.admit(caller, pidfd.clone(), &request).await {
                 Ok(cleared) => cleared,
                 Err(refused) => {
                     if send(&mut write, &refused).await.is_err() {
