@@ -221,7 +221,10 @@ pub(crate) struct SelectionFacts {
     pub uids: Vec<u32>,
     /// The process's cgroup and every ancestor up to the root, by kernel id.
     pub cgroup_ids: Vec<u64>,
-    pub exe: ExeKey,
+    /// `None` when `/proc/PID/exe` may not be read (ptrace access is denied,
+    /// e.g. for pid 1 in a container): a process running a selected
+    /// executable is in the tgid map anyway (exec tracepoint, start-up scan).
+    pub exe: Option<ExeKey>,
 }
 
 /// Read the facts of `tgid` under `proc_root` (`/proc`), resolving its
@@ -261,16 +264,19 @@ pub(crate) fn selection_facts(
         cgroup_ids.push(super::host::cgroup_id(cgroup2, &prefix)?);
     }
     let exe_path = dir.join("exe");
-    let md = std::fs::metadata(&exe_path)
-        .map_err(|e| BpfError::io(format!("reading {}", exe_path.display()), e))?;
+    let exe = match std::fs::metadata(&exe_path) {
+        Ok(md) => Some(ExeKey {
+            dev: kernel_dev(md.dev()),
+            ino: md.ino(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+        Err(e) => return Err(BpfError::io(format!("reading {}", exe_path.display()), e)),
+    };
     Ok(SelectionFacts {
         tgid,
         uids,
         cgroup_ids,
-        exe: ExeKey {
-            dev: kernel_dev(md.dev()),
-            ino: md.ino(),
-        },
+        exe,
     })
 }
 
@@ -281,8 +287,13 @@ pub(crate) fn facts_selected(
     facts: &SelectionFacts,
     maps: &impl SelectionMaps,
 ) -> Result<bool, BpfError> {
-    if maps.has_tgid(facts.tgid)? || maps.has_exe(&facts.exe)? {
+    if maps.has_tgid(facts.tgid)? {
         return Ok(true);
+    }
+    if let Some(exe) = &facts.exe {
+        if maps.has_exe(exe)? {
+            return Ok(true);
+        }
     }
     for uid in &facts.uids {
         if maps.has_uid(*uid)? {
