@@ -7,6 +7,7 @@
 
 use crate::approvals::local::user_name;
 use crate::approvals::Approvals;
+use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
 use crate::policy::PolicyEngine;
@@ -122,7 +123,13 @@ impl AgentsHandler {
         Response::ok(Value::Array(agents))
     }
 
-    fn set(&self, caller: Caller, request: &Request, suspend: bool) -> Response {
+    fn set(
+        &self,
+        caller: Caller,
+        _cleared: Unselected,
+        request: &Request,
+        suspend: bool,
+    ) -> Response {
         let Some(name) = request.args.get("name").and_then(Value::as_str) else {
             return Response::error(ErrorCode::BadRequest, "missing agent name");
         };
@@ -162,11 +169,17 @@ impl AgentsHandler {
 }
 
 impl Handler for AgentsHandler {
+    fn read_only(&self, op: &str) -> bool {
+        op == "agents.list"
+    }
+
     fn handle(&self, caller: Caller, request: Request) -> ReplyFuture {
         let resp = match request.op.as_str() {
             "agents.list" => self.list(),
-            "agents.suspend" => self.set(caller, &request, true),
-            "agents.resume" => self.set(caller, &request, false),
+            op @ ("agents.suspend" | "agents.resume") => match caller.cleared() {
+                Ok(cleared) => self.set(caller, cleared, &request, op == "agents.suspend"),
+                Err(refused) => refused,
+            },
             other => Response::error(ErrorCode::UnknownOp, format!("unknown operation {other:?}")),
         };
         Box::pin(async move { Reply::Once(resp) })

@@ -75,6 +75,10 @@ pub struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApprovalsSection {
+    /// Separation of duties: an approval over the control socket must come
+    /// from a uid other than the one the held call's agent process runs as.
+    #[serde(default)]
+    pub separate_duties: bool,
     pub ciba: Option<CibaSection>,
     pub webhook: Option<WebhookSection>,
 }
@@ -441,6 +445,9 @@ pub struct Config {
     pub ciba: Option<CibaConfig>,
     /// `[approvals.webhook]`, validated.
     pub webhook: Option<crate::approvals::webhook::WebhookConfig>,
+    /// `[approvals] separate_duties`: the approver's uid must differ from the
+    /// held call's agent process's uid.
+    pub separate_duties: bool,
 }
 
 impl Config {
@@ -540,6 +547,7 @@ impl Config {
             .iter()
             .map(|s| s.parse().map_err(ConfigError::Sink))
             .collect::<Result<Vec<_>, _>>()?;
+        let separate_duties = file.approvals.separate_duties;
         let ciba = file.approvals.ciba.map(CibaSection::validate).transpose()?;
         let webhook = file
             .approvals
@@ -574,6 +582,7 @@ impl Config {
             fail_open: args.fail_open,
             ciba,
             webhook,
+            separate_duties,
         })
     }
 }
@@ -744,6 +753,27 @@ dir = "/var/lib/kya"
             Config::merge(bad, &RunArgs::default()),
             Err(ConfigError::Sink(_))
         ));
+    }
+
+    #[test]
+    fn separation_of_duties_is_opt_in() {
+        let load = |text: &str| {
+            parse_file(Path::new("k.toml"), text)
+                .and_then(|f| Config::merge(f, &RunArgs::default()))
+        };
+        assert!(!load("").unwrap().separate_duties);
+        assert!(!load("[approvals]\n").unwrap().separate_duties);
+        assert!(
+            load("[approvals]\nseparate_duties = true\n")
+                .unwrap()
+                .separate_duties
+        );
+        for bad in [
+            "[approvals]\nseparate_duties = \"yes\"\n",
+            "[approvals]\nseparate_duty = true\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

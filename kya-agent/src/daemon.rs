@@ -14,6 +14,7 @@ use crate::audit::writer::{AuditConfig, AuditLog};
 use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
+use crate::control::guard::{Gate, Recorder, SelectionOracle, SelectionUnknown};
 use crate::control::server::{ControlServer, Router};
 use crate::credential::service::CredentialService;
 use crate::credential::store::CredentialStore;
@@ -136,19 +137,29 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         }
         None => status,
     };
-    let router = Router::new()
+    let gate = Gate::new(Arc::new(KernelSelection(redirector.clone()))).with_recorder(
+        refusal_recorder(audit.clone(), events.clone()),
+        control.path(),
+    );
+    let router = Router::new(Arc::new(gate))
         .route("status", Arc::new(status))
-        .route("approvals", Arc::new(LocalChannel::new(approvals.clone())))
+        .route(
+            "approvals",
+            Arc::new(LocalChannel::new(approvals.clone(), config.separate_duties)),
+        )
         .route("events", Arc::new(EventsHandler::new(events.clone())))
         .route(
             "credential",
-            Arc::new(CredentialService::new(
-                engine.clone(),
-                key.clone(),
-                credentials.clone(),
-                approvals.clone(),
-                host.clone(),
-            )),
+            Arc::new(
+                CredentialService::new(
+                    engine.clone(),
+                    key.clone(),
+                    credentials.clone(),
+                    approvals.clone(),
+                    host.clone(),
+                )
+                .with_separate_duties(config.separate_duties),
+            ),
         )
         .route(
             "agents",
@@ -254,6 +265,41 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("kya stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The control gate's view of the selection: the loaded BPF maps. Once the
+/// redirect is stopped (shutdown) nothing can be checked, so nothing passes.
+struct KernelSelection(Arc<Mutex<Option<Redirector>>>);
+
+impl SelectionOracle for KernelSelection {
+    fn is_selected(&self, tgid: u32) -> Result<bool, SelectionUnknown> {
+        let guard = self
+            .0
+            .lock()
+            .map_err(|_| SelectionUnknown("the redirect's lock is poisoned".into()))?;
+        let redirector = guard
+            .as_ref()
+            .ok_or_else(|| SelectionUnknown("the redirect is stopped".into()))?;
+        redirector
+            .is_selected(tgid)
+            .map_err(|e| SelectionUnknown(e.to_string()))
+    }
+}
+
+/// Refused control operations go to the audit log (durably, before the
+/// refusal is answered) and then to the live event stream.
+fn refusal_recorder(audit: Arc<AuditLog>, events: Arc<EventHub>) -> Recorder {
+    Arc::new(move |event| {
+        let audit = audit.clone();
+        let events = events.clone();
+        Box::pin(async move {
+            match audit.append(&event, event.required_durability()).await {
+                Ok(_) => events.publish(event),
+                Err(e) => tracing::error!(error = %e, decision = %event.decision_id,
+                    "audit append of a refused control operation failed"),
+            }
+        })
+    })
 }
 
 /// After a policy reload: widen or narrow the eBPF selection to the new

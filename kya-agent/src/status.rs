@@ -97,6 +97,10 @@ impl StatusHandler {
 }
 
 impl Handler for StatusHandler {
+    fn read_only(&self, _op: &str) -> bool {
+        true
+    }
+
     fn handle(&self, _caller: Caller, request: Request) -> ReplyFuture {
         let resp = if request.op == "status" {
             Response::ok(self.snapshot())

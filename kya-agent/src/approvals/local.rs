@@ -4,9 +4,16 @@
 //! (`SO_PEERCRED`); nothing the client sends can change that. Only the call's
 //! owner, or someone its policy names in `approvers` (a user, or `group:NAME`),
 //! may answer; everyone else gets a clear refusal and the call stays held.
+//!
+//! An answer is state-changing: it reaches this channel only through the
+//! control socket's gate (the answering process must be neither selected nor
+//! a descendant of a selected process: an agent never answers for its human).
+//! With separation of duties on, the approver's uid must also differ from the
+//! uid of the agent process that made the held call.
 
 use super::pending::{Answer, ApprovalError, Approvals};
 use super::request::ActionRequest;
+use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
 use serde_json::json;
@@ -15,14 +22,26 @@ use std::sync::Arc;
 /// Serves `approvals.list`, `approvals.approve`, `approvals.deny`.
 pub struct LocalChannel {
     approvals: Arc<Approvals>,
+    separate_duties: bool,
 }
 
 impl LocalChannel {
-    pub fn new(approvals: Arc<Approvals>) -> Self {
-        Self { approvals }
+    /// `separate_duties`: an approval must come from a uid other than the
+    /// held call's agent process's.
+    pub fn new(approvals: Arc<Approvals>, separate_duties: bool) -> Self {
+        Self {
+            approvals,
+            separate_duties,
+        }
     }
 
-    fn answer(&self, caller: Caller, request: &Request, approve: bool) -> Response {
+    fn answer(
+        &self,
+        caller: Caller,
+        _cleared: Unselected,
+        request: &Request,
+        approve: bool,
+    ) -> Response {
         let Some(id) = request.args.get("id").and_then(|v| v.as_str()) else {
             return Response::error(ErrorCode::BadRequest, "missing approval id");
         };
@@ -71,6 +90,23 @@ impl LocalChannel {
                 ),
             );
         }
+        if approve && self.separate_duties && caller.uid == action.process.uid {
+            tracing::warn!(
+                id,
+                user,
+                uid = caller.uid,
+                "approval refused: separation of duties"
+            );
+            return Response::error(
+                ErrorCode::Forbidden,
+                format!(
+                    "{user} may not approve {id}: separation of duties is on and uid {} also runs \
+                     the agent process (pid {}) that made this call; another user must approve \
+                     (denying is still allowed)",
+                    caller.uid, action.process.pid
+                ),
+            );
+        }
         let answer = Answer {
             approve,
             approver: user.clone(),
@@ -114,11 +150,17 @@ impl LocalChannel {
 }
 
 impl Handler for LocalChannel {
+    fn read_only(&self, op: &str) -> bool {
+        op == "approvals.list"
+    }
+
     fn handle(&self, caller: Caller, request: Request) -> ReplyFuture {
         let resp = match request.op.as_str() {
             "approvals.list" => self.list(caller),
-            "approvals.approve" => self.answer(caller, &request, true),
-            "approvals.deny" => self.answer(caller, &request, false),
+            op @ ("approvals.approve" | "approvals.deny") => match caller.cleared() {
+                Ok(cleared) => self.answer(caller, cleared, &request, op == "approvals.approve"),
+                Err(refused) => refused,
+            },
             other => Response::error(ErrorCode::UnknownOp, format!("unknown operation {other:?}")),
         };
         Box::pin(async move { Reply::Once(resp) })
@@ -191,14 +233,16 @@ mod tests {
                 std::time::Duration::from_secs(5),
             )
             .unwrap();
-        let ch = LocalChannel::new(approvals.clone());
+        let ch = LocalChannel::new(approvals.clone(), false);
         let me = Caller {
             uid: nix::unistd::getuid().as_raw(),
             gid: 0,
             pid: Some(1),
+            clearance: None,
         };
+        let ok = Unselected::for_tests();
         let req = Request::new("approvals.approve", json!({"id": h.id}));
-        match ch.answer(me, &req, true) {
+        match ch.answer(me, ok, &req, true) {
             Response::Error {
                 code: ErrorCode::Forbidden,
                 error,
@@ -212,9 +256,64 @@ mod tests {
             json!({"id": h.id, "reason": 7}),
             json!({"id": "apr_nope"}),
         ] {
-            let r = ch.answer(me, &Request::new("approvals.approve", bad), true);
+            let r = ch.answer(me, ok, &Request::new("approvals.approve", bad), true);
             assert!(matches!(r, Response::Error { .. }), "{r:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn separation_of_duties_refuses_the_agents_own_uid() {
+        let approvals = Approvals::new(4, None);
+        // The agent process runs as root, root's name owns it, nobody may approve too.
+        let mut a = action("bot", "root");
+        a.process.uid = 0;
+        a.approvers = vec!["nobody".into()];
+        let ok = Unselected::for_tests();
+        let caller = |uid| Caller {
+            uid,
+            gid: uid,
+            pid: Some(1),
+            clearance: None,
+        };
+        // Off (the default): the owner running its own agent may approve.
+        let off = LocalChannel::new(approvals.clone(), false);
+        let h = approvals
+            .submit(a.clone(), std::time::Duration::from_secs(5))
+            .unwrap();
+        let req = Request::new("approvals.approve", json!({"id": h.id}));
+        assert!(matches!(
+            off.answer(caller(0), ok, &req, true),
+            Response::Ok { .. }
+        ));
+
+        let on = LocalChannel::new(approvals.clone(), true);
+        let h = approvals
+            .submit(a.clone(), std::time::Duration::from_secs(5))
+            .unwrap();
+        let req = Request::new("approvals.approve", json!({"id": h.id}));
+        match on.answer(caller(0), ok, &req, true) {
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                error,
+            } => assert!(error.contains("separation of duties"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(approvals.is_pending(&h.id), "still held");
+        if user_name(65534).as_deref() == Some("nobody") {
+            assert!(matches!(
+                on.answer(caller(65534), ok, &req, true),
+                Response::Ok { .. }
+            ));
+        }
+        // Denying one's own agent's call stays possible.
+        let h = approvals
+            .submit(a, std::time::Duration::from_secs(5))
+            .unwrap();
+        let req = Request::new("approvals.deny", json!({"id": h.id}));
+        assert!(matches!(
+            on.answer(caller(0), ok, &req, false),
+            Response::Ok { .. }
+        ));
     }
 
     #[tokio::test]
@@ -224,12 +323,14 @@ mod tests {
         let h = approvals
             .submit(action("bot", "root"), std::time::Duration::from_secs(5))
             .unwrap();
-        let ch = LocalChannel::new(approvals.clone());
+        let ch = LocalChannel::new(approvals.clone(), false);
         let root = Caller {
             uid: 0,
             gid: 0,
             pid: Some(1),
+            clearance: None,
         };
+        let ok = Unselected::for_tests();
         for (approve, args) in [
             (true, json!({"id": h.id, "standing_for": "0s"})),
             (true, json!({"id": h.id, "standing_for": "400days"})),
@@ -239,7 +340,7 @@ mod tests {
             let req = Request::new("approvals.x", args.clone());
             assert!(
                 matches!(
-                    ch.answer(root, &req, approve),
+                    ch.answer(root, ok, &req, approve),
                     Response::Error {
                         code: ErrorCode::BadRequest,
                         ..
@@ -256,7 +357,10 @@ mod tests {
             "approvals.approve",
             json!({"id": h.id, "standing_for": "1h"}),
         );
-        assert!(matches!(ch.answer(root, &req, true), Response::Ok { .. }));
+        assert!(matches!(
+            ch.answer(root, ok, &req, true),
+            Response::Ok { .. }
+        ));
         match h.wait().await {
             crate::approvals::Outcome::Approved(a) => {
                 assert_eq!(a.evidence.unwrap()["standing_for_secs"], 3600)

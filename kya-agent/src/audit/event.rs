@@ -26,16 +26,23 @@ pub enum EventKind {
     Rejected,
     /// Nobody answered a held call in time; it is denied.
     Expired,
+    /// A state-changing control command (answering an approval, issuing or
+    /// revoking a credential, suspending or resuming an agent) came from a
+    /// selected process or a descendant of one, or from a process kya could
+    /// not check, and was refused. `mcp.method` names the command, `process`
+    /// the caller, `destination.host` the control socket.
+    ControlRefused,
 }
 
 impl EventKind {
     /// Every kind, for exhaustive tests and documentation.
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::Decision,
         EventKind::Hold,
         EventKind::Approved,
         EventKind::Rejected,
         EventKind::Expired,
+        EventKind::ControlRefused,
     ];
 
     /// The snake_case name used in JSON.
@@ -46,6 +53,7 @@ impl EventKind {
             EventKind::Approved => "approved",
             EventKind::Rejected => "rejected",
             EventKind::Expired => "expired",
+            EventKind::ControlRefused => "control_refused",
         }
     }
 }
@@ -322,8 +330,10 @@ impl DecisionEvent {
             (EventKind::Approved, _) if self.approval.is_none() => {
                 fail("kind approved needs an approval")
             }
-            (EventKind::Rejected | EventKind::Expired, v) if v != Verdict::Deny => {
-                fail("kinds rejected and expired need verdict deny")
+            (EventKind::Rejected | EventKind::Expired | EventKind::ControlRefused, v)
+                if v != Verdict::Deny =>
+            {
+                fail("kinds rejected, expired and control_refused need verdict deny")
             }
             _ => Ok(()),
         }
@@ -336,7 +346,7 @@ impl DecisionEvent {
     pub fn required_durability(&self) -> super::Durability {
         let consequential = matches!(
             self.kind,
-            EventKind::Hold | EventKind::Approved | EventKind::Rejected
+            EventKind::Hold | EventKind::Approved | EventKind::Rejected | EventKind::ControlRefused
         ) || (self.verdict == Verdict::Allow
             && (self.approval.is_some() || self.credential_id.is_some()));
         if consequential {
@@ -364,7 +374,7 @@ pub(crate) mod tests {
             }
             EventKind::Hold => Verdict::Hold,
             EventKind::Approved => Verdict::Allow,
-            EventKind::Rejected | EventKind::Expired => Verdict::Deny,
+            EventKind::Rejected | EventKind::Expired | EventKind::ControlRefused => Verdict::Deny,
         };
         let mut mcp = McpInfo {
             session_id: Some("sess-1".into()),

@@ -23,7 +23,9 @@
 //! | everything else (tgid, gid, cgroup, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest) | `unmapped` |
 //!
 //! `severity_id`: 1 Informational for allows, 2 Low for holds and approvals,
-//! 3 Medium for denies (a denied agent call is something a SOC may want to see).
+//! 3 Medium for denies (a denied agent call is something a SOC may want to see),
+//! 4 High for `control_refused` (a selected process tried to answer an
+//! approval or change kya's state: an agent acting for its human).
 //! `cloud` is not set: kya guards a host, not a cloud provider's API.
 
 use super::event::{DecisionEvent, EventKind};
@@ -70,6 +72,8 @@ pub fn outcome(e: &DecisionEvent) -> (u64, &'static str, u64, &'static str) {
 
 fn severity(e: &DecisionEvent) -> (u64, &'static str) {
     match (e.kind, e.verdict) {
+        // Something inside the selection tried to act for its human.
+        (EventKind::ControlRefused, _) => (4, "High"),
         (_, Verdict::Deny) => (3, "Medium"),
         (EventKind::Hold | EventKind::Approved, _) | (_, Verdict::Hold) => (2, "Low"),
         _ => (1, "Informational"),
@@ -163,10 +167,10 @@ pub fn to_ocsf(e: &DecisionEvent) -> Value {
 
     let mut authorizations = Vec::new();
     if let Some(a) = &e.approval {
-        let verb = if e.kind == EventKind::Rejected {
-            "Rejected"
-        } else {
-            "Approved"
+        let verb = match e.kind {
+            EventKind::Rejected => "Rejected",
+            EventKind::ControlRefused => "Refused an attempt to answer",
+            _ => "Approved",
         };
         let mut decision = format!(
             "{verb} by {}",
@@ -319,7 +323,7 @@ mod tests {
                 assert_eq!(o["type_uid"], 600399);
                 assert_eq!(o["activity_id"], 99);
                 assert_eq!(o["time"], json!(e.time.unix_timestamp() * 1000));
-                assert!([1, 2, 3].contains(&o["severity_id"].as_u64().unwrap()));
+                assert!([1, 2, 3, 4].contains(&o["severity_id"].as_u64().unwrap()));
                 assert!([1, 2, 99].contains(&o["action_id"].as_u64().unwrap()));
                 assert!([1, 2, 8, 14].contains(&o["disposition_id"].as_u64().unwrap()));
                 assert_eq!(o["metadata"]["product"]["name"], "kya");
@@ -359,6 +363,18 @@ mod tests {
         assert_eq!(o(EventKind::Approved, 1), (1, 8), "approved");
         assert_eq!(o(EventKind::Rejected, 1), (2, 2));
         assert_eq!(o(EventKind::Expired, 1), (2, 2));
+        assert_eq!(o(EventKind::ControlRefused, 1), (2, 2), "refused: blocked");
+        let mut refused = sample(EventKind::ControlRefused, 1);
+        refused.approval = Some(crate::audit::event::ApprovalInfo {
+            id: "apr_1".into(),
+            approver: Some("alice".into()),
+            channel: Some("local".into()),
+            id_token_sha256: None,
+        });
+        let v = to_ocsf(&refused);
+        assert_eq!(v["severity_id"], 4);
+        let decision = v["authorizations"][0]["decision"].as_str().unwrap();
+        assert!(decision.starts_with("Refused"), "{decision}");
         let approved = to_ocsf(&sample(EventKind::Approved, 1));
         let auth = approved["authorizations"].as_array().unwrap();
         assert_eq!(auth.len(), 2);

@@ -1,7 +1,10 @@
 //! One kya instance's redirect: its own copy of the BPF object and maps,
 //! its links on the cgroup v2 root, its pins.
 
-use super::selection::{exe_keys, expand_exes, running_selection, scan_proc};
+use super::selection::{
+    exe_keys, expand_exes, facts_selected, running_selection, scan_proc, selection_facts,
+    SelectionMaps,
+};
 use super::stats::{log_event, KernelStats};
 use super::sys::{self, AttachType};
 use super::{host, BpfError, OriginTable};
@@ -127,6 +130,34 @@ struct Maps {
     tgids: HashMap<MapData, u32, u8>,
     skip: HashMap<MapData, u32, u8>,
     exes: HashMap<MapData, ExeKey, u8>,
+}
+
+/// A lookup: present, absent, or the map failed (an error, never "absent").
+fn contains<K: aya::Pod>(
+    map: &HashMap<MapData, K, u8>,
+    key: &K,
+    name: &'static str,
+) -> Result<bool, BpfError> {
+    match map.get(key, 0) {
+        Ok(_) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+impl SelectionMaps for Maps {
+    fn has_tgid(&self, tgid: u32) -> Result<bool, BpfError> {
+        contains(&self.tgids, &tgid, m::SEL_TGIDS)
+    }
+    fn has_uid(&self, uid: u32) -> Result<bool, BpfError> {
+        contains(&self.uids, &uid, m::SEL_UIDS)
+    }
+    fn has_cgroup(&self, id: u64) -> Result<bool, BpfError> {
+        contains(&self.cgroups, &id, m::SEL_CGROUPS)
+    }
+    fn has_exe(&self, key: &ExeKey) -> Result<bool, BpfError> {
+        contains(&self.exes, key, m::EXES)
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> BpfError {
@@ -474,6 +505,16 @@ impl Redirector {
             }
         }
         Ok(out)
+    }
+
+    /// Is the running process `tgid` selected, as the kernel would judge it
+    /// now: its tgid, any of its uids, its cgroup or an ancestor cgroup, or
+    /// its executable is in the selection maps. Reads `/proc` (blocking); a
+    /// process that cannot be read (gone, a kernel thread) is an error, not
+    /// "unselected".
+    pub fn is_selected(&self, tgid: u32) -> Result<bool, BpfError> {
+        let facts = selection_facts(Path::new("/proc"), &self.cgroup2, tgid)?;
+        facts_selected(&facts, &self.maps)
     }
 
     /// The interceptor's handle on the origins of accepted connections.

@@ -204,6 +204,121 @@ pub fn running_selection(
     sel
 }
 
+/// Lookups in the selection maps, as the kernel's `kya_task_selected` makes
+/// them (the maps, or sets standing in for them in tests).
+pub(crate) trait SelectionMaps {
+    fn has_tgid(&self, tgid: u32) -> Result<bool, BpfError>;
+    fn has_uid(&self, uid: u32) -> Result<bool, BpfError>;
+    fn has_cgroup(&self, id: u64) -> Result<bool, BpfError>;
+    fn has_exe(&self, key: &ExeKey) -> Result<bool, BpfError>;
+}
+
+/// What the selection maps are asked about one process, read from `/proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SelectionFacts {
+    pub tgid: u32,
+    /// Real, effective, saved and filesystem uids (`Uid:` of `/proc/PID/status`).
+    pub uids: Vec<u32>,
+    /// The process's cgroup and every ancestor up to the root, by kernel id.
+    pub cgroup_ids: Vec<u64>,
+    /// `None` when `/proc/PID/exe` may not be read (ptrace access is denied,
+    /// e.g. for pid 1 in a container): a process running a selected
+    /// executable is in the tgid map anyway (exec tracepoint, start-up scan).
+    pub exe: Option<ExeKey>,
+}
+
+/// Read the facts of `tgid` under `proc_root` (`/proc`), resolving its
+/// cgroup path against the cgroup2 mount. Anything unreadable is an error:
+/// a process kya cannot describe is not "unselected".
+pub(crate) fn selection_facts(
+    proc_root: &Path,
+    cgroup2: &Path,
+    tgid: u32,
+) -> Result<SelectionFacts, BpfError> {
+    let dir = proc_root.join(tgid.to_string());
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|e| BpfError::io(format!("reading {}", path.display()), e))
+    };
+    let status = read("status")?;
+    let uids = parse_status_uids(&status).ok_or_else(|| {
+        BpfError::io(
+            format!("/proc/{tgid}/status"),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "no Uid: line"),
+        )
+    })?;
+    let cgroup_text = read("cgroup")?;
+    let cgroup = crate::procinfo::parse_cgroup_v2(&cgroup_text)
+        .filter(|p| p.starts_with('/'))
+        .ok_or(BpfError::NoCgroupV2Line { pid: tgid })?;
+    let mut cgroup_ids = Vec::new();
+    let mut prefix = String::new();
+    cgroup_ids.push(super::host::cgroup_id(cgroup2, "/")?);
+    for comp in cgroup
+        .trim_end_matches(" (deleted)")
+        .split('/')
+        .filter(|c| !c.is_empty())
+    {
+        prefix.push('/');
+        prefix.push_str(comp);
+        cgroup_ids.push(super::host::cgroup_id(cgroup2, &prefix)?);
+    }
+    let exe_path = dir.join("exe");
+    let exe = match std::fs::metadata(&exe_path) {
+        Ok(md) => Some(ExeKey {
+            dev: kernel_dev(md.dev()),
+            ino: md.ino(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+        Err(e) => return Err(BpfError::io(format!("reading {}", exe_path.display()), e)),
+    };
+    Ok(SelectionFacts {
+        tgid,
+        uids,
+        cgroup_ids,
+        exe,
+    })
+}
+
+/// Is a process with these facts selected: by tgid (pid, exec, fork, scan),
+/// by any of its uids, by its cgroup or an ancestor cgroup, or by running a
+/// selected executable.
+pub(crate) fn facts_selected(
+    facts: &SelectionFacts,
+    maps: &impl SelectionMaps,
+) -> Result<bool, BpfError> {
+    if maps.has_tgid(facts.tgid)? {
+        return Ok(true);
+    }
+    if let Some(exe) = &facts.exe {
+        if maps.has_exe(exe)? {
+            return Ok(true);
+        }
+    }
+    for uid in &facts.uids {
+        if maps.has_uid(*uid)? {
+            return Ok(true);
+        }
+    }
+    for id in &facts.cgroup_ids {
+        if maps.has_cgroup(*id)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The four uids of the `Uid:` line of `/proc/PID/status`.
+fn parse_status_uids(bytes: &[u8]) -> Option<Vec<u32>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let rest = text.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let uids: Vec<u32> = rest
+        .split_ascii_whitespace()
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    (!uids.is_empty() && uids.len() <= 4).then_some(uids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +446,190 @@ mod tests {
         ]
         .into();
         assert_eq!(sel, want);
+    }
+
+    /// Selection maps as sets.
+    #[derive(Default)]
+    struct Sets {
+        tgids: BTreeSet<u32>,
+        uids: BTreeSet<u32>,
+        cgroups: BTreeSet<u64>,
+        exes: BTreeSet<ExeKey>,
+    }
+
+    impl SelectionMaps for Sets {
+        fn has_tgid(&self, tgid: u32) -> Result<bool, BpfError> {
+            Ok(self.tgids.contains(&tgid))
+        }
+        fn has_uid(&self, uid: u32) -> Result<bool, BpfError> {
+            Ok(self.uids.contains(&uid))
+        }
+        fn has_cgroup(&self, id: u64) -> Result<bool, BpfError> {
+            Ok(self.cgroups.contains(&id))
+        }
+        fn has_exe(&self, key: &ExeKey) -> Result<bool, BpfError> {
+            Ok(self.exes.contains(key))
+        }
+    }
+
+    /// A fake /proc and cgroup2 mount: processes with a parent, uids, a
+    /// cgroup path and an executable.
+    struct FakeHost {
+        proc_root: tempfile::TempDir,
+        cgroup2: tempfile::TempDir,
+        bin: tempfile::TempDir,
+    }
+
+    impl FakeHost {
+        fn new() -> Self {
+            Self {
+                proc_root: tempfile::tempdir().unwrap(),
+                cgroup2: tempfile::tempdir().unwrap(),
+                bin: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn process(&self, pid: u32, ppid: u32, uid: &str, cgroup: &str, exe: &str) {
+            let dir = self.proc_root.path().join(pid.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("stat"), format!("{pid} (p) S {ppid} 1 1")).unwrap();
+            std::fs::write(
+                dir.join("status"),
+                format!("Name:\tp\nUid:\t{uid}\nGid:\t0\n"),
+            )
+            .unwrap();
+            std::fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+            std::fs::create_dir_all(self.cgroup2.path().join(cgroup.trim_start_matches('/')))
+                .unwrap();
+            let exe_path = self.bin.path().join(exe);
+            if !exe_path.exists() {
+                std::fs::write(&exe_path, b"x").unwrap();
+            }
+            std::os::unix::fs::symlink(&exe_path, dir.join("exe")).unwrap();
+        }
+
+        fn cgroup_id(&self, rel: &str) -> u64 {
+            super::super::host::cgroup_id(self.cgroup2.path(), rel).unwrap()
+        }
+
+        fn exe_key(&self, exe: &str) -> ExeKey {
+            let md = std::fs::metadata(self.bin.path().join(exe)).unwrap();
+            ExeKey {
+                dev: kernel_dev(md.dev()),
+                ino: md.ino(),
+            }
+        }
+
+        fn selected(&self, pid: u32, maps: &Sets) -> Result<bool, BpfError> {
+            let facts = selection_facts(self.proc_root.path(), self.cgroup2.path(), pid)?;
+            facts_selected(&facts, maps)
+        }
+    }
+
+    #[test]
+    fn every_selector_is_asked_about_a_process() {
+        let h = FakeHost::new();
+        h.process(1, 0, "0\t0\t0\t0", "/init.scope", "init");
+        h.process(20, 1, "1000\t1000\t1000\t1000", "/agents/bot/sub", "agent");
+        h.process(21, 1, "1000\t0\t0\t0", "/user/shell", "sh");
+        let none = Sets::default();
+        assert!(!h.selected(20, &none).unwrap());
+        let by_tgid = Sets {
+            tgids: [20].into(),
+            ..Default::default()
+        };
+        assert!(h.selected(20, &by_tgid).unwrap());
+        assert!(!h.selected(21, &by_tgid).unwrap());
+        // The cgroup itself or any ancestor of it, as the kernel checks.
+        for rel in ["/agents/bot/sub", "/agents/bot", "/agents"] {
+            let by_cgroup = Sets {
+                cgroups: [h.cgroup_id(rel)].into(),
+                ..Default::default()
+            };
+            assert!(h.selected(20, &by_cgroup).unwrap(), "{rel}");
+            assert!(!h.selected(21, &by_cgroup).unwrap(), "{rel}");
+        }
+        // Any of the real, effective, saved, fs uids (a setuid helper of an agent).
+        let by_uid = Sets {
+            uids: [1000].into(),
+            ..Default::default()
+        };
+        assert!(h.selected(21, &by_uid).unwrap());
+        assert!(!h.selected(1, &by_uid).unwrap());
+        let by_exe = Sets {
+            exes: [h.exe_key("agent")].into(),
+            ..Default::default()
+        };
+        assert!(h.selected(20, &by_exe).unwrap());
+        assert!(!h.selected(21, &by_exe).unwrap());
+    }
+
+    #[test]
+    fn unreadable_processes_are_errors_not_unselected() {
+        let h = FakeHost::new();
+        h.process(20, 1, "1000 1000 1000 1000", "/a", "agent");
+        let none = Sets::default();
+        assert!(h.selected(99, &none).is_err(), "gone");
+        let dir = h.proc_root.path().join("20");
+        for (file, text) in [
+            ("status", "Name: x\n"),
+            ("status", "Uid:\tlots\n"),
+            ("cgroup", "1:cpu:/x\n"),
+            ("cgroup", "0::relative\n"),
+            ("cgroup", "0::/not/a/cgroup\n"),
+        ] {
+            let keep = std::fs::read(dir.join(file)).unwrap();
+            std::fs::write(dir.join(file), text).unwrap();
+            assert!(h.selected(20, &none).is_err(), "{file}: {text:?}");
+            std::fs::write(dir.join(file), keep).unwrap();
+        }
+        std::fs::remove_file(dir.join("exe")).unwrap();
+        assert!(h.selected(20, &none).is_err(), "no exe");
+    }
+
+    /// The gate over this selection: a caller in a child cgroup of a selected
+    /// cgroup is refused, and so is its descendant that moved out of it.
+    #[test]
+    fn the_control_gate_refuses_a_selected_cgroup_and_its_descendants() {
+        use crate::control::guard::{Gate, Refusal, SelectionOracle, SelectionUnknown};
+        struct Oracle(FakeHost, Sets);
+        impl SelectionOracle for Oracle {
+            fn is_selected(&self, tgid: u32) -> Result<bool, SelectionUnknown> {
+                self.0
+                    .selected(tgid, &self.1)
+                    .map_err(|e| SelectionUnknown(e.to_string()))
+            }
+        }
+        let h = FakeHost::new();
+        h.process(1, 0, "0 0 0 0", "/init.scope", "init");
+        h.process(10, 1, "1000 1000 1000 1000", "/agents/bot/sub", "agent");
+        h.process(11, 10, "1000 1000 1000 1000", "/escaped", "kya");
+        h.process(12, 1, "1000 1000 1000 1000", "/user/shell", "kya");
+        let maps = Sets {
+            cgroups: [h.cgroup_id("/agents")].into(),
+            ..Default::default()
+        };
+        let root = h.proc_root.path().to_path_buf();
+        let gate = Gate::new(std::sync::Arc::new(Oracle(h, maps))).with_proc_root(root);
+        assert_eq!(
+            gate.check(Some(10)),
+            Err(Refusal::Selected {
+                peer: 10,
+                selected: 10
+            })
+        );
+        assert_eq!(
+            gate.check(Some(11)),
+            Err(Refusal::Selected {
+                peer: 11,
+                selected: 10
+            })
+        );
+        assert!(gate.check(Some(12)).is_ok());
+        assert!(matches!(
+            gate.check(Some(13)),
+            Err(Refusal::Unresolvable { .. })
+        ));
     }
 
     #[test]

@@ -8,9 +8,14 @@
 //!
 //! * [`protocol`]: the request and response shapes.
 //! * [`server`]: the listener, bounded reads, dispatch to a [`server::Handler`].
+//! * [`guard`]: the gate of every state-changing operation (the caller must
+//!   not be, nor descend from, a process kya selects).
+//! * [`peer`]: the peer process pinned by a pidfd (a reused pid is not the peer).
 //! * [`client`]: the blocking client the CLI uses.
 
 pub mod client;
+pub mod guard;
+pub mod peer;
 pub mod protocol;
 pub mod server;
 

@@ -1,14 +1,31 @@
 //! Control-socket messages: one JSON object per line.
 
+use super::guard::Unselected;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Who is calling, as the kernel reports it (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Set by the server's gate for a state-changing operation: the caller
+    /// is neither a selected process nor a descendant of one.
+    pub clearance: Option<Unselected>,
+}
+
+impl Caller {
+    /// The gate's proof, or the refusal a state-changing handler sends when
+    /// it was reached without one (never, through the server).
+    pub fn cleared(&self) -> Result<Unselected, Response> {
+        self.clearance.ok_or_else(|| {
+            Response::error(
+                ErrorCode::Forbidden,
+                "refused: this operation changes state and the caller was not checked",
+            )
+        })
+    }
 }
 
 /// A request: an operation name and its arguments.

@@ -1,5 +1,6 @@
 //! The control socket listener.
 
+use super::guard::Gate;
 use super::protocol::{Caller, ErrorCode, Request, Response};
 use super::{MAX_REQUEST, SOCKET_NAME};
 use serde_json::Value;
@@ -24,18 +25,29 @@ pub type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
 /// Serves the operations of one namespace (`approvals`, `events`, ...).
 pub trait Handler: Send + Sync + 'static {
+    /// Does `op` change nothing (list, status, follow)? Every other operation
+    /// of the namespace, including ones added later and unknown ones, reaches
+    /// [`Handler::handle`] only through the [`Gate`], with the caller's
+    /// `clearance` set.
+    fn read_only(&self, op: &str) -> bool;
+
     fn handle(&self, caller: Caller, request: Request) -> ReplyFuture;
 }
 
-/// Routes `ns.op` (or `ns`) to the handler registered for `ns`.
-#[derive(Default, Clone)]
+/// Routes `ns.op` (or `ns`) to the handler registered for `ns`, through the
+/// gate for every operation that is not read-only.
+#[derive(Clone)]
 pub struct Router {
     routes: BTreeMap<String, Arc<dyn Handler>>,
+    gate: Arc<Gate>,
 }
 
 impl Router {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Self {
+            routes: BTreeMap::new(),
+            gate,
+        }
     }
 
     /// Register the handler of a namespace (the part of `op` before the first '.').
@@ -129,12 +141,14 @@ async fn serve_conn(stream: UnixStream, router: Arc<Router>, mut stop: watch::Re
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid(),
+            clearance: None,
         },
         Err(e) => {
             tracing::warn!(error = %e, "control connection without peer credentials; closing");
             return;
         }
     };
+    let pidfd = super::peer::peer_pidfd(&stream, caller.pid).map(Arc::new);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -167,6 +181,19 @@ async fn serve_conn(stream: UnixStream, router: Arc<Router>, mut stop: watch::Re
             continue;
         };
         tracing::debug!(op = %request.op, uid = caller.uid, pid = ?caller.pid, "control request");
+        let caller = if handler.read_only(&request.op) {
+            caller
+        } else {
+            match router.gate.admit(caller, pidfd.clone(), &request).await {
+                Ok(cleared) => cleared,
+                Err(refused) => {
+                    if send(&mut write, &refused).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
         match handler.handle(caller, request).await {
             Reply::Once(resp) => {
                 if send(&mut write, &resp).await.is_err() {
@@ -245,6 +272,10 @@ mod tests {
     struct Echo;
 
     impl Handler for Echo {
+        fn read_only(&self, op: &str) -> bool {
+            op != "echo.change"
+        }
+
         fn handle(&self, caller: Caller, request: Request) -> ReplyFuture {
             Box::pin(async move {
                 if request.op == "echo.stream" {
@@ -259,10 +290,22 @@ mod tests {
                 if request.op == "echo.deny" {
                     return Reply::Once(Response::error(ErrorCode::Forbidden, "not yours"));
                 }
-                Reply::Once(Response::ok(
-                    json!({"uid": caller.uid, "pid": caller.pid, "args": request.args}),
-                ))
+                Reply::Once(Response::ok(json!({
+                    "uid": caller.uid,
+                    "pid": caller.pid,
+                    "args": request.args,
+                    "cleared": caller.clearance.is_some(),
+                })))
             })
+        }
+    }
+
+    /// Selects exactly the pids listed.
+    struct Pids(Vec<u32>);
+
+    impl crate::control::guard::SelectionOracle for Pids {
+        fn is_selected(&self, tgid: u32) -> Result<bool, crate::control::guard::SelectionUnknown> {
+            Ok(self.0.contains(&tgid))
         }
     }
 
@@ -271,10 +314,21 @@ mod tests {
         watch::Sender<bool>,
         tokio::task::JoinHandle<()>,
     ) {
+        start_selecting(vec![]).await
+    }
+
+    async fn start_selecting(
+        pids: Vec<u32>,
+    ) -> (
+        tempfile::TempDir,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let server = ControlServer::bind(dir.path()).unwrap();
         let (tx, rx) = watch::channel(false);
-        let router = Router::new().route("echo", Arc::new(Echo));
+        let gate = Arc::new(Gate::new(Arc::new(Pids(pids))));
+        let router = Router::new(gate).route("echo", Arc::new(Echo));
         let task = tokio::spawn(server.serve(router, rx));
         (dir, tx, task)
     }
@@ -300,6 +354,48 @@ mod tests {
             !dir.path().join(SOCKET_NAME).exists(),
             "socket file must be removed at shutdown"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn state_changing_operations_pass_the_gate_and_read_only_ones_do_not() {
+        // Unselected: admitted with the gate's proof; read-only: no proof needed.
+        let (dir, stop, task) = start().await;
+        let path = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let got = client::call(&path, &Request::new("echo.change", json!({}))).unwrap();
+            assert_eq!(got["cleared"], true);
+            let got = client::call(&path, &Request::new("echo.list", json!({}))).unwrap();
+            assert_eq!(got["cleared"], false);
+        })
+        .await
+        .unwrap();
+        stop.send(true).unwrap();
+        task.await.unwrap();
+
+        // This process selected: the state-changing operation never reaches
+        // the handler; reading still works.
+        let (dir, stop, task) = start_selecting(vec![std::process::id()]).await;
+        let path = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let err = client::call(&path, &Request::new("echo.change", json!({}))).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ClientError::Refused {
+                        code: ErrorCode::Forbidden,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(err.to_string().contains("selected by kya"), "{err}");
+            let got = client::call(&path, &Request::new("echo.list", json!({}))).unwrap();
+            assert_eq!(got["cleared"], false);
+        })
+        .await
+        .unwrap();
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread")]

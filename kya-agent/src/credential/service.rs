@@ -19,6 +19,7 @@ use super::store::CredentialStore;
 use super::verify::{self, Call};
 use crate::approvals::local::user_name;
 use crate::approvals::{Answer, Approvals};
+use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
 use crate::policy::PolicyEngine;
@@ -193,6 +194,7 @@ pub struct CredentialService {
     store: Arc<CredentialStore>,
     approvals: Arc<Approvals>,
     host: String,
+    separate_duties: bool,
 }
 
 impl CredentialService {
@@ -209,12 +211,26 @@ impl CredentialService {
             store,
             approvals,
             host,
+            separate_duties: false,
         }
+    }
+
+    /// Separation of duties: a credential must be bound to a uid other than
+    /// its issuer's, and releases no held call of a process running as the
+    /// issuer's uid.
+    pub fn with_separate_duties(mut self, on: bool) -> Self {
+        self.separate_duties = on;
+        self
     }
 
     /// Issue a standing credential for `caller`; returns the document and how
     /// many held calls it released.
-    pub fn issue(&self, caller: Caller, req: IssueRequest) -> Result<Value, IssueError> {
+    pub fn issue(
+        &self,
+        caller: Caller,
+        _cleared: Unselected,
+        req: IssueRequest,
+    ) -> Result<Value, IssueError> {
         let user = user_name(caller.uid).ok_or_else(|| {
             IssueError::Forbidden(format!(
                 "uid {} has no user name; cannot issue credentials",
@@ -253,6 +269,14 @@ impl CredentialService {
             return Err(IssueError::BadRequest("tool must not be empty".into()));
         }
         let uid = merge_binding("uid", req.uid, agent.uid)?;
+        if self.separate_duties && uid.is_none_or(|u| u == caller.uid) {
+            return Err(IssueError::Forbidden(format!(
+                "separation of duties is on: {user} (uid {}) may issue only a credential bound to \
+                 another uid (the agent's registry entry or --uid), so that it never covers \
+                 calls of the issuer's own processes",
+                caller.uid
+            )));
+        }
         let cgroup = merge_binding("cgroup", req.cgroup.clone(), agent.cgroup.clone())?;
         let exe_sha256 = match &req.exe_sha256 {
             Some(h) => Some(hex64("exe_sha256", h)?),
@@ -296,7 +320,7 @@ impl CredentialService {
             .map_err(|e| IssueError::Internal(format!("cannot store the credential: {e}")))?;
         tracing::info!(id = %credential.id, agent = %req.agent, tool = %req.tool, by = %user,
             "standing credential issued over the control socket");
-        let released = self.release_covered(&credential, &user, now);
+        let released = self.release_covered(&credential, &user, caller.uid, now);
         Ok(json!({
             "id": credential.id,
             "credential": document,
@@ -309,12 +333,16 @@ impl CredentialService {
         &self,
         credential: &action::ActionCredential,
         by: &str,
+        by_uid: u32,
         now: OffsetDateTime,
     ) -> Vec<String> {
         let registry = self.engine.registry();
         let mut released = Vec::new();
         for (id, req) in self.approvals.pending() {
             if req.agent != credential.subject.agent {
+                continue;
+            }
+            if self.separate_duties && req.process.uid == by_uid {
                 continue;
             }
             let call = Call {
@@ -371,7 +399,7 @@ impl CredentialService {
         owns || cred.evidence.iter().any(|e| e.approver == user)
     }
 
-    fn revoke(&self, caller: Caller, request: &Request) -> Response {
+    fn revoke(&self, caller: Caller, _cleared: Unselected, request: &Request) -> Response {
         let Some(id) = request.args.get("id").and_then(Value::as_str) else {
             return Response::error(ErrorCode::BadRequest, "missing credential id");
         };
@@ -441,16 +469,29 @@ impl CredentialService {
 }
 
 impl Handler for CredentialService {
+    fn read_only(&self, op: &str) -> bool {
+        op == "credential.list"
+    }
+
     fn handle(&self, caller: Caller, request: Request) -> ReplyFuture {
         let resp = match request.op.as_str() {
-            "credential.issue" => match serde_json::from_value::<IssueRequest>(request.args) {
-                Ok(req) => match self.issue(caller, req) {
+            "credential.issue" => match (
+                caller.cleared(),
+                serde_json::from_value::<IssueRequest>(request.args),
+            ) {
+                (Err(refused), _) => refused,
+                (Ok(cleared), Ok(req)) => match self.issue(caller, cleared, req) {
                     Ok(v) => Response::ok(v),
                     Err(e) => e.response(),
                 },
-                Err(e) => Response::error(ErrorCode::BadRequest, format!("issue request: {e}")),
+                (Ok(_), Err(e)) => {
+                    Response::error(ErrorCode::BadRequest, format!("issue request: {e}"))
+                }
             },
-            "credential.revoke" => self.revoke(caller, &request),
+            "credential.revoke" => match caller.cleared() {
+                Ok(cleared) => self.revoke(caller, cleared, &request),
+                Err(refused) => refused,
+            },
             "credential.list" => self.list(caller),
             other => Response::error(ErrorCode::UnknownOp, format!("unknown operation {other:?}")),
         };
@@ -535,6 +576,7 @@ mod tests {
             uid,
             gid: uid,
             pid: None,
+            clearance: Some(Unselected::for_tests()),
         }
     }
 
@@ -579,7 +621,14 @@ mod tests {
     #[test]
     fn only_the_owner_or_root_issue_and_the_registry_binds() {
         let f = fixture();
-        let out = f.svc.issue(caller(NOBODY), req("bot", "transfer")).unwrap();
+        let out = f
+            .svc
+            .issue(
+                caller(NOBODY),
+                Unselected::for_tests(),
+                req("bot", "transfer"),
+            )
+            .unwrap();
         let doc = &out["credential"];
         let cred = verify::verify_document(doc, &f.key.verifying_key()).unwrap();
         assert_eq!(
@@ -596,30 +645,52 @@ mod tests {
         assert_eq!(cred.evidence[0].approver_uid, Some(NOBODY));
         assert_eq!(f.store.standing().unwrap().len(), 1, "stored as standing");
         assert!(
-            f.svc.issue(caller(0), req("bot", "transfer")).is_ok(),
+            f.svc
+                .issue(caller(0), Unselected::for_tests(), req("bot", "transfer"))
+                .is_ok(),
             "root may"
         );
 
         // Someone else (uid 1: daemon) may not.
         assert_eq!(
-            code(f.svc.issue(caller(1), req("bot", "transfer")).unwrap_err()),
+            code(
+                f.svc
+                    .issue(caller(1), Unselected::for_tests(), req("bot", "transfer"))
+                    .unwrap_err()
+            ),
             ErrorCode::Forbidden
         );
         // A uid without a user name may not even as a claimed owner.
         assert_eq!(
-            code(f.svc.issue(caller(4_000_000), req("bot", "t")).unwrap_err()),
+            code(
+                f.svc
+                    .issue(caller(4_000_000), Unselected::for_tests(), req("bot", "t"))
+                    .unwrap_err()
+            ),
             ErrorCode::Forbidden
         );
         assert_eq!(
-            code(f.svc.issue(caller(0), req("ghost", "t")).unwrap_err()),
+            code(
+                f.svc
+                    .issue(caller(0), Unselected::for_tests(), req("ghost", "t"))
+                    .unwrap_err()
+            ),
             ErrorCode::NotFound
         );
         assert_eq!(
-            code(f.svc.issue(caller(NOBODY), req("old", "t")).unwrap_err()),
+            code(
+                f.svc
+                    .issue(caller(NOBODY), Unselected::for_tests(), req("old", "t"))
+                    .unwrap_err()
+            ),
             ErrorCode::Conflict
         );
         assert_eq!(
-            code(f.svc.issue(caller(0), req("orphan", "t")).unwrap_err()),
+            code(
+                f.svc
+                    .issue(caller(0), Unselected::for_tests(), req("orphan", "t"))
+                    .unwrap_err()
+            ),
             ErrorCode::Conflict
         );
     }
@@ -682,7 +753,11 @@ mod tests {
         for r in bad {
             let shown = format!("{r:?}");
             assert_eq!(
-                code(f.svc.issue(caller(NOBODY), r).unwrap_err()),
+                code(
+                    f.svc
+                        .issue(caller(NOBODY), Unselected::for_tests(), r)
+                        .unwrap_err()
+                ),
                 ErrorCode::BadRequest,
                 "{shown}"
             );
@@ -714,7 +789,10 @@ mod tests {
             max_args: vec!["amount=500".into()],
             ..req("bot", "transfer")
         };
-        let out = f.svc.issue(caller(NOBODY), r).unwrap();
+        let out = f
+            .svc
+            .issue(caller(NOBODY), Unselected::for_tests(), r)
+            .unwrap();
         assert_eq!(out["released"], json!([small.id.clone()]));
         match small.wait().await {
             Outcome::Approved(a) => {
@@ -751,6 +829,7 @@ mod tests {
             .svc
             .issue(
                 caller(NOBODY),
+                Unselected::for_tests(),
                 IssueRequest {
                     single_use: true,
                     ..req("bot", "transfer")
@@ -765,7 +844,14 @@ mod tests {
     #[test]
     fn redeem_standing_rechecks_revocation_scope_and_signer() {
         let f = fixture();
-        let out = f.svc.issue(caller(NOBODY), req("bot", "transfer")).unwrap();
+        let out = f
+            .svc
+            .issue(
+                caller(NOBODY),
+                Unselected::for_tests(),
+                req("bot", "transfer"),
+            )
+            .unwrap();
         let id = out["id"].as_str().unwrap().to_owned();
         let call = Call {
             agent: "bot".into(),
@@ -798,10 +884,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn separation_of_duties_needs_a_binding_to_another_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents = dir.path().join("agents.toml");
+        std::fs::write(
+            &agents,
+            "[[agent]]\nname = \"bot\"\nowner = \"nobody\"\nmatch = { uid = 1001 }\n\n\
+             [[agent]]\nname = \"mine\"\nowner = \"nobody\"\nmatch = { uid = 65534 }\n\n\
+             [[agent]]\nname = \"anyone\"\nowner = \"nobody\"\nmatch = { cgroup = \"/a\" }\n",
+        )
+        .unwrap();
+        let engine = Arc::new(PolicyEngine::new(vec![], Some(agents), None).unwrap());
+        let svc = CredentialService::new(
+            engine,
+            Arc::new(SigningKey::from_bytes(&[7u8; 32])),
+            Arc::new(CredentialStore::open(dir.path()).unwrap()),
+            Approvals::new(4, None),
+            "host-a".into(),
+        )
+        .with_separate_duties(true);
+        let ok = Unselected::for_tests();
+        assert!(svc.issue(caller(NOBODY), ok, req("bot", "t")).is_ok());
+        for agent in ["mine", "anyone"] {
+            match svc.issue(caller(NOBODY), ok, req(agent, "t")) {
+                Err(IssueError::Forbidden(m)) => assert!(m.contains("separation of duties"), "{m}"),
+                other => panic!("{agent}: {other:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn revoke_and_list_are_for_root_owner_or_issuer() {
         let f = fixture();
-        let out = f.svc.issue(caller(0), req("bot", "transfer")).unwrap();
+        let out = f
+            .svc
+            .issue(caller(0), Unselected::for_tests(), req("bot", "transfer"))
+            .unwrap();
         let id = out["id"].as_str().unwrap().to_owned();
         let run = |uid: u32, op: &str, args: Value| {
             let fut = f.svc.handle(caller(uid), Request::new(op, args));

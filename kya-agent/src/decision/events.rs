@@ -128,6 +128,10 @@ fn to_json(e: &DecisionEvent) -> Value {
 }
 
 impl Handler for EventsHandler {
+    fn read_only(&self, _op: &str) -> bool {
+        true
+    }
+
     fn handle(&self, _caller: Caller, request: Request) -> ReplyFuture {
         let filter: Filter = if request.args.is_null() {
             Filter::default()

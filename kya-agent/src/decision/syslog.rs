@@ -496,6 +496,7 @@ mod tests {
         assert_eq!(pri(EventKind::Approved, 1), 80 + 5, "approved: notice");
         assert_eq!(pri(EventKind::Rejected, 1), 80 + 4);
         assert_eq!(pri(EventKind::Expired, 1), 80 + 4);
+        assert_eq!(pri(EventKind::ControlRefused, 1), 80 + 4);
     }
 
     #[test]
