@@ -570,6 +570,7 @@ mod tests {
                 exe: "/usr/bin/python3".into(),
                 comm: "python3".into(),
                 cgroup: "/agents/billing".into(),
+                ..Default::default()
             },
             server: "mcp.example.com".into(),
             method: "tools/call".into(),
