@@ -137,3 +137,52 @@ impl OriginTable {
         Ok(Some(origin))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn me(exe: Option<ExeKey>, exe_path: Option<&str>) -> Origin {
+        Origin {
+            dst: "127.0.0.1:1".parse().unwrap(),
+            pid: std::process::id(),
+            tid: 0,
+            uid: 0,
+            gid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+            exe,
+            exe_path: exe_path.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_kernel_exe_wins_and_proc_is_only_a_checked_fallback() {
+        let proc_exe = crate::procinfo::exe_of(std::process::id())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let md = std::fs::metadata(&proc_exe).unwrap();
+        let mine = ExeKey {
+            dev: kernel_dev(md.dev()),
+            ino: md.ino(),
+        };
+        let other = ExeKey { dev: 1, ino: 2 };
+        // the kernel's absolute path, even if /proc says otherwise now
+        assert_eq!(
+            me(Some(other), Some("/usr/bin/agent")).exe_name(),
+            "/usr/bin/agent"
+        );
+        // a relative kernel path: /proc only if it is the same file
+        assert_eq!(me(Some(mine), Some("./agent")).exe_name(), proc_exe);
+        assert_eq!(me(Some(other), Some("./agent")).exe_name(), "./agent");
+        // the process exec'd since and the kernel lost the path: nothing
+        assert_eq!(me(Some(other), None).exe_name(), "");
+        // the kernel knew nothing: /proc is all there is
+        assert_eq!(me(None, None).exe_name(), proc_exe);
+        let id = me(Some(mine), Some("/x")).identity();
+        assert_eq!((id.exe_dev, id.exe_ino), (mine.dev, mine.ino));
+        assert_eq!(id.cgroup, "", "cgroup id 0 resolves to no cgroup");
+    }
+}
