@@ -13,7 +13,9 @@
 //! * `raw_tracepoint/cgroup_attach_task`: a process moved into a selected
 //!   cgroup is recorded (it stays selected when it moves on).
 //! * `raw_tracepoint/sys_exit`: an open of a selected script by a process
-//!   whose command line names it selects that process (interpreters).
+//!   whose command line names it selects that process (interpreters). It
+//!   runs at every system call's exit, so userspace attaches it only when a
+//!   selected exe is a script.
 //!
 //! The map layouts are declared in `src/kya.h` and mirrored in
 //! `kya_common::maps`.

@@ -231,18 +231,23 @@ const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
     (p::CONNECT6, AttachType::Connect6),
 ];
 
-const TRACEPOINT_PROGRAMS: [(&str, &std::ffi::CStr); 5] = [
+const TRACEPOINT_PROGRAMS: [(&str, &std::ffi::CStr); 4] = [
     (p::EXIT, c"sched_process_exit"),
     (p::FORK, c"sched_process_fork"),
     (p::EXEC, c"sched_process_exec"),
     (p::CGROUP_ATTACH, c"cgroup_attach_task"),
-    (p::SYS_EXIT, c"sys_exit"),
 ];
+
+/// The hook that selects interpreters of selected scripts. It runs at the
+/// exit of every system call of the host (about 0.1 µs each), so it is only
+/// attached once a selected `--exe` is a script.
+const SCRIPT_HOOK: (&str, &std::ffi::CStr) = (p::SYS_EXIT, c"sys_exit");
 
 /// Pin file names this code creates (and removes when stale).
 fn pin_names() -> impl Iterator<Item = &'static str> {
     TRACEPOINT_PROGRAMS
         .iter()
+        .chain(std::iter::once(&SCRIPT_HOOK))
         .map(|(n, _)| *n)
         .chain(CGROUP_PROGRAMS.iter().map(|(n, _)| *n))
 }
@@ -360,6 +365,7 @@ impl Redirector {
                 })?;
             r.links.push((name, link));
         }
+        r.ensure_script_hook()?;
         r.select_running()?;
         r.warn_empty_selectors();
 
@@ -743,7 +749,38 @@ impl Redirector {
         if port_changed {
             self.write_config()?;
         }
+        self.ensure_script_hook()?;
         self.select_running()
+    }
+
+    /// Attaches the script hook once a selected exe is a script (and pins
+    /// it if the other links are pinned already). Never detached while
+    /// running: it costs time, not correctness.
+    fn ensure_script_hook(&mut self) -> Result<(), BpfError> {
+        let (name, tp) = SCRIPT_HOOK;
+        let wanted = self.applied.exes.values().any(|(f, _)| f.script);
+        if !wanted || self.links.iter().any(|(n, _)| *n == name) {
+            return Ok(());
+        }
+        let fd = self.prog_fd(name)?;
+        let link =
+            sys::raw_tracepoint_open(fd.as_fd(), tp).map_err(|source| BpfError::Syscall {
+                call: "BPF_RAW_TRACEPOINT_OPEN",
+                source,
+            })?;
+        if !self.pinned.is_empty() {
+            let path = self.pin_dir.join(name);
+            let c = CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(|_| BpfError::BadPinDir(path.clone()))?;
+            sys::obj_pin(link.as_fd(), &c).map_err(|source| BpfError::Syscall {
+                call: "BPF_OBJ_PIN",
+                source,
+            })?;
+            self.pinned.push(path);
+        }
+        self.links.push((name, link));
+        tracing::info!("a selected exe is a script: interpreters that open it are selected");
+        Ok(())
     }
 
     /// Detaches everything and removes the pins and the pin directory: a
@@ -987,7 +1024,7 @@ mod tests {
         );
         assert_eq!(
             names.len(),
-            CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()
+            CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len() + 1
         );
     }
 }
