@@ -319,17 +319,20 @@ fn a_script_given_to_exe_is_selected_via_shebang_and_via_its_interpreter() {
     assert!(daemon.connections().iter().all(|c| c["pid"] != out["pid"]));
 }
 
-#[test]
-fn the_identity_is_the_one_at_connect_even_after_exec_and_a_cgroup_move() {
-    if !privileged("the_identity_is_the_one_at_connect_even_after_exec_and_a_cgroup_move") {
-        return;
-    }
-    let _g = serial();
-    let cg = TestCgroup::new("ident");
-    let after = TestCgroup::new("ident-after");
+/// A client in `cg` that connects to `host:port`, moves itself to `after`,
+/// then execs another binary (a copy of sh running `shell`, which finds the
+/// socket on fd 9 and ends in `cat <&9`). The daemon is held stopped until
+/// the exec is done, so it only accepts (and looks at the process) after.
+/// Returns the client (still running) and the interpreter that connected.
+fn connect_then_exec(
+    daemon: &Daemon,
+    cg: &TestCgroup,
+    after: &TestCgroup,
+    host: &str,
+    port: &str,
+    shell: &str,
+) -> (std::process::Child, PathBuf) {
     let dir = script_dir();
-    // Connects, moves to another cgroup, then execs another binary that
-    // inherits the socket and sends the first bytes.
     let script = write_script(
         dir.path(),
         "connect-then-exec.py",
@@ -339,32 +342,27 @@ with open(os.path.join(sys.argv[3], "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))
 s.setblocking(True)  # the exec'd shell and cat block on it
 os.dup2(s.fileno(), 9)  # dup2 makes it inheritable
-os.execv(sys.argv[4], [sys.argv[4], "-c", "printf later >&9; exec cat <&9"])
+os.execv(sys.argv[4], [sys.argv[4], "-c", sys.argv[5]])
 "#,
     );
     let later = ProbeCopy::of(Path::new("/bin/sh"), "later-e2e-shell");
     let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
-    let _echo = upstream();
-    let mut daemon =
-        Daemon::start(DaemonOptions::new(975).args(["--cgroup", &cg.rel, "--port", GUARDED]));
-
-    // Hold the daemon still, so it accepts only after the exec: what it
-    // then reads from /proc would be the new image and cgroup.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.pid as i32),
         nix::sys::signal::Signal::SIGSTOP,
     )
     .expect("SIGSTOP the daemon");
-    let resume = Resume(daemon.pid);
-    let mut child = cg
+    let _resume = Resume(daemon.pid);
+    let child = cg
         .command(
             &python,
             &[
                 script.to_str().unwrap(),
-                UPSTREAM,
-                GUARDED,
+                host,
+                port,
                 after.path.to_str().unwrap(),
                 later.path.to_str().unwrap(),
+                shell,
             ],
         )
         .stdin(Stdio::null())
@@ -388,8 +386,29 @@ os.execv(sys.argv[4], [sys.argv[4], "-c", "printf later >&9; exec cat <&9"])
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    drop(resume);
-    let rec = record_for(&daemon, u64::from(pid));
+    (child, python)
+}
+
+#[test]
+fn the_identity_is_the_one_at_connect_even_after_exec_and_a_cgroup_move() {
+    if !privileged("the_identity_is_the_one_at_connect_even_after_exec_and_a_cgroup_move") {
+        return;
+    }
+    let _g = serial();
+    let cg = TestCgroup::new("ident");
+    let after = TestCgroup::new("ident-after");
+    let _echo = upstream();
+    let mut daemon =
+        Daemon::start(DaemonOptions::new(975).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let (mut child, python) = connect_then_exec(
+        &daemon,
+        &cg,
+        &after,
+        UPSTREAM,
+        GUARDED,
+        "printf later >&9; exec cat <&9",
+    );
+    let rec = record_for(&daemon, u64::from(child.id()));
     assert_eq!(
         rec["exe"],
         python.display().to_string(),
@@ -399,6 +418,61 @@ os.execv(sys.argv[4], [sys.argv[4], "-c", "printf later >&9; exec cat <&9"])
         rec["cgroup"], cg.rel,
         "the connection belongs to the cgroup it connected from: {rec}"
     );
+    let _ = child.kill();
+    let _ = child.wait();
+    daemon.kill9();
+}
+
+#[test]
+fn the_decision_record_names_the_process_as_it_was_at_connect() {
+    if !privileged("the_decision_record_names_the_process_as_it_was_at_connect") {
+        return;
+    }
+    let _g = serial();
+    ensure_peers();
+    let cg = TestCgroup::new("ident-mcp");
+    let after = TestCgroup::new("ident-mcp-after");
+    let dir = tempfile::tempdir().expect("tempdir");
+    const PORT: u16 = 18471;
+    let server = McpServer::start(dir.path(), PORT, "ran.log");
+    let mut daemon = Daemon::start(DaemonOptions::new(977).args([
+        "--cgroup",
+        &cg.rel,
+        "--port",
+        &PORT.to_string(),
+    ]));
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search_docs","arguments":{"query":"kya"}}}"#;
+    let request = format!(
+        "POST /mcp HTTP/1.1\\r\\nHost: 127.0.0.1:{PORT}\\r\\nContent-Type: application/json\\r\\nAccept: application/json, text/event-stream\\r\\nContent-Length: {}\\r\\n\\r\\n{body}",
+        body.len()
+    );
+    let shell = format!("printf '%b' '{request}' >&9; exec cat <&9");
+    let (mut child, python) =
+        connect_then_exec(&daemon, &cg, &after, "127.0.0.1", &PORT.to_string(), &shell);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let event = loop {
+        if let Some(e) = tool_call_events(&daemon).into_iter().next() {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no decision on the tools/call:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let p = &event["process"];
+    assert_eq!(p["tgid"], child.id(), "{event}");
+    assert_eq!(
+        p["exe"],
+        python.display().to_string(),
+        "the decision names the image that connected: {event}"
+    );
+    assert_eq!(
+        p["cgroup"], cg.rel,
+        "and the cgroup it connected from: {event}"
+    );
+    let _ = server.ran(); // the server's record is not the subject here
     let _ = child.kill();
     let _ = child.wait();
     daemon.kill9();
