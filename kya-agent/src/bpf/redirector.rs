@@ -672,6 +672,21 @@ impl Redirector {
         Ok(out)
     }
 
+    /// Is `tgid` in the kernel's sticky selection right now (it matched a
+    /// selector, or descends from a process that did, and has not exited)?
+    /// Processes that match a uid or cgroup selector but were never seen by
+    /// a hook yet are not in the set: check those selectors too.
+    pub fn is_selected(&self, tgid: u32) -> Result<bool, BpfError> {
+        match self.maps.tgids.get(&tgid, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(map_err(m::SEL_TGIDS)(e)),
+        }
+    }
+
     /// The interceptor's handle on the origins of accepted connections.
     pub fn origins(&self) -> OriginTable {
         self.origins.clone()
