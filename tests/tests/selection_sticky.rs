@@ -21,6 +21,12 @@ fn upstream() -> TcpEcho {
     TcpEcho::start_with_owners(&format!("{UPSTREAM}:{GUARDED}"))
 }
 
+/// Options for a daemon whose guarded port carries the echo protocol (not
+/// TLS or HTTP): the one place to say how such bytes are let through.
+fn echo_daemon(listen_port: u16) -> DaemonOptions {
+    DaemonOptions::new(listen_port)
+}
+
 /// The daemon's record of the connection made by `pid`.
 fn record_for(daemon: &Daemon, pid: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -107,7 +113,7 @@ fn a_process_selected_by_cgroup_that_moves_out_stays_selected_with_its_children(
     ));
     wait_in_cgroup(&selected.path, early.pid());
     let daemon =
-        Daemon::start(DaemonOptions::new(971).args(["--cgroup", &selected.rel, "--port", GUARDED]));
+        Daemon::start(echo_daemon(971).args(["--cgroup", &selected.rel, "--port", GUARDED]));
 
     // Started after: enters the selected cgroup, moves itself out, then
     // connects from the unselected one.
@@ -157,12 +163,8 @@ fn a_process_selected_by_uid_that_changes_uid_stays_selected() {
     let other = TestUser::new("kya-e2e-stk-b");
     let copy = ProbeCopy::new("kya-probe");
     let echo = upstream();
-    let daemon = Daemon::start(DaemonOptions::new(972).args([
-        "--uid",
-        &agent.uid.to_string(),
-        "--port",
-        GUARDED,
-    ]));
+    let daemon =
+        Daemon::start(echo_daemon(972).args(["--uid", &agent.uid.to_string(), "--port", GUARDED]));
     let (b_uid, b_gid) = (other.uid.to_string(), other.gid.to_string());
 
     // Real uid = the selected user, effective uid root (what a setuid
@@ -211,7 +213,7 @@ fn an_exe_selected_process_that_execs_another_binary_stays_selected() {
     let _g = serial();
     let shell = ProbeCopy::of(Path::new("/bin/sh"), "agent-e2e-shell");
     let echo = upstream();
-    let daemon = Daemon::start(DaemonOptions::new(973).args([
+    let daemon = Daemon::start(echo_daemon(973).args([
         "--exe",
         shell.path.to_str().unwrap(),
         "--port",
@@ -277,12 +279,8 @@ fn a_script_given_to_exe_is_selected_via_shebang_and_via_its_interpreter() {
     let link = dir.path().join("agent-e2e");
     std::os::unix::fs::symlink(&script, &link).expect("symlink");
     let echo = upstream();
-    let daemon = Daemon::start(DaemonOptions::new(974).args([
-        "--exe",
-        link.to_str().unwrap(),
-        "--port",
-        GUARDED,
-    ]));
+    let daemon =
+        Daemon::start(echo_daemon(974).args(["--exe", link.to_str().unwrap(), "--port", GUARDED]));
     let run = |mut c: Command, payload: &str, what: &str| {
         c.args([payload, UPSTREAM, GUARDED]);
         let out = run_json(c);
@@ -398,8 +396,7 @@ fn the_identity_is_the_one_at_connect_even_after_exec_and_a_cgroup_move() {
     let cg = TestCgroup::new("ident");
     let after = TestCgroup::new("ident-after");
     let _echo = upstream();
-    let mut daemon =
-        Daemon::start(DaemonOptions::new(975).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let mut daemon = Daemon::start(echo_daemon(975).args(["--cgroup", &cg.rel, "--port", GUARDED]));
     let (mut child, python) = connect_then_exec(
         &daemon,
         &cg,
