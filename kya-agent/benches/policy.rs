@@ -61,6 +61,7 @@ fn calls(n: usize) -> Vec<CallContext> {
             exe: "/usr/bin/python3".into(),
             comm: "python3".into(),
             cgroup: "/agents/billing".into(),
+            ..Default::default()
         },
         server: server.into(),
         destination: None,

@@ -387,6 +387,16 @@ fn kernel_samples(redirector: Arc<Mutex<Option<Redirector>>>) -> Source {
                 s.selected_fork,
             ),
             c(
+                "selected_sticky",
+                "Processes recorded as selected when seen with a selected uid or cgroup",
+                s.selected_sticky,
+            ),
+            c(
+                "selected_script",
+                "Processes selected when they opened a selected script",
+                s.selected_script,
+            ),
+            c(
                 "map_full",
                 "BPF map updates that failed (map pressure)",
                 s.map_full,

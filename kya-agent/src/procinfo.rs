@@ -1,7 +1,9 @@
-//! Process facts from `/proc`: the userspace half of a connection's identity.
+//! Process facts from `/proc`: what the kernel's record of a connection
+//! does not carry.
 //!
-//! The kernel record gives pid, uid, gid, comm and cgroup id at connect time;
-//! `/proc/PID` adds the executable, its command line, parent and cgroup path.
+//! The kernel record gives pid, uid, gid, comm, cgroup id and the executable
+//! at connect time; `/proc/PID` adds the command line and parent (and the
+//! executable only when the kernel had none, see `bpf::Origin`).
 //! The process may be gone by the time we look (short-lived agents): every
 //! field is then left empty rather than failing the connection, and the kernel's
 //! facts stay authoritative.

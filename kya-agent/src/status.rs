@@ -51,13 +51,27 @@ impl StatusHandler {
 
     /// The status document.
     pub fn snapshot(&self) -> Value {
-        let kernel = match self.redirector.lock() {
-            Ok(guard) => match guard.as_ref().map(Redirector::stats) {
-                Some(Ok(s)) => json!(s),
-                Some(Err(e)) => json!({ "error": e.to_string() }),
-                None => json!({ "error": "redirect detached" }),
+        let (kernel, live) = match self.redirector.lock() {
+            Ok(guard) => match guard.as_ref() {
+                Some(r) => (
+                    match r.stats() {
+                        Ok(s) => json!(s),
+                        Err(e) => json!({ "error": e.to_string() }),
+                    },
+                    match r.selector_counts() {
+                        Ok(c) => json!(c),
+                        Err(e) => json!({ "error": e.to_string() }),
+                    },
+                ),
+                None => (
+                    json!({ "error": "redirect detached" }),
+                    json!({ "error": "redirect detached" }),
+                ),
             },
-            Err(_) => json!({ "error": "redirect state unavailable" }),
+            Err(_) => (
+                json!({ "error": "redirect state unavailable" }),
+                json!({ "error": "redirect state unavailable" }),
+            ),
         };
         let c = &self.config;
         let pins_present = c.pin_dir.is_dir();
@@ -81,6 +95,9 @@ impl StatusHandler {
                 "exes": c.selection.exes,
                 "pids": c.selection.pids,
             },
+            // live processes each selector holds (matched it, or descend
+            // from one that did), from the kernel's sticky set
+            "selection_live": live,
             "kernel": kernel,
             "interceptor": {
                 "accepted": self.intercept.accepted.load(Ordering::Relaxed),
@@ -118,7 +135,7 @@ impl Handler for StatusHandler {
 pub mod command {
     use crate::control::client;
     use crate::control::protocol::Request;
-    use serde_json::Value;
+    use serde_json::{json, Value};
     use std::path::Path;
 
     /// `kya status [--json]`.
@@ -158,6 +175,15 @@ pub mod command {
             for (k, v) in sel {
                 line(&mut out, &format!("select.{k}"), v);
             }
+        }
+        for c in s["selection_live"].as_array().into_iter().flatten() {
+            let kind = c["kind"].as_str().unwrap_or("?");
+            let sel = c["selector"].as_str().unwrap_or("?");
+            line(
+                &mut out,
+                &format!("live.{kind} {sel}"),
+                &json!(format!("{} processes", c["processes"])),
+            );
         }
         for section in ["kernel", "interceptor"] {
             if let Some(obj) = s[section].as_object() {

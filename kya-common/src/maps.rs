@@ -17,6 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 pub const KYA_SKIP_MARK: u32 = 0x006b_7961;
 /// Length of the kernel's `comm` (including the NUL).
 pub const KYA_COMM_LEN: usize = 16;
+/// Bytes of an executable's path kept by the kernel side (with the NUL).
+pub const KYA_PATH_LEN: usize = 256;
 /// Deepest cgroup level whose ancestors are checked against the selection.
 pub const KYA_MAX_CGROUP_DEPTH: u32 = 32;
 
@@ -28,12 +30,81 @@ pub const KYA_MAX_SEL_TGIDS: u32 = 65536;
 pub const KYA_MAX_SKIP_TGIDS: u32 = 64;
 pub const KYA_MAX_EXES: u32 = 4096;
 pub const KYA_MAX_SOCKETS: u32 = 65536;
+pub const KYA_MAX_TGID_EXES: u32 = 65536;
+pub const KYA_MAX_EXE_PATHS: u32 = 8192;
+pub const KYA_MAX_SCRIPT_NAMES: u32 = 8192;
 
-/// Why a tgid is selected (value of `kya_sel_tgids`).
+/// Why a tgid is selected ([`SelEntry::reason`]).
 pub const KYA_SEL_PID: u8 = 1;
 pub const KYA_SEL_EXEC: u8 = 2;
 pub const KYA_SEL_FORK: u8 = 3;
 pub const KYA_SEL_SCAN: u8 = 4;
+pub const KYA_SEL_CGROUP: u8 = 5;
+pub const KYA_SEL_UID: u8 = 6;
+pub const KYA_SEL_SCRIPT: u8 = 7;
+
+/// Which kind of selector holds a selected tgid ([`SelEntry::kind`]).
+pub const KYA_KIND_PID: u8 = 1;
+pub const KYA_KIND_CGROUP: u8 = 2;
+pub const KYA_KIND_UID: u8 = 3;
+pub const KYA_KIND_EXE: u8 = 4;
+/// Flag in a `kya_exes` value: the file is a script (see `kya.h`).
+pub const KYA_EXE_SCRIPT: u32 = 0x8000_0000;
+
+/// Value of `kya_sel_tgids`: why the process is selected and which selector
+/// (kind, index in the operator's list of that kind) holds it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SelEntry {
+    pub reason: u8,
+    pub kind: u8,
+    pub _pad: u16,
+    pub index: u32,
+}
+
+/// Value of `kya_exe_paths`: the path an executable was last exec'd by.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExePath {
+    pub path: [u8; KYA_PATH_LEN],
+}
+
+impl Default for ExePath {
+    fn default() -> Self {
+        ExePath {
+            path: [0; KYA_PATH_LEN],
+        }
+    }
+}
+
+impl ExePath {
+    /// From a path (truncated to fit, always NUL-terminated).
+    pub fn from_path(p: &std::path::Path) -> ExePath {
+        let mut out = ExePath::default();
+        let b = p.as_os_str().as_encoded_bytes();
+        let n = b.len().min(KYA_PATH_LEN - 1);
+        out.path[..n].copy_from_slice(&b[..n]);
+        out
+    }
+
+    /// The path up to its NUL (lossily decoded); `None` when empty.
+    pub fn path(&self) -> Option<String> {
+        let end = self
+            .path
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(KYA_PATH_LEN);
+        (end > 0).then(|| String::from_utf8_lossy(&self.path[..end]).into_owned())
+    }
+}
+
+/// FNV-1a (64 bits) of a file name, as the kernel side hashes the last path
+/// component of each command-line argument (`kya_script_names` keys).
+pub fn name_hash(name: &[u8]) -> u64 {
+    name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 /// Address families as the maps store them (not `AF_*`).
 pub const KYA_FAMILY_INET: u8 = 4;
@@ -101,6 +172,10 @@ pub struct OriginRecord {
     pub _pad0: u8,
     pub comm: [u8; KYA_COMM_LEN],
     pub _pad1: u32,
+    /// The image the process ran at connect (kernel dev encoding); 0/0 when
+    /// the kernel did not know it.
+    pub exe_dev: u64,
+    pub exe_ino: u64,
 }
 
 impl OriginRecord {
@@ -114,6 +189,14 @@ impl OriginRecord {
     /// `comm` up to its NUL, lossily decoded (a process chooses its comm).
     pub fn comm(&self) -> String {
         comm_str(&self.comm)
+    }
+
+    /// The executable at connect time, if the kernel knew it.
+    pub fn exe(&self) -> Option<ExeKey> {
+        (self.exe_ino != 0).then_some(ExeKey {
+            dev: self.exe_dev,
+            ino: self.exe_ino,
+        })
     }
 }
 
@@ -177,13 +260,15 @@ pub enum Counter {
     Getpeername = 11,
     EventsLost = 12,
     SkippedNetns = 13,
+    SelectedSticky = 14,
+    SelectedScript = 15,
 }
 
 /// Number of slots of `kya_counters` (room to grow without a layout change).
 pub const KYA_CNT_MAX: u32 = 16;
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Redirected4,
         Counter::Redirected6,
         Counter::RedirectedV4Mapped,
@@ -198,6 +283,8 @@ impl Counter {
         Counter::Getpeername,
         Counter::EventsLost,
         Counter::SkippedNetns,
+        Counter::SelectedSticky,
+        Counter::SelectedScript,
     ];
 
     /// The C enumerator's name (`KYA_CNT_...`).
@@ -217,6 +304,8 @@ impl Counter {
             Counter::Getpeername => "KYA_CNT_GETPEERNAME",
             Counter::EventsLost => "KYA_CNT_EVENTS_LOST",
             Counter::SkippedNetns => "KYA_CNT_SKIPPED_NETNS",
+            Counter::SelectedSticky => "KYA_CNT_SELECTED_STICKY",
+            Counter::SelectedScript => "KYA_CNT_SELECTED_SCRIPT",
         }
     }
 }
@@ -293,6 +382,10 @@ unsafe impl aya::Pod for OriginRecord {}
 unsafe impl aya::Pod for ConnKey {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for Event {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for SelEntry {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for ExePath {}
 
 #[cfg(test)]
 mod tests {
@@ -381,6 +474,8 @@ mod tests {
                     ("dst_port", offset_of!(OriginRecord, dst_port)),
                     ("dst_family", offset_of!(OriginRecord, dst_family)),
                     ("comm", offset_of!(OriginRecord, comm)),
+                    ("exe_dev", offset_of!(OriginRecord, exe_dev)),
+                    ("exe_ino", offset_of!(OriginRecord, exe_ino)),
                 ]),
             ),
             "kya_conn_key" => (
@@ -405,6 +500,18 @@ mod tests {
                     ("comm", offset_of!(Event, comm)),
                 ]),
             ),
+            "kya_sel" => (
+                size_of::<SelEntry>(),
+                m(&[
+                    ("reason", offset_of!(SelEntry, reason)),
+                    ("kind", offset_of!(SelEntry, kind)),
+                    ("index", offset_of!(SelEntry, index)),
+                ]),
+            ),
+            "kya_exe_path" => (
+                size_of::<ExePath>(),
+                m(&[("path", offset_of!(ExePath, path))]),
+            ),
             other => panic!("kya.h declares struct {other} which has no Rust mirror in maps.rs"),
         }
     }
@@ -420,7 +527,9 @@ mod tests {
                 "kya_conn_key",
                 "kya_event",
                 "kya_exe_key",
-                "kya_origin"
+                "kya_exe_path",
+                "kya_origin",
+                "kya_sel"
             ]
         );
         for (name, (size, fields)) in &layouts {
@@ -492,6 +601,18 @@ mod tests {
             ("KYA_SEL_EXEC", KYA_SEL_EXEC.into()),
             ("KYA_SEL_FORK", KYA_SEL_FORK.into()),
             ("KYA_SEL_SCAN", KYA_SEL_SCAN.into()),
+            ("KYA_SEL_CGROUP", KYA_SEL_CGROUP.into()),
+            ("KYA_SEL_UID", KYA_SEL_UID.into()),
+            ("KYA_SEL_SCRIPT", KYA_SEL_SCRIPT.into()),
+            ("KYA_KIND_PID", KYA_KIND_PID.into()),
+            ("KYA_KIND_CGROUP", KYA_KIND_CGROUP.into()),
+            ("KYA_KIND_UID", KYA_KIND_UID.into()),
+            ("KYA_KIND_EXE", KYA_KIND_EXE.into()),
+            ("KYA_EXE_SCRIPT", KYA_EXE_SCRIPT.into()),
+            ("KYA_PATH_LEN", KYA_PATH_LEN as u64),
+            ("KYA_MAX_TGID_EXES", KYA_MAX_TGID_EXES.into()),
+            ("KYA_MAX_EXE_PATHS", KYA_MAX_EXE_PATHS.into()),
+            ("KYA_MAX_SCRIPT_NAMES", KYA_MAX_SCRIPT_NAMES.into()),
             ("KYA_FAMILY_INET", KYA_FAMILY_INET.into()),
             ("KYA_FAMILY_INET6", KYA_FAMILY_INET6.into()),
             ("KYA_EV_MAP_UPDATE_FAILED", KYA_EV_MAP_UPDATE_FAILED.into()),
@@ -530,6 +651,37 @@ mod tests {
         assert_eq!(c.get("A"), Some(&16));
         assert_eq!(c.get("B"), None);
         assert_eq!(c.get("KYA_CNT_X"), Some(&3));
+    }
+
+    #[test]
+    fn name_hash_is_fnv1a_as_the_kernel_computes_it() {
+        // FNV-1a 64 reference values
+        assert_eq!(name_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(name_hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn exe_paths_are_bounded_and_nul_terminated() {
+        let p = ExePath::from_path(std::path::Path::new("/usr/bin/node"));
+        assert_eq!(p.path().as_deref(), Some("/usr/bin/node"));
+        let long = "/x".repeat(KYA_PATH_LEN);
+        let p = ExePath::from_path(std::path::Path::new(&long));
+        assert_eq!(p.path[KYA_PATH_LEN - 1], 0);
+        assert_eq!(p.path().map(|s| s.len()), Some(KYA_PATH_LEN - 1));
+        assert_eq!(ExePath::default().path(), None);
+        // garbage after the NUL (a reused kernel buffer) is ignored
+        let mut g = ExePath::from_path(std::path::Path::new("/a"));
+        g.path[5] = b'z';
+        assert_eq!(g.path().as_deref(), Some("/a"));
+        let o = OriginRecord::default();
+        assert_eq!(o.exe(), None);
+        let o = OriginRecord {
+            exe_dev: 3,
+            exe_ino: 9,
+            ..o
+        };
+        assert_eq!(o.exe(), Some(ExeKey { dev: 3, ino: 9 }));
     }
 
     #[test]

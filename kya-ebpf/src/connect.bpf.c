@@ -58,14 +58,24 @@ static __always_inline int kya_record(struct bpf_sock_addr *ctx, struct kya_orig
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u64 uid_gid = bpf_get_current_uid_gid();
 	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u32 tgid = pid_tgid >> 32;
+	struct kya_exe_key *exe;
 	long err;
 
 	o->cgroup_id = bpf_get_current_cgroup_id();
-	o->pid = pid_tgid >> 32;
+	o->pid = tgid;
 	o->tid = (__u32)pid_tgid;
 	o->uid = (__u32)uid_gid;
 	o->gid = uid_gid >> 32;
 	bpf_get_current_comm(o->comm, sizeof(o->comm));
+	/* The image the process runs now, as the exec tracepoint recorded it:
+	 * the identity belongs to the connect, not to whoever holds the socket
+	 * later. */
+	exe = bpf_map_lookup_elem(&kya_tgid_exes, &tgid);
+	if (exe) {
+		o->exe_dev = exe->dev;
+		o->exe_ino = exe->ino;
+	}
 	err = bpf_map_update_elem(&kya_sockets, &cookie, o, BPF_ANY);
 	if (err) {
 		/* Without a record the interceptor could not attribute the

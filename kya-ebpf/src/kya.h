@@ -23,6 +23,8 @@
 #define KYA_SKIP_MARK 0x006b7961
 
 #define KYA_COMM_LEN 16
+/* Bytes of an executable's path kept (d_path, NUL-terminated). */
+#define KYA_PATH_LEN 256
 /* Deepest cgroup level that is checked against the selected cgroups. */
 #define KYA_MAX_CGROUP_DEPTH 32
 
@@ -34,6 +36,12 @@
 #define KYA_MAX_SKIP_TGIDS 64
 #define KYA_MAX_EXES 4096
 #define KYA_MAX_SOCKETS 65536
+/* Executable of every process (tgid), for the identity at connect time. */
+#define KYA_MAX_TGID_EXES 65536
+/* Paths of recently exec'd files, by (device, inode). */
+#define KYA_MAX_EXE_PATHS 8192
+/* Names (hashed) that selected scripts are run by. */
+#define KYA_MAX_SCRIPT_NAMES 8192
 #define KYA_RINGBUF_BYTES (256 * 1024)
 
 /* kya_config[0]: per-instance settings. listen_port == 0 disables redirection
@@ -69,18 +77,60 @@ _Static_assert(sizeof(struct kya_exe_key) == 16, "kya_exe_key size");
 _Static_assert(__builtin_offsetof(struct kya_exe_key, dev) == 0, "kya_exe_key.dev");
 _Static_assert(__builtin_offsetof(struct kya_exe_key, ino) == 8, "kya_exe_key.ino");
 
-/* Why a tgid is in kya_sel_tgids (value of the map). */
+/* Why a tgid is in kya_sel_tgids (kya_sel.reason). Once in, a process stays
+ * selected until it exits, whatever cgroup, uid or image it moves to. */
 #define KYA_SEL_PID 1 /* named by the operator (--pid) */
-#define KYA_SEL_EXEC 2 /* exec'd a selected executable */
+#define KYA_SEL_EXEC 2 /* exec'd a selected executable or script */
 #define KYA_SEL_FORK 3 /* forked from a selected tgid */
-#define KYA_SEL_SCAN 4 /* running a selected executable when kya started */
+#define KYA_SEL_SCAN 4 /* matched a selector when kya started or reloaded */
+#define KYA_SEL_CGROUP 5 /* was seen in a selected cgroup */
+#define KYA_SEL_UID 6 /* was seen with a selected uid */
+#define KYA_SEL_SCRIPT 7 /* opened a selected script named on its command line */
+
+/* Which kind of selector holds a selected tgid (kya_sel.kind); the index is
+ * the selector's position in the operator's list of that kind, and is the
+ * value userspace stores in kya_sel_cgroups, kya_sel_uids and kya_exes. */
+#define KYA_KIND_PID 1
+#define KYA_KIND_CGROUP 2
+#define KYA_KIND_UID 3
+#define KYA_KIND_EXE 4
+
+/* In a kya_exes value: the file is a script (not ELF), run by an
+ * interpreter that opens it; the rest of the value is the selector index. */
+#define KYA_EXE_SCRIPT 0x80000000
+
+/* Value of kya_sel_tgids. A child inherits its parent's kind and index. */
+struct kya_sel {
+	__u8 reason; /* KYA_SEL_* */
+	__u8 kind; /* KYA_KIND_* */
+	__u16 _pad;
+	__u32 index;
+};
+_Static_assert(sizeof(struct kya_sel) == 8, "kya_sel size");
+_Static_assert(__builtin_offsetof(struct kya_sel, reason) == 0, "kya_sel.reason");
+_Static_assert(__builtin_offsetof(struct kya_sel, kind) == 1, "kya_sel.kind");
+_Static_assert(__builtin_offsetof(struct kya_sel, index) == 4, "kya_sel.index");
+
+/* Value of kya_exe_paths: the path an executable was last exec'd by
+ * (bprm->interp, as the caller or the `#!` line spelled it; relative if the
+ * exec was relative), NUL-terminated. */
+struct kya_exe_path {
+	__u8 path[KYA_PATH_LEN];
+};
+_Static_assert(sizeof(struct kya_exe_path) == 256, "kya_exe_path size");
+_Static_assert(__builtin_offsetof(struct kya_exe_path, path) == 0, "kya_exe_path.path");
 
 #define KYA_FAMILY_INET 4
 #define KYA_FAMILY_INET6 6
 
 /* The origin of a redirected connection: what the agent asked for and who it
  * is. Stored per socket (by cookie) at connect time and copied under the
- * client's 4-tuple once the connection is established. */
+ * client's 4-tuple once the connection is established. Everything here is
+ * the connecting task's at the moment of connect: a later exec, a move to
+ * another cgroup or a socket handed to another process changes nothing.
+ * exe_dev/exe_ino: the image the process runs (0/0: unknown, e.g. a process
+ * whose exec kya did not see and that the start-up scan missed); its path is
+ * in kya_exe_paths under the same key. */
 struct kya_origin {
 	__u64 cgroup_id;
 	__u32 pid; /* tgid */
@@ -93,8 +143,10 @@ struct kya_origin {
 	__u8 _pad0;
 	__u8 comm[KYA_COMM_LEN];
 	__u32 _pad1;
+	__u64 exe_dev; /* kernel encoding, as kya_exe_key.dev */
+	__u64 exe_ino;
 };
-_Static_assert(sizeof(struct kya_origin) == 64, "kya_origin size");
+_Static_assert(sizeof(struct kya_origin) == 80, "kya_origin size");
 _Static_assert(__builtin_offsetof(struct kya_origin, cgroup_id) == 0, "kya_origin.cgroup_id");
 _Static_assert(__builtin_offsetof(struct kya_origin, pid) == 8, "kya_origin.pid");
 _Static_assert(__builtin_offsetof(struct kya_origin, tid) == 12, "kya_origin.tid");
@@ -104,6 +156,8 @@ _Static_assert(__builtin_offsetof(struct kya_origin, dst_addr) == 24, "kya_origi
 _Static_assert(__builtin_offsetof(struct kya_origin, dst_port) == 40, "kya_origin.dst_port");
 _Static_assert(__builtin_offsetof(struct kya_origin, dst_family) == 42, "kya_origin.dst_family");
 _Static_assert(__builtin_offsetof(struct kya_origin, comm) == 44, "kya_origin.comm");
+_Static_assert(__builtin_offsetof(struct kya_origin, exe_dev) == 64, "kya_origin.exe_dev");
+_Static_assert(__builtin_offsetof(struct kya_origin, exe_ino) == 72, "kya_origin.exe_ino");
 
 /* Key of kya_conns: a redirected connection as the interceptor sees it on the
  * accepted socket: src = its peer (the agent), dst = its local address (the
@@ -140,6 +194,8 @@ enum kya_counter {
 	KYA_CNT_GETPEERNAME = 11,
 	KYA_CNT_EVENTS_LOST = 12,
 	KYA_CNT_SKIPPED_NETNS = 13,
+	KYA_CNT_SELECTED_STICKY = 14,
+	KYA_CNT_SELECTED_SCRIPT = 15,
 	KYA_CNT_MAX = 16,
 };
 

@@ -8,7 +8,14 @@
 //! * `sockops`: publish the origin under the client 4-tuple on establish.
 //! * `cgroup/getpeername4`, `cgroup/getpeername6`: report the original peer.
 //! * `raw_tracepoint/sched_process_{exec,fork,exit}`: in-kernel selection of
-//!   exe-selected processes and their children; cleanup on exit.
+//!   exe-selected processes and their children, the sticky record of
+//!   uid/cgroup-selected ones, the image every process runs; cleanup on exit.
+//! * `raw_tracepoint/cgroup_attach_task`: a process moved into a selected
+//!   cgroup is recorded (it stays selected when it moves on).
+//! * `raw_tracepoint/sys_exit`: an open of a selected script by a process
+//!   whose command line names it selects that process (interpreters). It
+//!   runs at every system call's exit, so userspace attaches it only when a
+//!   selected exe is a script.
 //!
 //! The map layouts are declared in `src/kya.h` and mirrored in
 //! `kya_common::maps`.
@@ -27,6 +34,12 @@
 //!   (`kya_common::maps::kernel_dev`). Known limit: on btrfs subvolumes
 //!   `stat` reports a per-subvolume anonymous device that differs from the
 //!   superblock's, so an exe on a btrfs subvolume is not matched.
+//! * **Sticky selection**: `kya_sel_tgids` holds every process that matched
+//!   any selector (cgroup, uid, exe, pid) at fork, exec, connect, a cgroup
+//!   move or the start-up scan, and its descendants, until it exits; the
+//!   value says which selector holds it (`struct kya_sel`).
+//! * **No fentry/kprobes/LSM**: only raw tracepoints, which every supported
+//!   kernel has and which need no BPF trampoline (some kernels refuse those).
 //! * **Raw tracepoints** for exec/fork/exit: no tracefs mount is needed, and
 //!   the task/bprm pointers are read with CO-RE (`preserve_access_index`
 //!   structs declared in `process.bpf.c`), relocated by aya against the
@@ -77,6 +90,8 @@ pub mod programs {
     pub const EXEC: &str = "kya_exec";
     pub const FORK: &str = "kya_fork";
     pub const EXIT: &str = "kya_exit";
+    pub const CGROUP_ATTACH: &str = "kya_cgroup_attach";
+    pub const SYS_EXIT: &str = "kya_sys_exit";
 }
 
 /// Map names in [`OBJECT`].
@@ -92,6 +107,9 @@ pub mod maps {
     pub const CONNS: &str = "kya_conns";
     pub const COUNTERS: &str = "kya_counters";
     pub const EVENTS: &str = "kya_events";
+    pub const TGID_EXES: &str = "kya_tgid_exes";
+    pub const EXE_PATHS: &str = "kya_exe_paths";
+    pub const SCRIPT_NAMES: &str = "kya_script_names";
 }
 
 #[cfg(test)]
@@ -119,6 +137,11 @@ mod tests {
             programs::EXEC,
             programs::FORK,
             programs::EXIT,
+            programs::CGROUP_ATTACH,
+            programs::SYS_EXIT,
+            maps::TGID_EXES,
+            maps::EXE_PATHS,
+            maps::SCRIPT_NAMES,
             maps::CONFIG,
             maps::PORTS,
             maps::SEL_CGROUPS,

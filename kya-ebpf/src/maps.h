@@ -23,29 +23,30 @@ struct {
 	__type(value, __u8);
 } kya_ports SEC(".maps");
 
-/* Selected cgroup ids; a cgroup selects all its descendants. */
+/* Selected cgroup ids; a cgroup selects all its descendants. Value: the
+ * selector's index (struct kya_sel). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KYA_MAX_SEL_CGROUPS);
 	__type(key, __u64);
-	__type(value, __u8);
+	__type(value, __u32);
 } kya_sel_cgroups SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KYA_MAX_SEL_UIDS);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, __u32);
 } kya_sel_uids SEC(".maps");
 
-/* Selected thread groups (value: KYA_SEL_*). Keyed by tgid, so every thread
- * of a selected process is selected. Not LRU: evicting an entry would silently
+/* Selected thread groups: the sticky set. Keyed by tgid, so every thread of
+ * a selected process is selected. Not LRU: evicting an entry would silently
  * unselect an agent; a full map is counted and reported instead. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KYA_MAX_SEL_TGIDS);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, struct kya_sel);
 } kya_sel_tgids SEC(".maps");
 
 /* Thread groups that are never redirected: the daemon itself. */
@@ -56,13 +57,57 @@ struct {
 	__type(value, __u8);
 } kya_skip_tgids SEC(".maps");
 
-/* Selected executables by (device, inode). */
+/* Selected executables and scripts by (device, inode); value: the
+ * selector's index. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KYA_MAX_EXES);
 	__type(key, struct kya_exe_key);
-	__type(value, __u8);
+	__type(value, __u32);
 } kya_exes SEC(".maps");
+
+/* tgid -> the image it runs (set at exec, inherited at fork, filled for
+ * running processes by the start-up scan, removed at exit). LRU: a missing
+ * entry only costs the identity's exe (userspace then says so), never a
+ * selection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KYA_MAX_TGID_EXES);
+	__type(key, __u32);
+	__type(value, struct kya_exe_key);
+} kya_tgid_exes SEC(".maps");
+
+/* (device, inode) -> the path it was last exec'd by. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, KYA_MAX_EXE_PATHS);
+	__type(key, struct kya_exe_key);
+	__type(value, struct kya_exe_path);
+} kya_exe_paths SEC(".maps");
+
+/* FNV-1a hashes of the names a selected script is run by (the last path
+ * component of the path the operator gave, and of the file it resolves to):
+ * an open of a selected script selects the opener only if its command line
+ * names the script. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_SCRIPT_NAMES);
+	__type(key, __u64);
+	__type(value, __u8);
+} kya_script_names SEC(".maps");
+
+/* Per-CPU scratch space (too big for the 512-byte BPF stack). */
+#define KYA_ARGV_LEN 512
+struct kya_scratch {
+	struct kya_exe_path path;
+	__u8 argv[KYA_ARGV_LEN];
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kya_scratch);
+} kya_scratch SEC(".maps");
 
 /* Socket cookie -> origin, written at connect, read by sockops and
  * getpeername, removed when the socket closes. LRU: a connect that never

@@ -477,6 +477,9 @@ pub struct DaemonOptions {
     /// Run the daemon in a mount namespace of its own whose /etc/hosts is this
     /// file (names the test's servers without any DNS query).
     pub hosts: Option<PathBuf>,
+    /// Guarded ports where kya splices what is neither TLS nor HTTP (the
+    /// tests' byte echo); written to a config file of the daemon's own.
+    pub splice_ports: Vec<u16>,
 }
 
 impl DaemonOptions {
@@ -489,7 +492,14 @@ impl DaemonOptions {
             config: None,
             key_from: None,
             hosts: None,
+            splice_ports: Vec::new(),
         }
+    }
+
+    /// Splice non-HTTP bytes on `port` (which must also be guarded with `--port`).
+    pub fn splice(mut self, port: u16) -> Self {
+        self.splice_ports.push(port);
+        self
     }
 
     pub fn arg(mut self, a: impl Into<String>) -> Self {
@@ -535,15 +545,27 @@ impl Daemon {
         if !opts.reuse_pins {
             let _ = std::fs::remove_dir_all(&pin_dir);
         }
+        let config = match (&opts.config, opts.splice_ports.is_empty()) {
+            (Some(path), true) => path.display().to_string(),
+            (None, true) => "/dev/null".into(),
+            (None, false) => {
+                let path = state_dir.path().join("kya.toml");
+                let ports: Vec<String> = opts.splice_ports.iter().map(u16::to_string).collect();
+                std::fs::write(
+                    &path,
+                    format!("[intercept]\nsplice_ports = [{}]\n", ports.join(", ")),
+                )
+                .expect("write the daemon's config");
+                path.display().to_string()
+            }
+            (Some(_), false) => panic!("set splice_ports in the test's own config file"),
+        };
         let mut args: Vec<String> = vec![
             "--log-format".into(),
             "json".into(),
             "run".into(),
             "--config".into(),
-            opts.config
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "/dev/null".into()),
+            config,
             "--listen-port".into(),
             opts.listen_port.to_string(),
             "--pin-dir".into(),

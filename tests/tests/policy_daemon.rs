@@ -55,7 +55,7 @@ fn registered_agents_are_selected_without_selection_flags() {
         ),
     )
     .expect("write agents");
-    let daemon = Daemon::start(DaemonOptions::new(920).args([
+    let daemon = Daemon::start(DaemonOptions::new(920).splice(8443).args([
         "--agents",
         agents.to_str().expect("utf-8"),
         "--port",
@@ -97,7 +97,7 @@ fn policy_reloads_on_change_and_sighup_and_keeps_running_on_errors() {
     )
     .expect("write");
     let cg = TestCgroup::new("reload");
-    let daemon = Daemon::start(DaemonOptions::new(921).args([
+    let daemon = Daemon::start(DaemonOptions::new(921).splice(8443).args([
         "--policy",
         rules.to_str().expect("utf-8"),
         "--cgroup",

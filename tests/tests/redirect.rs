@@ -41,8 +41,11 @@ fn selected_cgroup_is_redirected_attributed_and_transparent() {
     let _g = serial();
     let cg = TestCgroup::new("sel");
     let echo = TcpEcho::start_with_owners("127.0.0.2:8443");
-    let daemon =
-        Daemon::start(DaemonOptions::new(901).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let daemon = Daemon::start(
+        DaemonOptions::new(901)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let probe = probe_bin();
 
     let out = run_json(cg.command(
@@ -86,8 +89,11 @@ fn unselected_process_goes_direct() {
     let _g = serial();
     let cg = TestCgroup::new("unsel");
     let echo = TcpEcho::start("127.0.0.2:8443");
-    let daemon =
-        Daemon::start(DaemonOptions::new(902).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let daemon = Daemon::start(
+        DaemonOptions::new(902)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let probe = probe_bin();
     let out = run_json(plain(
         &probe,
@@ -113,8 +119,11 @@ fn children_and_threads_of_a_selected_process_are_selected() {
     let _g = serial();
     let cg = TestCgroup::new("kids");
     let _echo = TcpEcho::start("127.0.0.2:8443");
-    let daemon =
-        Daemon::start(DaemonOptions::new(903).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let daemon = Daemon::start(
+        DaemonOptions::new(903)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let probe = probe_bin();
 
     let t = run_json(cg.command(
@@ -165,8 +174,11 @@ fn ipv6_and_ipv4_mapped_connects_are_redirected() {
     let cg = TestCgroup::new("v6");
     let echo4 = TcpEcho::start_with_owners("127.0.0.2:8443");
     let echo6 = TcpEcho::start_with_owners("[::1]:8443");
-    let daemon =
-        Daemon::start(DaemonOptions::new(904).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let daemon = Daemon::start(
+        DaemonOptions::new(904)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let probe = probe_bin();
 
     let v6 = run_json(cg.command(&probe, &refs(&probe_tcp("::1", &["--payload", "six"]))));
@@ -202,8 +214,11 @@ fn udp_to_guarded_port_is_refused_for_selected_processes_only() {
     let _g = serial();
     let cg = TestCgroup::new("udp");
     let _udp = UdpEcho::start("127.0.0.2:8443");
-    let _daemon =
-        Daemon::start(DaemonOptions::new(905).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let _daemon = Daemon::start(
+        DaemonOptions::new(905)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let probe = probe_bin();
     let args = ["udp", "127.0.0.2", GUARDED];
 
@@ -226,7 +241,11 @@ fn selection_by_uid() {
     const UID: &str = "45678";
     let copy = ProbeCopy::new("kya-probe");
     let _echo = TcpEcho::start("127.0.0.2:8443");
-    let daemon = Daemon::start(DaemonOptions::new(906).args(["--uid", UID, "--port", GUARDED]));
+    let daemon = Daemon::start(
+        DaemonOptions::new(906)
+            .splice(8443)
+            .args(["--uid", UID, "--port", GUARDED]),
+    );
     let mut as_user = Command::new("setpriv");
     as_user
         .args(["--reuid", UID, "--regid", UID, "--clear-groups", "--"])
@@ -267,7 +286,9 @@ fn selection_by_pid_covers_the_process_and_its_children() {
     ));
     let (p1, p2) = (itself.pid().to_string(), parent.pid().to_string());
     let daemon = Daemon::start(
-        DaemonOptions::new(907).args(["--pid", &p1, "--pid", &p2, "--port", GUARDED]),
+        DaemonOptions::new(907)
+            .splice(8443)
+            .args(["--pid", &p1, "--pid", &p2, "--port", GUARDED]),
     );
     let a = itself.go();
     assert_eq!(a["reply"], "pid", "{a}");
@@ -298,7 +319,7 @@ fn selection_by_executable_before_and_after_start() {
         ],
     ));
     let glob = agent.path.with_file_name("agent-e2e-*");
-    let daemon = Daemon::start(DaemonOptions::new(908).args([
+    let daemon = Daemon::start(DaemonOptions::new(908).splice(8443).args([
         "--exe",
         &glob.display().to_string(),
         "--port",
@@ -334,7 +355,11 @@ fn killed_daemon_fails_closed_and_restart_replaces_pins() {
     let _g = serial();
     let cg = TestCgroup::new("kill");
     let echo = TcpEcho::start("127.0.0.2:8443");
-    let opts = || DaemonOptions::new(909).args(["--cgroup", cg.rel.as_str(), "--port", GUARDED]);
+    let opts = || {
+        DaemonOptions::new(909)
+            .splice(8443)
+            .args(["--cgroup", cg.rel.as_str(), "--port", GUARDED])
+    };
     let before = attached_programs();
     let mut daemon = Daemon::start(opts());
     let ours = attached_programs().difference(&before).count();
@@ -396,7 +421,7 @@ fn fail_open_daemon_leaves_nothing_behind_when_killed() {
     let cg = TestCgroup::new("open");
     let echo = TcpEcho::start("127.0.0.2:8443");
     let before = attached_programs();
-    let mut daemon = Daemon::start(DaemonOptions::new(910).args([
+    let mut daemon = Daemon::start(DaemonOptions::new(910).splice(8443).args([
         "--cgroup",
         &cg.rel,
         "--port",
@@ -430,8 +455,11 @@ fn clean_shutdown_leaves_no_pins_and_no_programs() {
     let _g = serial();
     let cg = TestCgroup::new("clean");
     let before = attached_programs();
-    let mut daemon =
-        Daemon::start(DaemonOptions::new(911).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let mut daemon = Daemon::start(
+        DaemonOptions::new(911)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let ours: Vec<_> = attached_programs().difference(&before).cloned().collect();
     assert!(!ours.is_empty());
     assert!(
@@ -461,7 +489,9 @@ fn interceptor_inside_the_selected_cgroup_does_not_loop() {
     let _g = serial();
     let cg = TestCgroup::new("loop");
     let echo = TcpEcho::start_with_owners("127.0.0.2:8443");
-    let mut opts = DaemonOptions::new(912).args(["--cgroup", &cg.rel, "--port", GUARDED]);
+    let mut opts = DaemonOptions::new(912)
+        .splice(8443)
+        .args(["--cgroup", &cg.rel, "--port", GUARDED]);
     opts.in_cgroup = Some(cg.path.clone());
     let daemon = Daemon::start(opts);
     assert!(
@@ -522,8 +552,11 @@ fn status_reports_pins_selection_and_counters() {
     let _g = serial();
     let cg = TestCgroup::new("status");
     let _echo = TcpEcho::start("127.0.0.2:8443");
-    let daemon =
-        Daemon::start(DaemonOptions::new(913).args(["--cgroup", &cg.rel, "--port", GUARDED]));
+    let daemon = Daemon::start(
+        DaemonOptions::new(913)
+            .splice(8443)
+            .args(["--cgroup", &cg.rel, "--port", GUARDED]),
+    );
     let out = run_json(cg.command(probe_bin(), &["tcp", "127.0.0.2", GUARDED]));
     assert!(out["reply"].is_string(), "{out}");
     daemon.wait_connections(1);
@@ -571,7 +604,7 @@ fn metrics_endpoint_counts_redirected_connections() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
         l.local_addr().expect("addr")
     };
-    let daemon = Daemon::start(DaemonOptions::new(914).args([
+    let daemon = Daemon::start(DaemonOptions::new(914).splice(8443).args([
         "--cgroup",
         &cg.rel,
         "--port",

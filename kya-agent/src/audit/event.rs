@@ -67,7 +67,8 @@ pub struct ProcessInfo {
     pub tgid: u32,
     pub uid: u32,
     pub gid: u32,
-    /// `/proc/PID/exe`, empty when unknown.
+    /// The executable at connect time (the kernel's record), empty when
+    /// unknown.
     pub exe: String,
     /// Hex SHA-256 of the executable, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,7 +2,7 @@
 //! connection and where it was going.
 
 use super::{host, sys, BpfError};
-use kya_common::maps::{ConnKey, OriginRecord};
+use kya_common::maps::{kernel_dev, ConnKey, ExeKey, ExePath, OriginRecord};
 use kya_common::ProcessIdentity;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -23,6 +23,10 @@ pub struct Origin {
     pub comm: String,
     /// cgroup v2 id at connect time.
     pub cgroup_id: u64,
+    /// The executable at connect time (device, inode), if the kernel knew it.
+    pub exe: Option<ExeKey>,
+    /// Its path as the kernel recorded it at exec, if it still has it.
+    pub exe_path: Option<String>,
 }
 
 impl Origin {
@@ -36,30 +40,58 @@ impl Origin {
             gid: r.gid,
             comm: r.comm(),
             cgroup_id: r.cgroup_id,
+            exe: r.exe(),
+            exe_path: None,
         })
     }
 
-    /// The process identity: the kernel's facts, the cgroup path from the
-    /// recorded cgroup id (valid after the process exited or moved), and the
-    /// exe from `/proc/PID/exe` while the process exists (empty after; best
-    /// effort: a pid recycled between connect and this call would give the
-    /// wrong exe, which is why policy should prefer cgroup/uid facts).
+    /// The process identity, from the kernel's record of the connect: the
+    /// cgroup path is that of the recorded cgroup id (empty if the cgroup
+    /// was removed since: where the process is now is not where it
+    /// connected from), the executable is the recorded one.
     pub fn identity(&self) -> ProcessIdentity {
         let cgroup = host::cgroup_path_of_id(self.cgroup_id)
             .ok()
             .flatten()
-            .or_else(|| host::cgroup_path_of_pid(self.pid).ok())
             .unwrap_or_default();
+        let (exe_dev, exe_ino) = self.exe.map(|k| (k.dev, k.ino)).unwrap_or_default();
         ProcessIdentity {
             pid: self.pid,
             uid: self.uid,
             gid: self.gid,
-            exe: crate::procinfo::exe_of(self.pid)
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            exe: self.exe_name(),
+            exe_dev,
+            exe_ino,
             comm: self.comm.clone(),
             cgroup,
         }
+    }
+
+    /// The executable's path. The kernel's when it is absolute. Otherwise
+    /// (exec by a relative path, the path table lost it, or the process ran
+    /// before kya and the scan missed it) `/proc/PID/exe`, but only when it
+    /// is provably the recorded file (same device and inode), or when the
+    /// kernel recorded no file at all.
+    fn exe_name(&self) -> String {
+        if let Some(p) = self.exe_path.as_deref().filter(|p| p.starts_with('/')) {
+            return p.to_string();
+        }
+        let proc_exe = format!("/proc/{}/exe", self.pid);
+        let same_file = match self.exe {
+            None => true, // the kernel gave nothing: /proc is all there is
+            Some(k) => std::fs::metadata(&proc_exe)
+                .map(|md| {
+                    use std::os::unix::fs::MetadataExt;
+                    kernel_dev(md.dev()) == k.dev && md.ino() == k.ino
+                })
+                .unwrap_or(false),
+        };
+        if same_file {
+            if let Some(p) = crate::procinfo::exe_of(self.pid) {
+                return p.to_string_lossy().into_owned();
+            }
+        }
+        self.exe_path.clone().unwrap_or_default()
     }
 }
 
@@ -68,12 +100,14 @@ impl Origin {
 #[derive(Debug, Clone)]
 pub struct OriginTable {
     conns: Arc<OwnedFd>,
+    exe_paths: Arc<OwnedFd>,
 }
 
 impl OriginTable {
-    pub(super) fn new(conns: OwnedFd) -> OriginTable {
+    pub(super) fn new(conns: OwnedFd, exe_paths: OwnedFd) -> OriginTable {
         OriginTable {
             conns: Arc::new(conns),
+            exe_paths: Arc::new(exe_paths),
         }
     }
 
@@ -90,6 +124,65 @@ impl OriginTable {
                 call: "BPF_MAP_LOOKUP_AND_DELETE_ELEM",
                 source,
             })?;
-        Ok(rec.as_ref().and_then(Origin::from_record))
+        let Some(mut origin) = rec.as_ref().and_then(Origin::from_record) else {
+            return Ok(None);
+        };
+        if let Some(key) = origin.exe {
+            // best effort: an entry aged out of the table leaves the path to
+            // the /proc check in `identity`
+            let path: Option<ExePath> =
+                sys::map_lookup(self.exe_paths.as_fd(), &key).ok().flatten();
+            origin.exe_path = path.and_then(|p| p.path());
+        }
+        Ok(Some(origin))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn me(exe: Option<ExeKey>, exe_path: Option<&str>) -> Origin {
+        Origin {
+            dst: "127.0.0.1:1".parse().unwrap(),
+            pid: std::process::id(),
+            tid: 0,
+            uid: 0,
+            gid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+            exe,
+            exe_path: exe_path.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_kernel_exe_wins_and_proc_is_only_a_checked_fallback() {
+        let proc_exe = crate::procinfo::exe_of(std::process::id())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let md = std::fs::metadata(&proc_exe).unwrap();
+        let mine = ExeKey {
+            dev: kernel_dev(md.dev()),
+            ino: md.ino(),
+        };
+        let other = ExeKey { dev: 1, ino: 2 };
+        // the kernel's absolute path, even if /proc says otherwise now
+        assert_eq!(
+            me(Some(other), Some("/usr/bin/agent")).exe_name(),
+            "/usr/bin/agent"
+        );
+        // a relative kernel path: /proc only if it is the same file
+        assert_eq!(me(Some(mine), Some("./agent")).exe_name(), proc_exe);
+        assert_eq!(me(Some(other), Some("./agent")).exe_name(), "./agent");
+        // the process exec'd since and the kernel lost the path: nothing
+        assert_eq!(me(Some(other), None).exe_name(), "");
+        // the kernel knew nothing: /proc is all there is
+        assert_eq!(me(None, None).exe_name(), proc_exe);
+        let id = me(Some(mine), Some("/x")).identity();
+        assert_eq!((id.exe_dev, id.exe_ino), (mine.dev, mine.ino));
+        assert_eq!(id.cgroup, "", "cgroup id 0 resolves to no cgroup");
     }
 }

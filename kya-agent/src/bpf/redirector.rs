@@ -2,8 +2,8 @@
 //! its links on the cgroup v2 root, its pins.
 
 use super::selection::{
-    exe_keys, expand_exes, facts_selected, running_selection, scan_proc, selection_facts,
-    SelectionMaps,
+    exe_keys, expand_exes, facts_selected, running_selection, scan_proc, script_names,
+    selection_facts, ExeFile, SelectionMaps, Wanted,
 };
 use super::stats::{log_event, KernelStats};
 use super::sys::{self, AttachType};
@@ -12,8 +12,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use kya_common::maps::{
-    Counter, ExeKey, KyaConfig, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SEL_CGROUPS,
-    KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_SEL_PID, KYA_SKIP_MARK,
+    Counter, ExeKey, ExePath, KyaConfig, SelEntry, KYA_EXE_SCRIPT, KYA_KIND_CGROUP, KYA_KIND_EXE,
+    KYA_KIND_PID, KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SCRIPT_NAMES,
+    KYA_MAX_SEL_CGROUPS, KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_SEL_PID, KYA_SKIP_MARK,
 };
 use kya_ebpf::{maps as m, programs as p};
 use std::collections::{BTreeMap, BTreeSet};
@@ -72,24 +73,51 @@ impl RedirectConfig {
     }
 
     fn resolve(&self, cgroup2: &Path) -> Result<Resolved, BpfError> {
+        let idx = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
         let mut cgroups = BTreeMap::new();
-        for c in &self.cgroups {
-            cgroups.insert(host::cgroup_id(cgroup2, c)?, c.clone());
+        for (i, c) in self.cgroups.iter().enumerate() {
+            cgroups
+                .entry(host::cgroup_id(cgroup2, c)?)
+                .or_insert((c.clone(), idx(i)));
         }
-        let exes = exe_keys(&expand_exes(&self.exes)?);
+        let mut uids = BTreeMap::new();
+        for (i, u) in self.uids.iter().enumerate() {
+            uids.entry(*u).or_insert(idx(i));
+        }
+        // each pattern on its own, so every file knows which selector it is
+        let mut exes: BTreeMap<ExeKey, (ExeFile, u32)> = BTreeMap::new();
+        let mut exe_files = vec![0usize; self.exes.len()];
+        for (i, pat) in self.exes.iter().enumerate() {
+            let files = exe_keys(&expand_exes(std::slice::from_ref(pat))?);
+            exe_files[i] = files.len();
+            for (k, f) in files {
+                exes.entry(k).or_insert((f, idx(i)));
+            }
+        }
         check_len("selected executables", exes.len(), KYA_MAX_EXES)?;
+        let script_names = script_names(exes.values().map(|(f, _)| f));
+        check_len("script names", script_names.len(), KYA_MAX_SCRIPT_NAMES)?;
+        let mut pids = BTreeMap::new();
+        for (i, p) in self.pids.iter().enumerate() {
+            if pid_exists(*p) {
+                pids.entry(*p).or_insert(idx(i));
+            }
+        }
         Ok(Resolved {
             cgroups,
-            uids: self.uids.iter().copied().collect(),
+            uids,
             exes,
-            pids: self
-                .pids
-                .iter()
-                .copied()
-                .filter(|p| pid_exists(*p))
-                .collect(),
+            script_names,
+            pids,
             ports: self.ports.iter().copied().collect(),
             listen_port: self.listen_port,
+            names: SelectorNames {
+                cgroups: self.cgroups.clone(),
+                uids: self.uids.clone(),
+                exes: self.exes.clone(),
+                pids: self.pids.clone(),
+                exe_files,
+            },
         })
     }
 }
@@ -111,36 +139,83 @@ fn check_len(what: &'static str, got: usize, max: u32) -> Result<(), BpfError> {
     Ok(())
 }
 
-/// A selection resolved to kernel keys; what the maps currently hold.
+/// A selection resolved to kernel keys (each with its selector's index in
+/// the operator's list); what the maps currently hold.
 #[derive(Debug, Clone, Default)]
 struct Resolved {
-    cgroups: BTreeMap<u64, String>,
-    uids: BTreeSet<u32>,
-    exes: BTreeMap<ExeKey, PathBuf>,
-    pids: BTreeSet<u32>,
+    cgroups: BTreeMap<u64, (String, u32)>,
+    uids: BTreeMap<u32, u32>,
+    exes: BTreeMap<ExeKey, (ExeFile, u32)>,
+    script_names: BTreeSet<u64>,
+    pids: BTreeMap<u32, u32>,
     ports: BTreeSet<u16>,
     listen_port: u16,
+    names: SelectorNames,
+}
+
+impl Resolved {
+    fn wanted(&self) -> Wanted<'_> {
+        Wanted {
+            exes: self.exes.iter().map(|(k, (f, i))| (*k, (f, *i))).collect(),
+            pids: self.pids.clone(),
+            uids: self.uids.clone(),
+            cgroups: self
+                .cgroups
+                .values()
+                .map(|(c, i)| (c.as_str(), *i))
+                .collect(),
+        }
+    }
+}
+
+/// The operator's selectors as given, in order (the kernel's `kya_sel.index`
+/// points into these lists).
+#[derive(Debug, Clone, Default)]
+struct SelectorNames {
+    cgroups: Vec<String>,
+    uids: Vec<u32>,
+    exes: Vec<String>,
+    pids: Vec<u32>,
+    /// How many files each exe pattern resolved to.
+    exe_files: Vec<usize>,
+}
+
+/// How many live processes one selector holds (`kya status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SelectorCount {
+    /// `cgroup`, `uid`, `exe` or `pid`.
+    pub kind: &'static str,
+    /// The selector as the operator gave it.
+    pub selector: String,
+    /// Live processes it holds: those that matched it, and their descendants.
+    pub processes: usize,
 }
 
 struct Maps {
     config: Array<MapData, KyaConfig>,
     ports: HashMap<MapData, u16, u8>,
-    cgroups: HashMap<MapData, u64, u8>,
-    uids: HashMap<MapData, u32, u8>,
-    tgids: HashMap<MapData, u32, u8>,
+    cgroups: HashMap<MapData, u64, u32>,
+    uids: HashMap<MapData, u32, u32>,
+    tgids: HashMap<MapData, u32, SelEntry>,
     skip: HashMap<MapData, u32, u8>,
-    exes: HashMap<MapData, ExeKey, u8>,
+    exes: HashMap<MapData, ExeKey, u32>,
+    tgid_exes: HashMap<MapData, u32, ExeKey>,
+    exe_paths: HashMap<MapData, ExeKey, ExePath>,
+    script_names: HashMap<MapData, u64, u8>,
 }
 
 /// A lookup: present, absent, or the map failed (an error, never "absent").
-fn contains<K: aya::Pod>(
-    map: &HashMap<MapData, K, u8>,
+fn contains<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
     key: &K,
     name: &'static str,
 ) -> Result<bool, BpfError> {
     match map.get(key, 0) {
         Ok(_) => Ok(true),
         Err(MapError::KeyNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
         Err(e) => Err(map_err(name)(e)),
     }
 }
@@ -188,16 +263,23 @@ const CGROUP_PROGRAMS: [(&str, AttachType); 7] = [
     (p::CONNECT6, AttachType::Connect6),
 ];
 
-const TRACEPOINT_PROGRAMS: [(&str, &std::ffi::CStr); 3] = [
+const TRACEPOINT_PROGRAMS: [(&str, &std::ffi::CStr); 4] = [
     (p::EXIT, c"sched_process_exit"),
     (p::FORK, c"sched_process_fork"),
     (p::EXEC, c"sched_process_exec"),
+    (p::CGROUP_ATTACH, c"cgroup_attach_task"),
 ];
+
+/// The hook that selects interpreters of selected scripts. It runs at the
+/// exit of every system call of the host (about 0.1 µs each), so it is only
+/// attached once a selected `--exe` is a script.
+const SCRIPT_HOOK: (&str, &std::ffi::CStr) = (p::SYS_EXIT, c"sys_exit");
 
 /// Pin file names this code creates (and removes when stale).
 fn pin_names() -> impl Iterator<Item = &'static str> {
     TRACEPOINT_PROGRAMS
         .iter()
+        .chain(std::iter::once(&SCRIPT_HOOK))
         .map(|(n, _)| *n)
         .chain(CGROUP_PROGRAMS.iter().map(|(n, _)| *n))
 }
@@ -262,7 +344,11 @@ impl Redirector {
             tgids: take(&mut ebpf, m::SEL_TGIDS)?,
             skip: take(&mut ebpf, m::SKIP_TGIDS)?,
             exes: take(&mut ebpf, m::EXES)?,
+            tgid_exes: take(&mut ebpf, m::TGID_EXES)?,
+            exe_paths: take(&mut ebpf, m::EXE_PATHS)?,
+            script_names: take(&mut ebpf, m::SCRIPT_NAMES)?,
         };
+        let exe_paths_fd = dup_map_fd(&maps.exe_paths, m::EXE_PATHS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, m::COUNTERS)?;
         let events: RingBuf<MapData> = take(&mut ebpf, m::EVENTS)?;
         let conns = ebpf.take_map(m::CONNS).ok_or(BpfError::Missing(m::CONNS))?;
@@ -282,7 +368,7 @@ impl Redirector {
             events: Some(events),
             reader: None,
             events_read: Arc::new(AtomicU64::new(0)),
-            origins: OriginTable::new(conns_fd),
+            origins: OriginTable::new(conns_fd, exe_paths_fd),
             links: Vec::new(),
             pinned: Vec::new(),
             pin_dir: cfg.pin_dir.clone(),
@@ -311,7 +397,9 @@ impl Redirector {
                 })?;
             r.links.push((name, link));
         }
+        r.ensure_script_hook()?;
         r.select_running()?;
+        r.warn_empty_selectors();
 
         let root = std::fs::File::open(&cgroup2)
             .map_err(|e| BpfError::io(format!("opening {}", cgroup2.display()), e))?;
@@ -366,29 +454,40 @@ impl Redirector {
         self.maps.config.set(0, cfg, 0).map_err(map_err(m::CONFIG))
     }
 
-    /// Brings the maps from `self.applied` to `want` (insert new, remove
-    /// gone), so an update never leaves a moment with an empty selection.
+    /// Brings the maps from `self.applied` to `want` (insert or update new
+    /// and changed, then remove gone), so an update never leaves a moment
+    /// with an empty selection.
     fn apply(&mut self, want: Resolved) -> Result<(), BpfError> {
         let old = std::mem::take(&mut self.applied);
         let mp = &mut self.maps;
         for port in want.ports.difference(&old.ports) {
             mp.ports.insert(port, 1u8, 0).map_err(map_err(m::PORTS))?;
         }
-        for id in want.cgroups.keys().filter(|k| !old.cgroups.contains_key(k)) {
+        for (id, (_, i)) in &want.cgroups {
             mp.cgroups
-                .insert(id, 1u8, 0)
+                .insert(id, i, 0)
                 .map_err(map_err(m::SEL_CGROUPS))?;
         }
-        for uid in want.uids.difference(&old.uids) {
-            mp.uids.insert(uid, 1u8, 0).map_err(map_err(m::SEL_UIDS))?;
+        for (uid, i) in &want.uids {
+            mp.uids.insert(uid, i, 0).map_err(map_err(m::SEL_UIDS))?;
         }
-        for key in want.exes.keys().filter(|k| !old.exes.contains_key(k)) {
-            mp.exes.insert(key, 1u8, 0).map_err(map_err(m::EXES))?;
+        for (key, (f, i)) in &want.exes {
+            let v = if f.script { i | KYA_EXE_SCRIPT } else { *i };
+            mp.exes.insert(key, v, 0).map_err(map_err(m::EXES))?;
         }
-        for pid in want.pids.difference(&old.pids) {
-            mp.tgids
-                .insert(pid, KYA_SEL_PID, 0)
-                .map_err(map_err(m::SEL_TGIDS))?;
+        for h in want.script_names.difference(&old.script_names) {
+            mp.script_names
+                .insert(h, 1u8, 0)
+                .map_err(map_err(m::SCRIPT_NAMES))?;
+        }
+        for (pid, i) in &want.pids {
+            let e = SelEntry {
+                reason: KYA_SEL_PID,
+                kind: KYA_KIND_PID,
+                _pad: 0,
+                index: *i,
+            };
+            mp.tgids.insert(pid, e, 0).map_err(map_err(m::SEL_TGIDS))?;
         }
         for port in old.ports.difference(&want.ports) {
             remove_if_present(mp.ports.remove(port), m::PORTS)?;
@@ -396,41 +495,140 @@ impl Redirector {
         for id in old.cgroups.keys().filter(|k| !want.cgroups.contains_key(k)) {
             remove_if_present(mp.cgroups.remove(id), m::SEL_CGROUPS)?;
         }
-        for uid in old.uids.difference(&want.uids) {
+        for uid in old.uids.keys().filter(|k| !want.uids.contains_key(k)) {
             remove_if_present(mp.uids.remove(uid), m::SEL_UIDS)?;
         }
         for key in old.exes.keys().filter(|k| !want.exes.contains_key(k)) {
             remove_if_present(mp.exes.remove(key), m::EXES)?;
         }
-        for pid in old.pids.difference(&want.pids) {
-            if mp.tgids.get(pid, 0).ok() == Some(KYA_SEL_PID) {
+        for h in old.script_names.difference(&want.script_names) {
+            remove_if_present(mp.script_names.remove(h), m::SCRIPT_NAMES)?;
+        }
+        for pid in old.pids.keys().filter(|k| !want.pids.contains_key(k)) {
+            if mp.tgids.get(pid, 0).ok().map(|e| e.reason) == Some(KYA_SEL_PID) {
                 remove_if_present(mp.tgids.remove(pid), m::SEL_TGIDS)?;
             }
         }
         if let Ok(mut names) = self.exe_names.write() {
-            names.clone_from(&want.exes);
+            *names = want
+                .exes
+                .iter()
+                .map(|(k, (f, _))| (*k, f.path.clone()))
+                .collect();
         }
         self.applied = want;
         Ok(())
     }
 
-    /// Selects running processes of selected executables and pids, and their
-    /// descendants (the tracepoints handle everything started later).
+    /// Selects running processes that match a selector now, and their
+    /// descendants (the kernel's hooks handle everything started later), and
+    /// tells the kernel which image each running process runs (it only sees
+    /// the execs that happen while kya runs).
     fn select_running(&mut self) -> Result<(), BpfError> {
-        let procs = scan_proc();
-        let sel = running_selection(&procs, &self.applied.exes, &self.applied.pids);
+        let procs = scan_proc(self.applied.exes.values().any(|(f, _)| f.script));
+        let sel = running_selection(&procs, &self.applied.wanted());
         let me = std::process::id();
-        for (tgid, reason) in sel {
+        for (tgid, entry) in sel {
             if tgid == me || self.maps.tgids.get(&tgid, 0).is_ok() {
                 continue;
             }
             self.maps
                 .tgids
-                .insert(tgid, reason, 0)
+                .insert(tgid, entry, 0)
                 .map_err(map_err(m::SEL_TGIDS))?;
-            tracing::debug!(tgid, reason, "selected running process");
+            tracing::debug!(tgid, reason = entry.reason, "selected running process");
+        }
+        for p in &procs {
+            let Some(key) = p.exe else { continue };
+            // NOEXIST: an exec the kernel saw meanwhile is fresher than /proc
+            let _ = self.maps.tgid_exes.insert(p.tgid, key, BPF_NOEXIST);
+            if let Some(path) = &p.exe_path {
+                let _ = self
+                    .maps
+                    .exe_paths
+                    .insert(key, ExePath::from_path(path), BPF_NOEXIST);
+            }
         }
         Ok(())
+    }
+
+    /// How many live processes each selector holds now, in the operator's
+    /// order (`kya status`).
+    pub fn selector_counts(&self) -> Result<Vec<SelectorCount>, BpfError> {
+        let mut held: BTreeMap<(u8, u32), usize> = BTreeMap::new();
+        for e in self.selected_processes()?.values() {
+            *held.entry((e.kind, e.index)).or_default() += 1;
+        }
+        let n = &self.applied.names;
+        let count = |kind: u8, i: usize| {
+            held.get(&(kind, u32::try_from(i).unwrap_or(u32::MAX)))
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut out = Vec::new();
+        for (i, c) in n.cgroups.iter().enumerate() {
+            out.push(SelectorCount {
+                kind: "cgroup",
+                selector: c.clone(),
+                processes: count(KYA_KIND_CGROUP, i),
+            });
+        }
+        for (i, u) in n.uids.iter().enumerate() {
+            out.push(SelectorCount {
+                kind: "uid",
+                selector: u.to_string(),
+                processes: count(KYA_KIND_UID, i),
+            });
+        }
+        for (i, e) in n.exes.iter().enumerate() {
+            out.push(SelectorCount {
+                kind: "exe",
+                selector: e.clone(),
+                processes: count(KYA_KIND_EXE, i),
+            });
+        }
+        for (i, p) in n.pids.iter().enumerate() {
+            out.push(SelectorCount {
+                kind: "pid",
+                selector: p.to_string(),
+                processes: count(KYA_KIND_PID, i),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A selector that matches nothing is most likely a mistake: say so (a
+    /// warning, not an error: a cgroup may fill up later).
+    fn warn_empty_selectors(&self) {
+        let counts = match self.selector_counts() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the processes each selector holds");
+                return;
+            }
+        };
+        let n = &self.applied.names;
+        let mut exe_i = 0;
+        for c in counts {
+            if c.kind == "exe" {
+                let files = n.exe_files.get(exe_i).copied().unwrap_or(0);
+                exe_i += 1;
+                if files == 0 {
+                    tracing::warn!(
+                        selector = %c.selector,
+                        "--exe matches no existing file: no process can be selected by it"
+                    );
+                }
+                continue; // an executable nobody runs yet is the normal case
+            }
+            if c.processes == 0 {
+                tracing::warn!(
+                    kind = c.kind,
+                    selector = %c.selector,
+                    "selector matches no running process now"
+                );
+            }
+        }
     }
 
     /// Removes stale pins of this pin_dir (a crashed earlier run), then pins
@@ -489,11 +687,10 @@ impl Redirector {
             .collect()
     }
 
-    /// The processes selected by tgid right now, with the reason
-    /// (`kya_common::maps::KYA_SEL_*`): by pid, exec, fork or the start-up
-    /// scan. (cgroup and uid selection are not per process.) For status
-    /// output and tests.
-    pub fn selected_processes(&self) -> Result<BTreeMap<u32, u8>, BpfError> {
+    /// The processes selected right now (the sticky set), with why and by
+    /// which selector (`kya_common::maps::SelEntry`). For status output and
+    /// tests.
+    pub fn selected_processes(&self) -> Result<BTreeMap<u32, SelEntry>, BpfError> {
         let mut out = BTreeMap::new();
         // bounded: a key deleted mid-walk (process exit) makes the kernel
         // restart the walk from the first key
@@ -507,12 +704,16 @@ impl Redirector {
         Ok(out)
     }
 
-    /// Is the running process `tgid` selected, as the kernel would judge it
-    /// now: its tgid, any of its uids, its cgroup or an ancestor cgroup, or
-    /// its executable is in the selection maps. Reads `/proc` (blocking); a
-    /// process that cannot be read (gone, a kernel thread) is an error, not
-    /// "unselected".
+    /// Is the running process `tgid` selected, as the kernel judges it: in
+    /// the sticky selection (it matched a selector, or descends from a process
+    /// that did, and has not exited), or matching a selector now (its uids,
+    /// its cgroup or an ancestor, its executable) though no hook has seen it
+    /// yet. The second check reads `/proc` (blocking); a process that cannot
+    /// be read (gone, a kernel thread) is an error, not "unselected".
     pub fn is_selected(&self, tgid: u32) -> Result<bool, BpfError> {
+        if self.maps.has_tgid(tgid)? {
+            return Ok(true);
+        }
         let facts = selection_facts(Path::new("/proc"), &self.cgroup2, tgid)?;
         facts_selected(&facts, &self.maps)
     }
@@ -594,7 +795,38 @@ impl Redirector {
         if port_changed {
             self.write_config()?;
         }
+        self.ensure_script_hook()?;
         self.select_running()
+    }
+
+    /// Attaches the script hook once a selected exe is a script (and pins
+    /// it if the other links are pinned already). Never detached while
+    /// running: it costs time, not correctness.
+    fn ensure_script_hook(&mut self) -> Result<(), BpfError> {
+        let (name, tp) = SCRIPT_HOOK;
+        let wanted = self.applied.exes.values().any(|(f, _)| f.script);
+        if !wanted || self.links.iter().any(|(n, _)| *n == name) {
+            return Ok(());
+        }
+        let fd = self.prog_fd(name)?;
+        let link =
+            sys::raw_tracepoint_open(fd.as_fd(), tp).map_err(|source| BpfError::Syscall {
+                call: "BPF_RAW_TRACEPOINT_OPEN",
+                source,
+            })?;
+        if !self.pinned.is_empty() {
+            let path = self.pin_dir.join(name);
+            let c = CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(|_| BpfError::BadPinDir(path.clone()))?;
+            sys::obj_pin(link.as_fd(), &c).map_err(|source| BpfError::Syscall {
+                call: "BPF_OBJ_PIN",
+                source,
+            })?;
+            self.pinned.push(path);
+        }
+        self.links.push((name, link));
+        tracing::info!("a selected exe is a script: interpreters that open it are selected");
+        Ok(())
     }
 
     /// Detaches everything and removes the pins and the pin directory: a
@@ -679,6 +911,21 @@ fn remove_if_present(r: Result<(), MapError>, name: &'static str) -> Result<(), 
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) => Err(map_err(name)(e)),
     }
+}
+
+/// `BPF_NOEXIST` of `bpf_map_update_elem` (UAPI).
+const BPF_NOEXIST: u64 = 1;
+
+fn dup_map_fd<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<OwnedFd, BpfError> {
+    use aya::maps::IterableMap;
+    map.map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| BpfError::io(format!("duplicating the {name} fd"), e))
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
@@ -778,8 +1025,8 @@ mod tests {
         let r = c.resolve(&mount).unwrap();
         assert_eq!(
             r.pids,
-            [std::process::id()].into(),
-            "pids that do not exist are not selected"
+            [(std::process::id(), 1)].into(),
+            "pids that do not exist are not selected (the index is the position given)"
         );
         assert_eq!(r.cgroups.len(), 1);
         assert_eq!(r.uids.len(), 1, "duplicates collapse");
@@ -823,7 +1070,7 @@ mod tests {
         );
         assert_eq!(
             names.len(),
-            CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len()
+            CGROUP_PROGRAMS.len() + TRACEPOINT_PROGRAMS.len() + 1
         );
     }
 }

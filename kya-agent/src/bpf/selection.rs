@@ -1,9 +1,14 @@
 //! Turning the operator's selection (paths, globs, pids) into map contents:
-//! executables by (device, inode), and the processes already running when
-//! kya starts (the kernel's exec/fork tracepoints cover everything after).
+//! executables and scripts by (device, inode), the names scripts are run by,
+//! and the processes already running when kya starts, which the kernel's
+//! hooks could not see (they cover everything after).
 
 use super::BpfError;
-use kya_common::maps::{kernel_dev, ExeKey, KYA_SEL_FORK, KYA_SEL_PID, KYA_SEL_SCAN};
+use kya_common::maps::{
+    kernel_dev, name_hash, ExeKey, SelEntry, KYA_KIND_CGROUP, KYA_KIND_EXE, KYA_KIND_PID,
+    KYA_KIND_UID, KYA_SEL_CGROUP, KYA_SEL_FORK, KYA_SEL_PID, KYA_SEL_SCAN, KYA_SEL_SCRIPT,
+    KYA_SEL_UID,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -90,10 +95,18 @@ fn walk(dir: &Path, depth_left: usize, visits: &mut usize, f: &mut dyn FnMut(&Pa
     }
 }
 
+/// A selected file: where it was found and whether it is a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExeFile {
+    pub path: PathBuf,
+    /// Not an ELF binary: run by an interpreter that opens it.
+    pub script: bool,
+}
+
 /// The (device, inode) of each executable, following symlinks, so that
 /// `/usr/bin/python3 -> python3.11` selects the one binary. Paths that do
 /// not exist are logged and skipped (nothing can exec them right now).
-pub fn exe_keys(paths: &BTreeSet<PathBuf>) -> BTreeMap<ExeKey, PathBuf> {
+pub fn exe_keys(paths: &BTreeSet<PathBuf>) -> BTreeMap<ExeKey, ExeFile> {
     let mut out = BTreeMap::new();
     for p in paths {
         match std::fs::metadata(p) {
@@ -103,7 +116,10 @@ pub fn exe_keys(paths: &BTreeSet<PathBuf>) -> BTreeMap<ExeKey, PathBuf> {
                         dev: kernel_dev(md.dev()),
                         ino: md.ino(),
                     },
-                    p.clone(),
+                    ExeFile {
+                        path: p.clone(),
+                        script: is_script(p),
+                    },
                 );
             }
             Ok(_) => {
@@ -117,12 +133,50 @@ pub fn exe_keys(paths: &BTreeSet<PathBuf>) -> BTreeMap<ExeKey, PathBuf> {
     out
 }
 
+/// A file that does not start with the ELF magic: a `#!` script, or a
+/// source file run as `python3 FILE` / `node FILE`. Unreadable: treated as a
+/// script (the script hooks only ever select more).
+fn is_script(p: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    match std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut magic)) {
+        Ok(()) => &magic != b"\x7fELF",
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+        Err(_) => true,
+    }
+}
+
+/// The hashes of the names a selected script can be run by: the last
+/// component of the path the operator gave (`/usr/local/bin/claude`, a
+/// symlink) and of the file it resolves to (`cli.js`).
+pub fn script_names<'a>(files: impl Iterator<Item = &'a ExeFile>) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for f in files.filter(|f| f.script) {
+        let real = std::fs::canonicalize(&f.path).ok();
+        for p in std::iter::once(f.path.as_path()).chain(real.as_deref()) {
+            if let Some(name) = p.file_name() {
+                out.insert(name_hash(name.as_encoded_bytes()));
+            }
+        }
+    }
+    out
+}
+
 /// One process seen in /proc.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProcEntry {
     pub tgid: u32,
     pub ppid: u32,
     pub exe: Option<ExeKey>,
+    /// `/proc/PID/exe`, for the kernel's exe path table.
+    pub exe_path: Option<PathBuf>,
+    /// Real uid.
+    pub uid: Option<u32>,
+    /// cgroup v2 path (`/a/b`).
+    pub cgroup: Option<String>,
+    /// Files named by its command-line arguments (after argv[0]), resolved
+    /// against its working directory: the script an interpreter runs.
+    pub args: Vec<ExeKey>,
 }
 
 /// The parent pid from `/proc/PID/stat` (`pid (comm) state ppid ...`). The
@@ -131,8 +185,21 @@ pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
     crate::procinfo::parse_stat_ppid(stat.as_bytes())
 }
 
+/// Command-line arguments looked at for a script (an interpreter's options
+/// come first, the script soon after).
+const MAX_SCRIPT_ARGS: usize = 8;
+
+fn key_of(md: &std::fs::Metadata) -> ExeKey {
+    ExeKey {
+        dev: kernel_dev(md.dev()),
+        ino: md.ino(),
+    }
+}
+
 /// Every process in /proc (threads are not listed at the top level).
-pub fn scan_proc() -> Vec<ProcEntry> {
+/// `with_args`: also resolve command-line arguments to files (only needed
+/// when a script may be selected).
+pub fn scan_proc(with_args: bool) -> Vec<ProcEntry> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -151,37 +218,118 @@ pub fn scan_proc() -> Vec<ProcEntry> {
         let Some(ppid) = parse_stat_ppid(&stat) else {
             continue;
         };
-        let exe = std::fs::metadata(format!("/proc/{tgid}/exe"))
+        let dir = PathBuf::from(format!("/proc/{tgid}"));
+        let exe = std::fs::metadata(dir.join("exe"))
             .ok()
-            .map(|md| ExeKey {
-                dev: kernel_dev(md.dev()),
-                ino: md.ino(),
-            });
-        out.push(ProcEntry { tgid, ppid, exe });
+            .map(|md| key_of(&md));
+        let exe_path = std::fs::read_link(dir.join("exe")).ok();
+        let uid = std::fs::read(dir.join("status"))
+            .ok()
+            .and_then(|b| crate::procinfo::parse_status_uid(&b));
+        let cgroup = crate::procinfo::cgroup_of(tgid);
+        let args = if with_args {
+            script_args(&dir)
+        } else {
+            Vec::new()
+        };
+        out.push(ProcEntry {
+            tgid,
+            ppid,
+            exe,
+            exe_path,
+            uid,
+            cgroup,
+            args,
+        });
     }
     out
 }
 
-/// The tgids to select among running processes, with the reason: those
-/// running a selected exe (SCAN), the operator's pids (PID), and every
-/// descendant of either (FORK), as the fork tracepoint would have done had
-/// kya been running when they were forked.
-pub fn running_selection(
-    procs: &[ProcEntry],
-    exes: &BTreeMap<ExeKey, PathBuf>,
-    pids: &BTreeSet<u32>,
-) -> BTreeMap<u32, u8> {
-    let mut sel: BTreeMap<u32, u8> = BTreeMap::new();
+fn script_args(dir: &Path) -> Vec<ExeKey> {
+    let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+        return Vec::new();
+    };
+    let cwd = dir.join("cwd");
+    crate::procinfo::parse_cmdline(&cmdline)
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .take(MAX_SCRIPT_ARGS)
+        .filter_map(|a| {
+            let p = Path::new(a);
+            let full = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                cwd.join(p)
+            };
+            std::fs::metadata(full)
+                .ok()
+                .filter(|md| md.is_file())
+                .map(|md| key_of(&md))
+        })
+        .collect()
+}
+
+/// The selectors, resolved, with each one's index in the operator's list.
+#[derive(Debug, Default, Clone)]
+pub struct Wanted<'a> {
+    pub exes: BTreeMap<ExeKey, (&'a ExeFile, u32)>,
+    pub pids: BTreeMap<u32, u32>,
+    pub uids: BTreeMap<u32, u32>,
+    /// (cgroup path, index)
+    pub cgroups: Vec<(&'a str, u32)>,
+}
+
+fn under_cgroup(path: &str, sel: &str) -> bool {
+    let sel = sel.trim_end_matches('/');
+    sel.is_empty() || path == sel || path.strip_prefix(sel).is_some_and(|r| r.starts_with('/'))
+}
+
+/// The tgids to select among running processes, and which selector holds
+/// each: the operator's pids (PID), those running a selected executable
+/// (SCAN) or a selected script named on their command line (SCRIPT), those
+/// with a selected uid (UID) or in a selected cgroup (CGROUP), and every
+/// descendant of any of them (FORK, holding its ancestor's selector), as
+/// the kernel's hooks would have done had kya been running all along.
+pub fn running_selection(procs: &[ProcEntry], want: &Wanted<'_>) -> BTreeMap<u32, SelEntry> {
+    let entry = |reason, kind, index| SelEntry {
+        reason,
+        kind,
+        _pad: 0,
+        index,
+    };
+    let mut sel: BTreeMap<u32, SelEntry> = BTreeMap::new();
     let parent: HashMap<u32, u32> = procs.iter().map(|p| (p.tgid, p.ppid)).collect();
+    for (&pid, &i) in &want.pids {
+        sel.insert(pid, entry(KYA_SEL_PID, KYA_KIND_PID, i));
+    }
     for p in procs {
-        if p.exe.is_some_and(|k| exes.contains_key(&k)) {
-            sel.insert(p.tgid, KYA_SEL_SCAN);
+        if sel.contains_key(&p.tgid) {
+            continue;
+        }
+        let found = if let Some((_, i)) = p.exe.and_then(|k| want.exes.get(&k)) {
+            Some(entry(KYA_SEL_SCAN, KYA_KIND_EXE, *i))
+        } else if let Some((_, i)) = p
+            .args
+            .iter()
+            .find_map(|k| want.exes.get(k).filter(|(f, _)| f.script))
+        {
+            Some(entry(KYA_SEL_SCRIPT, KYA_KIND_EXE, *i))
+        } else if let Some(i) = p.uid.and_then(|u| want.uids.get(&u)) {
+            Some(entry(KYA_SEL_UID, KYA_KIND_UID, *i))
+        } else {
+            p.cgroup.as_deref().and_then(|cg| {
+                want.cgroups
+                    .iter()
+                    .find(|(c, _)| under_cgroup(cg, c))
+                    .map(|(_, i)| entry(KYA_SEL_CGROUP, KYA_KIND_CGROUP, *i))
+            })
+        };
+        if let Some(e) = found {
+            sel.insert(p.tgid, e);
         }
     }
-    for &pid in pids {
-        sel.insert(pid, KYA_SEL_PID);
-    }
-    let roots: BTreeSet<u32> = sel.keys().copied().collect();
+    let roots = sel.clone();
     for p in procs {
         if sel.contains_key(&p.tgid) {
             continue;
@@ -191,8 +339,14 @@ pub fn running_selection(
             if cur == 0 || cur == p.tgid {
                 break;
             }
-            if roots.contains(&cur) {
-                sel.insert(p.tgid, KYA_SEL_FORK);
+            if let Some(root) = roots.get(&cur) {
+                sel.insert(
+                    p.tgid,
+                    SelEntry {
+                        reason: KYA_SEL_FORK,
+                        ..*root
+                    },
+                );
                 break;
             }
             match parent.get(&cur) {
@@ -384,65 +538,50 @@ mod tests {
         assert_eq!(keys.len(), 1);
     }
 
+    fn proc(tgid: u32, ppid: u32, ino: Option<u64>) -> ProcEntry {
+        ProcEntry {
+            tgid,
+            ppid,
+            exe: ino.map(|ino| ExeKey { dev: 1, ino }),
+            ..ProcEntry::default()
+        }
+    }
+
     #[test]
     fn running_selection_follows_descendants_not_strangers() {
-        let k = |i| Some(ExeKey { dev: 1, ino: i });
         let procs = [
-            ProcEntry {
-                tgid: 1,
-                ppid: 0,
-                exe: k(1),
-            },
-            ProcEntry {
-                tgid: 10,
-                ppid: 1,
-                exe: k(99),
-            }, // agent
-            ProcEntry {
-                tgid: 11,
-                ppid: 10,
-                exe: k(2),
-            }, // its child
-            ProcEntry {
-                tgid: 12,
-                ppid: 11,
-                exe: k(3),
-            }, // grandchild
-            ProcEntry {
-                tgid: 20,
-                ppid: 1,
-                exe: k(2),
-            }, // stranger
-            ProcEntry {
-                tgid: 30,
-                ppid: 1,
-                exe: None,
-            }, // kernel thread / no exe
-            ProcEntry {
-                tgid: 40,
-                ppid: 41,
-                exe: k(2),
-            }, // ppid cycle (racy /proc)
-            ProcEntry {
-                tgid: 41,
-                ppid: 40,
-                exe: k(2),
-            },
-            ProcEntry {
-                tgid: 50,
-                ppid: 7,
-                exe: k(2),
-            }, // child of pid 7
+            proc(1, 0, Some(1)),
+            proc(10, 1, Some(99)), // agent
+            proc(11, 10, Some(2)), // its child
+            proc(12, 11, Some(3)), // grandchild
+            proc(20, 1, Some(2)),  // stranger
+            proc(30, 1, None),     // kernel thread / no exe
+            proc(40, 41, Some(2)), // ppid cycle (racy /proc)
+            proc(41, 40, Some(2)),
+            proc(50, 7, Some(2)), // child of pid 7
         ];
-        let exes: BTreeMap<ExeKey, PathBuf> =
-            [(ExeKey { dev: 1, ino: 99 }, PathBuf::from("/agent"))].into();
-        let sel = running_selection(&procs, &exes, &[7].into());
-        let want: BTreeMap<u32, u8> = [
-            (7, KYA_SEL_PID),
-            (10, KYA_SEL_SCAN),
-            (11, KYA_SEL_FORK),
-            (12, KYA_SEL_FORK),
-            (50, KYA_SEL_FORK),
+        let agent = ExeFile {
+            path: PathBuf::from("/agent"),
+            script: false,
+        };
+        let want = Wanted {
+            exes: [(ExeKey { dev: 1, ino: 99 }, (&agent, 3))].into(),
+            pids: [(7, 0)].into(),
+            ..Wanted::default()
+        };
+        let sel = running_selection(&procs, &want);
+        let e = |reason, kind, index| SelEntry {
+            reason,
+            kind,
+            _pad: 0,
+            index,
+        };
+        let want: BTreeMap<u32, SelEntry> = [
+            (7, e(KYA_SEL_PID, KYA_KIND_PID, 0)),
+            (10, e(KYA_SEL_SCAN, KYA_KIND_EXE, 3)),
+            (11, e(KYA_SEL_FORK, KYA_KIND_EXE, 3)),
+            (12, e(KYA_SEL_FORK, KYA_KIND_EXE, 3)),
+            (50, e(KYA_SEL_FORK, KYA_KIND_PID, 0)),
         ]
         .into();
         assert_eq!(sel, want);
@@ -633,11 +772,89 @@ mod tests {
     }
 
     #[test]
+    fn running_selection_covers_uids_cgroups_and_scripts() {
+        let script = ExeFile {
+            path: PathBuf::from("/opt/agent.py"),
+            script: true,
+        };
+        let binary = ExeFile {
+            path: PathBuf::from("/opt/tool"),
+            script: false,
+        };
+        let mut by_uid = proc(100, 1, Some(5));
+        by_uid.uid = Some(1001);
+        let mut in_cg = proc(101, 1, Some(5));
+        in_cg.cgroup = Some("/agents/a/sub".into());
+        let mut sibling_cg = proc(102, 1, Some(5));
+        sibling_cg.cgroup = Some("/agents/ab".into());
+        let mut interp = proc(103, 1, Some(5));
+        interp.args = vec![ExeKey { dev: 1, ino: 77 }];
+        let mut cat_tool = proc(104, 1, Some(5));
+        cat_tool.args = vec![ExeKey { dev: 1, ino: 78 }];
+        let kid = proc(105, 100, Some(6));
+        let procs = [by_uid, in_cg, sibling_cg, interp, cat_tool, kid];
+        let want = Wanted {
+            exes: [
+                (ExeKey { dev: 1, ino: 77 }, (&script, 0)),
+                (ExeKey { dev: 1, ino: 78 }, (&binary, 1)),
+            ]
+            .into(),
+            uids: [(1001, 2)].into(),
+            cgroups: vec![("/agents/a", 4)],
+            ..Wanted::default()
+        };
+        let sel = running_selection(&procs, &want);
+        let got: Vec<(u32, u8, u8, u32)> = sel
+            .iter()
+            .map(|(t, e)| (*t, e.reason, e.kind, e.index))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (100, KYA_SEL_UID, KYA_KIND_UID, 2),
+                (101, KYA_SEL_CGROUP, KYA_KIND_CGROUP, 4),
+                (103, KYA_SEL_SCRIPT, KYA_KIND_EXE, 0),
+                (105, KYA_SEL_FORK, KYA_KIND_UID, 2),
+            ],
+            "a binary named on a command line selects nobody; /agents/ab is not under /agents/a"
+        );
+        assert!(under_cgroup("/x", "/"));
+        assert!(under_cgroup("/a", "/a/"));
+    }
+
+    #[test]
+    fn scripts_are_told_from_binaries_and_named_by_link_and_target() {
+        let d = tempfile::tempdir().unwrap();
+        let cli = d.path().join("cli.js");
+        std::fs::write(&cli, b"#!/usr/bin/env node\n").unwrap();
+        let link = d.path().join("claude");
+        std::os::unix::fs::symlink(&cli, &link).unwrap();
+        let elf = d.path().join("bin");
+        std::fs::write(&elf, b"\x7fELF\x02\x01").unwrap();
+        let empty = d.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let keys = exe_keys(&[link.clone(), elf.clone(), empty].into());
+        let files: Vec<&ExeFile> = keys.values().collect();
+        assert_eq!(files.iter().filter(|f| f.script).count(), 2);
+        assert!(files.iter().any(|f| f.path == elf && !f.script));
+        let names = script_names(keys.values());
+        assert!(names.contains(&name_hash(b"claude")));
+        assert!(names.contains(&name_hash(b"cli.js")));
+        assert!(names.contains(&name_hash(b"empty")));
+        assert!(
+            !names.contains(&name_hash(b"bin")),
+            "binaries have no script names"
+        );
+    }
+
+    #[test]
     fn scanning_proc_finds_this_process() {
         let me = std::process::id();
-        let procs = scan_proc();
+        let procs = scan_proc(true);
         let p = procs.iter().find(|p| p.tgid == me).unwrap();
         assert!(p.exe.is_some());
+        assert_eq!(p.uid, Some(nix::unistd::getuid().as_raw()));
+        assert!(p.cgroup.as_deref().is_some_and(|c| c.starts_with('/')));
         assert_eq!(p.ppid, std::os::unix::process::parent_id());
     }
 }

@@ -38,6 +38,13 @@ pub struct KernelStats {
     /// Connects of selected processes in another network namespace, not
     /// redirected (only the host's netns is covered).
     pub skipped_netns: u64,
+    /// Processes recorded in the sticky set because they were seen with a
+    /// selected uid or in a selected cgroup (they stay selected after a
+    /// change of uid or cgroup).
+    pub selected_sticky: u64,
+    /// Processes selected when they opened a selected script named on their
+    /// command line (interpreters).
+    pub selected_script: u64,
     /// Events userspace read from the ring buffer.
     pub events_read: u64,
 }
@@ -59,6 +66,8 @@ impl KernelStats {
             Counter::Getpeername => &mut self.getpeername,
             Counter::EventsLost => &mut self.events_lost,
             Counter::SkippedNetns => &mut self.skipped_netns,
+            Counter::SelectedSticky => &mut self.selected_sticky,
+            Counter::SelectedScript => &mut self.selected_script,
         };
         *slot = v;
     }

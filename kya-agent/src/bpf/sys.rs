@@ -9,6 +9,7 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -157,6 +158,27 @@ pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
     }
 }
 
+/// Looks up `key`; `Ok(None)` when absent. Same contract on `K`/`V` as
+/// [`map_lookup_and_delete`].
+pub fn map_lookup<K: Copy, V: Copy + Default>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        flags: 0,
+    };
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +207,6 @@ mod tests {
         assert!(raw_tracepoint_open(fd, c"sched_process_exec").is_err());
         assert!(obj_pin(fd, c"/nonexistent/kya-test-pin").is_err());
         assert!(map_lookup_and_delete::<u64, u64>(fd, &0).is_err());
+        assert!(map_lookup::<u64, u64>(fd, &0).is_err());
     }
 }

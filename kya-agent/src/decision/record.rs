@@ -125,6 +125,11 @@ impl EventFacts {
 
 /// Command line and parent of a connection's process, read from `/proc` once
 /// per connection (its process does not change) instead of per decision.
+/// These are the only process facts taken from `/proc`: the kernel does not
+/// record them at connect. Everything else (pid, uid, gid, comm, cgroup,
+/// executable) is the kernel's record of the connect, and a later exec does
+/// not change it; the command line is context for a human reading the
+/// record, never an identity policy relies on.
 /// Keyed by connection number *and* pid; bounded (cleared when full).
 const MAX_CACHED_CONNS: usize = 4096;
 

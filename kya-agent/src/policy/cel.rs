@@ -581,6 +581,7 @@ mod tests {
                 exe: "/usr/bin/python3".into(),
                 comm: "python3".into(),
                 cgroup: "/agents/billing".into(),
+                ..Default::default()
             },
             server: "mcp.example.com".into(),
             destination: Some("203.0.113.7:443".parse().unwrap()),

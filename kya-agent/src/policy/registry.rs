@@ -97,7 +97,7 @@ pub struct Selectors {
 pub struct Registry {
     agents: Vec<Agent>,
     departed: HashSet<String>,
-    hashes: Mutex<HashMap<(String, u64, i128), String>>,
+    hashes: Mutex<HashMap<(u64, u64, u64, i128), String>>,
 }
 
 const MAX_HASH_CACHE: usize = 4096;
@@ -241,31 +241,46 @@ impl Registry {
         true
     }
 
-    /// SHA-256 of the process's executable (via `/proc/PID/exe` when the
-    /// process still exists, else the path), cached by path, size and mtime.
+    /// SHA-256 of the process's executable. When the kernel recorded the
+    /// executable's (device, inode) at connect, only that file is hashed:
+    /// `/proc/PID/exe` or the recorded path, whichever still is that very
+    /// file (a process that exec'd since, or a path replaced since, gives
+    /// no hash, so no match). Without a kernel record, `/proc/PID/exe`
+    /// while the process exists, else the path. Cached by (device, inode,
+    /// size, mtime).
     pub fn exe_hash(&self, p: &ProcessIdentity) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
         let proc_exe = format!("/proc/{}/exe", p.pid);
-        let path = if p.pid != 0 && Path::new(&proc_exe).exists() {
-            proc_exe
-        } else if !p.exe.is_empty() {
-            p.exe.clone()
-        } else {
-            return None;
-        };
-        let meta = std::fs::metadata(&path).ok()?;
+        let mut candidates: Vec<&str> = Vec::new();
+        if p.pid != 0 {
+            candidates.push(&proc_exe);
+        }
+        if !p.exe.is_empty() {
+            candidates.push(&p.exe);
+        }
+        let (path, meta) = candidates.into_iter().find_map(|c| {
+            let md = std::fs::metadata(c).ok()?;
+            let same = p.exe_ino == 0
+                || (md.ino() == p.exe_ino && kya_common::maps::kernel_dev(md.dev()) == p.exe_dev);
+            same.then(|| (c.to_string(), md))
+        })?;
         let mtime = meta
             .modified()
             .ok()
             .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_nanos() as i128)
             .unwrap_or(-1);
-        let key = (path.clone(), meta.len(), mtime);
+        let key = (meta.dev(), meta.ino(), meta.len(), mtime);
         if let Ok(cache) = self.hashes.lock() {
             if let Some(h) = cache.get(&key) {
                 return Some(h.clone());
             }
         }
         let mut f = std::fs::File::open(&path).ok()?;
+        let opened = f.metadata().ok()?;
+        if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
+            return None; // replaced between the check and the open
+        }
         let mut h = Sha256::new();
         std::io::copy(&mut f, &mut h).ok()?;
         let hex = hex::encode(h.finalize());

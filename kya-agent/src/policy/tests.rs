@@ -726,6 +726,7 @@ match = { uid = 7 }
         exe: "/usr/bin/python3.11".into(),
         comm: "python3".into(),
         cgroup: "/agents/billing/w1".into(),
+        ..Default::default()
     };
     let a = r.resolve(&p, now);
     assert_eq!(
