@@ -51,13 +51,21 @@ impl StatusHandler {
 
     /// The status document.
     pub fn snapshot(&self) -> Value {
-        let kernel = match self.redirector.lock() {
-            Ok(guard) => match guard.as_ref().map(Redirector::stats) {
-                Some(Ok(s)) => json!(s),
-                Some(Err(e)) => json!({ "error": e.to_string() }),
-                None => json!({ "error": "redirect detached" }),
-            },
-            Err(_) => json!({ "error": "redirect state unavailable" }),
+        let (kernel, support) = match self.redirector.lock() {
+            Ok(guard) => (
+                match guard.as_ref().map(Redirector::stats) {
+                    Some(Ok(s)) => json!(s),
+                    Some(Err(e)) => json!({ "error": e.to_string() }),
+                    None => json!({ "error": "redirect detached" }),
+                },
+                guard.as_ref().map(|r| r.kernel_support().clone()),
+            ),
+            Err(_) => (json!({ "error": "redirect state unavailable" }), None),
+        };
+        // The kernel version and the features kya uses on it.
+        let host_kernel = match support {
+            Some(s) => json!({ "release": s.release, "features": s.features }),
+            None => json!({ "release": crate::bpf::kernel_release(), "features": [] }),
         };
         let c = &self.config;
         let pins_present = c.pin_dir.is_dir();
@@ -82,6 +90,7 @@ impl StatusHandler {
                 "pids": c.selection.pids,
             },
             "kernel": kernel,
+            "host_kernel": host_kernel,
             "interceptor": {
                 "accepted": self.intercept.accepted.load(Ordering::Relaxed),
                 "unknown_refused": self.intercept.unknown.load(Ordering::Relaxed),
@@ -155,6 +164,18 @@ pub mod command {
                 line(&mut out, &format!("select.{k}"), v);
             }
         }
+        if let Some(hk) = s["host_kernel"].as_object() {
+            line(&mut out, "kernel.release", &hk["release"]);
+            let features: Vec<&str> = hk["features"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            line(
+                &mut out,
+                "kernel.features",
+                &Value::from(features.join(", ")),
+            );
+        }
         for section in ["kernel", "interceptor"] {
             if let Some(obj) = s[section].as_object() {
                 for (k, v) in obj {
@@ -164,7 +185,9 @@ pub mod command {
         }
         if let Some(obj) = s.as_object() {
             for (k, v) in obj {
-                if v.is_object() && !["selection", "kernel", "interceptor"].contains(&k.as_str()) {
+                if v.is_object()
+                    && !["selection", "kernel", "host_kernel", "interceptor"].contains(&k.as_str())
+                {
                     line(&mut out, k, v);
                 }
             }
