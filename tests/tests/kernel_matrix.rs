@@ -40,7 +40,14 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
     let _g = serial();
     ensure_peers();
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    eprintln!("kernel-matrix: kernel {}", release.trim());
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| {
+        eprintln!(
+            "kernel-matrix: [{:>5.1} s] {what}",
+            t0.elapsed().as_secs_f32()
+        )
+    };
+    step(&format!("kernel {}", release.trim()));
 
     let dir = tempfile::tempdir().expect("tempdir");
     let cg = TestCgroup::new("kmx");
@@ -57,6 +64,7 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
     let mcp = McpServer::start(dir.path(), MCP_PORT, "peer.log");
     let p = |f: &str| dir.path().join(f).display().to_string();
 
+    step("peers started");
     // Load and attach.
     let before = attached_programs();
     let mut daemon = Daemon::start(DaemonOptions::new(961).args([
@@ -88,6 +96,7 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
         "{status}"
     );
 
+    step("daemon attached");
     // A selected process is redirected and still sees its original peer.
     let probe = probe_bin();
     let out = run_json(cg.command(
@@ -111,6 +120,7 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
         "the server saw the selected client directly"
     );
 
+    step("selected process redirected");
     // An unselected process goes direct.
     let direct = run_json({
         let mut c = Command::new(&probe);
@@ -125,6 +135,7 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
     );
     assert_eq!(daemon.connections().len(), conns.len());
 
+    step("unselected process went direct");
     // One allowed and one denied MCP call, judged on the server's own log.
     let url = mcp.url();
     let r = mcp_result(mcp_client(
@@ -146,6 +157,7 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
     );
     assert_eq!(mcp.ran(), vec!["search_docs".to_string()]);
 
+    step("MCP calls decided");
     // Fail closed: after kill -9 the pinned programs refuse the selected
     // process; the unselected one still reaches the server.
     daemon.kill9();
@@ -167,6 +179,7 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
         "the refused connect reached the server"
     );
 
+    step("failed closed after kill -9");
     // The audit log holds both decisions and verifies, after the crash too.
     let audit = daemon.state_dir.path().join("audit.jsonl");
     let log = std::fs::read_to_string(&audit).expect("audit log");
@@ -194,5 +207,5 @@ fn kernel_dependent_guarantees_hold_on_this_kernel() {
         String::from_utf8_lossy(&v.stdout),
         String::from_utf8_lossy(&v.stderr)
     );
-    eprintln!("kernel-matrix: all checks passed on {}", release.trim());
+    step(&format!("all checks passed on {}", release.trim()));
 }
