@@ -263,9 +263,25 @@ fn set_executable(p: &Path) -> Result<()> {
         .with_context(|| format!("chmod {}", p.display()))
 }
 
+/// The lines that say why (panics, errors, the verifier's refusals), then
+/// the last `n` lines.
 fn show_tail(p: &Path, n: usize) {
     let text = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
+    const WHY: [&str; 6] = [
+        "panicked at",
+        "error:",
+        "unknown func ",
+        "invalid func ",
+        "cannot use helper ",
+        "lacks ",
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for l in lines.iter().filter(|l| WHY.iter().any(|w| l.contains(w))) {
+        if seen.insert(*l) && seen.len() <= 20 {
+            println!("  ! {}", l.chars().take(2000).collect::<String>());
+        }
+    }
     for l in &lines[lines.len().saturating_sub(n)..] {
         println!("  | {l}");
     }
