@@ -13,7 +13,7 @@ use kya_e2e::*;
 use std::process::Command;
 
 const ECHO_PORT: &str = "8453";
-const MCP_PORT: u16 = 18090;
+const MCP_PORT: u16 = 18095;
 
 const POLICY: &str = r#"
 [defaults]
