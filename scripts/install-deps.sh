@@ -59,6 +59,7 @@ need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86/bookworm-backports)
 command -v depmod >/dev/null 2>&1 || need+=(kmod)
 command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "install-deps: installing ${need[*]}"
   apt-get install -y -qq --no-install-recommends "${need[@]}"
