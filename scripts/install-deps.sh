@@ -84,6 +84,7 @@ for pkg in "$(kernel_pkg)" "$(kernel_pkg -t bookworm-backports)"; do
   if [ ! -e "$KYA_KERNELS/$ver/boot/vmlinuz-$ver" ]; then
     echo "install-deps: extracting $pkg into $KYA_KERNELS/$ver"
     tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true   # apt downloads as _apt
     (cd "$tmp" && apt-get download -qq "$pkg")
     rm -rf "$KYA_KERNELS/$ver.part"
     mkdir -p "$KYA_KERNELS/$ver.part"
