@@ -51,7 +51,7 @@ impl StatusHandler {
 
     /// The status document.
     pub fn snapshot(&self) -> Value {
-        let (kernel, live) = match self.redirector.lock() {
+        let (kernel, live, support) = match self.redirector.lock() {
             Ok(guard) => match guard.as_ref() {
                 Some(r) => (
                     match r.stats() {
@@ -62,16 +62,24 @@ impl StatusHandler {
                         Ok(c) => json!(c),
                         Err(e) => json!({ "error": e.to_string() }),
                     },
+                    Some(r.kernel_support().clone()),
                 ),
                 None => (
                     json!({ "error": "redirect detached" }),
                     json!({ "error": "redirect detached" }),
+                    None,
                 ),
             },
             Err(_) => (
                 json!({ "error": "redirect state unavailable" }),
                 json!({ "error": "redirect state unavailable" }),
+                None,
             ),
+        };
+        // The kernel version and the features kya uses on it.
+        let host_kernel = match support {
+            Some(s) => json!({ "release": s.release, "features": s.features }),
+            None => json!({ "release": crate::bpf::kernel_release(), "features": [] }),
         };
         let c = &self.config;
         let pins_present = c.pin_dir.is_dir();
@@ -99,6 +107,7 @@ impl StatusHandler {
             // from one that did), from the kernel's sticky set
             "selection_live": live,
             "kernel": kernel,
+            "host_kernel": host_kernel,
             "interceptor": {
                 "accepted": self.intercept.accepted.load(Ordering::Relaxed),
                 "unknown_refused": self.intercept.unknown.load(Ordering::Relaxed),
@@ -185,6 +194,18 @@ pub mod command {
                 &json!(format!("{} processes", c["processes"])),
             );
         }
+        if let Some(hk) = s["host_kernel"].as_object() {
+            line(&mut out, "kernel.release", &hk["release"]);
+            let features: Vec<&str> = hk["features"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            line(
+                &mut out,
+                "kernel.features",
+                &Value::from(features.join(", ")),
+            );
+        }
         for section in ["kernel", "interceptor"] {
             if let Some(obj) = s[section].as_object() {
                 for (k, v) in obj {
@@ -194,7 +215,9 @@ pub mod command {
         }
         if let Some(obj) = s.as_object() {
             for (k, v) in obj {
-                if v.is_object() && !["selection", "kernel", "interceptor"].contains(&k.as_str()) {
+                if v.is_object()
+                    && !["selection", "kernel", "host_kernel", "interceptor"].contains(&k.as_str())
+                {
                     line(&mut out, k, v);
                 }
             }

@@ -1,10 +1,36 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* sockops.bpf.c: once a redirected connection is established, publish its
  * origin under the 4-tuple the interceptor sees on the accepted socket, and
- * forget the per-socket record when the socket closes. */
+ * forget the per-socket record when the socket closes.
+ *
+ * No current-task helper here, on any kernel: socket-ops callbacks run when
+ * the handshake completes (usually in softirq), so "the current task" is
+ * whoever happened to be interrupted; and older kernels refuse these
+ * helpers in this program type (6.1 bpf_get_current_pid_tgid, 6.12 still
+ * bpf_get_current_comm). The task that connected was recorded at connect,
+ * in its own context, in the origin this program publishes. */
 #include "select.h"
 
 #define KYA_TCP_CLOSE 7
+
+/* kya_map_failed for a program without a task context: the event carries no
+ * pid, tid or comm (all zero); the map and the error say what failed. */
+static __always_inline void kya_sk_map_failed(__u32 map, long err)
+{
+	struct kya_event *ev;
+
+	kya_count(KYA_CNT_MAP_FULL);
+	ev = bpf_ringbuf_reserve(&kya_events, sizeof(*ev), 0);
+	if (!ev) {
+		kya_count(KYA_CNT_EVENTS_LOST);
+		return;
+	}
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->kind = KYA_EV_MAP_UPDATE_FAILED;
+	ev->err = (__s32)err;
+	ev->arg0 = map;
+	bpf_ringbuf_submit(ev, 0);
+}
 
 static __always_inline void kya_established(struct bpf_sock_ops *skops)
 {
@@ -46,7 +72,7 @@ static __always_inline void kya_established(struct bpf_sock_ops *skops)
 	k.dst_port = (__u16)bpf_ntohl(skops->remote_port); /* network order, shifted */
 	err = bpf_map_update_elem(&kya_conns, &k, o, BPF_ANY);
 	if (err) {
-		kya_map_failed(KYA_MAP_CONNS, err);
+		kya_sk_map_failed(KYA_MAP_CONNS, err);
 		return;
 	}
 	kya_count(KYA_CNT_ESTABLISHED);

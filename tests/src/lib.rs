@@ -34,6 +34,19 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One "second" of waiting for a peer, a daemon or a record before giving
+/// up (`patience() * 30`): `KYA_E2E_PATIENCE` seconds (default 1) on slow
+/// machines such as the kernel matrix's emulated guests. A bound on a hang, never a
+/// measurement: no test asserts on elapsed time.
+pub fn patience() -> Duration {
+    let factor: u32 = std::env::var("KYA_E2E_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|f| (1..=100).contains(f))
+        .unwrap_or(1);
+    Duration::from_secs(u64::from(factor))
+}
+
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("KYA_BIN_DIR") {
@@ -612,7 +625,7 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience() * 30;
         while Instant::now() < deadline {
             if self.events().iter().any(|e| message(e) == "kya is running") {
                 return;
@@ -650,7 +663,7 @@ impl Daemon {
 
     /// Wait until at least `n` connections were logged.
     pub fn wait_connections(&self, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patience() * 10;
         loop {
             let c = self.connections();
             if c.len() >= n || Instant::now() > deadline {
@@ -675,7 +688,7 @@ impl Daemon {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + patience() * 15;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return status;
@@ -959,7 +972,7 @@ impl McpServer {
             .spawn()
             .expect("start MCP server");
         let server = Self { child, port, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + patience() * 30;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "MCP server did not listen");
             std::thread::sleep(Duration::from_millis(100));
@@ -1054,7 +1067,7 @@ pub fn approvals_pending(daemon: &Daemon) -> Vec<Value> {
 
 /// Wait (up to 20 s) for a pending approval whose id is not in `seen`.
 pub fn wait_new_approval(daemon: &Daemon, seen: &[&str]) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + patience() * 20;
     loop {
         if let Some(a) = approvals_pending(daemon)
             .into_iter()

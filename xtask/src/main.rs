@@ -3,6 +3,10 @@
 //! * `test`: the whole suite (the README's and CI's one command): format and lint
 //!   checks, build, every Rust test (privileged end-to-end tests need root;
 //!   they skip without it on a laptop and fail under `CI=true`).
+//!   As root it first runs `kernel-matrix` (under `CI=true` a missing kernel
+//!   or virtme-ng is a failure, elsewhere a skip).
+//! * `kernel-matrix [--kernel 6.1]`: the kernel-dependent end-to-end checks
+//!   booted on Debian 12's 6.1 and Debian's 6.12 kernels in QEMU.
 //! * `clean-host`: remove what a crashed earlier run left on this machine
 //!   (test pins, test cgroups), never touching a running kya.
 //! * `bench-connect`: the connection-setup load harness (root).
@@ -10,6 +14,7 @@
 
 mod bench_connect;
 mod clean;
+mod kernel_matrix;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -36,6 +41,14 @@ enum Task {
     },
     /// Remove leftovers of crashed test runs (pins, cgroups).
     CleanHost,
+    /// Boot each kernel of the matrix in QEMU and run the kernel-dependent
+    /// end-to-end checks in it (needs root, virtme-ng and the kernels that
+    /// scripts/install-deps.sh installs).
+    KernelMatrix {
+        /// Only this kernel (6.1 or 6.12).
+        #[arg(long)]
+        kernel: Option<String>,
+    },
     /// Measure connection setup overhead (needs root).
     BenchConnect {
         /// Connects per measurement.
@@ -59,6 +72,7 @@ fn main() -> Result<()> {
             cargo_args,
         } => test(&root, no_lint, &cargo_args),
         Task::CleanHost => clean::clean_host(),
+        Task::KernelMatrix { kernel } => kernel_matrix::run(&root, kernel.as_deref()),
         Task::BenchConnect { count } => bench_connect::run(&root, count),
         Task::Bench { cargo_args } => {
             let mut args = vec!["bench", "--workspace"];
@@ -118,6 +132,21 @@ fn test(root: &Path, no_lint: bool, cargo_args: &[String]) -> Result<()> {
     }
     // The end-to-end tests run the real binaries: build them first.
     cargo(root, &["build", "--workspace", "--bins"])?;
+    // The kernel matrix first, so that the suite's summary stays the last
+    // line; its failure fails the run after the suite has run too.
+    let matrix = if !is_root {
+        Ok(())
+    } else if kernel_matrix::installed() {
+        kernel_matrix::run(root, None)
+    } else if ci {
+        Err(anyhow::anyhow!(
+            "CI=true: the kernel matrix must run, but virtme-ng or a kernel is missing \
+             (scripts/install-deps.sh installs them)"
+        ))
+    } else {
+        eprintln!("xtask: kernel matrix skipped: virtme-ng or the matrix kernels are not installed (scripts/install-deps.sh)");
+        Ok(())
+    };
     if is_root {
         clean::clean_host()?;
     }
@@ -126,7 +155,9 @@ fn test(root: &Path, no_lint: bool, cargo_args: &[String]) -> Result<()> {
         args.push("--");
         args.extend(cargo_args.iter().map(String::as_str));
     }
-    cargo_test_with_summary(root, &args)
+    let suite = cargo_test_with_summary(root, &args);
+    matrix.context("kernel matrix")?;
+    suite
 }
 
 /// Run `cargo test`, echoing its output, and end with one line that sums

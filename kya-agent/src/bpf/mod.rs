@@ -16,6 +16,7 @@
 mod host;
 mod mark;
 mod origins;
+mod probe;
 mod redirector;
 mod selection;
 mod stats;
@@ -25,6 +26,7 @@ pub use host::{cgroup2_mount, cgroup_path_of_id, cgroup_path_of_pid, BPFFS_MOUNT
 pub use kya_common::maps::KYA_SKIP_MARK;
 pub use mark::{mark_socket, socket_mark};
 pub use origins::{Origin, OriginTable};
+pub use probe::{kernel_release, KernelSupport};
 pub use redirector::{RedirectConfig, Redirector};
 pub use stats::KernelStats;
 
@@ -77,6 +79,23 @@ pub enum BpfError {
     BadPinDir(PathBuf),
     #[error("loading the BPF object: {0}")]
     Load(#[from] Box<aya::EbpfError>),
+    #[error(
+        "kernel {kernel} lacks {feature}, which kya needs for {needed_for} ({detail}); \
+         kya does not run with a weaker guarantee (README: Supported kernels)"
+    )]
+    KernelLacks {
+        kernel: String,
+        feature: &'static str,
+        needed_for: &'static str,
+        detail: String,
+    },
+    #[error("kernel {kernel} refused BPF program {name}: {source}")]
+    Refused {
+        kernel: String,
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("BPF program {name}: {source}")]
     Program {
         name: &'static str,

@@ -1,6 +1,7 @@
 //! One kya instance's redirect: its own copy of the BPF object and maps,
 //! its links on the cgroup v2 root, its pins.
 
+use super::probe::{self, KernelSupport};
 use super::selection::{
     exe_keys, expand_exes, facts_selected, running_selection, scan_proc, script_names,
     selection_facts, ExeFile, SelectionMaps, Wanted,
@@ -302,6 +303,8 @@ pub struct Redirector {
     applied: Resolved,
     /// (device, inode) -> path of the selected executables, for the event log.
     exe_names: Arc<RwLock<BTreeMap<ExeKey, PathBuf>>>,
+    /// The kernel and the features probed on it.
+    support: KernelSupport,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -332,9 +335,10 @@ impl Redirector {
         let want = cfg.resolve(&cgroup2)?;
 
         raise_memlock();
+        let support = probe::probe()?;
         let mut ebpf = EbpfLoader::new().load(kya_ebpf::OBJECT).map_err(Box::new)?;
         for name in pin_names() {
-            load_program(&mut ebpf, name)?;
+            load_program(&mut ebpf, name, &support.release)?;
         }
         let maps = Maps {
             config: take(&mut ebpf, m::CONFIG)?,
@@ -377,6 +381,7 @@ impl Redirector {
             netns_cookie: host::netns_cookie(),
             applied: Resolved::default(),
             exe_names: Arc::default(),
+            support,
         };
         // The daemon never redirects itself, even inside a selected cgroup.
         let me = std::process::id();
@@ -718,6 +723,11 @@ impl Redirector {
         facts_selected(&facts, &self.maps)
     }
 
+    /// The running kernel and the features kya uses on it.
+    pub fn kernel_support(&self) -> &KernelSupport {
+        &self.support
+    }
+
     /// The interceptor's handle on the origins of accepted connections.
     pub fn origins(&self) -> OriginTable {
         self.origins.clone()
@@ -928,7 +938,9 @@ fn dup_map_fd<K: aya::Pod, V: aya::Pod>(
         .map_err(|e| BpfError::io(format!("duplicating the {name} fd"), e))
 }
 
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+/// Loads one program; a verifier refusal names the kernel and carries the
+/// verifier's log.
+fn load_program(ebpf: &mut Ebpf, name: &'static str, kernel: &str) -> Result<(), BpfError> {
     let prog = ebpf.program_mut(name).ok_or(BpfError::Missing(name))?;
     let r = match prog {
         Program::CgroupSockAddr(p) => p.load(),
@@ -936,7 +948,8 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
         Program::RawTracePoint(p) => p.load(),
         _ => return Err(BpfError::Missing(name)),
     };
-    r.map_err(|e| BpfError::Program {
+    r.map_err(|e| BpfError::Refused {
+        kernel: kernel.to_string(),
         name,
         source: Box::new(e),
     })

@@ -9,7 +9,9 @@ use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -126,6 +128,98 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &CStr) -> io::Result<()> {
 }
 
 #[repr(C)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    _pad: u32,
+}
+
+/// Creates a map (used by the start-up probe only).
+pub fn map_create(map_type: u32, key_size: u32, value_size: u32, max: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries: max,
+        map_flags: 0,
+        _pad: 0,
+    };
+    owned(bpf(BPF_MAP_CREATE, &mut attr)?)
+}
+
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// Loads a raw instruction array (used by the start-up probe only). On
+/// failure, the error and the verifier's log.
+pub fn prog_load(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[u64],
+) -> Result<OwnedFd, (io::Error, String)> {
+    let mut log = vec![0u8; 64 * 1024];
+    let insn_cnt = u32::try_from(insns.len())
+        .map_err(|_| (io::Error::other("too many instructions"), String::new()))?;
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type,
+    };
+    match bpf(BPF_PROG_LOAD, &mut attr).and_then(owned) {
+        Ok(fd) => Ok(fd),
+        Err(e) => {
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            Err((e, String::from_utf8_lossy(&log[..end]).into_owned()))
+        }
+    }
+}
+
+/// `BPF_LINK_CREATE` with a raw target fd (the probe passes -1 to learn
+/// whether the command exists without attaching anything).
+pub fn link_create_raw(
+    prog: BorrowedFd<'_>,
+    target_fd: i32,
+    attach: AttachType,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target_fd as u32,
+        attach_type: attach as u32,
+        flags: 0,
+        target_btf_id: 0,
+        _pad: 0,
+        _union: [0; 4],
+    };
+    owned(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
+#[repr(C)]
 struct MapElemAttr {
     map_fd: u32,
     _pad: u32,
@@ -195,6 +289,11 @@ mod tests {
         assert_eq!(offset_of!(MapElemAttr, key), 8);
         assert_eq!(offset_of!(MapElemAttr, value), 16);
         assert_eq!(size_of::<MapElemAttr>(), 32);
+        assert_eq!(offset_of!(MapCreateAttr, map_flags), 16);
+        assert_eq!(offset_of!(ProgLoadAttr, license), 16);
+        assert_eq!(offset_of!(ProgLoadAttr, log_buf), 32);
+        assert_eq!(offset_of!(ProgLoadAttr, prog_name), 48);
+        assert_eq!(offset_of!(ProgLoadAttr, expected_attach_type), 68);
     }
 
     #[test]
