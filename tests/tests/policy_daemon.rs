@@ -97,7 +97,7 @@ fn policy_reloads_on_change_and_sighup_and_keeps_running_on_errors() {
     )
     .expect("write");
     let cg = TestCgroup::new("reload");
-    let daemon = Daemon::start(DaemonOptions::new(921).splice(8443).args([
+    let daemon = Daemon::start(DaemonOptions::new(921).args([
         "--policy",
         rules.to_str().expect("utf-8"),
         "--cgroup",

@@ -228,6 +228,15 @@ impl Exchange {
             headers: parts.headers,
         };
         let v = head.version;
+        if head.method == Method::CONNECT {
+            // A tunnel (an agent honouring HTTPS_PROXY) would carry bytes kya
+            // does not read: refused, never forwarded, until tunnels are followed.
+            return self.refuse_http(
+                StatusCode::METHOD_NOT_ALLOWED,
+                v,
+                "CONNECT tunnels are not followed by kya: the tunnel's traffic could not be inspected",
+            );
+        }
         if head.headers.len() > self.limits.max_headers {
             return self.refuse_http(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
