@@ -171,6 +171,9 @@ fn build_test(root: &Path) -> Result<PathBuf> {
 }
 
 /// Boots `image` and runs the test in it; Ok(wall time) when it passed.
+/// The guest's scratch tmpfs (state directories, control sockets, temporary files).
+const GUEST_TMP: &str = "/run/kya-matrix";
+
 fn boot(root: &Path, vng: &Path, image: &Path, test_bin: &Path, logs: &Path) -> Result<Duration> {
     let _ = std::fs::remove_dir_all(logs);
     std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -178,11 +181,16 @@ fn boot(root: &Path, vng: &Path, image: &Path, test_bin: &Path, logs: &Path) -> 
     let ci = std::env::var("CI").unwrap_or_default();
     // The host's filesystem is a read-only 9p/virtiofs share, where Unix
     // sockets do not work: the daemon's state (control socket) and every
-    // temporary file go to a tmpfs of the guest's own.
+    // temporary file go to a tmpfs of the guest's own. It is mounted on a
+    // directory of its own under /run (the guest's tmpfs), never over /tmp,
+    // which may hold the checkout and the logs directory itself.
     let script = format!(
         "#!/bin/sh\n\
-         mount -t tmpfs -o mode=1777 tmpfs /tmp\n\
-         export TMPDIR=/tmp HOME=/tmp CI='{ci}' RUST_BACKTRACE=1 KYA_E2E_PATIENCE=6\n\
+         set -e\n\
+         mkdir -p {GUEST_TMP}\n\
+         mount -t tmpfs -o mode=1777 tmpfs {GUEST_TMP}\n\
+         set +e\n\
+         export TMPDIR={GUEST_TMP} HOME={GUEST_TMP} CI='{ci}' RUST_BACKTRACE=1 KYA_E2E_PATIENCE=6\n\
          cd '{root}'\n\
          echo \"guest: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime) s\" > '{logs}/test.log'\n\
          '{bin}' --exact {TEST_NAME} --nocapture --test-threads=1 >> '{logs}/test.log' 2>&1\n\
