@@ -172,8 +172,8 @@ pub fn is_jsonrpc(value: &Value) -> bool {
 ///
 /// What some real server would read as JSON is judged as JSON here: a UTF-8
 /// BOM is skipped (and absent from the canonical bytes forwarded), and a body a
-/// server would decode as UTF-16/32 JSON, or JSON-RPC declared in a charset
-/// other than UTF-8, is refused rather than forwarded unread.
+/// server would decode as UTF-16/32 JSON, or JSON declared in a charset other
+/// than UTF-8, is refused rather than forwarded unread.
 pub fn read_body(
     content_type: Option<&str>,
     body: &[u8],
@@ -197,15 +197,18 @@ pub fn read_body(
     if text.iter().all(|b| b.is_ascii_whitespace()) && !declared {
         return Ok(Body::Opaque);
     }
+    // Before judging what the JSON means: a server decoding another charset
+    // (the TypeScript SDK honours `charset`, UTF-7 included) may read keys kya
+    // would not recognise as JSON-RPC at all.
+    if let Some(charset) = foreign_charset(content_type) {
+        return Err(Refusal(format!(
+            "JSON declared in charset {charset:?}: only UTF-8 is accepted"
+        )));
+    }
     let value =
         json::parse(text, limits).map_err(|e| Refusal(format!("body is not strict JSON: {e}")))?;
     if !is_jsonrpc(&value) {
         return Ok(Body::Opaque);
-    }
-    if let Some(charset) = foreign_charset(content_type) {
-        return Err(Refusal(format!(
-            "JSON-RPC declared in charset {charset:?}: only UTF-8 is accepted"
-        )));
     }
     let payload = jsonrpc::parse_payload(&value, max_batch)
         .map_err(|e| Refusal(format!("body is not an acceptable JSON-RPC message: {e}")))?;
@@ -403,9 +406,14 @@ mod tests {
                 "{ct}"
             );
         }
-        // Not JSON-RPC: ordinary API traffic in its own charset passes.
+        // JSON that is not JSON-RPC as UTF-8 may be JSON-RPC in the declared
+        // charset: in UTF-7, "+AGo-sonrpc" is "jsonrpc".
+        let utf7 = br#"{"+AGo-sonrpc":"2.0","id":1,"+AG0-ethod":"tools/call","params":{"name":"delete_records"}}"#;
+        assert!(rb(Some("application/json; charset=utf-7"), utf7).is_err());
+        assert!(rb(Some("application/json; charset=latin1"), br#"{"a":1}"#).is_err());
+        // Undeclared charset: UTF-8, judged as usual.
         assert!(matches!(
-            rb(Some("application/json; charset=latin1"), br#"{"a":1}"#),
+            rb(Some("application/json"), br#"{"a":1}"#),
             Ok(Body::Opaque)
         ));
     }
