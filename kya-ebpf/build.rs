@@ -2,7 +2,7 @@
 //! object with clang, so that `kya` embeds it and has no runtime file to lose.
 //!
 //! The kernel side is C because aya's Rust BPF path needs nightly + bpf-linker,
-//! which this project's machines cannot install (see DESIGN.md).
+//! which this project's build machines do not have.
 
 use std::env;
 use std::path::{Path, PathBuf};

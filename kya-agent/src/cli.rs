@@ -1,4 +1,4 @@
-//! The `kya` command line (a contract: see DESIGN.md, "The `kya` command line").
+//! The `kya` command line (a contract: see the README, "Command line").
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! The daemon's configuration: the TOML config file merged with `kya run` flags.
 //!
-//! Flags override the file; every key of the file is optional (DESIGN.md).
+//! Flags override the file; every key of the file is optional.
 
 use crate::cli::RunArgs;
 use serde::Deserialize;

@@ -1,8 +1,8 @@
 //! kya: an execution-plane guard for AI agents on Linux.
 //!
 //! The library holds every component; the `kya` binary (`main.rs`) only parses
-//! the command line and wires them together. See `../shared/DESIGN.md` in the
-//! workspace for the architecture.
+//! the command line and wires them together. `ARCHITECTURE.md` at the root of
+//! the repository follows one tool call through these modules.
 
 pub mod agents;
 pub mod approvals;

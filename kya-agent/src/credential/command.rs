@@ -347,7 +347,7 @@ fn list(args: CredentialListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The part of an agent registry (`[[agent]]`, see DESIGN.md) that issuing
+/// The part of an agent registry (`[[agent]]`, see `policies/README.md`) that issuing
 /// needs. Other keys are ignored here; the policy module owns the full format.
 #[derive(Debug, Deserialize)]
 struct Registry {

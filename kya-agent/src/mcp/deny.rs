@@ -1,7 +1,7 @@
 //! The answers kya gives in place of the upstream's: denials, batch refusals,
 //! progress while a call is held, and refusals of unreadable requests.
 //!
-//! The shapes are a contract (DESIGN.md, "Denial shape"): MCP clients show a
+//! The shapes are a contract (chosen by `intercept.deny_shape`): MCP clients show a
 //! `CallToolResult` with `isError: true` to the model, so the default denial names
 //! the rule, the reason and the decision id in its text; the `jsonrpc_error` shape
 //! carries the same facts as structured `data`. Only `tools/call` has a
@@ -112,7 +112,7 @@ pub enum MemberVerdict<'a> {
 }
 
 /// The answer to a batch in which some member was not allowed, so no member is
-/// forwarded (DESIGN.md): every request gets its own answer, in order; notifications
+/// forwarded: every request gets its own answer, in order; notifications
 /// and responses get none (JSON-RPC answers neither). `verdicts[i]` belongs to
 /// `messages[i]`; a request without a verdict is answered as denied, never skipped,
 /// so a caller's bookkeeping slip cannot leave a client waiting on a silent success.

@@ -538,7 +538,7 @@ fn map<'a>(entries: Vec<(&'static str, Box<dyn Val + 'a>)>) -> Box<dyn Val + 'a>
 }
 
 /// JSON to CEL: integers that fit i64 are ints, every other number a double
-/// (DESIGN.md), so `args.amount > 1000` means the same for `5000` and `5000.0`.
+/// (`policies/README.md`), so `args.amount > 1000` means the same for `5000` and `5000.0`.
 pub fn json_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
     match v {
         serde_json::Value::Null => Box::new(CelNull),

@@ -1,7 +1,7 @@
 //! Loading rule files: TOML text to a compiled [`Policy`], with every problem
 //! reported as `file:line: message`.
 //!
-//! Files are recognised by their top-level keys (DESIGN.md: one kind per
+//! Files are recognised by their top-level keys (one kind per
 //! file). A directory loads its `*.toml` rule files in lexical order (agent
 //! registries and policy tests in it are skipped, so a policy directory can
 //! hold all three). Cross-file rules: ids are unique across rules and budgets

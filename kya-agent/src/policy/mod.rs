@@ -4,7 +4,7 @@
 //! A pure library (no sockets, no eBPF): the interceptor builds a
 //! [`CallContext`] for every MCP request and asks a [`Decide`] implementation
 //! (normally the [`PolicyEngine`]) for a [`Decision`]. The format of the TOML
-//! files is the contract in DESIGN.md ("Policies").
+//! files is a contract, documented in `policies/README.md`.
 //!
 //! * [`load`]: TOML files to a compiled, immutable [`Policy`] (file:line diagnostics).
 //! * [`model`]: the compiled rules, budgets and defaults.

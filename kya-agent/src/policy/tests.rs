@@ -1,6 +1,6 @@
 //! Unit and property tests across the policy modules: loading (bad input),
 //! precedence, fail-closed evaluation, budgets, orphaned agents, registry,
-//! reload. Expected values are written from DESIGN.md, by hand.
+//! reload. Expected values are written from `policies/README.md`, by hand.
 
 use super::budget::BudgetState;
 use super::diag::Source;
@@ -115,7 +115,7 @@ fn design_example_policy_gives_documented_verdicts() {
     c.method = "tools/list".into();
     c.tool = None;
     assert_eq!(p.decide(&c).verdict, Verdict::Allow);
-    // The JSON shape of DESIGN.md.
+    // The JSON shape `kya policy test --json` documents.
     let v = serde_json::to_value(p.decide(&call("transfer", json!({"amount": 5000})))).unwrap();
     for k in ["verdict", "rule", "reason", "matched", "policy_version"] {
         assert!(v.get(k).is_some(), "{k}");

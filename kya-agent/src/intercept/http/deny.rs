@@ -1,5 +1,5 @@
-//! The denials the proxy sends, built by [`crate::mcp::deny`] (the shapes of
-//! DESIGN.md) from the owned facts a [`Ruling`](super::Ruling) carries.
+//! The denials the proxy sends, built by [`crate::mcp::deny`] (the documented
+//! denial shapes) from the owned facts a [`Ruling`](super::Ruling) carries.
 //!
 //! One addition: every `result` kya writes carries `resultType: "complete"`. The
 //! 2026-07-28 protocol makes `Result.resultType` required and the official Python
