@@ -1,9 +1,13 @@
-//! How long kya's MCP parsing adds to one typical `tools/call` request.
+//! How long kya's MCP parsing adds to one typical `tools/call` request, on the
+//! path the proxy runs: content decoding, then `read_body` (strict parse and
+//! JSON-RPC model), then the canonical bytes that are forwarded.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use http::{HeaderMap, HeaderValue};
+use kya_agent::intercept::http::inspect::read_body;
+use kya_agent::intercept::http::Limits;
+use kya_agent::mcp::encoding::decode_body;
 use kya_agent::mcp::json::{parse, to_canonical_bytes, JsonLimits};
-use kya_agent::mcp::{inspect_request, Limits};
 
 /// A tools/call as the Python and TypeScript SDKs send it.
 const TOOLS_CALL: &[u8] = br#"{"jsonrpc":"2.0","id":17,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5000,"to":"bob","currency":"EUR","memo":"invoice 2026-11 \u00e9t\u00e9","tags":["billing","monthly"],"options":{"dry_run":false,"priority":3,"ratio":0.25}},"_meta":{"progressToken":"tok-17"}}}"#;
@@ -24,8 +28,20 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("mcp_parse");
     g.throughput(Throughput::Bytes(TOOLS_CALL.len() as u64));
-    g.bench_function("inspect_request/tools_call", |b| {
-        b.iter(|| inspect_request(black_box(TOOLS_CALL), black_box(&headers), &limits))
+    let json_limits = limits.json();
+    g.bench_function("request_body/tools_call", |b| {
+        b.iter(|| {
+            let decoded = decode_body(black_box(&headers), black_box(TOOLS_CALL), 1 << 20)
+                .expect("identity encoding");
+            let body = read_body(
+                Some("application/json"),
+                &decoded,
+                &json_limits,
+                limits.max_batch,
+            )
+            .expect("bench input is a JSON-RPC request");
+            black_box(body)
+        })
     });
     g.bench_function("json_parse/tools_call", |b| {
         b.iter(|| parse(black_box(TOOLS_CALL), &JsonLimits::default()))

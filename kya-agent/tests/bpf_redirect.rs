@@ -24,15 +24,7 @@ const ECONNREFUSED: i64 = 111;
 
 /// True when the test may run; panics under CI=true without root.
 fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: the BPF redirect tests must run as root in CI");
-    }
-    eprintln!("SKIPPED {test}: needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes)");
-    false
+    kya_testkit::root_or_skip(test, "needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes)")
 }
 
 /// A fresh cgroup under the cgroup2 mount, emptied and removed on drop.

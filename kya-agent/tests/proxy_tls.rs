@@ -362,6 +362,8 @@ async fn real_h2_peers_httpx_to_hypercorn() {
         .arg(format!("127.0.0.1:{port}"))
         .arg("asgi:app")
         .current_dir(peers())
+        // hypercorn serves from worker processes: the group goes at drop.
+        .process_group(0)
         .env("KYA_PEER_LOG", &log)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -18,14 +18,7 @@ use std::time::{Duration, Instant};
 /// True when the test may run. Privileged tests skip without root on a
 /// laptop; under `CI=true` a skip is a failure.
 pub fn privileged(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("{test}: privileged test cannot run without root, and CI=true forbids skipping");
-    }
-    eprintln!("{test}: skipped (needs root for BPF and cgroups)");
-    false
+    kya_testkit::root_or_skip(test, "needs root for BPF and cgroups")
 }
 
 /// End-to-end tests share the host's cgroup root and BPF attachments: run them one at a time.

@@ -12,28 +12,43 @@ use std::path::{Path, PathBuf};
 const PREFIXES: [&str; 2] = ["kya-e2e-", "kya-test-"];
 
 pub fn clean_host() -> Result<()> {
-    let bpffs = Path::new("/sys/fs/bpf");
-    if let Ok(entries) = std::fs::read_dir(bpffs) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if PREFIXES.iter().any(|p| name.starts_with(p)) && !owner_alive(&e.path()) {
-                eprintln!("xtask: removing leftover pins {}", e.path().display());
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+    for pins in test_pins() {
+        if !owner_alive(&pins) {
+            eprintln!("xtask: removing leftover pins {}", pins.display());
+            let _ = std::fs::remove_dir_all(&pins);
         }
     }
-    if let Some(root) = cgroup2_mount() {
-        if let Ok(entries) = std::fs::read_dir(&root) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if PREFIXES.iter().any(|p| name.starts_with(p)) {
-                    eprintln!("xtask: removing leftover cgroup {}", e.path().display());
-                    remove_cgroup(&e.path());
-                }
-            }
-        }
+    for cgroup in test_cgroups() {
+        eprintln!("xtask: removing leftover cgroup {}", cgroup.display());
+        remove_cgroup(&cgroup);
     }
     Ok(())
+}
+
+/// Pin directories of test instances under bpffs.
+pub fn test_pins() -> Vec<PathBuf> {
+    prefixed_entries(Path::new("/sys/fs/bpf"))
+}
+
+/// Test cgroups under the cgroup2 root.
+pub fn test_cgroups() -> Vec<PathBuf> {
+    cgroup2_mount()
+        .map(|root| prefixed_entries(&root))
+        .unwrap_or_default()
+}
+
+fn prefixed_entries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            PREFIXES.iter().any(|p| name.starts_with(p))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Is a live process running with `pin_dir` among its arguments?
@@ -49,7 +64,7 @@ fn owner_alive(pin_dir: &Path) -> bool {
     })
 }
 
-fn remove_cgroup(path: &Path) {
+pub fn remove_cgroup(path: &Path) {
     if let Ok(entries) = std::fs::read_dir(path) {
         for e in entries.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -66,7 +81,7 @@ fn remove_cgroup(path: &Path) {
     }
 }
 
-fn cgroup2_mount() -> Option<PathBuf> {
+pub fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;

@@ -521,13 +521,10 @@ mod tests {
 
     #[test]
     fn this_kernel_has_everything_kya_needs() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true: the kernel probe must run as root"
-            );
-            eprintln!("skipped: probing BPF needs root");
+        if !kya_testkit::root_or_skip(
+            "this_kernel_has_everything_kya_needs",
+            "probing BPF needs root",
+        ) {
             return;
         }
         let s = probe().unwrap_or_else(|e| panic!("{e}"));

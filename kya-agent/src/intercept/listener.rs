@@ -258,15 +258,12 @@ mod tests {
         }
     }
 
-    /// Needs root (port below 1024 and SO_MARK); plain unit runs skip.
-    fn root() -> bool {
-        nix::unistd::geteuid().is_root()
-    }
-
     #[tokio::test]
     async fn splices_known_connections_and_resets_unknown_ones() {
-        if !root() {
-            eprintln!("skipped: needs root (privileged port, SO_MARK)");
+        if !kya_testkit::root_or_skip(
+            "splices_known_connections_and_resets_unknown_ones",
+            "needs root (privileged port, SO_MARK)",
+        ) {
             return;
         }
         let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -3,21 +3,15 @@
 //!
 //! One job per module: [`json`] (strict canonical JSON), [`jsonrpc`] (the message
 //! model), [`sse`] (event streams and the legacy endpoint), [`headers`] (MCP headers,
-//! Host/SNI), [`encoding`] (Content-Encoding), [`deny`] (the answers kya gives),
-//! [`tools_list`] (hiding tools), and [`inspect`], the one entry point per body that
-//! runs them in order and returns what policy needs plus the bytes to forward.
+//! Host/SNI), [`encoding`] (Content-Encoding) and [`deny`] (the answers kya gives).
+//! The proxy (`intercept::http`: `inspect` for requests, `filter` and `stream` for
+//! what servers send) runs them in order; it is the only pipeline.
 
 pub mod deny;
 pub mod encoding;
 pub mod headers;
-pub mod inspect;
 pub mod json;
 pub mod jsonrpc;
 pub mod sse;
-pub mod tools_list;
 
-pub use inspect::{
-    inspect_event, inspect_request, inspect_response, EventContent, InspectedEvent,
-    InspectedRequest, InspectedResponse, Limits, Refusal, ResponseStream,
-};
 pub use jsonrpc::{Id, Message, ToolCall};

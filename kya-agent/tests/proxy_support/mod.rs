@@ -687,9 +687,19 @@ pub fn free_port() -> u16 {
 }
 
 /// A peer process, killed (by its own pid) when the test ends.
+/// A peer process, killed at drop with its process group when it leads one
+/// (a server that forks workers is started with `process_group(0)`, so no
+/// worker outlives the test).
 pub struct Peer(pub tokio::process::Child);
 impl Drop for Peer {
     fn drop(&mut self) {
+        if let Some(pid) = self.0.id().and_then(|p| i32::try_from(p).ok()) {
+            // ESRCH when the peer leads no group of its own: nothing to do.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.0.start_kill();
     }
 }

@@ -1,0 +1,48 @@
+//! The governor and peer the response-side fuzz targets judge with.
+
+use kya_agent::intercept::http::filter::Peer;
+use kya_agent::intercept::http::{BoxFuture, CallFacts, ConnFacts, Governor, Limits, Ruling};
+use std::sync::Arc;
+
+/// Allows everything except server→client requests named `sampling/*`, and
+/// hides tools whose name starts with `secret`.
+pub struct Judge;
+
+impl Governor for Judge {
+    fn decide(&self, call: CallFacts) -> BoxFuture<'static, Ruling> {
+        let ruling = if call.method.starts_with("sampling/") {
+            Ruling::Deny {
+                decision_id: "dec_fuzz".into(),
+                rule: Some("fuzz".into()),
+                reason: "fuzz".into(),
+            }
+        } else {
+            Ruling::Allow {
+                decision_id: "dec_fuzz".into(),
+            }
+        };
+        Box::pin(async move { ruling })
+    }
+    fn may_call(&self, _conn: &ConnFacts, _server: &str, tool: &str) -> bool {
+        !tool.starts_with("secret")
+    }
+    fn refused(&self, _conn: &ConnFacts, _reason: &str) {}
+}
+
+/// A peer on a plaintext connection to `mcp.test`, judged by [`Judge`].
+pub fn peer() -> Peer {
+    Peer {
+        gov: Arc::new(Judge),
+        conn: Arc::new(ConnFacts {
+            process: Default::default(),
+            dst: "127.0.0.1:443".parse().expect("static address"),
+            sni: None,
+            tls: false,
+            conn_id: 1,
+        }),
+        server: "mcp.test".into(),
+        session: None,
+        protocol_version: None,
+        limits: Limits::default(),
+    }
+}
