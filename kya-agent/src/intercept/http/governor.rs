@@ -27,6 +27,28 @@ pub struct ConnFacts {
     pub tls: bool,
     /// A per-daemon connection number, for correlating log lines and audit records.
     pub conn_id: u64,
+    /// For a followed `CONNECT` tunnel: its target (the CONNECT authority).
+    /// `dst` is then the proxy the agent connected to, and the server's name
+    /// is bound to this target.
+    pub tunnel: Option<TunnelTarget>,
+}
+
+/// Where a followed `CONNECT` tunnel goes: the request's authority, its host
+/// normalized (lower case, no brackets, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelTarget {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for TunnelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// Which way a message travels.
