@@ -1231,7 +1231,10 @@ impl ConnectProxy {
         let proxy = Self { child, addr, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "the CONNECT proxy did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "the CONNECT proxy did not listen on {addr}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         proxy
