@@ -27,6 +27,7 @@
 use super::http::{self, ConnFacts, Governor, HttpVersion, Limits, TunnelTarget};
 use super::names::NameResolver;
 use super::origin::ConnOrigin;
+use super::tunnel::Follower;
 use super::{splice, upstream};
 use crate::tls::client_hello::{self, ClientHelloError, FirstBytes, HelloLimits, PeekError};
 use crate::tls::terminate::{refuse, UPSTREAM_CERT_ALERT};
@@ -183,11 +184,8 @@ impl Conn<'_> {
     }
 
     /// What follows `CONNECT` on an HTTP connection of this one.
-    fn tunnels(&self) -> Option<Arc<dyn http::connect::Tunnels>> {
-        Some(Arc::new(super::tunnel::Follower::new(
-            self.insp.clone(),
-            self.origin.clone(),
-        )))
+    fn follower(&self) -> Arc<Follower> {
+        Arc::new(Follower::new(self.insp.clone(), self.origin.clone()))
     }
 }
 
@@ -222,6 +220,7 @@ pub(crate) async fn route<A: AgentStream>(
                 agent.reset();
                 return;
             };
+            let tunnels = conn.follower();
             if let Err(e) = http::serve_http_with(
                 agent,
                 up,
@@ -230,12 +229,13 @@ pub(crate) async fn route<A: AgentStream>(
                 conn.insp.governor.clone(),
                 &conn.insp.limits,
                 conn.insp.names.clone(),
-                conn.tunnels(),
+                Some(tunnels.clone()),
             )
             .await
             {
                 tracing::debug!(conn_id, pid, %dst, error = %e, "plaintext HTTP connection ended with an error");
             }
+            tunnels.join().await;
             return;
         }
         Ok(FirstBytes::Other) | Ok(FirstBytes::NeedMore) if splice_port => {
@@ -442,6 +442,7 @@ async fn tls_path<A: AgentStream>(
     };
     let facts = conn.facts(sni, true);
     let conn_id = facts.conn_id;
+    let tunnels = conn.follower();
     if let Err(e) = http::serve_http_with(
         agent_tls,
         up.stream,
@@ -450,12 +451,13 @@ async fn tls_path<A: AgentStream>(
         insp.governor.clone(),
         &insp.limits,
         insp.names.clone(),
-        conn.tunnels(),
+        Some(tunnels.clone()),
     )
     .await
     {
         tracing::debug!(conn_id, pid, %dst, error = %e, "TLS connection ended with an error");
     }
+    tunnels.join().await;
 }
 
 impl Server {

@@ -13,11 +13,12 @@ use super::http::sniff::Prefixed;
 use super::http::{BoxFuture, TunnelTarget};
 use super::origin::ConnOrigin;
 use crate::tls::client_hello::{self, FirstBytes, PeekError};
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::task::JoinHandle;
 
 /// Bytes read to classify a tunnel's first bytes (as many as a peek looks at).
 const FIRST_BYTES: usize = 16;
@@ -27,28 +28,67 @@ type TunnelAgent = Prefixed<TokioIo<Upgraded>>;
 
 impl AgentStream for TunnelAgent {}
 
-/// Follows the tunnels opened on one redirected connection.
+/// Follows the tunnels opened on one redirected connection, and keeps them
+/// accounted to it: the connection's handler waits for them
+/// ([`Follower::join`]) before it ends, so a tunnel holds the connection's
+/// place under the interceptor's connection limit, and is aborted with it.
 pub(crate) struct Follower {
     insp: Arc<Inspection>,
     origin: ConnOrigin,
+    running: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Follower {
     pub(crate) fn new(insp: Arc<Inspection>, origin: ConnOrigin) -> Self {
-        Self { insp, origin }
+        Self {
+            insp,
+            origin,
+            running: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for every tunnel this connection opened to end.
+    pub(crate) async fn join(&self) {
+        loop {
+            let next = self.running().pop();
+            let Some(task) = next else { return };
+            if let Err(e) = task.await {
+                tracing::debug!(error = %e, "a followed tunnel's task failed");
+            }
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        for task in self.running().drain(..) {
+            task.abort();
+        }
     }
 }
 
 impl Tunnels for Follower {
     fn follow(
         &self,
-        agent: Upgraded,
-        server: Upgraded,
+        agent: OnUpgrade,
+        server: OnUpgrade,
         target: TunnelTarget,
     ) -> BoxFuture<'static, ()> {
         let insp = self.insp.clone();
         let origin = self.origin.clone();
         Box::pin(async move {
+            let (agent, server) = match tokio::join!(agent, server) {
+                (Ok(a), Ok(s)) => (a, s),
+                (a, s) => {
+                    let error = a.err().or(s.err()).map(|e| e.to_string());
+                    tracing::debug!(pid = origin.process.pid, %target, ?error, "the tunnel closed before it opened");
+                    return;
+                }
+            };
             let conn = Conn {
                 conn_id: insp.next_conn_id(),
                 insp: &insp,
@@ -61,6 +101,11 @@ impl Tunnels for Follower {
             let server = Server::Tunnel(Box::new(TokioIo::new(server)));
             dispatch::route(agent, first, server, &conn).await;
         })
+    }
+
+    fn run(&self, task: BoxFuture<'static, ()>) {
+        let handle = tokio::spawn(task);
+        self.running().push(handle);
     }
 }
 

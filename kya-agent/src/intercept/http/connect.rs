@@ -11,7 +11,7 @@
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Incoming};
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::OnUpgrade;
 
 use crate::mcp::headers::normalize_host;
 
@@ -19,15 +19,22 @@ use super::body::{self, ProxyBody};
 use super::exchange::Exchange;
 use super::governor::{BoxFuture, TunnelTarget};
 
-/// Follows a tunnel once the proxy opened it: `agent` is the agent's side,
-/// `server` the proxy's, `target` the CONNECT authority.
+/// Follows a tunnel once the proxy opened it.
 pub trait Tunnels: Send + Sync {
+    /// The tunnel as a connection of its own, once both sides hand over
+    /// their sockets: `agent` is the agent's side, `server` the proxy's,
+    /// `target` the CONNECT authority.
     fn follow(
         &self,
-        agent: Upgraded,
-        server: Upgraded,
+        agent: OnUpgrade,
+        server: OnUpgrade,
         target: TunnelTarget,
     ) -> BoxFuture<'static, ()>;
+
+    /// Run `task` (a tunnel opening, then followed) beside the HTTP
+    /// connection it came from, which hands over its socket and ends; the
+    /// implementation keeps it accounted to that connection.
+    fn run(&self, task: BoxFuture<'static, ()>);
 }
 
 /// Headers that concern one hop only: never forwarded to the proxy or back.
@@ -194,16 +201,7 @@ pub(super) async fn connect(ex: &Exchange, mut req: Request<Incoming>) -> Respon
     }
     let server_side = hyper::upgrade::on(&mut answer);
     tracing::info!(conn = conn.conn_id, pid = conn.process.pid, proxy = %conn.dst, %target, "following a CONNECT tunnel");
-    let conn_id = conn.conn_id;
-    tokio::spawn(async move {
-        match tokio::join!(agent_side, server_side) {
-            (Ok(agent), Ok(server)) => tunnels.follow(agent, server, target).await,
-            (a, s) => {
-                let error = a.err().or(s.err()).map(|e| e.to_string());
-                tracing::debug!(conn = conn_id, ?error, "the tunnel closed before it opened");
-            }
-        }
-    });
+    tunnels.run(tunnels.follow(agent_side, server_side, target));
     let mut r = Response::new(body::empty());
     *r.status_mut() = status;
     *r.headers_mut() = headers;
