@@ -15,6 +15,9 @@ const MCP_TLS_PORT: u16 = 28443;
 const ECHO_REFUSED: &str = "127.0.0.3:28222";
 const ECHO_REFUSED6: &str = "[::1]:28224";
 const ECHO_SPLICED: &str = "127.0.0.3:28223";
+/// UDP: refused on a listed port (`--port`), untouched elsewhere.
+const UDP_LISTED: &str = "127.0.0.3:28226";
+const UDP_UNLISTED: &str = "127.0.0.3:28227";
 
 const POLICY: &str = r#"
 [defaults]
@@ -84,11 +87,15 @@ fn every_tcp_port_of_a_selected_process_is_inspected_or_refused() {
     let refused = TcpEcho::start(ECHO_REFUSED);
     let refused6 = TcpEcho::start(ECHO_REFUSED6);
     let spliced = TcpEcho::start(ECHO_SPLICED);
+    let _udp_listed = UdpEcho::start(UDP_LISTED);
+    let _udp_unlisted = UdpEcho::start(UDP_UNLISTED);
     let mut opts = DaemonOptions::new(936).args([
         "--policy",
         d.join("policy.toml").to_str().expect("utf-8"),
         "--cgroup",
         &cg.rel,
+        "--port",
+        "28226",
         "--upstream-ca",
         d.join("test-ca.pem").to_str().expect("utf-8"),
     ]);
@@ -173,6 +180,19 @@ fn every_tcp_port_of_a_selected_process_is_inspected_or_refused() {
             .iter()
             .any(|c| c["dst"] == ECHO_SPLICED),
         "the spliced connection did not go through kya"
+    );
+
+    // Datagrams keep the listed ports' rule: refused there, untouched elsewhere.
+    let refused_udp = run_json(cg.command(&probe, &["udp", "127.0.0.3", "28226"]));
+    let errno = refused_udp["errno"].as_i64();
+    assert!(
+        errno == Some(libc::EPERM as i64) || errno == Some(libc::ECONNREFUSED as i64),
+        "UDP to a listed port must be refused: {refused_udp}"
+    );
+    let udp = run_json(cg.command(&probe, &["udp", "127.0.0.3", "28227"]));
+    assert_eq!(
+        udp["reply"], "udp-probe",
+        "UDP elsewhere is untouched: {udp}"
     );
 
     // A process that is not selected is not touched, on any port.
