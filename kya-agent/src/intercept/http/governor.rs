@@ -21,7 +21,10 @@ pub struct ConnFacts {
     pub process: kya_common::ProcessIdentity,
     /// The original destination the agent connected to.
     pub dst: SocketAddr,
-    /// The TLS SNI the agent sent, when the connection was TLS.
+    /// The TLS SNI the agent sent, when the connection was TLS. Inside a
+    /// followed tunnel: the target's name (which the SNI was checked to be),
+    /// or its address when the target is one and the agent sent no SNI; the
+    /// upstream certificate was verified for it either way.
     pub sni: Option<String>,
     /// Whether the agent leg is TLS (terminated by kya).
     pub tls: bool,
