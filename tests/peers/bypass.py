@@ -164,6 +164,8 @@ def plain(case: dict) -> dict:
     except OSError as e:
         return {"outcome": "refused", "status": None, "detail": repr(e)}
     try:
+        if case.get("echo"):
+            return echo(s, case["echo"].encode())
         if case.get("garbage_first"):
             s.sendall(case["garbage_first"].encode())
         if case.get("stall_prefix"):
@@ -181,6 +183,21 @@ def plain(case: dict) -> dict:
         return {"outcome": "refused", "status": None, "detail": repr(e)}
     finally:
         s.close()
+
+
+def echo(s: socket.socket, data: bytes) -> dict:
+    """Send bytes that are neither TLS nor HTTP to an echo server and read
+    them back (as many as were sent)."""
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    if not got:
+        return {"outcome": "refused", "status": None, "detail": "closed without an answer"}
+    return {"outcome": "answered", "status": None, "detail": got.decode("latin-1")}
 
 
 def h2_call(s: socket.socket, case: dict) -> dict:

@@ -18,6 +18,8 @@ const ECHO_SPLICED: &str = "127.0.0.3:28223";
 /// UDP: refused on a listed port (`--port`), untouched elsewhere.
 const UDP_LISTED: &str = "127.0.0.3:28226";
 const UDP_UNLISTED: &str = "127.0.0.3:28227";
+/// A CONNECT proxy on an unlisted port.
+const PROXY: &str = "127.0.0.6:28128";
 
 const POLICY: &str = r#"
 [defaults]
@@ -89,6 +91,7 @@ fn every_tcp_port_of_a_selected_process_is_inspected_or_refused() {
     let spliced = TcpEcho::start(ECHO_SPLICED);
     let _udp_listed = UdpEcho::start(UDP_LISTED);
     let _udp_unlisted = UdpEcho::start(UDP_UNLISTED);
+    let proxy = ConnectProxy::start(d, PROXY);
     let mut opts = DaemonOptions::new(936).args([
         "--policy",
         d.join("policy.toml").to_str().expect("utf-8"),
@@ -182,6 +185,29 @@ fn every_tcp_port_of_a_selected_process_is_inspected_or_refused() {
         "the spliced connection did not go through kya"
     );
 
+    // Through a CONNECT proxy on an unlisted port, the splice rule looks at
+    // the tunnel's target port: spliced to a splice port, refused elsewhere.
+    for (target, spliced) in [(ECHO_SPLICED, true), (ECHO_REFUSED, false)] {
+        let seen = call(
+            &cg,
+            d,
+            serde_json::json!({
+                "transport": "plain", "host": "127.0.0.3", "port": 0, "ca": "",
+                "proxy": PROXY, "connect": target, "echo": "HELLO kya\r\n",
+            }),
+        );
+        if spliced {
+            assert_eq!(seen["detail"], "HELLO kya\r\n", "{target}: {seen}");
+        } else {
+            assert_eq!(seen["outcome"], "refused", "{target}: {seen}");
+        }
+    }
+    assert_eq!(
+        proxy.tunnels(),
+        vec![ECHO_SPLICED.to_string(), ECHO_REFUSED.to_string()],
+        "both tunnels went through the proxy"
+    );
+
     // Datagrams keep the listed ports' rule: refused there, untouched elsewhere.
     let refused_udp = run_json(cg.command(&probe, &["udp", "127.0.0.3", "28226"]));
     let errno = refused_udp["errno"].as_i64();
@@ -205,7 +231,7 @@ fn every_tcp_port_of_a_selected_process_is_inspected_or_refused() {
     let out = run_json(direct);
     assert_eq!(out["reply"], "DIRECT", "{out}");
     assert_eq!(
-        refused.peers().first().map(|p| p.to_string()),
+        refused.peers().last().map(|p| p.to_string()),
         out["local"].as_str().map(str::to_string),
         "the server must see the unselected client itself"
     );
@@ -223,4 +249,10 @@ fn every_tcp_port_of_a_selected_process_is_inspected_or_refused() {
             "no audited refusal on port {port}"
         );
     }
+    assert!(
+        text.contains(&format!(
+            "neither TLS nor HTTP on the CONNECT tunnel to {ECHO_REFUSED}"
+        )),
+        "no audited refusal in the tunnel"
+    );
 }
