@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
             sni: None,
             tls: false,
             conn_id: 1,
+            tunnel: None,
         }),
         server: "mcp.test".into(),
         session: None,
