@@ -504,3 +504,44 @@ async fn splice_plain<A: AgentStream>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str) -> TunnelTarget {
+        TunnelTarget {
+            host: host.into(),
+            port: 443,
+        }
+    }
+
+    #[test]
+    fn inside_a_tunnel_the_tls_name_is_the_target() {
+        let t = target("mcp.example.com");
+        assert_eq!(
+            tunnel_name(&t, Some("mcp.example.com")).unwrap(),
+            "mcp.example.com"
+        );
+        assert_eq!(
+            tunnel_name(&t, Some("MCP.example.com.")).unwrap(),
+            "mcp.example.com"
+        );
+        for bad in [
+            Some("trusted.example.com"),
+            Some("example.com"),
+            Some(""),
+            None,
+        ] {
+            assert!(tunnel_name(&t, bad).is_err(), "{bad:?}");
+        }
+        // An address as the target: no SNI (clients send none for an
+        // address) or the address itself.
+        let ip = target("127.0.0.2");
+        assert_eq!(tunnel_name(&ip, None).unwrap(), "127.0.0.2");
+        assert_eq!(tunnel_name(&ip, Some("127.0.0.2")).unwrap(), "127.0.0.2");
+        assert!(tunnel_name(&ip, Some("mcp.example.com")).is_err());
+        let v6 = target("::1");
+        assert_eq!(tunnel_name(&v6, None).unwrap(), "::1");
+    }
+}
