@@ -121,6 +121,7 @@ async fn proxy(up: SocketAddr, gov: Arc<dyn Governor>) -> SocketAddr {
                     sni: None,
                     tls: false,
                     conn_id: n,
+                    tunnel: None,
                 });
                 let limits = Limits {
                     progress_interval: Duration::from_secs(3600),

@@ -80,6 +80,7 @@ async fn proxy(up: SocketAddr) -> SocketAddr {
                 sni: None,
                 tls: false,
                 conn_id: n,
+                tunnel: None,
             });
             tokio::spawn(async move {
                 let gov: Arc<dyn Governor> = Arc::new(AllowAll);

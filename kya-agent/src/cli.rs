@@ -285,6 +285,12 @@ pub struct RunArgs {
     /// Add a guarded destination port (default 80 and 443, plus intercept.ports).
     #[arg(long = "port", value_name = "N")]
     pub ports: Vec<u16>,
+    /// Redirect every TCP connection of a selected process, whatever its port
+    /// (as `[intercept] ports = "all"`): TLS and HTTP are inspected on any
+    /// port, anything else is refused unless its port is in splice_ports.
+    /// UDP stays refused on the guarded ports only.
+    #[arg(long)]
+    pub all_ports: bool,
     /// Port the interceptor listens on at 127.0.0.1 and ::1; must be below 1024.
     #[arg(long, value_name = "N")]
     pub listen_port: Option<u16>,

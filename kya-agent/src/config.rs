@@ -325,8 +325,8 @@ pub struct SelectSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InterceptSection {
-    #[serde(default)]
-    pub ports: Vec<u16>,
+    /// Extra guarded ports, or `"all"`: every TCP port.
+    pub ports: Option<PortsValue>,
     pub listen_port: Option<u16>,
     #[serde(default)]
     pub passthrough: Vec<String>,
@@ -338,6 +338,17 @@ pub struct InterceptSection {
     pub splice_ports: Vec<u16>,
     /// How long a client may stay silent before its first bytes, e.g. "30s".
     pub first_bytes_timeout: Option<String>,
+}
+
+/// `[intercept] ports`: a list of extra guarded ports, or the word `"all"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a list of port numbers, or \"all\" (every TCP port)"
+)]
+pub enum PortsValue {
+    List(Vec<u16>),
+    Word(String),
 }
 
 /// `[policy]`.
@@ -421,10 +432,15 @@ impl Selection {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub selection: Selection,
+    /// Guarded ports: redirected TCP ports, and where datagrams are refused.
     pub ports: Vec<u16>,
+    /// Every TCP connection of a selected process is redirected, whatever
+    /// its port (`ports = "all"`, `--all-ports`).
+    pub all_ports: bool,
     pub listen_port: u16,
     pub passthrough: Vec<String>,
-    /// Guarded ports on which unclassifiable traffic is spliced, not refused.
+    /// Ports on which unclassifiable traffic is spliced, not refused (any
+    /// port in all-ports mode, else guarded ones only).
     pub splice_ports: Vec<u16>,
     /// Longest silence before a connection's first bytes.
     pub first_bytes_timeout: std::time::Duration,
@@ -488,7 +504,17 @@ impl Config {
         dedup(&mut selection.pids);
 
         let mut ports: Vec<u16> = DEFAULT_PORTS.to_vec();
-        ports.extend(file.intercept.ports.iter().copied());
+        let mut all_ports = args.all_ports;
+        match &file.intercept.ports {
+            None => {}
+            Some(PortsValue::List(list)) => ports.extend(list.iter().copied()),
+            Some(PortsValue::Word(w)) if w == "all" => all_ports = true,
+            Some(PortsValue::Word(w)) => {
+                return Err(ConfigError::Intercept(format!(
+                    "ports = {w:?}: expected a list of port numbers or \"all\""
+                )))
+            }
+        }
         ports.extend(args.ports.iter().copied());
         if ports.contains(&0) {
             return Err(ConfigError::GuardedPortZero);
@@ -508,9 +534,17 @@ impl Config {
 
         let mut splice_ports = file.intercept.splice_ports.clone();
         dedup(&mut splice_ports);
-        if let Some(p) = splice_ports.iter().find(|p| !ports.contains(p)) {
+        if splice_ports.contains(&0) {
+            return Err(ConfigError::Intercept(
+                "splice_ports names port 0, which is not a port".into(),
+            ));
+        }
+        if let Some(p) = splice_ports
+            .iter()
+            .find(|p| !all_ports && !ports.contains(p))
+        {
             return Err(ConfigError::Intercept(format!(
-                "splice_ports names port {p}, which is not guarded (add it to ports)"
+                "splice_ports names port {p}, which is not guarded (add it to ports, or set ports = \"all\")"
             )));
         }
         let first_bytes_timeout = match &file.intercept.first_bytes_timeout {
@@ -562,6 +596,7 @@ impl Config {
         Ok(Config {
             selection,
             ports,
+            all_ports,
             listen_port,
             passthrough: file.intercept.passthrough,
             splice_ports,
@@ -849,6 +884,56 @@ dir = "/var/lib/kya"
             ),
         ] {
             let e = load(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn all_ports_from_the_file_or_the_flag() {
+        let load = |text: &str, args: &RunArgs| {
+            parse_file(Path::new("k.toml"), text).and_then(|f| Config::merge(f, args))
+        };
+        let none = RunArgs::default();
+        let cfg = load(
+            "[intercept]\nports = \"all\"\nsplice_ports = [22, 5432]\n",
+            &none,
+        )
+        .unwrap();
+        assert!(cfg.all_ports);
+        // the listed ports stay: datagrams are refused there
+        assert_eq!(cfg.ports, vec![80, 443]);
+        assert_eq!(cfg.splice_ports, vec![22, 5432]);
+        let flag = RunArgs {
+            all_ports: true,
+            ports: vec![8443],
+            ..Default::default()
+        };
+        let cfg = load("[intercept]\nsplice_ports = [6379]\n", &flag).unwrap();
+        assert!(cfg.all_ports);
+        assert_eq!(cfg.ports, vec![80, 443, 8443]);
+        let listed = load("[intercept]\nports = [8000]\n", &none).unwrap();
+        assert!(!listed.all_ports);
+        assert_eq!(listed.ports, vec![80, 443, 8000]);
+        // a splice port must be guarded unless every port is
+        let e = load("[intercept]\nsplice_ports = [22]\n", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not guarded"), "{e}");
+        for (bad, why) in [
+            ("[intercept]\nports = \"some\"\n", "\"all\""),
+            ("[intercept]\nports = \"ALL\"\n", "\"all\""),
+            ("[intercept]\nports = \"\"\n", "\"all\""),
+            ("[intercept]\nports = [80, \"all\"]\n", "\"all\""),
+            ("[intercept]\nports = [\"all\"]\n", "\"all\""),
+            ("[intercept]\nports = 443\n", "\"all\""),
+            ("[intercept]\nports = [70000]\n", "\"all\""),
+            ("[intercept]\nports = true\n", "\"all\""),
+            (
+                "[intercept]\nports = \"all\"\nsplice_ports = [0]\n",
+                "port 0",
+            ),
+        ] {
+            let e = load(bad, &none).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }

@@ -513,6 +513,7 @@ fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
         exes,
         pids: config.selection.pids.clone(),
         ports: config.ports.clone(),
+        all_tcp_ports: config.all_ports,
         listen_port: config.listen_port,
         pin_dir: config.pin_dir.clone(),
         fail_open: config.fail_open,

@@ -92,7 +92,12 @@ impl StatusHandler {
             "started": started,
             "uptime_seconds": self.started.elapsed().as_secs(),
             "listen_port": c.listen_port,
+            // "all_tcp_ports": every TCP connection of a selected process is
+            // redirected (guarded_ports then only names where UDP is refused);
+            // "listed_ports": only connections to guarded_ports are.
+            "redirect_mode": if c.all_ports { "all_tcp_ports" } else { "listed_ports" },
             "guarded_ports": c.ports,
+            "splice_ports": c.splice_ports,
             "fail_open": c.fail_open,
             "pin_dir": c.pin_dir,
             "pins_present": pins_present,
@@ -173,7 +178,9 @@ pub mod command {
             "pid",
             "started",
             "listen_port",
+            "redirect_mode",
             "guarded_ports",
+            "splice_ports",
             "fail_open",
             "pin_dir",
             "pins_present",

@@ -176,6 +176,7 @@ async fn tls_proxy(
                     sni,
                     tls: true,
                     conn_id: n,
+                    tunnel: None,
                 });
                 let gov: Arc<dyn Governor> = Arc::new(GovHandle(gov));
                 let _ = serve_http(
@@ -483,6 +484,7 @@ async fn with_kya_tls_pieces_both_alpns() {
                     sni,
                     tls: true,
                     conn_id: n,
+                    tunnel: None,
                 });
                 let gov: Arc<dyn Governor> = Arc::new(GovHandle(gov));
                 let _ = serve_http(

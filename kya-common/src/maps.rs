@@ -120,6 +120,10 @@ pub const KYA_MAP_SOCKETS: u64 = 1;
 pub const KYA_MAP_CONNS: u64 = 2;
 pub const KYA_MAP_SEL_TGIDS: u64 = 3;
 
+/// `kya_config.flags`: redirect every TCP connection of a selected task,
+/// whatever its port (`kya_ports` then only names where datagrams are refused).
+pub const KYA_CFG_ALL_TCP_PORTS: u32 = 0x1;
+
 /// `kya_config[0]`: per-instance settings.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,6 +132,7 @@ pub struct KyaConfig {
     pub listen_port: u32,
     /// Sockets with this `SO_MARK` are never redirected.
     pub skip_mark: u32,
+    /// `KYA_CFG_*` bits.
     pub flags: u32,
     pub _reserved: u32,
     /// The host netns (`SO_NETNS_COOKIE`); sockets elsewhere are not
@@ -588,6 +593,7 @@ mod tests {
         let c = header_constants(HEADER);
         let expect: &[(&str, u64)] = &[
             ("KYA_SKIP_MARK", KYA_SKIP_MARK.into()),
+            ("KYA_CFG_ALL_TCP_PORTS", KYA_CFG_ALL_TCP_PORTS.into()),
             ("KYA_COMM_LEN", KYA_COMM_LEN as u64),
             ("KYA_MAX_CGROUP_DEPTH", KYA_MAX_CGROUP_DEPTH.into()),
             ("KYA_MAX_PORTS", KYA_MAX_PORTS.into()),

@@ -1,14 +1,17 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* connect.bpf.c: cgroup/connect4|6 and cgroup/sendmsg4|6.
  *
- * TCP from a selected task to a guarded port: remember the original
+ * TCP from a selected task to a guarded port (or to any port when the
+ * configuration says KYA_CFG_ALL_TCP_PORTS): remember the original
  * destination and the task (kya_sockets, by socket cookie) and rewrite the
  * destination to this instance's interceptor on loopback.
  *
  * Anything else with ports (UDP, UDP-Lite, SCTP, MPTCP) from a selected task
  * to a guarded port is refused with EPERM, the errno a local firewall's
  * OUTPUT drop gives: it says "policy, not network", and QUIC clients fall
- * back to TCP on it, which is then inspected. */
+ * back to TCP on it, which is then inspected. With KYA_CFG_ALL_TCP_PORTS a
+ * stream socket that is not TCP (MPTCP, SCTP) is refused on every port, so it
+ * is no way around the redirect; datagrams stay refused on listed ports only. */
 #include "select.h"
 
 static __always_inline int kya_is_dgram_refusable(struct bpf_sock_addr *ctx)
@@ -28,15 +31,18 @@ static __always_inline int kya_refuse(__u16 port, __u32 protocol)
 	return KYA_REJECT;
 }
 
-/* Common gate: configured, guarded port, not the interceptor's own socket,
- * selected task. Cheapest checks first: an unselected task's connect to an
- * unguarded port costs one array and one hash lookup. */
-static __always_inline struct kya_config *kya_gate(struct bpf_sock_addr *ctx, __u16 port)
+/* Common gate: configured, guarded port (any port for a stream socket in
+ * all-ports mode), not the interceptor's own socket, selected task. Cheapest
+ * checks first: an unselected task's connect to an unguarded port costs one
+ * array and one hash lookup. */
+static __always_inline struct kya_config *kya_gate(struct bpf_sock_addr *ctx, __u16 port, int stream)
 {
 	struct kya_config *cfg = kya_cfg();
 	struct bpf_sock *sk;
 
-	if (!cfg || !kya_port_guarded(port))
+	if (!cfg)
+		return 0;
+	if (!(stream && (cfg->flags & KYA_CFG_ALL_TCP_PORTS)) && !kya_port_guarded(port))
 		return 0;
 	sk = ctx->sk;
 	if (sk && sk->mark == cfg->skip_mark) {
@@ -95,7 +101,7 @@ int kya_connect4(struct bpf_sock_addr *ctx)
 	struct kya_origin o = {};
 	struct kya_config *cfg;
 
-	cfg = kya_gate(ctx, port);
+	cfg = kya_gate(ctx, port, ctx->type == KYA_SOCK_STREAM);
 	if (!cfg)
 		return KYA_ALLOW;
 	if (ctx->protocol != KYA_IPPROTO_TCP || ctx->type != KYA_SOCK_STREAM) {
@@ -127,7 +133,7 @@ int kya_connect6(struct bpf_sock_addr *ctx)
 	struct kya_origin o = {};
 	struct kya_config *cfg;
 
-	cfg = kya_gate(ctx, port);
+	cfg = kya_gate(ctx, port, ctx->type == KYA_SOCK_STREAM);
 	if (!cfg)
 		return KYA_ALLOW;
 	if (ctx->protocol != KYA_IPPROTO_TCP || ctx->type != KYA_SOCK_STREAM) {
@@ -174,7 +180,7 @@ static __always_inline int kya_sendmsg(struct bpf_sock_addr *ctx)
 {
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 
-	if (!kya_gate(ctx, port))
+	if (!kya_gate(ctx, port, 0))
 		return KYA_ALLOW;
 	return kya_refuse(port, ctx->protocol);
 }

@@ -44,12 +44,17 @@
 #define KYA_MAX_SCRIPT_NAMES 8192
 #define KYA_RINGBUF_BYTES (256 * 1024)
 
+/* kya_config.flags: every TCP connection (SOCK_STREAM) of a selected task is
+ * redirected, whatever its port; kya_ports then only names the ports where
+ * other protocols (UDP, QUIC) are refused. */
+#define KYA_CFG_ALL_TCP_PORTS 0x1
+
 /* kya_config[0]: per-instance settings. listen_port == 0 disables redirection
  * (the state between load and the end of configuration). */
 struct kya_config {
 	__u32 listen_port; /* host byte order */
 	__u32 skip_mark;
-	__u32 flags; /* reserved, 0 */
+	__u32 flags; /* KYA_CFG_* */
 	__u32 _reserved;
 	/* The network namespace the interceptor listens in (the host's). A
 	 * socket in another netns is never redirected: 127.0.0.1 there is not

@@ -10,6 +10,11 @@ prints one JSON line: {"outcome": "refused"|"answered", "status": int|null,
 "detail": str}. It never decides whether kya held: the test reads the upstream
 server's own record of what it executed.
 
+With `proxy` ("host:port"), the agent honours a proxy as HTTPS_PROXY makes
+clients do: it connects to the proxy, asks `CONNECT <connect>` (default
+host:port of the case) and, once answered 200, speaks the case through the
+tunnel. A proxy that answers otherwise is reported as the answer.
+
 Only loopback addresses are used.
 """
 
@@ -113,10 +118,54 @@ def read_answer(recv) -> dict:
     return {"outcome": "answered", "status": status, "detail": data[-600:].decode("latin-1")}
 
 
-def plain(case: dict) -> dict:
-    s = socket.create_connection((case["host"], case["port"]), timeout=20)
+class ProxyAnswered(Exception):
+    """The proxy answered CONNECT with something other than 200."""
+
+    def __init__(self, result: dict):
+        super().__init__(result["detail"])
+        self.result = result
+
+
+def open_socket(case: dict) -> socket.socket:
+    """A connection to the case's server: direct, or through the proxy."""
+    if not case.get("proxy"):
+        s = socket.create_connection((case["host"], case["port"]), timeout=20)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+    host, _, port = case["proxy"].rpartition(":")
+    s = socket.create_connection((host, int(port)), timeout=20)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    target = case.get("connect", f"{case['host']}:{case['port']}")
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        try:
+            chunk = s.recv(1)
+        except OSError as e:
+            s.close()
+            raise ProxyAnswered({"outcome": "refused", "status": None, "detail": repr(e)})
+        if not chunk:
+            s.close()
+            raise ProxyAnswered({"outcome": "refused", "status": None, "detail": "closed before answering CONNECT"})
+        head += chunk
+    line = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    status = int(line[1]) if len(line) > 1 and line[1].isdigit() else None
+    if status != 200:
+        s.close()
+        raise ProxyAnswered({"outcome": "answered", "status": status, "detail": head.decode("latin-1")})
+    return s
+
+
+def plain(case: dict) -> dict:
     try:
+        s = open_socket(case)
+    except ProxyAnswered as e:
+        return e.result
+    except OSError as e:
+        return {"outcome": "refused", "status": None, "detail": repr(e)}
+    try:
+        if case.get("echo"):
+            return echo(s, case["echo"].encode())
         if case.get("garbage_first"):
             s.sendall(case["garbage_first"].encode())
         if case.get("stall_prefix"):
@@ -134,6 +183,21 @@ def plain(case: dict) -> dict:
         return {"outcome": "refused", "status": None, "detail": repr(e)}
     finally:
         s.close()
+
+
+def echo(s: socket.socket, data: bytes) -> dict:
+    """Send bytes that are neither TLS nor HTTP to an echo server and read
+    them back (as many as were sent)."""
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    if not got:
+        return {"outcome": "refused", "status": None, "detail": "closed without an answer"}
+    return {"outcome": "answered", "status": None, "detail": got.decode("latin-1")}
 
 
 def h2_call(s: socket.socket, case: dict) -> dict:
@@ -205,8 +269,12 @@ def tls(case: dict) -> dict:
     sni = case.get("sni")
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    s = socket.create_connection((case["host"], case["port"]), timeout=20)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        s = open_socket(case)
+    except ProxyAnswered as e:
+        return e.result
+    except OSError as e:
+        return {"outcome": "refused", "status": None, "detail": repr(e)}
     first = True
 
     def flush():

@@ -1198,6 +1198,58 @@ impl Drop for Hypercorn {
     }
 }
 
+/// A real HTTP CONNECT proxy (`tests/peers/connect_proxy.py`) on a loopback
+/// address, resolving names from `dir/hosts` only (see [`test_pki`]) and
+/// recording each tunnel it opened in `dir/proxy.log`. Killed on drop.
+pub struct ConnectProxy {
+    child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl ConnectProxy {
+    pub fn start(dir: &Path, listen: &str) -> Self {
+        let addr: SocketAddr = listen.parse().expect("proxy address");
+        let log = dir.join("proxy.log");
+        let child = Command::new(peers_python())
+            .arg(peers().join("connect_proxy.py"))
+            .args(["--listen", listen, "--hosts"])
+            .arg(dir.join("hosts"))
+            .arg("--log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the CONNECT proxy");
+        let proxy = Self { child, addr, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the CONNECT proxy did not listen on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proxy
+    }
+
+    /// The tunnels it opened, as `host:port` lines.
+    pub fn tunnels(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Run `prog ARGS` in the cgroup and in a mount namespace whose /etc/hosts is
 /// `dir/hosts` (see [`test_pki`]), with `env`; parse the last line it printed
 /// as JSON.

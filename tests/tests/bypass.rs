@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 const PLAIN_PORT: u16 = 18090;
 const TLS_PORT: u16 = 8443;
+/// The CONNECT proxy (`via = "proxy"` cases), on a guarded port. At
+/// trusted.test's address: a Host or SNI naming trusted.test would resolve to
+/// the connection's destination, so only the tunnel binding stops it.
+const PROXY: &str = "127.0.0.5:3128";
 
 const POLICY: &str = r#"
 [defaults]
@@ -89,6 +93,9 @@ fn replay(cg: &TestCgroup, dir: &Path, kya_ca: &Path, case: &Value) -> Value {
         kya_ca.to_path_buf()
     };
     obj.insert("ca".into(), ca.display().to_string().into());
+    if obj.get("via").and_then(Value::as_str) == Some("proxy") {
+        obj.insert("proxy".into(), PROXY.into());
+    }
     let prog = [peers_python(), peers().join("bypass.py")];
     let arg = case.to_string();
     run_in_agent_ns(cg, dir, &prog, &[&arg], &[])
@@ -130,6 +137,7 @@ fn no_case_of_the_bypass_corpus_runs_a_forbidden_tool() {
     let cg = TestCgroup::new("bypass");
     let _tls = Hypercorn::start_tls(d, &["127.0.0.2:8443", "127.0.0.4:8443"]);
     let _plain = Hypercorn::start_plain(d, &["127.0.0.1:18090", "127.0.0.5:18090"]);
+    let proxy = ConnectProxy::start(d, PROXY);
     let mut opts = DaemonOptions::new(933).args([
         "--policy",
         d.join("policy.toml").to_str().expect("utf-8"),
@@ -139,6 +147,8 @@ fn no_case_of_the_bypass_corpus_runs_a_forbidden_tool() {
         &PLAIN_PORT.to_string(),
         "--port",
         &TLS_PORT.to_string(),
+        "--port",
+        PROXY.rsplit(':').next().unwrap_or_default(),
         "--upstream-ca",
         d.join("test-ca.pem").to_str().expect("utf-8"),
     ]);
@@ -206,8 +216,19 @@ fn no_case_of_the_bypass_corpus_runs_a_forbidden_tool() {
         "no TLS or HTTP within",
         "cannot inspect",
         "does not resolve to",
+        "nested tunnels are refused",
+        "is not the target of the CONNECT tunnel",
+        "in the CONNECT tunnel to",
     ] {
         assert!(text.contains(needle), "no audited refusal with {needle:?}");
+    }
+    // The followed tunnels really went through the proxy.
+    let tunnels = proxy.tunnels();
+    for target in ["mcp.test:8443", "127.0.0.1:18090"] {
+        assert!(
+            tunnels.iter().any(|t| t == target),
+            "the proxy opened no tunnel to {target}: {tunnels:?}"
+        );
     }
 }
 

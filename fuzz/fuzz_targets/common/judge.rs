@@ -39,6 +39,7 @@ pub fn peer() -> Peer {
             sni: None,
             tls: false,
             conn_id: 1,
+            tunnel: None,
         }),
         server: "mcp.test".into(),
         session: None,

@@ -13,9 +13,10 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use kya_common::maps::{
-    Counter, ExeKey, ExePath, KyaConfig, SelEntry, KYA_EXE_SCRIPT, KYA_KIND_CGROUP, KYA_KIND_EXE,
-    KYA_KIND_PID, KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SCRIPT_NAMES,
-    KYA_MAX_SEL_CGROUPS, KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_SEL_PID, KYA_SKIP_MARK,
+    Counter, ExeKey, ExePath, KyaConfig, SelEntry, KYA_CFG_ALL_TCP_PORTS, KYA_EXE_SCRIPT,
+    KYA_KIND_CGROUP, KYA_KIND_EXE, KYA_KIND_PID, KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS,
+    KYA_MAX_SCRIPT_NAMES, KYA_MAX_SEL_CGROUPS, KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_SEL_PID,
+    KYA_SKIP_MARK,
 };
 use kya_ebpf::{maps as m, programs as p};
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +38,9 @@ pub struct RedirectConfig {
     pub pids: Vec<u32>,
     /// Guarded destination ports.
     pub ports: Vec<u16>,
+    /// Redirect every TCP connection of a selected process, whatever its
+    /// port; `ports` then only names where datagrams are refused.
+    pub all_tcp_ports: bool,
     /// The interceptor's port on 127.0.0.1 and ::1 (1..=1023).
     pub listen_port: u16,
     /// This instance's pin directory (on bpffs).
@@ -111,6 +115,7 @@ impl RedirectConfig {
             script_names,
             pids,
             ports: self.ports.iter().copied().collect(),
+            all_tcp_ports: self.all_tcp_ports,
             listen_port: self.listen_port,
             names: SelectorNames {
                 cgroups: self.cgroups.clone(),
@@ -150,6 +155,7 @@ struct Resolved {
     script_names: BTreeSet<u64>,
     pids: BTreeMap<u32, u32>,
     ports: BTreeSet<u16>,
+    all_tcp_ports: bool,
     listen_port: u16,
     names: SelectorNames,
 }
@@ -452,7 +458,11 @@ impl Redirector {
         let cfg = KyaConfig {
             listen_port: u32::from(self.applied.listen_port),
             skip_mark: KYA_SKIP_MARK,
-            flags: 0,
+            flags: if self.applied.all_tcp_ports {
+                KYA_CFG_ALL_TCP_PORTS
+            } else {
+                0
+            },
             _reserved: 0,
             netns_cookie: self.netns_cookie,
         };
@@ -800,7 +810,8 @@ impl Redirector {
             tracing::warn!("pin_dir and fail_open changes take effect on restart only");
         }
         let want = cfg.resolve(&self.cgroup2)?;
-        let port_changed = want.listen_port != self.applied.listen_port;
+        let port_changed = want.listen_port != self.applied.listen_port
+            || want.all_tcp_ports != self.applied.all_tcp_ports;
         self.apply(want)?;
         if port_changed {
             self.write_config()?;

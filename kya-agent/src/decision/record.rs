@@ -186,6 +186,7 @@ mod tests {
             sni: None,
             tls: false,
             conn_id,
+            tunnel: None,
         }
     }
 

@@ -17,20 +17,28 @@
 //!
 //! An upstream certificate that fails verification is never bypassed: the
 //! agent gets a fatal TLS alert and the refusal is audited.
+//!
+//! A followed `CONNECT` tunnel ([`super::tunnel`]) takes the same path, with
+//! the tunnel as the server side and its target (the CONNECT authority) as
+//! the destination: the TLS name must be the target's (a passthrough name is
+//! refused there: kya cannot check where the proxy takes it), and splice
+//! rules look at the target's port.
 
-use super::http::{self, ConnFacts, Governor, HttpVersion, Limits};
+use super::http::{self, ConnFacts, Governor, HttpVersion, Limits, TunnelTarget};
 use super::names::NameResolver;
 use super::origin::ConnOrigin;
+use super::tunnel::Follower;
 use super::{splice, upstream};
 use crate::tls::client_hello::{self, ClientHelloError, FirstBytes, HelloLimits, PeekError};
 use crate::tls::terminate::{refuse, UPSTREAM_CERT_ALERT};
 use crate::tls::upstream::{alpn_to_offer, UpstreamError};
 use crate::tls::TlsContext;
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// On a splice port: how long a silent client is waited for before the
@@ -40,7 +48,7 @@ pub const SERVER_FIRST_WAIT: Duration = Duration::from_secs(3);
 /// What to do with traffic that is neither TLS nor HTTP.
 #[derive(Debug, Clone)]
 pub struct Unclassified {
-    /// Guarded ports where it is spliced (an explicit choice); refused elsewhere.
+    /// Ports where it is spliced (an explicit choice); refused elsewhere.
     pub splice_ports: BTreeSet<u16>,
     /// Longest silence before the first bytes; then the connection is refused.
     pub first_bytes_timeout: Duration,
@@ -91,98 +99,221 @@ impl Inspection {
             next_conn: AtomicU64::new(1),
         }
     }
+
+    /// A new connection number (also for each followed tunnel).
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The agent's side of a connection: the redirected socket, or the agent's
+/// side of a followed tunnel.
+pub(crate) trait AgentStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Make the coming close a reset where the transport allows it.
+    fn reset(&self) {}
+}
+
+impl AgentStream for TcpStream {
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// A server side, whatever carries it.
+pub(crate) trait ServerStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ServerStream for T {}
+
+/// How the server side is reached once kya goes on.
+pub(crate) enum Server {
+    /// A new TCP connection to the original destination.
+    Direct,
+    /// The tunnel a proxy opened, already connected.
+    Tunnel(Box<dyn ServerStream>),
+}
+
+/// One connection being dispatched: who, where, and through what.
+pub(crate) struct Conn<'a> {
+    pub insp: &'a Arc<Inspection>,
+    /// The process, and the destination its TCP connection went to (for a
+    /// tunnel: the proxy).
+    pub origin: &'a ConnOrigin,
+    pub conn_id: u64,
+    /// For a followed tunnel: its target.
+    pub tunnel: Option<TunnelTarget>,
+}
+
+impl Conn<'_> {
+    fn facts(&self, sni: Option<String>, tls: bool) -> Arc<ConnFacts> {
+        Arc::new(ConnFacts {
+            process: self.origin.process.clone(),
+            dst: self.origin.dst,
+            sni,
+            tls,
+            conn_id: self.conn_id,
+            tunnel: self.tunnel.clone(),
+        })
+    }
+
+    /// The port splice rules look at: the destination's, or the tunnel target's.
+    pub(crate) fn port(&self) -> u16 {
+        match &self.tunnel {
+            Some(t) => t.port,
+            None => self.origin.dst.port(),
+        }
+    }
+
+    /// Where the bytes were headed, for refusal reasons.
+    fn place(&self) -> String {
+        match &self.tunnel {
+            Some(t) => format!("the CONNECT tunnel to {t}"),
+            None => format!("guarded port {}", self.origin.dst.port()),
+        }
+    }
+
+    pub(crate) fn splice_port(&self) -> bool {
+        self.insp.unclassified.splice_ports.contains(&self.port())
+    }
+
+    /// How long the first bytes are waited for.
+    pub(crate) fn first_bytes_wait(&self) -> Duration {
+        if self.splice_port() {
+            SERVER_FIRST_WAIT
+        } else {
+            self.insp.unclassified.first_bytes_timeout
+        }
+    }
+
+    /// What follows `CONNECT` on an HTTP connection of this one.
+    fn follower(&self) -> Arc<Follower> {
+        Arc::new(Follower::new(self.insp.clone(), self.origin.clone()))
+    }
 }
 
 /// Handle one redirected connection to its end.
-pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Inspection) {
-    let conn_id = insp.next_conn.fetch_add(1, Ordering::Relaxed);
-    let pid = origin.process.pid;
-    let dst = origin.dst;
+pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Arc<Inspection>) {
     // Both legs carry small writes (frames, SSE events): never wait for an ACK.
     let _ = agent.set_nodelay(true);
-    let facts = |sni: Option<String>, tls: bool| {
-        Arc::new(ConnFacts {
-            process: origin.process.clone(),
-            dst,
-            sni,
-            tls,
-            conn_id,
-        })
+    let conn = Conn {
+        insp,
+        conn_id: insp.next_conn_id(),
+        origin: &origin,
+        tunnel: None,
     };
-    let splice_port = insp.unclassified.splice_ports.contains(&dst.port());
-    let wait = if splice_port {
-        SERVER_FIRST_WAIT
-    } else {
-        insp.unclassified.first_bytes_timeout
-    };
-    let refusal = match client_hello::peek_classify(&agent, wait).await {
-        Ok(FirstBytes::Tls) => return tls_path(agent, &origin, insp, facts, splice_port).await,
+    let first = client_hello::peek_classify(&agent, conn.first_bytes_wait()).await;
+    route(agent, first, Server::Direct, &conn).await;
+}
+
+/// Take the path the first bytes say (see the module documentation). `agent`
+/// still holds those bytes (peeked, or put back in front).
+pub(crate) async fn route<A: AgentStream>(
+    agent: A,
+    first: Result<FirstBytes, PeekError>,
+    server: Server,
+    conn: &Conn<'_>,
+) {
+    let (conn_id, pid, dst) = (conn.conn_id, conn.origin.process.pid, conn.origin.dst);
+    let splice_port = conn.splice_port();
+    let refusal = match first {
+        Ok(FirstBytes::Tls) => return tls_path(agent, server, conn, splice_port).await,
         Ok(FirstBytes::Http) => {
-            let Some(up) = connect_or_reset(&agent, &origin).await else {
+            let Some(up) = server.open(conn.origin).await else {
+                agent.reset();
                 return;
             };
-            let conn = facts(None, false);
-            if let Err(e) = http::serve_http(
+            let tunnels = conn.follower();
+            if let Err(e) = http::serve_http_with(
                 agent,
                 up,
                 HttpVersion::Detect,
-                conn,
-                insp.governor.clone(),
-                &insp.limits,
-                insp.names.clone(),
+                conn.facts(None, false),
+                conn.insp.governor.clone(),
+                &conn.insp.limits,
+                conn.insp.names.clone(),
+                Some(tunnels.clone()),
             )
             .await
             {
                 tracing::debug!(conn_id, pid, %dst, error = %e, "plaintext HTTP connection ended with an error");
             }
+            tunnels.join().await;
             return;
         }
         Ok(FirstBytes::Other) | Ok(FirstBytes::NeedMore) if splice_port => {
-            tracing::debug!(conn_id, pid, %dst, "neither TLS nor HTTP on a splice port: splicing unchanged");
-            return splice_plain(agent, &origin, &[]).await;
+            tracing::debug!(conn_id, pid, %dst, place = conn.place(), "neither TLS nor HTTP on a splice port: splicing unchanged");
+            return splice_plain(agent, server, conn.origin, &[]).await;
         }
         Err(PeekError::Timeout { .. }) if splice_port => {
-            tracing::debug!(conn_id, pid, %dst, "silent client on a splice port: splicing unchanged");
-            return splice_plain(agent, &origin, &[]).await;
+            tracing::debug!(conn_id, pid, %dst, place = conn.place(), "silent client on a splice port: splicing unchanged");
+            return splice_plain(agent, server, conn.origin, &[]).await;
         }
         Ok(FirstBytes::Other) | Ok(FirstBytes::NeedMore) => {
-            format!("neither TLS nor HTTP on guarded port {}", dst.port())
+            format!("neither TLS nor HTTP on {}", conn.place())
         }
         Err(PeekError::Timeout { timeout, peeked }) => format!(
-            "no TLS or HTTP within {timeout:?} on guarded port {} ({peeked} bytes seen)",
-            dst.port()
+            "no TLS or HTTP within {timeout:?} on {} ({peeked} bytes seen)",
+            conn.place()
         ),
         Err(e) => {
             tracing::debug!(conn_id, pid, %dst, error = %e, "connection closed before its first bytes");
             return;
         }
     };
-    refuse_connection(agent, &origin, insp, &facts(None, false), &refusal);
+    refuse_connection(agent, conn, &conn.facts(None, false), &refusal);
 }
 
 /// Refuse a connection kya cannot judge: audited with its process, then reset.
-fn refuse_connection(
-    agent: TcpStream,
-    origin: &ConnOrigin,
-    insp: &Inspection,
-    conn: &Arc<ConnFacts>,
+fn refuse_connection<A: AgentStream>(
+    agent: A,
+    conn: &Conn<'_>,
+    facts: &Arc<ConnFacts>,
     reason: &str,
 ) {
-    tracing::info!(pid = origin.process.pid, dst = %origin.dst, reason, "refusing a connection kya cannot inspect");
-    insp.governor.refused(conn, reason);
-    let _ = agent.set_zero_linger();
+    tracing::info!(pid = conn.origin.process.pid, dst = %conn.origin.dst, reason, "refusing a connection kya cannot inspect");
+    conn.insp.governor.refused(facts, reason);
+    agent.reset();
     drop(agent);
 }
 
-async fn tls_path(
-    mut agent: TcpStream,
-    origin: &ConnOrigin,
-    insp: &Inspection,
-    facts: impl Fn(Option<String>, bool) -> Arc<ConnFacts>,
+/// Refuse a TLS connection with `alert` (audited).
+async fn refuse_tls<A: AgentStream>(
+    agent: A,
+    conn: &Conn<'_>,
+    facts: &Arc<ConnFacts>,
+    reason: &str,
+    alert: rustls::AlertDescription,
+) {
+    tracing::info!(pid = conn.origin.process.pid, dst = %conn.origin.dst, reason, "refusing a connection kya cannot inspect");
+    conn.insp.governor.refused(facts, reason);
+    refuse(agent, alert).await;
+}
+
+/// Inside a tunnel the agent's TLS name must be the tunnel's target (or,
+/// for a target written as an address, no name at all): the name the leaf
+/// is minted for and the upstream certificate is verified against.
+fn tunnel_name(target: &TunnelTarget, sni: Option<&str>) -> Result<String, String> {
+    match sni {
+        Some(n) if crate::mcp::headers::normalize_host(n).ok().as_deref() == Some(&target.host) => {
+            Ok(target.host.clone())
+        }
+        None if target.host.parse::<IpAddr>().is_ok() => Ok(target.host.clone()),
+        Some(n) => Err(format!(
+            "TLS server name {n} is not the target of the CONNECT tunnel ({target})"
+        )),
+        None => Err(format!(
+            "TLS without a server name in the CONNECT tunnel to {target}"
+        )),
+    }
+}
+
+async fn tls_path<A: AgentStream>(
+    mut agent: A,
+    server: Server,
+    conn: &Conn<'_>,
     splice_port: bool,
 ) {
-    let dst = origin.dst;
-    let pid = origin.process.pid;
+    let dst = conn.origin.dst;
+    let pid = conn.origin.process.pid;
+    let insp = conn.insp;
     let hello = match client_hello::read_client_hello(&mut agent, HelloLimits::default()).await {
         Ok(h) => h,
         Err(e @ (ClientHelloError::Io(_) | ClientHelloError::Closed { .. })) => {
@@ -192,26 +323,53 @@ async fn tls_path(
         Err(e) => {
             // Nothing was sent upstream: the connection ends here, on the record.
             let reason = format!("no usable TLS ClientHello: {e}");
-            return refuse_connection(agent, origin, insp, &facts(None, true), &reason);
+            return refuse_connection(agent, conn, &conn.facts(None, true), &reason);
         }
     };
     let sni = hello.info.sni.clone();
+    // The name the server is known by: the SNI, or inside a tunnel its
+    // target (which the SNI must be).
+    let (sni, leaf_ip) = match &conn.tunnel {
+        None => (sni, dst.ip()),
+        Some(t) => match tunnel_name(t, sni.as_deref()) {
+            Ok(name) => {
+                let ip = name.parse::<IpAddr>().unwrap_or(dst.ip());
+                (Some(name), ip)
+            }
+            Err(reason) => {
+                let facts = conn.facts(sni, true);
+                return refuse_tls(
+                    agent,
+                    conn,
+                    &facts,
+                    &reason,
+                    rustls::AlertDescription::UnrecognisedName,
+                )
+                .await;
+            }
+        },
+    };
     if let Some(name) = sni.as_deref() {
         if let Some(pattern) = insp.tls.passthrough.matching(name) {
+            let facts = conn.facts(sni.clone(), true);
+            if let Some(t) = &conn.tunnel {
+                let reason = format!("passthrough name {name} in the CONNECT tunnel to {t}: kya cannot check where the proxy takes it");
+                return refuse_connection(agent, conn, &facts, &reason);
+            }
             match insp.names.resolves_to(name, dst.ip()).await {
                 Ok(true) => {
                     tracing::info!(pid, %dst, sni = name, pattern, "passthrough host: splicing without decryption");
                     let raw = hello.into_raw();
-                    splice_plain(agent, origin, &raw).await;
+                    splice_plain(agent, server, conn.origin, &raw).await;
                 }
                 Ok(false) => {
                     let reason =
                         format!("passthrough name {name} does not resolve to {}", dst.ip());
-                    refuse_connection(agent, origin, insp, &facts(sni.clone(), true), &reason);
+                    refuse_connection(agent, conn, &facts, &reason);
                 }
                 Err(e) => {
                     let reason = format!("passthrough name {name} cannot be checked: {e}");
-                    refuse_connection(agent, origin, insp, &facts(sni.clone(), true), &reason);
+                    refuse_connection(agent, conn, &facts, &reason);
                 }
             }
             return;
@@ -219,42 +377,51 @@ async fn tls_path(
     }
     if let Err(UpstreamError::UninspectableAlpn { offered }) = alpn_to_offer(&hello.info.alpn) {
         if splice_port {
-            tracing::info!(pid, %dst, offered, "TLS with a non-HTTP ALPN on a splice port: splicing unchanged");
+            tracing::info!(pid, %dst, offered, place = conn.place(), "TLS with a non-HTTP ALPN on a splice port: splicing unchanged");
             let raw = hello.into_raw();
-            return splice_plain(agent, origin, &raw).await;
+            return splice_plain(agent, server, conn.origin, &raw).await;
         }
         let reason = format!("TLS offering only protocols kya cannot inspect ({offered})");
-        tracing::info!(pid, %dst, reason, "refusing a connection kya cannot inspect");
-        insp.governor.refused(&facts(sni, true), &reason);
-        refuse(agent, rustls::AlertDescription::NoApplicationProtocol).await;
-        return;
+        let facts = conn.facts(sni, true);
+        return refuse_tls(
+            agent,
+            conn,
+            &facts,
+            &reason,
+            rustls::AlertDescription::NoApplicationProtocol,
+        )
+        .await;
     }
-    let name = match hello.info.leaf_name(dst.ip()) {
+    let info = client_hello::ClientHelloInfo {
+        sni: sni.clone(),
+        alpn: hello.info.alpn.clone(),
+    };
+    let name = match info.leaf_name(leaf_ip) {
         Ok(n) => n,
         Err(e) => {
-            tracing::info!(pid, %dst, error = %e, "unusable server name; refusing");
-            insp.governor
-                .refused(&facts(sni, true), &format!("unusable TLS server name: {e}"));
-            refuse(agent, rustls::AlertDescription::UnrecognisedName).await;
-            return;
+            let reason = format!("unusable TLS server name: {e}");
+            let facts = conn.facts(sni, true);
+            return refuse_tls(
+                agent,
+                conn,
+                &facts,
+                &reason,
+                rustls::AlertDescription::UnrecognisedName,
+            )
+            .await;
         }
     };
-    let Some(tcp) = connect_or_reset(&agent, origin).await else {
+    let Some(up) = server.open(conn.origin).await else {
+        agent.reset();
         return;
     };
-    let up = match insp
-        .tls
-        .upstream
-        .connect(tcp, &name, &hello.info.alpn)
-        .await
-    {
+    let up = match insp.tls.upstream.connect(up, &name, &hello.info.alpn).await {
         Ok(up) => up,
         Err(e) => {
             let reason = format!("upstream TLS to {name} refused: {e}");
             tracing::warn!(pid, %dst, error = %e, "upstream TLS failed; refusing the agent");
-            insp.governor.refused(&facts(sni, true), &reason);
-            refuse(agent, UPSTREAM_CERT_ALERT).await;
-            return;
+            let facts = conn.facts(sni, true);
+            return refuse_tls(agent, conn, &facts, &reason, UPSTREAM_CERT_ALERT).await;
         }
     };
     let version = match up.alpn.as_deref() {
@@ -273,38 +440,53 @@ async fn tls_path(
             return;
         }
     };
-    let conn = facts(sni, true);
-    let conn_id = conn.conn_id;
-    if let Err(e) = http::serve_http(
+    let facts = conn.facts(sni, true);
+    let conn_id = facts.conn_id;
+    let tunnels = conn.follower();
+    if let Err(e) = http::serve_http_with(
         agent_tls,
         up.stream,
         version,
-        conn,
+        facts,
         insp.governor.clone(),
         &insp.limits,
         insp.names.clone(),
+        Some(tunnels.clone()),
     )
     .await
     {
         tracing::debug!(conn_id, pid, %dst, error = %e, "TLS connection ended with an error");
     }
+    tunnels.join().await;
 }
 
-/// Connect to the original destination; on failure reset the agent.
-async fn connect_or_reset(agent: &TcpStream, origin: &ConnOrigin) -> Option<TcpStream> {
-    match upstream::connect(origin.dst).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
-            let _ = agent.set_zero_linger();
-            None
+impl Server {
+    /// The server side as a stream: a new connection to the original
+    /// destination, or the tunnel. `None`: unreachable (the caller resets
+    /// the agent).
+    async fn open(self, origin: &ConnOrigin) -> Option<Box<dyn ServerStream>> {
+        match self {
+            Server::Tunnel(s) => Some(s),
+            Server::Direct => match upstream::connect(origin.dst).await {
+                Ok(s) => Some(Box::new(s)),
+                Err(e) => {
+                    tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
+                    None
+                }
+            },
         }
     }
 }
 
-/// Splice to the original destination, first replaying `already_read`.
-pub async fn splice_plain(mut agent: TcpStream, origin: &ConnOrigin, already_read: &[u8]) {
-    let Some(mut up) = connect_or_reset(&agent, origin).await else {
+/// Splice to the server side, first replaying `already_read`.
+async fn splice_plain<A: AgentStream>(
+    mut agent: A,
+    server: Server,
+    origin: &ConnOrigin,
+    already_read: &[u8],
+) {
+    let Some(mut up) = server.open(origin).await else {
+        agent.reset();
         return;
     };
     if !already_read.is_empty() {
@@ -320,5 +502,46 @@ pub async fn splice_plain(mut agent: TcpStream, origin: &ConnOrigin, already_rea
         Err(e) => {
             tracing::debug!(pid = origin.process.pid, dst = %origin.dst, error = %e, "spliced connection ended with an error")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(host: &str) -> TunnelTarget {
+        TunnelTarget {
+            host: host.into(),
+            port: 443,
+        }
+    }
+
+    #[test]
+    fn inside_a_tunnel_the_tls_name_is_the_target() {
+        let t = target("mcp.example.com");
+        assert_eq!(
+            tunnel_name(&t, Some("mcp.example.com")).unwrap(),
+            "mcp.example.com"
+        );
+        assert_eq!(
+            tunnel_name(&t, Some("MCP.example.com.")).unwrap(),
+            "mcp.example.com"
+        );
+        for bad in [
+            Some("trusted.example.com"),
+            Some("example.com"),
+            Some(""),
+            None,
+        ] {
+            assert!(tunnel_name(&t, bad).is_err(), "{bad:?}");
+        }
+        // An address as the target: no SNI (clients send none for an
+        // address) or the address itself.
+        let ip = target("127.0.0.2");
+        assert_eq!(tunnel_name(&ip, None).unwrap(), "127.0.0.2");
+        assert_eq!(tunnel_name(&ip, Some("127.0.0.2")).unwrap(), "127.0.0.2");
+        assert!(tunnel_name(&ip, Some("mcp.example.com")).is_err());
+        let v6 = target("::1");
+        assert_eq!(tunnel_name(&v6, None).unwrap(), "::1");
     }
 }

@@ -119,7 +119,7 @@ impl Interceptor {
                     let stats = self.stats.clone();
                     let inspection = inspection.clone();
                     connections.spawn(async move {
-                        handle(stream, peer, origins.as_ref(), inspection.as_deref(), &stats).await;
+                        handle(stream, peer, origins.as_ref(), inspection.as_ref(), &stats).await;
                         drop(permit);
                     });
                 }
@@ -153,7 +153,7 @@ async fn handle(
     agent: TcpStream,
     peer: SocketAddr,
     origins: &dyn OriginSource,
-    inspection: Option<&Inspection>,
+    inspection: Option<&Arc<Inspection>>,
     stats: &InterceptStats,
 ) {
     stats.accepted.fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,8 @@
 //! * [`upstream`]: connecting to the original destination without being redirected again.
 //! * [`splice`]: copying bytes both ways, unchanged.
 //! * [`http`]: the HTTP/MCP proxy for inspected connections.
+//! * [`dispatch`]: the path a connection takes after its first bytes.
+//! * [`tunnel`]: a followed `CONNECT` tunnel, dispatched as a connection of its own.
 
 pub mod dispatch;
 pub mod http;
@@ -15,6 +17,7 @@ pub mod listener;
 pub mod names;
 pub mod origin;
 pub mod splice;
+pub(crate) mod tunnel;
 pub mod upstream;
 
 pub use listener::{Interceptor, InterceptorConfig};

@@ -446,6 +446,7 @@ pub async fn proxy_with(
                 sni: sni.clone(),
                 tls: false,
                 conn_id: n,
+                tunnel: None,
             });
             let gov = gov.clone();
             let limits = limits.clone();

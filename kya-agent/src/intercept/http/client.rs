@@ -72,8 +72,9 @@ where
                 .handshake(io)
                 .await
                 .map_err(UpstreamError::Handshake)?;
+            // with_upgrades: a 2xx to CONNECT hands the socket to the tunnel.
             let task = tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream h1 connection ended");
                 }
             });

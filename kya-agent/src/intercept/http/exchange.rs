@@ -59,6 +59,8 @@ pub(super) struct Exchange {
     pub held: Arc<AtomicUsize>,
     /// Checks a `Host` that no certificate vouched for against the destination.
     pub names: Arc<NameResolver>,
+    /// Follows `CONNECT` tunnels ([`super::connect`]); `None`: refused.
+    pub tunnels: Option<Arc<dyn super::connect::Tunnels>>,
 }
 
 /// Counts a held call for as long as it lives.
@@ -169,7 +171,7 @@ impl Exchange {
 
     /// A refusal without a JSON-RPC id to answer: an HTTP error whose body is still a
     /// JSON-RPC error, so an MCP client shows the reason.
-    fn refuse_http(
+    pub(super) fn refuse_http(
         &self,
         status: StatusCode,
         version: Version,
@@ -220,6 +222,9 @@ impl Exchange {
     }
 
     async fn handle_request(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            return super::connect::connect(&self, req).await;
+        }
         let (parts, incoming) = req.into_parts();
         let head = Head {
             method: parts.method,
@@ -228,15 +233,6 @@ impl Exchange {
             headers: parts.headers,
         };
         let v = head.version;
-        if head.method == Method::CONNECT {
-            // A tunnel (an agent honouring HTTPS_PROXY) would carry bytes kya
-            // does not read: refused, never forwarded, until tunnels are followed.
-            return self.refuse_http(
-                StatusCode::METHOD_NOT_ALLOWED,
-                v,
-                "CONNECT tunnels are not followed by kya: the tunnel's traffic could not be inspected",
-            );
-        }
         if head.headers.len() > self.limits.max_headers {
             return self.refuse_http(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

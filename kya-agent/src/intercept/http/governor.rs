@@ -21,12 +21,37 @@ pub struct ConnFacts {
     pub process: kya_common::ProcessIdentity,
     /// The original destination the agent connected to.
     pub dst: SocketAddr,
-    /// The TLS SNI the agent sent, when the connection was TLS.
+    /// The TLS SNI the agent sent, when the connection was TLS. Inside a
+    /// followed tunnel: the target's name (which the SNI was checked to be),
+    /// or its address when the target is one and the agent sent no SNI; the
+    /// upstream certificate was verified for it either way.
     pub sni: Option<String>,
     /// Whether the agent leg is TLS (terminated by kya).
     pub tls: bool,
     /// A per-daemon connection number, for correlating log lines and audit records.
     pub conn_id: u64,
+    /// For a followed `CONNECT` tunnel: its target (the CONNECT authority).
+    /// `dst` is then the proxy the agent connected to, and the server's name
+    /// is bound to this target.
+    pub tunnel: Option<TunnelTarget>,
+}
+
+/// Where a followed `CONNECT` tunnel goes: the request's authority, its host
+/// normalized (lower case, no brackets, no trailing dot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelTarget {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for TunnelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// Which way a message travels.

@@ -247,6 +247,15 @@ pub fn server_name(conn: &ConnFacts, headers: &HeaderMap, uri: &Uri) -> Result<S
         }
     }
     let host = host_header.or(uri_host);
+    if let (Some(t), Some(h)) = (&conn.tunnel, &host) {
+        // Inside a followed tunnel the server is the CONNECT authority: a
+        // request for another host is not sent through it.
+        if *h != t.host {
+            return Err(Refusal(format!(
+                "Host {h:?} is not the target of the CONNECT tunnel ({t})"
+            )));
+        }
+    }
     match (&conn.sni, host) {
         (Some(sni), Some(host)) => {
             let sni = normalize(sni)?;
@@ -276,6 +285,7 @@ mod tests {
             sni: sni.map(str::to_string),
             tls: sni.is_some(),
             conn_id: 1,
+            tunnel: None,
         })
     }
 
@@ -459,5 +469,39 @@ mod tests {
         let mut bad = HeaderMap::new();
         bad.insert("host", HeaderValue::from_static("a b"));
         assert!(server_name(&conn(None), &bad, &uri).is_err());
+    }
+
+    #[test]
+    fn inside_a_tunnel_the_host_must_be_the_connect_target() {
+        use crate::intercept::http::governor::TunnelTarget;
+        let tunnel = |sni: Option<&str>| {
+            let mut c = (*conn(sni)).clone();
+            c.tunnel = Some(TunnelTarget {
+                host: "mcp.example.com".into(),
+                port: 443,
+            });
+            c
+        };
+        let uri: Uri = "/mcp".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("MCP.example.com.:443"));
+        assert_eq!(
+            server_name(&tunnel(Some("mcp.example.com")), &h, &uri).unwrap(),
+            "mcp.example.com"
+        );
+        assert_eq!(
+            server_name(&tunnel(None), &h, &uri).unwrap(),
+            "mcp.example.com"
+        );
+        let mut other = HeaderMap::new();
+        other.insert("host", HeaderValue::from_static("trusted.example.com"));
+        let e = server_name(&tunnel(None), &other, &uri).unwrap_err();
+        assert!(
+            e.0.contains("not the target of the CONNECT tunnel"),
+            "{}",
+            e.0
+        );
+        let abs: Uri = "http://trusted.example.com/mcp".parse().unwrap();
+        assert!(server_name(&tunnel(None), &HeaderMap::new(), &abs).is_err());
     }
 }

@@ -20,10 +20,12 @@
 //! * [`deny`]: the denials (built by [`crate::mcp::deny`]).
 //! * [`sessions`]: legacy SSE sessions and held calls, across connections.
 //! * [`client`]: the upstream hyper connection.
+//! * [`connect`]: `CONNECT` forwarded to the proxy and the tunnel handed on.
 //! * [`sniff`]: the plaintext HTTP/2 preface check.
 
 pub mod body;
 pub mod client;
+pub mod connect;
 pub mod deny;
 pub mod exchange;
 pub mod filter;
@@ -41,7 +43,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use governor::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
+pub use governor::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling, TunnelTarget};
 pub use limits::Limits;
 
 /// The HTTP version on both legs.
@@ -67,7 +69,7 @@ pub enum ProxyError {
     Serve(#[source] hyper::Error),
 }
 
-/// Proxy one connection until the agent closes it.
+/// Proxy one connection until the agent closes it; `CONNECT` is refused.
 pub async fn serve_http<A, U>(
     agent: A,
     upstream: U,
@@ -76,6 +78,25 @@ pub async fn serve_http<A, U>(
     gov: Arc<dyn Governor>,
     limits: &Limits,
     names: Arc<crate::intercept::names::NameResolver>,
+) -> Result<(), ProxyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_http_with(agent, upstream, alpn, conn, gov, limits, names, None).await
+}
+
+/// [`serve_http`], with `tunnels` following what `CONNECT` opens.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_http_with<A, U>(
+    agent: A,
+    upstream: U,
+    alpn: HttpVersion,
+    conn: Arc<ConnFacts>,
+    gov: Arc<dyn Governor>,
+    limits: &Limits,
+    names: Arc<crate::intercept::names::NameResolver>,
+    tunnels: Option<Arc<dyn connect::Tunnels>>,
 ) -> Result<(), ProxyError>
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -96,6 +117,7 @@ where
         upstream,
         held: Arc::new(AtomicUsize::new(0)),
         names,
+        tunnels,
     });
     let svc = service_fn(move |req| ex.clone().handle(req));
     let io = TokioIo::new(agent);
@@ -114,6 +136,7 @@ where
                 .max_headers(limits.max_headers)
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(io, svc)
+                .with_upgrades()
                 .await
         }
     };
