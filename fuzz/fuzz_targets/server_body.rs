@@ -34,9 +34,7 @@ impl Governor for Judge {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flag, body)) = data.split_first() else {
-        return;
-    };
+    let body = data;
     let peer = Peer {
         gov: Arc::new(Judge),
         conn: Arc::new(ConnFacts {
@@ -51,12 +49,11 @@ fuzz_target!(|data: &[u8]| {
         protocol_version: None,
         limits: Limits::default(),
     };
-    let mcp = flag & 1 == 1;
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    if let Filtered::JsonRpc(Some(out)) = rt.block_on(filter_server_data(&peer, body, mcp)) {
-        match rt.block_on(filter_server_data(&peer, &out, mcp)) {
+    if let Filtered::JsonRpc(Some(out)) = rt.block_on(filter_server_data(&peer, body)) {
+        match rt.block_on(filter_server_data(&peer, &out)) {
             Filtered::JsonRpc(Some(again)) => assert_eq!(again, out),
             other => panic!("a filtered body must filter to itself: {other:?}"),
         }

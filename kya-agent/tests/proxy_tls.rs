@@ -188,6 +188,7 @@ async fn tls_proxy(
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    None,
                 )
                 .await;
             });
@@ -493,6 +494,7 @@ async fn with_kya_tls_pieces_both_alpns() {
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    None,
                 )
                 .await;
             });

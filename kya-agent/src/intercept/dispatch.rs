@@ -122,6 +122,14 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Inspection) {
                 return;
             };
             let conn = facts(None, false);
+            let reconnect: http::client::Reconnect = Arc::new(move || {
+                Box::pin(async move {
+                    upstream::connect(dst)
+                        .await
+                        .map(|s| Box::new(s) as Box<dyn http::client::Io>)
+                        .map_err(|e| e.to_string())
+                })
+            });
             if let Err(e) = http::serve_http(
                 agent,
                 up,
@@ -130,6 +138,7 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Inspection) {
                 insp.governor.clone(),
                 &insp.limits,
                 insp.names.clone(),
+                Some(reconnect),
             )
             .await
             {
@@ -242,6 +251,7 @@ async fn tls_path(
     let Some(tcp) = connect_or_reset(&agent, origin).await else {
         return;
     };
+    let hello_alpn = hello.info.alpn.clone();
     let up = match insp
         .tls
         .upstream
@@ -275,6 +285,7 @@ async fn tls_path(
     };
     let conn = facts(sni, true);
     let conn_id = conn.conn_id;
+    let reconnect = tls_reconnect(insp, dst, name, hello_alpn, up.alpn.clone());
     if let Err(e) = http::serve_http(
         agent_tls,
         up.stream,
@@ -283,11 +294,44 @@ async fn tls_path(
         insp.governor.clone(),
         &insp.limits,
         insp.names.clone(),
+        Some(reconnect),
     )
     .await
     {
         tracing::debug!(conn_id, pid, %dst, error = %e, "TLS connection ended with an error");
     }
+}
+
+/// A new verified TLS connection to the same destination, name and ALPN (the
+/// proxy's upstream leg after the server ended the first one). A different
+/// protocol agreed this time is a failure: the agent's leg speaks the first.
+fn tls_reconnect(
+    insp: &Inspection,
+    dst: std::net::SocketAddr,
+    name: crate::ca::LeafName,
+    alpn: Vec<Vec<u8>>,
+    agreed: Option<Vec<u8>>,
+) -> http::client::Reconnect {
+    let connector = insp.tls.upstream.clone();
+    Arc::new(move || {
+        let (connector, name, alpn, agreed) = (
+            connector.clone(),
+            name.clone(),
+            alpn.clone(),
+            agreed.clone(),
+        );
+        Box::pin(async move {
+            let tcp = upstream::connect(dst).await.map_err(|e| e.to_string())?;
+            let up = connector
+                .connect(tcp, &name, &alpn)
+                .await
+                .map_err(|e| format!("upstream TLS to {name}: {e}"))?;
+            if up.alpn != agreed {
+                return Err(format!("upstream {name} agreed another protocol this time"));
+            }
+            Ok(Box::new(up.stream) as Box<dyn http::client::Io>)
+        })
+    })
 }
 
 /// Connect to the original destination; on failure reset the agent.

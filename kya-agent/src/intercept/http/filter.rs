@@ -38,26 +38,20 @@ pub enum Filtered {
     Opaque,
     /// JSON-RPC; the canonical bytes to deliver (`None`: nothing left to deliver).
     JsonRpc(Option<Vec<u8>>),
-    /// JSON-RPC (or JSON-looking in an MCP exchange) that failed strict parsing.
+    /// Claims JSON-RPC but failed strict parsing, or may claim it in a form kya
+    /// does not judge.
     Refused(String),
 }
 
-/// Judge one server body or SSE `data`. `mcp` says the exchange is known to be MCP,
-/// so JSON-looking data that fails strict parsing is refused rather than passed.
-pub async fn filter_server_data(peer: &Peer, data: &[u8], mcp: bool) -> Filtered {
-    if !inspect::looks_like_json(data) {
-        return Filtered::Opaque;
-    }
-    let value = match json::parse(data, &peer.limits.json()) {
-        Ok(v) => v,
-        Err(e) if mcp => {
-            return Filtered::Refused(format!("server message is not strict JSON: {e}"))
-        }
-        Err(_) => return Filtered::Opaque,
+/// Judge one server body or SSE `data` (decoded). What no client would act on
+/// as JSON-RPC passes unchanged ([`inspect::server_data`]); what claims
+/// JSON-RPC is strictly parsed and judged, or refused.
+pub async fn filter_server_data(peer: &Peer, data: &[u8]) -> Filtered {
+    let value = match inspect::server_data(data, &peer.limits.response_json()) {
+        inspect::ServerData::Inert => return Filtered::Opaque,
+        inspect::ServerData::Ambiguous(reason) => return Filtered::Refused(reason),
+        inspect::ServerData::JsonRpc(v) => v,
     };
-    if !inspect::is_jsonrpc(&value) {
-        return Filtered::Opaque;
-    }
     let payload = match jsonrpc::parse_payload(&value, peer.limits.max_batch) {
         Ok(p) => p,
         Err(e) => {
