@@ -100,6 +100,10 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Inspection) {
     let dst = origin.dst;
     // Both legs carry small writes (frames, SSE events): never wait for an ACK.
     let _ = agent.set_nodelay(true);
+    // The executable's digest (credential evidence, `exe_sha256` selectors),
+    // computed while the handshake and the first request arrive, not during
+    // the first decision.
+    crate::exe_digest::prewarm(&origin.process);
     let facts = |sni: Option<String>, tls: bool| {
         Arc::new(ConnFacts {
             process: origin.process.clone(),
