@@ -273,7 +273,18 @@ async fn a_json_answer_over_the_limit_is_an_error_for_each_request() {
         "{v}"
     );
     assert!(!gov.refusals.lock().unwrap().is_empty(), "audited");
-    // The connection is still usable.
-    let (status, _, _) = client.post("/mcp", call_bytes(4, "search"), &[]).await;
+    // A batch: an error for each of its requests, as an array.
+    let batch = serde_json::to_vec(&json!([
+        call(5, "search", json!({})),
+        call(6, "search", json!({}))
+    ]))
+    .unwrap();
+    let (status, _, body) = client.post("/mcp", batch, &[]).await;
     assert_eq!(status, 200);
+    let v = json_of(&body);
+    let ids: Vec<&Value> = v
+        .as_array()
+        .map(|a| a.iter().map(|e| &e["id"]).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [&json!(5), &json!(6)], "{v}");
 }

@@ -40,6 +40,15 @@ tokio::task_local! {
 #[error("the upstream connection ended during the exchange")]
 pub struct UpstreamGone;
 
+/// The JSON-RPC requests a server's answer answers: each gets an error when
+/// kya cannot deliver the answer.
+#[derive(Debug, Default)]
+struct Answers {
+    ids: Vec<Value>,
+    /// The requests came as a batch: errors are answered as an array.
+    batch: bool,
+}
+
 /// Refusal when the process-wide table of held calls is full (audited).
 const TOO_MANY_HELD: &str = "too many calls are held at once";
 /// The request head, kept to build the upstream request (possibly later, after a hold).
@@ -276,7 +285,15 @@ impl Exchange {
             let mcp = head.headers.contains_key("mcp-session-id")
                 || head.headers.contains_key("mcp-protocol-version");
             return self
-                .forward(&server, &head, body::empty(), None, false, mcp, Vec::new())
+                .forward(
+                    &server,
+                    &head,
+                    body::empty(),
+                    None,
+                    false,
+                    mcp,
+                    Answers::default(),
+                )
                 .await;
         }
         let raw = match body::read_bounded(incoming, self.limits.max_body, self.limits.body_timeout)
@@ -324,7 +341,7 @@ impl Exchange {
                     Some(len),
                     false,
                     false,
-                    Vec::new(),
+                    Answers::default(),
                 )
                 .await
             }
@@ -547,14 +564,25 @@ impl Exchange {
             }
             let bytes = json::to_canonical_bytes(value);
             let len = bytes.len();
-            let ids = payload
-                .messages
-                .iter()
-                .filter(|m| !matches!(m, Message::Response(_) | Message::Error(_)))
-                .filter_map(|m| m.id().map(Id::to_value))
-                .collect();
+            let answers = Answers {
+                ids: payload
+                    .messages
+                    .iter()
+                    .filter(|m| !matches!(m, Message::Response(_) | Message::Error(_)))
+                    .filter_map(|m| m.id().map(Id::to_value))
+                    .collect(),
+                batch: payload.batch,
+            };
             return self
-                .forward(server, head, body::full(bytes), Some(len), true, true, ids)
+                .forward(
+                    server,
+                    head,
+                    body::full(bytes),
+                    Some(len),
+                    true,
+                    true,
+                    answers,
+                )
                 .await;
         }
         for o in &outcomes {
@@ -844,9 +872,8 @@ impl Exchange {
     }
 
     /// Forward a request and relay (and judge) the server's answer. `mcp` says the
-    /// exchange is MCP, so JSON answers are read whole and judged; `ids` are the
-    /// JSON-RPC requests the answer answers (each gets an error if kya cannot
-    /// deliver the answer).
+    /// exchange is MCP, so JSON answers are read whole and judged; `answers` are
+    /// the JSON-RPC requests the answer answers.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -856,7 +883,7 @@ impl Exchange {
         len: Option<usize>,
         rewritten: bool,
         mcp: bool,
-        ids: Vec<Value>,
+        answers: Answers,
     ) -> Response<ProxyBody> {
         let req = self.upstream_request(head, body, len, rewritten);
         let resp = match self.upstream.send(req).await {
@@ -879,7 +906,7 @@ impl Exchange {
         // agent side (HTTP/2 has no such header; GOAWAY follows from the driver).
         let closing = head.version == Version::HTTP_11 && closes_connection(&parts);
         let mut r = self
-            .relay_answer(server, head, parts, incoming, mcp, ids)
+            .relay_answer(server, head, parts, incoming, mcp, answers)
             .await;
         if closing {
             r.headers_mut()
@@ -895,7 +922,7 @@ impl Exchange {
         parts: http::response::Parts,
         incoming: Incoming,
         mcp: bool,
-        ids: Vec<Value>,
+        answers: Answers,
     ) -> Response<ProxyBody> {
         let peer = self.peer(server, head);
         let ct = header_str(&parts.headers, "content-type");
@@ -923,7 +950,7 @@ impl Exchange {
             }
             let (tx, out) = body::channel(16);
             let url = self.absolute(head, server);
-            tokio::spawn(stream::relay(peer, url, ids, incoming, tx));
+            tokio::spawn(stream::relay(peer, url, answers.ids, incoming, tx));
             let mut r = Response::new(out);
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers, &["content-length"]);
@@ -940,7 +967,7 @@ impl Exchange {
         let max = self.limits.max_response_body;
         let raw = match body::read_bounded(incoming, max, self.limits.response_timeout).await {
             Ok(b) => b,
-            Err(e) => return self.undeliverable(head, &ids, &format!("server answer: {e}")),
+            Err(e) => return self.undeliverable(head, &answers, &format!("server answer: {e}")),
         };
         let decoded = match encoding::decode_body(
             &parts.headers,
@@ -948,13 +975,13 @@ impl Exchange {
             usize::try_from(max).unwrap_or(usize::MAX),
         ) {
             Ok(d) => d,
-            Err(e) => return self.undeliverable(head, &ids, &format!("server answer: {e}")),
+            Err(e) => return self.undeliverable(head, &answers, &format!("server answer: {e}")),
         };
         if inspect::looks_like_json(&decoded) {
             if let Some(charset) = inspect::foreign_response_charset(ct) {
                 return self.undeliverable(
                     head,
-                    &ids,
+                    &answers,
                     &format!("server answer is JSON in charset {charset:?}: only UTF-8 is judged"),
                 );
             }
@@ -984,20 +1011,21 @@ impl Exchange {
     /// The server's answer cannot be delivered (over a limit, undecodable):
     /// audited, and each request it answers gets a JSON-RPC error at once (an
     /// HTTP error when there is no request id to answer).
-    fn undeliverable(&self, head: &Head, ids: &[Value], reason: &str) -> Response<ProxyBody> {
-        if ids.is_empty() {
+    fn undeliverable(&self, head: &Head, answers: &Answers, reason: &str) -> Response<ProxyBody> {
+        if answers.ids.is_empty() {
             return self.refuse_http(StatusCode::BAD_GATEWAY, head.version, reason);
         }
         tracing::warn!(conn = self.conn.conn_id, %reason, "server answer not delivered; the agent gets an error");
         self.gov.refused(&self.conn, reason);
-        let mut errors: Vec<Value> = ids
+        let mut errors: Vec<Value> = answers
+            .ids
             .iter()
             .map(|id| stream::undeliverable(id, reason))
             .collect();
-        let body = if errors.len() == 1 {
-            errors.swap_remove(0)
-        } else {
+        let body = if answers.batch {
             Value::Array(errors)
+        } else {
+            errors.swap_remove(0)
         };
         json_response(StatusCode::OK, &body)
     }
