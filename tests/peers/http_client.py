@@ -8,6 +8,9 @@ as real MCP clients use them):
         One pooled client; reads commands from stdin, one per line, and prints
         one JSON line per command: `call TEXT` (a tools/call echo),
         `notify` (a notification), `raw` (an initialize, answered as is).
+    http_client.py seq URL TEXT... [--tool-name NAME]
+        One pooled client calls NAME (default `echo`) with each TEXT in turn; prints
+        {"errors": [null or what was wrong, ...]}.
     http_client.py sdk URL TOOL [--timeout S]
         The real MCP client (PyPI `mcp`) calls TOOL; prints
         {"isError", "len", "sha256"} or {"error"}.
@@ -27,9 +30,9 @@ HEADERS = {"Accept": "application/json, text/event-stream",
            "MCP-Protocol-Version": "2025-06-18"}
 
 
-def call_body(i: int, text: str) -> bytes:
+def call_body(i: int, text: str, tool: str = "echo") -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call",
-                       "params": {"name": "echo", "arguments": {"text": text}}}).encode()
+                       "params": {"name": tool, "arguments": {"text": text}}}).encode()
 
 
 def check(r: httpx.Response, i: int, text: str):
@@ -106,6 +109,18 @@ def steps(a: argparse.Namespace) -> None:
             print(json.dumps(out), flush=True)
 
 
+def seq(a: argparse.Namespace) -> None:
+    errors = []
+    with httpx.Client(timeout=a.timeout) as c:
+        for n, text in enumerate(a.texts, start=1):
+            try:
+                r = c.post(a.url, content=call_body(n, text, a.tool_name), headers=HEADERS)
+                errors.append(check(r, n, text))
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+    print(json.dumps({"errors": errors}), flush=True)
+
+
 async def sdk(a: argparse.Namespace) -> None:
     from mcp import Client
     try:
@@ -121,17 +136,22 @@ async def sdk(a: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["load", "steps", "sdk"])
+    p.add_argument("mode", choices=["load", "steps", "seq", "sdk"])
     p.add_argument("url")
     p.add_argument("tool", nargs="?")
+    p.add_argument("texts", nargs="*")
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--tool-name", default="echo")
     a = p.parse_args()
     if a.mode == "load":
         load(a)
     elif a.mode == "steps":
         steps(a)
+    elif a.mode == "seq":
+        a.texts = ([a.tool] if a.tool else []) + a.texts
+        seq(a)
     else:
         asyncio.run(sdk(a))
 

@@ -1,7 +1,8 @@
 """A raw HTTP/1.1 MCP server (stateless, JSON answers) whose connection
 handling the tests control exactly, for kya's transparency tests:
 
-    http_peer.py --port N --log FILE [--close-every N] [--idle-timeout S]
+    http_peer.py --port N --log FILE [--host IP] [--certfile C --keyfile K]
+                 [--close-every N] [--idle-timeout S]
                  [--require-auth] [--notify-result] [--big-bytes N]
 
 * --close-every N: the Nth request on a connection is answered with
@@ -19,6 +20,7 @@ The log gets one line per event: `call TOOL`, `idle-close`, `close-after N`.
 import argparse
 import asyncio
 import json
+import ssl
 
 A = None
 
@@ -94,13 +96,13 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             ctype = "application/json"
             if path.startswith("/.well-known/oauth-protected-resource"):
                 status, out = 200, json.dumps({
-                    "resource": f"http://127.0.0.1:{A.port}/mcp",
+                    "resource": f"http://{A.host}:{A.port}/mcp",
                     "authorization_servers": ["http://127.0.0.1:1"],
                 }).encode()
             elif method == "POST" and A.require_auth and "authorization" not in headers:
                 status = 401
                 extra.append(("WWW-Authenticate", 'Bearer error="invalid_token", '
-                              f'resource_metadata="http://127.0.0.1:{A.port}'
+                              f'resource_metadata="http://{A.host}:{A.port}'
                               '/.well-known/oauth-protected-resource"'))
                 out = json.dumps({"error": "invalid_token",
                                   "error_description": "Missing Authorization header"}).encode()
@@ -130,7 +132,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def main() -> None:
-    server = await asyncio.start_server(handle, "127.0.0.1", A.port, reuse_address=True)
+    ctx = None
+    if A.certfile:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(A.certfile, A.keyfile)
+        ctx.set_alpn_protocols(["http/1.1"])
+    server = await asyncio.start_server(handle, A.host, A.port, reuse_address=True, ssl=ctx)
     async with server:
         await server.serve_forever()
 
@@ -138,6 +145,9 @@ async def main() -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--certfile")
+    p.add_argument("--keyfile")
     p.add_argument("--log", required=True)
     p.add_argument("--close-every", type=int, default=0)
     p.add_argument("--idle-timeout", type=float, default=0)

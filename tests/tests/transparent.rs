@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 const PORT: u16 = 18583;
 const PORT2: u16 = 18584;
+const TLS_PORT: u16 = 18585;
 
 const POLICY: &str = r#"
 [defaults]
@@ -29,6 +30,11 @@ verdict = "allow"
 id = "big-ok"
 tool = "big"
 verdict = "allow"
+
+[[rule]]
+id = "slow-held"
+tool = "slow"
+verdict = "hold"
 "#;
 
 /// `tests/peers/http_peer.py` on a loopback port, in a process group of its own.
@@ -39,6 +45,10 @@ struct HttpPeer {
 
 impl HttpPeer {
     fn start(dir: &Path, port: u16, log_name: &str, extra: &[&str]) -> Self {
+        Self::start_on(dir, "127.0.0.1", port, log_name, extra)
+    }
+
+    fn start_on(dir: &Path, host: &str, port: u16, log_name: &str, extra: &[&str]) -> Self {
         use std::os::unix::process::CommandExt;
         let log = dir.join(log_name);
         if !log.exists() {
@@ -47,7 +57,7 @@ impl HttpPeer {
         let child = Command::new(peers_python())
             .process_group(0)
             .arg(peers().join("http_peer.py"))
-            .args(["--port", &port.to_string(), "--log"])
+            .args(["--host", host, "--port", &port.to_string(), "--log"])
             .arg(&log)
             .args(extra)
             .stdout(Stdio::null())
@@ -55,7 +65,7 @@ impl HttpPeer {
             .spawn()
             .expect("start the HTTP peer");
         let deadline = Instant::now() + patience() * 30;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(Instant::now() < deadline, "HTTP peer did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -330,5 +340,67 @@ fn a_50_mb_tool_result_arrives_and_one_over_the_limit_is_an_immediate_error() {
             .contains("server answer not delivered; the agent gets an error"),
         "{}",
         daemon.log_text()
+    );
+}
+
+#[test]
+fn a_call_approved_after_the_tls_server_timed_out_the_idle_connection_is_delivered() {
+    if !privileged(
+        "a_call_approved_after_the_tls_server_timed_out_the_idle_connection_is_delivered",
+    ) {
+        return;
+    }
+    let _g = serial();
+    let scene = AgentScene::new("tp-tls", POLICY);
+    let d = scene.dir.path();
+    test_pki(d);
+    let (cert, key) = (d.join("srv.pem"), d.join("srv.key"));
+    let peer = HttpPeer::start_on(
+        d,
+        "127.0.0.2",
+        TLS_PORT,
+        "peer.log",
+        &[
+            "--idle-timeout",
+            "0.3",
+            "--certfile",
+            cert.to_str().expect("utf-8"),
+            "--keyfile",
+            key.to_str().expect("utf-8"),
+        ],
+    );
+    let mut opts = scene.daemon_options(988, TLS_PORT).args([
+        "--upstream-ca",
+        d.join("test-ca.pem").to_str().expect("utf-8"),
+    ]);
+    opts.hosts = Some(d.join("hosts"));
+    let daemon = Daemon::start(opts);
+    let kya_ca = daemon.state_dir.path().join("ca.pem");
+
+    // A call held for approval (with `echo`'s arguments under the name `slow`),
+    // by a client that trusts only kya's CA.
+    let url = format!("https://mcp.test:{TLS_PORT}/mcp");
+    let prog = [peers_python(), peers().join("http_client.py")];
+    let args = ["seq", url.as_str(), "held", "--tool-name", "slow"];
+    let env = [("SSL_CERT_FILE", kya_ca.as_path())];
+    let r = std::thread::scope(|s| {
+        let held = s.spawn(|| run_in_agent_ns(&scene.cg, d, &prog, &args, &env));
+        let pending = wait_new_approval(&daemon, &[]);
+        let id = pending["id"].as_str().expect("approval id").to_string();
+        // Meanwhile the server times the idle upstream connection out.
+        peer.wait_more("idle-close", 0);
+        let ok = scene.as_user(&daemon, &scene.owner, &["approvals", "approve", &id]);
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        held.join().expect("client thread")
+    });
+    assert_eq!(r, serde_json::json!({"errors": [null]}), "{r}");
+    assert_eq!(peer.count("call slow"), 1, "the server ran the call once");
+    assert!(
+        daemon.log_text().contains("new upstream connection"),
+        "the approved call went over a new verified TLS connection"
     );
 }
