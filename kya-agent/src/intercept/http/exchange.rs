@@ -786,13 +786,20 @@ impl Exchange {
             stream::relay(peer, url, vec![id.clone()], resp.into_body(), tx).await;
             return;
         }
-        let raw = match body::read_bounded(
-            resp.into_body(),
-            self.limits.max_response_body,
-            self.limits.response_timeout,
-        )
-        .await
-        {
+        let (parts, incoming) = resp.into_parts();
+        let max = self.limits.max_response_body;
+        let raw = body::read_bounded(incoming, max, self.limits.response_timeout)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|raw| {
+                encoding::decode_body(
+                    &parts.headers,
+                    &raw,
+                    usize::try_from(max).unwrap_or(usize::MAX),
+                )
+                .map_err(|e| e.to_string())
+            });
+        let raw = match raw {
             Ok(b) => b,
             Err(e) => {
                 let reason = format!("server answer: {e}");
@@ -1046,4 +1053,38 @@ fn closes_connection(parts: &http::response::Parts) -> bool {
         return true;
     }
     parts.version == Version::HTTP_10 && !tokens().any(|t| t == "keep-alive")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: Version, connection: &[&[u8]]) -> http::response::Parts {
+        let mut r = Response::new(());
+        *r.version_mut() = version;
+        for v in connection {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                r.headers_mut().append(header::CONNECTION, v);
+            }
+        }
+        r.into_parts().0
+    }
+
+    #[test]
+    fn which_answers_end_the_servers_connection() {
+        let h11 = Version::HTTP_11;
+        assert!(closes_connection(&parts(h11, &[b"close"])));
+        assert!(closes_connection(&parts(h11, &[b"Keep-Alive, CLOSE"])));
+        assert!(closes_connection(&parts(h11, &[b"upgrade", b" close "])));
+        assert!(!closes_connection(&parts(h11, &[])));
+        assert!(!closes_connection(&parts(h11, &[b"keep-alive"])));
+        assert!(!closes_connection(&parts(h11, &[b"closed", b"x-close"])));
+        // Not visible ASCII: not a token kya can read, and not a close.
+        assert!(!closes_connection(&parts(h11, &[b"cl\xffose"])));
+        // HTTP/1.0 closes unless it says keep-alive.
+        let h10 = Version::HTTP_10;
+        assert!(closes_connection(&parts(h10, &[])));
+        assert!(!closes_connection(&parts(h10, &[b"keep-alive"])));
+        assert!(closes_connection(&parts(h10, &[b"keep-alive, close"])));
+    }
 }
