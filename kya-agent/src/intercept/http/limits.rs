@@ -119,4 +119,15 @@ mod tests {
         assert!(Limits::default().max_response_body >= 64 << 20);
         assert!(Limits::default().max_sse_event >= 64 << 20);
     }
+
+    #[test]
+    fn bad_response_limits_are_config_errors() {
+        for bad in ["\"lots\"", "\"-1MiB\"", "\"1XB\"", "[1]", "\"\""] {
+            let text = format!("[intercept]\nmax_response_body = {bad}\n");
+            let parsed = parse_file(std::path::Path::new("k.toml"), &text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Config::merge(f, &Default::default()).map_err(|e| e.to_string()));
+            assert!(parsed.is_err(), "{bad}");
+        }
+    }
 }
