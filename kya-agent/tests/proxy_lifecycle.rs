@@ -1,7 +1,8 @@
-//! The upstream's connection lifecycle and limits, as the agent sees them
-//! through the proxy: a server closing, resetting or idling out its
-//! connection, and answers kya stops relaying. The upstream here is raw TCP
-//! so each test controls exactly when bytes and FINs are sent.
+//! The upstream's connection lifecycle, limits and answers, as the agent sees
+//! them through the proxy: a server closing, resetting or idling out its
+//! connection, answers kya stops relaying, and which answers kya judges. The
+//! upstream here is raw TCP so each test controls exactly which bytes, and
+//! when FINs, are sent.
 
 mod proxy_support;
 
@@ -287,4 +288,111 @@ async fn a_json_answer_over_the_limit_is_an_error_for_each_request() {
         .map(|a| a.iter().map(|e| &e["id"]).collect())
         .unwrap_or_default();
     assert_eq!(ids, [&json!(5), &json!(6)], "{v}");
+}
+
+/// A raw upstream answering every request with `answer(request body)`.
+async fn answering(answer: fn(&[u8]) -> Vec<u8>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut r = BufReader::new(s);
+                while let Some((_, body)) = read_request(&mut r).await {
+                    if r.get_mut().write_all(&answer(&body)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    up
+}
+
+fn tools_list(id: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"})).unwrap()
+}
+
+#[tokio::test]
+async fn a_tools_list_behind_a_bom_is_still_filtered() {
+    let up = answering(|body| {
+        let req: Value = serde_json::from_slice(body).unwrap();
+        let mut out = b"\xef\xbb\xbf".to_vec();
+        out.extend(
+            serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": req["id"], "result": {
+                "tools": [{"name": "search"}, {"name": "secret_wipe"}]}}))
+            .unwrap(),
+        );
+        response("", &out)
+    })
+    .await;
+    let gov = default_gov();
+    gov.hidden.lock().unwrap().push("secret_wipe".into());
+    let proxy = proxy(up, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut client = Client::h1(proxy).await;
+    let (status, _, body) = client.post("/mcp", tools_list(1), &[]).await;
+    assert_eq!(status, 200);
+    let v = json_of(&body);
+    assert_eq!(v["result"]["tools"], json!([{"name": "search"}]), "{v}");
+}
+
+#[tokio::test]
+async fn json_rpc_in_utf16_from_the_server_is_refused() {
+    let up = answering(|_| {
+        let text = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"secret_wipe"}]}}"#;
+        let mut out = vec![0xff, 0xfe];
+        for u in text.encode_utf16() {
+            out.extend_from_slice(&u.to_le_bytes());
+        }
+        response("", &out)
+    })
+    .await;
+    let gov = default_gov();
+    let proxy = proxy(up, gov.clone(), Limits::default(), HttpVersion::H1, None).await;
+    let mut client = Client::h1(proxy).await;
+    let (status, _, body) = client.post("/mcp", tools_list(1), &[]).await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    assert!(!String::from_utf8_lossy(&body).contains("secret"));
+    assert!(!gov.refusals.lock().unwrap().is_empty(), "audited");
+}
+
+#[tokio::test]
+async fn oauth_errors_and_id_less_answers_pass_byte_for_byte() {
+    let up = answering(|body| {
+        let req: Value = serde_json::from_slice(body).unwrap();
+        if req["method"] == "initialize" {
+            let b = br#"{"error":"invalid_token","error_description":"Missing Authorization header"}"#;
+            let mut out = format!(
+                "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nWWW-Authenticate: Bearer resource_metadata=\"http://127.0.0.1/.well-known/oauth-protected-resource\"\r\nContent-Length: {}\r\n\r\n",
+                b.len()
+            )
+            .into_bytes();
+            out.extend_from_slice(b);
+            out
+        } else {
+            response("", br#"{ "jsonrpc" : "2.0", "result" : {} }"#)
+        }
+    })
+    .await;
+    let proxy = proxy(up, default_gov(), Limits::default(), HttpVersion::H1, None).await;
+    let mut client = Client::h1(proxy).await;
+    let init = serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+    .unwrap();
+    let (status, headers, body) = client.post("/mcp", init, &[]).await;
+    assert_eq!(status, 401);
+    assert!(headers
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer resource_metadata=")));
+    assert_eq!(
+        &body[..],
+        br#"{"error":"invalid_token","error_description":"Missing Authorization header"}"#
+    );
+    let note =
+        serde_json::to_vec(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .unwrap();
+    let (status, _, body) = client.post("/mcp", note, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], br#"{ "jsonrpc" : "2.0", "result" : {} }"#);
 }
