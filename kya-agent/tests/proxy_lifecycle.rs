@@ -396,3 +396,39 @@ async fn oauth_errors_and_id_less_answers_pass_byte_for_byte() {
     assert_eq!(status, 200);
     assert_eq!(&body[..], br#"{ "jsonrpc" : "2.0", "result" : {} }"#);
 }
+
+#[tokio::test]
+async fn judged_answers_delivered_whole_keep_the_servers_bytes() {
+    let up = answering(|body| {
+        let req: Value = serde_json::from_slice(body).unwrap();
+        let text = if req["method"] == "tools/list" {
+            format!(
+                r#"{{ "jsonrpc": "2.0", "id": {}, "result": {{ "tools": [ {{ "name": "search" }}, {{ "name": "secret_wipe" }} ] }} }}"#,
+                req["id"]
+            )
+        } else {
+            format!(
+                r#"{{ "result": {{ "content": [ {{ "type": "text", "text": "caf\u00e9 1.50" }} ] }}, "id": {}, "jsonrpc": "2.0" }}"#,
+                req["id"]
+            )
+        };
+        response("", text.as_bytes())
+    })
+    .await;
+    let gov = default_gov();
+    gov.hidden.lock().unwrap().push("secret_wipe".into());
+    let proxy = proxy(up, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut client = Client::h1(proxy).await;
+    // A result nothing in kya changes: the server's own bytes.
+    let (status, _, body) = client.post("/mcp", call_bytes(2, "search_docs"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        r#"{ "result": { "content": [ { "type": "text", "text": "caf\u00e9 1.50" } ] }, "id": 2, "jsonrpc": "2.0" }"#
+    );
+    // A tools/list kya filters: rewritten, without the hidden tool.
+    let (status, _, body) = client.post("/mcp", tools_list(3), &[]).await;
+    assert_eq!(status, 200);
+    let v = json_of(&body);
+    assert_eq!(v["result"]["tools"], json!([{"name": "search"}]), "{v}");
+}

@@ -811,7 +811,13 @@ impl Exchange {
         };
         match filter_server_data(&peer, &raw).await {
             Filtered::JsonRpc(Some(b)) => {
-                if let Ok(v) = json::parse(&b, &self.limits.json()) {
+                if let Ok(v) = json::parse(&b, &self.limits.response_json()) {
+                    stream::send_message(&tx, &v).await;
+                }
+            }
+            Filtered::Unchanged => {
+                let text = raw.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&raw);
+                if let Ok(v) = json::parse(text, &self.limits.response_json()) {
                     stream::send_message(&tx, &v).await;
                 }
             }
@@ -994,8 +1000,9 @@ impl Exchange {
             }
         }
         let (new_body, rewritten) = match filter_server_data(&peer, &decoded).await {
-            // Nothing a client acts on as JSON-RPC: the server's bytes, unchanged.
-            Filtered::Opaque => (raw, false),
+            // Nothing a client acts on as JSON-RPC, or JSON-RPC judged and
+            // delivered whole: the server's bytes, unchanged.
+            Filtered::Opaque | Filtered::Unchanged => (raw, false),
             Filtered::JsonRpc(Some(b)) => (Bytes::from(b), true),
             Filtered::JsonRpc(None) => (Bytes::new(), true),
             Filtered::Refused(reason) => {

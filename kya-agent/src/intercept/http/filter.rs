@@ -36,6 +36,9 @@ pub struct Peer {
 pub enum Filtered {
     /// Not JSON-RPC: pass the original bytes.
     Opaque,
+    /// JSON-RPC, judged, every message delivered as it was: pass the original
+    /// bytes (strict JSON, so any client reads them as kya judged them).
+    Unchanged,
     /// JSON-RPC; the canonical bytes to deliver (`None`: nothing left to deliver).
     JsonRpc(Option<Vec<u8>>),
     /// Claims JSON-RPC but failed strict parsing, or may claim it in a form kya
@@ -64,11 +67,19 @@ pub async fn filter_server_data(peer: &Peer, data: &[u8]) -> Filtered {
     };
     let size = raws.len();
     let mut kept = Vec::with_capacity(size);
+    let mut changed = false;
     for (index, (msg, raw)) in payload.messages.into_iter().zip(raws).enumerate() {
         let batch = payload.batch.then_some((index, size));
-        if let Some(v) = judge(peer, msg, raw, batch).await {
-            kept.push(v);
+        match judge(peer, msg, raw, batch).await {
+            Some((v, edited)) => {
+                changed |= edited;
+                kept.push(v);
+            }
+            None => changed = true,
         }
+    }
+    if !changed {
+        return Filtered::Unchanged;
     }
     if kept.is_empty() {
         return Filtered::JsonRpc(None);
@@ -86,13 +97,13 @@ async fn judge(
     msg: Message,
     mut raw: Value,
     batch: Option<(usize, usize)>,
-) -> Option<Value> {
+) -> Option<(Value, bool)> {
     match &msg {
         Message::Response(_) => {
-            filter_tools(peer, &mut raw);
-            Some(raw)
+            let edited = filter_tools(peer, &mut raw);
+            Some((raw, edited))
         }
-        Message::Error(_) => Some(raw),
+        Message::Error(_) => Some((raw, false)),
         Message::ToolCall(_) | Message::Request(_) | Message::Notification(_) => {
             let facts = server_call_facts(peer, &msg, &raw, batch);
             let method = facts.method.clone();
@@ -101,7 +112,7 @@ async fn judge(
                 ruling = wait.await;
             }
             match ruling {
-                Ruling::Allow { .. } => Some(raw),
+                Ruling::Allow { .. } => Some((raw, false)),
                 Ruling::Deny {
                     decision_id,
                     reason,
@@ -155,14 +166,14 @@ fn server_call_facts(
 
 /// Remove from a `result.tools` array every tool the agent may never call. Entries
 /// without a string `name` are removed too: the model cannot be shown a tool kya
-/// cannot judge.
-pub fn filter_tools(peer: &Peer, response: &mut Value) {
+/// cannot judge. Returns whether any tool was removed.
+pub fn filter_tools(peer: &Peer, response: &mut Value) -> bool {
     let Some(tools) = response
         .get_mut("result")
         .and_then(|r| r.get_mut("tools"))
         .and_then(Value::as_array_mut)
     else {
-        return;
+        return false;
     };
     let before = tools.len();
     tools.retain(|t| {
@@ -177,4 +188,5 @@ pub fn filter_tools(peer: &Peer, response: &mut Value) {
             "tools/list filtered"
         );
     }
+    tools.len() != before
 }

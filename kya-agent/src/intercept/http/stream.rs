@@ -155,7 +155,7 @@ async fn forward_item(
         return send_event(out, event).await;
     };
     match filter_server_data(peer, data.as_bytes()).await {
-        Filtered::Opaque => send_event(out, event).await,
+        Filtered::Opaque | Filtered::Unchanged => send_event(out, event).await,
         Filtered::JsonRpc(None) => true,
         Filtered::JsonRpc(Some(bytes)) => {
             event.data = Some(String::from_utf8_lossy(&bytes).into_owned());
