@@ -221,6 +221,19 @@ impl Upstream {
             Ok(r) => Ok(r),
             Err((e, None)) => Err(e),
             Err((e, Some(req))) => {
+                let ended = sender.is_closed()
+                    || match &e {
+                        UpstreamError::Reconnect(_) => true,
+                        UpstreamError::Request(h) | UpstreamError::Gone(h) => {
+                            h.is_closed() || h.is_canceled()
+                        }
+                        UpstreamError::Handshake(_) => false,
+                    };
+                if !ended {
+                    // Refused before sending for another reason: a new
+                    // connection would not change that.
+                    return Err(e);
+                }
                 tracing::debug!(error = %e, "request not sent on the ended upstream connection; reconnecting");
                 let sender = self.replace(&sender).await?;
                 sender.try_send(req).await.map_err(|(e, _)| e)
