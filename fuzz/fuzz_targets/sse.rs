@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         if event.event_type() == "endpoint" {
             let _ = resolve_endpoint(&base, data.trim());
         } else {
-            let _ = rt.block_on(filter_server_data(&peer, data.as_bytes(), true));
+            let _ = rt.block_on(filter_server_data(&peer, data.as_bytes()));
         }
     }
 });

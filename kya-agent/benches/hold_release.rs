@@ -137,6 +137,7 @@ async fn proxy(up: SocketAddr, gov: Arc<dyn Governor>) -> SocketAddr {
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    None,
                 )
                 .await;
             });

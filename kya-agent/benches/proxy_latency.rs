@@ -94,6 +94,7 @@ async fn proxy(up: SocketAddr) -> SocketAddr {
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    None,
                 )
                 .await;
             });

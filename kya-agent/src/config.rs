@@ -19,6 +19,9 @@ pub const DEFAULT_LISTEN_PORT: u16 = 1021;
 pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
 /// Default request/response body limit.
 pub const DEFAULT_MAX_BODY: u64 = 4 * 1024 * 1024;
+/// Default largest inspected response body and SSE event (`intercept.max_response_body`):
+/// real tool results (files, query results, images) run to tens of megabytes.
+pub const DEFAULT_MAX_RESPONSE_BODY: u64 = 64 * 1024 * 1024;
 /// How long a redirected client may stay silent before its first bytes; then
 /// its connection is refused (never spliced uninspected).
 pub const DEFAULT_FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -331,6 +334,8 @@ pub struct InterceptSection {
     #[serde(default)]
     pub passthrough: Vec<String>,
     pub max_body: Option<SizeValue>,
+    /// Largest inspected response body or SSE event, e.g. "64MiB".
+    pub max_response_body: Option<SizeValue>,
     pub deny_shape: Option<DenyShape>,
     /// Guarded ports where traffic that is neither TLS nor HTTP is spliced to
     /// its destination instead of refused (e.g. a server-speaks-first protocol).
@@ -445,6 +450,8 @@ pub struct Config {
     /// Longest silence before a connection's first bytes.
     pub first_bytes_timeout: std::time::Duration,
     pub max_body: u64,
+    /// Largest inspected response body or SSE event.
+    pub max_response_body: u64,
     pub deny_shape: DenyShape,
     /// Policy files/directories; empty means the embedded example policy.
     pub policy_paths: Vec<PathBuf>,
@@ -565,6 +572,10 @@ impl Config {
             Some(v) => v.bytes()?,
             None => DEFAULT_MAX_BODY,
         };
+        let max_response_body = match &file.intercept.max_response_body {
+            Some(v) => v.bytes()?,
+            None => DEFAULT_MAX_RESPONSE_BODY,
+        };
         let state_dir = args
             .state_dir
             .clone()
@@ -602,6 +613,7 @@ impl Config {
             splice_ports,
             first_bytes_timeout,
             max_body,
+            max_response_body,
             deny_shape: file.intercept.deny_shape.unwrap_or_default(),
             policy_paths,
             agents: args.agents.clone().or(file.policy.agents),

@@ -15,6 +15,7 @@ pub mod control;
 pub mod credential;
 pub mod daemon;
 pub mod decision;
+pub(crate) mod exe_digest;
 pub mod fsutil;
 pub mod intercept;
 pub mod keys;

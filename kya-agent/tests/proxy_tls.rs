@@ -189,6 +189,7 @@ async fn tls_proxy(
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    None,
                 )
                 .await;
             });
@@ -497,6 +498,7 @@ async fn with_kya_tls_pieces_both_alpns() {
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    None,
                 )
                 .await;
             });

@@ -193,6 +193,10 @@ impl Conn<'_> {
 pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Arc<Inspection>) {
     // Both legs carry small writes (frames, SSE events): never wait for an ACK.
     let _ = agent.set_nodelay(true);
+    // The executable's digest (credential evidence, `exe_sha256` selectors),
+    // computed while the handshake and the first request arrive, not during
+    // the first decision.
+    crate::exe_digest::prewarm(&origin.process);
     let conn = Conn {
         insp,
         conn_id: insp.next_conn_id(),
@@ -216,11 +220,14 @@ pub(crate) async fn route<A: AgentStream>(
     let refusal = match first {
         Ok(FirstBytes::Tls) => return tls_path(agent, server, conn, splice_port).await,
         Ok(FirstBytes::Http) => {
+            // A tunnel cannot be reopened: only a direct connection reconnects.
+            let direct = matches!(server, Server::Direct);
             let Some(up) = server.open(conn.origin).await else {
                 agent.reset();
                 return;
             };
             let tunnels = conn.follower();
+            let reconnect = direct.then(|| plain_reconnect(dst));
             if let Err(e) = http::serve_http_with(
                 agent,
                 up,
@@ -229,6 +236,7 @@ pub(crate) async fn route<A: AgentStream>(
                 conn.insp.governor.clone(),
                 &conn.insp.limits,
                 conn.insp.names.clone(),
+                reconnect,
                 Some(tunnels.clone()),
             )
             .await
@@ -411,10 +419,12 @@ async fn tls_path<A: AgentStream>(
             .await;
         }
     };
+    let direct = matches!(server, Server::Direct);
     let Some(up) = server.open(conn.origin).await else {
         agent.reset();
         return;
     };
+    let hello_alpn = hello.info.alpn.clone();
     let up = match insp.tls.upstream.connect(up, &name, &hello.info.alpn).await {
         Ok(up) => up,
         Err(e) => {
@@ -443,6 +453,7 @@ async fn tls_path<A: AgentStream>(
     let facts = conn.facts(sni, true);
     let conn_id = facts.conn_id;
     let tunnels = conn.follower();
+    let reconnect = direct.then(|| tls_reconnect(insp, dst, name, hello_alpn, up.alpn.clone()));
     if let Err(e) = http::serve_http_with(
         agent_tls,
         up.stream,
@@ -451,6 +462,7 @@ async fn tls_path<A: AgentStream>(
         insp.governor.clone(),
         &insp.limits,
         insp.names.clone(),
+        reconnect,
         Some(tunnels.clone()),
     )
     .await
@@ -476,6 +488,51 @@ impl Server {
             },
         }
     }
+}
+
+/// A new verified TLS connection to the same destination, name and ALPN (the
+/// proxy's upstream leg after the server ended the first one). A different
+/// protocol agreed this time is a failure: the agent's leg speaks the first.
+fn tls_reconnect(
+    insp: &Inspection,
+    dst: std::net::SocketAddr,
+    name: crate::ca::LeafName,
+    alpn: Vec<Vec<u8>>,
+    agreed: Option<Vec<u8>>,
+) -> http::client::Reconnect {
+    let connector = insp.tls.upstream.clone();
+    Arc::new(move || {
+        let (connector, name, alpn, agreed) = (
+            connector.clone(),
+            name.clone(),
+            alpn.clone(),
+            agreed.clone(),
+        );
+        Box::pin(async move {
+            let tcp = upstream::connect(dst).await.map_err(|e| e.to_string())?;
+            let up = connector
+                .connect(tcp, &name, &alpn)
+                .await
+                .map_err(|e| format!("upstream TLS to {name}: {e}"))?;
+            if up.alpn != agreed {
+                return Err(format!("upstream {name} agreed another protocol this time"));
+            }
+            Ok(Box::new(up.stream) as Box<dyn http::client::Io>)
+        })
+    })
+}
+
+/// A new TCP connection to the original destination (the proxy's upstream
+/// leg after the server ended the first one).
+fn plain_reconnect(dst: std::net::SocketAddr) -> http::client::Reconnect {
+    Arc::new(move || {
+        Box::pin(async move {
+            upstream::connect(dst)
+                .await
+                .map(|s| Box::new(s) as Box<dyn http::client::Io>)
+                .map_err(|e| e.to_string())
+        })
+    })
 }
 
 /// Splice to the server side, first replaying `already_read`.

@@ -14,10 +14,8 @@ use super::load::{detect_kind, read_source, FileKind};
 use super::AgentInfo;
 use kya_common::ProcessIdentity;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
 use time::OffsetDateTime;
 use toml::Spanned;
 
@@ -97,10 +95,7 @@ pub struct Selectors {
 pub struct Registry {
     agents: Vec<Agent>,
     departed: HashSet<String>,
-    hashes: Mutex<HashMap<(u64, u64, u64, i128), String>>,
 }
-
-const MAX_HASH_CACHE: usize = 4096;
 
 impl Registry {
     /// A registry with no agents: every process is `unregistered`.
@@ -169,7 +164,6 @@ impl Registry {
                     .unwrap_or_default()
                     .into_iter()
                     .collect(),
-                hashes: Mutex::default(),
             },
             Diagnostics(warnings),
         ))
@@ -241,56 +235,12 @@ impl Registry {
         true
     }
 
-    /// SHA-256 of the process's executable. When the kernel recorded the
-    /// executable's (device, inode) at connect, only that file is hashed:
-    /// `/proc/PID/exe` or the recorded path, whichever still is that very
-    /// file (a process that exec'd since, or a path replaced since, gives
-    /// no hash, so no match). Without a kernel record, `/proc/PID/exe`
-    /// while the process exists, else the path. Cached by (device, inode,
-    /// size, mtime).
+    /// SHA-256 of the process's executable (see [`crate::exe_digest`]: only
+    /// the very file the kernel recorded at connect, cached process-wide by
+    /// (device, inode, size, mtime), usually computed as the connection
+    /// arrived).
     pub fn exe_hash(&self, p: &ProcessIdentity) -> Option<String> {
-        use std::os::unix::fs::MetadataExt;
-        let proc_exe = format!("/proc/{}/exe", p.pid);
-        let mut candidates: Vec<&str> = Vec::new();
-        if p.pid != 0 {
-            candidates.push(&proc_exe);
-        }
-        if !p.exe.is_empty() {
-            candidates.push(&p.exe);
-        }
-        let (path, meta) = candidates.into_iter().find_map(|c| {
-            let md = std::fs::metadata(c).ok()?;
-            let same = p.exe_ino == 0
-                || (md.ino() == p.exe_ino && kya_common::maps::kernel_dev(md.dev()) == p.exe_dev);
-            same.then(|| (c.to_string(), md))
-        })?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(-1);
-        let key = (meta.dev(), meta.ino(), meta.len(), mtime);
-        if let Ok(cache) = self.hashes.lock() {
-            if let Some(h) = cache.get(&key) {
-                return Some(h.clone());
-            }
-        }
-        let mut f = std::fs::File::open(&path).ok()?;
-        let opened = f.metadata().ok()?;
-        if (opened.dev(), opened.ino()) != (meta.dev(), meta.ino()) {
-            return None; // replaced between the check and the open
-        }
-        let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h).ok()?;
-        let hex = hex::encode(h.finalize());
-        if let Ok(mut cache) = self.hashes.lock() {
-            if cache.len() >= MAX_HASH_CACHE {
-                cache.clear();
-            }
-            cache.insert(key, hex.clone());
-        }
-        Some(hex)
+        crate::exe_digest::digest(p)
     }
 
     /// Everything the eBPF selection must cover so every registered agent is selected.

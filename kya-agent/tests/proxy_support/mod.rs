@@ -461,12 +461,25 @@ pub async fn proxy_with(
                     std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
                         Default::default(),
                     )),
+                    Some(reconnect_to(upstream)),
                 )
                 .await;
             });
         }
     });
     addr
+}
+
+/// A new plain TCP connection to `addr` for the proxy's upstream leg.
+pub fn reconnect_to(addr: SocketAddr) -> kya_agent::intercept::http::client::Reconnect {
+    Arc::new(move || {
+        Box::pin(async move {
+            TcpStream::connect(addr)
+                .await
+                .map(|s| Box::new(s) as Box<dyn kya_agent::intercept::http::client::Io>)
+                .map_err(|e| e.to_string())
+        })
+    })
 }
 
 /// A hyper HTTP/1.1 client connection.

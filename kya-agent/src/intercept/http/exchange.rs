@@ -2,7 +2,7 @@
 //! JSON-RPC message decided, then forward the canonical bytes, answer with the
 //! denial, or hold; and judge what the server answers.
 
-use std::convert::Infallible;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use crate::mcp::jsonrpc::{Id, Message, Payload};
 use crate::mcp::{encoding, headers as mcp_headers};
 
 use super::body::{self, ProxyBody, ReadError};
-use super::client::Upstream;
+use super::client::{Upstream, UpstreamError};
 use super::deny::{self, Denial};
 use super::filter::{filter_server_data, Filtered, Peer};
 use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
@@ -27,6 +27,27 @@ use super::limits::Limits;
 use super::sessions;
 use super::stream;
 use crate::intercept::names::NameResolver;
+
+tokio::task_local! {
+    /// Set when the upstream connection ended after the request may have
+    /// reached the server: the agent's connection is closed without an
+    /// answer, as the server closed its own.
+    static UPSTREAM_GONE: Cell<bool>;
+}
+
+/// The agent's connection is closed without an answer (see [`UPSTREAM_GONE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream connection ended during the exchange")]
+pub struct UpstreamGone;
+
+/// The JSON-RPC requests a server's answer answers: each gets an error when
+/// kya cannot deliver the answer.
+#[derive(Debug, Default)]
+struct Answers {
+    ids: Vec<Value>,
+    /// The requests came as a batch: errors are answered as an array.
+    batch: bool,
+}
 
 /// Refusal when the process-wide table of held calls is full (audited).
 const TOO_MANY_HELD: &str = "too many calls are held at once";
@@ -161,12 +182,23 @@ fn to_outcome(r: Ruling) -> Outcome {
 }
 
 impl Exchange {
-    /// hyper's service entry point; never fails (every failure is an HTTP answer).
+    /// hyper's service entry point. Every failure is an HTTP answer, except an
+    /// upstream connection that ended under a sent request: then the agent's
+    /// connection is closed too (`Err`), which is what it would have seen direct.
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        Ok(self.handle_request(req).await)
+    ) -> Result<Response<ProxyBody>, UpstreamGone> {
+        UPSTREAM_GONE
+            .scope(Cell::new(false), async move {
+                let r = self.handle_request(req).await;
+                if UPSTREAM_GONE.try_with(Cell::get).unwrap_or(false) {
+                    Err(UpstreamGone)
+                } else {
+                    Ok(r)
+                }
+            })
+            .await
     }
 
     /// A refusal without a JSON-RPC id to answer: an HTTP error whose body is still a
@@ -249,7 +281,15 @@ impl Exchange {
             let mcp = head.headers.contains_key("mcp-session-id")
                 || head.headers.contains_key("mcp-protocol-version");
             return self
-                .forward(&server, &head, body::empty(), None, false, mcp)
+                .forward(
+                    &server,
+                    &head,
+                    body::empty(),
+                    None,
+                    false,
+                    mcp,
+                    Answers::default(),
+                )
                 .await;
         }
         let raw = match body::read_bounded(incoming, self.limits.max_body, self.limits.body_timeout)
@@ -290,8 +330,16 @@ impl Exchange {
             Err(Refusal(r)) => self.refuse_http(StatusCode::BAD_REQUEST, v, &r),
             Ok(inspect::Body::Opaque) => {
                 let len = raw.len();
-                self.forward(&server, &head, body::full(raw), Some(len), false, false)
-                    .await
+                self.forward(
+                    &server,
+                    &head,
+                    body::full(raw),
+                    Some(len),
+                    false,
+                    false,
+                    Answers::default(),
+                )
+                .await
             }
             Ok(inspect::Body::JsonRpc { payload, value }) => {
                 self.govern(server, head, payload, value).await
@@ -512,8 +560,25 @@ impl Exchange {
             }
             let bytes = json::to_canonical_bytes(value);
             let len = bytes.len();
+            let answers = Answers {
+                ids: payload
+                    .messages
+                    .iter()
+                    .filter(|m| !matches!(m, Message::Response(_) | Message::Error(_)))
+                    .filter_map(|m| m.id().map(Id::to_value))
+                    .collect(),
+                batch: payload.batch,
+            };
             return self
-                .forward(server, head, body::full(bytes), Some(len), true, true)
+                .forward(
+                    server,
+                    head,
+                    body::full(bytes),
+                    Some(len),
+                    true,
+                    true,
+                    answers,
+                )
                 .await;
         }
         for o in &outcomes {
@@ -714,25 +779,41 @@ impl Exchange {
         };
         if is_sse(resp.headers()) {
             let url = self.absolute(head, server);
-            stream::relay(peer, true, url, resp.into_body(), tx).await;
+            stream::relay(peer, url, vec![id.clone()], resp.into_body(), tx).await;
             return;
         }
-        let raw = match body::read_bounded(
-            resp.into_body(),
-            self.limits.max_body,
-            self.limits.response_timeout,
-        )
-        .await
-        {
+        let (parts, incoming) = resp.into_parts();
+        let max = self.limits.max_response_body;
+        let raw = body::read_bounded(incoming, max, self.limits.response_timeout)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|raw| {
+                encoding::decode_body(
+                    &parts.headers,
+                    &raw,
+                    usize::try_from(max).unwrap_or(usize::MAX),
+                )
+                .map_err(|e| e.to_string())
+            });
+        let raw = match raw {
             Ok(b) => b,
             Err(e) => {
-                stream::send_message(&tx, &fail(e.to_string())).await;
+                let reason = format!("server answer: {e}");
+                tracing::warn!(conn = self.conn.conn_id, %reason, "server answer not delivered");
+                self.gov.refused(&self.conn, &reason);
+                stream::send_message(&tx, &fail(reason)).await;
                 return;
             }
         };
-        match filter_server_data(&peer, &raw, true).await {
+        match filter_server_data(&peer, &raw).await {
             Filtered::JsonRpc(Some(b)) => {
-                if let Ok(v) = json::parse(&b, &self.limits.json()) {
+                if let Ok(v) = json::parse(&b, &self.limits.response_json()) {
+                    stream::send_message(&tx, &v).await;
+                }
+            }
+            Filtered::Unchanged => {
+                let text = raw.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&raw);
+                if let Ok(v) = json::parse(text, &self.limits.response_json()) {
                     stream::send_message(&tx, &v).await;
                 }
             }
@@ -800,7 +881,9 @@ impl Exchange {
     }
 
     /// Forward a request and relay (and judge) the server's answer. `mcp` says the
-    /// exchange is MCP, so JSON answers are strictly parsed and filtered.
+    /// exchange is MCP, so JSON answers are read whole and judged; `answers` are
+    /// the JSON-RPC requests the answer answers.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         server: &str,
@@ -809,10 +892,16 @@ impl Exchange {
         len: Option<usize>,
         rewritten: bool,
         mcp: bool,
+        answers: Answers,
     ) -> Response<ProxyBody> {
         let req = self.upstream_request(head, body, len, rewritten);
         let resp = match self.upstream.send(req).await {
             Ok(r) => r,
+            Err(e @ UpstreamError::Gone(_)) => {
+                tracing::info!(conn = self.conn.conn_id, error = %e, "upstream connection ended under a request; closing the agent's");
+                let _ = UPSTREAM_GONE.try_with(|g| g.set(true));
+                return empty_response(StatusCode::BAD_GATEWAY);
+            }
             Err(e) => {
                 tracing::info!(conn = self.conn.conn_id, error = %e, "upstream request failed");
                 return json_response(
@@ -822,7 +911,30 @@ impl Exchange {
             }
         };
         let (parts, incoming) = resp.into_parts();
+        // The server ends the connection after this answer: so does kya's
+        // agent side (HTTP/2 has no such header; GOAWAY follows from the driver).
+        let closing = head.version == Version::HTTP_11 && closes_connection(&parts);
+        let mut r = self
+            .relay_answer(server, head, parts, incoming, mcp, answers)
+            .await;
+        if closing {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
+    async fn relay_answer(
+        &self,
+        server: &str,
+        head: &Head,
+        parts: http::response::Parts,
+        incoming: Incoming,
+        mcp: bool,
+        answers: Answers,
+    ) -> Response<ProxyBody> {
         let peer = self.peer(server, head);
+        let ct = header_str(&parts.headers, "content-type");
         if is_sse(&parts.headers) {
             if parts
                 .headers
@@ -835,60 +947,147 @@ impl Exchange {
                     "compressed event stream from the server",
                 );
             }
+            if let Some(charset) = inspect::foreign_response_charset(ct) {
+                // A client honouring the charset could read events kya reads otherwise.
+                return self.refuse_http(
+                    StatusCode::BAD_GATEWAY,
+                    head.version,
+                    &format!(
+                        "event stream from the server in charset {charset:?}: only UTF-8 is judged"
+                    ),
+                );
+            }
             let (tx, out) = body::channel(16);
             let url = self.absolute(head, server);
-            let sse_mcp = mcp || head.uri.path().ends_with("/sse");
-            tokio::spawn(stream::relay(peer, sse_mcp, url, incoming, tx));
+            tokio::spawn(stream::relay(peer, url, answers.ids, incoming, tx));
             let mut r = Response::new(out);
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers, &["content-length"]);
             return r;
         }
-        let declared_json = inspect::declares_json(header_str(&parts.headers, "content-type"));
+        let declared_json = inspect::declares_json(ct);
         if !(mcp && (declared_json || !incoming.is_end_stream())) {
             let mut r = Response::new(body::stream(incoming));
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers, &[]);
             return r;
         }
-        // An MCP answer: read it whole (bounded), decode, judge, re-serialise.
-        let raw =
-            match body::read_bounded(incoming, self.limits.max_body, self.limits.response_timeout)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    return self.refuse_http(
-                        StatusCode::BAD_GATEWAY,
-                        head.version,
-                        &format!("server answer: {e}"),
-                    )
-                }
-            };
-        let max = usize::try_from(self.limits.max_body).unwrap_or(usize::MAX);
-        let decoded = match encoding::decode_body(&parts.headers, &raw, max) {
-            Ok(d) => d,
-            Err(e) => {
-                return self.refuse_http(
-                    StatusCode::BAD_GATEWAY,
-                    head.version,
-                    &format!("server answer: {e}"),
-                )
-            }
+        // An MCP exchange: read the answer whole (bounded), decode, judge.
+        let max = self.limits.max_response_body;
+        let raw = match body::read_bounded(incoming, max, self.limits.response_timeout).await {
+            Ok(b) => b,
+            Err(e) => return self.undeliverable(head, &answers, &format!("server answer: {e}")),
         };
-        let new_body = match filter_server_data(&peer, &decoded, declared_json).await {
-            Filtered::Opaque => Bytes::from(decoded),
-            Filtered::JsonRpc(Some(b)) => Bytes::from(b),
-            Filtered::JsonRpc(None) => Bytes::new(),
+        let decoded = match encoding::decode_body(
+            &parts.headers,
+            &raw,
+            usize::try_from(max).unwrap_or(usize::MAX),
+        ) {
+            Ok(d) => d,
+            Err(e) => return self.undeliverable(head, &answers, &format!("server answer: {e}")),
+        };
+        if inspect::looks_like_json(&decoded) {
+            if let Some(charset) = inspect::foreign_response_charset(ct) {
+                return self.undeliverable(
+                    head,
+                    &answers,
+                    &format!("server answer is JSON in charset {charset:?}: only UTF-8 is judged"),
+                );
+            }
+        }
+        let (new_body, rewritten) = match filter_server_data(&peer, &decoded).await {
+            // Nothing a client acts on as JSON-RPC, or JSON-RPC judged and
+            // delivered whole: the server's bytes, unchanged.
+            Filtered::Opaque | Filtered::Unchanged => (raw, false),
+            Filtered::JsonRpc(Some(b)) => (Bytes::from(b), true),
+            Filtered::JsonRpc(None) => (Bytes::new(), true),
             Filtered::Refused(reason) => {
                 return self.refuse_http(StatusCode::BAD_GATEWAY, head.version, &reason)
             }
         };
-        let mut headers = end_to_end(&parts.headers, &["content-length", "content-encoding"]);
+        let drop: &[&str] = if rewritten {
+            &["content-length", "content-encoding"]
+        } else {
+            &["content-length"]
+        };
+        let mut headers = end_to_end(&parts.headers, drop);
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(new_body.len()));
         let mut r = Response::new(body::full(new_body));
         *r.status_mut() = parts.status;
         *r.headers_mut() = headers;
         r
+    }
+
+    /// The server's answer cannot be delivered (over a limit, undecodable):
+    /// audited, and each request it answers gets a JSON-RPC error at once (an
+    /// HTTP error when there is no request id to answer).
+    fn undeliverable(&self, head: &Head, answers: &Answers, reason: &str) -> Response<ProxyBody> {
+        if answers.ids.is_empty() {
+            return self.refuse_http(StatusCode::BAD_GATEWAY, head.version, reason);
+        }
+        tracing::warn!(conn = self.conn.conn_id, %reason, "server answer not delivered; the agent gets an error");
+        self.gov.refused(&self.conn, reason);
+        let mut errors: Vec<Value> = answers
+            .ids
+            .iter()
+            .map(|id| stream::undeliverable(id, reason))
+            .collect();
+        let body = if answers.batch {
+            Value::Array(errors)
+        } else {
+            errors.swap_remove(0)
+        };
+        json_response(StatusCode::OK, &body)
+    }
+}
+
+/// Whether the server ends its connection after this response.
+fn closes_connection(parts: &http::response::Parts) -> bool {
+    let tokens = || {
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+    };
+    if tokens().any(|t| t == "close") {
+        return true;
+    }
+    parts.version == Version::HTTP_10 && !tokens().any(|t| t == "keep-alive")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: Version, connection: &[&[u8]]) -> http::response::Parts {
+        let mut r = Response::new(());
+        *r.version_mut() = version;
+        for v in connection {
+            if let Ok(v) = HeaderValue::from_bytes(v) {
+                r.headers_mut().append(header::CONNECTION, v);
+            }
+        }
+        r.into_parts().0
+    }
+
+    #[test]
+    fn which_answers_end_the_servers_connection() {
+        let h11 = Version::HTTP_11;
+        assert!(closes_connection(&parts(h11, &[b"close"])));
+        assert!(closes_connection(&parts(h11, &[b"Keep-Alive, CLOSE"])));
+        assert!(closes_connection(&parts(h11, &[b"upgrade", b" close "])));
+        assert!(!closes_connection(&parts(h11, &[])));
+        assert!(!closes_connection(&parts(h11, &[b"keep-alive"])));
+        assert!(!closes_connection(&parts(h11, &[b"closed", b"x-close"])));
+        // Not visible ASCII: not a token kya can read, and not a close.
+        assert!(!closes_connection(&parts(h11, &[b"cl\xffose"])));
+        // HTTP/1.0 closes unless it says keep-alive.
+        let h10 = Version::HTTP_10;
+        assert!(closes_connection(&parts(h10, &[])));
+        assert!(!closes_connection(&parts(h10, &[b"keep-alive"])));
+        assert!(closes_connection(&parts(h10, &[b"keep-alive, close"])));
     }
 }

@@ -36,28 +36,25 @@ pub struct Peer {
 pub enum Filtered {
     /// Not JSON-RPC: pass the original bytes.
     Opaque,
+    /// JSON-RPC, judged, every message delivered as it was: pass the original
+    /// bytes (strict JSON, so any client reads them as kya judged them).
+    Unchanged,
     /// JSON-RPC; the canonical bytes to deliver (`None`: nothing left to deliver).
     JsonRpc(Option<Vec<u8>>),
-    /// JSON-RPC (or JSON-looking in an MCP exchange) that failed strict parsing.
+    /// Claims JSON-RPC but failed strict parsing, or may claim it in a form kya
+    /// does not judge.
     Refused(String),
 }
 
-/// Judge one server body or SSE `data`. `mcp` says the exchange is known to be MCP,
-/// so JSON-looking data that fails strict parsing is refused rather than passed.
-pub async fn filter_server_data(peer: &Peer, data: &[u8], mcp: bool) -> Filtered {
-    if !inspect::looks_like_json(data) {
-        return Filtered::Opaque;
-    }
-    let value = match json::parse(data, &peer.limits.json()) {
-        Ok(v) => v,
-        Err(e) if mcp => {
-            return Filtered::Refused(format!("server message is not strict JSON: {e}"))
-        }
-        Err(_) => return Filtered::Opaque,
+/// Judge one server body or SSE `data` (decoded). What no client would act on
+/// as JSON-RPC passes unchanged ([`inspect::server_data`]); what claims
+/// JSON-RPC is strictly parsed and judged, or refused.
+pub async fn filter_server_data(peer: &Peer, data: &[u8]) -> Filtered {
+    let value = match inspect::server_data(data, &peer.limits.response_json()) {
+        inspect::ServerData::Inert => return Filtered::Opaque,
+        inspect::ServerData::Ambiguous(reason) => return Filtered::Refused(reason),
+        inspect::ServerData::JsonRpc(v) => v,
     };
-    if !inspect::is_jsonrpc(&value) {
-        return Filtered::Opaque;
-    }
     let payload = match jsonrpc::parse_payload(&value, peer.limits.max_batch) {
         Ok(p) => p,
         Err(e) => {
@@ -70,11 +67,19 @@ pub async fn filter_server_data(peer: &Peer, data: &[u8], mcp: bool) -> Filtered
     };
     let size = raws.len();
     let mut kept = Vec::with_capacity(size);
+    let mut changed = false;
     for (index, (msg, raw)) in payload.messages.into_iter().zip(raws).enumerate() {
         let batch = payload.batch.then_some((index, size));
-        if let Some(v) = judge(peer, msg, raw, batch).await {
-            kept.push(v);
+        match judge(peer, msg, raw, batch).await {
+            Some((v, edited)) => {
+                changed |= edited;
+                kept.push(v);
+            }
+            None => changed = true,
         }
+    }
+    if !changed {
+        return Filtered::Unchanged;
     }
     if kept.is_empty() {
         return Filtered::JsonRpc(None);
@@ -92,13 +97,13 @@ async fn judge(
     msg: Message,
     mut raw: Value,
     batch: Option<(usize, usize)>,
-) -> Option<Value> {
+) -> Option<(Value, bool)> {
     match &msg {
         Message::Response(_) => {
-            filter_tools(peer, &mut raw);
-            Some(raw)
+            let edited = filter_tools(peer, &mut raw);
+            Some((raw, edited))
         }
-        Message::Error(_) => Some(raw),
+        Message::Error(_) => Some((raw, false)),
         Message::ToolCall(_) | Message::Request(_) | Message::Notification(_) => {
             let facts = server_call_facts(peer, &msg, &raw, batch);
             let method = facts.method.clone();
@@ -107,7 +112,7 @@ async fn judge(
                 ruling = wait.await;
             }
             match ruling {
-                Ruling::Allow { .. } => Some(raw),
+                Ruling::Allow { .. } => Some((raw, false)),
                 Ruling::Deny {
                     decision_id,
                     reason,
@@ -161,14 +166,14 @@ fn server_call_facts(
 
 /// Remove from a `result.tools` array every tool the agent may never call. Entries
 /// without a string `name` are removed too: the model cannot be shown a tool kya
-/// cannot judge.
-pub fn filter_tools(peer: &Peer, response: &mut Value) {
+/// cannot judge. Returns whether any tool was removed.
+pub fn filter_tools(peer: &Peer, response: &mut Value) -> bool {
     let Some(tools) = response
         .get_mut("result")
         .and_then(|r| r.get_mut("tools"))
         .and_then(Value::as_array_mut)
     else {
-        return;
+        return false;
     };
     let before = tools.len();
     tools.retain(|t| {
@@ -183,4 +188,5 @@ pub fn filter_tools(peer: &Peer, response: &mut Value) {
             "tools/list filtered"
         );
     }
+    tools.len() != before
 }

@@ -215,6 +215,109 @@ pub fn read_body(
     Ok(Body::JsonRpc { payload, value })
 }
 
+/// What a server→client body (or SSE `data`) is to a client.
+///
+/// The agent→server direction is judged by [`read_body`]: whatever a server
+/// would read as JSON-RPC. This direction is judged by what a client would
+/// *act on*: the official SDKs accept a message only with `"jsonrpc": "2.0"`,
+/// so JSON without a `jsonrpc` member (an OAuth error, metadata, any REST
+/// answer) is ordinary HTTP and passes unchanged, and so does a message no
+/// client can match to anything it sent or answer (no `id` and no `method`:
+/// a "response" to a notification). Anything that claims JSON-RPC in any way a
+/// lenient client could read (a case variant of the key, a BOM, UTF-16/32,
+/// JSON that only a lenient parser accepts) is judged strictly or refused.
+#[derive(Debug)]
+pub enum ServerData {
+    /// No client acts on it as JSON-RPC: pass the bytes unchanged.
+    Inert,
+    /// Strict JSON that claims JSON-RPC: judge it (strictly parsed).
+    JsonRpc(Value),
+    /// Claims (or may claim) JSON-RPC in a form kya does not judge: refuse.
+    Ambiguous(String),
+}
+
+/// Whether a parsed value claims to be JSON-RPC: an object (or a batch
+/// element) with a member that case-folds to `jsonrpc`.
+pub fn claims_jsonrpc(value: &Value) -> bool {
+    fn obj(v: &Value) -> bool {
+        v.as_object()
+            .is_some_and(|m| m.keys().any(|k| fold_case(k.trim()) == "jsonrpc"))
+    }
+    match value {
+        Value::Array(items) => items.iter().any(obj),
+        other => obj(other),
+    }
+}
+
+/// Whether a message claiming JSON-RPC can still be acted on by no client: it
+/// has no member that case-folds to `id` or `method`, so it neither answers a
+/// request nor asks anything. In a batch, every element must be so.
+fn inert_message(value: &Value) -> bool {
+    fn obj(v: &Value) -> bool {
+        v.as_object().is_some_and(|m| {
+            !m.keys().any(|k| {
+                let k = fold_case(k.trim());
+                k == "id" || k == "method"
+            })
+        })
+    }
+    match value {
+        Value::Array(items) => !items.is_empty() && items.iter().all(obj),
+        other => obj(other),
+    }
+}
+
+/// Whether text that is not strict JSON could still hold a `jsonrpc` key for a
+/// lenient parser: the word in any case, or a `\u` escape that may spell it.
+fn may_mention_jsonrpc(text: &str) -> bool {
+    text.contains("\\u") || fold_case(text).contains("jsonrpc")
+}
+
+fn decode_wide(body: &[u8], enc: WideEncoding) -> String {
+    let units = body.chunks_exact(enc.unit()).map(|u| enc.code_unit(u));
+    match enc {
+        WideEncoding::Utf16Le | WideEncoding::Utf16Be => {
+            let u16s: Vec<u16> = units.map(|u| u as u16).collect();
+            char::decode_utf16(u16s)
+                .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect()
+        }
+        WideEncoding::Utf32Le | WideEncoding::Utf32Be => units
+            .map(|u| char::from_u32(u).unwrap_or(char::REPLACEMENT_CHARACTER))
+            .collect(),
+    }
+}
+
+/// Classify a (decoded) server→client body or SSE `data`; see [`ServerData`].
+pub fn server_data(body: &[u8], limits: &JsonLimits) -> ServerData {
+    if let Some(enc) = wide_encoding(body) {
+        if wide_looks_like_json(body, enc) && may_mention_jsonrpc(&decode_wide(body, enc)) {
+            return ServerData::Ambiguous(format!(
+                "server message is JSON in {} that may claim JSON-RPC: only UTF-8 is judged",
+                enc.name()
+            ));
+        }
+        return ServerData::Inert;
+    }
+    let text = body.strip_prefix(UTF8_BOM).unwrap_or(body);
+    if !looks_like_json(text) {
+        return ServerData::Inert;
+    }
+    match json::parse(text, limits) {
+        Ok(v) if !claims_jsonrpc(&v) || inert_message(&v) => ServerData::Inert,
+        Ok(v) => ServerData::JsonRpc(v),
+        Err(e) if may_mention_jsonrpc(&String::from_utf8_lossy(text)) => ServerData::Ambiguous(
+            format!("server message may claim JSON-RPC but is not strict JSON: {e}"),
+        ),
+        Err(_) => ServerData::Inert,
+    }
+}
+
+/// The `charset` a response declares when it is not UTF-8 (see [`read_body`]).
+pub fn foreign_response_charset(content_type: Option<&str>) -> Option<String> {
+    foreign_charset(content_type)
+}
+
 fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Refusal> {
     let mut it = headers.get_all(name).iter();
     let Some(first) = it.next() else {
@@ -439,6 +542,96 @@ mod tests {
                 ))
             }
             Body::Opaque => panic!("opaque"),
+        }
+    }
+
+    fn sd(body: &[u8]) -> ServerData {
+        server_data(body, &JsonLimits::default())
+    }
+
+    #[test]
+    fn server_answers_without_jsonrpc_are_inert() {
+        let inert: &[&[u8]] = &[
+            // OAuth bearer errors (RFC 6750), the TypeScript SDK's requireBearerAuth.
+            br#"{"error":"invalid_token","error_description":"Missing Authorization header"}"#,
+            br#"{"error":"insufficient_scope","error_description":"x","error_uri":"https://a"}"#,
+            // Metadata documents.
+            br#"{"issuer":"https://as.example","authorization_endpoint":"https://as.example/a"}"#,
+            br#"{"resource":"https://mcp.example/mcp","authorization_servers":["https://as"]}"#,
+            br#"{"method":"GET","result":1,"id":3}"#,
+            br#"[{"error":"x"},{"result":1}]"#,
+            b"[]",
+            b"<html>redirect</html>",
+            b"",
+            b"  ",
+            // Not strict JSON, and nothing in it can spell jsonrpc.
+            br#"{"a":1,"a":2}"#,
+            b"{not json",
+            // A JSON-RPC "response" no client can match: no id, no method.
+            br#"{"jsonrpc":"2.0","result":{}}"#,
+            br#"{"jsonrpc":"2.0","result":{"tools":[{"name":"delete_records"}]}}"#,
+            br#"{"jsonrpc":"2.0","error":{"code":1,"message":"m","extra":1}}"#,
+            br#"[{"jsonrpc":"2.0","result":{}},{"jsonrpc":"2.0","error":{}}]"#,
+            // Binary with zero bytes that is no JSON in any encoding.
+            b"\x00\x01\x02\x03binary",
+        ];
+        for b in inert {
+            assert!(
+                matches!(sd(b), ServerData::Inert),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+
+    #[test]
+    fn server_messages_claiming_jsonrpc_are_judged() {
+        let judged: &[&[u8]] = &[
+            br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m"}}"#,
+            br#"{"jsonrpc":"2.0","method":"sampling/createMessage","id":"s"}"#,
+            br#"{"jsonrpc":"2.0","method":"notifications/message"}"#,
+            // Case variants and escapes of the key: judged (and refused there).
+            br#"{"JSONRPC":"2.0","id":1,"result":{}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+            br#"{"jsonrpc":"1.0","id":1,"result":{}}"#,
+            br#"{"jsonrpc":"2.0","ID":1,"result":{}}"#,
+            br#"{"jsonrpc":"2.0","id":null,"result":{}}"#,
+            br#"[{"jsonrpc":"2.0","result":{}},{"jsonrpc":"2.0","id":2,"result":{}}]"#,
+            br#"[{"a":1},{"jsonrpc":"2.0","id":2,"result":{}}]"#,
+            // A UTF-8 BOM, which fetch's json() and Python skip.
+            b"\xef\xbb\xbf{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}",
+        ];
+        for b in judged {
+            assert!(
+                matches!(sd(b), ServerData::JsonRpc(_)),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
+        }
+    }
+
+    #[test]
+    fn server_messages_that_may_claim_jsonrpc_unjudged_are_refused() {
+        let mut wide = Vec::new();
+        for u in r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#.encode_utf16() {
+            wide.extend_from_slice(&u.to_le_bytes());
+        }
+        let ambiguous: Vec<Vec<u8>> = vec![
+            // Lenient parsers keep the last duplicate key.
+            br#"{"jsonrpc":"2.0","id":1,"result":{},"result":{"tools":[]}}"#.to_vec(),
+            br#"{"JsonRpc":"2.0","id":1,"result":{}} trailing"#.to_vec(),
+            br#"{"jsonrpc":"2.0","id":1,"result":{},}"#.to_vec(),
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"t\":\"\xff\"},}".to_vec(),
+            br#"{"jsonrpc":"2.0","id":1,"result":{"n":NaN}}"#.to_vec(),
+            wide,
+        ];
+        for b in &ambiguous {
+            assert!(
+                matches!(sd(b), ServerData::Ambiguous(_)),
+                "{}",
+                String::from_utf8_lossy(b)
+            );
         }
     }
 

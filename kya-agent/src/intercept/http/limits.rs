@@ -9,8 +9,12 @@ use crate::mcp::sse::SseLimits;
 /// Every bound the proxy enforces, plus the denial shape.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Largest request or inspected response body (after decoding), in bytes.
+    /// Largest request body (after decoding), in bytes (`intercept.max_body`).
     pub max_body: u64,
+    /// Largest inspected response body, raw and after decoding, in bytes
+    /// (`intercept.max_response_body`). A response over it is answered with a
+    /// JSON-RPC error for each request it answers, and audited.
+    pub max_response_body: u64,
     /// Time allowed to receive a whole request body (slow-drip bodies get 408).
     pub body_timeout: Duration,
     /// Most header fields on a request (hyper enforces it on HTTP/1.1 too).
@@ -36,12 +40,14 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_body: 4 * 1024 * 1024,
+            max_body: crate::config::DEFAULT_MAX_BODY,
+            max_response_body: crate::config::DEFAULT_MAX_RESPONSE_BODY,
             body_timeout: Duration::from_secs(30),
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             deny_shape: DenyShape::ToolError,
-            max_sse_event: 4 * 1024 * 1024,
+            max_sse_event: usize::try_from(crate::config::DEFAULT_MAX_RESPONSE_BODY)
+                .unwrap_or(usize::MAX),
             max_held_per_conn: 16,
             progress_interval: Duration::from_secs(5),
             max_batch: 64,
@@ -52,10 +58,13 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The defaults with the configured `intercept.max_body` and `deny_shape`.
+    /// The defaults with the configured `intercept.max_body`,
+    /// `max_response_body` (also the largest SSE event) and `deny_shape`.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         Self {
             max_body: cfg.max_body,
+            max_response_body: cfg.max_response_body,
+            max_sse_event: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
             deny_shape: cfg.deny_shape,
             ..Self::default()
         }
@@ -65,6 +74,14 @@ impl Limits {
     pub fn json(&self) -> JsonLimits {
         JsonLimits {
             max_bytes: usize::try_from(self.max_body).unwrap_or(usize::MAX),
+            max_depth: self.max_json_depth,
+        }
+    }
+
+    /// The strict JSON parser's bounds for what the server sends.
+    pub fn response_json(&self) -> JsonLimits {
+        JsonLimits {
+            max_bytes: usize::try_from(self.max_response_body).unwrap_or(usize::MAX),
             max_depth: self.max_json_depth,
         }
     }
@@ -86,7 +103,7 @@ mod tests {
     fn config_sets_body_limit_and_shape() {
         let file = parse_file(
             std::path::Path::new("k.toml"),
-            "[intercept]\nmax_body = \"1KiB\"\ndeny_shape = \"jsonrpc_error\"\n",
+            "[intercept]\nmax_body = \"1KiB\"\nmax_response_body = \"2KiB\"\ndeny_shape = \"jsonrpc_error\"\n",
         )
         .unwrap();
         let cfg = Config::merge(file, &Default::default()).unwrap();
@@ -94,6 +111,23 @@ mod tests {
         assert_eq!(l.max_body, 1024);
         assert_eq!(l.deny_shape, DenyShape::JsonrpcError);
         assert_eq!(l.json().max_bytes, 1024);
+        assert_eq!(l.max_response_body, 2048);
+        assert_eq!(l.response_json().max_bytes, 2048);
+        assert_eq!(l.max_sse_event, 2048);
         assert_eq!(l.max_batch, Limits::default().max_batch);
+        // Real tool results are large: responses get at least 64 MiB by default.
+        assert!(Limits::default().max_response_body >= 64 << 20);
+        assert!(Limits::default().max_sse_event >= 64 << 20);
+    }
+
+    #[test]
+    fn bad_response_limits_are_config_errors() {
+        for bad in ["\"lots\"", "\"-1MiB\"", "\"1XB\"", "[1]", "\"\""] {
+            let text = format!("[intercept]\nmax_response_body = {bad}\n");
+            let parsed = parse_file(std::path::Path::new("k.toml"), &text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Config::merge(f, &Default::default()).map_err(|e| e.to_string()));
+            assert!(parsed.is_err(), "{bad}");
+        }
     }
 }

@@ -10,7 +10,8 @@
 //! Wiring (the listener's side): once the origin is known and both legs exist, call
 //! [`serve_http`] with the TLS streams (the ALPN the upstream agreed: `H1`/`H2`) or
 //! the plain TCP streams (`Detect`: the h2 preface is sniffed). Set `TCP_NODELAY` on
-//! both sockets first: the proxy writes small frames. Denials of server→client
+//! both sockets first: the proxy writes small frames (the listener's accepted
+//! socket and [`crate::intercept::upstream::connect`] both do). Denials of server→client
 //! requests drop the event (recorded by the governor, not answered to the server).
 //!
 //! * [`governor`]: the seam to policy, approvals and audit.
@@ -69,7 +70,13 @@ pub enum ProxyError {
     Serve(#[source] hyper::Error),
 }
 
-/// Proxy one connection until the agent closes it; `CONNECT` is refused.
+/// Proxy one connection until the agent closes it, or until the upstream has
+/// closed its first connection and the response in flight is finished (then the
+/// agent's connection ends too, as it would have ended direct). `reconnect`
+/// opens a new upstream connection for a request that could not be sent on an
+/// ended one (e.g. a call approved after the server timed the idle connection
+/// out). `CONNECT` is refused.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_http<A, U>(
     agent: A,
     upstream: U,
@@ -78,12 +85,16 @@ pub async fn serve_http<A, U>(
     gov: Arc<dyn Governor>,
     limits: &Limits,
     names: Arc<crate::intercept::names::NameResolver>,
+    reconnect: Option<client::Reconnect>,
 ) -> Result<(), ProxyError>
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    serve_http_with(agent, upstream, alpn, conn, gov, limits, names, None).await
+    serve_http_with(
+        agent, upstream, alpn, conn, gov, limits, names, reconnect, None,
+    )
+    .await
 }
 
 /// [`serve_http`], with `tunnels` following what `CONNECT` opens.
@@ -96,6 +107,7 @@ pub async fn serve_http_with<A, U>(
     gov: Arc<dyn Governor>,
     limits: &Limits,
     names: Arc<crate::intercept::names::NameResolver>,
+    reconnect: Option<client::Reconnect>,
     tunnels: Option<Arc<dyn connect::Tunnels>>,
 ) -> Result<(), ProxyError>
 where
@@ -108,8 +120,10 @@ where
             .map_err(ProxyError::Sniff)?,
         v => (v, sniff::Prefixed::new(Vec::new(), agent)),
     };
-    let (upstream, _driver) = client::connect(upstream, version, limits.max_header_bytes).await?;
-    tracing::debug!(conn = conn.conn_id, ?version, "proxying HTTP");
+    let (upstream, mut upstream_ended) =
+        client::connect(upstream, version, limits.max_header_bytes, reconnect).await?;
+    let conn_id = conn.conn_id;
+    tracing::debug!(conn = conn_id, ?version, "proxying HTTP");
     let ex = Arc::new(exchange::Exchange {
         gov,
         conn,
@@ -121,23 +135,54 @@ where
     });
     let svc = service_fn(move |req| ex.clone().handle(req));
     let io = TokioIo::new(agent);
+    // When the upstream ends its connection, end the agent's the same way:
+    // after the response in flight (HTTP/1.1), or with GOAWAY (HTTP/2).
+    let ended = async move {
+        while !*upstream_ended.borrow_and_update() {
+            if upstream_ended.changed().await.is_err() {
+                break;
+            }
+        }
+    };
     let result = match version {
         HttpVersion::H2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            tokio::pin!(conn, ended);
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    () = &mut ended, if open => {
+                        open = false;
+                        tracing::debug!(conn = conn_id, "upstream connection ended: ending the agent's");
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
         }
         HttpVersion::H1 | HttpVersion::Detect => {
-            hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.body_timeout)
                 .max_headers(limits.max_headers)
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            tokio::pin!(conn, ended);
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    () = &mut ended, if open => {
+                        open = false;
+                        tracing::debug!(conn = conn_id, "upstream connection ended: ending the agent's");
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
         }
     };
     result.map_err(ProxyError::Serve)

@@ -40,13 +40,24 @@ async fn send_event(out: &mpsc::Sender<Bytes>, event: SseEvent) -> bool {
     }
 }
 
-/// Relay `upstream` into `out` until either side ends. `mcp` says the exchange is
-/// already known to be MCP; `sse_url` is the absolute URL of the stream (the base an
-/// `endpoint` event resolves against).
+/// The JSON-RPC error a request gets when kya cannot deliver the server's answer.
+pub fn undeliverable(id: &Value, reason: &str) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {"code": -32603, "message": format!("kya: the server's answer was not delivered: {reason}")},
+    })
+}
+
+/// Relay `upstream` into `out` until either side ends. `sse_url` is the absolute
+/// URL of the stream (the base an `endpoint` event resolves against); `ids` are
+/// the requests the stream answers (a POST's): when kya must stop relaying (an
+/// event over the limit, not UTF-8), each gets a JSON-RPC error at once instead
+/// of waiting for an answer that will never come, and the stream ends.
 pub async fn relay(
     peer: Peer,
-    mut mcp: bool,
     sse_url: Option<Uri>,
+    ids: Vec<Value>,
     mut upstream: Incoming,
     out: mpsc::Sender<Bytes>,
 ) {
@@ -76,13 +87,20 @@ pub async fn relay(
                     Ok(items) => items,
                     Err(e) => {
                         // An oversize or non-UTF-8 event: stop relaying rather than
-                        // pass something uninspected.
-                        peer.gov.refused(&peer.conn, &format!("server event stream refused: {e}"));
+                        // pass something uninspected, and say so at once.
+                        let reason = format!("server event stream refused: {e}");
+                        tracing::warn!(conn = peer.conn.conn_id, %reason, requests = ids.len(), "event stream ended by kya");
+                        peer.gov.refused(&peer.conn, &reason);
+                        for id in &ids {
+                            if !send_message(&out, &undeliverable(id, &reason)).await {
+                                break;
+                            }
+                        }
                         break;
                     }
                 };
                 for item in items {
-                    if !forward_item(&peer, &mut mcp, sse_url.as_ref(), &mut legacy, item, &out).await {
+                    if !forward_item(&peer, sse_url.as_ref(), &mut legacy, item, &out).await {
                         return;
                     }
                 }
@@ -100,7 +118,6 @@ pub async fn relay(
 
 async fn forward_item(
     peer: &Peer,
-    mcp: &mut bool,
     sse_url: Option<&Uri>,
     legacy: &mut Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)>,
     item: SseItem,
@@ -114,7 +131,6 @@ async fn forward_item(
         };
     };
     if event.event_type() == "endpoint" {
-        *mcp = true;
         let data = event.data.clone().unwrap_or_default();
         let resolved = sse_url.ok_or(()).and_then(|base| {
             sse::resolve_endpoint(base, data.trim()).map_err(|e| {
@@ -138,14 +154,10 @@ async fn forward_item(
     let Some(data) = event.data.clone() else {
         return send_event(out, event).await;
     };
-    match filter_server_data(peer, data.as_bytes(), *mcp).await {
-        Filtered::Opaque => send_event(out, event).await,
-        Filtered::JsonRpc(None) => {
-            *mcp = true;
-            true
-        }
+    match filter_server_data(peer, data.as_bytes()).await {
+        Filtered::Opaque | Filtered::Unchanged => send_event(out, event).await,
+        Filtered::JsonRpc(None) => true,
         Filtered::JsonRpc(Some(bytes)) => {
-            *mcp = true;
             event.data = Some(String::from_utf8_lossy(&bytes).into_owned());
             send_event(out, event).await
         }
