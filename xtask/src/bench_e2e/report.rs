@@ -177,6 +177,19 @@ impl Report<'_> {
                 fmt(Some(max))
             ));
         }
+        for r in &self.rows {
+            let failed = r.result["failed"].as_u64().unwrap_or(0);
+            if failed > 0 {
+                lines.push(String::new());
+                lines.push(format!(
+                    "Failed requests: {} via {}: {failed} of {}; first error: {}",
+                    r.workload,
+                    r.via.name(),
+                    failed + r.result["ok"].as_u64().unwrap_or(0),
+                    r.result["first_error"]
+                ));
+            }
+        }
         lines
     }
 
