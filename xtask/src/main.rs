@@ -10,9 +10,12 @@
 //! * `clean-host`: remove what a crashed earlier run left on this machine
 //!   (test pins, test cgroups), never touching a running kya.
 //! * `bench-connect`: the connection-setup load harness (root).
+//! * `bench-e2e [--quick]`: the same MCP workload end to end, direct, through
+//!   kya and through mitmproxy (root).
 //! * `bench`: the criterion benchmarks.
 
 mod bench_connect;
+mod bench_e2e;
 mod clean;
 mod kernel_matrix;
 mod leftovers;
@@ -56,6 +59,19 @@ enum Task {
         #[arg(long, default_value_t = 2000)]
         count: usize,
     },
+    /// Measure an MCP workload end to end: direct, through kya, through
+    /// mitmproxy (needs root; installs mitmproxy into a private venv).
+    BenchE2e {
+        /// A small configuration (about a second per workload), for CI.
+        #[arg(long)]
+        quick: bool,
+        /// Seconds per workload (default 10, or 1 with --quick).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Skip the run against the real Python SDK server.
+        #[arg(long)]
+        no_sdk: bool,
+    },
     /// Run the criterion benchmarks.
     Bench {
         /// Extra arguments for `cargo bench`.
@@ -75,6 +91,11 @@ fn main() -> Result<()> {
         Task::CleanHost => clean::clean_host(),
         Task::KernelMatrix { kernel } => kernel_matrix::run(&root, kernel.as_deref()),
         Task::BenchConnect { count } => bench_connect::run(&root, count),
+        Task::BenchE2e {
+            quick,
+            seconds,
+            no_sdk,
+        } => bench_e2e::run(&root, &bench_e2e::Options::new(quick, seconds, no_sdk)),
         Task::Bench { cargo_args } => {
             let mut args = vec!["bench", "--workspace"];
             if !cargo_args.is_empty() {

@@ -1,0 +1,566 @@
+//! `cargo xtask bench-e2e`: the same MCP workload measured end to end three
+//! ways on one machine: directly against the upstream, through the real kya
+//! daemon (cgroup selection, eBPF redirect, TLS with kya's CA, a policy of a
+//! few dozen rules, audit log on), and through mitmproxy in reverse-proxy mode.
+//!
+//! The peers are the benchmark's own upstream (`kya-bench-upstream`) and load
+//! client (`kya-bench-load`), built in release with kya; the real MCP SDK
+//! server (`tests/peers`, under hypercorn) serves one more run of the
+//! kept-alive workload. The run fails only when something does not work (no
+//! successful request, a denial not received, an approval not delivered,
+//! a denied call reaching the upstream), never on a figure.
+
+mod approvals;
+mod peers;
+mod report;
+
+use anyhow::{bail, Context, Result};
+use kya_e2e::{Daemon, DaemonOptions, Hypercorn, TestCgroup};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use peers::{Mitmproxy, Upstream, Venv};
+use report::{Report, Row, Via};
+
+/// The upstream (kept-alive, SSE and bulk workloads).
+const UPSTREAM: &str = "127.0.0.2:18480";
+const UPSTREAM_PORT: u16 = 18480;
+/// The real SDK server (hypercorn).
+const SDK: &str = "127.0.0.2:18481";
+const SDK_PORT: u16 = 18481;
+/// mitmproxy's listener.
+const MITM_PORT: u16 = 18482;
+/// kya's interceptor port.
+const KYA_LISTEN: u16 = 996;
+
+/// What `bench-e2e` was asked for.
+pub struct Options {
+    pub quick: bool,
+    /// Each workload's duration.
+    pub duration: Duration,
+    /// Bytes of the bulk download.
+    pub bulk_bytes: u64,
+    /// Held calls to approve.
+    pub held: usize,
+    /// Skip the run against the real SDK server.
+    pub no_sdk: bool,
+}
+
+impl Options {
+    pub fn new(quick: bool, seconds: Option<f64>, no_sdk: bool) -> Self {
+        let default = if quick { 1.0 } else { 10.0 };
+        Self {
+            quick,
+            duration: Duration::from_secs_f64(seconds.unwrap_or(default).max(0.1)),
+            bulk_bytes: if quick { 16 << 20 } else { 256 << 20 },
+            held: if quick { 3 } else { 20 },
+            no_sdk,
+        }
+    }
+}
+
+/// The policy: generated rules (allow and deny on other tools) plus an allow
+/// for the benchmark's tools, a deny rule and a hold rule.
+fn policy() -> String {
+    let mut p = String::from(
+        "[defaults]\nverdict = \"deny\"\nmethods = \"allow\"\nhold_timeout = \"120s\"\n\n",
+    );
+    for i in 0..40 {
+        let (verdict, when) = match i % 4 {
+            0 => ("allow", String::new()),
+            1 => ("deny", String::new()),
+            2 => ("allow", format!("when = \"has(args.n) && args.n < {i}\"\n")),
+            _ => (
+                "deny",
+                format!("when = \"has(args.path) && args.path.startsWith('/etc/{i}')\"\n"),
+            ),
+        };
+        p.push_str(&format!(
+            "[[rule]]\nid = \"gen-{i}\"\ntool = \"svc{i}_*\"\n{when}verdict = \"{verdict}\"\n\n"
+        ));
+    }
+    p.push_str(
+        r#"[[rule]]
+id = "bench-ok"
+tool = "bench_echo"
+verdict = "allow"
+
+[[rule]]
+id = "bench-big"
+tool = "bench_big"
+verdict = "allow"
+
+[[rule]]
+id = "sdk-docs"
+tool = "search_docs"
+verdict = "allow"
+
+[[rule]]
+id = "no-delete"
+tool = "bench_delete"
+verdict = "deny"
+reason = "deleting is not allowed from agents"
+
+[[rule]]
+id = "hold-it"
+tool = "bench_hold"
+verdict = "hold"
+"#,
+    );
+    p
+}
+
+/// Test PKI: the upstream's CA and a certificate for every name the client uses.
+fn pki(dir: &Path) -> Result<()> {
+    kya_e2e::test_pki(dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:mcp.test,DNS:bulk.test,DNS:*.sni.test\nextendedKeyUsage=serverAuth\n",
+    )
+    .context("ext.cnf")?;
+    kya_e2e::sh("openssl x509 -req -in srv.csr -CA test-ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>/dev/null", dir);
+    // kya resolves the passthrough name the way the agent would.
+    std::fs::write(
+        dir.join("hosts"),
+        "127.0.0.1 localhost\n127.0.0.2 mcp.test bulk.test\n",
+    )
+    .context("hosts")?;
+    Ok(())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root.join(d) })
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Where one load run goes and what it trusts.
+struct Route<'a> {
+    via: Via,
+    addr: &'a str,
+    ca: PathBuf,
+    cgroup: Option<&'a TestCgroup>,
+}
+
+struct Bench<'a> {
+    load_bin: PathBuf,
+    opts: &'a Options,
+    rows: Vec<Row>,
+    nonce: u64,
+}
+
+impl Bench<'_> {
+    /// Run the load client on `route` with `args`; fail if no request
+    /// succeeded. Failed requests are reported with the figures (a transport
+    /// error under load is a finding, not a broken harness).
+    fn load(&mut self, workload: &'static str, route: &Route, args: &[&str]) -> Result<Value> {
+        self.load_checked(workload, route, args, false)
+    }
+
+    /// [`Bench::load`]; with `strict`, any failed request fails the run
+    /// (a call that was not denied where it must be).
+    fn load_checked(
+        &mut self,
+        workload: &'static str,
+        route: &Route,
+        args: &[&str],
+        strict: bool,
+    ) -> Result<Value> {
+        let ms = self.opts.duration.as_millis().to_string();
+        let ca = route.ca.display().to_string();
+        let mut all: Vec<&str> = vec!["--addr", route.addr, "--ca", &ca];
+        if !args.contains(&"--count") {
+            all.extend(["--duration-ms", ms.as_str()]);
+        }
+        all.extend_from_slice(args);
+        let mut cmd = match route.cgroup {
+            Some(cg) => cg.command(&self.load_bin, &all),
+            None => {
+                let mut c = Command::new(&self.load_bin);
+                c.args(&all);
+                c
+            }
+        };
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .context("run kya-bench-load")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or("")).with_context(|| {
+                format!(
+                    "{workload} via {}: the load client printed no result ({}): {}",
+                    route.via.name(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        let (ok, failed) = (
+            v["ok"].as_u64().unwrap_or(0),
+            v["failed"].as_u64().unwrap_or(0),
+        );
+        eprintln!(
+            "bench-e2e: {workload:<12} {:<10} ok {ok:>7}  failed {failed}  p50 {} µs  {:.0} req/s",
+            route.via.name(),
+            v["p50_us"],
+            v["rps"].as_f64().unwrap_or(0.0)
+        );
+        if failed > 0 {
+            eprintln!(
+                "bench-e2e: {workload} via {}: {failed} of {} requests failed; first error: {}",
+                route.via.name(),
+                ok + failed,
+                v["first_error"]
+            );
+        }
+        if ok == 0 || (strict && failed > 0) {
+            bail!(
+                "{workload} via {}: {ok} succeeded, {failed} failed; first error: {}",
+                route.via.name(),
+                v["first_error"]
+            );
+        }
+        self.rows.push(Row {
+            workload,
+            via: route.via,
+            result: v.clone(),
+        });
+        Ok(v)
+    }
+
+    /// The workloads every path runs: (a), (b), (e), (f).
+    fn common(&mut self, route: &Route, bulk: &Route) -> Result<()> {
+        self.load("a-c1", route, &["--concurrency", "1"])?;
+        self.load("a-c64", route, &["--concurrency", "64"])?;
+        self.load("b-cached", route, &["--new-conn"])?;
+        self.nonce += 1_000_000;
+        let start = self.nonce.to_string();
+        self.load(
+            "b-fresh",
+            route,
+            &[
+                "--new-conn",
+                "--fresh-sni",
+                "sni.test",
+                "--fresh-start",
+                &start,
+            ],
+        )?;
+        self.load("e-sse", route, &["--tool", "bench_big"])?;
+        let bytes = self.opts.bulk_bytes.to_string();
+        self.load(
+            "f-bulk",
+            bulk,
+            &["--mode", "bulk", "--sni", "bulk.test", "--bytes", &bytes],
+        )?;
+        Ok(())
+    }
+
+    fn sdk(&mut self, route: &Route) -> Result<()> {
+        let args = [
+            "--tool",
+            "search_docs",
+            "--arguments",
+            r#"{"query": "bench"}"#,
+            "--text",
+            "found 3 documents about bench",
+        ];
+        let mut c1 = vec!["--concurrency", "1"];
+        c1.extend(args);
+        self.load("sdk-c1", route, &c1)?;
+        let mut c64 = vec!["--concurrency", "64"];
+        c64.extend(args);
+        self.load("sdk-c64", route, &c64)?;
+        Ok(())
+    }
+}
+
+pub fn run(root: &Path, opts: &Options) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bench-e2e loads BPF programs and creates cgroups: run it as root");
+    }
+    crate::cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "kya-agent",
+            "-p",
+            "xtask",
+            "--bins",
+        ],
+    )?;
+    let target = target_dir(root);
+    let bin_dir = target.join("release");
+    let out_dir = target.join("bench-e2e");
+    std::fs::create_dir_all(&out_dir).context("output directory")?;
+    let venv = Venv::ensure(&out_dir.join("venv"))?;
+    if !opts.no_sdk {
+        kya_e2e::ensure_peers();
+    }
+    let work = tempfile_dir()?;
+    let d = work.path();
+    pki(d)?;
+    std::fs::write(d.join("policy.toml"), policy()).context("policy")?;
+    daemon_at_production_log_level(d, &bin_dir)?;
+    std::fs::write(
+        d.join("kya.toml"),
+        "[intercept]\npassthrough = [\"bulk.test\"]\n",
+    )
+    .context("config")?;
+    let load_start = load_average();
+    let upstream = Upstream::start(&bin_dir.join("kya-bench-upstream"), d, &[UPSTREAM])?;
+    let _sdk = if opts.no_sdk {
+        None
+    } else {
+        Some(Hypercorn::start_tls(d, &[SDK]))
+    };
+    let mut bench = Bench {
+        load_bin: bin_dir.join("kya-bench-load"),
+        opts,
+        rows: Vec::new(),
+        nonce: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_secs() * 1_000_000_000)
+            .unwrap_or(0),
+    };
+    let test_ca = d.join("test-ca.pem");
+
+    // Direct: no kya running.
+    let direct = Route {
+        via: Via::Direct,
+        addr: UPSTREAM,
+        ca: test_ca.clone(),
+        cgroup: None,
+    };
+    bench.common(&direct, &direct)?;
+    if !opts.no_sdk {
+        bench.sdk(&Route {
+            addr: SDK,
+            ..direct
+        })?;
+    }
+
+    // mitmproxy, reverse-proxy mode.
+    {
+        let mitm = Mitmproxy::start(&venv, &out_dir.join("mitm-conf"), MITM_PORT, UPSTREAM)?;
+        let addr = format!("127.0.0.1:{MITM_PORT}");
+        let route = Route {
+            via: Via::Mitmproxy,
+            addr: &addr,
+            ca: mitm.ca.clone(),
+            cgroup: None,
+        };
+        bench.common(&route, &route)?;
+    }
+
+    // kya: the real daemon, the load client in a selected cgroup.
+    let cg = TestCgroup::new("bench-e2e");
+    // A registered agent: a held call needs an owner to approve it (root here,
+    // the approver of the held calls below).
+    std::fs::write(
+        d.join("agents.toml"),
+        format!(
+            "[[agent]]\nname = \"bench-agent\"\nowner = \"root\"\ncreated = \"2026-01-01\"\nmatch = {{ cgroup = \"{}\" }}\n",
+            cg.rel
+        ),
+    )
+    .context("agents")?;
+    let mut dopts = DaemonOptions::new(KYA_LISTEN).args([
+        "--policy".to_string(),
+        d.join("policy.toml").display().to_string(),
+        "--agents".into(),
+        d.join("agents.toml").display().to_string(),
+        "--cgroup".into(),
+        cg.rel.clone(),
+        "--port".into(),
+        UPSTREAM_PORT.to_string(),
+        "--port".into(),
+        SDK_PORT.to_string(),
+        "--upstream-ca".into(),
+        test_ca.display().to_string(),
+    ]);
+    dopts.config = Some(d.join("kya.toml"));
+    dopts.hosts = Some(d.join("hosts"));
+    let daemon = Daemon::start(dopts);
+    let kya_ca = daemon.state_dir.path().join("ca.pem");
+    let kya = Route {
+        via: Via::Kya,
+        addr: UPSTREAM,
+        ca: kya_ca.clone(),
+        cgroup: Some(&cg),
+    };
+    // The passthrough host is not decrypted: the client trusts the upstream's CA.
+    let kya_bulk = Route {
+        ca: test_ca.clone(),
+        ..kya
+    };
+    bench.common(&kya, &kya_bulk)?;
+    if !opts.no_sdk {
+        bench.sdk(&Route {
+            addr: SDK,
+            ca: kya_ca.clone(),
+            ..kya
+        })?;
+    }
+    // (c) Denied calls: the answer is kya's refusal, and the upstream never ran one.
+    bench.load_checked(
+        "c-deny",
+        &kya,
+        &["--tool", "bench_delete", "--expect", "deny"],
+        true,
+    )?;
+    let ran = upstream.ran("bench_delete").len();
+    if ran > 0 {
+        bail!("a denied call reached the upstream ({ran} times)");
+    }
+    // (d) Held calls approved by this process over the control socket.
+    let held = held_calls(&mut bench, &kya, &daemon, &upstream)?;
+    if !daemon.log_text().contains("kya is running") {
+        bail!("the daemon's log lost its start record");
+    }
+    drop(daemon);
+    drop(cg);
+    let load_end = load_average();
+
+    let report = Report {
+        rows: bench.rows,
+        held,
+        mitmproxy_version: venv.mitmproxy_version(),
+        load: format!("{load_start} at start, {load_end} at end"),
+        opts,
+    };
+    report.print();
+    let md = out_dir.join("bench-e2e.md");
+    std::fs::write(&md, report.markdown()).context("write the markdown table")?;
+    std::fs::write(out_dir.join("bench-e2e.json"), report.json().to_string())
+        .context("write the results")?;
+    let png = out_dir.join("bench-e2e-cdf.png");
+    report.plot(&venv, &png)?;
+    eprintln!(
+        "bench-e2e: wrote {}, {} and {}",
+        md.display(),
+        out_dir.join("bench-e2e.json").display(),
+        png.display()
+    );
+    Ok(())
+}
+
+fn held_calls(
+    bench: &mut Bench,
+    kya: &Route,
+    daemon: &Daemon,
+    upstream: &Upstream,
+) -> Result<Vec<Duration>> {
+    let count = bench.opts.held.to_string();
+    let ca = kya.ca.display().to_string();
+    let cg = kya.cgroup.context("the held calls run through kya")?;
+    let mut child = cg
+        .command(
+            &bench.load_bin,
+            &[
+                "--addr",
+                kya.addr,
+                "--ca",
+                &ca,
+                "--tool",
+                "bench_hold",
+                "--text",
+                "bench-ok",
+                "--count",
+                &count,
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start the held calls")?;
+    let approved = approvals::approve_each(
+        daemon.state_dir.path(),
+        upstream,
+        "bench_hold",
+        bench.opts.held,
+    );
+    if approved.is_err() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().context("held calls")?;
+    let delays = approved?;
+    let v: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or(""),
+    )
+    .with_context(|| {
+        format!(
+            "held calls: no result: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if v["ok"].as_u64() != Some(bench.opts.held as u64) {
+        bail!("held calls: the client did not get every approved answer: {v}");
+    }
+    Ok(delays)
+}
+
+/// The e2e harness starts `KYA_BIN_DIR/kya` with debug logging; a benchmark
+/// measures the daemon as it runs in production (`info`). A wrapper in `dir`
+/// sets that and execs the release binary (the daemon keeps the pid).
+fn daemon_at_production_log_level(dir: &Path, bin_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let wrapper_dir = dir.join("bin");
+    std::fs::create_dir_all(&wrapper_dir).context("wrapper directory")?;
+    let wrapper = wrapper_dir.join("kya");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nRUST_LOG=info exec '{}' \"$@\"\n",
+            bin_dir.join("kya").display()
+        ),
+    )
+    .context("kya wrapper")?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .context("chmod the kya wrapper")?;
+    std::env::set_var("KYA_BIN_DIR", &wrapper_dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<TempDir> {
+    TempDir::new()
+}
+
+/// A temporary directory removed on drop (the PKI, policy and records).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("kya-bench-e2e-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).context("work directory")?;
+        Ok(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,418 @@
+//! The end-to-end benchmark's load client (hyper + rustls, HTTP/1.1): MCP
+//! `tools/call`s or a bulk download against one address, for a duration or a
+//! count, over kept-alive connections or a new TLS connection per call, with
+//! an HDR histogram of per-request latency. Prints one JSON line.
+//!
+//! It connects to `--addr` itself and presents `--sni` (or, with
+//! `--fresh-sni`, a name never used before per connection, `nN.SUFFIX`), so no
+//! resolver is involved; it trusts only `--ca`. TLS session resumption is off:
+//! every new connection is a full handshake.
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use rustls::pki_types::ServerName;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// `tools/call` of `--tool`; the answer must match `--expect`.
+    Calls,
+    /// `GET /bulk?bytes=--bytes`; the body must be that long.
+    Bulk,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Expect {
+    /// A result with `isError: false` (containing `--text` if given).
+    Allow,
+    /// kya's refusal: an error result or a JSON-RPC error.
+    Deny,
+}
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long, default_value = "mcp.test")]
+    sni: String,
+    /// A new name per connection: `n<counter>.<this suffix>`, starting at `--fresh-start`.
+    #[arg(long)]
+    fresh_sni: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    fresh_start: u64,
+    /// The only CA trusted (PEM).
+    #[arg(long)]
+    ca: PathBuf,
+    #[arg(long, value_enum, default_value = "calls")]
+    mode: Mode,
+    #[arg(long, default_value = "bench_echo")]
+    tool: String,
+    #[arg(long, default_value = "{}")]
+    arguments: String,
+    #[arg(long, value_enum, default_value = "allow")]
+    expect: Expect,
+    /// Text an allowed result must contain.
+    #[arg(long)]
+    text: Option<String>,
+    /// Bytes per bulk download.
+    #[arg(long, default_value_t = 1 << 20)]
+    bytes: u64,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Run for this long (milliseconds)...
+    #[arg(long, default_value_t = 1000)]
+    duration_ms: u64,
+    /// ...or stop after this many requests in all.
+    #[arg(long)]
+    count: Option<u64>,
+    /// A new TCP + TLS connection per request.
+    #[arg(long)]
+    new_conn: bool,
+    /// Longest wait for one request (a held call waits for its approval).
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+struct Shared {
+    args: Args,
+    connector: TlsConnector,
+    deadline: Instant,
+    issued: AtomicU64,
+    fresh: AtomicU64,
+}
+
+#[derive(Default)]
+struct TaskResult {
+    ok: u64,
+    failed: u64,
+    bytes: u64,
+    first_error: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let out = rt.block_on(run(args))?;
+    println!("{out}");
+    Ok(())
+}
+
+fn connector(ca: &PathBuf) -> Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    let file = std::fs::File::open(ca).with_context(|| format!("open {}", ca.display()))?;
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+        roots
+            .add(cert.context("CA PEM")?)
+            .context("CA certificate")?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(TlsConnector::from(Arc::new(cfg)))
+}
+
+async fn run(args: Args) -> Result<Value> {
+    let connector = connector(&args.ca)?;
+    let concurrency = args.concurrency.max(1);
+    let shared = Arc::new(Shared {
+        fresh: AtomicU64::new(args.fresh_start),
+        deadline: Instant::now() + Duration::from_millis(args.duration_ms),
+        args,
+        connector,
+        issued: AtomicU64::new(0),
+    });
+    let started = Instant::now();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).context("histogram")?;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        tasks.push(tokio::spawn(worker(shared.clone(), hist.clone())));
+    }
+    let mut total = TaskResult::default();
+    for t in tasks {
+        let (h, r) = t.await.context("worker")?;
+        hist.add(&h).context("merge histograms")?;
+        total.ok += r.ok;
+        total.failed += r.failed;
+        total.bytes += r.bytes;
+        if total.first_error.is_none() {
+            total.first_error = r.first_error;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let q = |q: f64| hist.value_at_quantile(q);
+    // The CDF: quantiles spaced evenly in log(1 - q), up to 0.9999.
+    let cdf: Vec<Value> = (0..=80)
+        .map(|i| {
+            let quantile = 1.0 - 10f64.powf(-(i as f64) / 20.0);
+            json!([q(quantile), quantile])
+        })
+        .collect();
+    Ok(json!({
+        "ok": total.ok,
+        "failed": total.failed,
+        "first_error": total.first_error,
+        "elapsed_s": elapsed,
+        "rps": total.ok as f64 / elapsed,
+        "bytes": total.bytes,
+        "bytes_per_s": total.bytes as f64 / elapsed,
+        "p50_us": q(0.5),
+        "p99_us": q(0.99),
+        "p999_us": q(0.999),
+        "max_us": hist.max(),
+        "cdf_us": cdf,
+    }))
+}
+
+/// A connection and the name it presented (its requests' `Host`).
+type Sender = (hyper::client::conn::http1::SendRequest<Full<Bytes>>, String);
+
+async fn worker(shared: Arc<Shared>, mut hist: Histogram<u64>) -> (Histogram<u64>, TaskResult) {
+    let mut result = TaskResult::default();
+    let mut conn: Option<Sender> = None;
+    let a = &shared.args;
+    loop {
+        match a.count {
+            Some(n) => {
+                if shared.issued.fetch_add(1, Ordering::Relaxed) >= n {
+                    break;
+                }
+            }
+            None => {
+                if Instant::now() >= shared.deadline {
+                    break;
+                }
+            }
+        }
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(a.timeout_s),
+            one_request(&shared, &mut conn),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {} s", a.timeout_s)));
+        match outcome {
+            Ok(bytes) => {
+                let us = started.elapsed().as_micros().max(1) as u64;
+                let _ = hist.record(us.min(120_000_000));
+                result.ok += 1;
+                result.bytes += bytes;
+            }
+            Err(e) => {
+                conn = None;
+                result.failed += 1;
+                if result.first_error.is_none() {
+                    result.first_error = Some(format!("{e:#}"));
+                }
+            }
+        }
+        if a.new_conn {
+            conn = None;
+        }
+    }
+    (hist, result)
+}
+
+async fn connect(shared: &Shared) -> Result<Sender> {
+    let a = &shared.args;
+    let name = match &a.fresh_sni {
+        Some(suffix) => format!("n{}.{suffix}", shared.fresh.fetch_add(1, Ordering::Relaxed)),
+        None => a.sni.clone(),
+    };
+    let tcp = TcpStream::connect(a.addr)
+        .await
+        .with_context(|| format!("connect {}", a.addr))?;
+    tcp.set_nodelay(true).context("nodelay")?;
+    let server_name = ServerName::try_from(name.clone()).context("server name")?;
+    let tls = shared
+        .connector
+        .connect(server_name, tcp)
+        .await
+        .with_context(|| format!("TLS handshake as {name}"))?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .context("HTTP/1.1 handshake")?;
+    tokio::spawn(connection);
+    Ok((sender, name))
+}
+
+/// One request on `conn` (opened if needed); returns the body's length.
+async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> {
+    let a = &shared.args;
+    if conn.as_ref().is_none_or(|c| c.0.is_closed()) {
+        *conn = Some(connect(shared).await?);
+    }
+    let Some((sender, host)) = conn.as_mut() else {
+        bail!("no connection");
+    };
+    sender.ready().await.context("connection not ready")?;
+    let host = host.as_str();
+    let req = match a.mode {
+        Mode::Calls => {
+            let arguments: Value = serde_json::from_str(&a.arguments).context("--arguments")?;
+            let body = json!({
+                "jsonrpc": "2.0",
+                "id": shared.issued.load(Ordering::Relaxed),
+                "method": "tools/call",
+                "params": {"name": a.tool, "arguments": arguments},
+            });
+            hyper::Request::post("/mcp")
+                .header("host", host)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(Full::new(Bytes::from(body.to_string())))
+        }
+        Mode::Bulk => hyper::Request::get(format!("/bulk?bytes={}", a.bytes))
+            .header("host", host)
+            .body(Full::new(Bytes::new())),
+    }
+    .context("request")?;
+    let resp = sender.send_request(req).await.context("send")?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut len = 0u64;
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("body")?;
+        if let Some(d) = frame.data_ref() {
+            len += d.len() as u64;
+            if a.mode == Mode::Calls {
+                kept.extend_from_slice(d);
+            }
+        }
+    }
+    match a.mode {
+        Mode::Bulk => {
+            if !status.is_success() || len != a.bytes {
+                bail!("bulk: status {status}, {len} of {} bytes", a.bytes);
+            }
+        }
+        Mode::Calls => check_answer(a, status, &kept)?,
+    }
+    Ok(len)
+}
+
+/// The JSON-RPC answer in a JSON body or in an SSE body's `data:` lines.
+fn answer(body: &[u8]) -> Option<Value> {
+    let is_answer = |v: &Value| v.get("result").is_some() || v.get("error").is_some();
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return Some(v).filter(is_answer);
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.split("\n\n").find_map(|event| {
+        let data: Vec<&str> = event
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect();
+        serde_json::from_str::<Value>(&data.join("\n"))
+            .ok()
+            .filter(is_answer)
+    })
+}
+
+fn check_answer(a: &Args, status: hyper::StatusCode, body: &[u8]) -> Result<()> {
+    let shown = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+    let Some(v) = answer(body) else {
+        bail!("status {status}, no JSON-RPC answer: {}", shown());
+    };
+    let is_error = v.get("error").is_some() || v["result"]["isError"] == true;
+    match a.expect {
+        Expect::Allow => {
+            if is_error {
+                bail!("expected an allowed call, got: {}", shown());
+            }
+            if let Some(t) = &a.text {
+                let found = v["result"]["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["text"].as_str().is_some_and(|s| s.contains(t.as_str())));
+                if !found {
+                    bail!("the result lacks {t:?}: {}", shown());
+                }
+            }
+        }
+        Expect::Deny => {
+            if !is_error {
+                bail!("expected a denial, got: {}", shown());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(expect: Expect, text: Option<&str>) -> Args {
+        let mut a = Args::parse_from(["kya-bench-load", "--addr", "127.0.0.1:1", "--ca", "x"]);
+        a.expect = expect;
+        a.text = text.map(str::to_string);
+        a
+    }
+
+    const OK: &[u8] =
+        br#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"bench-ok"}],"isError":false}}"#;
+    const DENIED: &[u8] =
+        br#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"no"}],"isError":true}}"#;
+
+    #[test]
+    fn answers_in_json_and_in_sse() {
+        assert!(answer(OK).is_some());
+        let sse = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\n\n";
+        assert_eq!(answer(sse).map(|v| v["id"] == 1), Some(true));
+        // A data line split in two, and a comment event before the answer.
+        let split = b": ping\n\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\ndata: \"id\":2,\"error\":{}}\n\n";
+        assert_eq!(answer(split).map(|v| v["id"] == 2), Some(true));
+    }
+
+    #[test]
+    fn garbage_is_no_answer() {
+        for body in [
+            &b""[..],
+            b"not json",
+            b"data: {\"jsonrpc\":\"2.0\"}\n\n",
+            b"\xff\xfe",
+        ] {
+            assert!(answer(body).is_none(), "{body:?}");
+        }
+        let a = args(Expect::Allow, None);
+        assert!(check_answer(&a, hyper::StatusCode::OK, b"<html>").is_err());
+    }
+
+    #[test]
+    fn allow_and_deny_are_told_apart() {
+        let s = hyper::StatusCode::OK;
+        assert!(check_answer(&args(Expect::Allow, Some("bench-ok")), s, OK).is_ok());
+        assert!(check_answer(&args(Expect::Allow, Some("other")), s, OK).is_err());
+        assert!(check_answer(&args(Expect::Allow, None), s, DENIED).is_err());
+        assert!(check_answer(&args(Expect::Deny, None), s, DENIED).is_ok());
+        assert!(check_answer(&args(Expect::Deny, None), s, OK).is_err());
+        let rpc_error =
+            br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"refused"}}"#;
+        assert!(check_answer(&args(Expect::Deny, None), s, rpc_error).is_ok());
+        assert!(check_answer(&args(Expect::Allow, None), s, rpc_error).is_err());
+    }
+}
