@@ -10,8 +10,8 @@
 //! * Server scenarios: the runner (the MCP client) in the cgroup against the
 //!   reference server on a guarded port; again over TLS, where kya terminates
 //!   TLS with its local CA (the runner trusts it through `NODE_EXTRA_CA_CERTS`)
-//!   in front of a TLS front of the reference server, once over HTTP/1.1 and
-//!   once with the runner's fetch offering HTTP/2.
+//!   in front of a TLS front of the reference server (and, in an ignored test,
+//!   with the runner's fetch offering HTTP/2 to an HTTP/2 front).
 //! * Client scenarios: the runner's own scenario servers (on guarded ports,
 //!   see `fixed-ports.mjs`) and the example client in the cgroup.
 
@@ -549,8 +549,8 @@ fn server_scenarios_through_kya_match_direct() {
 }
 
 #[test]
-fn server_scenarios_over_tls_and_h2_through_kya_match_direct() {
-    if !privileged("server_scenarios_over_tls_and_h2_through_kya_match_direct") {
+fn server_scenarios_over_tls_through_kya_match_direct() {
+    if !privileged("server_scenarios_over_tls_through_kya_match_direct") {
         return;
     }
     let _g = serial();
@@ -586,6 +586,27 @@ fn server_scenarios_over_tls_and_h2_through_kya_match_direct() {
     );
     diffs.extend(compare("server-tls", &servers, &direct, &through));
 
+    scene.finish(&diffs);
+}
+
+/// Not in the suite: with fetch offering HTTP/2 (undici's h2 client) against
+/// `h2-front.mjs` (Node's h2 server), the scenarios in which the server asks
+/// the client something (elicitation, sampling) time out even directly, most
+/// runs, so the comparison says nothing about kya there; the other scenarios
+/// match. Run it by name with `--ignored`.
+#[test]
+#[ignore = "HTTP/2 leg: elicitation and sampling time out directly (undici h2 against node's h2 front)"]
+fn server_scenarios_over_h2_through_kya_match_direct() {
+    if !privileged("server_scenarios_over_h2_through_kya_match_direct") {
+        return;
+    }
+    let _g = serial();
+    let scene = Scene::new("conf-h2", 954);
+    let (d, cg, daemon) = (scene.tmp.path(), &scene.cg, &scene.daemon);
+    let kya_ca = daemon.state_dir.path().join("ca.pem");
+    let test_ca = d.join("test-ca.pem");
+    let servers = scenario_names("Server");
+    let mut diffs = Vec::new();
     // The same with the runner's fetch offering HTTP/2, against a front that
     // takes it: kya offers the upstream what the agent offered and answers the
     // agent with what the upstream chose, so both legs speak h2.
@@ -646,6 +667,60 @@ fn client_scenarios_through_kya_match_direct() {
     diffs.extend(compare("client", &clients, &direct, &through));
 
     scene.finish(&diffs);
+}
+
+/// Not in the suite (it takes minutes): the elicitation scenarios repeated,
+/// directly and through kya, plaintext and TLS; prints the failure counts.
+/// `KYA_CONFORMANCE_REPEAT` runs each (default 100).
+#[test]
+#[ignore = "measurement: repeated elicitation scenarios, minutes"]
+fn elicitation_scenarios_repeated() {
+    if !privileged("elicitation_scenarios_repeated") {
+        return;
+    }
+    let _g = serial();
+    let scene = Scene::new("conf-repeat", 955);
+    let (d, cg, daemon) = (scene.tmp.path(), &scene.cg, &scene.daemon);
+    let kya_ca = daemon.state_dir.path().join("ca.pem");
+    let test_ca = d.join("test-ca.pem");
+    let n: usize = std::env::var("KYA_CONFORMANCE_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let plain = format!("http://localhost:{SERVER_PORT}/mcp");
+    let tls = format!("https://localhost:{TLS_PORT}/mcp");
+    let modes: [(&str, &str, Option<&TestCgroup>, &Path); 4] = [
+        ("plain-direct", &plain, None, &test_ca),
+        ("plain-kya", &plain, Some(cg), &kya_ca),
+        ("tls-direct", &tls, None, &test_ca),
+        ("tls-kya", &tls, Some(cg), &kya_ca),
+    ];
+    for scenario in [
+        "elicitation-sep1034-defaults",
+        "tools-call-elicitation",
+        "elicitation-sep1330-enums",
+    ] {
+        for (tag, url, cgroup, ca) in modes {
+            let mut failed = 0;
+            for i in 0..n {
+                let out = d.join(format!("repeat-{scenario}-{tag}-{i}"));
+                let mut cmd = match cgroup {
+                    Some(cg) => cg.command(node(), &[]),
+                    None => Command::new(node()),
+                };
+                cmd.arg(runner())
+                    .args(["server", "--url", url, "--scenario", scenario, "-o"])
+                    .arg(&out)
+                    .env("NODE_EXTRA_CA_CERTS", ca);
+                run_bounded(cmd, patience() * 300, &d.join("repeat.log"));
+                if verdict(read_results(&out, "server-").get(scenario)) != "PASS" {
+                    failed += 1;
+                }
+                let _ = std::fs::remove_dir_all(&out);
+            }
+            eprintln!("conformance repeat {scenario} {tag}: {failed} of {n} runs failed");
+        }
+    }
 }
 
 fn tail(text: &str, n: usize) -> String {
