@@ -55,8 +55,9 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// The daemon's `--port` arguments: the reference server, its TLS front and
-/// the scenario servers' ports. (With a daemon that guards every port, this is
-/// the one place to change.)
+/// the scenario servers' ports. With a daemon that can guard every port of a
+/// selected process (all-ports mode), that one flag replaces these and
+/// `fixed-ports.mjs` is no longer needed.
 fn guard_args() -> Vec<String> {
     let mut args = Vec::new();
     for p in [SERVER_PORT, TLS_PORT, H2_PORT]
