@@ -672,7 +672,8 @@ fn client_scenarios_through_kya_match_direct() {
 
 /// Not in the suite (it takes minutes): the elicitation scenarios repeated,
 /// directly and through kya, plaintext and TLS; prints the failure counts.
-/// `KYA_CONFORMANCE_REPEAT` runs each (default 100).
+/// `KYA_CONFORMANCE_REPEAT` runs each (default 100);
+/// `KYA_CONFORMANCE_REPEAT_SCENARIOS`: a comma-separated subset.
 #[test]
 #[ignore = "measurement: repeated elicitation scenarios, minutes"]
 fn elicitation_scenarios_repeated() {
@@ -696,11 +697,15 @@ fn elicitation_scenarios_repeated() {
         ("tls-direct", &tls, None, &test_ca),
         ("tls-kya", &tls, Some(cg), &kya_ca),
     ];
+    let only = std::env::var("KYA_CONFORMANCE_REPEAT_SCENARIOS").unwrap_or_default();
     for scenario in [
         "elicitation-sep1034-defaults",
         "tools-call-elicitation",
         "elicitation-sep1330-enums",
-    ] {
+    ]
+    .into_iter()
+    .filter(|s| only.is_empty() || only.split(',').any(|o| o == *s))
+    {
         for (tag, url, cgroup, ca) in modes {
             let mut failed = 0;
             for i in 0..n {
@@ -716,6 +721,7 @@ fn elicitation_scenarios_repeated() {
                 run_bounded(cmd, patience() * 300, &d.join("repeat.log"));
                 if verdict(read_results(&out, "server-").get(scenario)) != "PASS" {
                     failed += 1;
+                    eprintln!("conformance repeat {scenario} {tag}: run {i} failed");
                 }
                 let _ = std::fs::remove_dir_all(&out);
             }
