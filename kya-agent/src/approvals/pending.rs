@@ -221,6 +221,12 @@ impl Approvals {
         ids.iter().filter(|id| self.cancel(id, why).is_ok()).count()
     }
 
+    /// Cancel every pending approval (kya is stopping); returns how many.
+    pub fn cancel_all(&self, why: &str) -> usize {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.iter().filter(|id| self.cancel(id, why).is_ok()).count()
+    }
+
     fn resolve(&self, id: &str, r: Resolution) -> Result<(), ApprovalError> {
         let mut map = self.lock();
         let entry = map

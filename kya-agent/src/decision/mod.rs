@@ -16,18 +16,21 @@
 //! If the audit log cannot be written, `tools/call` is denied (fail closed).
 
 pub mod events;
+mod offload;
+mod open;
 mod record;
+pub mod restart;
 pub mod sinks;
 pub mod syslog;
 
 use crate::agents::Suspensions;
 use crate::approvals::{ActionRequest, Answer, Approvals, Outcome};
+use crate::audit::event::ProcessInfo;
 use crate::audit::event::{ApprovalInfo, EventKind};
 use crate::audit::writer::{AuditLog, Durability};
-use crate::audit::DecisionEvent;
 use crate::credential::action::{self, AgentSubject, Channel, Environment, Evidence, Scope};
 use crate::credential::service;
-use crate::credential::store::CredentialStore;
+use crate::credential::store::{Covering, CredentialStore};
 use crate::credential::verify::{self, Call as CredCall};
 use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
 use crate::metrics::{ApprovalLabels, DecisionLabels, Metrics};
@@ -36,6 +39,8 @@ use crate::policy::{AgentInfo, CallContext, Decide, Decision, PolicyEngine};
 use ed25519_dalek::SigningKey;
 use events::EventHub;
 use kya_common::Verdict;
+use offload::Offload;
+use open::{OpenDecision, Sinks, Stopping};
 use record::EventFacts;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,17 +50,24 @@ use time::OffsetDateTime;
 /// enough to forward the call, short enough to be useless later.
 pub const APPROVAL_CREDENTIAL_TTL: Duration = Duration::from_secs(120);
 
+/// The reason a held call is denied when kya stops.
+pub const STOPPING_REASON: &str = "kya is stopping; the call was not forwarded";
+
 /// The daemon's decision path.
 pub struct DecisionPath {
+    core: Arc<Core>,
+}
+
+/// What every decision uses; shared by the decisions in flight.
+struct Core {
     engine: Arc<PolicyEngine>,
     suspensions: Arc<Suspensions>,
     budget: Arc<ToForward>,
     approvals: Arc<Approvals>,
     credentials: Arc<CredentialStore>,
     key: Arc<SigningKey>,
-    audit: Arc<AuditLog>,
-    events: Arc<EventHub>,
-    metrics: Arc<Metrics>,
+    sinks: Sinks,
+    offload: Offload,
     host: String,
 }
 
@@ -73,19 +85,36 @@ impl DecisionPath {
     ) -> Self {
         let host = host_name();
         Self {
-            budget: Arc::new(ToForward::new(engine.clone())),
-            suspensions,
-            engine,
-            approvals,
-            credentials,
-            key,
-            audit,
-            events,
-            metrics,
-            host,
+            core: Arc::new(Core {
+                budget: Arc::new(ToForward::new(engine.clone())),
+                suspensions,
+                engine,
+                approvals,
+                credentials,
+                key,
+                sinks: Sinks {
+                    audit,
+                    events,
+                    metrics,
+                    stopping: Arc::new(Stopping::default()),
+                },
+                offload: Offload::new(offload::MAX_BLOCKING),
+                host,
+            }),
         }
     }
 
+    /// kya is stopping: every held call is denied now (its final record is
+    /// `interrupted`), new holds are denied at once, and any decision dropped
+    /// from now on (its connection aborted) is recorded as `interrupted`.
+    /// Returns how many held calls were ended.
+    pub fn stop(&self) -> usize {
+        self.core.sinks.stopping.set();
+        self.core.approvals.cancel_all(STOPPING_REASON)
+    }
+}
+
+impl Core {
     fn credential_call(&self, call: &CallFacts, agent: &AgentInfo) -> Option<CredCall> {
         if call.method != "tools/call" {
             return None;
@@ -105,7 +134,8 @@ impl DecisionPath {
     }
 
     fn count(&self, verdict: Verdict, agent: &str, rule: Option<&str>, started: Instant) {
-        self.metrics
+        let metrics = &self.sinks.metrics;
+        metrics
             .decisions
             .get_or_create(&DecisionLabels {
                 verdict: verdict.as_str().into(),
@@ -113,70 +143,51 @@ impl DecisionPath {
                 rule: rule.unwrap_or("default").into(),
             })
             .inc();
-        self.metrics
+        metrics
             .decision_latency
             .observe(started.elapsed().as_secs_f64());
     }
-}
 
-/// Everything one decision needs after the synchronous part, owned so the
-/// hold's future can outlive the `decide` call.
-struct Pending {
-    audit: Arc<AuditLog>,
-    events: Arc<EventHub>,
-    metrics: Arc<Metrics>,
-    facts: EventFacts,
-}
-
-impl Pending {
-    /// Record a plain denial (group commit: the record is written to the file
-    /// before the agent is answered, so a `kill -9` of kya cannot lose it, but
-    /// the answer never waits for `fdatasync`; a failure is logged and counted
-    /// by `record`).
-    async fn record_denial(&self) {
-        let event = self
-            .facts
-            .event(EventKind::Decision, Verdict::Deny, None, None);
-        let _ = self.record(event, Durability::Group).await;
+    /// The process facts of a record: `/proc` is read off the async workers
+    /// (once per connection).
+    async fn process(&self, conn: &Arc<ConnFacts>) -> ProcessInfo {
+        if let Some(p) = record::cached_process_info(conn) {
+            return p;
+        }
+        let c = conn.clone();
+        match self.offload.run(move || record::process_info(&c)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the process facts; recording the kernel's only");
+                ProcessInfo::from(&conn.process)
+            }
+        }
     }
 
-    /// Write `event` with `durability`; publish it to the live stream once it
-    /// is accepted. Returns the audit error for the caller to fail closed on.
-    async fn record(&self, event: DecisionEvent, durability: Durability) -> Result<(), String> {
-        // Sync: `append` returns after fdatasync. Group: `append` returns once
-        // the record is written (page cache); its fdatasync follows within the
-        // writer's batch bound and the call does not wait for it.
-        let started = Instant::now();
-        if let Err(e) = self.audit.append(&event, durability).await {
-            self.metrics.audit_write_failures.inc();
-            tracing::error!(error = %e, decision = %event.decision_id, "audit append failed");
-            return Err(e.to_string());
+    /// The standing credential covering `call`, read off the async workers
+    /// (the store's files; its spent list may be locked by a spend).
+    async fn covering(&self, call: &CredCall, now: OffsetDateTime) -> Option<Covering> {
+        let store = self.credentials.clone();
+        let trusted = self.key.verifying_key();
+        let call = call.clone();
+        match self
+            .offload
+            .run(move || store.find_covering(&call, now, &trusted))
+            .await
+        {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "credential store unreadable; no credential releases this call");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "credential lookup did not run; no credential releases this call");
+                None
+            }
         }
-        if durability == Durability::Sync {
-            self.metrics
-                .audit_write_latency
-                .observe(started.elapsed().as_secs_f64());
-        }
-        self.events.publish(event);
-        Ok(())
     }
-}
 
-/// This host's name: what credentials bind to (`environment.host`) and what
-/// decision records carry.
-pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
-fn new_decision_id() -> String {
-    use rand::Rng;
-    format!("dec_{:016x}", rand::thread_rng().gen::<u64>())
-}
-
-impl Governor for DecisionPath {
-    fn decide(&self, call: CallFacts) -> BoxFuture<'static, Ruling> {
+    async fn decide(self: Arc<Self>, call: CallFacts) -> Ruling {
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
         let decision_id = new_decision_id();
@@ -194,18 +205,10 @@ impl Governor for DecisionPath {
         };
         // A standing credential covering exactly this call may release a hold.
         let cred_call = self.credential_call(&call, &agent);
-        let covering = cred_call.as_ref().and_then(|c| {
-            match self
-                .credentials
-                .find_covering(c, now, &self.key.verifying_key())
-            {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::error!(error = %e, "credential store unreadable; no credential releases this call");
-                    None
-                }
-            }
-        });
+        let covering = match &cred_call {
+            Some(c) => self.covering(c, now).await,
+            None => None,
+        };
         if let Some(cov) = &covering {
             ctx.credential = Some(cov.credential.scope_json());
         }
@@ -220,9 +223,18 @@ impl Governor for DecisionPath {
         let mut credential_id = None;
         if decision.released_by_credential {
             let redeemed = match &covering {
-                Some(cov) => verify::redeem(&cov.credential, now, &self.credentials)
-                    .map(|()| cov.credential.id.clone())
-                    .map_err(|e| e.to_string()),
+                Some(cov) => {
+                    let cred = cov.credential.clone();
+                    let store = self.credentials.clone();
+                    self.offload
+                        .run(move || {
+                            verify::redeem(&cred, now, &store)
+                                .map(|()| cred.id.clone())
+                                .map_err(|e| e.to_string())
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                }
                 None => Err("no covering credential".to_string()),
             };
             match redeemed {
@@ -252,15 +264,21 @@ impl Governor for DecisionPath {
             );
             credential_id = None;
         }
-        let facts = EventFacts::new(&self.host, &call, &agent, &decision, &decision_id, started);
-        let pending = Pending {
-            audit: self.audit.clone(),
-            events: self.events.clone(),
-            metrics: self.metrics.clone(),
-            facts,
-        };
+        let process = self.process(&call.conn).await;
+        let facts = EventFacts::new(
+            &self.host,
+            process,
+            &call,
+            &agent,
+            &decision,
+            &decision_id,
+            started,
+        );
+        // From here the decision ends in exactly one final record, whatever
+        // happens to this future.
+        let mut open = OpenDecision::new(self.sinks.clone(), facts);
         // Fail closed when the audit log cannot take records.
-        let health = self.audit.health();
+        let health = self.sinks.audit.health();
         if call.method == "tools/call" && !health.is_writable() {
             let reason = format!(
                 "the audit log is not writable ({health:?}); consequential calls are denied"
@@ -269,16 +287,24 @@ impl Governor for DecisionPath {
             self.count(
                 Verdict::Deny,
                 &agent.name,
-                Some("kya:audit-unavailable"),
+                Some(open::AUDIT_UNAVAILABLE),
                 started,
             );
-            return Box::pin(async move {
-                Ruling::Deny {
-                    decision_id,
-                    rule: Some("kya:audit-unavailable".into()),
-                    reason,
-                }
-            });
+            open.set_outcome(Some(open::AUDIT_UNAVAILABLE.into()), reason.clone());
+            let _ = open
+                .end(
+                    EventKind::Decision,
+                    Verdict::Deny,
+                    None,
+                    None,
+                    Durability::Group,
+                )
+                .await;
+            return Ruling::Deny {
+                decision_id,
+                rule: Some(open::AUDIT_UNAVAILABLE.into()),
+                reason,
+            };
         }
         match decision.verdict {
             Verdict::Allow => {
@@ -294,23 +320,23 @@ impl Governor for DecisionPath {
                 } else {
                     Durability::Group
                 };
-                let budget = self.budget.clone();
-                Box::pin(async move {
-                    let event = pending.facts.event(
+                let ended = open
+                    .end(
                         EventKind::Decision,
                         Verdict::Allow,
                         None,
-                        credential_id.clone(),
-                    );
-                    if let Err(e) = pending.record(event, durability).await {
-                        if call.method == "tools/call" {
-                            return audit_denial(decision_id, &e);
-                        }
+                        credential_id,
+                        durability,
+                    )
+                    .await;
+                if let Err(e) = ended {
+                    if call.method == "tools/call" {
+                        return audit_denial(decision_id, &e);
                     }
-                    // Budgets count the call once the proxy really forwards it.
-                    budget.allowed(&decision_id, ctx, reservation.take());
-                    Ruling::Allow { decision_id }
-                })
+                }
+                // Budgets count the call once the proxy really forwards it.
+                self.budget.allowed(&decision_id, ctx, reservation.take());
+                Ruling::Allow { decision_id }
             }
             Verdict::Deny => {
                 self.count(
@@ -319,32 +345,86 @@ impl Governor for DecisionPath {
                     decision.rule.as_deref(),
                     started,
                 );
-                Box::pin(async move {
-                    pending.record_denial().await;
-                    Ruling::Deny {
-                        decision_id,
-                        rule: decision.rule.clone(),
-                        reason: decision.reason.clone(),
-                    }
-                })
+                // Group commit: the record is written to the file before the
+                // agent is answered (a `kill -9` of kya cannot lose it), but
+                // the answer never waits for `fdatasync`.
+                let _ = open
+                    .end(
+                        EventKind::Decision,
+                        Verdict::Deny,
+                        None,
+                        None,
+                        Durability::Group,
+                    )
+                    .await;
+                Ruling::Deny {
+                    decision_id,
+                    rule: decision.rule.clone(),
+                    reason: decision.reason.clone(),
+                }
             }
-            Verdict::Hold => self.hold(
-                call,
-                ctx,
-                agent,
-                decision,
-                decision_id,
-                pending,
-                started,
-                cred_call,
-            ),
+            Verdict::Hold => {
+                self.clone()
+                    .hold(
+                        call,
+                        ctx,
+                        agent,
+                        decision,
+                        decision_id,
+                        open,
+                        started,
+                        cred_call,
+                    )
+                    .await
+            }
         }
     }
 
+    async fn refused(self: Arc<Self>, conn: Arc<ConnFacts>, reason: String) {
+        let started = Instant::now();
+        let now = OffsetDateTime::now_utc();
+        let agent = self.engine.resolve(&conn.process, now);
+        let decision_id = new_decision_id();
+        self.count(Verdict::Deny, &agent.name, Some("kya:protocol"), started);
+        let process = self.process(&conn).await;
+        let facts = EventFacts::refused(
+            &self.host,
+            process,
+            &conn,
+            &agent,
+            &reason,
+            &decision_id,
+            &self.engine.policy().version,
+            started,
+        );
+        let event = facts.event(EventKind::Decision, Verdict::Deny, None, None);
+        let _ = open::record(&self.sinks, event, Durability::Group).await;
+    }
+}
+
+/// This host's name: what credentials bind to (`environment.host`) and what
+/// decision records carry.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn new_decision_id() -> String {
+    use rand::Rng;
+    format!("dec_{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+impl Governor for DecisionPath {
+    fn decide(&self, call: CallFacts) -> BoxFuture<'static, Ruling> {
+        Box::pin(self.core.clone().decide(call))
+    }
+
     fn may_call(&self, conn: &ConnFacts, server: &str, tool: &str) -> bool {
+        let engine = &self.core.engine;
         let now = OffsetDateTime::now_utc();
         let ctx = CallContext {
-            agent: self.engine.resolve(&conn.process, now),
+            agent: engine.resolve(&conn.process, now),
             process: conn.process.clone(),
             server: server.to_string(),
             destination: Some(conn.dst),
@@ -354,7 +434,7 @@ impl Governor for DecisionPath {
             time: now,
             credential: None,
         };
-        let d = self.engine.decide(&ctx);
+        let d = engine.decide(&ctx);
         // Hidden only when no arguments could change the answer: a deny with
         // no evaluation errors, by the defaults or by a rule without `when`.
         if d.verdict != Verdict::Deny || !d.errors.is_empty() {
@@ -363,7 +443,7 @@ impl Governor for DecisionPath {
         match &d.rule {
             None => false,
             Some(id) => {
-                let policy = self.engine.policy();
+                let policy = engine.policy();
                 match policy.rules.iter().find(|r| &r.id == id) {
                     Some(rule) => rule.when.is_some(),
                     // Budgets and kya:* pseudo-rules depend on state: keep visible.
@@ -374,87 +454,78 @@ impl Governor for DecisionPath {
     }
 
     fn not_forwarded(&self, decision_id: &str) {
-        self.budget.not_forwarded(decision_id);
+        self.core.budget.not_forwarded(decision_id);
     }
 
     fn forwarded(&self, decision_id: &str) {
-        self.budget.forwarded(decision_id);
+        self.core.budget.forwarded(decision_id);
     }
 
     fn refused(&self, conn: &ConnFacts, reason: &str) {
-        let started = Instant::now();
-        let now = OffsetDateTime::now_utc();
-        let agent = self.engine.resolve(&conn.process, now);
-        let decision_id = new_decision_id();
-        let facts = EventFacts::refused(
-            &self.host,
-            conn,
-            &agent,
-            reason,
-            &decision_id,
-            &self.engine.policy().version,
-            started,
+        tokio::spawn(
+            self.core
+                .clone()
+                .refused(Arc::new(conn.clone()), reason.to_string()),
         );
-        self.count(Verdict::Deny, &agent.name, Some("kya:protocol"), started);
-        let pending = Pending {
-            audit: self.audit.clone(),
-            events: self.events.clone(),
-            metrics: self.metrics.clone(),
-            facts,
-        };
-        tokio::spawn(async move { pending.record_denial().await });
     }
 }
 
 fn audit_denial(decision_id: String, error: &str) -> Ruling {
     Ruling::Deny {
         decision_id,
-        rule: Some("kya:audit-unavailable".into()),
+        rule: Some(open::AUDIT_UNAVAILABLE.into()),
         reason: format!(
             "the audit log could not record this call ({error}); consequential calls are denied"
         ),
     }
 }
 
-impl DecisionPath {
+/// End `open` as a denial kya made itself (`rule`, `reason`) and answer it.
+async fn deny_now(open: OpenDecision, decision_id: String, rule: &str, reason: String) -> Ruling {
+    let mut open = open;
+    open.set_outcome(Some(rule.to_string()), reason.clone());
+    let _ = open
+        .end(
+            EventKind::Decision,
+            Verdict::Deny,
+            None,
+            None,
+            Durability::Group,
+        )
+        .await;
+    Ruling::Deny {
+        decision_id,
+        rule: Some(rule.to_string()),
+        reason,
+    }
+}
+
+impl Core {
     #[allow(clippy::too_many_arguments)]
-    fn hold(
-        &self,
+    async fn hold(
+        self: Arc<Self>,
         call: CallFacts,
         ctx: CallContext,
         agent: AgentInfo,
         decision: Decision,
         decision_id: String,
-        pending: Pending,
+        mut open: OpenDecision,
         started: Instant,
         cred_call: Option<CredCall>,
-    ) -> BoxFuture<'static, Ruling> {
+    ) -> Ruling {
         let owner = decision
             .approvers
             .first()
             .cloned()
             .or_else(|| agent.owner.clone());
-        let deny_now = |reason: String, rule: &str| -> BoxFuture<'static, Ruling> {
-            let decision_id = decision_id.clone();
-            let rule = rule.to_string();
-            Box::pin(async move {
-                Ruling::Deny {
-                    decision_id,
-                    rule: Some(rule),
-                    reason,
-                }
-            })
-        };
         let Some(owner) = owner else {
             self.count(Verdict::Deny, &agent.name, Some("kya:no-approver"), started);
-            return deny_now(
-                format!(
-                    "held by rule {} but agent {} has no owner to approve it",
-                    decision.rule.as_deref().unwrap_or("default"),
-                    agent.name
-                ),
-                "kya:no-approver",
+            let reason = format!(
+                "held by rule {} but agent {} has no owner to approve it",
+                decision.rule.as_deref().unwrap_or("default"),
+                agent.name
             );
+            return deny_now(open, decision_id, "kya:no-approver", reason).await;
         };
         if call.direction == Direction::ServerToClient || call.method != "tools/call" {
             // Only tool calls have an owner-facing approval; anything else held is denied.
@@ -464,13 +535,16 @@ impl DecisionPath {
                 decision.rule.as_deref(),
                 started,
             );
-            return deny_now(
-                format!(
-                    "{} (held messages other than tools/call are denied)",
-                    decision.reason
-                ),
-                decision.rule.as_deref().unwrap_or("default"),
+            let reason = format!(
+                "{} (held messages other than tools/call are denied)",
+                decision.reason
             );
+            let rule = decision.rule.as_deref().unwrap_or("default");
+            return deny_now(open, decision_id, rule, reason).await;
+        }
+        if open.stopping() {
+            self.count(Verdict::Deny, &agent.name, Some("kya:stopping"), started);
+            return deny_now(open, decision_id, "kya:stopping", STOPPING_REASON.into()).await;
         }
         let args_digest = action::args_digest(&call.args).unwrap_or_default();
         let request = ActionRequest {
@@ -487,7 +561,19 @@ impl DecisionPath {
             reason: decision.reason.clone(),
             decision_id: decision_id.clone(),
         };
-        let handle = match self.approvals.submit(request, decision.hold_timeout) {
+        // The approvals journal syncs the new approval: off the async workers.
+        let approvals = self.approvals.clone();
+        let timeout = decision.hold_timeout;
+        let submitted = self
+            .offload
+            .run(move || {
+                approvals
+                    .submit(request, timeout)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let handle = match submitted {
             Ok(h) => h,
             Err(e) => {
                 self.count(
@@ -496,41 +582,46 @@ impl DecisionPath {
                     Some("kya:too-many-holds"),
                     started,
                 );
-                return deny_now(e.to_string(), "kya:too-many-holds");
+                return deny_now(open, decision_id, "kya:too-many-holds", e).await;
             }
         };
+        open.held(&handle.id);
+        if open.stopping() {
+            // Stopping began while this one was being journaled.
+            let _ = self.approvals.cancel(&handle.id, STOPPING_REASON);
+        }
         self.count(
             Verdict::Hold,
             &agent.name,
             decision.rule.as_deref(),
             started,
         );
-        let approval_id = handle.id.clone();
         let binding = handle.binding_message.clone();
-        let metrics = self.metrics.clone();
-        let credentials = self.credentials.clone();
-        let key = self.key.clone();
-        let budget = self.budget.clone();
-        let host = self.host.clone();
-        let timeout = decision.hold_timeout;
-        let rule = decision.rule.clone();
-        let hold_id = approval_id.clone();
-        let wait_decision_id = decision_id.clone();
         let wait_binding = binding.clone();
+        let metrics = self.sinks.metrics.clone();
+        let rule = decision.rule.clone();
+        let wait_decision_id = decision_id.clone();
+        let core = self.clone();
         metrics.held.inc();
         let wait: BoxFuture<'static, Ruling> = Box::pin(async move {
             let _held = HeldGauge(metrics.clone());
-            // The hold itself is on disk before anyone is asked.
-            let hold_event = pending.facts.event(
-                EventKind::Hold,
-                Verdict::Hold,
-                Some(ApprovalInfo {
-                    id: hold_id.clone(),
-                    ..ApprovalInfo::default()
-                }),
-                None,
-            );
-            if let Err(e) = pending.record(hold_event, Durability::Sync).await {
+            let hold_id = handle.id.clone();
+            // The hold itself is on disk before the call can be released.
+            if let Err(e) = open.record_hold().await {
+                open.set_outcome(
+                    Some(open::AUDIT_UNAVAILABLE.into()),
+                    format!("the hold could not be recorded ({e})"),
+                );
+                let info = open.hold_info();
+                let _ = open
+                    .end(
+                        EventKind::Decision,
+                        Verdict::Deny,
+                        info,
+                        None,
+                        Durability::Group,
+                    )
+                    .await;
                 return audit_denial(wait_decision_id, &e);
             }
             let outcome = handle.wait().await;
@@ -550,62 +641,61 @@ impl DecisionPath {
             match outcome {
                 Outcome::Approved(answer) => {
                     let info = approval_info(&hold_id, &answer);
-                    let released = if answer.channel == service::RELEASE_CHANNEL {
-                        // A standing credential issued while the call was held:
-                        // re-check and redeem exactly it (revoked meanwhile → denied).
-                        let id = answer
-                            .evidence
-                            .as_ref()
-                            .and_then(|e| e.get("credential_id"))
-                            .and_then(|v| v.as_str())
-                            .unwrap_or_default();
-                        match &cred_call {
-                            Some(c) => service::redeem_standing(
-                                &credentials,
-                                &key.verifying_key(),
-                                id,
-                                c,
-                                OffsetDateTime::now_utc(),
-                            ),
-                            None => Err("not a tool call".to_string()),
-                        }
-                    } else {
-                        mint_and_redeem(
-                            &key,
-                            &credentials,
-                            &host,
-                            &call,
-                            &ctx,
-                            &answer,
-                            &hold_id,
-                            &wait_binding,
-                        )
+                    // Minting, verifying and spending touch the credential
+                    // store (flock, fdatasync): off the async workers.
+                    let released = {
+                        let core = core.clone();
+                        let call = call.clone();
+                        let ctx = ctx.clone();
+                        let answer = answer.clone();
+                        let hold_id = hold_id.clone();
+                        let binding = wait_binding.clone();
+                        let cred_call = cred_call.clone();
+                        core.offload
+                            .clone()
+                            .run(move || {
+                                core.release(
+                                    &call,
+                                    &ctx,
+                                    &answer,
+                                    &hold_id,
+                                    &binding,
+                                    cred_call.as_ref(),
+                                )
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()))
                     };
                     match released {
                         Ok(cred_id) => {
-                            let ev = pending.facts.event(
-                                EventKind::Approved,
-                                Verdict::Allow,
-                                Some(info),
-                                Some(cred_id),
-                            );
-                            if let Err(e) = pending.record(ev, Durability::Sync).await {
+                            let ended = open
+                                .end(
+                                    EventKind::Approved,
+                                    Verdict::Allow,
+                                    Some(info),
+                                    Some(cred_id),
+                                    Durability::Sync,
+                                )
+                                .await;
+                            if let Err(e) = ended {
                                 return audit_denial(wait_decision_id, &e);
                             }
-                            budget.allowed(&wait_decision_id, ctx.clone(), None);
+                            core.budget.allowed(&wait_decision_id, ctx.clone(), None);
                             Ruling::Allow {
                                 decision_id: wait_decision_id,
                             }
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "approved call has no valid credential; denying");
-                            let ev = pending.facts.event(
-                                EventKind::Rejected,
-                                Verdict::Deny,
-                                Some(info),
-                                None,
-                            );
-                            let _ = pending.record(ev, Durability::Sync).await;
+                            let _ = open
+                                .end(
+                                    EventKind::Rejected,
+                                    Verdict::Deny,
+                                    Some(info),
+                                    None,
+                                    Durability::Sync,
+                                )
+                                .await;
                             Ruling::Deny {
                                 decision_id: wait_decision_id,
                                 rule: rule.clone(),
@@ -618,11 +708,15 @@ impl DecisionPath {
                 }
                 Outcome::Denied(answer) => {
                     let info = approval_info(&hold_id, &answer);
-                    let ev =
-                        pending
-                            .facts
-                            .event(EventKind::Rejected, Verdict::Deny, Some(info), None);
-                    let _ = pending.record(ev, Durability::Sync).await;
+                    let _ = open
+                        .end(
+                            EventKind::Rejected,
+                            Verdict::Deny,
+                            Some(info),
+                            None,
+                            Durability::Sync,
+                        )
+                        .await;
                     let why = answer.reason.map(|r| format!(": {r}")).unwrap_or_default();
                     Ruling::Deny {
                         decision_id: wait_decision_id,
@@ -630,20 +724,39 @@ impl DecisionPath {
                         reason: format!("denied by {}{why}", answer.approver),
                     }
                 }
+                Outcome::Cancelled(why) if why == STOPPING_REASON => {
+                    let info = open.hold_info();
+                    open.set_outcome(rule.clone(), STOPPING_REASON.into());
+                    let _ = open
+                        .end(
+                            EventKind::Interrupted,
+                            Verdict::Deny,
+                            info,
+                            None,
+                            Durability::Sync,
+                        )
+                        .await;
+                    Ruling::Deny {
+                        decision_id: wait_decision_id,
+                        rule: Some("kya:stopping".into()),
+                        reason: STOPPING_REASON.into(),
+                    }
+                }
                 Outcome::Expired | Outcome::Cancelled(_) => {
                     let reason = match &outcome {
                         Outcome::Cancelled(why) => format!("hold ended: {why}"),
                         _ => format!("no approval within {}", humantime::format_duration(timeout)),
                     };
-                    let info = ApprovalInfo {
-                        id: hold_id.clone(),
-                        ..ApprovalInfo::default()
-                    };
-                    let ev =
-                        pending
-                            .facts
-                            .event(EventKind::Expired, Verdict::Deny, Some(info), None);
-                    let _ = pending.record(ev, Durability::Sync).await;
+                    let info = open.hold_info();
+                    let _ = open
+                        .end(
+                            EventKind::Expired,
+                            Verdict::Deny,
+                            info,
+                            None,
+                            Durability::Sync,
+                        )
+                        .await;
                     Ruling::Deny {
                         decision_id: wait_decision_id,
                         rule: rule.clone(),
@@ -652,14 +765,55 @@ impl DecisionPath {
                 }
             }
         });
-        Box::pin(async move {
-            Ruling::Hold {
-                decision_id,
-                owner,
-                binding,
-                wait,
+        Ruling::Hold {
+            decision_id,
+            owner,
+            binding,
+            wait,
+        }
+    }
+
+    /// The credential that releases an approved call (blocking: the store).
+    fn release(
+        &self,
+        call: &CallFacts,
+        ctx: &CallContext,
+        answer: &Answer,
+        hold_id: &str,
+        binding: &str,
+        cred_call: Option<&CredCall>,
+    ) -> Result<String, String> {
+        if answer.channel == service::RELEASE_CHANNEL {
+            // A standing credential issued while the call was held:
+            // re-check and redeem exactly it (revoked meanwhile → denied).
+            let id = answer
+                .evidence
+                .as_ref()
+                .and_then(|e| e.get("credential_id"))
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            match cred_call {
+                Some(c) => service::redeem_standing(
+                    &self.credentials,
+                    &self.key.verifying_key(),
+                    id,
+                    c,
+                    OffsetDateTime::now_utc(),
+                ),
+                None => Err("not a tool call".to_string()),
             }
-        })
+        } else {
+            mint_and_redeem(
+                &self.key,
+                &self.credentials,
+                &self.host,
+                call,
+                ctx,
+                answer,
+                hold_id,
+                binding,
+            )
+        }
     }
 }
 
