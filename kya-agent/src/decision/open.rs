@@ -172,7 +172,7 @@ impl Drop for OpenDecision {
         } else {
             (
                 EventKind::Cancelled,
-                "the agent went away before the decision ended; nothing was forwarded",
+                "the call was given up before its decision ended (the agent went away or cancelled it, or kya stopped holding it on that session); nothing was forwarded",
             )
         };
         let reason = format!("{why} ({})", self.facts.reason());
