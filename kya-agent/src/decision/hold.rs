@@ -142,7 +142,11 @@ impl Core {
                     .await;
                 return audit_denial(wait_decision_id, &e);
             }
-            let outcome = handle.wait().await;
+            // The approval leaves the table (and the journal) only when this
+            // future ends, after the final record: a crash in between leaves
+            // it journaled, and the next start records its end.
+            let mut handle = handle;
+            let outcome = handle.outcome().await;
             let (channel, outcome_name) = match &outcome {
                 Outcome::Approved(a) => (a.channel.clone(), "approved"),
                 Outcome::Denied(a) => (a.channel.clone(), "denied"),
