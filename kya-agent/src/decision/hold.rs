@@ -122,6 +122,12 @@ impl Core {
         let core = self.clone();
         metrics.held.inc();
         let wait: BoxFuture<'static, Ruling> = Box::pin(async move {
+            // Locals drop in reverse order: if this future is dropped (the
+            // agent went away, kya aborted the connection), the decision's
+            // final record is handed to the writer before the approval leaves
+            // the table and the journal.
+            let mut handle = handle;
+            let mut open = open;
             let _held = HeldGauge(metrics.clone());
             let hold_id = handle.id.clone();
             // The hold itself is on disk before the call can be released.
@@ -145,7 +151,6 @@ impl Core {
             // The approval leaves the table (and the journal) only when this
             // future ends, after the final record: a crash in between leaves
             // it journaled, and the next start records its end.
-            let mut handle = handle;
             let outcome = handle.outcome().await;
             let (channel, outcome_name) = match &outcome {
                 Outcome::Approved(a) => (a.channel.clone(), "approved"),
