@@ -256,6 +256,11 @@ pub struct AuditVerifyArgs {
     /// Checkpoint file (default: <live file>.checkpoints beside the last FILE).
     #[arg(long, value_name = "FILE")]
     pub checkpoints: Option<PathBuf>,
+    /// The daemon that wrote the log is stopped: a held call without a final
+    /// record is a finding (without it, one that may still be waiting is
+    /// reported as open).
+    #[arg(long)]
+    pub closed: bool,
 }
 
 /// `kya run`: every flag overrides the config file.

@@ -74,7 +74,6 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let redirector = Arc::new(Mutex::new(Some(redirector)));
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
-    let approvals = open_approvals(&config.state_dir)?;
     let suspensions = Arc::new(
         Suspensions::open(&config.state_dir).context("reading the agent suspension list")?,
     );
@@ -88,6 +87,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
     let host = crate::decision::host_name();
+    let approvals = open_approvals(&config.state_dir, &audit, &config.audit_path, &host).await?;
     let tls = TlsContext::from_config(&config).context("setting up TLS interception")?;
     let events = EventHub::new();
     let status = status.section("audit", {
@@ -174,7 +174,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
-    let decision_path: Arc<dyn Governor> = Arc::new(DecisionPath::new(
+    let decisions = Arc::new(DecisionPath::new(
         engine.clone(),
         approvals.clone(),
         credentials,
@@ -184,6 +184,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         metrics.clone(),
         suspensions,
     ));
+    let decision_path: Arc<dyn Governor> = decisions.clone();
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));
     metrics.add_source(budget_samples(engine.clone()));
@@ -232,6 +233,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         _ = sigint.recv() => "SIGINT",
     };
     tracing::info!(signal = why, "shutting down");
+    // Held calls are denied now ("kya is stopping") and recorded as
+    // interrupted; the interceptor then stops accepting, lets open
+    // connections deliver those answers (up to its drain deadline) and
+    // aborts the rest, whose decisions record themselves as interrupted.
+    let ended = decisions.stop();
+    if ended > 0 {
+        tracing::info!(held = ended, "held calls denied: kya is stopping");
+    }
     let _ = stop_tx.send(true);
     reloader.abort();
     if let Err(e) = server.await {
@@ -452,24 +461,45 @@ fn intercept_samples(stats: Arc<InterceptStats>) -> Source {
     })
 }
 
-/// The pending-approval set, after recording what a previous run left held.
-fn open_approvals(state_dir: &Path) -> anyhow::Result<Arc<Approvals>> {
+/// The pending-approval set, after recording what a previous run left held:
+/// each such hold ends in the audit log as `interrupted` (unless its end is
+/// already there), then the journal is cleared.
+async fn open_approvals(
+    state_dir: &Path,
+    audit: &AuditLog,
+    audit_path: &Path,
+    host: &str,
+) -> anyhow::Result<Arc<Approvals>> {
     let persist = Persist::new(state_dir);
-    match persist.take_interrupted() {
+    match persist.interrupted() {
         Ok(left) => {
-            for r in left {
+            for r in &left {
                 tracing::warn!(
                     id = %r.view.id,
                     agent = %r.view.agent,
                     tool = %r.view.tool,
                     decision = %r.view.decision_id,
-                    "call was held when the daemon stopped: denied (the daemon restarted while the call was held)"
+                    "call was held when the daemon stopped: denied (recorded as interrupted)"
                 );
+            }
+            match crate::decision::restart::record_interrupted(audit, audit_path, host, &left).await
+            {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(records = n, "interrupted holds recorded in the audit log");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the interrupted holds in the audit log")
+                }
             }
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot read the pending-approvals record; starting empty")
         }
+    }
+    if let Err(e) = persist.take_interrupted() {
+        tracing::error!(error = %e, "cannot clear the pending-approvals record");
     }
     Ok(Approvals::new(
         crate::approvals::pending::DEFAULT_MAX_PENDING,

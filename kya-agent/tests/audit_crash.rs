@@ -23,7 +23,11 @@ fn event(trial: u64, n: u64) -> DecisionEvent {
         EventKind::Decision => Verdict::Deny,
         EventKind::Hold => Verdict::Hold,
         EventKind::Approved => Verdict::Allow,
-        EventKind::Rejected | EventKind::Expired | EventKind::ControlRefused => Verdict::Deny,
+        EventKind::Rejected
+        | EventKind::Expired
+        | EventKind::ControlRefused
+        | EventKind::Cancelled
+        | EventKind::Interrupted => Verdict::Deny,
     };
     DecisionEvent {
         decision_id: format!("t{trial}-n{n}"),

@@ -67,6 +67,7 @@ fn verify_log(base: &Path, key: &ed25519_dalek::SigningKey) -> u64 {
     verify(
         &files::log_set(base).unwrap(),
         &VerifyOptions {
+            ends: None,
             key: TrustedKey::Pinned(key.verifying_key()),
             checkpoints: None,
             allow_torn_tail: false,

@@ -19,7 +19,11 @@ fn event(n: u64) -> DecisionEvent {
         EventKind::Decision => Verdict::Deny,
         EventKind::Hold => Verdict::Hold,
         EventKind::Approved => Verdict::Allow,
-        EventKind::Rejected | EventKind::Expired | EventKind::ControlRefused => Verdict::Deny,
+        EventKind::Rejected
+        | EventKind::Expired
+        | EventKind::ControlRefused
+        | EventKind::Cancelled
+        | EventKind::Interrupted => Verdict::Deny,
     };
     let mut mcp = McpInfo {
         method: "tools/call".into(),

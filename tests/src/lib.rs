@@ -486,6 +486,9 @@ pub struct DaemonOptions {
     /// Guarded ports where kya splices what is neither TLS nor HTTP (the
     /// tests' byte echo); written to a config file of the daemon's own.
     pub splice_ports: Vec<u16>,
+    /// Files (name, bytes) written into the new state directory before the
+    /// daemon starts (a restart on what an earlier daemon left there).
+    pub state_files: Vec<(String, Vec<u8>)>,
 }
 
 impl DaemonOptions {
@@ -499,6 +502,7 @@ impl DaemonOptions {
             key_from: None,
             hosts: None,
             splice_ports: Vec::new(),
+            state_files: Vec::new(),
         }
     }
 
@@ -542,6 +546,9 @@ impl Daemon {
                 let dst = state_dir.path().join(name);
                 std::fs::copy(from.join(name), &dst).expect("copy the signing key");
             }
+        }
+        for (name, bytes) in &opts.state_files {
+            std::fs::write(state_dir.path().join(name), bytes).expect("seed the state directory");
         }
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/kya-e2e-{}-{}",

@@ -201,6 +201,25 @@ fn verify(audit: &Path, key: &Path) -> (i32, String) {
     )
 }
 
+/// `kya audit verify --closed AUDIT --key PUB`: also every decision ended.
+fn verify_closed(audit: &Path, key: &Path) -> (i32, String) {
+    let out = Command::new(kya_bin())
+        .args(["audit", "verify", "--closed"])
+        .arg(audit)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .expect("kya audit verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// The events of every complete record in the log.
 fn logged(audit: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(audit).expect("audit log");
@@ -346,11 +365,17 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
 
     let mut tally = Tally::default();
     let mut torn = 0;
+    // The approvals journal a killed daemon leaves, for the next one (as in
+    // one state directory): its holds are recorded as interrupted at start.
+    let mut journal: Option<Vec<u8>> = None;
     for trial in 0..TRIALS {
         let mut opts = DaemonOptions::new(LISTEN_PORT).args(args(&audit));
         opts.config = Some(config.clone());
         if trial > 0 {
             opts.key_from = Some(keys.clone());
+        }
+        if let Some(j) = journal.take() {
+            opts.state_files.push(("approvals.journal".into(), j));
         }
         // The restarted daemon opens the crashed log: it verifies it, drops a
         // torn final line, and continues the chain (or refuses to start).
@@ -396,6 +421,7 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
         daemon.kill9();
         drop(approver);
         let seen = load.finish();
+        journal = std::fs::read(daemon.state_dir.path().join("approvals.journal")).ok();
         drop(daemon);
 
         let (code, out) = verify(&audit, &public_key);
@@ -421,13 +447,18 @@ fn kill_9_during_mixed_load_loses_no_verdict_the_agent_saw() {
     }
 
     // One last restart on the crashed log and a clean stop: the whole chain
-    // verifies strictly, with a final checkpoint over every record.
+    // verifies strictly, with a final checkpoint over every record, and
+    // every decision of every killed daemon has exactly one final record
+    // (`--closed`: no hold may be left without an end).
     let mut opts = DaemonOptions::new(LISTEN_PORT).args(args(&audit));
     opts.key_from = Some(keys.clone());
+    if let Some(j) = journal.take() {
+        opts.state_files.push(("approvals.journal".into(), j));
+    }
     let mut daemon = Daemon::start(opts);
     assert!(daemon.terminate().success(), "{}", daemon.log_text());
     drop(daemon);
-    let (code, out) = verify(&audit, &public_key);
+    let (code, out) = verify_closed(&audit, &public_key);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("incomplete"), "{out}");
     let records = logged(&audit).len();

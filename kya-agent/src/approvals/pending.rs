@@ -221,6 +221,12 @@ impl Approvals {
         ids.iter().filter(|id| self.cancel(id, why).is_ok()).count()
     }
 
+    /// Cancel every pending approval (kya is stopping); returns how many.
+    pub fn cancel_all(&self, why: &str) -> usize {
+        let ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.iter().filter(|id| self.cancel(id, why).is_ok()).count()
+    }
+
     fn resolve(&self, id: &str, r: Resolution) -> Result<(), ApprovalError> {
         let mut map = self.lock();
         let entry = map
@@ -326,8 +332,19 @@ pub struct ApprovalHandle {
 }
 
 impl ApprovalHandle {
-    /// Wait for the answer, the timeout, or a cancellation.
+    /// Wait for the answer, the timeout, or a cancellation; the approval is
+    /// removed when this returns.
     pub async fn wait(mut self) -> Outcome {
+        let outcome = self.outcome().await;
+        self.approvals.remove(&self.id);
+        outcome
+    }
+
+    /// Wait for the answer, the timeout, or a cancellation, keeping the
+    /// approval (no longer pending: it cannot be answered again) in the table
+    /// and the journal until the handle is dropped, so its end is journaled
+    /// only once the caller has recorded it.
+    pub async fn outcome(&mut self) -> Outcome {
         let Some(rx) = self.rx.take() else {
             return Outcome::Cancelled("approval already awaited".into());
         };
@@ -338,7 +355,10 @@ impl ApprovalHandle {
             Ok(Err(_)) => Outcome::Cancelled("approval record dropped".into()),
             Err(_) => Outcome::Expired,
         };
-        self.approvals.remove(&self.id);
+        // Expired: no answer may arrive any more.
+        if let Some(e) = self.approvals.lock().get_mut(&self.id) {
+            e.resolve = None;
+        }
         outcome
     }
 }
@@ -444,6 +464,31 @@ pub(crate) mod tests {
         assert_eq!(a.len(), 1);
         drop(other);
         assert!(a.is_empty(), "a dropped handle removes its approval");
+    }
+
+    #[tokio::test]
+    async fn an_ended_approval_stays_journaled_until_its_handle_is_dropped() {
+        use crate::approvals::persist::Persist;
+        let dir = tempfile::tempdir().unwrap();
+        let a = Approvals::new(8, Some(Persist::new(dir.path())));
+        let mut h = a
+            .submit(action("bot", "alice"), Duration::from_secs(5))
+            .unwrap();
+        let id = h.id.clone();
+        a.answer(&id, yes("alice")).unwrap();
+        assert!(matches!(h.outcome().await, Outcome::Approved(_)));
+        // What a crash now would leave: the approval, whose end is not recorded yet.
+        let left = Persist::new(dir.path()).interrupted().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].view.id, id);
+        assert!(a.list().is_empty(), "ended: not listed as pending");
+        assert!(matches!(
+            a.answer(&id, yes("alice")),
+            Err(ApprovalError::AlreadyAnswered(_))
+        ));
+        drop(h);
+        assert!(a.is_empty());
+        assert!(Persist::new(dir.path()).interrupted().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -315,6 +315,19 @@ impl Persist {
         Ok(())
     }
 
+    /// What a previous run left pending (the legacy `approvals.json` and the
+    /// journal), without clearing it: the caller records their end, then calls
+    /// [`Persist::take_interrupted`].
+    pub fn interrupted(&self) -> Result<Vec<PendingRecord>, PersistError> {
+        let st = self.lock();
+        let mut records = self.read_legacy()?;
+        let mut left = replay(&self.journal.path)?;
+        left.retain(|r| !st.live.contains_key(&r.view.id));
+        records.retain(|r| !left.iter().any(|l| l.view.id == r.view.id));
+        records.extend(left);
+        Ok(records)
+    }
+
     /// Read what a previous run left pending (the legacy `approvals.json` and
     /// the journal), then clear it: the journal is rewritten with this
     /// handle's own live set (empty at startup) and the legacy file removed.

@@ -5,6 +5,7 @@
 //! state dir (`signing-key.pub.pem`) is used if present; otherwise the key named
 //! in the checkpoints themselves, which proves integrity but not authorship.
 
+use super::ends::{At, EndsReport};
 use super::merkle::Hash;
 use super::verify::{verify, TrustedKey, VerifyOptions};
 use crate::cli::{AuditArgs, AuditCommand, AuditVerifyArgs};
@@ -59,6 +60,7 @@ fn run_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
         key,
         checkpoints: args.checkpoints.clone(),
         allow_torn_tail: true,
+        ends: Some(args.closed),
     };
     match verify(&args.files, &opts) {
         Ok(report) => {
@@ -94,13 +96,74 @@ fn run_verify(args: AuditVerifyArgs) -> anyhow::Result<ExitCode> {
                     t.line
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            match &report.ends {
+                Some(ends) if ends.has_findings() => {
+                    report_ends(ends);
+                    Ok(ExitCode::from(1))
+                }
+                Some(ends) => {
+                    report_ends(ends);
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
         }
         Err(fault) => {
             println!("key: {source}");
             eprintln!("kya audit verify: FAILED: {fault}");
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+/// Lines printed per kind of completeness result.
+const MAX_LISTED: usize = 20;
+
+/// Decisions without exactly one final record.
+fn report_ends(ends: &EndsReport) {
+    let list = |what: &str, items: &[At], to_err: bool| {
+        for at in items.iter().take(MAX_LISTED) {
+            if to_err {
+                eprintln!("kya audit verify: FINDING: {at}: {what}");
+            } else {
+                println!("open: {at}: {what}");
+            }
+        }
+        if items.len() > MAX_LISTED {
+            let more = items.len() - MAX_LISTED;
+            if to_err {
+                eprintln!("kya audit verify: FINDING: ... and {more} more");
+            } else {
+                println!("open: ... and {more} more");
+            }
+        }
+    };
+    list(
+        "held call with no final record (it cannot still be waiting)",
+        &ends.unended,
+        true,
+    );
+    list(
+        "second final record for a decision that had already ended",
+        &ends.repeated,
+        true,
+    );
+    list(
+        "held call not ended yet (it may still be waiting; --closed if the daemon is stopped)",
+        &ends.open,
+        false,
+    );
+    if ends.unparsed > 0 {
+        println!(
+            "note: {} record(s) could not be read for the completeness check",
+            ends.unparsed
+        );
+    }
+    if ends.has_findings() {
+        eprintln!(
+            "kya audit verify: FAILED: {} decision(s) without exactly one final record",
+            ends.unended.len() + ends.repeated.len()
+        );
     }
 }
 

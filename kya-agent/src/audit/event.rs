@@ -26,6 +26,13 @@ pub enum EventKind {
     Rejected,
     /// Nobody answered a held call in time; it is denied.
     Expired,
+    /// The agent gave up on the call before kya ended it (disconnected, sent
+    /// `notifications/cancelled`, or its stream went away); nothing was
+    /// forwarded.
+    Cancelled,
+    /// kya stopped (SIGTERM/SIGINT, or a restart found the call in the
+    /// approvals journal) before the call was ended; it was denied.
+    Interrupted,
     /// A state-changing control command (answering an approval, issuing or
     /// revoking a credential, suspending or resuming an agent) came from a
     /// selected process or a descendant of one, or from a process kya could
@@ -36,13 +43,15 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind, for exhaustive tests and documentation.
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Decision,
         EventKind::Hold,
         EventKind::Approved,
         EventKind::Rejected,
         EventKind::Expired,
         EventKind::ControlRefused,
+        EventKind::Cancelled,
+        EventKind::Interrupted,
     ];
 
     /// The snake_case name used in JSON.
@@ -54,7 +63,15 @@ impl EventKind {
             EventKind::Rejected => "rejected",
             EventKind::Expired => "expired",
             EventKind::ControlRefused => "control_refused",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Interrupted => "interrupted",
         }
+    }
+
+    /// Whether a record of this kind ends its decision: every decision id
+    /// has exactly one such record (a `hold` is the only kind that does not).
+    pub fn is_final(self) -> bool {
+        !matches!(self, EventKind::Hold)
     }
 }
 
@@ -331,11 +348,16 @@ impl DecisionEvent {
             (EventKind::Approved, _) if self.approval.is_none() => {
                 fail("kind approved needs an approval")
             }
-            (EventKind::Rejected | EventKind::Expired | EventKind::ControlRefused, v)
-                if v != Verdict::Deny =>
-            {
-                fail("kinds rejected, expired and control_refused need verdict deny")
-            }
+            (
+                EventKind::Rejected
+                | EventKind::Expired
+                | EventKind::ControlRefused
+                | EventKind::Cancelled
+                | EventKind::Interrupted,
+                v,
+            ) if v != Verdict::Deny => fail(
+                "kinds rejected, expired, control_refused, cancelled and interrupted need verdict deny",
+            ),
             _ => Ok(()),
         }
     }
@@ -347,7 +369,11 @@ impl DecisionEvent {
     pub fn required_durability(&self) -> super::Durability {
         let consequential = matches!(
             self.kind,
-            EventKind::Hold | EventKind::Approved | EventKind::Rejected | EventKind::ControlRefused
+            EventKind::Hold
+                | EventKind::Approved
+                | EventKind::Rejected
+                | EventKind::ControlRefused
+                | EventKind::Interrupted
         ) || (self.verdict == Verdict::Allow
             && (self.approval.is_some() || self.credential_id.is_some()));
         if consequential {
@@ -375,7 +401,11 @@ pub(crate) mod tests {
             }
             EventKind::Hold => Verdict::Hold,
             EventKind::Approved => Verdict::Allow,
-            EventKind::Rejected | EventKind::Expired | EventKind::ControlRefused => Verdict::Deny,
+            EventKind::Rejected
+            | EventKind::Expired
+            | EventKind::ControlRefused
+            | EventKind::Cancelled
+            | EventKind::Interrupted => Verdict::Deny,
         };
         let mut mcp = McpInfo {
             session_id: Some("sess-1".into()),

@@ -8,10 +8,12 @@
 //! * [`files`]: the live file, its rotated predecessors, the checkpoint file.
 //! * [`writer`]: the append path ([`AuditLog`]): batching, fdatasync, rotation.
 //! * [`verify`]: offline verification of a log set against its checkpoints.
+//! * [`ends`]: whether every decision in a log ended (exactly one final record).
 //! * [`command`]: `kya audit verify`.
 
 pub mod checkpoint;
 pub mod command;
+pub mod ends;
 pub mod event;
 pub mod files;
 pub mod merkle;

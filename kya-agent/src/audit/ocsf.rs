@@ -16,13 +16,14 @@
 //! | `host` | `src_endpoint.hostname` (the calling process runs here) |
 //! | `process` | `actor.process.pid`, `.name`, `.cmd_line`, `.file.path`, `.file.hashes[]` (SHA-256, algorithm_id 3), `.parent_process.pid`, `.user.uid`, `.container.uid` |
 //! | `agent` | `actor.app_name` (name); owner in `unmapped` |
-//! | `verdict`, `kind` | `action_id` (1 Allowed, 2 Denied, 99 Other for a hold), `disposition_id` (1 Allowed, 2 Blocked, 8 Approved, 14 Delayed) |
+//! | `verdict`, `kind` | `action_id` (1 Allowed, 2 Denied, 99 Other for a hold), `disposition_id` (1 Allowed, 2 Blocked, 6 Dropped for a call the agent cancelled, 8 Approved, 14 Delayed); `interrupted` (kya stopped) is 2 Denied, 2 Blocked |
 //! | `rule`, `policy_version`, `reason` | `policy.uid`, `policy.name`, `policy.version`, `policy.desc`; `reason` also `status_detail` |
 //! | `approval`, `credential_id` | `authorizations[]` (`decision`, `policy.uid`) |
 //! | `latency_us` | `duration` (ms) and `unmapped.latency_us` |
 //! | everything else (tgid, gid, cgroup, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest) | `unmapped` |
 //!
-//! `severity_id`: 1 Informational for allows, 2 Low for holds and approvals,
+//! `severity_id`: 1 Informational for allows, 2 Low for holds, approvals and
+//! calls the agent cancelled,
 //! 3 Medium for denies (a denied agent call is something a SOC may want to see),
 //! 4 High for `control_refused` (a selected process tried to answer an
 //! approval or change kya's state: an agent acting for its human).
@@ -65,6 +66,8 @@ pub fn outcome(e: &DecisionEvent) -> (u64, &'static str, u64, &'static str) {
     match (e.kind, e.verdict) {
         (EventKind::Hold, _) | (_, Verdict::Hold) => (99, "Other", 14, "Delayed"),
         (EventKind::Approved, _) => (1, "Allowed", 8, "Approved"),
+        // The agent withdrew the call: nothing was forwarded.
+        (EventKind::Cancelled, _) => (2, "Denied", 6, "Dropped"),
         (_, Verdict::Allow) => (1, "Allowed", 1, "Allowed"),
         (_, Verdict::Deny) => (2, "Denied", 2, "Blocked"),
     }
@@ -74,6 +77,8 @@ fn severity(e: &DecisionEvent) -> (u64, &'static str) {
     match (e.kind, e.verdict) {
         // Something inside the selection tried to act for its human.
         (EventKind::ControlRefused, _) => (4, "High"),
+        // The agent gave up on its own call: routine, not a policy denial.
+        (EventKind::Cancelled, _) => (2, "Low"),
         (_, Verdict::Deny) => (3, "Medium"),
         (EventKind::Hold | EventKind::Approved, _) | (_, Verdict::Hold) => (2, "Low"),
         _ => (1, "Informational"),
@@ -325,7 +330,7 @@ mod tests {
                 assert_eq!(o["time"], json!(e.time.unix_timestamp() * 1000));
                 assert!([1, 2, 3, 4].contains(&o["severity_id"].as_u64().unwrap()));
                 assert!([1, 2, 99].contains(&o["action_id"].as_u64().unwrap()));
-                assert!([1, 2, 8, 14].contains(&o["disposition_id"].as_u64().unwrap()));
+                assert!([1, 2, 6, 8, 14].contains(&o["disposition_id"].as_u64().unwrap()));
                 assert_eq!(o["metadata"]["product"]["name"], "kya");
                 assert_eq!(o["metadata"]["uid"], json!(e.decision_id));
                 assert_eq!(o["metadata"]["event_code"], kind.as_str());
@@ -364,6 +369,8 @@ mod tests {
         assert_eq!(o(EventKind::Rejected, 1), (2, 2));
         assert_eq!(o(EventKind::Expired, 1), (2, 2));
         assert_eq!(o(EventKind::ControlRefused, 1), (2, 2), "refused: blocked");
+        assert_eq!(o(EventKind::Cancelled, 1), (2, 6), "cancelled: dropped");
+        assert_eq!(o(EventKind::Interrupted, 1), (2, 2), "interrupted: blocked");
         let mut refused = sample(EventKind::ControlRefused, 1);
         refused.approval = Some(crate::audit::event::ApprovalInfo {
             id: "apr_1".into(),

@@ -18,6 +18,7 @@
 //! The first fault stops verification and names its file and 1-based line.
 
 use super::checkpoint::{self, Checkpoint, SignedNote};
+use super::ends::{Ends, EndsReport};
 use super::files;
 use super::merkle::Hash;
 use super::record::{read_line, Chain, LineStatus, MAX_LINE_BYTES};
@@ -48,6 +49,9 @@ pub struct VerifyOptions {
     /// Accept an incomplete final line in the last file (a write cut short by a
     /// crash; it was never acknowledged) and report it instead of failing.
     pub allow_torn_tail: bool,
+    /// Also check that every decision ended (`Some(closed)`; see
+    /// [`super::ends`]); the writer's own check at open does not.
+    pub ends: Option<bool>,
 }
 
 /// A verification failure: where, and what.
@@ -97,6 +101,9 @@ pub struct Report {
     /// An incomplete final checkpoint that was tolerated (crash mid-write).
     pub torn_checkpoint: Option<checkpoint::TornNote>,
     pub checkpoint_file: PathBuf,
+    /// Whether every decision ended (see [`super::ends`]); `None` unless
+    /// [`VerifyOptions::ends`] asked for it.
+    pub ends: Option<EndsReport>,
 }
 
 struct Expected {
@@ -151,6 +158,7 @@ pub fn verify(files: &[PathBuf], opts: &VerifyOptions) -> Result<Report, Fault> 
     };
     check(&chain, files.first().unwrap_or(last), 0)?;
 
+    let mut ends = opts.ends.map(|_| Ends::default());
     let mut torn_tail = None;
     let mut last_pos: (PathBuf, u64) = (last.clone(), 0);
     let mut buf = Vec::new();
@@ -197,6 +205,9 @@ pub fn verify(files: &[PathBuf], opts: &VerifyOptions) -> Result<Report, Fault> 
                 LineStatus::Complete => {
                     chain.accept(&buf).map_err(&fault)?;
                     line_no += 1;
+                    if let Some(ends) = ends.as_mut() {
+                        ends.note(&buf, path, line_no);
+                    }
                     offset += buf.len() as u64 + 1;
                     last_pos = (path.clone(), line_no);
                     check(&chain, path, line_no)?;
@@ -241,6 +252,7 @@ pub fn verify(files: &[PathBuf], opts: &VerifyOptions) -> Result<Report, Fault> 
         torn_tail,
         torn_checkpoint,
         checkpoint_file: ck_path,
+        ends: ends.map(|e| e.finish(opts.ends.unwrap_or(false))),
     })
 }
 
@@ -457,6 +469,7 @@ mod tests {
 
     fn opts(torn: bool) -> VerifyOptions {
         VerifyOptions {
+            ends: None,
             key: TrustedKey::Pinned(key().verifying_key()),
             checkpoints: None,
             allow_torn_tail: torn,
@@ -514,6 +527,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = small_log(dir.path(), 4).await;
         let embedded = VerifyOptions {
+            ends: None,
             key: TrustedKey::Embedded,
             checkpoints: None,
             allow_torn_tail: false,

@@ -198,7 +198,8 @@ enum Msg {
         written: Option<oneshot::Sender<Result<Committed, AuditError>>>,
         /// Answered once the record is on disk.
         reply: oneshot::Sender<Result<Committed, AuditError>>,
-        _permit: OwnedSemaphorePermit,
+        /// `None` only for [`AuditLog::append_detached`] past the bound.
+        _permit: Option<OwnedSemaphorePermit>,
     },
     Checkpoint(mpsc::Sender<Result<(), AuditError>>),
     Shutdown(mpsc::Sender<Result<(), AuditError>>),
@@ -228,7 +229,7 @@ struct Written {
     committed: Committed,
     /// The queue slot is held until the record is durable, so the records
     /// waiting for a sync are bounded by the queue too.
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 struct Shared {
@@ -332,6 +333,7 @@ impl AuditLog {
         let report = verify::verify(
             &set,
             &VerifyOptions {
+                ends: None,
                 key: TrustedKey::Pinned(key.verifying_key()),
                 checkpoints: Some(ck_path.clone()),
                 allow_torn_tail: true,
@@ -450,19 +452,17 @@ impl AuditLog {
         event: &DecisionEvent,
         durability: Durability,
     ) -> Result<Receipt, AuditError> {
-        event
-            .validate()
-            .map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
-        let json =
-            serde_json::to_vec(event).map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
-        // Room for the record envelope (seq, prev) around the event.
-        let max = MAX_LINE_BYTES - 128;
-        if json.len() > max {
-            return Err(AuditError::EventTooLarge {
-                size: json.len(),
-                max,
-            });
-        }
+        let json = encode(event)?;
+        let slot = self.reserve(durability).await?;
+        slot.send_json(json)?.await
+    }
+
+    /// Take a place in the writer's queue for one record, waiting for one
+    /// (`Sync`) or failing with [`AuditError::QueueFull`] (`Group`) when the
+    /// queue is full. Sending through the slot never waits, so a caller that
+    /// must know whether its record was handed over (exactly once) can
+    /// reserve, then send, then wait for the write.
+    pub async fn reserve(&self, durability: Durability) -> Result<Slot<'_>, AuditError> {
         let permit = match durability {
             Durability::Sync => self
                 .permits
@@ -478,33 +478,37 @@ impl AuditLog {
                 }
             },
         };
-        let (reply, rx) = oneshot::channel();
-        let (written, written_rx) = match durability {
-            Durability::Group => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
+        Ok(Slot {
+            log: self,
+            permit,
+            durability,
+        })
+    }
+
+    /// Hand `event` to the writer without waiting for anything: for records
+    /// that must be written from where nothing can be awaited (a decision
+    /// dropped before it ended). Takes a queue place when one is free and
+    /// goes past the bound otherwise (such records are bounded by the
+    /// decisions in flight). Everything handed over before [`AuditLog::close`]
+    /// is written before the final checkpoint.
+    pub fn append_detached(&self, event: &DecisionEvent) -> Result<(), AuditError> {
+        let json = encode(event)?;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(TryAcquireError::NoPermits) => None,
+            Err(TryAcquireError::Closed) => {
+                return Err(AuditError::Unavailable("writer stopped".into()))
             }
-            Durability::Sync => (None, None),
         };
+        let (reply, _) = oneshot::channel();
         self.tx
             .send(Msg::Append {
                 json,
-                written,
+                written: None,
                 reply,
                 _permit: permit,
             })
-            .map_err(|_| AuditError::Unavailable("writer stopped".into()))?;
-        let receipt = Receipt::Pending(rx);
-        match written_rx {
-            None => Ok(Receipt::Durable(receipt.committed().await?)),
-            // The record is in the file (a SIGKILL of kya cannot lose it) before
-            // the caller answers anyone; its fdatasync follows in the group.
-            Some(w) => match w.await {
-                Ok(Ok(_)) => Ok(receipt),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(AuditError::Unavailable("writer stopped".into())),
-            },
-        }
+            .map_err(|_| AuditError::Unavailable("writer stopped".into()))
     }
 
     /// The writer's current state.
@@ -550,6 +554,79 @@ impl AuditLog {
     }
 }
 
+/// A reserved place in the writer's queue (see [`AuditLog::reserve`]).
+pub struct Slot<'a> {
+    log: &'a AuditLog,
+    permit: OwnedSemaphorePermit,
+    durability: Durability,
+}
+
+impl Slot<'_> {
+    /// Hand `event` to the writer now; the returned future resolves as
+    /// [`AuditLog::append`] does. Once this returns `Ok`, the record is in the
+    /// writer's queue whether or not the future is awaited.
+    pub fn send(
+        self,
+        event: &DecisionEvent,
+    ) -> Result<impl std::future::Future<Output = Result<Receipt, AuditError>>, AuditError> {
+        let json = encode(event)?;
+        self.send_json(json)
+    }
+
+    fn send_json(
+        self,
+        json: Vec<u8>,
+    ) -> Result<impl std::future::Future<Output = Result<Receipt, AuditError>>, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        let (written, written_rx) = match self.durability {
+            Durability::Group => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Sync => (None, None),
+        };
+        self.log
+            .tx
+            .send(Msg::Append {
+                json,
+                written,
+                reply,
+                _permit: Some(self.permit),
+            })
+            .map_err(|_| AuditError::Unavailable("writer stopped".into()))?;
+        Ok(async move {
+            let receipt = Receipt::Pending(rx);
+            match written_rx {
+                None => Ok(Receipt::Durable(receipt.committed().await?)),
+                // The record is in the file (a SIGKILL of kya cannot lose it) before
+                // the caller answers anyone; its fdatasync follows in the group.
+                Some(w) => match w.await {
+                    Ok(Ok(_)) => Ok(receipt),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(AuditError::Unavailable("writer stopped".into())),
+                },
+            }
+        })
+    }
+}
+
+/// Check and serialise an event for the log.
+fn encode(event: &DecisionEvent) -> Result<Vec<u8>, AuditError> {
+    event
+        .validate()
+        .map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
+    let json = serde_json::to_vec(event).map_err(|e| AuditError::InvalidEvent(e.to_string()))?;
+    // Room for the record envelope (seq, prev) around the event.
+    let max = MAX_LINE_BYTES - 128;
+    if json.len() > max {
+        return Err(AuditError::EventTooLarge {
+            size: json.len(),
+            max,
+        });
+    }
+    Ok(json)
+}
+
 impl Drop for AuditLog {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
@@ -577,7 +654,7 @@ struct Pending {
     json: Vec<u8>,
     written: Option<oneshot::Sender<Result<Committed, AuditError>>>,
     reply: oneshot::Sender<Result<Committed, AuditError>>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Pending {
@@ -1026,6 +1103,7 @@ mod tests {
         verify::verify(
             &files::log_set(&base).unwrap(),
             &VerifyOptions {
+                ends: None,
                 key: TrustedKey::Pinned(key(seed).verifying_key()),
                 checkpoints: None,
                 allow_torn_tail: false,
@@ -1259,6 +1337,7 @@ mod tests {
         let mut gap = set.clone();
         gap.remove(1);
         let opts = VerifyOptions {
+            ends: None,
             key: TrustedKey::Pinned(key(1).verifying_key()),
             checkpoints: None,
             allow_torn_tail: false,

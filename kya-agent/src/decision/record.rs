@@ -29,6 +29,7 @@ pub(super) struct EventFacts {
 impl EventFacts {
     pub(super) fn new(
         host: &str,
+        process: ProcessInfo,
         call: &CallFacts,
         agent: &AgentInfo,
         decision: &Decision,
@@ -46,7 +47,7 @@ impl EventFacts {
         Self {
             decision_id: decision_id.to_string(),
             host: host.to_string(),
-            process: process_info(&call.conn),
+            process,
             agent: EventAgent {
                 name: agent.name.clone(),
                 owner: agent.owner.clone(),
@@ -61,8 +62,10 @@ impl EventFacts {
     }
 
     /// A protocol-level refusal (no policy decision behind it).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn refused(
         host: &str,
+        process: ProcessInfo,
         conn: &ConnFacts,
         agent: &AgentInfo,
         reason: &str,
@@ -77,7 +80,7 @@ impl EventFacts {
         Self {
             decision_id: decision_id.to_string(),
             host: host.to_string(),
-            process: process_info(conn),
+            process,
             agent: EventAgent {
                 name: agent.name.clone(),
                 owner: agent.owner.clone(),
@@ -92,6 +95,21 @@ impl EventFacts {
             policy_version: policy_version.to_string(),
             started,
         }
+    }
+
+    /// Replace the rule and reason the records of this decision give (kya
+    /// ended it another way than the policy said).
+    pub(super) fn set_outcome(&mut self, rule: Option<String>, reason: String) {
+        self.rule = rule;
+        self.reason = reason;
+    }
+
+    pub(super) fn rule(&self) -> Option<String> {
+        self.rule.clone()
+    }
+
+    pub(super) fn reason(&self) -> &str {
+        &self.reason
     }
 
     pub(super) fn event(
@@ -135,9 +153,30 @@ const MAX_CACHED_CONNS: usize = 4096;
 
 type ProcCache = std::collections::HashMap<(u64, u32), (Vec<String>, Option<u32>)>;
 
-fn process_info(conn: &ConnFacts) -> ProcessInfo {
+fn proc_cache() -> &'static std::sync::Mutex<ProcCache> {
     static CACHE: std::sync::OnceLock<std::sync::Mutex<ProcCache>> = std::sync::OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
+    CACHE.get_or_init(Default::default)
+}
+
+/// The process facts of `conn` when `/proc` was already read for it (no I/O:
+/// safe on an async worker).
+pub(super) fn cached_process_info(conn: &ConnFacts) -> Option<ProcessInfo> {
+    let key = (conn.conn_id, conn.process.pid);
+    let (cmdline, ppid) = proc_cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned()?;
+    let mut p = ProcessInfo::from(&conn.process);
+    p.cmdline = cmdline;
+    p.ppid = ppid;
+    Some(p)
+}
+
+/// The process facts of `conn`, reading `/proc` on the first decision of the
+/// connection: blocking, so the decision path runs it off the async workers.
+pub(super) fn process_info(conn: &ConnFacts) -> ProcessInfo {
+    let cache = proc_cache();
     let key = (conn.conn_id, conn.process.pid);
     let mut p = ProcessInfo::from(&conn.process);
     let cached = cache
@@ -200,5 +239,10 @@ mod tests {
         // Same connection number, another process: not confused with it.
         let gone = process_info(&conn(u64::MAX - 7, u32::MAX - 1));
         assert!(gone.cmdline.is_empty() && gone.ppid.is_none());
+        assert_eq!(
+            cached_process_info(&conn(u64::MAX - 7, me)).map(|p| p.cmdline),
+            Some(first.cmdline)
+        );
+        assert!(cached_process_info(&conn(u64::MAX - 8, me)).is_none());
     }
 }

@@ -21,6 +21,10 @@ pub struct InterceptorConfig {
     pub listen_port: u16,
     /// Connections handled at once; further accepts wait (bounded everything).
     pub max_connections: usize,
+    /// At shutdown, how long open connections may take to finish (answers
+    /// to held calls denied because kya is stopping are written meanwhile)
+    /// before they are closed.
+    pub drain: std::time::Duration,
 }
 
 impl Default for InterceptorConfig {
@@ -28,9 +32,13 @@ impl Default for InterceptorConfig {
         Self {
             listen_port: crate::config::DEFAULT_LISTEN_PORT,
             max_connections: 4096,
+            drain: DEFAULT_DRAIN,
         }
     }
 }
+
+/// How long open connections may finish at shutdown.
+pub const DEFAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Errors starting the interceptor.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +84,10 @@ impl Interceptor {
         self.stats.clone()
     }
 
-    /// Serve until `shutdown` turns true; then stop accepting and end open
-    /// connections. With `inspection`, TLS and HTTP are inspected and
+    /// Serve until `shutdown` turns true; then stop accepting, give open
+    /// connections up to the drain deadline to finish, and end the rest
+    /// (returning once they are dropped, so whatever they record on drop is
+    /// recorded before the caller closes the audit log). With `inspection`, TLS and HTTP are inspected and
     /// governed; without, every connection is spliced unchanged.
     pub async fn serve(
         self,
@@ -127,8 +137,15 @@ impl Interceptor {
             }
         }
         accept_loops.abort_all();
+        let open = connections.len();
+        let drained = tokio::time::timeout(self.config.drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
         connections.abort_all();
-        tracing::info!("interceptor stopped");
+        while connections.join_next().await.is_some() {}
+        tracing::info!(open, drained, "interceptor stopped");
     }
 }
 
@@ -283,6 +300,7 @@ mod tests {
         let interceptor = Interceptor::bind(InterceptorConfig {
             listen_port: 987,
             max_connections: 8,
+            drain: std::time::Duration::from_millis(100),
         })
         .unwrap();
         let table = Arc::new(Table::default());

@@ -84,6 +84,31 @@ pub(super) struct Exchange {
     pub tunnels: Option<Arc<dyn super::connect::Tunnels>>,
 }
 
+/// Where a held call's progress notifications go.
+struct Progress {
+    token: Id,
+    owner: String,
+    binding: String,
+    to: ProgressTo,
+}
+
+enum ProgressTo {
+    /// The legacy SSE session's stream (messages injected into it).
+    Session(mpsc::Sender<Value>),
+    /// The response's own event stream; closed when the client goes away.
+    Stream(mpsc::Sender<Bytes>),
+}
+
+/// How waiting for a held call ended.
+enum Held {
+    /// The governor ruled.
+    Ruled(Outcome),
+    /// The client cancelled the call (`notifications/cancelled`).
+    Cancelled,
+    /// The client went away.
+    Gone,
+}
+
 /// Counts a held call for as long as it lives.
 struct HeldCount(Arc<AtomicUsize>);
 
@@ -609,17 +634,57 @@ impl Exchange {
             self.gov.refused(&self.conn, TOO_MANY_HELD);
             return Outcome::Deny(Denial::refusal(TOO_MANY_HELD));
         };
+        let progress = progress.map(|(token, owner, binding, tx)| Progress {
+            token,
+            owner,
+            binding,
+            to: ProgressTo::Session(tx),
+        });
+        match self
+            .hold_loop(&mut wait, &mut cancel, progress.as_ref())
+            .await
+        {
+            Held::Ruled(outcome) => outcome,
+            Held::Cancelled => Outcome::Deny(Denial::refusal("cancelled by the client while held")),
+            // The session's stream is gone: nobody is waiting any more.
+            Held::Gone => Outcome::Deny(Denial::refusal("the client went away while held")),
+        }
+    }
+
+    /// The one wait of a held call, whatever the transport: until the
+    /// governor rules, the client cancels (`notifications/cancelled`), or the
+    /// client is gone; meanwhile progress notifications, when asked for.
+    /// Returning without a ruling drops nothing: the caller drops `wait`,
+    /// which tells the governor the call was given up.
+    async fn hold_loop(
+        &self,
+        wait: &mut super::governor::BoxFuture<'static, Ruling>,
+        cancel: &mut tokio::sync::oneshot::Receiver<()>,
+        progress: Option<&Progress>,
+    ) -> Held {
         let mut tick = tokio::time::interval(self.limits.progress_interval);
         let mut step = 0u64;
+        let closed = async {
+            match progress.map(|p| &p.to) {
+                Some(ProgressTo::Stream(tx)) => tx.closed().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(closed);
         loop {
             tokio::select! {
-                r = &mut wait => return to_outcome(r),
-                _ = &mut cancel => return Outcome::Deny(Denial::refusal("cancelled by the client while held")),
+                r = &mut *wait => return Held::Ruled(to_outcome(r)),
+                _ = &mut *cancel => return Held::Cancelled,
+                _ = &mut closed => return Held::Gone,
                 _ = tick.tick(), if progress.is_some() => {
-                    if let Some((token, owner, binding, tx)) = &progress {
-                        if tx.send(deny::progress(token, step, owner, binding)).await.is_err() {
-                            // The session's stream is gone: nobody is waiting any more.
-                            return Outcome::Deny(Denial::refusal("the client went away while held"));
+                    if let Some(p) = progress {
+                        let note = deny::progress(&p.token, step, &p.owner, &p.binding);
+                        let sent = match &p.to {
+                            ProgressTo::Session(tx) => tx.send(note).await.is_ok(),
+                            ProgressTo::Stream(tx) => stream::send_message(tx, &note).await,
+                        };
+                        if !sent {
+                            return Held::Gone;
                         }
                         step += 1;
                     }
@@ -711,21 +776,22 @@ impl Exchange {
                     .await;
                 return;
             };
-            let mut tick = tokio::time::interval(self.limits.progress_interval);
-            let mut step = 0u64;
-            let outcome = loop {
-                tokio::select! {
-                    r = &mut wait => break to_outcome(r),
-                    _ = tick.tick() => {
-                        if !stream::send_message(&tx, &deny::progress(&token, step, &owner, &binding)).await {
-                            // The client went away: dropping `wait` tells the governor.
-                            return;
-                        }
-                        step += 1;
-                    }
-                    _ = &mut cancel => break Outcome::Deny(Denial::refusal("cancelled by the client while held")),
-                    _ = tx.closed() => return,
+            let progress = Progress {
+                token,
+                owner,
+                binding,
+                to: ProgressTo::Stream(tx.clone()),
+            };
+            let outcome = match self
+                .hold_loop(&mut wait, &mut cancel, Some(&progress))
+                .await
+            {
+                Held::Ruled(outcome) => outcome,
+                Held::Cancelled => {
+                    Outcome::Deny(Denial::refusal("cancelled by the client while held"))
                 }
+                // The client went away: dropping `wait` tells the governor.
+                Held::Gone => return,
             };
             match outcome {
                 Outcome::Deny(d) => {
