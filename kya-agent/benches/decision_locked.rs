@@ -47,6 +47,7 @@ fn facts(tool: &str, n: u64) -> CallFacts {
             sni: None,
             tls: false,
             conn_id: 1,
+            tunnel: None,
         }),
         server: "mcp.bench".into(),
         direction: Direction::ClientToServer,
