@@ -180,20 +180,25 @@ fn denial_text(v: &Value) -> String {
         .to_string()
 }
 
+/// One `tools/call` on a new HTTP/1.1 connection to `addr`; the JSON answer.
+async fn call_on_new_connection(
+    addr: std::net::SocketAddr,
+    id: u64,
+    tool: &str,
+    args: Value,
+) -> Value {
+    let mut c = Client::h1(addr).await;
+    let (_, _, b) = c.post("/mcp", call(id, tool, args).to_string(), &[]).await;
+    json_of(&b)
+}
+
 #[tokio::test]
 async fn a_held_call_with_no_approver_is_denied_on_record() {
     let k = kya(false, 8);
     let up = upstream().await;
     let addr = k.proxy(&up).await;
-    let mut c = Client::h1(addr).await;
-    let (_, _, b) = c
-        .post(
-            "/mcp",
-            call(1, "transfer", json!({"amount": 9})).to_string(),
-            &[],
-        )
-        .await;
-    assert!(denial_text(&json_of(&b)).contains("no owner"));
+    let v = call_on_new_connection(addr, 1, "transfer", json!({"amount": 9})).await;
+    assert!(denial_text(&v).contains("no owner"));
     assert!(up.tools_called().is_empty());
     let events = k.assert_complete();
     let denied: Vec<_> = events
@@ -238,28 +243,13 @@ async fn a_hold_refused_because_the_table_is_full_is_on_record() {
     let up = upstream().await;
     let addr = k.proxy(&up).await;
     let first = tokio::spawn(async move {
-        let mut c = Client::h1(addr).await;
-        let (_, _, b) = c
-            .post(
-                "/mcp",
-                call(1, "transfer", json!({"amount": 1})).to_string(),
-                &[],
-            )
-            .await;
-        json_of(&b)
+        call_on_new_connection(addr, 1, "transfer", json!({"amount": 1})).await
     });
     while k.approvals.is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut c = Client::h1(addr).await;
-    let (_, _, b) = c
-        .post(
-            "/mcp",
-            call(2, "transfer", json!({"amount": 2})).to_string(),
-            &[],
-        )
-        .await;
-    assert!(denial_text(&json_of(&b)).contains("too many calls"));
+    let v = call_on_new_connection(addr, 2, "transfer", json!({"amount": 2})).await;
+    assert!(denial_text(&v).contains("too many calls"));
     // End the first one too: the owner refuses it.
     let (id, _) = k.approvals.pending().pop().expect("the first is held");
     k.approvals
@@ -322,15 +312,7 @@ async fn stopping_denies_held_calls_and_records_them_interrupted() {
     let calls: Vec<_> = (0..3)
         .map(|i| {
             tokio::spawn(async move {
-                let mut c = Client::h1(addr).await;
-                let (_, _, b) = c
-                    .post(
-                        "/mcp",
-                        call(i, "transfer", json!({"amount": i})).to_string(),
-                        &[],
-                    )
-                    .await;
-                json_of(&b)
+                call_on_new_connection(addr, i, "transfer", json!({"amount": i})).await
             })
         })
         .collect();
@@ -389,15 +371,7 @@ async fn allowed_calls_flow_while_the_credential_store_is_locked() {
     let addr = k.proxy(&up).await;
     let lock = lock_store(&k.store_dir);
     let held = tokio::spawn(async move {
-        let mut c = Client::h1(addr).await;
-        let (_, _, b) = c
-            .post(
-                "/mcp",
-                call(1, "transfer", json!({"amount": 1})).to_string(),
-                &[],
-            )
-            .await;
-        json_of(&b)
+        call_on_new_connection(addr, 1, "transfer", json!({"amount": 1})).await
     });
     while k.approvals.is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -425,15 +399,7 @@ async fn allowed_calls_flow_while_the_credential_store_is_locked() {
             .build()
             .expect("client runtime");
         let answer = rt.block_on(async {
-            let mut c = Client::h1(addr).await;
-            let (_, _, b) = c
-                .post(
-                    "/mcp",
-                    call(2, "search_docs", json!({"q": "x"})).to_string(),
-                    &[],
-                )
-                .await;
-            json_of(&b)
+            call_on_new_connection(addr, 2, "search_docs", json!({"q": "x"})).await
         });
         let _ = tx.send(answer);
     });
