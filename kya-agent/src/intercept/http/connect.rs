@@ -37,35 +37,10 @@ pub trait Tunnels: Send + Sync {
     fn run(&self, task: BoxFuture<'static, ()>);
 }
 
-/// Headers that concern one hop only: never forwarded to the proxy or back.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-];
-
+/// Headers forwarded to the proxy and back: the end-to-end ones, without a
+/// length (a CONNECT and its answer carry no body kya forwards).
 fn end_to_end(h: &HeaderMap) -> HeaderMap {
-    let named: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
-    let mut out = HeaderMap::with_capacity(h.len());
-    for (k, v) in h {
-        let n = k.as_str();
-        if HOP_BY_HOP.contains(&n) || named.iter().any(|x| x == n) {
-            continue;
-        }
-        out.append(k.clone(), v.clone());
-    }
-    out
+    super::exchange::end_to_end(h, &["content-length"])
 }
 
 /// A `host[:port]` header value: the host normalized, the port if written.

@@ -133,7 +133,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// Copy headers minus hop-by-hop ones (and those the `Connection` header names).
-fn end_to_end(h: &HeaderMap, also_drop: &[&str]) -> HeaderMap {
+pub(super) fn end_to_end(h: &HeaderMap, also_drop: &[&str]) -> HeaderMap {
     let named: Vec<String> = h
         .get_all(header::CONNECTION)
         .iter()

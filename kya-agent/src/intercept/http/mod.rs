@@ -150,18 +150,7 @@ where
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(io, svc);
-            tokio::pin!(conn, ended);
-            let mut open = true;
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => break r,
-                    () = &mut ended, if open => {
-                        open = false;
-                        tracing::debug!(conn = conn_id, "upstream connection ended: ending the agent's");
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            }
+            serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
         }
         HttpVersion::H1 | HttpVersion::Detect => {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -171,19 +160,32 @@ where
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(io, svc)
                 .with_upgrades();
-            tokio::pin!(conn, ended);
-            let mut open = true;
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => break r,
-                    () = &mut ended, if open => {
-                        open = false;
-                        tracing::debug!(conn = conn_id, "upstream connection ended: ending the agent's");
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            }
+            serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
         }
     };
     result.map_err(ProxyError::Serve)
+}
+
+/// Drive the agent's connection `conn` to its end; once `ended` (the
+/// upstream's connection is over), `shutdown` it gracefully, so it ends the
+/// way the server ended its own.
+async fn serve_until<C: std::future::Future>(
+    conn: C,
+    ended: impl std::future::Future<Output = ()>,
+    conn_id: u64,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn, ended);
+    let mut shutdown = Some(shutdown);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            () = &mut ended, if shutdown.is_some() => {
+                tracing::debug!(conn = conn_id, "upstream connection ended: ending the agent's");
+                if let Some(shutdown) = shutdown.take() {
+                    shutdown(conn.as_mut());
+                }
+            }
+        }
+    }
 }
