@@ -71,6 +71,13 @@ enum Task {
         /// Skip the run against the real Python SDK server.
         #[arg(long)]
         no_sdk: bool,
+        /// Measure only these paths (direct, kya, mitmproxy; default all three).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Record a CPU profile of the daemon (`perf record -g`) during the
+        /// kept-alive workloads through kya, into this file.
+        #[arg(long)]
+        perf: Option<std::path::PathBuf>,
     },
     /// Run the criterion benchmarks.
     Bench {
@@ -95,7 +102,14 @@ fn main() -> Result<()> {
             quick,
             seconds,
             no_sdk,
-        } => bench_e2e::run(&root, &bench_e2e::Options::new(quick, seconds, no_sdk)),
+            only,
+            perf,
+        } => {
+            let mut opts = bench_e2e::Options::new(quick, seconds, no_sdk);
+            opts.only(&only)?;
+            opts.perf = perf;
+            bench_e2e::run(&root, &opts)
+        }
         Task::Bench { cargo_args } => {
             let mut args = vec!["bench", "--workspace"];
             if !cargo_args.is_empty() {

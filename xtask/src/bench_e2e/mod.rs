@@ -46,6 +46,11 @@ pub struct Options {
     pub held: usize,
     /// Skip the run against the real SDK server.
     pub no_sdk: bool,
+    /// The paths measured (all three unless narrowed with `--only`).
+    pub paths: Vec<Via>,
+    /// Where to write a `perf record -g` profile of the daemon taken during
+    /// the kept-alive workloads through kya.
+    pub perf: Option<PathBuf>,
 }
 
 impl Options {
@@ -57,6 +62,65 @@ impl Options {
             bulk_bytes: if quick { 16 << 20 } else { 256 << 20 },
             held: if quick { 3 } else { 20 },
             no_sdk,
+            paths: vec![Via::Direct, Via::Kya, Via::Mitmproxy],
+            perf: None,
+        }
+    }
+
+    /// Narrow the run to the named paths (empty: all of them).
+    pub fn only(&mut self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut paths = Vec::new();
+        for n in names {
+            let via = [Via::Direct, Via::Kya, Via::Mitmproxy]
+                .into_iter()
+                .find(|v| v.name() == n.as_str())
+                .with_context(|| format!("--only {n}: expected direct, kya or mitmproxy"))?;
+            if !paths.contains(&via) {
+                paths.push(via);
+            }
+        }
+        self.paths = paths;
+        Ok(())
+    }
+
+    fn measures(&self, via: Via) -> bool {
+        self.paths.contains(&via)
+    }
+}
+
+/// A `perf record` of the daemon, stopped (and the profile written) on drop.
+struct Profile(Option<std::process::Child>);
+
+impl Profile {
+    fn start(out: Option<&Path>, pid: u32) -> Result<Self> {
+        let Some(out) = out else {
+            return Ok(Self(None));
+        };
+        let child = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start perf record (Debian package linux-perf)")?;
+        // perf needs a moment to attach before the workload starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self(Some(child)))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // SIGINT: perf writes the profile and exits.
+            // SAFETY: kill with a pid we spawned.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+            let _ = child.wait();
         }
     }
 }
@@ -240,8 +304,19 @@ impl Bench<'_> {
 
     /// The workloads every path runs: (a), (b), (e), (f).
     fn common(&mut self, route: &Route, bulk: &Route) -> Result<()> {
+        self.kept_alive(route)?;
+        self.others(route, bulk)
+    }
+
+    /// (a): the kept-alive workloads.
+    fn kept_alive(&mut self, route: &Route) -> Result<()> {
         self.load("a-c1", route, &["--concurrency", "1"])?;
         self.load("a-c64", route, &["--concurrency", "64"])?;
+        Ok(())
+    }
+
+    /// (b), (e), (f): new connections, SSE, bulk.
+    fn others(&mut self, route: &Route, bulk: &Route) -> Result<()> {
         self.load("b-cached", route, &["--new-conn"])?;
         self.nonce += 1_000_000;
         let start = self.nonce.to_string();
@@ -345,16 +420,18 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         ca: test_ca.clone(),
         cgroup: None,
     };
-    bench.common(&direct, &direct)?;
-    if !opts.no_sdk {
-        bench.sdk(&Route {
-            addr: SDK,
-            ..direct
-        })?;
+    if opts.measures(Via::Direct) {
+        bench.common(&direct, &direct)?;
+        if !opts.no_sdk {
+            bench.sdk(&Route {
+                addr: SDK,
+                ..direct
+            })?;
+        }
     }
 
     // mitmproxy, reverse-proxy mode.
-    {
+    if opts.measures(Via::Mitmproxy) {
         let mitm = Mitmproxy::start(&venv, &out_dir.join("mitm-conf"), MITM_PORT, UPSTREAM)?;
         let addr = format!("127.0.0.1:{MITM_PORT}");
         let route = Route {
@@ -366,6 +443,9 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         bench.common(&route, &route)?;
     }
 
+    if !opts.measures(Via::Kya) {
+        return finish(bench, Vec::new(), &venv, &out_dir, load_start, opts);
+    }
     // kya: the real daemon, the load client in a selected cgroup.
     let cg = TestCgroup::new("bench-e2e");
     // A registered agent: a held call needs an owner to approve it (root here,
@@ -407,7 +487,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         ca: test_ca.clone(),
         ..kya
     };
-    bench.common(&kya, &kya_bulk)?;
+    let profile = Profile::start(opts.perf.as_deref(), daemon.pid)?;
+    bench.kept_alive(&kya)?;
+    drop(profile);
+    bench.others(&kya, &kya_bulk)?;
     if !opts.no_sdk {
         bench.sdk(&Route {
             addr: SDK,
@@ -433,8 +516,19 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     }
     drop(daemon);
     drop(cg);
-    let load_end = load_average();
+    finish(bench, held, &venv, &out_dir, load_start, opts)
+}
 
+/// Print and write the report of a run.
+fn finish(
+    bench: Bench<'_>,
+    held: Vec<Duration>,
+    venv: &Venv,
+    out_dir: &Path,
+    load_start: String,
+    opts: &Options,
+) -> Result<()> {
+    let load_end = load_average();
     let report = Report {
         rows: bench.rows,
         held,
@@ -448,7 +542,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     std::fs::write(out_dir.join("bench-e2e.json"), report.json().to_string())
         .context("write the results")?;
     let png = out_dir.join("bench-e2e-cdf.png");
-    report.plot(&venv, &png)?;
+    report.plot(venv, &png)?;
     eprintln!(
         "bench-e2e: wrote {}, {} and {}",
         md.display(),
