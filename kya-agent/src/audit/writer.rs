@@ -1,6 +1,10 @@
-//! The audit log writer: one thread owns the file and `write(2)`s records in
-//! batches; a second thread `fdatasync`s what was written (one sync per group)
-//! and writes signed checkpoints over what is durable; the writer rotates by size.
+//! The audit log writer. An appending caller `write(2)`s its own record (and
+//! whatever others queued meanwhile, in one batch) without a thread hop: whoever
+//! holds the writer state writes the queue, and a caller that finds it held
+//! leaves its record to the holder (see `Records`). A sync thread `fdatasync`s
+//! what was written (one sync per group) and writes signed checkpoints over
+//! what is durable; a writer thread rotates the file by size and runs
+//! checkpoints and shutdown.
 //!
 //! Durability contract:
 //! * [`Durability::Sync`]: `append` returns only after the batch holding the
@@ -11,9 +15,9 @@
 //!   written to the file (`write(2)`: it is in the kernel's page cache, so a
 //!   crash of kya itself, even `kill -9`, cannot lose it; only a crash of the
 //!   machine can) and never waits for an `fdatasync`; the returned [`Receipt`]
-//!   resolves once it is on disk. The writer never waits to fill a batch and
-//!   never waits for a sync: it takes everything queued and writes it while the
-//!   sync thread syncs the previous batches. A group record is therefore
+//!   resolves once it is on disk. No one waits to fill a batch or for a sync:
+//!   the writer takes everything queued and writes it while the sync thread
+//!   syncs the previous batches. A group record is therefore
 //!   durable after the time to drain what was queued ahead of it plus one write
 //!   and one `fdatasync` (≈0.3 ms on quiet storage); with the queue bounded at
 //!   [`AuditConfig::queue_capacity`] records and batches of up to
@@ -190,17 +194,11 @@ impl Health {
     }
 }
 
+/// What the writer thread does besides appending (appends are written by
+/// the appending caller, see [`Records`]).
 enum Msg {
-    Append {
-        json: Vec<u8>,
-        /// Group appends: answered once the record is written (in the kernel's
-        /// page cache), before its `fdatasync`.
-        written: Option<oneshot::Sender<Result<Committed, AuditError>>>,
-        /// Answered once the record is on disk.
-        reply: oneshot::Sender<Result<Committed, AuditError>>,
-        /// `None` only for [`AuditLog::append_detached`] past the bound.
-        _permit: Option<OwnedSemaphorePermit>,
-    },
+    /// The live file reached its size: rotate it.
+    Rotate,
     Checkpoint(mpsc::Sender<Result<(), AuditError>>),
     Shutdown(mpsc::Sender<Result<(), AuditError>>),
 }
@@ -261,6 +259,7 @@ impl Shared {
 /// final checkpoint and stops the writer.
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
+    records: Arc<Records>,
     permits: Arc<Semaphore>,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -434,12 +433,19 @@ impl AuditLog {
         };
         let permits = Arc::new(Semaphore::new(cfg.queue_capacity.max(1)));
         let (tx, rx) = mpsc::channel();
+        let records = Arc::new(Records {
+            core: Mutex::new(core),
+            queue: Mutex::new(Vec::new()),
+            tx: tx.clone(),
+        });
+        let writer = records.clone();
         let thread = std::thread::Builder::new()
             .name("kya-audit".into())
-            .spawn(move || core.run(rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| AuditError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         Ok(AuditLog {
             tx,
+            records,
             permits,
             shared,
             thread: Mutex::new(Some(thread)),
@@ -501,14 +507,13 @@ impl AuditLog {
             }
         };
         let (reply, _) = oneshot::channel();
-        self.tx
-            .send(Msg::Append {
-                json,
-                written: None,
-                reply,
-                _permit: permit,
-            })
-            .map_err(|_| AuditError::Unavailable("writer stopped".into()))
+        self.records.submit(Pending {
+            json,
+            written: None,
+            reply,
+            _permit: permit,
+        });
+        Ok(())
     }
 
     /// The writer's current state.
@@ -585,15 +590,12 @@ impl Slot<'_> {
             }
             Durability::Sync => (None, None),
         };
-        self.log
-            .tx
-            .send(Msg::Append {
-                json,
-                written,
-                reply,
-                _permit: Some(self.permit),
-            })
-            .map_err(|_| AuditError::Unavailable("writer stopped".into()))?;
+        self.log.records.submit(Pending {
+            json,
+            written,
+            reply,
+            _permit: Some(self.permit),
+        });
         Ok(async move {
             let receipt = Receipt::Pending(rx);
             match written_rx {
@@ -666,69 +668,113 @@ impl Pending {
     }
 }
 
-impl Core {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+/// The records being appended and the writer state they go through.
+///
+/// An appending caller writes its own record: it queues it, then, if no one
+/// else is writing, takes the writer state and writes everything queued in one
+/// `write(2)` (its own record and any queued meanwhile by others). If someone
+/// else holds the state, the caller returns at once: the holder looks at the
+/// queue again after letting go and writes what it finds. So no caller ever
+/// waits for another thread to write its record, and none blocks on the lock.
+struct Records {
+    core: Mutex<Core>,
+    queue: Mutex<Vec<Pending>>,
+    /// To the writer thread (rotation, checkpoints, shutdown).
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Records {
+    /// Queue `p` and write what is queued unless another writer is at it.
+    fn submit(&self, p: Pending) {
+        lock(&self.queue).push(p);
+        self.write_queued();
+    }
+
+    /// Write the queue while no one else holds the writer state. Returns
+    /// once the queue was seen empty after the state was let go, or someone
+    /// else holds it (and will look at the queue after letting go).
+    fn write_queued(&self) {
         loop {
-            let first = match rx.recv() {
-                Ok(m) => m,
-                Err(_) => {
-                    let _ = self.stop_syncer();
-                    return;
-                }
+            let mut core = match self.core.try_lock() {
+                Ok(c) => c,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
             };
-            let mut batch = Vec::new();
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
+            let batch = std::mem::take(&mut *lock(&self.queue));
+            let mut rotate = false;
+            if !batch.is_empty() {
+                core.commit(batch);
+                rotate = core.stopped.is_none() && core.file_len >= core.cfg.rotate_bytes;
+            }
+            drop(core);
+            if rotate {
+                // The writer thread rotates, off the appending callers.
+                let _ = self.tx.send(Msg::Rotate);
+            }
+            if lock(&self.queue).is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// The writer thread: rotation, checkpoints and shutdown, each with the
+    /// writer state held (appends queue meanwhile and are written after).
+    fn run(&self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let msg = match rx.recv() {
+                Ok(m) => m,
+                // Every handle is gone; `close` normally stops the thread first.
+                Err(_) => return,
+            };
+            let shutdown = matches!(msg, Msg::Shutdown(_));
+            {
+                let mut core = lock(&self.core);
+                let queued = std::mem::take(&mut *lock(&self.queue));
+                core.commit(queued);
                 match msg {
-                    Msg::Append {
-                        json,
-                        written,
-                        reply,
-                        _permit,
-                    } => batch.push(Pending {
-                        json,
-                        written,
-                        reply,
-                        _permit,
-                    }),
+                    Msg::Rotate => {
+                        if core.stopped.is_none() && core.file_len >= core.cfg.rotate_bytes {
+                            if let Err(e) = core.rotate() {
+                                tracing::error!(error = %e, "audit log rotation failed");
+                            }
+                        }
+                    }
                     Msg::Checkpoint(reply) => {
-                        self.commit(std::mem::take(&mut batch));
                         // The sync thread answers once everything is synced and signed.
                         if let Err(mpsc::SendError(SyncMsg::Barrier(reply))) =
-                            self.sync_tx.send(SyncMsg::Barrier(reply))
+                            core.sync_tx.send(SyncMsg::Barrier(reply))
                         {
                             let _ = reply
                                 .send(Err(AuditError::Unavailable("sync thread stopped".into())));
                         }
                     }
                     Msg::Shutdown(reply) => {
-                        self.commit(std::mem::take(&mut batch));
-                        let result = self.stop_syncer();
+                        let result = core.stop_syncer();
                         // Later appends fail; callers see it before we go.
-                        self.stopped = Some("audit log closed".into());
-                        drain(&rx, &self.stopped);
-                        self.shared.update(|h| {
+                        core.stopped = Some("audit log closed".into());
+                        core.shared.update(|h| {
                             h.state = HealthState::Stopped {
                                 reason: "closed".into(),
                             }
                         });
                         let _ = reply.send(result);
-                        return;
                     }
                 }
-                if batch.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
-                }
             }
-            self.commit(batch);
-            if self.file_len >= self.cfg.rotate_bytes {
-                if let Err(e) = self.rotate() {
-                    tracing::error!(error = %e, "audit log rotation failed");
-                }
+            // Appends queued while the state was held.
+            self.write_queued();
+            if shutdown {
+                return;
             }
         }
     }
+}
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Core {
     /// Sync, checkpoint and stop the sync thread; wait for it.
     fn stop_syncer(&mut self) -> Result<(), AuditError> {
         let (tx, rx) = mpsc::channel();
@@ -1065,22 +1111,6 @@ impl Syncer {
     }
 }
 
-fn drain(rx: &mpsc::Receiver<Msg>, reason: &Option<String>) {
-    let reason = reason.clone().unwrap_or_else(|| "audit log closed".into());
-    while let Ok(msg) = rx.try_recv() {
-        match msg {
-            Msg::Append { written, reply, .. } => {
-                if let Some(w) = written {
-                    let _ = w.send(Err(AuditError::Unavailable(reason.clone())));
-                }
-                let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
-            }
-            Msg::Checkpoint(r) | Msg::Shutdown(r) => {
-                let _ = r.send(Err(AuditError::Unavailable(reason.clone())));
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -1210,6 +1240,60 @@ mod tests {
         assert_eq!(all, (0..800).collect::<Vec<_>>());
         log.close().unwrap();
         assert_eq!(verify_dir(dir.path(), 1).unwrap().records, 800);
+    }
+
+    /// Appenders on many threads at once, while the log rotates: whoever
+    /// holds the writer state writes what the others queued; every record is
+    /// written exactly once, in one chain.
+    #[test]
+    fn appenders_on_many_threads_each_record_written_once_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path());
+        c.rotate_bytes = 64 << 10;
+        c.checkpoint_every = 100;
+        let log = Arc::new(AuditLog::open(c, key(1)).unwrap());
+        let threads: Vec<_> = (0..6u64)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let mut seqs = Vec::new();
+                        for i in 0..300u64 {
+                            let n = t * 10_000 + i;
+                            if i % 7 == 0 {
+                                log.append_detached(&event(n)).unwrap();
+                                continue;
+                            }
+                            let r = loop {
+                                match log.append(&event(n), Durability::Group).await {
+                                    Err(AuditError::QueueFull) => tokio::task::yield_now().await,
+                                    other => break other.unwrap(),
+                                }
+                            };
+                            seqs.push(r.committed().await.unwrap().seq);
+                        }
+                        seqs
+                    })
+                })
+            })
+            .collect();
+        let mut seqs: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        log.close().unwrap();
+        let report = verify_dir(dir.path(), 1).unwrap();
+        // 300 per thread, of which 43 detached (i % 7 == 0).
+        assert_eq!(report.records, 6 * 300);
+        let before = seqs.len();
+        seqs.sort();
+        seqs.dedup();
+        assert_eq!(seqs.len(), before, "a sequence number given twice");
+        let set = files::log_set(&dir.path().join("audit.jsonl")).unwrap();
+        assert!(set.len() >= 3, "rotated while appending: {set:?}");
     }
 
     #[tokio::test]

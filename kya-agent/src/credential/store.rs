@@ -506,6 +506,22 @@ impl CredentialStore {
         }))
     }
 
+    /// True when, as far as can be told without waiting, no standing
+    /// credential exists: the standing file is absent, or unchanged since it
+    /// was read and empty. One `stat`, no file read and no lock wait (a busy
+    /// store answers `false`), so the decision path may ask it on an async
+    /// worker and skip [`CredentialStore::find_covering`] when it is true.
+    pub fn none_standing(&self) -> bool {
+        let Ok(cache) = self.cache.try_lock() else {
+            return false;
+        };
+        match stamp(&self.dir.join(STANDING_FILE)) {
+            Ok(None) => true,
+            Ok(now) => cache.standing.stamp == now && cache.standing.value.is_empty(),
+            Err(_) => false,
+        }
+    }
+
     fn remove_standing_locked(&self, id: &str, now: OffsetDateTime) -> Result<(), StoreError> {
         let all = self.load_standing_file()?;
         if !all.iter().any(|s| s.credential.id == id) {
@@ -873,6 +889,40 @@ mod tests {
         // Survives reopening.
         let reopened = CredentialStore::open(dir.path()).unwrap();
         assert!(reopened.is_revoked(&cred.id).unwrap());
+    }
+
+    /// The decision path's shortcut says "none" only when the standing file
+    /// is absent, or unchanged since read and empty: a credential added by
+    /// another handle (the CLI) is never skipped.
+    #[test]
+    fn none_standing_only_when_there_is_certainly_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = CredentialStore::open(dir.path()).unwrap();
+        let cli = CredentialStore::open(dir.path()).unwrap();
+        let vk = key().verifying_key();
+        assert!(daemon.none_standing(), "no standing file");
+        let (doc, cred) = standing("transfer", 500, false, datetime!(2026-11-26 14:00:00 UTC));
+        cli.add_standing(&doc, &cred, NOW).unwrap();
+        assert!(!daemon.none_standing(), "added by another handle, not yet read");
+        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_some());
+        assert!(!daemon.none_standing(), "read, and not empty");
+        assert!(cli.revoke(&cred.id, NOW).unwrap());
+        assert!(!daemon.none_standing(), "changed since read");
+        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_none());
+        assert!(daemon.none_standing(), "the last one revoked");
+        // A standing file holding no credential, once read, counts as none.
+        write_atomic(
+            &daemon.dir.join(STANDING_FILE),
+            br#"{"version":1,"credentials":[]}"#,
+        )
+        .unwrap();
+        assert!(!daemon.none_standing(), "changed since read");
+        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_none());
+        assert!(daemon.none_standing(), "read, and empty");
+        // A busy store (a spend holding the lock) is not "none".
+        let held = daemon.cache.lock().unwrap();
+        assert!(!daemon.none_standing());
+        drop(held);
     }
 
     #[test]

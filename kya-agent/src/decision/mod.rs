@@ -164,8 +164,14 @@ impl Core {
     }
 
     /// The standing credential covering `call`, read off the async workers
-    /// (the store's files; its spent list may be locked by a spend).
+    /// (the store's files; its spent list may be locked by a spend) unless
+    /// there is none to read.
     async fn covering(&self, call: &CredCall, now: OffsetDateTime) -> Option<Covering> {
+        // The common case, no standing credential at all, without a hop to
+        // the blocking pool.
+        if self.credentials.none_standing() {
+            return None;
+        }
         let store = self.credentials.clone();
         let trusted = self.key.verifying_key();
         let call = call.clone();
