@@ -55,11 +55,32 @@ impl Body for ChannelBody {
     type Data = Bytes;
     type Error = BodyError;
 
+    /// One frame of everything queued: pieces written together go out in one
+    /// write.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(b)) => b,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let Ok(more) = self.rx.try_recv() else {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        };
+        let mut joined = BytesMut::from(&first[..]);
+        joined.extend_from_slice(&more);
+        while let Ok(more) = self.rx.try_recv() {
+            joined.extend_from_slice(&more);
+        }
+        Poll::Ready(Some(Ok(Frame::data(joined.freeze()))))
+    }
+
+    /// Ended once the writer is gone and nothing is left: hyper then ends the
+    /// response in the same write as the last frame.
+    fn is_end_stream(&self) -> bool {
+        self.rx.is_closed() && self.rx.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -148,5 +169,27 @@ mod tests {
         let r = read_bounded(body, 100, Duration::from_millis(50)).await;
         assert!(matches!(r, Err(ReadError::TimedOut(_))));
         drop(tx);
+    }
+
+    /// Pieces queued together come out as one frame, and a body whose writer
+    /// is gone with nothing left says it has ended, so hyper writes the last
+    /// frame and the end of the response together.
+    #[tokio::test]
+    async fn a_channel_body_joins_what_is_queued_and_knows_its_end() {
+        let (tx, mut body) = channel(8);
+        assert!(!body.is_end_stream());
+        tx.send(Bytes::from_static(b"event: a\n\n")).await.unwrap();
+        tx.send(Bytes::from_static(b"event: b\n\n")).await.unwrap();
+        drop(tx);
+        assert!(!body.is_end_stream(), "two pieces still queued");
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "event: a\n\nevent: b\n\n");
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+        // An open writer with nothing queued: not ended.
+        let (tx, body) = channel(1);
+        assert!(!body.is_end_stream());
+        drop(tx);
+        assert!(body.is_end_stream());
     }
 }

@@ -54,6 +54,13 @@ pub fn undeliverable(id: &Value, reason: &str) -> Value {
 /// the requests the stream answers (a POST's): when kya must stop relaying (an
 /// event over the limit, not UTF-8), each gets a JSON-RPC error at once instead
 /// of waiting for an answer that will never come, and the stream ends.
+///
+/// What the server sent together reaches the agent together: the events of
+/// every frame already received are judged and handed to the body as one
+/// piece, and when the server's stream has ended by then the channel closes
+/// with it, so the agent gets the last events and the end of the response in
+/// one write, as it would directly (a client may act on an event before it has
+/// read an end that arrives separately, and find the connection still busy).
 pub async fn relay(
     peer: Peer,
     sse_url: Option<Uri>,
@@ -72,37 +79,51 @@ pub async fn relay(
         };
         tokio::select! {
             frame = upstream.frame() => {
-                let chunk = match frame {
-                    None => break,
-                    Some(Err(e)) => {
-                        tracing::debug!(conn = peer.conn.conn_id, error = %e, "upstream SSE stream failed");
-                        break;
-                    }
-                    Some(Ok(f)) => match f.into_data() {
-                        Ok(d) => d,
-                        Err(_) => continue,
-                    },
-                };
-                let items = match parser.push(&chunk) {
-                    Ok(items) => items,
-                    Err(e) => {
-                        // An oversize or non-UTF-8 event: stop relaying rather than
-                        // pass something uninspected, and say so at once.
-                        let reason = format!("server event stream refused: {e}");
-                        tracing::warn!(conn = peer.conn.conn_id, %reason, requests = ids.len(), "event stream ended by kya");
-                        peer.gov.refused(&peer.conn, &reason);
-                        for id in &ids {
-                            if !send_message(&out, &undeliverable(id, &reason)).await {
-                                break;
-                            }
+                let mut batch = Vec::new();
+                let mut next = Some(frame);
+                let mut ended = false;
+                while let Some(frame) = next.take() {
+                    let chunk = match frame {
+                        None => {
+                            ended = true;
+                            break;
                         }
-                        break;
+                        Some(Err(e)) => {
+                            tracing::debug!(conn = peer.conn.conn_id, error = %e, "upstream SSE stream failed");
+                            ended = true;
+                            break;
+                        }
+                        Some(Ok(f)) => f.into_data().unwrap_or_default(),
+                    };
+                    let items = match parser.push(&chunk) {
+                        Ok(items) => items,
+                        Err(e) => {
+                            // An oversize or non-UTF-8 event: stop relaying rather than
+                            // pass something uninspected, and say so at once.
+                            let reason = format!("server event stream refused: {e}");
+                            tracing::warn!(conn = peer.conn.conn_id, %reason, requests = ids.len(), "event stream ended by kya");
+                            peer.gov.refused(&peer.conn, &reason);
+                            if !batch.is_empty() && out.send(Bytes::from(batch)).await.is_err() {
+                                return;
+                            }
+                            for id in &ids {
+                                if !send_message(&out, &undeliverable(id, &reason)).await {
+                                    break;
+                                }
+                            }
+                            return;
+                        }
+                    };
+                    for item in items {
+                        forward_item(&peer, sse_url.as_ref(), &mut legacy, item, &mut batch).await;
                     }
-                };
-                for item in items {
-                    if !forward_item(&peer, sse_url.as_ref(), &mut legacy, item, &out).await {
-                        return;
-                    }
+                    next = next_ready(&mut upstream).await;
+                }
+                if !batch.is_empty() && out.send(Bytes::from(batch)).await.is_err() {
+                    return;
+                }
+                if ended {
+                    return;
                 }
             }
             msg = injected => {
@@ -116,19 +137,44 @@ pub async fn relay(
     }
 }
 
+/// The server's next frame if it has already arrived: hyper's connection task
+/// hands the body over one frame at a time, once the relay asks for the next,
+/// so give that task a turn (a yield, not a wait) before concluding that
+/// nothing more is there.
+async fn next_ready(
+    upstream: &mut Incoming,
+) -> Option<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    for _ in 0..3 {
+        if let Some(f) = ready_now(upstream.frame()).await {
+            return Some(f);
+        }
+        tokio::task::yield_now().await;
+    }
+    ready_now(upstream.frame()).await
+}
+
+/// `fut`'s output if it is ready at the first poll, else `None` (and `fut` is
+/// dropped: reading a frame is cancel-safe).
+async fn ready_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        v = fut => Some(v),
+        () = std::future::ready(()) => None,
+    }
+}
+
+/// Judge one item and append what the agent gets of it to `batch`.
 async fn forward_item(
     peer: &Peer,
     sse_url: Option<&Uri>,
     legacy: &mut Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)>,
     item: SseItem,
-    out: &mpsc::Sender<Bytes>,
-) -> bool {
+    batch: &mut Vec<u8>,
+) {
     let SseItem::Event(mut event) = item else {
         // Comments (keep-alives) carry nothing to judge.
-        return match sse::encode(&item) {
-            Ok(b) => out.send(Bytes::from(b)).await.is_ok(),
-            Err(_) => true,
-        };
+        append(batch, &item);
+        return;
     };
     if event.event_type() == "endpoint" {
         let data = event.data.clone().unwrap_or_default();
@@ -139,31 +185,38 @@ async fn forward_item(
             })
         });
         let Ok(url) = resolved else {
-            return true; // not delivered: the client never learns a URL kya cannot govern
+            return; // not delivered: the client never learns a URL kya cannot govern
         };
         let pq = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         match sessions::register_legacy(legacy_key(&peer.conn.dst, pq)) {
             Some(reg) => *legacy = Some(reg),
             None => {
                 peer.gov.refused(&peer.conn, "too many legacy SSE sessions");
-                return true;
+                return;
             }
         }
-        return send_event(out, event).await;
+        append(batch, &SseItem::Event(event));
+        return;
     }
     let Some(data) = event.data.clone() else {
-        return send_event(out, event).await;
+        append(batch, &SseItem::Event(event));
+        return;
     };
     match filter_server_data(peer, data.as_bytes()).await {
-        Filtered::Opaque | Filtered::Unchanged => send_event(out, event).await,
-        Filtered::JsonRpc(None) => true,
+        Filtered::Opaque | Filtered::Unchanged => append(batch, &SseItem::Event(event)),
+        Filtered::JsonRpc(None) => {}
         Filtered::JsonRpc(Some(bytes)) => {
             event.data = Some(String::from_utf8_lossy(&bytes).into_owned());
-            send_event(out, event).await
+            append(batch, &SseItem::Event(event));
         }
-        Filtered::Refused(reason) => {
-            peer.gov.refused(&peer.conn, &reason);
-            true
-        }
+        Filtered::Refused(reason) => peer.gov.refused(&peer.conn, &reason),
+    }
+}
+
+/// Encode `item` onto `batch`.
+fn append(batch: &mut Vec<u8>, item: &SseItem) {
+    match sse::encode(item) {
+        Ok(bytes) => batch.extend_from_slice(&bytes),
+        Err(e) => tracing::warn!(error = %e, "could not encode an SSE event"),
     }
 }
