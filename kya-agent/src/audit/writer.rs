@@ -1111,7 +1111,6 @@ impl Syncer {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

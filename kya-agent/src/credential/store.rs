@@ -903,7 +903,10 @@ mod tests {
         assert!(daemon.none_standing(), "no standing file");
         let (doc, cred) = standing("transfer", 500, false, datetime!(2026-11-26 14:00:00 UTC));
         cli.add_standing(&doc, &cred, NOW).unwrap();
-        assert!(!daemon.none_standing(), "added by another handle, not yet read");
+        assert!(
+            !daemon.none_standing(),
+            "added by another handle, not yet read"
+        );
         assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_some());
         assert!(!daemon.none_standing(), "read, and not empty");
         assert!(cli.revoke(&cred.id, NOW).unwrap());
