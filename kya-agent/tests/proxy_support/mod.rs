@@ -215,9 +215,20 @@ fn tool_result(id: &Value, text: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": text}]}})
 }
 
+/// A result shaped like a `tools/list` answer (three tools, one hidden by
+/// [`default_gov`]'s `hidden` list when a test adds `transfer` to it).
+pub fn tools_shaped(id: &Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "result": {"tools": [
+        {"name": "search_docs", "inputSchema": {"type": "object"}},
+        {"name": "delete_records", "inputSchema": {"type": "object"}},
+        {"name": "transfer", "inputSchema": {"type": "object"}}]}})
+}
+
 fn answer_one(m: &Value) -> Option<Value> {
     let id = m.get("id")?;
     match m["method"].as_str()? {
+        // A tool whose result looks like a tools/list answer.
+        "tools/call" if m["params"]["name"] == "list_like" => Some(tools_shaped(id)),
         "tools/call" => {
             let name = m["params"]["name"].as_str().unwrap_or("");
             Some(tool_result(
@@ -225,10 +236,7 @@ fn answer_one(m: &Value) -> Option<Value> {
                 &format!("ran {name} with {}", m["params"]["arguments"]),
             ))
         }
-        "tools/list" => Some(json!({"jsonrpc": "2.0", "id": id, "result": {"tools": [
-            {"name": "search_docs", "inputSchema": {"type": "object"}},
-            {"name": "delete_records", "inputSchema": {"type": "object"}},
-            {"name": "transfer", "inputSchema": {"type": "object"}}]}})),
+        "tools/list" => Some(tools_shaped(id)),
         _ => Some(json!({"jsonrpc": "2.0", "id": id, "result": {}})),
     }
 }
@@ -294,6 +302,29 @@ async fn upstream_handle(
         return Ok(resp
             .header("content-type", "text/event-stream")
             .body(ChanBody(rx).boxed())
+            .unwrap());
+    }
+    if parts.method == http::Method::GET && parts.uri.path() == "/stream-answers" {
+        // A GET stream carrying tools/list-shaped answers to the JSON ids in
+        // the query (`ids=[5,"5"]`), each sent twice.
+        let ids: Vec<Value> = parts
+            .uri
+            .query()
+            .and_then(|q| q.strip_prefix("ids="))
+            .map(|q| {
+                percent_encoding::percent_decode_str(q)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .and_then(|q| serde_json::from_str(&q).ok())
+            .unwrap_or_default();
+        let mut s = String::new();
+        for id in ids.iter().chain(&ids) {
+            s.push_str(&format!("event: message\ndata: {}\n\n", tools_shaped(id)));
+        }
+        return Ok(resp
+            .header("content-type", "text/event-stream")
+            .body(full(s))
             .unwrap());
     }
     if parts.method == http::Method::GET && parts.uri.path() == "/stream" {

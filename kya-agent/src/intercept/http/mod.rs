@@ -16,6 +16,7 @@
 //!
 //! * [`governor`]: the seam to policy, approvals and audit.
 //! * [`limits`]: every bound.
+//! * [`listed`]: which ids name the agent's `tools/list` requests, per session.
 //! * [`inspect`]: server name (Host vs SNI) and JSON-RPC recognition by content.
 //! * [`body`]: bounded body reading and the proxy's body type.
 //! * [`deny`]: the denials (built by [`crate::mcp::deny`]).
@@ -33,6 +34,7 @@ pub mod filter;
 pub mod governor;
 pub mod inspect;
 pub mod limits;
+pub mod listed;
 pub mod sessions;
 pub mod sniff;
 pub mod stream;

@@ -17,6 +17,7 @@ use crate::mcp::json;
 use crate::mcp::sse::{self, SseEvent, SseItem, SseParser};
 
 use super::filter::{filter_server_data, Filtered, Peer};
+use super::listed;
 use super::sessions;
 
 /// The key of a legacy session's message URL.
@@ -55,7 +56,7 @@ pub fn undeliverable(id: &Value, reason: &str) -> Value {
 /// event over the limit, not UTF-8), each gets a JSON-RPC error at once instead
 /// of waiting for an answer that will never come, and the stream ends.
 pub async fn relay(
-    peer: Peer,
+    mut peer: Peer,
     sse_url: Option<Uri>,
     ids: Vec<Value>,
     mut upstream: Incoming,
@@ -100,7 +101,7 @@ pub async fn relay(
                     }
                 };
                 for item in items {
-                    if !forward_item(&peer, sse_url.as_ref(), &mut legacy, item, &out).await {
+                    if !forward_item(&mut peer, sse_url.as_ref(), &mut legacy, item, &out).await {
                         return;
                     }
                 }
@@ -117,7 +118,7 @@ pub async fn relay(
 }
 
 async fn forward_item(
-    peer: &Peer,
+    peer: &mut Peer,
     sse_url: Option<&Uri>,
     legacy: &mut Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)>,
     item: SseItem,
@@ -143,7 +144,13 @@ async fn forward_item(
         };
         let pq = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         match sessions::register_legacy(legacy_key(&peer.conn.dst, pq)) {
-            Some(reg) => *legacy = Some(reg),
+            Some(reg) => {
+                *legacy = Some(reg);
+                // The session's answers come on this stream, to the requests
+                // POSTed to its message URL.
+                let session = listed::client_session(None, peer.conn.process.pid, pq);
+                peer.scope = listed::scope(&peer.conn.dst, &peer.server, &session);
+            }
             None => {
                 peer.gov.refused(&peer.conn, "too many legacy SSE sessions");
                 return true;
