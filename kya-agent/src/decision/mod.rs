@@ -379,7 +379,14 @@ impl Core {
         }
     }
 
-    async fn refused(self: Arc<Self>, conn: Arc<ConnFacts>, reason: String) {
+    /// Record a protocol refusal; returns once the record is the writer's
+    /// (`Group`) or on disk (`Sync`).
+    async fn refused(
+        self: Arc<Self>,
+        conn: Arc<ConnFacts>,
+        reason: String,
+        durability: Durability,
+    ) {
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
         let agent = self.engine.resolve(&conn.process, now);
@@ -397,7 +404,7 @@ impl Core {
             started,
         );
         let event = facts.event(EventKind::Decision, Verdict::Deny, None, None);
-        let _ = open::record(&self.sinks, event, Durability::Group).await;
+        let _ = open::record(&self.sinks, event, durability).await;
     }
 }
 
@@ -461,11 +468,19 @@ impl Governor for DecisionPath {
     }
 
     fn refused(&self, conn: &ConnFacts, reason: &str) {
-        tokio::spawn(
-            self.core
-                .clone()
-                .refused(Arc::new(conn.clone()), reason.to_string()),
-        );
+        tokio::spawn(self.core.clone().refused(
+            Arc::new(conn.clone()),
+            reason.to_string(),
+            Durability::Group,
+        ));
+    }
+
+    fn refused_on_record(&self, conn: &ConnFacts, reason: &str) -> BoxFuture<'static, ()> {
+        Box::pin(self.core.clone().refused(
+            Arc::new(conn.clone()),
+            reason.to_string(),
+            Durability::Sync,
+        ))
     }
 }
 
