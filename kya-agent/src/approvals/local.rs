@@ -20,7 +20,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 /// Serves `approvals.list`, `approvals.approve`, `approvals.deny`.
-pub struct LocalChannel {
+pub(crate) struct LocalChannel {
     approvals: Arc<Approvals>,
     separate_duties: bool,
 }
@@ -28,7 +28,7 @@ pub struct LocalChannel {
 impl LocalChannel {
     /// `separate_duties`: an approval must come from a uid other than the
     /// held call's agent process's.
-    pub fn new(approvals: Arc<Approvals>, separate_duties: bool) -> Self {
+    pub(crate) fn new(approvals: Arc<Approvals>, separate_duties: bool) -> Self {
         Self {
             approvals,
             separate_duties,
@@ -168,7 +168,7 @@ impl Handler for LocalChannel {
 }
 
 /// The user name of a uid, from the system's user database.
-pub fn user_name(uid: u32) -> Option<String> {
+pub(crate) fn user_name(uid: u32) -> Option<String> {
     nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
         .flatten()
@@ -177,7 +177,7 @@ pub fn user_name(uid: u32) -> Option<String> {
 
 /// May `user` answer for `action`: its owner, a listed approver, or a member
 /// of a listed `group:NAME`.
-pub fn may_answer(user: &str, uid: u32, action: &ActionRequest) -> bool {
+pub(crate) fn may_answer(user: &str, uid: u32, action: &ActionRequest) -> bool {
     if user == action.owner {
         return true;
     }

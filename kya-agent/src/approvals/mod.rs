@@ -11,16 +11,16 @@
 //! * [`http`]: the outbound HTTP client of the backchannels.
 //! * [`command`]: the `kya approvals` CLI.
 
-pub mod binding;
-pub mod channel;
+pub(crate) mod binding;
+pub(crate) mod channel;
 pub mod ciba;
 pub mod command;
 pub mod http;
-pub mod local;
-pub mod pending;
+pub(crate) mod local;
+pub(crate) mod pending;
 pub mod persist;
-pub mod request;
-pub mod webhook;
+pub(crate) mod request;
+pub(crate) mod webhook;
 
 pub use channel::{ApprovalChannel, Ask};
 pub use pending::{Answer, ApprovalError, ApprovalHandle, Approvals, Outcome};

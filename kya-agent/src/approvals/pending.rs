@@ -27,7 +27,7 @@ use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
 /// Default bound on pending approvals.
-pub const DEFAULT_MAX_PENDING: usize = 1024;
+pub(crate) const DEFAULT_MAX_PENDING: usize = 1024;
 
 /// An approver's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,7 +310,7 @@ fn view(id: &str, e: &Entry) -> ApprovalView {
 }
 
 /// RFC 3339 text of a time (always representable for times kya makes).
-pub fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }

@@ -33,8 +33,8 @@
 pub mod action;
 pub mod command;
 pub mod jcs;
-pub mod multikey;
-pub mod proof;
-pub mod service;
+pub(crate) mod multikey;
+pub(crate) mod proof;
+pub(crate) mod service;
 pub mod store;
 pub mod verify;

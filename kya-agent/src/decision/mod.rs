@@ -22,9 +22,9 @@ mod mint;
 mod offload;
 mod open;
 mod record;
-pub mod restart;
-pub mod sinks;
-pub mod syslog;
+pub(crate) mod restart;
+pub(crate) mod sinks;
+pub(crate) mod syslog;
 
 use crate::agents::Suspensions;
 use crate::approvals::Approvals;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 /// A rotated file is renamed to `.1` (the previous `.1` is dropped) past this size.
-pub const ROTATE_BYTES: u64 = 64 << 20;
+pub(crate) const ROTATE_BYTES: u64 = 64 << 20;
 
 /// Where a sink writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl FromStr for SinkSpec {
 
 /// A sink's counters, for `kya status`.
 #[derive(Debug, Default, Serialize)]
-pub struct SinkHealth {
+pub(crate) struct SinkHealth {
     pub sink: String,
     pub written: AtomicU64,
     pub dropped: AtomicU64,
@@ -63,7 +63,7 @@ pub struct SinkHealth {
 
 impl SinkHealth {
     /// A JSON snapshot.
-    pub fn snapshot(&self) -> serde_json::Value {
+    pub(crate) fn snapshot(&self) -> serde_json::Value {
         serde_json::json!({
             "sink": self.sink,
             "written": self.written.load(Ordering::Relaxed),
@@ -76,7 +76,7 @@ impl SinkHealth {
 }
 
 /// Start one task per sink; returns their health handles.
-pub fn spawn(hub: &EventHub, specs: &[SinkSpec]) -> Vec<Arc<SinkHealth>> {
+pub(crate) fn spawn(hub: &EventHub, specs: &[SinkSpec]) -> Vec<Arc<SinkHealth>> {
     specs
         .iter()
         .map(|spec| {

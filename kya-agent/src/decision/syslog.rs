@@ -43,16 +43,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The local syslog socket.
-pub const DEV_LOG: &str = "/dev/log";
+pub(crate) const DEV_LOG: &str = "/dev/log";
 /// Longest message sent, in octets (rsyslog's default; RFC 5424 §6.1 asks
 /// receivers to take at least 2048 and allows more).
-pub const MAX_MESSAGE: usize = 8192;
+pub(crate) const MAX_MESSAGE: usize = 8192;
 /// Least time between two attempts to (re)connect.
-pub const RETRY: Duration = Duration::from_secs(1);
+pub(crate) const RETRY: Duration = Duration::from_secs(1);
 /// How long one send may block the sink's thread.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default facility: authpriv.
-pub const DEFAULT_FACILITY: u8 = 10;
+pub(crate) const DEFAULT_FACILITY: u8 = 10;
 
 /// Where syslog messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +164,7 @@ impl SyslogSpec {
 }
 
 /// RFC 5424 severity for an event.
-pub fn severity(e: &DecisionEvent) -> u8 {
+pub(crate) fn severity(e: &DecisionEvent) -> u8 {
     match (e.kind, e.verdict) {
         (_, Verdict::Deny) => 4,
         (EventKind::Hold | EventKind::Approved, _) | (_, Verdict::Hold) => 5,
@@ -199,13 +199,13 @@ fn sd_value(s: &str) -> String {
 }
 
 /// A formatted message and whether its MSG was cut.
-pub struct Formatted {
+pub(crate) struct Formatted {
     pub bytes: Vec<u8>,
     pub truncated: bool,
 }
 
 /// Format one event as an RFC 5424 message of at most `max` octets.
-pub fn format(
+pub(crate) fn format(
     e: &DecisionEvent,
     facility: u8,
     procid: u32,
@@ -298,7 +298,7 @@ fn send(conn: &mut Conn, msg: &[u8]) -> std::io::Result<()> {
 }
 
 /// The sink's state between events.
-pub struct SyslogSink {
+pub(crate) struct SyslogSink {
     spec: SyslogSpec,
     conn: Option<Conn>,
     last_attempt: Option<Instant>,
@@ -308,7 +308,7 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
-    pub fn new(spec: SyslogSpec) -> Self {
+    pub(crate) fn new(spec: SyslogSpec) -> Self {
         SyslogSink {
             spec,
             conn: None,
@@ -320,7 +320,7 @@ impl SyslogSink {
     }
 
     /// Send one event; failures and truncation are counted in `health`.
-    pub fn emit(&mut self, e: &DecisionEvent, health: &SinkHealth) {
+    pub(crate) fn emit(&mut self, e: &DecisionEvent, health: &SinkHealth) {
         self.sequence = if self.sequence >= i32::MAX as u32 {
             1
         } else {

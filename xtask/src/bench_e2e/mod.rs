@@ -36,7 +36,7 @@ const MITM_PORT: u16 = 18482;
 const KYA_LISTEN: u16 = 996;
 
 /// What `bench-e2e` was asked for.
-pub struct Options {
+pub(crate) struct Options {
     pub quick: bool,
     /// Each workload's duration.
     pub duration: Duration,
@@ -49,7 +49,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn new(quick: bool, seconds: Option<f64>, no_sdk: bool) -> Self {
+    pub(crate) fn new(quick: bool, seconds: Option<f64>, no_sdk: bool) -> Self {
         let default = if quick { 1.0 } else { 10.0 };
         Self {
             quick,
@@ -285,7 +285,7 @@ impl Bench<'_> {
     }
 }
 
-pub fn run(root: &Path, opts: &Options) -> Result<()> {
+pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-e2e loads BPF programs and creates cgroups: run it as root");

@@ -48,7 +48,7 @@ pub mod client;
 pub mod discovery;
 use super::http;
 pub mod id_token;
-pub mod ping;
+pub(crate) mod ping;
 
 use super::channel::{ApprovalChannel, Ask};
 use super::pending::{Answer, ApprovalError, Approvals};

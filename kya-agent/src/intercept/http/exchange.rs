@@ -39,7 +39,7 @@ tokio::task_local! {
 /// The agent's connection is closed without an answer (see [`UPSTREAM_GONE`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream connection ended during the exchange")]
-pub struct UpstreamGone;
+pub(crate) struct UpstreamGone;
 
 /// The JSON-RPC requests a server's answer answers: each gets an error when
 /// kya cannot deliver the answer.
@@ -211,7 +211,7 @@ impl Exchange {
     /// hyper's service entry point. Every failure is an HTTP answer, except an
     /// upstream connection that ended under a sent request: then the agent's
     /// connection is closed too (`Err`), which is what it would have seen direct.
-    pub async fn handle(
+    pub(super) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, UpstreamGone> {

@@ -21,12 +21,12 @@ use super::listed;
 use super::sessions;
 
 /// The key of a legacy session's message URL.
-pub fn legacy_key(dst: &std::net::SocketAddr, path_and_query: &str) -> String {
+pub(crate) fn legacy_key(dst: &std::net::SocketAddr, path_and_query: &str) -> String {
     format!("{dst}|{path_and_query}")
 }
 
 /// Write one JSON-RPC message to the agent as an SSE `message` event.
-pub async fn send_message(out: &mpsc::Sender<Bytes>, message: &Value) -> bool {
+pub(crate) async fn send_message(out: &mpsc::Sender<Bytes>, message: &Value) -> bool {
     let data = String::from_utf8_lossy(&json::to_canonical_bytes(message)).into_owned();
     send_event(out, SseEvent::message(data)).await
 }
@@ -42,7 +42,7 @@ async fn send_event(out: &mpsc::Sender<Bytes>, event: SseEvent) -> bool {
 }
 
 /// The JSON-RPC error a request gets when kya cannot deliver the server's answer.
-pub fn undeliverable(id: &Value, reason: &str) -> Value {
+pub(crate) fn undeliverable(id: &Value, reason: &str) -> Value {
     serde_json::json!({
         "jsonrpc": "2.0",
         "id": id,
@@ -55,7 +55,7 @@ pub fn undeliverable(id: &Value, reason: &str) -> Value {
 /// the requests the stream answers (a POST's): when kya must stop relaying (an
 /// event over the limit, not UTF-8), each gets a JSON-RPC error at once instead
 /// of waiting for an answer that will never come, and the stream ends.
-pub async fn relay(
+pub(crate) async fn relay(
     mut peer: Peer,
     sse_url: Option<Uri>,
     ids: Vec<Value>,
