@@ -11,7 +11,8 @@
 //! With separation of duties on, the approver's uid must also differ from the
 //! uid of the agent process that made the held call.
 
-use super::pending::{Answer, ApprovalError, Approvals};
+use super::answer::{Answer, ApprovalError};
+use super::pending::Approvals;
 use super::request::ActionRequest;
 use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
@@ -59,7 +60,7 @@ impl LocalChannel {
         let standing_for = match request.args.get("standing_for") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) if approve => {
-                match crate::credential::service::parse_valid_for(s) {
+                match crate::credential::validity::parse_valid_for(s) {
                     Ok(d) => Some(d.as_secs()),
                     Err(e) => return Response::error(ErrorCode::BadRequest, format!("--for: {e}")),
                 }

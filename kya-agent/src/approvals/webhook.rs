@@ -34,9 +34,8 @@
 //!
 //! [Standard Webhooks]: https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md
 
-use super::channel::{ApprovalChannel, Ask};
+use super::channel::{Answers, ApprovalChannel, Ask};
 use super::http::{HttpClient, HttpError};
-use super::pending::Approvals;
 use crate::credential::multikey;
 use base64::Engine;
 #[cfg(test)]
@@ -300,7 +299,7 @@ impl ApprovalChannel for WebhookChannel {
         "webhook"
     }
 
-    fn ask(&self, ask: Ask, _approvals: Arc<Approvals>) {
+    fn ask(&self, ask: Ask, _approvals: Arc<dyn Answers>) {
         let body = body(&ask, &self.host, OffsetDateTime::now_utc());
         let fut = Self::deliver(
             self.http.clone(),
@@ -325,6 +324,7 @@ impl ApprovalChannel for WebhookChannel {
 mod tests {
     use super::*;
     use crate::approvals::pending::tests::action;
+    use crate::approvals::pending::Approvals;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod command;
 pub(crate) mod ends;
 pub mod event;
+pub(crate) mod export;
 pub mod files;
 pub(crate) mod merkle;
 pub(crate) mod ocsf;

@@ -16,6 +16,7 @@
 
 use super::action::{self, AgentSubject, ArgBound, Channel, Environment, Evidence, Scope};
 use super::store::CredentialStore;
+use super::validity::parse_valid_for;
 use super::verify::{self, Call};
 use crate::approvals::local::user_name;
 use crate::approvals::{Answer, Approvals};
@@ -27,12 +28,7 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Number, Value};
 use std::sync::Arc;
-use std::time::Duration;
 use time::OffsetDateTime;
-
-/// Longest validity a standing credential gets: standing permissions are
-/// meant for days ("until Friday"), not for ever.
-pub const MAX_VALID_FOR: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// The answer channel recorded when a standing credential releases a held call.
 pub(crate) const RELEASE_CHANNEL: &str = "credential";
@@ -98,18 +94,6 @@ impl IssueError {
         };
         Response::error(code, self.to_string())
     }
-}
-
-/// Parse a validity such as `15m` or `4days`: more than zero, at most [`MAX_VALID_FOR`].
-pub(crate) fn parse_valid_for(text: &str) -> Result<Duration, IssueError> {
-    let d = humantime::parse_duration(text)
-        .map_err(|e| IssueError::BadRequest(format!("valid_for {text:?}: {e}")))?;
-    if d.is_zero() || d > MAX_VALID_FOR {
-        return Err(IssueError::BadRequest(
-            "valid_for must be more than 0 and at most 366 days".into(),
-        ));
-    }
-    Ok(d)
 }
 
 /// Merge `KEY=N` lower and upper bounds into one bound per key.
@@ -264,7 +248,8 @@ impl CredentialService {
                 req.agent
             )));
         }
-        let valid_for = parse_valid_for(&req.valid_for)?;
+        let valid_for =
+            parse_valid_for(&req.valid_for).map_err(|e| IssueError::BadRequest(e.to_string()))?;
         if req.tool.is_empty() {
             return Err(IssueError::BadRequest("tool must not be empty".into()));
         }
@@ -528,6 +513,7 @@ mod tests {
     use super::*;
     use crate::approvals::{ActionRequest, Outcome};
     use kya_common::ProcessIdentity;
+    use std::time::Duration;
 
     const NOBODY: u32 = 65534;
 

@@ -23,8 +23,6 @@ mod offload;
 mod open;
 mod record;
 pub(crate) mod restart;
-pub(crate) mod sinks;
-pub(crate) mod syslog;
 
 use crate::agents::Suspensions;
 use crate::approvals::Approvals;
@@ -171,7 +169,7 @@ impl Core {
         let call = call.clone();
         match self
             .offload
-            .run(move || store.find_covering(&call, now, &trusted))
+            .run(move || verify::find_covering(&store, &call, now, &trusted))
             .await
         {
             Ok(Ok(found)) => found,

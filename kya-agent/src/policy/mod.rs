@@ -31,6 +31,7 @@ pub(crate) mod load;
 pub(crate) mod model;
 pub(crate) mod registry;
 pub(crate) mod reload;
+pub(crate) mod rule;
 pub(crate) mod testfile;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};

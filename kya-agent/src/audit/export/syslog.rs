@@ -30,7 +30,7 @@
 //! counted in `failures` with the last error, visible in `kya status`.
 //! Connections are retried at most once per [`RETRY`].
 
-use super::sinks::SinkHealth;
+use super::health::{fail, SinkHealth};
 use crate::audit::event::EventKind;
 use crate::audit::ocsf::to_ocsf;
 use crate::audit::DecisionEvent;
@@ -339,7 +339,7 @@ impl SyslogSink {
             match connect(&self.spec.transport) {
                 Ok(c) => self.conn = Some(c),
                 Err(err) => {
-                    super::sinks::fail(health, format!("connect {}: {err}", self.spec.name()));
+                    fail(health, format!("connect {}: {err}", self.spec.name()));
                     return;
                 }
             }
@@ -353,7 +353,7 @@ impl SyslogSink {
                     // Reconnect next time (after RETRY): the collector may
                     // have restarted, /dev/log may be back.
                     self.conn = None;
-                    super::sinks::fail(health, format!("send {}: {err}", self.spec.name()));
+                    fail(health, format!("send {}: {err}", self.spec.name()));
                 }
             }
         }
@@ -597,8 +597,8 @@ mod tests {
     /// arrives is valid RFC 5424 whose MSG is the event's OCSF JSON.
     #[test]
     fn events_reach_unix_udp_and_tcp_collectors() {
+        use crate::audit::export::{spawn, SinkSpec};
         use crate::decision::events::EventHub;
-        use crate::decision::sinks::{spawn, SinkSpec};
         use std::io::{BufRead, BufReader, Read};
         let dir = tempfile::tempdir().unwrap();
         let unix_path = dir.path().join("dev-log");
@@ -617,7 +617,7 @@ mod tests {
         .map(|s| s.parse().unwrap())
         .collect();
         let hub = EventHub::new();
-        let health = spawn(&hub, &specs);
+        let health = spawn(|| hub.subscribe(), &specs);
         let events = [
             sample(EventKind::Decision, 1),
             sample(EventKind::Hold, 1),
