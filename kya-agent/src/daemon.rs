@@ -86,7 +86,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
-    let host = crate::decision::host_name();
+    let host = crate::host::host_name();
     let approvals = open_approvals(&config.state_dir, &audit, &config.audit_path, &host).await?;
     let tls = TlsContext::from_config(&config).context("setting up TLS interception")?;
     let events = EventHub::new();

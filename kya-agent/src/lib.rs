@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod decision;
 pub(crate) mod exe_digest;
 pub(crate) mod fsutil;
+pub(crate) mod host;
 pub mod intercept;
 pub mod keys;
 pub mod mcp;

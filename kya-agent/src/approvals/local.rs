@@ -17,6 +17,7 @@ use super::request::ActionRequest;
 use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
+use crate::host::user_name;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -166,14 +167,6 @@ impl Handler for LocalChannel {
         };
         Box::pin(async move { Reply::Once(resp) })
     }
-}
-
-/// The user name of a uid, from the system's user database.
-pub(crate) fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name)
 }
 
 /// May `user` answer for `action`: its owner, a listed approver, or a member

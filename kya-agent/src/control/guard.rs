@@ -119,7 +119,7 @@ impl Gate {
             oracle,
             proc_root: PathBuf::from("/proc"),
             recorder: None,
-            host: crate::decision::host_name(),
+            host: crate::host::host_name(),
             socket: super::SOCKET_NAME.to_string(),
         }
     }
@@ -275,7 +275,7 @@ impl Gate {
             .filter(|id| id.len() <= 128)
             .map(|id| ApprovalInfo {
                 id: id.to_string(),
-                approver: crate::approvals::local::user_name(caller.uid),
+                approver: crate::host::user_name(caller.uid),
                 channel: Some("local".into()),
                 id_token_sha256: None,
             });

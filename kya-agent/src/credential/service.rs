@@ -18,11 +18,11 @@ use super::action::{self, AgentSubject, ArgBound, Channel, Environment, Evidence
 use super::store::CredentialStore;
 use super::validity::parse_valid_for;
 use super::verify::{self, Call};
-use crate::approvals::local::user_name;
 use crate::approvals::{Answer, Approvals};
 use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
+use crate::host::user_name;
 use crate::policy::PolicyEngine;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};

@@ -80,7 +80,7 @@ impl DecisionPath {
         metrics: Arc<Metrics>,
         suspensions: Arc<Suspensions>,
     ) -> Self {
-        let host = host_name();
+        let host = crate::host::host_name();
         Self {
             core: Arc::new(Core {
                 budget: Arc::new(ToForward::new(engine.clone())),
@@ -404,14 +404,6 @@ impl Core {
         let event = facts.event(EventKind::Decision, Verdict::Deny, None, None);
         let _ = open::record(&self.sinks, event, durability).await;
     }
-}
-
-/// This host's name: what credentials bind to (`environment.host`) and what
-/// decision records carry.
-pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn new_decision_id() -> String {
