@@ -103,11 +103,12 @@ fn benches(c: &mut Criterion) {
         )
         .unwrap();
         let call = call();
-        assert!(store.find_covering(&call, now, &vk).unwrap().is_some());
+        assert!(verify::find_covering(&store, &call, now, &vk)
+            .unwrap()
+            .is_some());
         c.bench_function(&format!("find_covering_{n}_standing"), |b| {
             b.iter(|| {
-                store
-                    .find_covering(black_box(&call), now, &vk)
+                verify::find_covering(&store, black_box(&call), now, &vk)
                     .unwrap()
                     .unwrap()
             })

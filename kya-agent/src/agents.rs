@@ -5,11 +5,11 @@
 //! set is persisted in `STATE_DIR/suspended.json` (atomically), so a restart
 //! keeps an agent suspended. Root or the agent's owner may suspend or resume it.
 
-use crate::approvals::local::user_name;
 use crate::approvals::Approvals;
 use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
+use crate::host::user_name;
 use crate::policy::PolicyEngine;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

@@ -319,6 +319,30 @@ pub struct RunArgs {
     pub fail_open: bool,
 }
 
+impl RunArgs {
+    /// What these flags set on top of the config file.
+    pub fn overrides(&self) -> crate::config::Overrides {
+        crate::config::Overrides {
+            config: self.config.clone(),
+            policies: self.policies.clone(),
+            agents: self.agents.clone(),
+            cgroups: self.cgroups.clone(),
+            uids: self.uids.clone(),
+            exes: self.exes.clone(),
+            pids: self.pids.clone(),
+            ports: self.ports.clone(),
+            all_ports: self.all_ports,
+            listen_port: self.listen_port,
+            pin_dir: self.pin_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            audit: self.audit.clone(),
+            upstream_ca: self.upstream_ca.clone(),
+            metrics: self.metrics,
+            fail_open: self.fail_open,
+        }
+    }
+}
+
 /// `kya credential ...`
 #[derive(Debug, Subcommand)]
 pub enum CredentialCommand {

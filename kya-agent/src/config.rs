@@ -2,7 +2,6 @@
 //!
 //! Flags override the file; every key of the file is optional.
 
-use crate::cli::RunArgs;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -460,7 +459,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub audit_path: PathBuf,
     /// Export sinks (`[audit] sinks`).
-    pub sinks: Vec<crate::decision::sinks::SinkSpec>,
+    pub sinks: Vec<crate::audit::export::SinkSpec>,
     pub upstream_ca: Option<PathBuf>,
     pub metrics: Option<std::net::SocketAddr>,
     pub fail_open: bool,
@@ -473,9 +472,50 @@ pub struct Config {
     pub separate_duties: bool,
 }
 
+/// What the command line sets on top of the config file (the `kya run`
+/// flags, parsed by the CLI): lists are added to the file's, the rest wins.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Config file (TOML). Default /etc/kya/kya.toml; a missing default file is fine.
+    pub config: Option<PathBuf>,
+    /// Policy file or directory (repeatable). Default: the config's policy.paths, else the embedded example policy.
+    pub policies: Vec<PathBuf>,
+    /// Agent registry (TOML); registered agents are selected too.
+    pub agents: Option<PathBuf>,
+    /// Select processes in this cgroup v2 path (relative to the cgroup2 mount) and its descendants.
+    pub cgroups: Vec<String>,
+    /// Select processes running as this uid.
+    pub uids: Vec<u32>,
+    /// Select processes executing this path (globs are expanded), from exec on.
+    pub exes: Vec<String>,
+    /// Select this process (tgid) and its future children.
+    pub pids: Vec<u32>,
+    /// Add a guarded destination port (default 80 and 443, plus intercept.ports).
+    pub ports: Vec<u16>,
+    /// Redirect every TCP connection of a selected process, whatever its port
+    /// (as `[intercept] ports = "all"`): TLS and HTTP are inspected on any
+    /// port, anything else is refused unless its port is in splice_ports.
+    /// UDP stays refused on the guarded ports only.
+    pub all_ports: bool,
+    /// Port the interceptor listens on at 127.0.0.1 and ::1; must be below 1024.
+    pub listen_port: Option<u16>,
+    /// Directory for this instance's pinned BPF objects (default /sys/fs/bpf/kya).
+    pub pin_dir: Option<PathBuf>,
+    /// State directory: CA, keys, control socket, approvals (default /var/lib/kya).
+    pub state_dir: Option<PathBuf>,
+    /// Audit log file (default STATE_DIR/audit.jsonl).
+    pub audit: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstream TLS, besides the system roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at this address (e.g. 127.0.0.1:9464).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Leave nothing pinned: if the daemon dies, selected processes connect directly.
+    pub fail_open: bool,
+}
+
 impl Config {
     /// Read the config file named by `--config` (or the default, if present) and apply the flags.
-    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
+    pub fn load(args: &Overrides) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => {
@@ -491,7 +531,7 @@ impl Config {
     }
 
     /// Merge a parsed file with the flags (flags win; lists are added together).
-    pub fn merge(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+    pub fn merge(file: FileConfig, args: &Overrides) -> Result<Self, ConfigError> {
         let mut selection = Selection {
             cgroups: file.select.cgroups,
             uids: file.select.uids,
@@ -750,7 +790,7 @@ path = "/var/lib/kya/audit.jsonl"
 dir = "/var/lib/kya"
 "#;
         let file = parse_file(Path::new("kya.toml"), text).unwrap();
-        let args = RunArgs {
+        let args = Overrides {
             listen_port: Some(900),
             uids: vec![1001, 1002],
             ports: vec![8443],
@@ -771,7 +811,7 @@ dir = "/var/lib/kya"
     fn the_shipped_example_config_parses_and_means_the_defaults() {
         let text = include_str!("../../packaging/kya.toml");
         let file = parse_file(Path::new("packaging/kya.toml"), text).unwrap();
-        let cfg = Config::merge(file, &RunArgs::default()).unwrap();
+        let cfg = Config::merge(file, &Overrides::default()).unwrap();
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
         assert!(cfg.selection.is_empty());
         assert!(cfg.sinks.is_empty());
@@ -785,7 +825,7 @@ dir = "/var/lib/kya"
         )
         .unwrap();
         assert_eq!(
-            Config::merge(file, &RunArgs::default())
+            Config::merge(file, &Overrides::default())
                 .unwrap()
                 .sinks
                 .len(),
@@ -797,7 +837,7 @@ dir = "/var/lib/kya"
         )
         .unwrap();
         assert!(matches!(
-            Config::merge(bad, &RunArgs::default()),
+            Config::merge(bad, &Overrides::default()),
             Err(ConfigError::Sink(_))
         ));
     }
@@ -806,7 +846,7 @@ dir = "/var/lib/kya"
     fn separation_of_duties_is_opt_in() {
         let load = |text: &str| {
             parse_file(Path::new("k.toml"), text)
-                .and_then(|f| Config::merge(f, &RunArgs::default()))
+                .and_then(|f| Config::merge(f, &Overrides::default()))
         };
         assert!(!load("").unwrap().separate_duties);
         assert!(!load("[approvals]\n").unwrap().separate_duties);
@@ -827,7 +867,7 @@ dir = "/var/lib/kya"
     fn ciba_section_is_validated_at_load() {
         let load = |text: &str| {
             parse_file(Path::new("k.toml"), text)
-                .and_then(|f| Config::merge(f, &RunArgs::default()))
+                .and_then(|f| Config::merge(f, &Overrides::default()))
         };
         let cfg = load(
             "[approvals.ciba]\nissuer = \"https://login.example.com\"\nclient_id = \"kya\"\n\
@@ -902,10 +942,10 @@ dir = "/var/lib/kya"
 
     #[test]
     fn all_ports_from_the_file_or_the_flag() {
-        let load = |text: &str, args: &RunArgs| {
+        let load = |text: &str, args: &Overrides| {
             parse_file(Path::new("k.toml"), text).and_then(|f| Config::merge(f, args))
         };
-        let none = RunArgs::default();
+        let none = Overrides::default();
         let cfg = load(
             "[intercept]\nports = \"all\"\nsplice_ports = [22, 5432]\n",
             &none,
@@ -915,7 +955,7 @@ dir = "/var/lib/kya"
         // the listed ports stay: datagrams are refused there
         assert_eq!(cfg.ports, vec![80, 443]);
         assert_eq!(cfg.splice_ports, vec![22, 5432]);
-        let flag = RunArgs {
+        let flag = Overrides {
             all_ports: true,
             ports: vec![8443],
             ..Default::default()
@@ -952,7 +992,7 @@ dir = "/var/lib/kya"
 
     #[test]
     fn defaults_when_empty() {
-        let cfg = Config::merge(FileConfig::default(), &RunArgs::default()).unwrap();
+        let cfg = Config::merge(FileConfig::default(), &Overrides::default()).unwrap();
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
         assert_eq!(cfg.ports, vec![80, 443]);
         assert_eq!(cfg.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
@@ -970,7 +1010,7 @@ dir = "/var/lib/kya"
         assert!(err.starts_with("k.toml:3:"), "{err}");
         assert!(parse_file(Path::new("k.toml"), "[select]\nuids = [\"root\"]\n").is_err());
         assert!(parse_file(Path::new("k.toml"), "[select\n").is_err());
-        let high = RunArgs {
+        let high = Overrides {
             listen_port: Some(8080),
             ..Default::default()
         };
@@ -978,17 +1018,17 @@ dir = "/var/lib/kya"
             Config::merge(FileConfig::default(), &high),
             Err(ConfigError::ListenPortNotPrivileged(8080))
         ));
-        let zero = RunArgs {
+        let zero = Overrides {
             ports: vec![0],
             ..Default::default()
         };
         assert!(Config::merge(FileConfig::default(), &zero).is_err());
-        let cg = RunArgs {
+        let cg = Overrides {
             cgroups: vec!["agents".into()],
             ..Default::default()
         };
         assert!(Config::merge(FileConfig::default(), &cg).is_err());
-        let cg = RunArgs {
+        let cg = Overrides {
             cgroups: vec!["/a/../b".into()],
             ..Default::default()
         };

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 /// Run the daemon until SIGINT/SIGTERM.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args).context("loading configuration")?;
+    let config = Config::load(&args.overrides()).context("loading configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kya")
@@ -86,7 +86,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
-    let host = crate::decision::host_name();
+    let host = crate::host::host_name();
     let approvals = open_approvals(&config.state_dir, &audit, &config.audit_path, &host).await?;
     let tls = TlsContext::from_config(&config).context("setting up TLS interception")?;
     let events = EventHub::new();
@@ -94,7 +94,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         let a = audit.clone();
         Arc::new(move || serde_json::json!(a.health()))
     });
-    let sinks = crate::decision::sinks::spawn(&events, &config.sinks);
+    let sinks = crate::audit::export::spawn(|| events.subscribe(), &config.sinks);
     let status = status.section("sinks", {
         Arc::new(move || serde_json::json!(sinks.iter().map(|s| s.snapshot()).collect::<Vec<_>>()))
     });

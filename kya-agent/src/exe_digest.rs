@@ -74,7 +74,7 @@ fn hash_file(path: &str, meta: &std::fs::Metadata) -> Option<String> {
 
 /// SHA-256 (hex) of the process's executable; see [`locate`] for which file.
 /// Blocks while the file is hashed, once per file version.
-pub fn digest(p: &ProcessIdentity) -> Option<String> {
+pub(crate) fn digest(p: &ProcessIdentity) -> Option<String> {
     let (path, meta) = locate(p)?;
     let key = key_of(&meta);
     let entry = {
@@ -95,7 +95,7 @@ pub fn digest(p: &ProcessIdentity) -> Option<String> {
 
 /// Start computing the digest of a new connection's executable on a blocking
 /// thread, so the connection's first decision finds it cached.
-pub fn prewarm(p: &ProcessIdentity) {
+pub(crate) fn prewarm(p: &ProcessIdentity) {
     if p.pid == 0 && p.exe.is_empty() {
         return;
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 /// Write `bytes` to `path` so that readers and crashes see the old or the new
 /// content, never a mix: temp file (0600) in the same directory, fsync,
 /// rename, fsync the directory. The temp file is removed on failure.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()

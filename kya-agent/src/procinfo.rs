@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// Facts about one process read from `/proc`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProcFacts {
+pub(crate) struct ProcFacts {
     /// `/proc/PID/exe` target; empty when unreadable (process gone, kernel thread).
     pub exe: String,
     /// `/proc/PID/comm` without the newline.
@@ -28,15 +28,15 @@ pub struct ProcFacts {
 }
 
 /// Upper bound on the bytes of a command line kept (an agent controls it).
-pub const MAX_CMDLINE: usize = 4096;
+pub(crate) const MAX_CMDLINE: usize = 4096;
 
 /// Read what `/proc` still knows about `pid`; missing pieces are left empty.
-pub fn read(pid: u32) -> ProcFacts {
+pub(crate) fn read(pid: u32) -> ProcFacts {
     read_at(Path::new("/proc"), pid)
 }
 
 /// [`read`] against another proc root (tests).
-pub fn read_at(proc_root: &Path, pid: u32) -> ProcFacts {
+pub(crate) fn read_at(proc_root: &Path, pid: u32) -> ProcFacts {
     let dir = proc_root.join(pid.to_string());
     ProcFacts {
         exe: std::fs::read_link(dir.join("exe"))
@@ -66,7 +66,7 @@ pub fn read_at(proc_root: &Path, pid: u32) -> ProcFacts {
 }
 
 /// The cgroup v2 path of `pid` (`0::/path` line), if the process exists.
-pub fn cgroup_of(pid: u32) -> Option<String> {
+pub(crate) fn cgroup_of(pid: u32) -> Option<String> {
     std::fs::read(format!("/proc/{pid}/cgroup"))
         .ok()
         .and_then(|b| parse_cgroup_v2(&b))
@@ -78,7 +78,7 @@ fn strip_deleted(p: &Path) -> String {
 }
 
 /// NUL-separated arguments, bounded to [`MAX_CMDLINE`] bytes.
-pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
     let bounded = &bytes[..bytes.len().min(MAX_CMDLINE)];
     bounded
         .split(|b| *b == 0)
@@ -89,7 +89,7 @@ pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
 
 /// The 4th field of `/proc/PID/stat`. The comm (field 2) may contain spaces and
 /// parentheses, so parse after the *last* `)`.
-pub fn parse_stat_ppid(bytes: &[u8]) -> Option<u32> {
+pub(crate) fn parse_stat_ppid(bytes: &[u8]) -> Option<u32> {
     let close = bytes.iter().rposition(|b| *b == b')')?;
     let rest = std::str::from_utf8(bytes.get(close + 1..)?).ok()?;
     let mut fields = rest.split_ascii_whitespace();
@@ -98,7 +98,7 @@ pub fn parse_stat_ppid(bytes: &[u8]) -> Option<u32> {
 }
 
 /// The path of the unified-hierarchy line `0::/path` of `/proc/PID/cgroup`.
-pub fn parse_cgroup_v2(bytes: &[u8]) -> Option<String> {
+pub(crate) fn parse_cgroup_v2(bytes: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(bytes).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -106,7 +106,7 @@ pub fn parse_cgroup_v2(bytes: &[u8]) -> Option<String> {
 }
 
 /// The real uid (first number of the `Uid:` line of `/proc/PID/status`).
-pub fn parse_status_uid(bytes: &[u8]) -> Option<u32> {
+pub(crate) fn parse_status_uid(bytes: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(bytes).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -115,7 +115,7 @@ pub fn parse_status_uid(bytes: &[u8]) -> Option<u32> {
 }
 
 /// Path helper for callers that want the exe of a pid as a `PathBuf`.
-pub fn exe_of(pid: u32) -> Option<PathBuf> {
+pub(crate) fn exe_of(pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 

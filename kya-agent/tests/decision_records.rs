@@ -3,7 +3,8 @@
 //! audit log) and proxy: kya's own denials of held calls (no approver, the
 //! held table full, a held message that is not a tool call), a client that
 //! gives up on a held call, and kya stopping with calls held. Also: allowed
-//! calls keep flowing while the credential store's lock is held elsewhere.
+//! calls keep flowing while the credential store's lock is held elsewhere, and
+//! a refused connection is on record before the agent sees it reset.
 
 mod proxy_support;
 
@@ -419,4 +420,67 @@ async fn allowed_calls_flow_while_the_credential_store_is_locked() {
         .is_some_and(|t| t.starts_with("ran transfer")));
     let events = k.assert_complete();
     assert_eq!(finals_of(&events, "approved").len(), 1);
+}
+
+/// A connection kya refuses (neither TLS nor HTTP) is on record before the
+/// agent sees the reset: the log is read the instant the connection ends, as
+/// a kill right after the reset would leave it.
+#[tokio::test]
+async fn a_refused_connection_is_on_record_before_the_reset() {
+    use kya_agent::intercept::dispatch::{self, Inspection, Unclassified};
+    use kya_agent::intercept::origin::ConnOrigin;
+    use kya_agent::tls::{leaf_cache, passthrough::Passthrough, upstream, TlsContext};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let k = kya(true, 8);
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut roots = rustls::RootCertStore::empty();
+    let test_root = rcgen::generate_simple_self_signed(vec!["root.test".into()]).expect("root");
+    roots.add(test_root.cert.der().clone()).expect("root");
+    let tls = TlsContext::new(
+        state.path(),
+        upstream::UpstreamConnector::new(roots).expect("connector"),
+        Passthrough::new::<&str>(&[]).expect("passthrough"),
+        leaf_cache::DEFAULT_CAPACITY,
+    )
+    .expect("tls");
+    let insp = Arc::new(Inspection::new(
+        tls,
+        k.gov.clone(),
+        Limits::default(),
+        Unclassified::default(),
+        Arc::new(kya_agent::intercept::names::NameResolver::new()),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (agent, _) = listener.accept().await.expect("accept");
+    let origin = ConnOrigin {
+        dst: "127.0.0.1:9".parse().expect("address"),
+        process: kya_common::ProcessIdentity {
+            pid: std::process::id(),
+            ..Default::default()
+        },
+        tid: std::process::id(),
+        cgroup_id: 0,
+    };
+    tokio::spawn(async move { dispatch::handle(agent, origin, &insp).await });
+    client
+        .write_all(b"\x00\x01 not a protocol kya speaks\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    // Reset (or closed): the connection is over.
+    while let Ok(n) = client.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+    let log = std::fs::read_to_string(&k.path).unwrap_or_default();
+    assert!(
+        log.contains("neither TLS nor HTTP"),
+        "the refusal is not on record when the agent sees the reset: {log}"
+    );
 }

@@ -174,6 +174,21 @@ async fn legacy_sse_transport_with_injected_denial() {
     assert_eq!(msgs[0]["id"], json!(2));
     assert_eq!(msgs[0]["result"]["isError"], json!(true));
     assert_eq!(up.tools_called(), vec!["search_docs"]);
+    // A tools/list POSTed to the session: its answer on the stream is
+    // filtered; a tool result shaped like one is not.
+    gov.hidden.lock().unwrap().push("transfer".into());
+    for body in [
+        json!({"jsonrpc":"2.0","id":3,"method":"tools/list"}),
+        call(4, "list_like", json!({})),
+    ] {
+        let (s, _, _) = poster.post(&endpoint, body.to_string(), &[]).await;
+        assert_eq!(s, 202);
+    }
+    let msgs = read_events(&mut events, 2, Duration::from_secs(5)).await;
+    assert_eq!(msgs[0]["id"], json!(3));
+    assert_eq!(msgs[0]["result"]["tools"].as_array().map(Vec::len), Some(2));
+    assert_eq!(msgs[1]["id"], json!(4));
+    assert_eq!(msgs[1]["result"]["tools"].as_array().map(Vec::len), Some(3));
 }
 
 #[tokio::test]
@@ -409,4 +424,161 @@ async fn non_mcp_json_answers_pass_unchanged() {
         .unwrap()
         .to_bytes();
     assert_eq!(&body[..], br#"{"b": 1,   "a": [1, 2]}"#);
+}
+
+fn tool_names(answer: &serde_json::Value) -> Vec<String> {
+    answer["result"]["tools"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const ALL: [&str; 3] = ["search_docs", "delete_records", "transfer"];
+const VISIBLE: [&str; 2] = ["search_docs", "delete_records"];
+
+/// Only the answer to a `tools/list` request is filtered: a tool result shaped
+/// like one passes byte for byte, alone or next to a real one in a batch.
+#[tokio::test]
+async fn only_answers_to_tools_list_requests_are_filtered() {
+    let up = upstream().await;
+    let gov = default_gov();
+    gov.hidden.lock().unwrap().push("transfer".into());
+    let addr = proxy(up.addr, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut c = Client::h1(addr).await;
+    let session = [("mcp-session-id", "only-answers")];
+    let (_, _, b) = c
+        .post(
+            "/mcp",
+            call(4, "list_like", json!({})).to_string(),
+            &session,
+        )
+        .await;
+    assert_eq!(
+        tool_names(&json_of(&b)),
+        ALL,
+        "a tool result is not rewritten"
+    );
+    assert_eq!(
+        &b[..],
+        tools_shaped(&json!(4)).to_string().as_bytes(),
+        "the server's bytes"
+    );
+    let batch = json!([
+        {"jsonrpc":"2.0","id":1,"method":"tools/list"},
+        call(2, "list_like", json!({})),
+    ]);
+    let (_, _, b) = c.post("/mcp", batch.to_string(), &session).await;
+    let answers = json_of(&b);
+    assert_eq!(tool_names(&answers[0]), VISIBLE);
+    assert_eq!(tool_names(&answers[1]), ALL);
+}
+
+/// The latest request with an id says what its answer is: an id reused by a
+/// tools/call is no longer a tools/list id, and `"10"` is not `10`.
+#[tokio::test]
+async fn ids_reused_across_methods_and_types() {
+    let up = upstream().await;
+    let gov = default_gov();
+    gov.hidden.lock().unwrap().push("transfer".into());
+    let addr = proxy(up.addr, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut c = Client::h1(addr).await;
+    let session = [("mcp-session-id", "reused-ids")];
+    let list = |id: serde_json::Value| json!({"jsonrpc":"2.0","id":id,"method":"tools/list"});
+    let (_, _, b) = c.post("/mcp", list(json!(9)).to_string(), &session).await;
+    assert_eq!(tool_names(&json_of(&b)), VISIBLE);
+    let (_, _, b) = c
+        .post(
+            "/mcp",
+            call(9, "list_like", json!({})).to_string(),
+            &session,
+        )
+        .await;
+    assert_eq!(tool_names(&json_of(&b)), ALL, "id 9 now names a tools/call");
+    let (_, _, b) = c
+        .post("/mcp", list(json!("10")).to_string(), &session)
+        .await;
+    assert_eq!(tool_names(&json_of(&b)), VISIBLE);
+    let (_, _, b) = c
+        .post(
+            "/mcp",
+            call(10, "list_like", json!({})).to_string(),
+            &session,
+        )
+        .await;
+    assert_eq!(tool_names(&json_of(&b)), ALL, "10 is not \"10\"");
+}
+
+/// A tools/list answer the server sends on the session's GET stream instead of
+/// the POST's answer is filtered, each time it is sent; a tools/list-shaped
+/// answer on that stream to an id that was no tools/list request is not.
+#[tokio::test]
+async fn tools_list_answer_on_the_get_stream() {
+    let up = upstream().await;
+    let gov = default_gov();
+    gov.hidden.lock().unwrap().push("transfer".into());
+    let addr = proxy(up.addr, gov, Limits::default(), HttpVersion::H1, None).await;
+    let mut c = Client::h1(addr).await;
+    let session = [("mcp-session-id", "get-stream")];
+    let (_, _, b) = c
+        .post(
+            "/mcp",
+            json!({"jsonrpc":"2.0","id":5,"method":"tools/list"}).to_string(),
+            &session,
+        )
+        .await;
+    assert_eq!(tool_names(&json_of(&b)), VISIBLE);
+    // Another connection, as a client's pool would use.
+    let mut c2 = Client::h1(addr).await;
+    let req = hyper::Request::get("/stream-answers?ids=%5B5%2C6%2C%225%22%5D")
+        .header("host", "127.0.0.1")
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", "get-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let body = c2
+        .send(req)
+        .await
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let msgs = sse_messages(&body);
+    let by_id: Vec<(serde_json::Value, Vec<String>)> = msgs
+        .iter()
+        .map(|m| (m["id"].clone(), tool_names(m)))
+        .collect();
+    let visible: Vec<String> = VISIBLE.iter().map(|s| s.to_string()).collect();
+    let all: Vec<String> = ALL.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        by_id,
+        vec![
+            (json!(5), visible.clone()),
+            (json!(6), all.clone()),
+            (json!("5"), all.clone()),
+            (json!(5), visible),
+            (json!(6), all.clone()),
+            (json!("5"), all),
+        ]
+    );
+    // The same ids in another session are not this session's tools/list.
+    let req = hyper::Request::get("/stream-answers?ids=%5B5%5D")
+        .header("host", "127.0.0.1")
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", "other-session")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let body = c2
+        .send(req)
+        .await
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(tool_names(&sse_messages(&body)[0]), ALL);
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 
-pub fn run(root: &Path, count: usize) -> Result<()> {
+pub(crate) fn run(root: &Path, count: usize) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-connect loads BPF programs and creates cgroups: run it as root");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 const PREFIXES: [&str; 2] = ["kya-e2e-", "kya-test-"];
 
-pub fn clean_host() -> Result<()> {
+pub(crate) fn clean_host() -> Result<()> {
     for pins in test_pins() {
         if !owner_alive(&pins) {
             eprintln!("xtask: removing leftover pins {}", pins.display());
@@ -26,12 +26,12 @@ pub fn clean_host() -> Result<()> {
 }
 
 /// Pin directories of test instances under bpffs.
-pub fn test_pins() -> Vec<PathBuf> {
+pub(crate) fn test_pins() -> Vec<PathBuf> {
     prefixed_entries(Path::new("/sys/fs/bpf"))
 }
 
 /// Test cgroups under the cgroup2 root.
-pub fn test_cgroups() -> Vec<PathBuf> {
+pub(crate) fn test_cgroups() -> Vec<PathBuf> {
     cgroup2_mount()
         .map(|root| prefixed_entries(&root))
         .unwrap_or_default()
@@ -64,7 +64,7 @@ fn owner_alive(pin_dir: &Path) -> bool {
     })
 }
 
-pub fn remove_cgroup(path: &Path) {
+pub(crate) fn remove_cgroup(path: &Path) {
     if let Ok(entries) = std::fs::read_dir(path) {
         for e in entries.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -81,7 +81,7 @@ pub fn remove_cgroup(path: &Path) {
     }
 }
 
-pub fn cgroup2_mount() -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// (label, release prefix): the kernels the matrix boots.
-pub const KERNELS: [(&str, &str); 2] = [("6.1", "6.1."), ("6.12", "6.12.")];
+pub(crate) const KERNELS: [(&str, &str); 2] = [("6.1", "6.1."), ("6.12", "6.12.")];
 
 const TEST_FILE: &str = "kernel_matrix";
 const TEST_NAME: &str = "kernel_dependent_guarantees_hold_on_this_kernel";
@@ -64,13 +64,13 @@ fn version_key(release: &str) -> Vec<u64> {
 }
 
 /// True when every kernel of the matrix and virtme-ng are installed.
-pub fn installed() -> bool {
+pub(crate) fn installed() -> bool {
     vng().is_some() && KERNELS.iter().all(|(_, p)| find_kernel(p).is_some())
 }
 
 /// Builds what the guest runs, then boots each selected kernel in turn.
 /// Fails if any kernel fails (after running them all).
-pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
+pub(crate) fn run(root: &Path, only: Option<&str>) -> Result<()> {
     let selected: Vec<(&str, &str)> = KERNELS
         .iter()
         .copied()

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::clean;
 
-pub struct SuiteCgroup {
+pub(crate) struct SuiteCgroup {
     path: PathBuf,
     /// The cgroup this process was in before, to return to.
     home: PathBuf,
@@ -21,7 +21,7 @@ pub struct SuiteCgroup {
 impl SuiteCgroup {
     /// Creates the suite's cgroup and moves this process (and so every
     /// process it starts from now on) into it.
-    pub fn enter() -> Result<Self> {
+    pub(crate) fn enter() -> Result<Self> {
         let root =
             clean::cgroup2_mount().context("no cgroup2 mount: cannot watch for leftovers")?;
         let own =
@@ -40,7 +40,7 @@ impl SuiteCgroup {
 
     /// Moves this process back, then reports (and removes) everything the
     /// run left behind. An error lists what was found.
-    pub fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         let me = std::process::id();
         let stray: Vec<u32> = procs(&self.path).into_iter().filter(|p| *p != me).collect();
         let mut found = Vec::new();

@@ -1,6 +1,8 @@
 //! The governor and peer the response-side fuzz targets judge with.
 
 use kya_agent::intercept::http::filter::Peer;
+use kya_agent::intercept::http::listed;
+use kya_agent::mcp::jsonrpc;
 use kya_agent::intercept::http::{BoxFuture, CallFacts, ConnFacts, Governor, Limits, Ruling};
 use std::sync::Arc;
 
@@ -29,8 +31,19 @@ impl Governor for Judge {
     fn refused(&self, _conn: &ConnFacts, _reason: &str) {}
 }
 
+/// The session of [`peer`], in which ids `1` and `"1"` are `tools/list`
+/// requests (their answers are filtered).
+const SCOPE: &str = "fuzz";
+
 /// A peer on a plaintext connection to `mcp.test`, judged by [`Judge`].
 pub fn peer() -> Peer {
+    let asked = serde_json::json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": "1", "method": "tools/list"},
+    ]);
+    if let Ok(p) = jsonrpc::parse_payload(&asked, 2) {
+        listed::sent(SCOPE, &p.messages);
+    }
     Peer {
         gov: Arc::new(Judge),
         conn: Arc::new(ConnFacts {
@@ -45,5 +58,6 @@ pub fn peer() -> Peer {
         session: None,
         protocol_version: None,
         limits: Limits::default(),
+        scope: SCOPE.into(),
     }
 }

@@ -10,7 +10,7 @@ const ALPHABET: &[u8] = b"ACDEFGHJKMNPQRTUVWXY34679";
 
 /// A fresh code such as `KYA-7MQC-ART4`: 8 symbols of a 25-letter alphabet,
 /// about 37 bits, plenty for telling concurrent prompts apart.
-pub fn new_code() -> String {
+pub(crate) fn new_code() -> String {
     let mut rng = rand::thread_rng();
     let mut sym = || ALPHABET[rng.gen_range(0..ALPHABET.len())] as char;
     let a: String = (0..4).map(|_| sym()).collect();
@@ -20,7 +20,7 @@ pub fn new_code() -> String {
 
 /// The human-readable binding message: the code plus what is being approved,
 /// bounded and plain ASCII (CIBA providers display it on small screens).
-pub fn message(code: &str, agent: &str, tool: &str) -> String {
+pub(crate) fn message(code: &str, agent: &str, tool: &str) -> String {
     let clean = |s: &str, max: usize| -> String {
         s.chars()
             .filter(|c| c.is_ascii_graphic() || *c == ' ')

@@ -3,12 +3,12 @@
 //! When a held call becomes a pending approval, every configured
 //! [`ApprovalChannel`] is told about it ([`Ask`]) and may start asking (a CIBA
 //! authentication request, a signed webhook POST...). Answers come back
-//! through [`Approvals::answer`]; the first answer wins and later ones are
+//! through [`Answers::answer`] (the pending approvals); the first answer wins and later ones are
 //! refused, whichever channel carries them. A channel must not block: it
 //! spawns its own task and stops when [`Ask::ended`] fires (the call was
 //! answered, timed out, was cancelled, or its agent went away).
 
-use super::pending::Approvals;
+use super::answer::{Answer, ApprovalError};
 use super::request::ActionRequest;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -61,11 +61,17 @@ impl Ask {
     }
 }
 
+/// Where a channel's answers go: the pending approvals.
+pub trait Answers: Send + Sync + 'static {
+    /// Answer approval `id`. The first answer wins; a later one is refused.
+    fn answer(&self, id: &str, answer: Answer) -> Result<(), ApprovalError>;
+}
+
 /// A backchannel that asks an owner to approve a held call.
 pub trait ApprovalChannel: Send + Sync + 'static {
     /// The channel's name, as recorded in answers, metrics and the audit log.
     fn name(&self) -> &'static str;
     /// Start asking about `ask`. Must return at once (spawn the work); answers
     /// go to `approvals.answer(&ask.id, ...)`.
-    fn ask(&self, ask: Ask, approvals: Arc<Approvals>);
+    fn ask(&self, ask: Ask, approvals: Arc<dyn Answers>);
 }

@@ -11,16 +11,18 @@
 //! With separation of duties on, the approver's uid must also differ from the
 //! uid of the agent process that made the held call.
 
-use super::pending::{Answer, ApprovalError, Approvals};
+use super::answer::{Answer, ApprovalError};
+use super::pending::Approvals;
 use super::request::ActionRequest;
 use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
+use crate::host::user_name;
 use serde_json::json;
 use std::sync::Arc;
 
 /// Serves `approvals.list`, `approvals.approve`, `approvals.deny`.
-pub struct LocalChannel {
+pub(crate) struct LocalChannel {
     approvals: Arc<Approvals>,
     separate_duties: bool,
 }
@@ -28,7 +30,7 @@ pub struct LocalChannel {
 impl LocalChannel {
     /// `separate_duties`: an approval must come from a uid other than the
     /// held call's agent process's.
-    pub fn new(approvals: Arc<Approvals>, separate_duties: bool) -> Self {
+    pub(crate) fn new(approvals: Arc<Approvals>, separate_duties: bool) -> Self {
         Self {
             approvals,
             separate_duties,
@@ -59,7 +61,7 @@ impl LocalChannel {
         let standing_for = match request.args.get("standing_for") {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) if approve => {
-                match crate::credential::service::parse_valid_for(s) {
+                match crate::credential::validity::parse_valid_for(s) {
                     Ok(d) => Some(d.as_secs()),
                     Err(e) => return Response::error(ErrorCode::BadRequest, format!("--for: {e}")),
                 }
@@ -167,17 +169,9 @@ impl Handler for LocalChannel {
     }
 }
 
-/// The user name of a uid, from the system's user database.
-pub fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-}
-
 /// May `user` answer for `action`: its owner, a listed approver, or a member
 /// of a listed `group:NAME`.
-pub fn may_answer(user: &str, uid: u32, action: &ActionRequest) -> bool {
+pub(crate) fn may_answer(user: &str, uid: u32, action: &ActionRequest) -> bool {
     if user == action.owner {
         return true;
     }

@@ -2,6 +2,7 @@
 //! owner answers over a backchannel.
 //!
 //! * [`request`]: what is being approved (the exact action, its digest, the binding message).
+//! * [`answer`]: an approver's answer, and the errors of answering.
 //! * [`pending`]: the bounded set of pending approvals, waiting, answering, expiry.
 //! * [`persist`]: the on-disk record, so a restart never silently loses a pending call.
 //! * [`channel`]: the seam to backchannels (CIBA, webhook) that ask the owner.
@@ -11,17 +12,19 @@
 //! * [`http`]: the outbound HTTP client of the backchannels.
 //! * [`command`]: the `kya approvals` CLI.
 
-pub mod binding;
-pub mod channel;
+pub(crate) mod answer;
+pub(crate) mod binding;
+pub(crate) mod channel;
 pub mod ciba;
 pub mod command;
 pub mod http;
-pub mod local;
-pub mod pending;
+pub(crate) mod local;
+pub(crate) mod pending;
 pub mod persist;
-pub mod request;
-pub mod webhook;
+pub(crate) mod request;
+pub(crate) mod webhook;
 
-pub use channel::{ApprovalChannel, Ask};
-pub use pending::{Answer, ApprovalError, ApprovalHandle, Approvals, Outcome};
+pub use answer::{Answer, ApprovalError};
+pub use channel::{Answers, ApprovalChannel, Ask};
+pub use pending::{ApprovalHandle, Approvals, Outcome};
 pub use request::{ActionRequest, ApprovalView};

@@ -13,11 +13,11 @@
 //! the mutex (so the bound holds), the record is written, then the approval
 //! is inserted. Concurrent submissions share the journal's `fdatasync`.
 
+use super::answer::{Answer, ApprovalError};
 use super::binding;
-use super::channel::{ApprovalChannel, Ask};
-use super::persist::{PendingRecord, Persist, PersistError};
+use super::channel::{Answers, ApprovalChannel, Ask};
+use super::persist::{PendingRecord, Persist};
 use super::request::{ActionRequest, ApprovalView};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,20 +27,7 @@ use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
 /// Default bound on pending approvals.
-pub const DEFAULT_MAX_PENDING: usize = 1024;
-
-/// An approver's answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Answer {
-    pub approve: bool,
-    /// Who answered (local user name, CIBA subject).
-    pub approver: String,
-    /// Which channel carried it (`local`, `ciba`, ...).
-    pub channel: String,
-    pub reason: Option<String>,
-    /// Channel evidence (e.g. the CIBA ID token digest).
-    pub evidence: Option<serde_json::Value>,
-}
+pub(crate) const DEFAULT_MAX_PENDING: usize = 1024;
 
 /// How a pending approval ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,19 +43,6 @@ pub enum Outcome {
 enum Resolution {
     Answer(Answer),
     Cancel(String),
-}
-
-/// Errors of the approval set.
-#[derive(Debug, thiserror::Error)]
-pub enum ApprovalError {
-    #[error("too many calls are waiting for approval ({0}); denied to keep the daemon bounded")]
-    TooMany(usize),
-    #[error("no pending approval {0}")]
-    NotFound(String),
-    #[error("approval {0} was already answered")]
-    AlreadyAnswered(String),
-    #[error("cannot persist approvals: {0}")]
-    Persist(#[from] PersistError),
 }
 
 struct Entry {
@@ -188,7 +162,7 @@ impl Approvals {
                 ask_request.clone(),
                 ended_rx.clone(),
             );
-            channel.ask(ask, self.clone());
+            channel.ask(ask, self.clone() as Arc<dyn Answers>);
         }
         Ok(ApprovalHandle {
             id,
@@ -291,6 +265,12 @@ impl Approvals {
     }
 }
 
+impl Answers for Approvals {
+    fn answer(&self, id: &str, answer: Answer) -> Result<(), ApprovalError> {
+        Approvals::answer(self, id, answer)
+    }
+}
+
 fn view(id: &str, e: &Entry) -> ApprovalView {
     ApprovalView {
         id: id.to_string(),
@@ -310,7 +290,7 @@ fn view(id: &str, e: &Entry) -> ApprovalView {
 }
 
 /// RFC 3339 text of a time (always representable for times kya makes).
-pub fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
@@ -564,7 +544,7 @@ pub(crate) mod tests {
         fn name(&self) -> &'static str {
             "auto"
         }
-        fn ask(&self, ask: Ask, approvals: Arc<Approvals>) {
+        fn ask(&self, ask: Ask, approvals: Arc<dyn Answers>) {
             self.seen.lock().unwrap().push(ask.binding_message.clone());
             let approve = self.approve;
             tokio::spawn(async move {
@@ -606,7 +586,7 @@ pub(crate) mod tests {
         fn name(&self) -> &'static str {
             "watcher"
         }
-        fn ask(&self, ask: Ask, _approvals: Arc<Approvals>) {
+        fn ask(&self, ask: Ask, _approvals: Arc<dyn Answers>) {
             let done = self.0.clone();
             tokio::spawn(async move {
                 ask.ended().await;

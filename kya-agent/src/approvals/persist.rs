@@ -170,6 +170,21 @@ impl Persist {
         &self.journal.legacy
     }
 
+    /// Tests: hold the journal's lock (as a compaction would) until `release`
+    /// fires, telling `locked` once it is held; whether `release` fired
+    /// within `guard` (a hang guard).
+    #[cfg(test)]
+    pub(crate) fn stall(
+        &self,
+        locked: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+        guard: std::time::Duration,
+    ) -> bool {
+        let _st = self.lock();
+        let _ = locked.send(());
+        release.recv_timeout(guard).is_ok()
+    }
+
     fn io(&self) -> impl Fn(std::io::Error) -> PersistError + '_ {
         |source| PersistError::Io {
             path: self.journal.path.clone(),

@@ -34,12 +34,13 @@
 //!
 //! [Standard Webhooks]: https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md
 
-use super::channel::{ApprovalChannel, Ask};
+use super::channel::{Answers, ApprovalChannel, Ask};
 use super::http::{HttpClient, HttpError};
-use super::pending::Approvals;
 use crate::credential::multikey;
 use base64::Engine;
-use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+#[cfg(test)]
+use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{Signer, SigningKey};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,9 +50,9 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 /// Attempts per notification, at most.
-pub const MAX_ATTEMPTS: u32 = 6;
+pub(crate) const MAX_ATTEMPTS: u32 = 6;
 /// Deadline of one attempt.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A validated `[approvals.webhook]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,14 +67,14 @@ pub struct WebhookConfig {
 
 /// Errors setting up the channel.
 #[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
+pub(crate) enum WebhookError {
     #[error("webhook: {0}")]
     Http(#[from] HttpError),
 }
 
 /// The three Standard Webhooks headers for one signed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Signed {
+pub(crate) struct Signed {
     pub id: String,
     pub timestamp: i64,
     /// `v1a,<base64 signature>`.
@@ -81,7 +82,7 @@ pub struct Signed {
 }
 
 /// Sign `body` for message `id` at `timestamp` (Unix seconds).
-pub fn sign(key: &SigningKey, id: &str, timestamp: i64, body: &[u8]) -> Signed {
+pub(crate) fn sign(key: &SigningKey, id: &str, timestamp: i64, body: &[u8]) -> Signed {
     let mut content = format!("{id}.{timestamp}.").into_bytes();
     content.extend_from_slice(body);
     let sig = key.sign(&content);
@@ -96,8 +97,9 @@ pub fn sign(key: &SigningKey, id: &str, timestamp: i64, body: &[u8]) -> Signed {
 }
 
 /// Why a received webhook does not verify.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
+pub(crate) enum VerifyError {
     #[error("no v1a signature in the webhook-signature header")]
     NoSignature,
     #[error("the signature does not verify with the given key")]
@@ -107,8 +109,10 @@ pub enum VerifyError {
 }
 
 /// What a receiver does: check a `webhook-signature` header (space-separated
-/// `v1a,...` entries; any valid one suffices) and the timestamp's freshness.
-pub fn verify(
+/// `v1a,...` entries; any valid one suffices) and the timestamp's freshness:
+/// the receiver's side, which the tests check signatures against.
+#[cfg(test)]
+fn verify(
     key: &VerifyingKey,
     id: &str,
     timestamp: i64,
@@ -150,7 +154,7 @@ pub fn verify(
 }
 
 /// The JSON body announcing `ask`.
-pub fn body(ask: &Ask, host: &str, now: OffsetDateTime) -> Vec<u8> {
+pub(crate) fn body(ask: &Ask, host: &str, now: OffsetDateTime) -> Vec<u8> {
     let r = &ask.request;
     let n = json!({
         "type": "approval.requested",
@@ -187,7 +191,7 @@ struct Counters {
 }
 
 /// The webhook channel.
-pub struct WebhookChannel {
+pub(crate) struct WebhookChannel {
     config: WebhookConfig,
     key: Arc<SigningKey>,
     key_id: String,
@@ -198,7 +202,7 @@ pub struct WebhookChannel {
 
 impl WebhookChannel {
     /// Build the channel (the trust store is read now: a bad `ca_file` stops the start).
-    pub fn new(
+    pub(crate) fn new(
         config: WebhookConfig,
         key: Arc<SigningKey>,
         host: String,
@@ -215,7 +219,7 @@ impl WebhookChannel {
     }
 
     /// Counters for `kya status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         let c = &self.counters;
         json!({
             "url": self.config.url,
@@ -295,7 +299,7 @@ impl ApprovalChannel for WebhookChannel {
         "webhook"
     }
 
-    fn ask(&self, ask: Ask, _approvals: Arc<Approvals>) {
+    fn ask(&self, ask: Ask, _approvals: Arc<dyn Answers>) {
         let body = body(&ask, &self.host, OffsetDateTime::now_utc());
         let fut = Self::deliver(
             self.http.clone(),
@@ -320,6 +324,7 @@ impl ApprovalChannel for WebhookChannel {
 mod tests {
     use super::*;
     use crate::approvals::pending::tests::action;
+    use crate::approvals::pending::Approvals;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;

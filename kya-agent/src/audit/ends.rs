@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 
 /// Longer than any hold can be pending: the longest hold timeout a policy
 /// accepts, plus a minute of slack.
-pub const MAX_PENDING: std::time::Duration =
+pub(crate) const MAX_PENDING: std::time::Duration =
     std::time::Duration::from_secs(crate::policy::load::MAX_HOLD_TIMEOUT.as_secs() + 60);
 
 /// Where a record is.
@@ -84,7 +84,7 @@ struct Event {
 
 /// Follows the records of a log, in order.
 #[derive(Default, Clone)]
-pub struct Ends {
+pub(crate) struct Ends {
     /// Holds not ended yet: id → (where, when).
     held: HashMap<String, (At, OffsetDateTime)>,
     /// Decisions that ended (compact keys: kya's ids are 64-bit hex).
@@ -96,7 +96,7 @@ pub struct Ends {
 
 impl Ends {
     /// Note one record line (its chain already checked).
-    pub fn note(&mut self, line: &[u8], file: &Path, line_no: u64) {
+    pub(crate) fn note(&mut self, line: &[u8], file: &Path, line_no: u64) {
         let Ok(Line { event }) = serde_json::from_slice::<Line>(line) else {
             self.unparsed += 1;
             return;
@@ -119,7 +119,7 @@ impl Ends {
     }
 
     /// The verdict on the whole log; `closed`: no hold may still be pending.
-    pub fn finish(self, closed: bool) -> EndsReport {
+    pub(crate) fn finish(self, closed: bool) -> EndsReport {
         let mut report = EndsReport {
             repeated: self.repeated,
             unparsed: self.unparsed,
@@ -144,7 +144,7 @@ impl Ends {
 /// Which of `ids` already have a final record in the log whose live file is
 /// `base` (its rotated files included). Lines that cannot be read as records
 /// are skipped; a missing log has none.
-pub fn ended_among(base: &Path, ids: &HashSet<String>) -> std::io::Result<HashSet<String>> {
+pub(crate) fn ended_among(base: &Path, ids: &HashSet<String>) -> std::io::Result<HashSet<String>> {
     use std::io::BufRead;
     let mut found = HashSet::new();
     if ids.is_empty() {

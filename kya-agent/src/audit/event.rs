@@ -1,7 +1,7 @@
 //! The decision event: what kya records about every decision it makes, filled
 //! by the interceptor and written as the `event` of an audit record.
 //!
-//! It is kya's own shape (stable, flat enough to grep); [`super::ocsf`] renders
+//! It is kya's own shape (stable, flat enough to grep); `ocsf.rs` renders
 //! it as OCSF for SIEMs. Fields may be added; none may be renamed (the audit
 //! log is forever, and old records must keep parsing).
 

@@ -13,12 +13,13 @@
 
 pub mod checkpoint;
 pub mod command;
-pub mod ends;
+pub(crate) mod ends;
 pub mod event;
+pub(crate) mod export;
 pub mod files;
-pub mod merkle;
-pub mod ocsf;
-pub mod record;
+pub(crate) mod merkle;
+pub(crate) mod ocsf;
+pub(crate) mod record;
 pub mod verify;
 pub mod writer;
 

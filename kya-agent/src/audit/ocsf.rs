@@ -34,17 +34,18 @@ use kya_common::Verdict;
 use serde_json::{json, Map, Value};
 
 /// OCSF class: API Activity.
-pub const CLASS_UID: u64 = 6003;
+pub(crate) const CLASS_UID: u64 = 6003;
 /// OCSF category: Application Activity.
-pub const CATEGORY_UID: u64 = 6;
+pub(crate) const CATEGORY_UID: u64 = 6;
 /// API Activity `activity_id` 99: Other (see `activity_name`).
-pub const ACTIVITY_OTHER: u64 = 99;
+pub(crate) const ACTIVITY_OTHER: u64 = 99;
 /// The OCSF schema version the mapping follows.
-pub const OCSF_VERSION: &str = "1.3.0";
+pub(crate) const OCSF_VERSION: &str = "1.3.0";
 
 /// The attributes OCSF 1.3 requires of every API Activity event (plus the
 /// security_control profile's recommended outcome fields, which kya always sets).
-pub const REQUIRED: [&str; 14] = [
+#[cfg(test)]
+const REQUIRED: [&str; 14] = [
     "activity_id",
     "category_uid",
     "class_uid",
@@ -62,7 +63,7 @@ pub const REQUIRED: [&str; 14] = [
 ];
 
 /// `(action_id, action, disposition_id, disposition)` for an event.
-pub fn outcome(e: &DecisionEvent) -> (u64, &'static str, u64, &'static str) {
+pub(crate) fn outcome(e: &DecisionEvent) -> (u64, &'static str, u64, &'static str) {
     match (e.kind, e.verdict) {
         (EventKind::Hold, _) | (_, Verdict::Hold) => (99, "Other", 14, "Delayed"),
         (EventKind::Approved, _) => (1, "Allowed", 8, "Approved"),
@@ -92,7 +93,7 @@ fn put(map: &mut Map<String, Value>, key: &str, value: Option<Value>) {
 }
 
 /// The OCSF rendering of `e`.
-pub fn to_ocsf(e: &DecisionEvent) -> Value {
+pub(crate) fn to_ocsf(e: &DecisionEvent) -> Value {
     let (action_id, action, disposition_id, disposition) = outcome(e);
     let (severity_id, severity_name) = severity(e);
     let time_ms = (e.time.unix_timestamp_nanos() / 1_000_000) as i64;

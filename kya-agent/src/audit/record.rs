@@ -12,12 +12,12 @@ use sha2::{Digest, Sha256};
 use std::io::{self, BufRead};
 
 /// `prev` of the first record.
-pub const GENESIS: Hash = [0; 32];
+pub(crate) const GENESIS: Hash = [0; 32];
 /// Longest record line the writer produces and the verifier reads (bytes, without newline).
-pub const MAX_LINE_BYTES: usize = 1 << 20;
+pub(crate) const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// Compose a record line (without newline) from already-serialised event JSON.
-pub fn compose(seq: u64, prev: &Hash, event_json: &[u8]) -> Vec<u8> {
+pub(crate) fn compose(seq: u64, prev: &Hash, event_json: &[u8]) -> Vec<u8> {
     let head = format!(
         "{{\"seq\":{seq},\"prev\":\"{}\",\"event\":",
         hex::encode(prev)
@@ -30,7 +30,7 @@ pub fn compose(seq: u64, prev: &Hash, event_json: &[u8]) -> Vec<u8> {
 }
 
 /// SHA-256 of a line: the next record's `prev`.
-pub fn line_hash(line: &[u8]) -> Hash {
+pub(crate) fn line_hash(line: &[u8]) -> Hash {
     Sha256::digest(line).into()
 }
 
@@ -94,7 +94,7 @@ impl Chain {
 
 /// What [`read_line`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LineStatus {
+pub(crate) enum LineStatus {
     /// A full line (newline consumed, not stored).
     Complete,
     /// End of input with no bytes.
@@ -106,7 +106,11 @@ pub enum LineStatus {
 }
 
 /// Read one line into `buf` without ever holding more than `max` bytes of it.
-pub fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<LineStatus> {
+pub(crate) fn read_line<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<LineStatus> {
     buf.clear();
     loop {
         let avail = match r.fill_buf() {

@@ -52,7 +52,7 @@ fn unescape_octal(s: &str) -> Option<String> {
 }
 
 /// Mount points of `fstype` in a mountinfo text, in order.
-pub fn mounts_of_type(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
+pub(super) fn mounts_of_type(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
     mountinfo
         .lines()
         .filter_map(parse_mountinfo_line)
@@ -98,7 +98,7 @@ fn parse_cgroup_v2_line(text: &str) -> Option<String> {
 
 /// Resolves a selection path (relative to the cgroup2 mount, e.g.
 /// `/agents/billing`) to a directory, refusing `..` and other escapes.
-pub fn cgroup_dir(mount: &Path, rel: &str) -> Result<PathBuf, BpfError> {
+pub(super) fn cgroup_dir(mount: &Path, rel: &str) -> Result<PathBuf, BpfError> {
     let bad = || BpfError::BadCgroupPath(rel.to_string());
     if rel.is_empty() || rel.len() > 4096 || rel.contains('\0') {
         return Err(bad());
@@ -116,7 +116,7 @@ pub fn cgroup_dir(mount: &Path, rel: &str) -> Result<PathBuf, BpfError> {
 
 /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`) is the
 /// inode number of the cgroup's directory in cgroup2 (kernfs node id).
-pub fn cgroup_id(mount: &Path, rel: &str) -> Result<u64, BpfError> {
+pub(super) fn cgroup_id(mount: &Path, rel: &str) -> Result<u64, BpfError> {
     let dir = cgroup_dir(mount, rel)?;
     let md = std::fs::metadata(&dir).map_err(|source| BpfError::CgroupNotFound {
         path: rel.to_string(),
@@ -172,7 +172,7 @@ fn find_cgroup(mount: &Path, id: u64) -> Option<String> {
 /// The cookie of the network namespace this process runs in (where the
 /// interceptor listens), or 0 when the kernel cannot tell (before 5.14), in
 /// which case the kernel side does not check namespaces.
-pub fn netns_cookie() -> u64 {
+pub(super) fn netns_cookie() -> u64 {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else {
         return 0;
@@ -197,7 +197,7 @@ pub fn netns_cookie() -> u64 {
 }
 
 /// Mounts bpffs at [`BPFFS_MOUNT`] unless a bpffs is already mounted there.
-pub fn ensure_bpffs() -> Result<(), BpfError> {
+pub(super) fn ensure_bpffs() -> Result<(), BpfError> {
     let info = read_small(Path::new("/proc/self/mountinfo"))?;
     if mounts_of_type(&info, "bpf")
         .iter()
@@ -229,7 +229,7 @@ pub fn ensure_bpffs() -> Result<(), BpfError> {
 }
 
 /// Whether `path` lies on a bpffs (pins can only live there).
-pub fn on_bpffs(path: &Path) -> Result<bool, BpfError> {
+pub(super) fn on_bpffs(path: &Path) -> Result<bool, BpfError> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| BpfError::BadPinDir(path.into()))?;

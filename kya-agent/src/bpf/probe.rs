@@ -335,7 +335,7 @@ pub struct KernelSupport {
 
 /// Probes every feature kya needs; the first missing one is an error that
 /// names it, what depends on it, and the kernel.
-pub fn probe() -> Result<KernelSupport, BpfError> {
+pub(super) fn probe() -> Result<KernelSupport, BpfError> {
     let release = kernel_release();
     let mut features = Vec::with_capacity(NEEDS.len());
     for need in NEEDS {

@@ -27,7 +27,7 @@ fn has_glob_meta(s: &str) -> bool {
 /// Expands exe patterns into existing regular files. A literal path is kept
 /// even if it does not exist yet (it is reported by [`exe_keys`]); a glob
 /// expands to what matches now (the daemon rescans on reload).
-pub fn expand_exes(patterns: &[String]) -> Result<BTreeSet<PathBuf>, BpfError> {
+pub(super) fn expand_exes(patterns: &[String]) -> Result<BTreeSet<PathBuf>, BpfError> {
     let mut out = BTreeSet::new();
     for pat in patterns {
         if !pat.starts_with('/') || pat.contains('\0') {
@@ -97,7 +97,7 @@ fn walk(dir: &Path, depth_left: usize, visits: &mut usize, f: &mut dyn FnMut(&Pa
 
 /// A selected file: where it was found and whether it is a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExeFile {
+pub(super) struct ExeFile {
     pub path: PathBuf,
     /// Not an ELF binary: run by an interpreter that opens it.
     pub script: bool,
@@ -106,7 +106,7 @@ pub struct ExeFile {
 /// The (device, inode) of each executable, following symlinks, so that
 /// `/usr/bin/python3 -> python3.11` selects the one binary. Paths that do
 /// not exist are logged and skipped (nothing can exec them right now).
-pub fn exe_keys(paths: &BTreeSet<PathBuf>) -> BTreeMap<ExeKey, ExeFile> {
+pub(super) fn exe_keys(paths: &BTreeSet<PathBuf>) -> BTreeMap<ExeKey, ExeFile> {
     let mut out = BTreeMap::new();
     for p in paths {
         match std::fs::metadata(p) {
@@ -149,7 +149,7 @@ fn is_script(p: &Path) -> bool {
 /// The hashes of the names a selected script can be run by: the last
 /// component of the path the operator gave (`/usr/local/bin/claude`, a
 /// symlink) and of the file it resolves to (`cli.js`).
-pub fn script_names<'a>(files: impl Iterator<Item = &'a ExeFile>) -> BTreeSet<u64> {
+pub(super) fn script_names<'a>(files: impl Iterator<Item = &'a ExeFile>) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
     for f in files.filter(|f| f.script) {
         let real = std::fs::canonicalize(&f.path).ok();
@@ -164,7 +164,7 @@ pub fn script_names<'a>(files: impl Iterator<Item = &'a ExeFile>) -> BTreeSet<u6
 
 /// One process seen in /proc.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ProcEntry {
+pub(super) struct ProcEntry {
     pub tgid: u32,
     pub ppid: u32,
     pub exe: Option<ExeKey>,
@@ -181,7 +181,7 @@ pub struct ProcEntry {
 
 /// The parent pid from `/proc/PID/stat` (`pid (comm) state ppid ...`). The
 /// comm may contain spaces and parentheses, so parse after the last ')'.
-pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+pub(super) fn parse_stat_ppid(stat: &str) -> Option<u32> {
     crate::procinfo::parse_stat_ppid(stat.as_bytes())
 }
 
@@ -199,7 +199,7 @@ fn key_of(md: &std::fs::Metadata) -> ExeKey {
 /// Every process in /proc (threads are not listed at the top level).
 /// `with_args`: also resolve command-line arguments to files (only needed
 /// when a script may be selected).
-pub fn scan_proc(with_args: bool) -> Vec<ProcEntry> {
+pub(super) fn scan_proc(with_args: bool) -> Vec<ProcEntry> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -272,7 +272,7 @@ fn script_args(dir: &Path) -> Vec<ExeKey> {
 
 /// The selectors, resolved, with each one's index in the operator's list.
 #[derive(Debug, Default, Clone)]
-pub struct Wanted<'a> {
+pub(super) struct Wanted<'a> {
     pub exes: BTreeMap<ExeKey, (&'a ExeFile, u32)>,
     pub pids: BTreeMap<u32, u32>,
     pub uids: BTreeMap<u32, u32>,
@@ -291,7 +291,7 @@ fn under_cgroup(path: &str, sel: &str) -> bool {
 /// with a selected uid (UID) or in a selected cgroup (CGROUP), and every
 /// descendant of any of them (FORK, holding its ancestor's selector), as
 /// the kernel's hooks would have done had kya been running all along.
-pub fn running_selection(procs: &[ProcEntry], want: &Wanted<'_>) -> BTreeMap<u32, SelEntry> {
+pub(super) fn running_selection(procs: &[ProcEntry], want: &Wanted<'_>) -> BTreeMap<u32, SelEntry> {
     let entry = |reason, kind, index| SelEntry {
         reason,
         kind,

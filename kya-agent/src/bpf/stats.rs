@@ -76,7 +76,7 @@ impl KernelStats {
 /// Logs one ring buffer record; `exe_path` names a selected executable by
 /// its (device, inode). Malformed records (wrong size) are reported, not
 /// trusted.
-pub fn log_event(bytes: &[u8], exe_path: &dyn Fn(ExeKey) -> Option<String>) {
+pub(super) fn log_event(bytes: &[u8], exe_path: &dyn Fn(ExeKey) -> Option<String>) {
     let Some(ev) = Event::from_bytes(bytes) else {
         tracing::warn!(len = bytes.len(), "malformed kernel event ignored");
         return;

@@ -20,7 +20,7 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_attach_type` values used by kya.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
-pub enum AttachType {
+pub(super) enum AttachType {
     SockOps = 3,
     Connect4 = 10,
     Connect6 = 11,
@@ -70,7 +70,7 @@ struct LinkCreateAttr {
 /// Attaches a program to a cgroup with a BPF link. Cgroup links are always
 /// multi-attach (they coexist with other programs and other kya instances);
 /// the kernel detaches the link when its last fd and pin are gone.
-pub fn link_create(
+pub(super) fn link_create(
     prog: BorrowedFd<'_>,
     cgroup: BorrowedFd<'_>,
     attach: AttachType,
@@ -96,7 +96,7 @@ struct RawTracepointAttr {
 }
 
 /// Attaches a raw tracepoint program; the returned fd is a BPF link.
-pub fn raw_tracepoint_open(prog: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+pub(super) fn raw_tracepoint_open(prog: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
     let mut attr = RawTracepointAttr {
         name: name.as_ptr() as u64,
         prog_fd: prog.as_raw_fd() as u32,
@@ -116,7 +116,7 @@ struct ObjPinAttr {
 }
 
 /// Pins a BPF object (here: a link) at `path` on a bpffs.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &CStr) -> io::Result<()> {
+pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &CStr) -> io::Result<()> {
     let mut attr = ObjPinAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
@@ -138,7 +138,12 @@ struct MapCreateAttr {
 }
 
 /// Creates a map (used by the start-up probe only).
-pub fn map_create(map_type: u32, key_size: u32, value_size: u32, max: u32) -> io::Result<OwnedFd> {
+pub(super) fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = MapCreateAttr {
         map_type,
         key_size,
@@ -168,7 +173,7 @@ struct ProgLoadAttr {
 
 /// Loads a raw instruction array (used by the start-up probe only). On
 /// failure, the error and the verifier's log.
-pub fn prog_load(
+pub(super) fn prog_load(
     prog_type: u32,
     expected_attach_type: u32,
     insns: &[u64],
@@ -202,7 +207,7 @@ pub fn prog_load(
 
 /// `BPF_LINK_CREATE` with a raw target fd (the probe passes -1 to learn
 /// whether the command exists without attaching anything).
-pub fn link_create_raw(
+pub(super) fn link_create_raw(
     prog: BorrowedFd<'_>,
     target_fd: i32,
     attach: AttachType,
@@ -233,7 +238,7 @@ struct MapElemAttr {
 ///
 /// `K` and `V` must be the map's exact key and value types (`repr(C)` plain
 /// data, every bit pattern valid); the caller guarantees it.
-pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
+pub(super) fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
     map: BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {
@@ -254,7 +259,7 @@ pub fn map_lookup_and_delete<K: Copy, V: Copy + Default>(
 
 /// Looks up `key`; `Ok(None)` when absent. Same contract on `K`/`V` as
 /// [`map_lookup_and_delete`].
-pub fn map_lookup<K: Copy, V: Copy + Default>(
+pub(super) fn map_lookup<K: Copy, V: Copy + Default>(
     map: BorrowedFd<'_>,
     key: &K,
 ) -> io::Result<Option<V>> {

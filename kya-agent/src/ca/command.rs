@@ -2,7 +2,7 @@
 
 use super::trust_store::{instance_name, TrustStore};
 use super::LocalCa;
-use crate::cli::{CaAction, CaArgs, RunArgs};
+use crate::cli::{CaAction, CaArgs};
 use crate::config::Config;
 use anyhow::Context;
 use std::path::PathBuf;
@@ -14,7 +14,7 @@ pub fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
     // file's [state] dir, else /var/lib/kya; so `kya ca install` installs the
     // CA the daemon will actually use.
     let dir = |state_dir: Option<PathBuf>| -> anyhow::Result<PathBuf> {
-        let args = RunArgs {
+        let args = crate::config::Overrides {
             state_dir,
             ..Default::default()
         };

@@ -33,7 +33,7 @@ pub mod command;
 mod files;
 mod mint;
 pub mod trust_store;
-pub mod validity;
+pub(crate) mod validity;
 
 pub use mint::{LeafName, LeafNameError, MintedLeaf, LEAF_BACKDATE, LEAF_VALIDITY};
 

@@ -10,7 +10,7 @@ use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 /// `(notBefore, notAfter)` of an X.509 certificate, or `None` if it is not
 /// well-formed where this walk looks.
-pub fn validity(der: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
+pub(crate) fn validity(der: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
     let (tag, cert, _) = tlv(der)?;
     if tag != 0x30 {
         return None;

@@ -8,11 +8,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 /// Longest answer line accepted from the daemon.
-pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     #[error("cannot reach the kya daemon at {path}: {source} (is `kya run` running with this --state-dir?)")]
     Connect {
         path: PathBuf,
@@ -27,14 +27,14 @@ pub enum ClientError {
 }
 
 /// A connection to one daemon.
-pub struct Client {
+pub(crate) struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
 
 impl Client {
     /// Connect to `STATE_DIR/kya.sock`.
-    pub fn connect(state_dir: &Path) -> Result<Self, ClientError> {
+    pub(crate) fn connect(state_dir: &Path) -> Result<Self, ClientError> {
         let path = state_dir.join(SOCKET_NAME);
         let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
             path: path.clone(),
@@ -72,7 +72,7 @@ impl Client {
     }
 
     /// One request, one answer.
-    pub fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
+    pub(crate) fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
         self.send(request)?;
         match self.recv()? {
             Some(Response::Ok { result }) => Ok(result),
@@ -91,7 +91,7 @@ impl Client {
 
     /// A streaming request: `on_item` is called for each item until the
     /// stream ends or `on_item` returns false.
-    pub fn stream(
+    pub(crate) fn stream(
         &mut self,
         request: &Request,
         mut on_item: impl FnMut(Value) -> bool,
@@ -122,6 +122,6 @@ impl Client {
 }
 
 /// Connect, send one request, return its answer.
-pub fn call(state_dir: &Path, request: &Request) -> Result<Value, ClientError> {
+pub(crate) fn call(state_dir: &Path, request: &Request) -> Result<Value, ClientError> {
     Client::connect(state_dir)?.call(request)
 }

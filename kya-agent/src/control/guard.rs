@@ -31,19 +31,19 @@ use std::sync::Arc;
 
 /// Bound on the ancestry walk (a racing `/proc` can show anything; a real
 /// process tree is far shallower).
-pub const MAX_ANCESTRY: usize = 128;
+pub(crate) const MAX_ANCESTRY: usize = 128;
 
 /// The rule name recorded for a refused control operation.
-pub const REFUSED_RULE: &str = "kya:selected-caller";
+pub(crate) const REFUSED_RULE: &str = "kya:selected-caller";
 
 /// Why the selection could not be asked about a process.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct SelectionUnknown(pub String);
+pub(crate) struct SelectionUnknown(pub String);
 
 /// Kya's selection, asked about one running process (not its ancestors: the
 /// gate walks those). The daemon answers from its BPF maps.
-pub trait SelectionOracle: Send + Sync {
+pub(crate) trait SelectionOracle: Send + Sync {
     /// Is the process `tgid` selected right now? An error when it cannot
     /// tell (the process is gone, `/proc` unreadable, the maps failed).
     fn is_selected(&self, tgid: u32) -> Result<bool, SelectionUnknown>;
@@ -52,7 +52,7 @@ pub trait SelectionOracle: Send + Sync {
 /// Proof that the caller of this request was checked and is neither
 /// selected nor a descendant of a selected process. Only the gate makes one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unselected {
+pub(crate) struct Unselected {
     _sealed: (),
 }
 
@@ -66,7 +66,7 @@ impl Unselected {
 
 /// Why the gate refused a caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The caller (`selected == peer`) or its ancestor `selected` is selected.
     Selected { peer: u32, selected: u32 },
     /// The caller could not be checked.
@@ -100,11 +100,11 @@ impl std::fmt::Display for Refusal {
 }
 
 /// Where refusals are recorded (the audit log and the live event stream).
-pub type Recorder =
+pub(crate) type Recorder =
     Arc<dyn Fn(DecisionEvent) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The gate. See the module docs.
-pub struct Gate {
+pub(crate) struct Gate {
     oracle: Arc<dyn SelectionOracle>,
     proc_root: PathBuf,
     recorder: Option<Recorder>,
@@ -114,31 +114,32 @@ pub struct Gate {
 
 impl Gate {
     /// A gate asking `oracle`, reading `/proc`, recording nothing.
-    pub fn new(oracle: Arc<dyn SelectionOracle>) -> Self {
+    pub(crate) fn new(oracle: Arc<dyn SelectionOracle>) -> Self {
         Self {
             oracle,
             proc_root: PathBuf::from("/proc"),
             recorder: None,
-            host: crate::decision::host_name(),
+            host: crate::host::host_name(),
             socket: super::SOCKET_NAME.to_string(),
         }
     }
 
     /// Record refusals with `recorder`, naming the control socket `socket`.
-    pub fn with_recorder(mut self, recorder: Recorder, socket: &Path) -> Self {
+    pub(crate) fn with_recorder(mut self, recorder: Recorder, socket: &Path) -> Self {
         self.recorder = Some(recorder);
         self.socket = socket.display().to_string();
         self
     }
 
     /// Read processes under another proc root (tests).
-    pub fn with_proc_root(mut self, root: impl Into<PathBuf>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_proc_root(mut self, root: impl Into<PathBuf>) -> Self {
         self.proc_root = root.into();
         self
     }
 
     /// Check the process `pid` and its ancestors (blocking: reads `/proc`).
-    pub fn check(&self, pid: Option<i32>) -> Result<Unselected, Refusal> {
+    pub(crate) fn check(&self, pid: Option<i32>) -> Result<Unselected, Refusal> {
         let unresolvable = |why: String| Refusal::Unresolvable { peer: pid, why };
         let peer = match pid {
             Some(p) if p > 0 => p as u32,
@@ -179,7 +180,7 @@ impl Gate {
     /// `pidfd` pins the peer process: it must still be alive after the walk,
     /// or the pid the walk started from may have named another process. The
     /// `/proc` walk runs on the blocking pool.
-    pub async fn admit(
+    pub(crate) async fn admit(
         self: &Arc<Self>,
         caller: Caller,
         pidfd: Option<Arc<OwnedFd>>,
@@ -274,7 +275,7 @@ impl Gate {
             .filter(|id| id.len() <= 128)
             .map(|id| ApprovalInfo {
                 id: id.to_string(),
-                approver: crate::approvals::local::user_name(caller.uid),
+                approver: crate::host::user_name(caller.uid),
                 channel: Some("local".into()),
                 id_token_sha256: None,
             });

@@ -13,14 +13,14 @@
 //! * [`peer`]: the peer process pinned by a pidfd (a reused pid is not the peer).
 //! * [`client`]: the blocking client the CLI uses.
 
-pub mod client;
-pub mod guard;
-pub mod peer;
-pub mod protocol;
-pub mod server;
+pub(crate) mod client;
+pub(crate) mod guard;
+pub(crate) mod peer;
+pub(crate) mod protocol;
+pub(crate) mod server;
 
 /// File name of the socket inside the state directory.
-pub const SOCKET_NAME: &str = "kya.sock";
+pub(crate) const SOCKET_NAME: &str = "kya.sock";
 
 /// Longest request line accepted (bytes); longer is an error, not a buffer.
-pub const MAX_REQUEST: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST: usize = 64 * 1024;

@@ -16,7 +16,7 @@ const SO_PEERPIDFD: libc::c_int = 77;
 /// process that connected), or on kernels before 6.5 one opened now from
 /// the `SO_PEERCRED` pid (the narrow race of that fallback is closed by the
 /// gate's liveness check only from here on).
-pub fn peer_pidfd<F: AsFd>(socket: F, pid: Option<i32>) -> Option<OwnedFd> {
+pub(crate) fn peer_pidfd<F: AsFd>(socket: F, pid: Option<i32>) -> Option<OwnedFd> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: a valid socket fd, an out-pointer to a c_int with its length.
@@ -43,7 +43,7 @@ pub fn peer_pidfd<F: AsFd>(socket: F, pid: Option<i32>) -> Option<OwnedFd> {
 }
 
 /// Has the process behind `pidfd` not been reaped (so its pid still names it)?
-pub fn is_alive(pidfd: &OwnedFd) -> bool {
+pub(crate) fn is_alive(pidfd: &OwnedFd) -> bool {
     // SAFETY: pidfd_send_signal(fd, 0, NULL, 0) only checks that the
     // process exists and may be signalled; signal 0 delivers nothing.
     let r = unsafe {

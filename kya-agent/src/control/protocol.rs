@@ -6,7 +6,7 @@ use serde_json::Value;
 
 /// Who is calling, as the kernel reports it (`SO_PEERCRED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Caller {
+pub(crate) struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
@@ -18,7 +18,7 @@ pub struct Caller {
 impl Caller {
     /// The gate's proof, or the refusal a state-changing handler sends when
     /// it was reached without one (never, through the server).
-    pub fn cleared(&self) -> Result<Unselected, Response> {
+    pub(crate) fn cleared(&self) -> Result<Unselected, Response> {
         self.clearance.ok_or_else(|| {
             Response::error(
                 ErrorCode::Forbidden,
@@ -31,7 +31,7 @@ impl Caller {
 /// A request: an operation name and its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Request {
+pub(crate) struct Request {
     /// e.g. `status`, `approvals.list`, `approvals.approve`, `events.follow`.
     pub op: String,
     /// Operation arguments (an object; absent means `{}`).
@@ -40,7 +40,7 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn new(op: impl Into<String>, args: Value) -> Self {
+    pub(crate) fn new(op: impl Into<String>, args: Value) -> Self {
         Self {
             op: op.into(),
             args,
@@ -52,7 +52,7 @@ impl Request {
 /// (or the connection closes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Response {
+pub(crate) enum Response {
     /// The operation succeeded.
     Ok { result: Value },
     /// The operation failed; `error` is for humans, `code` for programs.
@@ -66,7 +66,7 @@ pub enum Response {
 /// Why a request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     /// The request was not valid JSON / not a request object / too long.
     BadRequest,
     /// No such operation.
@@ -82,11 +82,11 @@ pub enum ErrorCode {
 }
 
 impl Response {
-    pub fn ok(result: Value) -> Self {
+    pub(crate) fn ok(result: Value) -> Self {
         Response::Ok { result }
     }
 
-    pub fn error(code: ErrorCode, error: impl Into<String>) -> Self {
+    pub(crate) fn error(code: ErrorCode, error: impl Into<String>) -> Self {
         Response::Error {
             code,
             error: error.into(),

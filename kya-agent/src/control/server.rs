@@ -15,16 +15,16 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 
 /// What a handler answers: one response, or a stream of items.
-pub enum Reply {
+pub(crate) enum Reply {
     Once(Response),
     Stream(mpsc::Receiver<Value>),
 }
 
 /// A boxed future of a reply.
-pub type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
+pub(crate) type ReplyFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
 /// Serves the operations of one namespace (`approvals`, `events`, ...).
-pub trait Handler: Send + Sync + 'static {
+pub(crate) trait Handler: Send + Sync + 'static {
     /// Does `op` change nothing (list, status, follow)? Every other operation
     /// of the namespace, including ones added later and unknown ones, reaches
     /// [`Handler::handle`] only through the [`Gate`], with the caller's
@@ -37,13 +37,13 @@ pub trait Handler: Send + Sync + 'static {
 /// Routes `ns.op` (or `ns`) to the handler registered for `ns`, through the
 /// gate for every operation that is not read-only.
 #[derive(Clone)]
-pub struct Router {
+pub(crate) struct Router {
     routes: BTreeMap<String, Arc<dyn Handler>>,
     gate: Arc<Gate>,
 }
 
 impl Router {
-    pub fn new(gate: Arc<Gate>) -> Self {
+    pub(crate) fn new(gate: Arc<Gate>) -> Self {
         Self {
             routes: BTreeMap::new(),
             gate,
@@ -51,7 +51,7 @@ impl Router {
     }
 
     /// Register the handler of a namespace (the part of `op` before the first '.').
-    pub fn route(mut self, namespace: &str, handler: Arc<dyn Handler>) -> Self {
+    pub(crate) fn route(mut self, namespace: &str, handler: Arc<dyn Handler>) -> Self {
         self.routes.insert(namespace.to_string(), handler);
         self
     }
@@ -64,7 +64,7 @@ impl Router {
 
 /// Errors starting the control socket.
 #[derive(Debug, thiserror::Error)]
-pub enum ServerError {
+pub(crate) enum ServerError {
     #[error("{path}: another kya daemon is already serving this state directory")]
     InUse { path: PathBuf },
     #[error("{path}: {source}")]
@@ -75,7 +75,7 @@ pub enum ServerError {
 }
 
 /// The bound control socket.
-pub struct ControlServer {
+pub(crate) struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
 }
@@ -87,7 +87,7 @@ impl ControlServer {
     /// The socket is mode 0666: any local user may connect, because owners
     /// answer approvals for their own agents; what each caller may do is
     /// decided per request on its `SO_PEERCRED` uid.
-    pub fn bind(state_dir: &Path) -> Result<Self, ServerError> {
+    pub(crate) fn bind(state_dir: &Path) -> Result<Self, ServerError> {
         let path = state_dir.join(SOCKET_NAME);
         let io = |source| ServerError::Io {
             path: path.clone(),
@@ -105,12 +105,12 @@ impl ControlServer {
     }
 
     /// Where the socket is.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Serve until `shutdown` turns true; the socket file is removed then.
-    pub async fn serve(self, router: Router, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn serve(self, router: Router, mut shutdown: watch::Receiver<bool>) {
         let router = Arc::new(router);
         let mut tasks = tokio::task::JoinSet::new();
         loop {

@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use time::OffsetDateTime;
 
 /// Longest validity `kya credential issue` grants.
-pub use super::service::MAX_VALID_FOR;
+pub use super::validity::MAX_VALID_FOR;
 
 /// Run one `kya credential` subcommand.
 pub fn run(cmd: CredentialCommand) -> anyhow::Result<ExitCode> {
@@ -61,7 +61,7 @@ fn issue(args: CredentialIssueArgs) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e.into()),
         }
     }
-    let valid_for = service::parse_valid_for(&args.valid_for).context("--valid-for")?;
+    let valid_for = super::validity::parse_valid_for(&args.valid_for).context("--valid-for")?;
     let (approver, approver_uid) = invoking_user();
     let now = OffsetDateTime::now_utc();
     let registered = match &args.agents {

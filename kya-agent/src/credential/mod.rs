@@ -22,7 +22,7 @@
 //!                           (exact call: scope.args_sha256 = action::args_digest(args), single_use = true)
 //!                      ──► verify::verify_for_call(doc, kya_pub, call, now, store)   // proof, window, binding,
 //!                           scope, not revoked, spent now ──► forward; audit the credential id
-//! a later held call    ──► store.find_covering(call, now, kya_pub)
+//! a later held call    ──► verify::find_covering(store, call, now, kya_pub)
 //!                           Some(c) ──► CEL `credential` = c.credential.scope_json()
 //!                                    ──► released? verify::redeem(&c.credential, now, store)
 //! kya credential revoke ──► store.revoke(id): the next query (one stat) sees it
@@ -33,8 +33,9 @@
 pub mod action;
 pub mod command;
 pub mod jcs;
-pub mod multikey;
-pub mod proof;
-pub mod service;
+pub(crate) mod multikey;
+pub(crate) mod proof;
+pub(crate) mod service;
 pub mod store;
+pub(crate) mod validity;
 pub mod verify;

@@ -6,11 +6,14 @@
 //! base58btc multibase of the multicodec prefix `0xed 0x01` followed by the 32
 //! public-key bytes. Resolving it needs no network, which suits an offline guard.
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+#[cfg(test)]
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::VerifyingKey;
 
 /// Multicodec varint prefix of an Ed25519 public key (`ed25519-pub`, 0xed).
 const ED25519_PUB_PREFIX: [u8; 2] = [0xed, 0x01];
 /// Multicodec varint prefix of an Ed25519 private key (`ed25519-priv`, 0x1300).
+#[cfg(test)]
 const ED25519_PRIV_PREFIX: [u8; 2] = [0x80, 0x26];
 /// Longest multibase string decoded: far above any key or signature, so
 /// hostile input cannot make base58 decoding (quadratic) expensive.
@@ -34,12 +37,12 @@ pub enum MultikeyError {
 }
 
 /// `z` + base58btc(bytes).
-pub fn encode_base58btc(bytes: &[u8]) -> String {
+pub(crate) fn encode_base58btc(bytes: &[u8]) -> String {
     format!("z{}", bs58::encode(bytes).into_string())
 }
 
 /// Decode a `z`-prefixed base58btc multibase string.
-pub fn decode_base58btc(text: &str) -> Result<Vec<u8>, MultikeyError> {
+pub(crate) fn decode_base58btc(text: &str) -> Result<Vec<u8>, MultikeyError> {
     if text.len() > MAX_MULTIBASE_LEN {
         return Err(MultikeyError::TooLong);
     }
@@ -50,14 +53,14 @@ pub fn decode_base58btc(text: &str) -> Result<Vec<u8>, MultikeyError> {
 }
 
 /// The `publicKeyMultibase` form of an Ed25519 public key (`z6Mk…`).
-pub fn encode_public(key: &VerifyingKey) -> String {
+pub(crate) fn encode_public(key: &VerifyingKey) -> String {
     let mut bytes = ED25519_PUB_PREFIX.to_vec();
     bytes.extend_from_slice(key.as_bytes());
     encode_base58btc(&bytes)
 }
 
 /// Parse a `publicKeyMultibase` Ed25519 key.
-pub fn decode_public(text: &str) -> Result<VerifyingKey, MultikeyError> {
+pub(crate) fn decode_public(text: &str) -> Result<VerifyingKey, MultikeyError> {
     let bytes = decode_base58btc(text)?;
     let raw: [u8; 32] = bytes
         .strip_prefix(&ED25519_PUB_PREFIX[..])
@@ -68,7 +71,8 @@ pub fn decode_public(text: &str) -> Result<VerifyingKey, MultikeyError> {
 
 /// Parse a `secretKeyMultibase` / `privateKeyMultibase` Ed25519 seed (used by
 /// the official test vectors).
-pub fn decode_private(text: &str) -> Result<SigningKey, MultikeyError> {
+#[cfg(test)]
+pub(crate) fn decode_private(text: &str) -> Result<SigningKey, MultikeyError> {
     let bytes = decode_base58btc(text)?;
     let raw: [u8; 32] = bytes
         .strip_prefix(&ED25519_PRIV_PREFIX[..])
@@ -78,19 +82,19 @@ pub fn decode_private(text: &str) -> Result<SigningKey, MultikeyError> {
 }
 
 /// `did:key:z6Mk…` for a public key.
-pub fn did_key(key: &VerifyingKey) -> String {
+pub(crate) fn did_key(key: &VerifyingKey) -> String {
     format!("did:key:{}", encode_public(key))
 }
 
 /// `did:key:z6Mk…#z6Mk…`: the verification method URL of a did:key.
-pub fn verification_method(key: &VerifyingKey) -> String {
+pub(crate) fn verification_method(key: &VerifyingKey) -> String {
     let mb = encode_public(key);
     format!("did:key:{mb}#{mb}")
 }
 
 /// Resolve a did:key verification method URL to its key. The fragment must
 /// repeat the DID's own key (the only method a did:key document has).
-pub fn resolve_verification_method(url: &str) -> Result<VerifyingKey, MultikeyError> {
+pub(crate) fn resolve_verification_method(url: &str) -> Result<VerifyingKey, MultikeyError> {
     let not = || MultikeyError::NotDidKey(url.chars().take(120).collect());
     let rest = url.strip_prefix("did:key:").ok_or_else(not)?;
     let (did_part, fragment) = rest.split_once('#').ok_or_else(not)?;
@@ -101,7 +105,7 @@ pub fn resolve_verification_method(url: &str) -> Result<VerifyingKey, MultikeyEr
 }
 
 /// Parse a did:key DID (no fragment), e.g. a credential's `issuer`.
-pub fn resolve_did(did: &str) -> Result<VerifyingKey, MultikeyError> {
+pub(crate) fn resolve_did(did: &str) -> Result<VerifyingKey, MultikeyError> {
     let mb = did
         .strip_prefix("did:key:")
         .ok_or_else(|| MultikeyError::NotDidKey(did.chars().take(120).collect()))?;

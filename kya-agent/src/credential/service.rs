@@ -16,31 +16,27 @@
 
 use super::action::{self, AgentSubject, ArgBound, Channel, Environment, Evidence, Scope};
 use super::store::CredentialStore;
+use super::validity::parse_valid_for;
 use super::verify::{self, Call};
-use crate::approvals::local::user_name;
 use crate::approvals::{Answer, Approvals};
 use crate::control::guard::Unselected;
 use crate::control::protocol::{Caller, ErrorCode, Request, Response};
 use crate::control::server::{Handler, Reply, ReplyFuture};
+use crate::host::user_name;
 use crate::policy::PolicyEngine;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Number, Value};
 use std::sync::Arc;
-use std::time::Duration;
 use time::OffsetDateTime;
 
-/// Longest validity a standing credential gets: standing permissions are
-/// meant for days ("until Friday"), not for ever.
-pub const MAX_VALID_FOR: Duration = Duration::from_secs(366 * 24 * 3600);
-
 /// The answer channel recorded when a standing credential releases a held call.
-pub const RELEASE_CHANNEL: &str = "credential";
+pub(crate) const RELEASE_CHANNEL: &str = "credential";
 
 /// What an owner asks for when issuing a standing credential.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IssueRequest {
+pub(crate) struct IssueRequest {
     /// Registered agent name.
     pub agent: String,
     /// Tool name (exact).
@@ -74,7 +70,7 @@ pub struct IssueRequest {
 
 /// Why an issue request is refused.
 #[derive(Debug, thiserror::Error)]
-pub enum IssueError {
+pub(crate) enum IssueError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -100,20 +96,8 @@ impl IssueError {
     }
 }
 
-/// Parse a validity such as `15m` or `4days`: more than zero, at most [`MAX_VALID_FOR`].
-pub fn parse_valid_for(text: &str) -> Result<Duration, IssueError> {
-    let d = humantime::parse_duration(text)
-        .map_err(|e| IssueError::BadRequest(format!("valid_for {text:?}: {e}")))?;
-    if d.is_zero() || d > MAX_VALID_FOR {
-        return Err(IssueError::BadRequest(
-            "valid_for must be more than 0 and at most 366 days".into(),
-        ));
-    }
-    Ok(d)
-}
-
 /// Merge `KEY=N` lower and upper bounds into one bound per key.
-pub fn parse_bounds(mins: &[String], maxs: &[String]) -> Result<Vec<ArgBound>, IssueError> {
+pub(crate) fn parse_bounds(mins: &[String], maxs: &[String]) -> Result<Vec<ArgBound>, IssueError> {
     let bad = |m: String| IssueError::BadRequest(m);
     let mut bounds: Vec<ArgBound> = Vec::new();
     for (text, is_max) in mins
@@ -163,7 +147,7 @@ fn parse_number(text: &str) -> Option<Number> {
 
 /// A binding given both by the request and the registry must agree: a
 /// credential may not bind an identity the registry does not give the agent.
-pub fn merge_binding<T: PartialEq + std::fmt::Debug>(
+pub(crate) fn merge_binding<T: PartialEq + std::fmt::Debug>(
     what: &str,
     requested: Option<T>,
     registry: Option<T>,
@@ -188,7 +172,7 @@ fn hex64(what: &str, text: &str) -> Result<String, IssueError> {
 }
 
 /// Serves `credential.issue|revoke|list` for the daemon.
-pub struct CredentialService {
+pub(crate) struct CredentialService {
     engine: Arc<PolicyEngine>,
     key: Arc<SigningKey>,
     store: Arc<CredentialStore>,
@@ -198,7 +182,7 @@ pub struct CredentialService {
 }
 
 impl CredentialService {
-    pub fn new(
+    pub(crate) fn new(
         engine: Arc<PolicyEngine>,
         key: Arc<SigningKey>,
         store: Arc<CredentialStore>,
@@ -218,14 +202,14 @@ impl CredentialService {
     /// Separation of duties: a credential must be bound to a uid other than
     /// its issuer's, and releases no held call of a process running as the
     /// issuer's uid.
-    pub fn with_separate_duties(mut self, on: bool) -> Self {
+    pub(crate) fn with_separate_duties(mut self, on: bool) -> Self {
         self.separate_duties = on;
         self
     }
 
     /// Issue a standing credential for `caller`; returns the document and how
     /// many held calls it released.
-    pub fn issue(
+    pub(crate) fn issue(
         &self,
         caller: Caller,
         _cleared: Unselected,
@@ -264,7 +248,8 @@ impl CredentialService {
                 req.agent
             )));
         }
-        let valid_for = parse_valid_for(&req.valid_for)?;
+        let valid_for =
+            parse_valid_for(&req.valid_for).map_err(|e| IssueError::BadRequest(e.to_string()))?;
         if req.tool.is_empty() {
             return Err(IssueError::BadRequest("tool must not be empty".into()));
         }
@@ -501,7 +486,7 @@ impl Handler for CredentialService {
 
 /// Re-check and redeem the standing credential `id` for a held call it
 /// released: it must still be kya's, unrevoked, unspent, and cover the call now.
-pub fn redeem_standing(
+pub(crate) fn redeem_standing(
     store: &CredentialStore,
     trusted: &ed25519_dalek::VerifyingKey,
     id: &str,
@@ -528,6 +513,7 @@ mod tests {
     use super::*;
     use crate::approvals::{ActionRequest, Outcome};
     use kya_common::ProcessIdentity;
+    use std::time::Duration;
 
     const NOBODY: u32 = 65534;
 

@@ -54,7 +54,6 @@
 use super::action::ActionCredential;
 use super::jcs;
 use super::proof::{self, ASSERTION_METHOD};
-use super::verify::{self, Call};
 use ed25519_dalek::VerifyingKey;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -469,14 +468,13 @@ impl CredentialStore {
     }
 
     /// The first standing credential (in issue order) signed by `trusted`,
-    /// not revoked, not spent, whose window, binding and scope cover `call`
-    /// at `now`. Finding one does not spend it: call
-    /// [`verify::redeem`] when the call is actually released on its strength.
-    pub fn find_covering(
+    /// not revoked, not spent, that `covers` (the call's window, binding and
+    /// scope checks: `verify::find_covering`). Finding one does not spend it:
+    /// `verify::redeem` does, when the call is released on its strength.
+    pub fn find_covering_with(
         &self,
-        call: &Call,
-        now: OffsetDateTime,
         trusted: &VerifyingKey,
+        covers: impl Fn(&ActionCredential) -> bool,
     ) -> Result<Option<Covering>, StoreError> {
         // One lock and at most three `stat`s per query, however many
         // standing credentials there are (this runs on every held call).
@@ -498,7 +496,7 @@ impl CredentialStore {
             s.signer == *trusted
                 && !cache.revoked.value.contains_key(id)
                 && !(s.credential.subject.scope.single_use && spent.contains(id))
-                && verify::check_call(&s.credential, call, now).is_ok()
+                && covers(&s.credential)
         });
         Ok(found.map(|s| Covering {
             credential: s.credential.clone(),
@@ -791,6 +789,7 @@ mod tests {
     use crate::credential::action::{
         issue, AgentSubject, ArgBound, Channel, Environment, Evidence, Scope,
     };
+    use crate::credential::verify::{self, Call};
     use ed25519_dalek::SigningKey;
     use time::macros::datetime;
 
@@ -850,26 +849,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CredentialStore::open(dir.path()).unwrap();
         let vk = key().verifying_key();
-        assert!(store.find_covering(&call(1), NOW, &vk).unwrap().is_none());
+        assert!(verify::find_covering(&store, &call(1), NOW, &vk)
+            .unwrap()
+            .is_none());
         let (doc, cred) = standing("transfer", 500, false, datetime!(2026-11-26 14:00:00 UTC));
         store.add_standing(&doc, &cred, NOW).unwrap();
         store.add_standing(&doc, &cred, NOW).unwrap();
         assert_eq!(store.standing().unwrap().len(), 1);
-        let found = store.find_covering(&call(500), NOW, &vk).unwrap().unwrap();
+        let found = verify::find_covering(&store, &call(500), NOW, &vk)
+            .unwrap()
+            .unwrap();
         assert_eq!(found.credential.id, cred.id);
         assert_eq!(found.credential.scope_json()["tool"], "transfer");
-        assert!(store.find_covering(&call(501), NOW, &vk).unwrap().is_none());
+        assert!(verify::find_covering(&store, &call(501), NOW, &vk)
+            .unwrap()
+            .is_none());
         // Another trusted key: not covered.
         let other = SigningKey::from_bytes(&[1; 32]).verifying_key();
-        assert!(store
-            .find_covering(&call(1), NOW, &other)
+        assert!(verify::find_covering(&store, &call(1), NOW, &other)
             .unwrap()
             .is_none());
         // After the window: not covered.
-        assert!(store
-            .find_covering(&call(1), datetime!(2026-11-26 14:00:00 UTC), &vk)
-            .unwrap()
-            .is_none());
+        assert!(
+            verify::find_covering(&store, &call(1), datetime!(2026-11-26 14:00:00 UTC), &vk)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -880,11 +885,15 @@ mod tests {
         let vk = key().verifying_key();
         let (doc, cred) = standing("transfer", 500, false, datetime!(2026-11-26 14:00:00 UTC));
         cli.add_standing(&doc, &cred, NOW).unwrap();
-        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_some());
+        assert!(verify::find_covering(&daemon, &call(1), NOW, &vk)
+            .unwrap()
+            .is_some());
         assert!(cli.revoke(&cred.id, NOW).unwrap());
         assert!(!cli.revoke(&cred.id, NOW).unwrap());
         assert!(daemon.is_revoked(&cred.id).unwrap());
-        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_none());
+        assert!(verify::find_covering(&daemon, &call(1), NOW, &vk)
+            .unwrap()
+            .is_none());
         assert!(daemon.standing().unwrap().is_empty());
         // Survives reopening.
         let reopened = CredentialStore::open(dir.path()).unwrap();
@@ -907,11 +916,15 @@ mod tests {
             !daemon.none_standing(),
             "added by another handle, not yet read"
         );
-        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_some());
+        assert!(verify::find_covering(&daemon, &call(1), NOW, &vk)
+            .unwrap()
+            .is_some());
         assert!(!daemon.none_standing(), "read, and not empty");
         assert!(cli.revoke(&cred.id, NOW).unwrap());
         assert!(!daemon.none_standing(), "changed since read");
-        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_none());
+        assert!(verify::find_covering(&daemon, &call(1), NOW, &vk)
+            .unwrap()
+            .is_none());
         assert!(daemon.none_standing(), "the last one revoked");
         // A standing file holding no credential, once read, counts as none.
         write_atomic(
@@ -920,7 +933,9 @@ mod tests {
         )
         .unwrap();
         assert!(!daemon.none_standing(), "changed since read");
-        assert!(daemon.find_covering(&call(1), NOW, &vk).unwrap().is_none());
+        assert!(verify::find_covering(&daemon, &call(1), NOW, &vk)
+            .unwrap()
+            .is_none());
         assert!(daemon.none_standing(), "read, and empty");
         // A busy store (a spend holding the lock) is not "none".
         let held = daemon.cache.lock().unwrap();
@@ -935,9 +950,13 @@ mod tests {
         let vk = key().verifying_key();
         let (doc, cred) = standing("transfer", 500, true, datetime!(2026-11-26 14:00:00 UTC));
         store.add_standing(&doc, &cred, NOW).unwrap();
-        let found = store.find_covering(&call(5), NOW, &vk).unwrap().unwrap();
+        let found = verify::find_covering(&store, &call(5), NOW, &vk)
+            .unwrap()
+            .unwrap();
         verify::redeem(&found.credential, NOW, &store).unwrap();
-        assert!(store.find_covering(&call(5), NOW, &vk).unwrap().is_none());
+        assert!(verify::find_covering(&store, &call(5), NOW, &vk)
+            .unwrap()
+            .is_none());
         assert!(matches!(
             verify::redeem(&found.credential, NOW, &store),
             Err(verify::VerifyError::Replayed(_))
@@ -1226,8 +1245,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("\"max\": 500", "\"max\": 50000")).unwrap();
         assert!(store.standing().unwrap().is_empty());
-        assert!(store
-            .find_covering(&call(40000), NOW, &vk)
+        assert!(verify::find_covering(&store, &call(40000), NOW, &vk)
             .unwrap()
             .is_none());
     }

@@ -11,7 +11,7 @@ use super::action::{self, ActionCredential, ActionError};
 use super::jcs::{self, JcsError};
 use super::multikey;
 use super::proof::{self, ProofError, ASSERTION_METHOD};
-use super::store::{CredentialStore, StoreError};
+use super::store::{Covering, CredentialStore, StoreError};
 use ed25519_dalek::VerifyingKey;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -315,6 +315,18 @@ pub fn verify_for_call(
     check_call(&cred, call, now)?;
     redeem(&cred, now, store)?;
     Ok(cred)
+}
+
+/// The first standing credential in `store` signed by `trusted` whose
+/// window, binding and scope cover `call` at `now` (not revoked, not spent).
+/// Finding one does not spend it: [`redeem`] does.
+pub fn find_covering(
+    store: &CredentialStore,
+    call: &Call,
+    now: OffsetDateTime,
+    trusted: &VerifyingKey,
+) -> Result<Option<Covering>, StoreError> {
+    store.find_covering_with(trusted, |c| check_call(c, call, now).is_ok())
 }
 
 /// Refuse a revoked credential and spend a single-use one.

@@ -2,9 +2,10 @@
 //! and released by a credential, rejected, expired, interrupted); each end
 //! is the decision's one final record.
 
+use super::offload::Offload;
 use super::open::{self, OpenDecision};
 use super::{audit_denial, deny_now, mint, Core, STOPPING_REASON};
-use crate::approvals::{ActionRequest, Answer, Outcome};
+use crate::approvals::{ActionRequest, Answer, ApprovalHandle, Outcome};
 use crate::audit::event::{ApprovalInfo, EventKind};
 use crate::audit::writer::Durability;
 use crate::credential::action;
@@ -126,10 +127,10 @@ impl Core {
             // agent went away, kya aborted the connection), the decision's
             // final record is handed to the writer before the approval leaves
             // the table and the journal.
-            let mut handle = handle;
+            let hold_id = handle.id.clone();
+            let mut handle = ApprovalEnd::new(handle, core.offload.clone());
             let mut open = open;
             let _held = HeldGauge(metrics.clone());
-            let hold_id = handle.id.clone();
             // The hold itself is on disk before the call can be released.
             if let Err(e) = open.record_hold().await {
                 open.set_outcome(
@@ -344,6 +345,49 @@ impl Core {
     }
 }
 
+/// A held call's approval handle, ended on the blocking pool: dropping the
+/// handle takes the approval out of the table and the approvals journal (a
+/// write, sometimes a compaction with `fsync`, behind the journal's lock),
+/// which must not run on an async worker.
+struct ApprovalEnd {
+    handle: Option<ApprovalHandle>,
+    offload: Offload,
+}
+
+impl ApprovalEnd {
+    fn new(handle: ApprovalHandle, offload: Offload) -> Self {
+        Self {
+            handle: Some(handle),
+            offload,
+        }
+    }
+
+    async fn outcome(&mut self) -> Outcome {
+        match self.handle.as_mut() {
+            Some(h) => h.outcome().await,
+            None => Outcome::Cancelled("approval already ended".into()),
+        }
+    }
+}
+
+impl Drop for ApprovalEnd {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let offload = self.offload.clone();
+                // Should the pool refuse the job (the runtime is stopping),
+                // the job, and with it the handle, is dropped there instead.
+                rt.spawn(async move { offload.run(move || drop(handle)).await });
+            }
+            // Not on a runtime: this thread may block.
+            Err(_) => drop(handle),
+        }
+    }
+}
+
 /// Decrements the held-calls gauge however the hold ends (including the
 /// agent dropping it).
 struct HeldGauge(Arc<Metrics>);
@@ -416,5 +460,123 @@ mod tests {
         assert_eq!(local.id_token_sha256, None);
         let json = serde_json::to_value(&local).expect("json");
         assert!(json.get("id_token_sha256").is_none(), "{json}");
+    }
+
+    /// The approvals journal's end of a held call runs on the blocking pool:
+    /// with the journal's lock held elsewhere, a rejected call's ruling still
+    /// reaches the agent on a single async worker.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_journal_end_of_a_hold_does_not_block_the_worker() {
+        use crate::approvals::persist::Persist;
+        use crate::approvals::Approvals;
+        use crate::audit::writer::{AuditConfig, AuditLog};
+        use crate::credential::store::CredentialStore;
+        use crate::decision::events::EventHub;
+        use crate::decision::DecisionPath;
+        use crate::intercept::http::{ConnFacts, Governor};
+        use crate::policy::PolicyEngine;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[defaults]\nverdict = \"allow\"\n[[rule]]\nid = \"hold-all\"\ntool = \"transfer\"\nverdict = \"hold\"\n",
+        )
+        .expect("policy");
+        let agents = dir.path().join("agents.toml");
+        let uid = nix::unistd::getuid().as_raw();
+        std::fs::write(
+            &agents,
+            format!("[[agent]]\nname = \"bot\"\nowner = \"alice\"\nmatch = {{ uid = {uid} }}\n"),
+        )
+        .expect("agents");
+        let engine = Arc::new(
+            PolicyEngine::new(vec![policy], Some(agents), Some(dir.path())).expect("engine"),
+        );
+        let key = Arc::new(crate::keys::load_or_create(dir.path()).expect("key"));
+        let audit = Arc::new(
+            AuditLog::open(
+                AuditConfig::new(dir.path().join("audit.jsonl")),
+                (*key).clone(),
+            )
+            .expect("audit"),
+        );
+        let persist = Persist::new(dir.path());
+        let approvals = Approvals::new(8, Some(persist.clone()));
+        let path = DecisionPath::new(
+            engine,
+            approvals.clone(),
+            Arc::new(CredentialStore::open(dir.path()).expect("store")),
+            key,
+            audit,
+            EventHub::new(),
+            Metrics::new(),
+            Arc::new(crate::agents::Suspensions::open(dir.path()).expect("suspensions")),
+        );
+        let conn = Arc::new(ConnFacts {
+            process: kya_common::ProcessIdentity {
+                pid: std::process::id(),
+                uid,
+                ..Default::default()
+            },
+            dst: "127.0.0.1:9".parse().expect("address"),
+            sni: None,
+            tls: false,
+            conn_id: 1,
+            tunnel: None,
+        });
+        let facts = CallFacts {
+            conn,
+            server: "mcp.test".into(),
+            direction: Direction::ClientToServer,
+            method: "tools/call".into(),
+            tool: Some("transfer".into()),
+            args: serde_json::json!({}),
+            jsonrpc_id: Some(serde_json::json!(1)),
+            session: None,
+            protocol_version: None,
+            progress_token: None,
+            batch: None,
+        };
+        let Ruling::Hold { wait, .. } = path.decide(facts).await else {
+            panic!("the call is held");
+        };
+        let id = approvals.list()[0].id.clone();
+        approvals
+            .answer(
+                &id,
+                Answer {
+                    approve: false,
+                    approver: "alice".into(),
+                    channel: "local".into(),
+                    reason: None,
+                    evidence: None,
+                },
+            )
+            .expect("answer");
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let stalled = {
+            let persist = persist.clone();
+            std::thread::spawn(move || {
+                persist.stall(locked_tx, release_rx, std::time::Duration::from_secs(20))
+            })
+        };
+        locked.recv().expect("the journal is locked");
+        let ruling = wait.await;
+        let _ = release.send(());
+        assert!(matches!(ruling, Ruling::Deny { .. }), "the call is denied");
+        assert!(
+            stalled.join().expect("staller"),
+            "the ruling waited for the journal's lock on the async worker"
+        );
+        // The end is journaled once the lock is free.
+        for _ in 0..2000 {
+            if approvals.is_empty() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the approval never left the table");
     }
 }

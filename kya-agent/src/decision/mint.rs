@@ -3,7 +3,6 @@
 
 use crate::approvals::Answer;
 use crate::credential::action::{self, AgentSubject, Channel, Environment, Evidence, Scope};
-use crate::credential::service;
 use crate::credential::store::CredentialStore;
 use crate::credential::verify::{self, Call as CredCall};
 use crate::intercept::http::CallFacts;
@@ -39,7 +38,7 @@ pub(super) fn mint_and_redeem(
         .and_then(|e| e.get("standing_for_secs"))
         .and_then(|v| v.as_u64())
         .map(Duration::from_secs)
-        .filter(|d| !d.is_zero() && *d <= service::MAX_VALID_FOR);
+        .filter(|d| !d.is_zero() && *d <= crate::credential::validity::MAX_VALID_FOR);
     let scope = match standing_for {
         Some(_) => Scope {
             server: Some(call.server.clone()),

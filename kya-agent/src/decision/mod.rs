@@ -22,9 +22,7 @@ mod mint;
 mod offload;
 mod open;
 mod record;
-pub mod restart;
-pub mod sinks;
-pub mod syslog;
+pub(crate) mod restart;
 
 use crate::agents::Suspensions;
 use crate::approvals::Approvals;
@@ -82,7 +80,7 @@ impl DecisionPath {
         metrics: Arc<Metrics>,
         suspensions: Arc<Suspensions>,
     ) -> Self {
-        let host = host_name();
+        let host = crate::host::host_name();
         Self {
             core: Arc::new(Core {
                 budget: Arc::new(ToForward::new(engine.clone())),
@@ -177,7 +175,7 @@ impl Core {
         let call = call.clone();
         match self
             .offload
-            .run(move || store.find_covering(&call, now, &trusted))
+            .run(move || verify::find_covering(&store, &call, now, &trusted))
             .await
         {
             Ok(Ok(found)) => found,
@@ -385,7 +383,14 @@ impl Core {
         }
     }
 
-    async fn refused(self: Arc<Self>, conn: Arc<ConnFacts>, reason: String) {
+    /// Record a protocol refusal; returns once the record is the writer's
+    /// (`Group`) or on disk (`Sync`).
+    async fn refused(
+        self: Arc<Self>,
+        conn: Arc<ConnFacts>,
+        reason: String,
+        durability: Durability,
+    ) {
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
         let agent = self.engine.resolve(&conn.process, now);
@@ -403,16 +408,8 @@ impl Core {
             started,
         );
         let event = facts.event(EventKind::Decision, Verdict::Deny, None, None);
-        let _ = open::record(&self.sinks, event, Durability::Group).await;
+        let _ = open::record(&self.sinks, event, durability).await;
     }
-}
-
-/// This host's name: what credentials bind to (`environment.host`) and what
-/// decision records carry.
-pub fn host_name() -> String {
-    nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn new_decision_id() -> String {
@@ -467,11 +464,19 @@ impl Governor for DecisionPath {
     }
 
     fn refused(&self, conn: &ConnFacts, reason: &str) {
-        tokio::spawn(
-            self.core
-                .clone()
-                .refused(Arc::new(conn.clone()), reason.to_string()),
-        );
+        tokio::spawn(self.core.clone().refused(
+            Arc::new(conn.clone()),
+            reason.to_string(),
+            Durability::Group,
+        ));
+    }
+
+    fn refused_on_record(&self, conn: &ConnFacts, reason: &str) -> BoxFuture<'static, ()> {
+        Box::pin(self.core.clone().refused(
+            Arc::new(conn.clone()),
+            reason.to_string(),
+            Durability::Sync,
+        ))
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! The credential store takes an exclusive `flock` (which a `kya credential`
 //! command may hold) and `fdatasync`s what it spends; the approvals journal
-//! waits for its group `fdatasync`; the first decision of a connection reads
+//! waits for its group `fdatasync` when a hold begins and writes (sometimes
+//! compacts) under its lock when one ends; the first decision of a connection reads
 //! `/proc`. None of that may run on an async worker: a worker stuck in one
 //! stalls every connection it serves. Such work runs on tokio's blocking
 //! pool, at most [`MAX_BLOCKING`] jobs at once; further jobs wait as futures

@@ -16,13 +16,13 @@ use std::path::Path;
 use time::OffsetDateTime;
 
 /// Why a journaled hold is recorded as `interrupted`.
-pub const RESTART_REASON: &str =
+pub(crate) const RESTART_REASON: &str =
     "kya stopped while the call was held (found in the approvals journal at start); the call was not forwarded";
 
 /// Write an `interrupted` record for each of `left` whose decision has no
 /// final record in the log yet (a hold may have ended on record just before
 /// a crash lost its journal line), durably. Returns how many were written.
-pub async fn record_interrupted(
+pub(crate) async fn record_interrupted(
     audit: &AuditLog,
     audit_path: &Path,
     host: &str,

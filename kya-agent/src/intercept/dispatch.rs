@@ -266,23 +266,24 @@ pub(crate) async fn route<A: AgentStream>(
             return;
         }
     };
-    refuse_connection(agent, conn, &conn.facts(None, false), &refusal);
+    refuse_connection(agent, conn, &conn.facts(None, false), &refusal).await;
 }
 
-/// Refuse a connection kya cannot judge: audited with its process, then reset.
-fn refuse_connection<A: AgentStream>(
+/// Refuse a connection kya cannot judge: audited with its process (the record
+/// written first), then reset.
+async fn refuse_connection<A: AgentStream>(
     agent: A,
     conn: &Conn<'_>,
     facts: &Arc<ConnFacts>,
     reason: &str,
 ) {
     tracing::info!(pid = conn.origin.process.pid, dst = %conn.origin.dst, reason, "refusing a connection kya cannot inspect");
-    conn.insp.governor.refused(facts, reason);
+    conn.insp.governor.refused_on_record(facts, reason).await;
     agent.reset();
     drop(agent);
 }
 
-/// Refuse a TLS connection with `alert` (audited).
+/// Refuse a TLS connection with `alert` (audited: the record written first).
 async fn refuse_tls<A: AgentStream>(
     agent: A,
     conn: &Conn<'_>,
@@ -291,7 +292,7 @@ async fn refuse_tls<A: AgentStream>(
     alert: rustls::AlertDescription,
 ) {
     tracing::info!(pid = conn.origin.process.pid, dst = %conn.origin.dst, reason, "refusing a connection kya cannot inspect");
-    conn.insp.governor.refused(facts, reason);
+    conn.insp.governor.refused_on_record(facts, reason).await;
     refuse(agent, alert).await;
 }
 
@@ -331,7 +332,7 @@ async fn tls_path<A: AgentStream>(
         Err(e) => {
             // Nothing was sent upstream: the connection ends here, on the record.
             let reason = format!("no usable TLS ClientHello: {e}");
-            return refuse_connection(agent, conn, &conn.facts(None, true), &reason);
+            return refuse_connection(agent, conn, &conn.facts(None, true), &reason).await;
         }
     };
     let sni = hello.info.sni.clone();
@@ -362,7 +363,7 @@ async fn tls_path<A: AgentStream>(
             let facts = conn.facts(sni.clone(), true);
             if let Some(t) = &conn.tunnel {
                 let reason = format!("passthrough name {name} in the CONNECT tunnel to {t}: kya cannot check where the proxy takes it");
-                return refuse_connection(agent, conn, &facts, &reason);
+                return refuse_connection(agent, conn, &facts, &reason).await;
             }
             match insp.names.resolves_to(name, dst.ip()).await {
                 Ok(true) => {
@@ -373,11 +374,11 @@ async fn tls_path<A: AgentStream>(
                 Ok(false) => {
                     let reason =
                         format!("passthrough name {name} does not resolve to {}", dst.ip());
-                    refuse_connection(agent, conn, &facts, &reason);
+                    refuse_connection(agent, conn, &facts, &reason).await;
                 }
                 Err(e) => {
                     let reason = format!("passthrough name {name} cannot be checked: {e}");
-                    refuse_connection(agent, conn, &facts, &reason);
+                    refuse_connection(agent, conn, &facts, &reason).await;
                 }
             }
             return;

@@ -5,12 +5,12 @@ use crate::bpf::OriginTable;
 use std::net::SocketAddr;
 
 /// The kernel's record of redirected connections.
-pub struct KernelOrigins {
+pub(crate) struct KernelOrigins {
     table: OriginTable,
 }
 
 impl KernelOrigins {
-    pub fn new(table: OriginTable) -> Self {
+    pub(crate) fn new(table: OriginTable) -> Self {
         Self { table }
     }
 }

@@ -38,7 +38,7 @@ impl Default for InterceptorConfig {
 }
 
 /// How long open connections may finish at shutdown.
-pub const DEFAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const DEFAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Errors starting the interceptor.
 #[derive(Debug, thiserror::Error)]

@@ -12,13 +12,13 @@
 
 pub mod dispatch;
 pub mod http;
-pub mod kernel_origin;
-pub mod listener;
+pub(crate) mod kernel_origin;
+pub(crate) mod listener;
 pub mod names;
 pub mod origin;
-pub mod splice;
+pub(crate) mod splice;
 pub(crate) mod tunnel;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use listener::{Interceptor, InterceptorConfig};
 pub use origin::{ConnOrigin, OriginSource};

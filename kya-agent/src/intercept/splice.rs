@@ -4,14 +4,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Bytes moved in each direction by a finished splice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Spliced {
+pub(crate) struct Spliced {
     pub to_upstream: u64,
     pub to_agent: u64,
 }
 
 /// Copy until both sides have closed; half-closes are propagated
 /// (`copy_bidirectional` shuts down the write side when the read side ends).
-pub async fn splice<A, U>(agent: &mut A, upstream: &mut U) -> std::io::Result<Spliced>
+pub(crate) async fn splice<A, U>(agent: &mut A, upstream: &mut U) -> std::io::Result<Spliced>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,

@@ -9,11 +9,11 @@ use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// How long to wait for the original destination to accept.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors connecting upstream.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("cannot create socket: {0}")]
     Socket(std::io::Error),
     #[error("cannot mark socket (SO_MARK needs CAP_NET_ADMIN): {0}")]
@@ -28,7 +28,7 @@ pub enum UpstreamError {
 }
 
 /// Connect to `dst` with a socket the redirect will not touch.
-pub async fn connect(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
+pub(crate) async fn connect(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
     let socket = if dst.is_ipv4() {
         TcpSocket::new_v4()
     } else {

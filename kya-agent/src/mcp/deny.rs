@@ -9,20 +9,20 @@
 
 use serde_json::{json, Value};
 
-pub use crate::config::DenyShape;
+pub(crate) use crate::config::DenyShape;
 
-use super::jsonrpc::{Id, Message};
+use super::jsonrpc::Id;
 
 /// The JSON-RPC error code of a policy denial (implementation-defined server range).
-pub const DENIAL_CODE: i64 = -32001;
+pub(crate) const DENIAL_CODE: i64 = -32001;
 /// The JSON-RPC "Invalid Request" code, for bodies kya cannot read.
-pub const INVALID_REQUEST_CODE: i64 = -32600;
+pub(crate) const INVALID_REQUEST_CODE: i64 = -32600;
 /// The answer to an allowed member of a batch that is not forwarded.
-pub const BATCH_REFUSAL: &str = "refused: part of a batch with a denied call";
+pub(crate) const BATCH_REFUSAL: &str = "refused: part of a batch with a denied call";
 
 /// What a denial says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Denial<'a> {
+pub(crate) struct Denial<'a> {
     /// The deciding rule; `None` when the policy default decided.
     pub rule: Option<&'a str>,
     pub reason: &'a str,
@@ -33,7 +33,7 @@ pub struct Denial<'a> {
 impl Denial<'_> {
     /// `kya denied this call: <reason> (rule <id>, decision <id>)`; a default
     /// decision names the rule `defaults` (the policy table that decided).
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         format!(
             "kya denied this call: {} (rule {}, decision {})",
             self.reason,
@@ -44,7 +44,7 @@ impl Denial<'_> {
 }
 
 /// A `CallToolResult` with `isError: true` answering request `id`.
-pub fn tool_error(id: &Id, denial: &Denial<'_>) -> Value {
+pub(crate) fn tool_error(id: &Id, denial: &Denial<'_>) -> Value {
     tool_error_text(id, &denial.text())
 }
 
@@ -60,7 +60,7 @@ fn tool_error_text(id: &Id, text: &str) -> Value {
 }
 
 /// A JSON-RPC error (code -32001, `data: {rule, reason, decision}`) answering `id`.
-pub fn jsonrpc_error(id: &Id, denial: &Denial<'_>) -> Value {
+pub(crate) fn jsonrpc_error(id: &Id, denial: &Denial<'_>) -> Value {
     json!({
         "jsonrpc": "2.0",
         "id": id.to_value(),
@@ -78,7 +78,7 @@ pub fn jsonrpc_error(id: &Id, denial: &Denial<'_>) -> Value {
 
 /// The denial of request `id` in the configured shape; `is_tool_call` is whether the
 /// request was a `tools/call` (only those can be answered with a `CallToolResult`).
-pub fn denial(shape: DenyShape, id: &Id, is_tool_call: bool, d: &Denial<'_>) -> Value {
+pub(crate) fn denial(shape: DenyShape, id: &Id, is_tool_call: bool, d: &Denial<'_>) -> Value {
     match (shape, is_tool_call) {
         (DenyShape::ToolError, true) => tool_error(id, d),
         _ => jsonrpc_error(id, d),
@@ -87,7 +87,12 @@ pub fn denial(shape: DenyShape, id: &Id, is_tool_call: bool, d: &Denial<'_>) -> 
 
 /// The answer to an allowed member of a batch that is not forwarded because another
 /// member was not allowed. `decision` is this member's own decision id.
-pub fn batch_refusal(shape: DenyShape, id: &Id, is_tool_call: bool, decision: &str) -> Value {
+pub(crate) fn batch_refusal(
+    shape: DenyShape,
+    id: &Id,
+    is_tool_call: bool,
+    decision: &str,
+) -> Value {
     match (shape, is_tool_call) {
         (DenyShape::ToolError, true) => tool_error_text(id, BATCH_REFUSAL),
         _ => json!({
@@ -102,58 +107,16 @@ pub fn batch_refusal(shape: DenyShape, id: &Id, is_tool_call: bool, decision: &s
     }
 }
 
-/// How one member of a batch was decided, for [`refuse_batch`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemberVerdict<'a> {
-    /// Allowed on its own, but not forwarded because another member was not.
-    Allowed { decision: &'a str },
-    /// Denied (or a hold that ended in denial).
-    Denied(Denial<'a>),
-}
-
-/// The answer to a batch in which some member was not allowed, so no member is
-/// forwarded: every request gets its own answer, in order; notifications
-/// and responses get none (JSON-RPC answers neither). `verdicts[i]` belongs to
-/// `messages[i]`; a request without a verdict is answered as denied, never skipped,
-/// so a caller's bookkeeping slip cannot leave a client waiting on a silent success.
-pub fn refuse_batch(
-    shape: DenyShape,
-    messages: &[Message],
-    verdicts: &[Option<MemberVerdict<'_>>],
-) -> Value {
-    let mut answers = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        let (id, is_tool_call) = match m {
-            Message::ToolCall(t) => (&t.id, true),
-            Message::Request(r) => (&r.id, false),
-            _ => continue,
-        };
-        let answer = match verdicts.get(i).copied().flatten() {
-            Some(MemberVerdict::Allowed { decision }) => {
-                batch_refusal(shape, id, is_tool_call, decision)
-            }
-            Some(MemberVerdict::Denied(d)) => denial(shape, id, is_tool_call, &d),
-            None => denial(
-                shape,
-                id,
-                is_tool_call,
-                &Denial {
-                    rule: None,
-                    reason: "no decision was recorded for this batch member",
-                    decision: "none",
-                },
-            ),
-        };
-        answers.push(answer);
-    }
-    Value::Array(answers)
-}
-
 /// A `notifications/progress` for a held call, so clients that reset their timeout
 /// on progress keep waiting and the model sees why. `progress` must increase with
 /// every notification for one token (the MCP rule); `message` is
 /// `waiting for approval by <owner>, code <binding>`.
-pub fn progress_notification(token: &Id, progress: u64, owner: &str, binding: &str) -> Value {
+pub(crate) fn progress_notification(
+    token: &Id,
+    progress: u64,
+    owner: &str,
+    binding: &str,
+) -> Value {
     json!({
         "jsonrpc": "2.0",
         "method": "notifications/progress",
@@ -167,7 +130,7 @@ pub fn progress_notification(token: &Id, progress: u64, owner: &str, binding: &s
 
 /// The answer to a body kya could not read canonically (no id is trustworthy, so it
 /// is `null`, as JSON-RPC prescribes for unreadable requests).
-pub fn refusal(reason: &str) -> Value {
+pub(crate) fn refusal(reason: &str) -> Value {
     json!({
         "jsonrpc": "2.0",
         "id": null,
@@ -254,40 +217,6 @@ mod tests {
         reparse(&v);
         let v = batch_refusal(DenyShape::ToolError, &Id::Int(3), false, "d-3");
         assert_eq!(v["error"]["code"], DENIAL_CODE);
-    }
-
-    #[test]
-    fn whole_batch_refusal() {
-        use crate::mcp::jsonrpc::parse_payload;
-        let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}},
-            {"jsonrpc":"2.0","method":"notifications/progress","params":{}},
-            {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_db"}},
-            {"jsonrpc":"2.0","id":3,"method":"resources/read","params":{"uri":"x"}}]"#;
-        let p = parse_payload(&parse(body, &JsonLimits::default()).unwrap(), 8).unwrap();
-        let v = refuse_batch(
-            DenyShape::ToolError,
-            &p.messages,
-            &[
-                Some(MemberVerdict::Allowed { decision: "d-1" }),
-                None,
-                Some(MemberVerdict::Denied(D)),
-            ],
-        );
-        let answers = v.as_array().unwrap();
-        assert_eq!(answers.len(), 3, "{v}");
-        assert_eq!(answers[0]["id"], 1);
-        assert_eq!(answers[0]["result"]["content"][0]["text"], BATCH_REFUSAL);
-        assert_eq!(answers[1]["id"], 2);
-        assert_eq!(answers[1]["result"]["content"][0]["text"], D.text());
-        // Member 3 had no verdict: it is denied, not silently dropped.
-        assert_eq!(answers[2]["id"], 3);
-        assert_eq!(answers[2]["error"]["code"], DENIAL_CODE);
-        let back = parse_payload(
-            &parse(&to_canonical_bytes(&v), &JsonLimits::default()).unwrap(),
-            8,
-        )
-        .unwrap();
-        assert!(back.batch);
     }
 
     #[test]

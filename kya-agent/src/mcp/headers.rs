@@ -13,17 +13,17 @@ use serde_json::Value;
 
 use super::jsonrpc::Message;
 
-pub const MCP_SESSION_ID: &str = "mcp-session-id";
-pub const MCP_PROTOCOL_VERSION: &str = "mcp-protocol-version";
-pub const MCP_METHOD: &str = "mcp-method";
-pub const MCP_NAME: &str = "mcp-name";
+pub(crate) const MCP_SESSION_ID: &str = "mcp-session-id";
+pub(crate) const MCP_PROTOCOL_VERSION: &str = "mcp-protocol-version";
+pub(crate) const MCP_METHOD: &str = "mcp-method";
+pub(crate) const MCP_NAME: &str = "mcp-name";
 
 /// Longest session id accepted: ids are opaque tokens, not payloads.
 const MAX_SESSION_ID: usize = 1024;
 
 /// The MCP headers of one request, validated and decoded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct McpHeaders {
+pub(crate) struct McpHeaders {
     pub session_id: Option<String>,
     pub protocol_version: Option<String>,
     pub method: Option<String>,
@@ -33,7 +33,7 @@ pub struct McpHeaders {
 
 /// Why the headers are refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderError {
+pub(crate) enum HeaderError {
     #[error("header {0} appears more than once")]
     Repeated(&'static str),
     #[error("header {0} is not visible ASCII")]
@@ -54,8 +54,6 @@ pub enum HeaderError {
         header: String,
         body: Option<String>,
     },
-    #[error("Host {host:?} does not match the TLS server name {sni:?}")]
-    HostSniMismatch { host: String, sni: String },
     #[error("malformed Host {0:?}")]
     BadHost(String),
 }
@@ -75,7 +73,7 @@ fn single<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, H
 }
 
 /// Read and validate the MCP headers.
-pub fn read_mcp_headers(h: &HeaderMap) -> Result<McpHeaders, HeaderError> {
+pub(crate) fn read_mcp_headers(h: &HeaderMap) -> Result<McpHeaders, HeaderError> {
     let session_id = match single(h, MCP_SESSION_ID)? {
         None => None,
         Some(s) => {
@@ -115,7 +113,7 @@ pub fn read_mcp_headers(h: &HeaderMap) -> Result<McpHeaders, HeaderError> {
 
 /// SEP-2243 value encoding: values that are not plain printable ASCII travel as
 /// `=?base64?{standard base64 of the UTF-8}?=`; anything wearing the markers is encoded.
-pub fn decode_name(raw: &str) -> Result<String, HeaderError> {
+pub(crate) fn decode_name(raw: &str) -> Result<String, HeaderError> {
     match raw
         .strip_prefix("=?base64?")
         .and_then(|r| r.strip_suffix("?="))
@@ -146,7 +144,7 @@ fn body_name(m: &Message) -> Option<String> {
 
 /// Check that `Mcp-Method` and `Mcp-Name`, when present, agree with every message of
 /// the body that has a method. Absent headers are fine (older clients send none).
-pub fn check_agreement(h: &McpHeaders, messages: &[Message]) -> Result<(), HeaderError> {
+pub(crate) fn check_agreement(h: &McpHeaders, messages: &[Message]) -> Result<(), HeaderError> {
     let with_method: Vec<&Message> = messages.iter().filter(|m| m.method().is_some()).collect();
     if let Some(header) = &h.method {
         if with_method.is_empty() {
@@ -186,7 +184,7 @@ pub fn check_agreement(h: &McpHeaders, messages: &[Message]) -> Result<(), Heade
 
 /// A host name as compared for Host/SNI agreement: port stripped (IPv6 brackets
 /// kept off), one trailing dot removed, ASCII lower case.
-pub fn normalize_host(host: &str) -> Result<String, HeaderError> {
+pub(crate) fn normalize_host(host: &str) -> Result<String, HeaderError> {
     let bad = || HeaderError::BadHost(host.to_string());
     let h = host.trim();
     let name = if let Some(rest) = h.strip_prefix('[') {
@@ -223,20 +221,6 @@ fn valid_port(p: &str) -> bool {
         && p.len() <= 5
         && p.bytes().all(|b| b.is_ascii_digit())
         && p.parse::<u16>().is_ok()
-}
-
-/// Domain-fronting check: the HTTP `Host` (or `:authority`) must name the host the
-/// TLS SNI named (case-insensitive, port stripped).
-pub fn check_host_sni(host: &str, sni: &str) -> Result<(), HeaderError> {
-    let h = normalize_host(host)?;
-    let s = normalize_host(sni)?;
-    if h != s {
-        return Err(HeaderError::HostSniMismatch {
-            host: host.to_string(),
-            sni: sni.to_string(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -382,19 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn host_and_sni() {
-        assert!(check_host_sni("MCP.Example.com:443", "mcp.example.com").is_ok());
-        assert!(check_host_sni("mcp.example.com.", "mcp.example.com").is_ok());
-        assert!(check_host_sni("[::1]:8443", "::1").is_ok());
-        assert!(check_host_sni("127.0.0.1:80", "127.0.0.1").is_ok());
-        assert!(matches!(
-            check_host_sni("evil.example.com", "mcp.example.com"),
-            Err(HeaderError::HostSniMismatch { .. })
-        ));
-        assert!(matches!(
-            check_host_sni("mcp.example.com.evil.test", "mcp.example.com"),
-            Err(HeaderError::HostSniMismatch { .. })
-        ));
+    fn bad_hosts() {
         for bad in [
             "", ":443", "a:99999", "a:b", "[::1", "[::1]x", "a b", "a/b", "a@b", "host:",
         ] {
@@ -419,7 +391,6 @@ mod tests {
             let s = String::from_utf8_lossy(&v);
             let _ = normalize_host(&s);
             let _ = decode_name(&s);
-            let _ = check_host_sni(&s, "mcp.test");
         }
 
         #[test]

@@ -7,9 +7,9 @@
 //! The proxy (`intercept::http`: `inspect` for requests, `filter` and `stream` for
 //! what servers send) runs them in order; it is the only pipeline.
 
-pub mod deny;
+pub(crate) mod deny;
 pub mod encoding;
-pub mod headers;
+pub(crate) mod headers;
 pub mod json;
 pub mod jsonrpc;
 pub mod sse;

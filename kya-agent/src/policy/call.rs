@@ -9,12 +9,12 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 /// Largest call description accepted.
-pub const MAX_CALL_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_CALL_BYTES: usize = 4 * 1024 * 1024;
 
 /// One call, as written by a person.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CallDescription {
+pub(crate) struct CallDescription {
     /// Agent name (or `{name, owner, orphaned}`); omitted → resolved from `process`.
     #[serde(default)]
     pub agent: Option<AgentField>,
@@ -47,7 +47,7 @@ pub struct CallDescription {
 /// `"agent": "name"` or `"agent": {"name": .., "owner": .., "orphaned": ..}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum AgentField {
+pub(crate) enum AgentField {
     /// A name (looked up in the registry for owner and lifecycle).
     Name(String),
     /// Everything spelled out.
@@ -66,7 +66,7 @@ pub enum AgentField {
 /// A time as RFC 3339 or unix seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum TimeField {
+pub(crate) enum TimeField {
     /// `2026-11-26T12:00:00Z`.
     Text(String),
     /// Unix seconds.
@@ -83,7 +83,7 @@ fn empty_object() -> serde_json::Value {
 
 impl CallDescription {
     /// Parse JSON text (bounded).
-    pub fn from_json(text: &str) -> Result<CallDescription, String> {
+    pub(crate) fn from_json(text: &str) -> Result<CallDescription, String> {
         if text.len() > MAX_CALL_BYTES {
             return Err(format!(
                 "call description larger than {MAX_CALL_BYTES} bytes"
@@ -93,12 +93,12 @@ impl CallDescription {
     }
 
     /// From a JSON value (e.g. converted from a TOML test table).
-    pub fn from_value(v: serde_json::Value) -> Result<CallDescription, String> {
+    pub(crate) fn from_value(v: serde_json::Value) -> Result<CallDescription, String> {
         serde_json::from_value(v).map_err(|e| format!("bad call description: {e}"))
     }
 
     /// The call time (now when not given).
-    pub fn time(&self) -> Result<OffsetDateTime, String> {
+    pub(crate) fn time(&self) -> Result<OffsetDateTime, String> {
         match &self.time {
             None => Ok(OffsetDateTime::now_utc()),
             Some(TimeField::Unix(s)) => {
@@ -115,7 +115,7 @@ impl CallDescription {
     }
 
     /// Build the call context, resolving the agent with `registry`.
-    pub fn into_call(self, registry: &Registry) -> Result<CallContext, String> {
+    pub(crate) fn into_call(self, registry: &Registry) -> Result<CallContext, String> {
         let time = self.time()?;
         if self.method.is_empty() {
             return Err("method must not be empty".to_string());
@@ -155,7 +155,7 @@ impl CallDescription {
 }
 
 /// TOML to JSON for call tables in test files (datetimes become RFC 3339 strings).
-pub fn toml_to_json(v: &toml::Value) -> Result<serde_json::Value, String> {
+pub(crate) fn toml_to_json(v: &toml::Value) -> Result<serde_json::Value, String> {
     Ok(match v {
         toml::Value::String(s) => serde_json::Value::String(s.clone()),
         toml::Value::Integer(i) => serde_json::Value::from(*i),

@@ -58,13 +58,13 @@ const FUNCTIONS: &[&str] = &[
 
 /// Longest accepted CEL source, in bytes. Conditions are written by people;
 /// the bound keeps parsing and evaluation of hostile input cheap.
-pub const MAX_CEL_LEN: usize = 4 * 1024;
+pub(crate) const MAX_CEL_LEN: usize = 4 * 1024;
 /// Deepest bracket nesting accepted before parsing: the parser recurses per
 /// level and would overflow the stack on thousands of `((((`.
-pub const MAX_NESTING: usize = 32;
+pub(crate) const MAX_NESTING: usize = 32;
 /// Deepest expression tree accepted (evaluation recurses per level, and may
 /// run on a 2 MiB tokio worker stack).
-pub const MAX_AST_DEPTH: usize = 96;
+pub(crate) const MAX_AST_DEPTH: usize = 96;
 /// Stack of the compiler thread.
 const COMPILE_STACK: usize = 256 * 1024 * 1024;
 
@@ -137,10 +137,10 @@ pub struct Condition {
 }
 
 /// A set of top-level variables (bit i = `VARIABLES[i]`).
-pub type VarMask = u16;
+pub(crate) type VarMask = u16;
 
 /// Every variable.
-pub const ALL_VARS: VarMask = (1 << VARIABLES.len()) - 1;
+pub(crate) const ALL_VARS: VarMask = (1 << VARIABLES.len()) - 1;
 
 fn var_bit(name: &str) -> VarMask {
     VARIABLES
@@ -539,7 +539,7 @@ fn map<'a>(entries: Vec<(&'static str, Box<dyn Val + 'a>)>) -> Box<dyn Val + 'a>
 
 /// JSON to CEL: integers that fit i64 are ints, every other number a double
 /// (`policies/README.md`), so `args.amount > 1000` means the same for `5000` and `5000.0`.
-pub fn json_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
+pub(crate) fn json_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
     match v {
         serde_json::Value::Null => Box::new(CelNull),
         serde_json::Value::Bool(b) => Box::new(CelBool::from(*b)),

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Check `paths`; the result holds errors and warnings.
-pub fn check(paths: &[PathBuf]) -> Diagnostics {
+pub(crate) fn check(paths: &[PathBuf]) -> Diagnostics {
     let mut diags = Diagnostics::default();
     // group key: None = explicit files, Some(dir) = that directory.
     let mut groups: BTreeMap<Option<PathBuf>, Vec<Source>> = BTreeMap::new();

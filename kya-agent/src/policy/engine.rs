@@ -5,7 +5,7 @@
 use super::budget::{window_key, BudgetError, BudgetGuard, BudgetItem, BudgetState, ReservationId};
 
 /// The pseudo-rule of a call refused because budgets could not reserve for it.
-pub const BUDGET_UNAVAILABLE_RULE: &str = "kya:budget-unavailable";
+pub(crate) const BUDGET_UNAVAILABLE_RULE: &str = "kya:budget-unavailable";
 use super::cel::{Activation, VarMask, ALL_VARS};
 use super::diag::Diagnostics;
 use super::glob::Glob;
@@ -19,11 +19,11 @@ use std::sync::{Arc, RwLock};
 
 /// The pseudo-rule id reported when an orphaned agent's call is decided by
 /// `[defaults] orphaned`.
-pub const ORPHANED_RULE: &str = "kya:orphaned-agent";
+pub(crate) const ORPHANED_RULE: &str = "kya:orphaned-agent";
 
 /// Lowercase, port stripped (`Host: MCP.example.com:8443` → `mcp.example.com`,
 /// `[::1]:443` → `::1`).
-pub fn normalize_server(server: &str) -> String {
+pub(crate) fn normalize_server(server: &str) -> String {
     let s = server.trim().trim_end_matches('.');
     let host = if let Some(rest) = s.strip_prefix('[') {
         rest.split_once(']').map(|(h, _)| h).unwrap_or(rest)

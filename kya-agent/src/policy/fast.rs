@@ -15,7 +15,7 @@ use std::cmp::Ordering;
 
 /// A condition compiled for the fast path.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Fast {
+pub(crate) enum Fast {
     /// A literal.
     Lit(Lit),
     /// A field path rooted at a variable (`args.a.b`, `time.hour`, `tool`).
@@ -40,7 +40,7 @@ pub enum Fast {
 
 /// A string method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StrOp {
+pub(crate) enum StrOp {
     /// `contains`
     Contains,
     /// `startsWith`
@@ -51,7 +51,7 @@ pub enum StrOp {
 
 /// A literal value.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Lit {
+pub(crate) enum Lit {
     /// int.
     Int(i64),
     /// double.
@@ -64,7 +64,7 @@ pub enum Lit {
 
 /// A comparison operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// ==
     Eq,
     /// !=
@@ -103,7 +103,7 @@ const VARS: &[&str] = &[
 
 impl Fast {
     /// Compile an AST for the fast path, or None when it has another shape.
-    pub fn compile(e: &IdedExpr) -> Option<Fast> {
+    pub(crate) fn compile(e: &IdedExpr) -> Option<Fast> {
         match &e.expr {
             Expr::Literal(l) => Some(Fast::Lit(match l {
                 LiteralValue::Int(i) => Lit::Int(*i.inner()),
@@ -173,7 +173,7 @@ impl Fast {
     }
 
     /// Evaluate to a boolean, or None when only CEL can say.
-    pub fn eval_bool(&self, call: &CallContext, offset: time::UtcOffset) -> Option<bool> {
+    pub(crate) fn eval_bool(&self, call: &CallContext, offset: time::UtcOffset) -> Option<bool> {
         match self.eval(call, offset)? {
             V::Bool(b) => Some(b),
             _ => None,
@@ -181,7 +181,7 @@ impl Fast {
     }
 
     /// Evaluate to a finite number (budget sums), or None when only CEL can say.
-    pub fn eval_number(&self, call: &CallContext, offset: time::UtcOffset) -> Option<f64> {
+    pub(crate) fn eval_number(&self, call: &CallContext, offset: time::UtcOffset) -> Option<f64> {
         match self.eval(call, offset)? {
             V::Int(i) => Some(i as f64),
             V::Float(f) if f.is_finite() => Some(f),

@@ -47,7 +47,7 @@ pub enum GlobError {
 }
 
 /// Longest accepted pattern.
-pub const MAX_GLOB_LEN: usize = 1024;
+pub(crate) const MAX_GLOB_LEN: usize = 1024;
 
 impl Glob {
     /// Compile a case-sensitive glob (tool names).

@@ -7,7 +7,7 @@
 //! else they are candidates for every call of their method.
 
 use super::glob::Glob;
-use super::model::Rule;
+use super::rule::Rule;
 use std::collections::HashMap;
 
 /// Globs keyed for lookup: exact names, literal prefixes, literal suffixes, rest.

@@ -23,20 +23,20 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// The shipped default policy, used when no policy path is configured.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.toml");
+pub(crate) const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.toml");
 /// Name of the embedded default in diagnostics.
-pub const EMBEDDED_NAME: &str = "<embedded policies/default.toml>";
+pub(crate) const EMBEDDED_NAME: &str = "<embedded policies/default.toml>";
 
 /// Largest policy file read (a policy is text written by people).
-pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// Longest accepted `hold_timeout`.
-pub const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest accepted budget window.
-pub const MAX_BUDGET_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
+pub(crate) const MAX_BUDGET_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// The three kinds of policy file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
+pub(crate) enum FileKind {
     /// `[defaults]`, `[[rule]]`, `[[budget]]`.
     Rules,
     /// `[[agent]]` (plus `departed_owners`).
@@ -67,7 +67,7 @@ const KEYS: &[(&str, FileKind)] = &[
 ];
 
 /// Recognise a file's kind from its top-level keys.
-pub fn detect_kind(src: &Source) -> Result<FileKind, Diagnostic> {
+pub(crate) fn detect_kind(src: &Source) -> Result<FileKind, Diagnostic> {
     let table = toml::de::DeTable::parse(&src.text).map_err(|e| src.toml_error(&e))?;
     let mut keys: Vec<(usize, String)> = table
         .get_ref()
@@ -109,7 +109,7 @@ pub fn detect_kind(src: &Source) -> Result<FileKind, Diagnostic> {
 }
 
 /// Read a file (bounded), as a [`Source`] named by its path.
-pub fn read_source(path: &Path) -> Result<Source, Diagnostic> {
+pub(crate) fn read_source(path: &Path) -> Result<Source, Diagnostic> {
     let name = path.display().to_string();
     let fail = |m: String| Diagnostic {
         file: name.clone(),
@@ -128,7 +128,7 @@ pub fn read_source(path: &Path) -> Result<Source, Diagnostic> {
 
 /// Expand paths: files stay, directories give their `*.toml` files in lexical
 /// order (descending into subdirectories when `recursive`).
-pub fn expand(paths: &[PathBuf], recursive: bool) -> Result<Vec<PathBuf>, Diagnostics> {
+pub(crate) fn expand(paths: &[PathBuf], recursive: bool) -> Result<Vec<PathBuf>, Diagnostics> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for p in paths {
@@ -596,7 +596,7 @@ impl Compiler {
 }
 
 /// At most `max` characters of `s`, with an ellipsis when cut (long input in messages).
-pub fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}...", &s[..i]),
         None => s.to_string(),
@@ -611,7 +611,7 @@ fn origin(src: &Source, offset: usize) -> Origin {
 }
 
 /// Parse a positive duration like `120s`, `24h`, `1h 30m`, at most `max`.
-pub fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("bad duration {s:?}: {e} (e.g. \"120s\", \"24h\")"))?;
     if d.is_zero() {
@@ -627,7 +627,7 @@ pub fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
 }
 
 /// `UTC`/`Z` or a fixed offset `+HH:MM` / `-HH:MM`.
-pub fn parse_timezone(s: &str) -> Option<time::UtcOffset> {
+pub(crate) fn parse_timezone(s: &str) -> Option<time::UtcOffset> {
     if s.eq_ignore_ascii_case("utc") || s == "Z" {
         return Some(time::UtcOffset::UTC);
     }

@@ -18,20 +18,21 @@
 //! * [`testfile`], [`check`], [`command`]: policy tests and the `kya policy` CLI.
 
 pub mod budget;
-pub mod call;
-pub mod cel;
-pub mod check;
+pub(crate) mod call;
+pub(crate) mod cel;
+pub(crate) mod check;
 pub mod command;
 pub mod diag;
-pub mod engine;
-pub mod fast;
-pub mod glob;
-pub mod index;
-pub mod load;
-pub mod model;
-pub mod registry;
-pub mod reload;
-pub mod testfile;
+pub(crate) mod engine;
+pub(crate) mod fast;
+pub(crate) mod glob;
+pub(crate) mod index;
+pub(crate) mod load;
+pub(crate) mod model;
+pub(crate) mod registry;
+pub(crate) mod reload;
+pub(crate) mod rule;
+pub(crate) mod testfile;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use engine::{EngineError, PolicyEngine};

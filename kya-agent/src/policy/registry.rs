@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use toml::Spanned;
 
 /// The name of a selected process that matches no registered agent.
-pub const UNREGISTERED: &str = "unregistered";
+pub(crate) const UNREGISTERED: &str = "unregistered";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -439,7 +439,7 @@ fn date(
 }
 
 /// `YYYY-MM-DD` (midnight UTC) or an RFC 3339 timestamp.
-pub fn parse_date(s: &str) -> Option<OffsetDateTime> {
+pub(crate) fn parse_date(s: &str) -> Option<OffsetDateTime> {
     use time::format_description::well_known::Rfc3339;
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Some(t);

@@ -12,11 +12,11 @@ use std::time::{Duration, SystemTime};
 /// What the watched files look like now: (path, size, mtime) of every file,
 /// including the `*.toml` files inside watched directories.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint(Vec<(PathBuf, Option<(u64, SystemTime)>)>);
+pub(crate) struct Fingerprint(Vec<(PathBuf, Option<(u64, SystemTime)>)>);
 
 impl Fingerprint {
     /// Take the fingerprint of `paths` (directories expand to their `*.toml` files).
-    pub fn of(paths: &[PathBuf]) -> Fingerprint {
+    pub(crate) fn of(paths: &[PathBuf]) -> Fingerprint {
         let mut v = Vec::new();
         for p in paths {
             if p.is_dir() {
@@ -47,11 +47,11 @@ fn stat(p: &Path) -> Option<(u64, SystemTime)> {
 /// Called after every reload attempt with its result (the new version, or
 /// the errors that kept the old policy running): the daemon updates the eBPF
 /// selection from the new registry and counts reloads in its metrics.
-pub type OnReload = Box<dyn Fn(&PolicyEngine, &Result<String, Diagnostics>) + Send + Sync>;
+pub(crate) type OnReload = Box<dyn Fn(&PolicyEngine, &Result<String, Diagnostics>) + Send + Sync>;
 
 /// Spawn the reload task on the current tokio runtime: reload on SIGHUP and
 /// whenever the fingerprint of the engine's files changes (checked every `interval`).
-pub fn spawn_watcher(
+pub(crate) fn spawn_watcher(
     engine: Arc<PolicyEngine>,
     interval: Duration,
     on_reload: OnReload,

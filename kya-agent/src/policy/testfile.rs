@@ -46,11 +46,11 @@ struct RawTest {
 }
 
 /// Most `forwarded_before` repetitions accepted.
-pub const MAX_FORWARDED_BEFORE: u32 = 10_000;
+pub(crate) const MAX_FORWARDED_BEFORE: u32 = 10_000;
 
 /// One test case.
 #[derive(Debug)]
-pub struct TestCase {
+pub(crate) struct TestCase {
     /// Name.
     pub name: String,
     /// 1-based line.
@@ -69,7 +69,7 @@ pub struct TestCase {
 
 /// A parsed test file.
 #[derive(Debug)]
-pub struct TestFile {
+pub(crate) struct TestFile {
     /// File name.
     pub name: String,
     /// Policy paths named by the file (resolved against its directory).
@@ -82,7 +82,7 @@ pub struct TestFile {
 
 /// The result of one test.
 #[derive(Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// `file:line name`.
     pub label: String,
     /// None = passed; Some(why) = failed.
@@ -90,7 +90,7 @@ pub struct Outcome {
 }
 
 /// Parse a test file; `dir` resolves its relative paths.
-pub fn parse(src: &Source, dir: &Path) -> Result<TestFile, Diagnostics> {
+pub(crate) fn parse(src: &Source, dir: &Path) -> Result<TestFile, Diagnostics> {
     match detect_kind(src) {
         Ok(FileKind::Tests) => {}
         Ok(_) => {
@@ -168,7 +168,7 @@ pub fn parse(src: &Source, dir: &Path) -> Result<TestFile, Diagnostics> {
 
 /// Run a test file. Its own `policy`/`agents` take precedence over the ones
 /// given (`fallback_policy` from the command line).
-pub fn run(
+pub(crate) fn run(
     file: &TestFile,
     fallback_policy: Option<&Policy>,
     fallback_registry: &Registry,

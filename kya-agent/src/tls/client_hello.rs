@@ -193,8 +193,8 @@ impl ClientHelloInfo {
     }
 }
 
-/// A ClientHello read off the connection, ready to be terminated
-/// ([`crate::tls::terminate`]) or replayed for a splice ([`PeekedHello::raw`]).
+/// A ClientHello read off the connection, ready to be terminated (by the
+/// terminator, `terminate.rs`) or replayed for a splice ([`PeekedHello::raw`]).
 pub struct PeekedHello {
     pub info: ClientHelloInfo,
     pub(crate) accepted: Accepted,

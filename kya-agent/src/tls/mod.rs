@@ -71,7 +71,6 @@ impl TlsContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::RunArgs;
     use crate::config::{FileConfig, InterceptSection};
 
     fn config(
@@ -86,7 +85,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let args = RunArgs {
+        let args = crate::config::Overrides {
             state_dir: Some(dir.to_path_buf()),
             upstream_ca,
             ..Default::default()

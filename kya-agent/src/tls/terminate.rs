@@ -3,8 +3,7 @@
 //!
 //! Order of a terminated connection (the interceptor drives it):
 //! 1. [`read_client_hello`](super::client_hello::read_client_hello): SNI + ALPN;
-//! 2. [`UpstreamConnector::connect`](super::upstream::UpstreamConnector::connect)
-//!    with the agent's ALPN: the real server picks h2 or http/1.1 (or none);
+//! 2. `UpstreamConnector::connect` (`upstream.rs`) with the agent's ALPN: the real server picks h2 or http/1.1 (or none);
 //! 3. [`Terminator::terminate`] with that choice: the agent gets the same one.
 //!
 //! Upstream first, because a refused upstream certificate must not be hidden

@@ -9,7 +9,7 @@
 //!
 //! ALPN: the agent's own offer, restricted to what kya's HTTP layer inspects
 //! (`h2`, `http/1.1`), is offered upstream in the agent's order; what the
-//! upstream agrees is then served to the agent ([`crate::tls::terminate`]), so
+//! upstream agrees is then served to the agent (by the terminator), so
 //! both legs speak the same HTTP version.
 
 use crate::ca::LeafName;

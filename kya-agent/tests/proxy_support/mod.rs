@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// What the fake governor does with a tool (or a server→client method).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
+pub(crate) enum Act {
     Allow,
     Deny,
     /// Held until the test releases it, or denied after the timeout.
@@ -30,7 +30,7 @@ pub enum Act {
 }
 
 #[derive(Default)]
-pub struct FakeGov {
+pub(crate) struct FakeGov {
     pub table: Mutex<HashMap<String, Act>>,
     pub calls: Mutex<Vec<CallFacts>>,
     pub refusals: Mutex<Vec<String>>,
@@ -42,7 +42,7 @@ pub struct FakeGov {
 }
 
 impl FakeGov {
-    pub fn new(entries: &[(&str, Act)]) -> Arc<Self> {
+    pub(crate) fn new(entries: &[(&str, Act)]) -> Arc<Self> {
         let g = Self::default();
         for (k, a) in entries {
             g.table.lock().unwrap().insert(k.to_string(), *a);
@@ -51,7 +51,7 @@ impl FakeGov {
     }
 
     /// Release the hold on `tool`: true approves, false denies. Waits until it exists.
-    pub async fn release(&self, tool: &str, approve: bool) {
+    pub(crate) async fn release(&self, tool: &str, approve: bool) {
         for _ in 0..500 {
             if let Some(tx) = self.releases.lock().unwrap().remove(tool) {
                 let _ = tx.send(approve);
@@ -63,7 +63,7 @@ impl FakeGov {
     }
 
     /// Wait until a hold on `tool` is pending (without releasing it).
-    pub async fn wait_for_hold(&self, tool: &str) {
+    pub(crate) async fn wait_for_hold(&self, tool: &str) {
         for _ in 0..1000 {
             if self.releases.lock().unwrap().contains_key(tool) {
                 return;
@@ -73,7 +73,7 @@ impl FakeGov {
         panic!("no hold on {tool}");
     }
 
-    pub fn decided_tools(&self) -> Vec<String> {
+    pub(crate) fn decided_tools(&self) -> Vec<String> {
         self.calls
             .lock()
             .unwrap()
@@ -96,7 +96,7 @@ impl Drop for Abandon {
     }
 }
 
-pub struct GovHandle(pub Arc<FakeGov>);
+pub(crate) struct GovHandle(pub Arc<FakeGov>);
 
 impl Governor for GovHandle {
     fn decide(&self, call: CallFacts) -> BoxFuture<'static, Ruling> {
@@ -166,7 +166,7 @@ impl Governor for GovHandle {
 
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     pub method: String,
     pub path: String,
     pub version: http::Version,
@@ -175,13 +175,13 @@ pub struct Seen {
 }
 
 impl Seen {
-    pub fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 }
 
 /// The recording upstream.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Legacy sessions: session id → sender into its SSE stream.
@@ -189,11 +189,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn seen(&self) -> Vec<Seen> {
+    pub(crate) fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
     /// The tools/call names the upstream actually received.
-    pub fn tools_called(&self) -> Vec<String> {
+    pub(crate) fn tools_called(&self) -> Vec<String> {
         let mut out = Vec::new();
         for s in self.seen() {
             let v = s.json();
@@ -215,9 +215,20 @@ fn tool_result(id: &Value, text: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": text}]}})
 }
 
+/// A result shaped like a `tools/list` answer (three tools, one hidden by
+/// [`default_gov`]'s `hidden` list when a test adds `transfer` to it).
+pub(crate) fn tools_shaped(id: &Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "result": {"tools": [
+        {"name": "search_docs", "inputSchema": {"type": "object"}},
+        {"name": "delete_records", "inputSchema": {"type": "object"}},
+        {"name": "transfer", "inputSchema": {"type": "object"}}]}})
+}
+
 fn answer_one(m: &Value) -> Option<Value> {
     let id = m.get("id")?;
     match m["method"].as_str()? {
+        // A tool whose result looks like a tools/list answer.
+        "tools/call" if m["params"]["name"] == "list_like" => Some(tools_shaped(id)),
         "tools/call" => {
             let name = m["params"]["name"].as_str().unwrap_or("");
             Some(tool_result(
@@ -225,10 +236,7 @@ fn answer_one(m: &Value) -> Option<Value> {
                 &format!("ran {name} with {}", m["params"]["arguments"]),
             ))
         }
-        "tools/list" => Some(json!({"jsonrpc": "2.0", "id": id, "result": {"tools": [
-            {"name": "search_docs", "inputSchema": {"type": "object"}},
-            {"name": "delete_records", "inputSchema": {"type": "object"}},
-            {"name": "transfer", "inputSchema": {"type": "object"}}]}})),
+        "tools/list" => Some(tools_shaped(id)),
         _ => Some(json!({"jsonrpc": "2.0", "id": id, "result": {}})),
     }
 }
@@ -294,6 +302,29 @@ async fn upstream_handle(
         return Ok(resp
             .header("content-type", "text/event-stream")
             .body(ChanBody(rx).boxed())
+            .unwrap());
+    }
+    if parts.method == http::Method::GET && parts.uri.path() == "/stream-answers" {
+        // A GET stream carrying tools/list-shaped answers to the JSON ids in
+        // the query (`ids=[5,"5"]`), each sent twice.
+        let ids: Vec<Value> = parts
+            .uri
+            .query()
+            .and_then(|q| q.strip_prefix("ids="))
+            .map(|q| {
+                percent_encoding::percent_decode_str(q)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .and_then(|q| serde_json::from_str(&q).ok())
+            .unwrap_or_default();
+        let mut s = String::new();
+        for id in ids.iter().chain(&ids) {
+            s.push_str(&format!("event: message\ndata: {}\n\n", tools_shaped(id)));
+        }
+        return Ok(resp
+            .header("content-type", "text/event-stream")
+            .body(full(s))
             .unwrap());
     }
     if parts.method == http::Method::GET && parts.uri.path() == "/stream" {
@@ -371,12 +402,12 @@ fn rand_id() -> u64 {
 }
 
 /// Start the recording upstream (HTTP/1.1 and prior-knowledge h2).
-pub async fn upstream() -> Upstream {
+pub(crate) async fn upstream() -> Upstream {
     upstream_with(None).await
 }
 
 /// The recording upstream, over TLS when `tls` is given (ALPN picks h2 or HTTP/1.1).
-pub async fn upstream_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
+pub(crate) async fn upstream_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -411,7 +442,7 @@ pub async fn upstream_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
 }
 
 /// The proxy on an ephemeral port, forwarding every connection to `upstream`.
-pub async fn proxy(
+pub(crate) async fn proxy(
     upstream: SocketAddr,
     gov: Arc<FakeGov>,
     limits: Limits,
@@ -422,7 +453,7 @@ pub async fn proxy(
 }
 
 /// The proxy behind any governor (the real decision path, say).
-pub async fn proxy_with(
+pub(crate) async fn proxy_with(
     upstream: SocketAddr,
     gov: Arc<dyn Governor>,
     limits: Limits,
@@ -471,7 +502,7 @@ pub async fn proxy_with(
 }
 
 /// A new plain TCP connection to `addr` for the proxy's upstream leg.
-pub fn reconnect_to(addr: SocketAddr) -> kya_agent::intercept::http::client::Reconnect {
+pub(crate) fn reconnect_to(addr: SocketAddr) -> kya_agent::intercept::http::client::Reconnect {
     Arc::new(move || {
         Box::pin(async move {
             TcpStream::connect(addr)
@@ -483,14 +514,14 @@ pub fn reconnect_to(addr: SocketAddr) -> kya_agent::intercept::http::client::Rec
 }
 
 /// A hyper HTTP/1.1 client connection.
-pub struct Client {
+pub(crate) struct Client {
     pub h1: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
     pub h2: Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>,
     pub addr: SocketAddr,
 }
 
 impl Client {
-    pub async fn h1(addr: SocketAddr) -> Client {
+    pub(crate) async fn h1(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).await.unwrap();
         let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
             .await
@@ -503,7 +534,7 @@ impl Client {
         }
     }
 
-    pub async fn h2(addr: SocketAddr) -> Client {
+    pub(crate) async fn h2(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).await.unwrap();
         let (tx, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
@@ -517,7 +548,7 @@ impl Client {
         }
     }
 
-    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    pub(crate) async fn send(&mut self, req: Request<Full<Bytes>>) -> Response<Incoming> {
         if let Some(h1) = self.h1.as_mut() {
             h1.ready().await.unwrap();
             h1.send_request(req).await.unwrap()
@@ -529,7 +560,7 @@ impl Client {
     }
 
     /// POST `body` to `path` with JSON content type and the given extra headers.
-    pub async fn post(
+    pub(crate) async fn post(
         &mut self,
         path: &str,
         body: impl Into<Bytes>,
@@ -562,17 +593,17 @@ impl Client {
     }
 }
 
-pub fn call(id: u64, tool: &str, args: Value) -> Value {
+pub(crate) fn call(id: u64, tool: &str, args: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}})
 }
 
-pub fn json_of(b: &[u8]) -> Value {
+pub(crate) fn json_of(b: &[u8]) -> Value {
     serde_json::from_slice(b)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
 }
 
 /// Parse an SSE body into the JSON data of its events.
-pub fn sse_messages(b: &[u8]) -> Vec<Value> {
+pub(crate) fn sse_messages(b: &[u8]) -> Vec<Value> {
     let text = String::from_utf8_lossy(b);
     text.split("\n\n")
         .filter_map(|block| {
@@ -589,7 +620,7 @@ pub fn sse_messages(b: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-pub fn default_gov() -> Arc<FakeGov> {
+pub(crate) fn default_gov() -> Arc<FakeGov> {
     FakeGov::new(&[
         ("search_docs", Act::Allow),
         ("delete_records", Act::Deny),
@@ -599,7 +630,7 @@ pub fn default_gov() -> Arc<FakeGov> {
 
 /// Read SSE events from a streaming body until `n` JSON messages arrived (or the
 /// timeout passes); returns what arrived.
-pub async fn read_events(body: &mut Incoming, n: usize, timeout: Duration) -> Vec<Value> {
+pub(crate) async fn read_events(body: &mut Incoming, n: usize, timeout: Duration) -> Vec<Value> {
     let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -619,7 +650,7 @@ pub async fn read_events(body: &mut Incoming, n: usize, timeout: Duration) -> Ve
 }
 
 /// Raw SSE text read the same way (for `endpoint` events, which are not JSON).
-pub async fn read_raw_until(body: &mut Incoming, needle: &str, timeout: Duration) -> String {
+pub(crate) async fn read_raw_until(body: &mut Incoming, needle: &str, timeout: Duration) -> String {
     let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -638,7 +669,7 @@ pub async fn read_raw_until(body: &mut Incoming, needle: &str, timeout: Duration
     }
 }
 
-pub fn post_req(
+pub(crate) fn post_req(
     path: &str,
     body: &Value,
     sse: bool,
@@ -666,13 +697,13 @@ pub fn post_req(
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-pub fn peers() -> PathBuf {
+pub(crate) fn peers() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/peers")
 }
 
 /// Install the peers once per test binary (the script is idempotent and fast when
 /// already installed). Setup serialises on a lock so parallel tests wait for it.
-pub fn ensure_peers() {
+pub(crate) fn ensure_peers() {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -692,7 +723,7 @@ pub fn ensure_peers() {
     }
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -704,7 +735,7 @@ pub fn free_port() -> u16 {
 /// A peer process, killed at drop with its process group when it leads one
 /// (a server that forks workers is started with `process_group(0)`, so no
 /// worker outlives the test).
-pub struct Peer(pub tokio::process::Child);
+pub(crate) struct Peer(pub tokio::process::Child);
 impl Drop for Peer {
     fn drop(&mut self) {
         if let Some(pid) = self.0.id().and_then(|p| i32::try_from(p).ok()) {
@@ -718,7 +749,7 @@ impl Drop for Peer {
     }
 }
 
-pub async fn wait_listening(port: u16) {
+pub(crate) async fn wait_listening(port: u16) {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

@@ -51,7 +51,7 @@ fn now_nanos() -> u128 {
 
 /// Approve `count` held `tool` calls as they appear; for each, the time from
 /// sending the approval to the upstream's own record of the call.
-pub fn approve_each(
+pub(super) fn approve_each(
     state_dir: &Path,
     upstream: &Upstream,
     tool: &str,

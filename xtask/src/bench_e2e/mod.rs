@@ -36,7 +36,7 @@ const MITM_PORT: u16 = 18482;
 const KYA_LISTEN: u16 = 996;
 
 /// What `bench-e2e` was asked for.
-pub struct Options {
+pub(crate) struct Options {
     pub quick: bool,
     /// Each workload's duration.
     pub duration: Duration,
@@ -47,14 +47,14 @@ pub struct Options {
     /// Skip the run against the real SDK server.
     pub no_sdk: bool,
     /// The paths measured (all three unless narrowed with `--only`).
-    pub paths: Vec<Via>,
+    paths: Vec<Via>,
     /// Where to write a `perf record -g` profile of the daemon taken during
     /// the kept-alive workloads through kya.
     pub perf: Option<PathBuf>,
 }
 
 impl Options {
-    pub fn new(quick: bool, seconds: Option<f64>, no_sdk: bool) -> Self {
+    pub(crate) fn new(quick: bool, seconds: Option<f64>, no_sdk: bool) -> Self {
         let default = if quick { 1.0 } else { 10.0 };
         Self {
             quick,
@@ -68,7 +68,7 @@ impl Options {
     }
 
     /// Narrow the run to the named paths (empty: all of them).
-    pub fn only(&mut self, names: &[String]) -> Result<()> {
+    pub(crate) fn only(&mut self, names: &[String]) -> Result<()> {
         if names.is_empty() {
             return Ok(());
         }
@@ -360,7 +360,7 @@ impl Bench<'_> {
     }
 }
 
-pub fn run(root: &Path, opts: &Options) -> Result<()> {
+pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-e2e loads BPF programs and creates cgroups: run it as root");

@@ -37,14 +37,14 @@ fn wait_listening(addr: &str, what: &str, child: &mut Child) -> Result<()> {
 }
 
 /// The benchmark's upstream MCP server.
-pub struct Upstream {
+pub(super) struct Upstream {
     _group: Group,
     pub record: PathBuf,
 }
 
 impl Upstream {
     /// Serve on `addrs` with `dir/srv.pem`; calls it must record go to `dir/upstream.log`.
-    pub fn start(bin: &Path, dir: &Path, addrs: &[&str]) -> Result<Self> {
+    pub(super) fn start(bin: &Path, dir: &Path, addrs: &[&str]) -> Result<Self> {
         let record = dir.join("upstream.log");
         std::fs::write(&record, "").context("upstream record")?;
         let mut child = Command::new(bin)
@@ -76,7 +76,7 @@ impl Upstream {
     }
 
     /// The times (Unix nanoseconds) at which the upstream ran `tool`.
-    pub fn ran(&self, tool: &str) -> Vec<u128> {
+    pub(super) fn ran(&self, tool: &str) -> Vec<u128> {
         std::fs::read_to_string(&self.record)
             .unwrap_or_default()
             .lines()
@@ -88,13 +88,13 @@ impl Upstream {
 }
 
 /// The private venv with mitmproxy (and matplotlib for the plot).
-pub struct Venv {
+pub(super) struct Venv {
     pub dir: PathBuf,
 }
 
 impl Venv {
     /// Create `dir` and install the packages unless they are already there.
-    pub fn ensure(dir: &Path) -> Result<Self> {
+    pub(super) fn ensure(dir: &Path) -> Result<Self> {
         let venv = Self {
             dir: dir.to_path_buf(),
         };
@@ -116,7 +116,7 @@ impl Venv {
         Ok(venv)
     }
 
-    pub fn bin(&self, name: &str) -> PathBuf {
+    pub(super) fn bin(&self, name: &str) -> PathBuf {
         self.dir.join("bin").join(name)
     }
 
@@ -130,7 +130,7 @@ impl Venv {
     }
 
     /// `mitmdump --version`'s mitmproxy line.
-    pub fn mitmproxy_version(&self) -> String {
+    pub(super) fn mitmproxy_version(&self) -> String {
         Command::new(self.bin("mitmdump"))
             .arg("--version")
             .output()
@@ -154,7 +154,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// `mitmdump` in reverse-proxy mode in front of the upstream.
-pub struct Mitmproxy {
+pub(super) struct Mitmproxy {
     _group: Group,
     /// The CA mitmproxy signs its leaves with (the client trusts it).
     pub ca: PathBuf,
@@ -164,7 +164,12 @@ impl Mitmproxy {
     /// Listen on `127.0.0.1:listen_port`, forward to `https://upstream`
     /// (upstream certificate not verified: mitmproxy has no hosts file for
     /// the test names), streaming bodies over 64 KiB instead of buffering them.
-    pub fn start(venv: &Venv, confdir: &Path, listen_port: u16, upstream: &str) -> Result<Self> {
+    pub(super) fn start(
+        venv: &Venv,
+        confdir: &Path,
+        listen_port: u16,
+        upstream: &str,
+    ) -> Result<Self> {
         std::fs::create_dir_all(confdir).context("mitmproxy confdir")?;
         let mut child = Command::new(venv.bin("mitmdump"))
             .process_group(0)

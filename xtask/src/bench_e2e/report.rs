@@ -13,14 +13,14 @@ use super::Options;
 
 /// The path a request takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Via {
+pub(super) enum Via {
     Direct,
     Kya,
     Mitmproxy,
 }
 
 impl Via {
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Via::Direct => "direct",
             Via::Kya => "kya",
@@ -30,13 +30,13 @@ impl Via {
 }
 
 /// One load-client run.
-pub struct Row {
+pub(super) struct Row {
     pub workload: &'static str,
     pub via: Via,
     pub result: Value,
 }
 
-pub struct Report<'a> {
+pub(super) struct Report<'a> {
     pub rows: Vec<Row>,
     /// Approval sent → upstream received the call, per held call.
     pub held: Vec<Duration>,
@@ -204,14 +204,14 @@ impl Report<'_> {
         )
     }
 
-    pub fn print(&self) {
+    pub(super) fn print(&self) {
         println!("\n{}\n", self.heading());
         for l in self.table() {
             println!("{l}");
         }
     }
 
-    pub fn markdown(&self) -> String {
+    pub(super) fn markdown(&self) -> String {
         let mut s = format!("{}\n\n", self.heading());
         for l in self.table() {
             s.push_str(&l);
@@ -220,7 +220,7 @@ impl Report<'_> {
         s
     }
 
-    pub fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         json!({
             "heading": self.heading(),
             "runs": self.rows.iter().map(|r| json!({
@@ -231,7 +231,7 @@ impl Report<'_> {
     }
 
     /// The latency CDF of (a), both concurrencies, the three paths.
-    pub fn plot(&self, venv: &Venv, png: &Path) -> Result<()> {
+    pub(super) fn plot(&self, venv: &Venv, png: &Path) -> Result<()> {
         let mut series = serde_json::Map::new();
         for key in ["a-c1", "a-c64"] {
             let mut per = serde_json::Map::new();

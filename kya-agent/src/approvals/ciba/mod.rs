@@ -28,7 +28,7 @@
 //!    against the OP's JWKS, with `iss` = issuer, `aud` ∋ client_id, `exp` in
 //!    the future and `sub` = the owner kya asked about (see that module for
 //!    the full list).
-//! 5. The answer goes to [`Approvals::answer`] as channel `ciba`, approver =
+//! 5. The answer goes to [`Answers::answer`] as channel `ciba`, approver =
 //!    the verified `sub`, evidence = `{id_token_sha256, iss, auth_req_id}`.
 //!    The action-scoped credential minted on approval
 //!    (`decision::mint_and_redeem`) is signed by kya's own key and carries the
@@ -48,10 +48,10 @@ pub mod client;
 pub mod discovery;
 use super::http;
 pub mod id_token;
-pub mod ping;
+pub(crate) mod ping;
 
-use super::channel::{ApprovalChannel, Ask};
-use super::pending::{Answer, ApprovalError, Approvals};
+use super::answer::{Answer, ApprovalError};
+use super::channel::{Answers, ApprovalChannel, Ask};
 use crate::ca::{LeafName, LocalCa};
 use crate::config::{CibaClientAuth, CibaConfig};
 use client::{AuthRequest, CibaError, ClientAuth, TokenPoll};
@@ -353,7 +353,7 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
     }
 
-    async fn run(&self, ask: &Ask, approvals: &Approvals) {
+    async fn run(&self, ask: &Ask, approvals: &dyn Answers) {
         self.stats.asked.fetch_add(1, Ordering::Relaxed);
         match self.ask_owner(ask).await {
             Ok(Some(answer)) => {
@@ -549,7 +549,7 @@ impl ApprovalChannel for CibaChannel {
         CHANNEL
     }
 
-    fn ask(&self, ask: Ask, approvals: Arc<Approvals>) {
+    fn ask(&self, ask: Ask, approvals: Arc<dyn Answers>) {
         let inner = self.inner.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::error!(approval = %ask.id, "CIBA channel used outside the runtime; not asking");
@@ -560,7 +560,7 @@ impl ApprovalChannel for CibaChannel {
                 _ = ask.ended() => {
                     tracing::debug!(approval = %ask.id, "approval ended; CIBA stops asking");
                 }
-                _ = inner.run(&ask, &approvals) => {}
+                _ = inner.run(&ask, &*approvals) => {}
             }
         });
     }

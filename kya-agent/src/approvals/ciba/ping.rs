@@ -30,11 +30,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
 /// Largest notification body read.
-pub const MAX_NOTIFICATION: usize = 4096;
+pub(crate) const MAX_NOTIFICATION: usize = 4096;
 /// Concurrent connections served.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// Time for a whole connection (handshake, request, response).
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Key = [u8; 32];
 
@@ -45,13 +45,13 @@ struct Slot {
 
 /// Pending requests waiting for a notification.
 #[derive(Default)]
-pub struct PingRegistry {
+pub(crate) struct PingRegistry {
     slots: Mutex<HashMap<Key, Slot>>,
 }
 
 /// A registration: receives the `auth_req_id`s notified for its token;
 /// unregisters on drop.
-pub struct PingWait {
+pub(crate) struct PingWait {
     key: Key,
     registry: Arc<PingRegistry>,
     pub rx: mpsc::Receiver<String>,
@@ -65,13 +65,13 @@ impl Drop for PingWait {
 
 /// Outcome of one notification, as the endpoint answers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Notified {
+pub(crate) enum Notified {
     Woken,
     UnknownToken,
 }
 
 /// Constant-time equality of two byte strings (length is not secret).
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -79,7 +79,7 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A fresh client notification token: 256 random bits, base64url.
-pub fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     use base64::Engine;
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -92,7 +92,7 @@ impl PingRegistry {
 
     /// Register `token` before the authentication request is sent (a fast
     /// human could otherwise be notified about before kya listens).
-    pub fn register(self: &Arc<Self>, token: &str) -> PingWait {
+    pub(crate) fn register(self: &Arc<Self>, token: &str) -> PingWait {
         let key: Key = Sha256::digest(token.as_bytes()).into();
         let (tx, rx) = mpsc::channel(4);
         self.lock().insert(
@@ -110,7 +110,7 @@ impl PingRegistry {
     }
 
     /// Deliver a notification.
-    pub fn notify(&self, token: &str, auth_req_id: &str) -> Notified {
+    pub(crate) fn notify(&self, token: &str, auth_req_id: &str) -> Notified {
         let key: Key = Sha256::digest(token.as_bytes()).into();
         let map = self.lock();
         match map.get(&key) {
@@ -124,11 +124,13 @@ impl PingRegistry {
     }
 
     /// Registered requests.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -140,7 +142,7 @@ fn reply(status: StatusCode) -> Response<Full<Bytes>> {
 }
 
 /// Handle one request to the endpoint.
-pub async fn handle(
+pub(crate) async fn handle(
     req: Request<Incoming>,
     path: &str,
     registry: &PingRegistry,
@@ -188,7 +190,7 @@ pub async fn handle(
 }
 
 /// Serve the endpoint on `listener` until the task is aborted.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     terminator: Terminator,
     name: LeafName,

@@ -16,25 +16,25 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::mpsc;
 
 /// A body error: whatever failed below (hyper, a closed channel).
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every request and response the proxy produces.
-pub type ProxyBody = BoxBody<Bytes, BodyError>;
+pub(crate) type ProxyBody = BoxBody<Bytes, BodyError>;
 
 /// A complete body.
-pub fn full(data: impl Into<Bytes>) -> ProxyBody {
+pub(crate) fn full(data: impl Into<Bytes>) -> ProxyBody {
     Full::new(data.into())
         .map_err(|never| match never {})
         .boxed()
 }
 
 /// No body.
-pub fn empty() -> ProxyBody {
+pub(crate) fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
 /// The agent's or server's body passed through unchanged, streaming.
-pub fn stream(incoming: Incoming) -> ProxyBody {
+pub(crate) fn stream(incoming: Incoming) -> ProxyBody {
     incoming.map_err(|e| Box::new(e) as BodyError).boxed()
 }
 
@@ -42,7 +42,7 @@ pub fn stream(incoming: Incoming) -> ProxyBody {
 /// into the sender. When the client goes away hyper drops the body, the receiver
 /// closes, and the writer sees `Sender::closed()`: that is how a hold learns of a
 /// disconnect.
-pub fn channel(capacity: usize) -> (mpsc::Sender<Bytes>, ProxyBody) {
+pub(crate) fn channel(capacity: usize) -> (mpsc::Sender<Bytes>, ProxyBody) {
     let (tx, rx) = mpsc::channel(capacity);
     (tx, ChannelBody { rx }.boxed())
 }
@@ -90,7 +90,7 @@ impl Body for ChannelBody {
 
 /// Why a body was not read whole.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     #[error("body exceeds the limit of {0} bytes")]
     TooLarge(u64),
     #[error("body not received within {0:?}")]
@@ -100,7 +100,11 @@ pub enum ReadError {
 }
 
 /// Read a whole body of at most `limit` bytes within `deadline`.
-pub async fn read_bounded<B>(body: B, limit: u64, deadline: Duration) -> Result<Bytes, ReadError>
+pub(crate) async fn read_bounded<B>(
+    body: B,
+    limit: u64,
+    deadline: Duration,
+) -> Result<Bytes, ReadError>
 where
     B: Body + Unpin,
     B::Data: bytes::Buf,

@@ -14,11 +14,9 @@ use crate::config::DenyShape;
 use crate::mcp::deny as builders;
 use crate::mcp::jsonrpc::Id;
 
-pub use crate::mcp::deny::BATCH_REFUSAL;
-
 /// Why and by what a message was denied (owned: it outlives the ruling).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
+pub(crate) struct Denial {
     /// The policy rule; `None` when the default decided or the proxy refused.
     pub rule: Option<String>,
     pub reason: String,
@@ -28,7 +26,7 @@ pub struct Denial {
 
 impl Denial {
     /// A refusal made by the proxy itself, with no policy decision behind it.
-    pub fn refusal(reason: impl Into<String>) -> Self {
+    pub(crate) fn refusal(reason: impl Into<String>) -> Self {
         Self {
             rule: None,
             reason: reason.into(),
@@ -55,7 +53,7 @@ fn with_result_type(mut v: Value) -> Value {
 }
 
 /// The denial of request `id` in the configured shape.
-pub fn answer(shape: DenyShape, is_tool_call: bool, id: &Id, denial: &Denial) -> Value {
+pub(crate) fn answer(shape: DenyShape, is_tool_call: bool, id: &Id, denial: &Denial) -> Value {
     with_result_type(builders::denial(
         shape,
         id,
@@ -65,17 +63,22 @@ pub fn answer(shape: DenyShape, is_tool_call: bool, id: &Id, denial: &Denial) ->
 }
 
 /// The answer to an allowed batch member that is not forwarded.
-pub fn batch_refusal(shape: DenyShape, is_tool_call: bool, id: &Id, decision: &str) -> Value {
+pub(crate) fn batch_refusal(
+    shape: DenyShape,
+    is_tool_call: bool,
+    id: &Id,
+    decision: &str,
+) -> Value {
     with_result_type(builders::batch_refusal(shape, id, is_tool_call, decision))
 }
 
 /// `notifications/progress` for a held call.
-pub fn progress(token: &Id, step: u64, owner: &str, binding: &str) -> Value {
+pub(crate) fn progress(token: &Id, step: u64, owner: &str, binding: &str) -> Value {
     builders::progress_notification(token, step, owner, binding)
 }
 
 /// The answer to a request kya could not read (id `null`).
-pub fn refusal(reason: &str) -> Value {
+pub(crate) fn refusal(reason: &str) -> Value {
     builders::refusal(reason)
 }
 
@@ -119,7 +122,7 @@ mod tests {
         assert!(v["result"]["content"][0]["text"]
             .as_str()
             .unwrap()
-            .contains(BATCH_REFUSAL));
+            .contains(builders::BATCH_REFUSAL));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::mcp::json;
-use crate::mcp::jsonrpc::{Id, Message, Payload};
+use crate::mcp::jsonrpc::{self, Id, Message, Payload};
 use crate::mcp::{encoding, headers as mcp_headers};
 
 use super::body::{self, ProxyBody, ReadError};
@@ -24,6 +24,7 @@ use super::filter::{filter_server_data, Filtered, Peer};
 use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
 use super::inspect::{self, Refusal};
 use super::limits::Limits;
+use super::listed;
 use super::sessions;
 use super::stream;
 use crate::intercept::names::NameResolver;
@@ -38,7 +39,7 @@ tokio::task_local! {
 /// The agent's connection is closed without an answer (see [`UPSTREAM_GONE`]).
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream connection ended during the exchange")]
-pub struct UpstreamGone;
+pub(crate) struct UpstreamGone;
 
 /// The JSON-RPC requests a server's answer answers: each gets an error when
 /// kya cannot deliver the answer.
@@ -210,7 +211,7 @@ impl Exchange {
     /// hyper's service entry point. Every failure is an HTTP answer, except an
     /// upstream connection that ended under a sent request: then the agent's
     /// connection is closed too (`Err`), which is what it would have seen direct.
-    pub async fn handle(
+    pub(super) async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, UpstreamGone> {
@@ -275,6 +276,7 @@ impl Exchange {
             session: header_str(&head.headers, "mcp-session-id").map(str::to_string),
             protocol_version: header_str(&head.headers, "mcp-protocol-version").map(str::to_string),
             limits: self.limits.clone(),
+            scope: self.scope(server, head),
         }
     }
 
@@ -419,14 +421,16 @@ impl Exchange {
     /// the message URL and the calling process, so one process cannot cancel
     /// another's held call by guessing its id.
     fn session_key(&self, head: &Head) -> String {
-        match header_str(&head.headers, "mcp-session-id") {
-            Some(s) => format!("sid:{s}"),
-            None => format!(
-                "url:{}:{}",
-                self.conn.process.pid,
-                head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
-            ),
-        }
+        listed::client_session(
+            header_str(&head.headers, "mcp-session-id"),
+            self.conn.process.pid,
+            head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        )
+    }
+
+    /// The MCP session of a request, for matching answers to `tools/list` requests.
+    fn scope(&self, server: &str, head: &Head) -> String {
+        listed::scope(&self.conn.dst, server, &self.session_key(head))
     }
 
     async fn govern(
@@ -583,6 +587,7 @@ impl Exchange {
                     self.gov.forwarded(decision_id);
                 }
             }
+            listed::sent(&self.scope(server, head), &payload.messages);
             let bytes = json::to_canonical_bytes(value);
             let len = bytes.len();
             let answers = Answers {
@@ -831,6 +836,9 @@ impl Exchange {
         id: &Value,
         tx: mpsc::Sender<Bytes>,
     ) {
+        if let Ok(p) = jsonrpc::parse_payload(value, self.limits.max_batch) {
+            listed::sent(&self.scope(server, head), &p.messages);
+        }
         let bytes = json::to_canonical_bytes(value);
         let len = bytes.len();
         let req = self.upstream_request(head, body::full(bytes), Some(len), true);

@@ -5,9 +5,11 @@
 //! denied one is **not delivered** (the event is dropped and the decision is
 //! recorded by the governor); kya does not answer the server on the agent's behalf,
 //! so the server sees the request go unanswered, as if the client ignored it. A
-//! `tools/list` result (recognised by shape: a `result.tools` array) is filtered
-//! with [`Governor::may_call`] so the model never sees tools it may never call.
-//! Responses and errors otherwise pass unchanged.
+//! `tools/list` result is filtered with [`Governor::may_call`] so the model never
+//! sees tools it may never call. An answer is a `tools/list` result when its id is
+//! that of a `tools/list` request the agent sent in the session
+//! ([`listed`](super::listed)), whatever its shape; an answer to any other request
+//! is never rewritten. Responses and errors otherwise pass unchanged.
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use crate::mcp::jsonrpc::{self, Message};
 use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
 use super::inspect;
 use super::limits::Limits;
+use super::listed;
 
 /// Who the server is and what the HTTP exchange said about the session.
 #[derive(Clone)]
@@ -29,6 +32,9 @@ pub struct Peer {
     pub session: Option<String>,
     pub protocol_version: Option<String>,
     pub limits: Limits,
+    /// The MCP session the answers belong to ([`listed::scope`]): which ids
+    /// name `tools/list` requests.
+    pub scope: String,
 }
 
 /// What became of a server body or event data.
@@ -99,8 +105,8 @@ async fn judge(
     batch: Option<(usize, usize)>,
 ) -> Option<(Value, bool)> {
     match &msg {
-        Message::Response(_) => {
-            let edited = filter_tools(peer, &mut raw);
+        Message::Response(r) => {
+            let edited = listed::is_tools_list(&peer.scope, &r.id) && filter_tools(peer, &mut raw);
             Some((raw, edited))
         }
         Message::Error(_) => Some((raw, false)),
@@ -164,10 +170,11 @@ fn server_call_facts(
     }
 }
 
-/// Remove from a `result.tools` array every tool the agent may never call. Entries
-/// without a string `name` are removed too: the model cannot be shown a tool kya
-/// cannot judge. Returns whether any tool was removed.
-pub fn filter_tools(peer: &Peer, response: &mut Value) -> bool {
+/// Remove from the `result.tools` array of a `tools/list` answer every tool the
+/// agent may never call. Entries without a string `name` are removed too: the
+/// model cannot be shown a tool kya cannot judge. Returns whether any tool was
+/// removed.
+fn filter_tools(peer: &Peer, response: &mut Value) -> bool {
     let Some(tools) = response
         .get_mut("result")
         .and_then(|r| r.get_mut("tools"))

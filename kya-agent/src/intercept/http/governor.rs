@@ -154,6 +154,14 @@ pub trait Governor: Send + Sync + 'static {
     /// ambiguous, oversize, undecodable, slow body, Host/SNI mismatch...), so it is
     /// audited too.
     fn refused(&self, conn: &ConnFacts, reason: &str);
+    /// [`refused`](Self::refused) for a refusal that ends the agent's
+    /// connection: resolves once the record is written, so the caller resets
+    /// the connection only then (a kill right after the reset cannot lose the
+    /// record of what the agent saw).
+    fn refused_on_record(&self, conn: &ConnFacts, reason: &str) -> BoxFuture<'static, ()> {
+        self.refused(conn, reason);
+        Box::pin(std::future::ready(()))
+    }
     /// An allowed message was actually sent upstream (a batch with a denied
     /// member sends none). Budgets count only these.
     fn forwarded(&self, decision_id: &str) {

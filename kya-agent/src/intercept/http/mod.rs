@@ -16,6 +16,7 @@
 //!
 //! * [`governor`]: the seam to policy, approvals and audit.
 //! * [`limits`]: every bound.
+//! * [`listed`]: which ids name the agent's `tools/list` requests, per session.
 //! * [`inspect`]: server name (Host vs SNI) and JSON-RPC recognition by content.
 //! * [`body`]: bounded body reading and the proxy's body type.
 //! * [`deny`]: the denials (built by [`crate::mcp::deny`]).
@@ -24,18 +25,19 @@
 //! * [`connect`]: `CONNECT` forwarded to the proxy and the tunnel handed on.
 //! * [`sniff`]: the plaintext HTTP/2 preface check.
 
-pub mod body;
+pub(crate) mod body;
 pub mod client;
-pub mod connect;
-pub mod deny;
-pub mod exchange;
+pub(crate) mod connect;
+pub(crate) mod deny;
+pub(crate) mod exchange;
 pub mod filter;
-pub mod governor;
+pub(crate) mod governor;
 pub mod inspect;
-pub mod limits;
-pub mod sessions;
-pub mod sniff;
-pub mod stream;
+pub(crate) mod limits;
+pub mod listed;
+pub(crate) mod sessions;
+pub(crate) mod sniff;
+pub(crate) mod stream;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;

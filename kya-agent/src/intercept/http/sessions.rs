@@ -15,9 +15,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 /// Most concurrent legacy SSE sessions tracked.
-pub const MAX_LEGACY_SESSIONS: usize = 4096;
+pub(crate) const MAX_LEGACY_SESSIONS: usize = 4096;
 /// Most held calls tracked for cancellation (per-connection limits apply first).
-pub const MAX_HELD: usize = 16384;
+pub(crate) const MAX_HELD: usize = 16384;
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
 
@@ -42,7 +42,7 @@ fn with<T>(f: impl FnOnce(&mut Tables) -> T) -> T {
 
 /// A legacy session's message URL is registered while its SSE stream lives; the
 /// guard removes it when the stream ends.
-pub struct LegacyGuard {
+pub(crate) struct LegacyGuard {
     key: String,
     generation: u64,
 }
@@ -63,7 +63,7 @@ impl Drop for LegacyGuard {
 /// Register the message URL `key` of a legacy SSE session; messages sent into the
 /// returned channel are injected into that session's stream. `None` when the table
 /// is full.
-pub fn register_legacy(key: String) -> Option<(LegacyGuard, mpsc::Receiver<Value>)> {
+pub(crate) fn register_legacy(key: String) -> Option<(LegacyGuard, mpsc::Receiver<Value>)> {
     let (tx, rx) = mpsc::channel(64);
     let generation = NEXT.fetch_add(1, Ordering::Relaxed);
     with(|t| {
@@ -76,12 +76,12 @@ pub fn register_legacy(key: String) -> Option<(LegacyGuard, mpsc::Receiver<Value
 }
 
 /// The injector of the legacy session whose message URL is `key`, if one is live.
-pub fn legacy_injector(key: &str) -> Option<mpsc::Sender<Value>> {
+pub(crate) fn legacy_injector(key: &str) -> Option<mpsc::Sender<Value>> {
     with(|t| t.legacy.get(key).map(|(_, tx)| tx.clone()))
 }
 
 /// A held call registered for cancellation; dropping it unregisters.
-pub struct HeldGuard {
+pub(crate) struct HeldGuard {
     key: String,
     generation: u64,
 }
@@ -103,7 +103,7 @@ impl Drop for HeldGuard {
 
 /// Register a held call under `key`; the receiver fires when the client cancels it.
 /// `None` only when the table is full ([`MAX_HELD`]).
-pub fn register_held(key: String) -> Option<(HeldGuard, oneshot::Receiver<()>)> {
+pub(crate) fn register_held(key: String) -> Option<(HeldGuard, oneshot::Receiver<()>)> {
     let (tx, rx) = oneshot::channel();
     let generation = NEXT.fetch_add(1, Ordering::Relaxed);
     with(|t| {
@@ -122,7 +122,7 @@ pub fn register_held(key: String) -> Option<(HeldGuard, oneshot::Receiver<()>)> 
 /// Cancel the held calls under `key`; returns whether any was held. Without a
 /// session id the key is the calling process and URL, so a cancellation can
 /// only ever end that process's own calls (ending a call is the safe side).
-pub fn cancel_held(key: &str) -> bool {
+pub(crate) fn cancel_held(key: &str) -> bool {
     with(|t| match t.held.remove(key) {
         Some(list) => {
             t.held_count -= list.len();
@@ -136,7 +136,7 @@ pub fn cancel_held(key: &str) -> bool {
 }
 
 /// The key of a held call: destination, server, session and the request id.
-pub fn held_key(
+pub(crate) fn held_key(
     dst: &std::net::SocketAddr,
     server: &str,
     session: Option<&str>,

@@ -12,17 +12,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use super::HttpVersion;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// A stream with some already-read bytes put back in front.
-pub struct Prefixed<S> {
+pub(crate) struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Self {
         Self {
             prefix,
             pos: 0,
@@ -76,7 +76,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 /// Read until the bytes either diverge from the h2 preface or complete it (at most
 /// 24 bytes, within `deadline`).
-pub async fn sniff<S: AsyncRead + Unpin>(
+pub(crate) async fn sniff<S: AsyncRead + Unpin>(
     mut io: S,
     deadline: Duration,
 ) -> io::Result<(HttpVersion, Prefixed<S>)> {

@@ -17,15 +17,16 @@ use crate::mcp::json;
 use crate::mcp::sse::{self, SseEvent, SseItem, SseParser};
 
 use super::filter::{filter_server_data, Filtered, Peer};
+use super::listed;
 use super::sessions;
 
 /// The key of a legacy session's message URL.
-pub fn legacy_key(dst: &std::net::SocketAddr, path_and_query: &str) -> String {
+pub(crate) fn legacy_key(dst: &std::net::SocketAddr, path_and_query: &str) -> String {
     format!("{dst}|{path_and_query}")
 }
 
 /// Write one JSON-RPC message to the agent as an SSE `message` event.
-pub async fn send_message(out: &mpsc::Sender<Bytes>, message: &Value) -> bool {
+pub(crate) async fn send_message(out: &mpsc::Sender<Bytes>, message: &Value) -> bool {
     let data = String::from_utf8_lossy(&json::to_canonical_bytes(message)).into_owned();
     send_event(out, SseEvent::message(data)).await
 }
@@ -41,7 +42,7 @@ async fn send_event(out: &mpsc::Sender<Bytes>, event: SseEvent) -> bool {
 }
 
 /// The JSON-RPC error a request gets when kya cannot deliver the server's answer.
-pub fn undeliverable(id: &Value, reason: &str) -> Value {
+pub(crate) fn undeliverable(id: &Value, reason: &str) -> Value {
     serde_json::json!({
         "jsonrpc": "2.0",
         "id": id,
@@ -61,8 +62,8 @@ pub fn undeliverable(id: &Value, reason: &str) -> Value {
 /// with it, so the agent gets the last events and the end of the response in
 /// one write, as it would directly (a client may act on an event before it has
 /// read an end that arrives separately, and find the connection still busy).
-pub async fn relay(
-    peer: Peer,
+pub(crate) async fn relay(
+    mut peer: Peer,
     sse_url: Option<Uri>,
     ids: Vec<Value>,
     mut upstream: Incoming,
@@ -115,7 +116,7 @@ pub async fn relay(
                         }
                     };
                     for item in items {
-                        forward_item(&peer, sse_url.as_ref(), &mut legacy, item, &mut batch).await;
+                        forward_item(&mut peer, sse_url.as_ref(), &mut legacy, item, &mut batch).await;
                     }
                     next = next_ready(&mut upstream).await;
                 }
@@ -165,7 +166,7 @@ async fn ready_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
 
 /// Judge one item and append what the agent gets of it to `batch`.
 async fn forward_item(
-    peer: &Peer,
+    peer: &mut Peer,
     sse_url: Option<&Uri>,
     legacy: &mut Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)>,
     item: SseItem,
@@ -189,7 +190,13 @@ async fn forward_item(
         };
         let pq = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         match sessions::register_legacy(legacy_key(&peer.conn.dst, pq)) {
-            Some(reg) => *legacy = Some(reg),
+            Some(reg) => {
+                *legacy = Some(reg);
+                // The session's answers come on this stream, to the requests
+                // POSTed to its message URL.
+                let session = listed::client_session(None, peer.conn.process.pid, pq);
+                peer.scope = listed::scope(&peer.conn.dst, &peer.server, &session);
+            }
             None => {
                 peer.gov.refused(&peer.conn, "too many legacy SSE sessions");
                 return;

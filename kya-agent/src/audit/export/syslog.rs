@@ -30,7 +30,7 @@
 //! counted in `failures` with the last error, visible in `kya status`.
 //! Connections are retried at most once per [`RETRY`].
 
-use super::sinks::SinkHealth;
+use super::health::{fail, SinkHealth};
 use crate::audit::event::EventKind;
 use crate::audit::ocsf::to_ocsf;
 use crate::audit::DecisionEvent;
@@ -43,16 +43,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The local syslog socket.
-pub const DEV_LOG: &str = "/dev/log";
+pub(crate) const DEV_LOG: &str = "/dev/log";
 /// Longest message sent, in octets (rsyslog's default; RFC 5424 §6.1 asks
 /// receivers to take at least 2048 and allows more).
-pub const MAX_MESSAGE: usize = 8192;
+pub(crate) const MAX_MESSAGE: usize = 8192;
 /// Least time between two attempts to (re)connect.
-pub const RETRY: Duration = Duration::from_secs(1);
+pub(crate) const RETRY: Duration = Duration::from_secs(1);
 /// How long one send may block the sink's thread.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default facility: authpriv.
-pub const DEFAULT_FACILITY: u8 = 10;
+pub(crate) const DEFAULT_FACILITY: u8 = 10;
 
 /// Where syslog messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +164,7 @@ impl SyslogSpec {
 }
 
 /// RFC 5424 severity for an event.
-pub fn severity(e: &DecisionEvent) -> u8 {
+pub(crate) fn severity(e: &DecisionEvent) -> u8 {
     match (e.kind, e.verdict) {
         (_, Verdict::Deny) => 4,
         (EventKind::Hold | EventKind::Approved, _) | (_, Verdict::Hold) => 5,
@@ -199,13 +199,13 @@ fn sd_value(s: &str) -> String {
 }
 
 /// A formatted message and whether its MSG was cut.
-pub struct Formatted {
+pub(crate) struct Formatted {
     pub bytes: Vec<u8>,
     pub truncated: bool,
 }
 
 /// Format one event as an RFC 5424 message of at most `max` octets.
-pub fn format(
+pub(crate) fn format(
     e: &DecisionEvent,
     facility: u8,
     procid: u32,
@@ -298,7 +298,7 @@ fn send(conn: &mut Conn, msg: &[u8]) -> std::io::Result<()> {
 }
 
 /// The sink's state between events.
-pub struct SyslogSink {
+pub(crate) struct SyslogSink {
     spec: SyslogSpec,
     conn: Option<Conn>,
     last_attempt: Option<Instant>,
@@ -308,7 +308,7 @@ pub struct SyslogSink {
 }
 
 impl SyslogSink {
-    pub fn new(spec: SyslogSpec) -> Self {
+    pub(crate) fn new(spec: SyslogSpec) -> Self {
         SyslogSink {
             spec,
             conn: None,
@@ -320,7 +320,7 @@ impl SyslogSink {
     }
 
     /// Send one event; failures and truncation are counted in `health`.
-    pub fn emit(&mut self, e: &DecisionEvent, health: &SinkHealth) {
+    pub(crate) fn emit(&mut self, e: &DecisionEvent, health: &SinkHealth) {
         self.sequence = if self.sequence >= i32::MAX as u32 {
             1
         } else {
@@ -339,7 +339,7 @@ impl SyslogSink {
             match connect(&self.spec.transport) {
                 Ok(c) => self.conn = Some(c),
                 Err(err) => {
-                    super::sinks::fail(health, format!("connect {}: {err}", self.spec.name()));
+                    fail(health, format!("connect {}: {err}", self.spec.name()));
                     return;
                 }
             }
@@ -353,7 +353,7 @@ impl SyslogSink {
                     // Reconnect next time (after RETRY): the collector may
                     // have restarted, /dev/log may be back.
                     self.conn = None;
-                    super::sinks::fail(health, format!("send {}: {err}", self.spec.name()));
+                    fail(health, format!("send {}: {err}", self.spec.name()));
                 }
             }
         }
@@ -597,8 +597,8 @@ mod tests {
     /// arrives is valid RFC 5424 whose MSG is the event's OCSF JSON.
     #[test]
     fn events_reach_unix_udp_and_tcp_collectors() {
+        use crate::audit::export::{spawn, SinkSpec};
         use crate::decision::events::EventHub;
-        use crate::decision::sinks::{spawn, SinkSpec};
         use std::io::{BufRead, BufReader, Read};
         let dir = tempfile::tempdir().unwrap();
         let unix_path = dir.path().join("dev-log");
@@ -617,7 +617,7 @@ mod tests {
         .map(|s| s.parse().unwrap())
         .collect();
         let hub = EventHub::new();
-        let health = spawn(&hub, &specs);
+        let health = spawn(|| hub.subscribe(), &specs);
         let events = [
             sample(EventKind::Decision, 1),
             sample(EventKind::Hold, 1),

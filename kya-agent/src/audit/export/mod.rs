@@ -1,24 +1,29 @@
 //! Export sinks: the decision stream as OCSF JSON lines for a SIEM, on
 //! stdout (journald, container logs), in a size-rotated file, or as RFC 5424
-//! syslog messages (local `/dev/log`, UDP or TCP: see [`super::syslog`]).
+//! syslog messages (local `/dev/log`, UDP or TCP: see [`syslog`]).
 //!
-//! Each sink is a follower of the [`EventHub`]: a sink too slow to keep up
+//! Each sink follows the decision stream (a broadcast receiver per sink, from
+//! the daemon's event hub): a sink too slow to keep up
 //! loses events (counted, visible in `kya status`) and never slows a
 //! decision; the audit log is the record that never drops.
 
-use super::events::EventHub;
-use super::syslog::{SyslogSink, SyslogSpec};
+pub(crate) mod health;
+pub(crate) mod syslog;
+
 use crate::audit::ocsf::to_ocsf;
-use serde::Serialize;
+use crate::audit::DecisionEvent;
+use health::fail;
+pub(crate) use health::SinkHealth;
 use std::io::Write;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use syslog::{SyslogSink, SyslogSpec};
 use tokio::sync::broadcast;
 
 /// A rotated file is renamed to `.1` (the previous `.1` is dropped) past this size.
-pub const ROTATE_BYTES: u64 = 64 << 20;
+pub(crate) const ROTATE_BYTES: u64 = 64 << 20;
 
 /// Where a sink writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,35 +53,11 @@ impl FromStr for SinkSpec {
     }
 }
 
-/// A sink's counters, for `kya status`.
-#[derive(Debug, Default, Serialize)]
-pub struct SinkHealth {
-    pub sink: String,
-    pub written: AtomicU64,
-    pub dropped: AtomicU64,
-    pub failures: AtomicU64,
-    /// Messages cut to fit the transport (syslog).
-    pub truncated: AtomicU64,
-    #[serde(skip)]
-    pub last_error: Mutex<Option<String>>,
-}
-
-impl SinkHealth {
-    /// A JSON snapshot.
-    pub fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!({
-            "sink": self.sink,
-            "written": self.written.load(Ordering::Relaxed),
-            "dropped": self.dropped.load(Ordering::Relaxed),
-            "failures": self.failures.load(Ordering::Relaxed),
-            "truncated": self.truncated.load(Ordering::Relaxed),
-            "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
-        })
-    }
-}
-
 /// Start one task per sink; returns their health handles.
-pub fn spawn(hub: &EventHub, specs: &[SinkSpec]) -> Vec<Arc<SinkHealth>> {
+pub(crate) fn spawn(
+    subscribe: impl Fn() -> broadcast::Receiver<Arc<DecisionEvent>>,
+    specs: &[SinkSpec],
+) -> Vec<Arc<SinkHealth>> {
     specs
         .iter()
         .map(|spec| {
@@ -88,7 +69,7 @@ pub fn spawn(hub: &EventHub, specs: &[SinkSpec]) -> Vec<Arc<SinkHealth>> {
                 },
                 ..Default::default()
             });
-            let rx = hub.subscribe();
+            let rx = subscribe();
             let h = health.clone();
             let spec = spec.clone();
             // Writes are blocking I/O: a thread of its own per sink.
@@ -181,12 +162,6 @@ fn rotate(p: &std::path::Path) -> std::io::Result<std::fs::File> {
     ));
     std::fs::rename(p, old)?;
     open(p)
-}
-
-pub(super) fn fail(health: &SinkHealth, message: String) {
-    health.failures.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(sink = %health.sink, error = %message, "export sink write failed");
-    *health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
 }
 
 #[cfg(test)]
