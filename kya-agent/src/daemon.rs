@@ -72,8 +72,20 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let origins: Arc<dyn OriginSource> = Arc::new(
         crate::intercept::kernel_origin::KernelOrigins::new(redirector.origins()),
     );
+    let netns_wake = redirector.netns_wake();
     let redirector = Arc::new(Mutex::new(Some(redirector)));
+    // Other network namespaces (containers): a listener inside each one
+    // that holds selected processes.
+    let netns = crate::netns::NetnsServer::new(
+        config.listen_port,
+        interceptor.acceptor(),
+        redirector.clone(),
+    );
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
+    let status = status.section("namespaces", {
+        let n = netns.clone();
+        Arc::new(move || serde_json::json!(n.status()))
+    });
     let suspensions = Arc::new(
         Suspensions::open(&config.state_dir).context("reading the agent suspension list")?,
     );
@@ -209,6 +221,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         Arc::new(crate::intercept::names::NameResolver::new()),
     ));
     let server = tokio::spawn(interceptor.serve(origins, Some(inspection), stop_rx.clone()));
+    let netns_task = netns.spawn(netns_wake, stop_rx.clone());
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
     if config.selection.is_empty() && engine.registry().agents().is_empty() {
@@ -245,6 +258,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     reloader.abort();
     if let Err(e) = server.await {
         tracing::error!(error = %e, "interceptor task failed");
+    }
+    if let Err(e) = netns_task.await {
+        tracing::error!(error = %e, "network namespace task failed");
     }
     if let Err(e) = control_task.await {
         tracing::error!(error = %e, "control socket task failed");

@@ -21,6 +21,7 @@ pub mod intercept;
 pub mod keys;
 pub mod mcp;
 pub mod metrics;
+pub mod netns;
 pub mod policy;
 pub mod procinfo;
 pub mod status;

@@ -213,6 +213,24 @@ pub mod command {
                 &Value::from(features.join(", ")),
             );
         }
+        for n in s["namespaces"].as_array().into_iter().flatten() {
+            let mut text = format!(
+                "{} ({} processes, pid {}, listeners {}, since {})",
+                n["state"].as_str().unwrap_or("?"),
+                n["processes"],
+                n["example_pid"],
+                n["listeners"],
+                n["since"].as_str().unwrap_or("?"),
+            );
+            if let Some(e) = n["error"].as_str() {
+                text.push_str(&format!(": {e}"));
+            }
+            line(
+                &mut out,
+                &format!("netns net:[{}]", n["inode"]),
+                &Value::from(text),
+            );
+        }
         for section in ["kernel", "interceptor"] {
             if let Some(obj) = s[section].as_object() {
                 for (k, v) in obj {

@@ -139,7 +139,7 @@ impl Interceptor {
                         return;
                     };
                     let local = s.local_addr().unwrap();
-                    let origin = origins.take(peer, local).unwrap();
+                    let origin = origins.take(peer, local, 0).unwrap();
                     seen.lock().unwrap().push(Accepted {
                         peer,
                         origin: origin.clone(),
@@ -1097,8 +1097,8 @@ async fn sigkilled_daemon_fails_closed_until_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn selected_process_in_another_netns_is_not_redirected() {
-    if !privileged("selected_process_in_another_netns_is_not_redirected") {
+async fn selected_process_in_an_unserved_netns_is_refused() {
+    if !privileged("selected_process_in_an_unserved_netns_is_refused") {
         return;
     }
     let (port, listen) = (18452u16, 952u16);
@@ -1106,7 +1106,8 @@ async fn selected_process_in_another_netns_is_not_redirected() {
     let pins = PinDir::new("netns");
     let r = Redirector::start(&config(Some(&cg), port, listen, &pins)).unwrap();
     // 127.0.0.1 in a fresh netns is not the interceptor (it could be a
-    // container's own service): the kernel side must leave such sockets alone
+    // container's own service), and no kya listener was opened there: the
+    // kernel side refuses the selected process's connect (fail closed)
     let child = Command::new("/bin/sh")
         .arg("-c")
         .arg(format!(
@@ -1125,10 +1126,10 @@ async fn selected_process_in_another_netns_is_not_redirected() {
     let v = finish(child).await;
     assert_eq!(
         v["errno"], ECONNREFUSED,
-        "nothing listens in the new netns: {v}"
+        "refused in a namespace kya does not serve: {v}"
     );
     let stats = r.stats().unwrap();
-    assert_eq!(stats.skipped_netns, 1, "{stats:?}");
+    assert_eq!(stats.refused_netns, 1, "{stats:?}");
     assert_eq!(stats.redirected4, 0, "{stats:?}");
     r.shutdown().unwrap();
 }
