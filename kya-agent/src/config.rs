@@ -316,6 +316,9 @@ impl CibaSection {
 pub struct SelectSection {
     #[serde(default)]
     pub cgroups: Vec<String>,
+    /// Container ids (or unique prefixes), resolved to their cgroups.
+    #[serde(default)]
+    pub containers: Vec<String>,
     #[serde(default)]
     pub uids: Vec<u32>,
     #[serde(default)]
@@ -418,6 +421,9 @@ pub enum DenyShape {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     pub cgroups: Vec<String>,
+    /// Container ids (or unique prefixes); each selects its container's
+    /// cgroup, resolved when the redirect is configured.
+    pub containers: Vec<String>,
     pub uids: Vec<u32>,
     pub exes: Vec<String>,
     pub pids: Vec<u32>,
@@ -427,6 +433,7 @@ impl Selection {
     /// True when nothing at all is selected.
     pub fn is_empty(&self) -> bool {
         self.cgroups.is_empty()
+            && self.containers.is_empty()
             && self.uids.is_empty()
             && self.exes.is_empty()
             && self.pids.is_empty()
@@ -494,11 +501,13 @@ impl Config {
     pub fn merge(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
         let mut selection = Selection {
             cgroups: file.select.cgroups,
+            containers: file.select.containers,
             uids: file.select.uids,
             exes: file.select.exes,
             pids: file.select.pids,
         };
         selection.cgroups.extend(args.cgroups.iter().cloned());
+        selection.containers.extend(args.containers.iter().cloned());
         selection.uids.extend(args.uids.iter().copied());
         selection.exes.extend(args.exes.iter().cloned());
         selection.pids.extend(args.pids.iter().copied());
@@ -506,6 +515,7 @@ impl Config {
             *cg = normalize_cgroup(cg)?;
         }
         dedup(&mut selection.cgroups);
+        dedup(&mut selection.containers);
         dedup(&mut selection.uids);
         dedup(&mut selection.exes);
         dedup(&mut selection.pids);

@@ -64,8 +64,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         )
         .context("loading the policy")?,
     );
-    let mut redirector = Redirector::start(&redirect_config(&config, &engine.registry()))
-        .context("loading and attaching the eBPF redirect")?;
+    let wanted = redirect_config(&config, &engine.registry())
+        .context("resolving the --container selectors")?;
+    let mut redirector =
+        Redirector::start(&wanted).context("loading and attaching the eBPF redirect")?;
     redirector
         .spawn_event_reader()
         .context("reading the kernel side's events")?;
@@ -233,6 +235,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         fail_open = config.fail_open,
         ports = ?config.ports,
         cgroups = ?config.selection.cgroups,
+        containers = ?config.selection.containers,
         uids = ?config.selection.uids,
         exes = ?config.selection.exes,
         pids = ?config.selection.pids,
@@ -345,7 +348,13 @@ fn on_reload(
         if result.is_err() {
             return;
         }
-        let wanted = redirect_config(&config, &engine.registry());
+        let wanted = match redirect_config(&config, &engine.registry()) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot resolve a --container selector; the previous selection stays");
+                return;
+            }
+        };
         if let Ok(mut guard) = redirector.lock() {
             if let Some(r) = guard.as_mut() {
                 if let Err(e) = r.update_selection(&wanted) {
@@ -538,10 +547,28 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
 /// registered agent's selectors (any match; a process matching a selector but
 /// no agent is intercepted as the agent `unregistered`). systemd units are
 /// selected through their cgroup.
-fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
+fn redirect_config(
+    config: &Config,
+    registry: &Registry,
+) -> Result<RedirectConfig, crate::container::ContainerError> {
     let sel = registry.selectors();
     let mut cgroups = config.selection.cgroups.clone();
     cgroups.extend(sel.cgroups);
+    if !config.selection.containers.is_empty() {
+        match crate::bpf::cgroup2_mount() {
+            Ok(mount) => {
+                for id in &config.selection.containers {
+                    let cg = crate::container::cgroup_of_container(&mount, id)?;
+                    tracing::info!(container = %id, cgroup = %cg, "container selected by its cgroup");
+                    cgroups.push(cg);
+                }
+            }
+            // the redirect's own start reports the missing cgroup2 mount
+            Err(e) => {
+                tracing::error!(error = %e, "no cgroup2 mount: --container cannot be resolved")
+            }
+        }
+    }
     cgroups.extend(sel.units.iter().map(|u| format!("/system.slice/{u}")));
     let mut uids = config.selection.uids.clone();
     uids.extend(sel.uids);
@@ -553,7 +580,7 @@ fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
     uids.dedup();
     exes.sort();
     exes.dedup();
-    RedirectConfig {
+    Ok(RedirectConfig {
         cgroups,
         uids,
         exes,
@@ -563,7 +590,7 @@ fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
         listen_port: config.listen_port,
         pin_dir: config.pin_dir.clone(),
         fail_open: config.fail_open,
-    }
+    })
 }
 
 #[cfg(test)]

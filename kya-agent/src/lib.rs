@@ -11,6 +11,7 @@ pub mod bpf;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod control;
 pub mod credential;
 pub mod daemon;

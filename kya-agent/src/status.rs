@@ -104,6 +104,7 @@ impl StatusHandler {
             "state_dir": c.state_dir,
             "selection": {
                 "cgroups": c.selection.cgroups,
+                "containers": c.selection.containers,
                 "uids": c.selection.uids,
                 "exes": c.selection.exes,
                 "pids": c.selection.pids,

@@ -18,6 +18,9 @@ const MCP_PORT: u16 = 28380;
 /// A byte echo that exists only on 127.0.0.1 inside the first namespace.
 const ECHO_PORT: u16 = 28381;
 const ECONNREFUSED: i64 = 111;
+/// The id of a container the test fakes: a cgroup named the way Docker
+/// names a container's (`docker-<id>.scope`), selected with `--container`.
+const CONTAINER_ID: &str = "5e1f0c2d3b4a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
 const POLICY: &str = r#"
 [defaults]
@@ -138,10 +141,15 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
     let echo = a.run_inside(|| TcpEcho::start(&format!("127.0.0.1:{ECHO_PORT}")));
     // Selected before kya starts: found by the start-up scan.
     let _sleeper_a = sleeper(&a, cg);
+    // A "container": selected only by --container (an id prefix), through
+    // the cgroup its engine would have made.
+    let engine = TestCgroup::new("netns-engine");
+    let ctr = engine.child(&format!("docker-{CONTAINER_ID}.scope"));
     let daemon = Daemon::start(
         scene
             .daemon_options(LISTEN, MCP_PORT)
             .args(["--port", &ECHO_PORT.to_string()])
+            .args(["--container", &CONTAINER_ID[..16]])
             .splice(ECHO_PORT),
     );
 
@@ -219,6 +227,35 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
         .unwrap_or_else(|| panic!("kya did not intercept the probe: {conns:?}"));
     assert_eq!(mine["netns"], a.inode, "{mine}");
 
+    // The container's process, in namespace a: selected by --container,
+    // decided and recorded with its container id and runtime.
+    let script = peers().join("client.py");
+    let child = a
+        .command(
+            Some(&ctr),
+            peers_python(),
+            &[
+                script.to_str().expect("utf-8"),
+                &url,
+                "search_docs",
+                r#"{"query": "container"}"#,
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start MCP client");
+    let r = mcp_result(child);
+    assert_eq!(r["text"], "found 3 documents about container", "{r}");
+    assert_eq!(ran(dir), ["search_docs", "search_docs"]);
+    let events = tool_call_events(&daemon);
+    let e = events
+        .iter()
+        .find(|e| e["process"]["container_id"] == CONTAINER_ID)
+        .unwrap_or_else(|| panic!("no decision names the container: {events:?}"));
+    assert_eq!(e["process"]["container_runtime"], "docker", "{e}");
+    assert_eq!(e["process"]["netns"], a.inode, "{e}");
+
     // A process of the same namespace that is not selected is untouched.
     let before = daemon.connections().len();
     let v = run_json(a.command(
@@ -243,7 +280,7 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
     wait_served(&daemon, b.inode, Some("ready"));
     let r = mcp_in(&b, cg, &url, &["search_docs", r#"{"query": "late"}"#]);
     assert_eq!(r["text"], "found 3 documents about late", "{r}");
-    assert_eq!(ran(dir), ["search_docs", "search_docs"]);
+    assert_eq!(ran(dir), ["search_docs"; 3]);
     let late = tool_call_events(&daemon);
     assert!(
         late.iter().any(|e| e["process"]["netns"] == b.inode),
@@ -293,11 +330,7 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
         !String::from_utf8_lossy(&r.stdout).contains("found 3 documents"),
         "{r:?}"
     );
-    assert_eq!(
-        ran(dir),
-        ["search_docs", "search_docs"],
-        "nothing reached the server"
-    );
+    assert_eq!(ran(dir), ["search_docs"; 3], "nothing reached the server");
     let refused = kya_status(&daemon)["kernel"]["refused_netns"]
         .as_u64()
         .unwrap_or(0);
