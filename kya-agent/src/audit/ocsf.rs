@@ -326,6 +326,36 @@ mod tests {
     use super::*;
     use crate::audit::event::tests::sample;
 
+    #[test]
+    fn a_containers_identity_is_in_actor_process_container() {
+        let mut e = sample(EventKind::Decision, 1);
+        let o = to_ocsf(&e);
+        assert!(o["actor"]["process"].get("container").is_none(), "{o}");
+        assert!(o["unmapped"].get("netns").is_none(), "{o}");
+        let id = "3f4e8a1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab";
+        let pod = "1b2c3d4e-5f60-4718-9293-a4b5c6d7e8f9";
+        let identity = kya_common::ProcessIdentity {
+            cgroup: format!(
+                "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
+                pod.replace('-', "_")
+            ),
+            container: kya_common::container_of_cgroup(&format!(
+                "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
+                pod.replace('-', "_")
+            )),
+            netns: 4026532305,
+            ..Default::default()
+        };
+        e.process = crate::audit::event::ProcessInfo::from(&identity);
+        let o = to_ocsf(&e);
+        let c = &o["actor"]["process"]["container"];
+        assert_eq!(c["uid"], id, "{o}");
+        assert_eq!(c["runtime"], "containerd");
+        assert_eq!(c["pod_uuid"], pod);
+        assert_eq!(c["orchestrator"], "Kubernetes");
+        assert_eq!(o["unmapped"]["netns"], 4026532305u64);
+    }
+
     /// The schema test: every event kind (and every verdict a kind allows) maps
     /// to an event with every required attribute, of the right type, with
     /// values from the OCSF enumerations.

@@ -265,7 +265,11 @@ impl NetnsServer {
                 entry.loops.push(self.acceptor.spawn(l6, Some(ns.clone())));
                 entry.view.listeners.push(v6.to_string());
             }
-            Err(e) => entry.view.error = Some(format!("IPv6 not served: {e}")),
+            // no ::1 there: nobody else can listen on it either
+            Err(e) if no_ipv6(&e) => entry.view.error = Some(format!("IPv6 not served: {e}")),
+            // ::1 exists and something else holds the port: its IPv6
+            // connects would reach that instead of kya, so not served at all
+            Err(e) => return Err(e),
         }
         let mut guard = self.redirector.lock().map_err(|_| ServeError::Stopped)?;
         let r = guard.as_mut().ok_or(ServeError::Stopped)?;
@@ -313,6 +317,20 @@ impl NetnsServer {
             self.retire(e);
         }
     }
+}
+
+/// The namespace has no IPv6 loopback (IPv6 disabled, as in many
+/// containers), as opposed to a port someone else holds.
+fn no_ipv6(e: &ServeError) -> bool {
+    let io = match e {
+        ServeError::Io(io) => io,
+        ServeError::Listen(crate::intercept::listener::ListenError::Bind { source, .. }) => source,
+        _ => return false,
+    };
+    matches!(
+        io.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)
+    )
 }
 
 fn now() -> String {
