@@ -743,6 +743,7 @@ mod tests {
         let text = r#"
 [select]
 cgroups = ["/agents/"]
+containers = ["3f4e8a1b2c3d"]
 uids = [1001]
 exes = ["/usr/local/bin/agent"]
 [intercept]
@@ -763,12 +764,17 @@ dir = "/var/lib/kya"
         let args = RunArgs {
             listen_port: Some(900),
             uids: vec![1001, 1002],
+            containers: vec!["3f4e8a1b2c3d".into(), "0123456789ab".into()],
             ports: vec![8443],
             ..Default::default()
         };
         let cfg = Config::merge(file, &args).unwrap();
         assert_eq!(cfg.listen_port, 900);
         assert_eq!(cfg.selection.cgroups, vec!["/agents"]);
+        assert_eq!(
+            cfg.selection.containers,
+            vec!["3f4e8a1b2c3d", "0123456789ab"]
+        );
         assert_eq!(cfg.selection.uids, vec![1001, 1002]);
         assert_eq!(cfg.ports, vec![80, 443, 8000, 8443]);
         assert_eq!(cfg.max_body, 4 << 20);
