@@ -83,6 +83,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         interceptor.acceptor(),
         redirector.clone(),
     );
+    let served_netns = netns.clone();
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
     let status = status.section("namespaces", {
         let n = netns.clone();
@@ -202,6 +203,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));
     metrics.add_source(budget_samples(engine.clone()));
+    metrics.add_source(netns_samples(served_netns));
     let metrics_task = config.metrics.map(|addr| {
         tokio::spawn(crate::metrics::serve(
             addr,
@@ -406,6 +408,11 @@ fn kernel_samples(redirector: Arc<Mutex<Option<Redirector>>>) -> Source {
                 s.refused_dgram,
             ),
             c(
+                "refused_netns",
+                "TCP connects refused in network namespaces kya does not serve (yet)",
+                s.refused_netns,
+            ),
+            c(
                 "established",
                 "Redirected connections established",
                 s.established,
@@ -453,6 +460,33 @@ fn budget_samples(engine: Arc<PolicyEngine>) -> Source {
             kind: SampleKind::Gauge,
             value: engine.budget_reservations() as u64,
         }]
+    })
+}
+
+/// Network namespaces served with a ready listener, and those kya could not
+/// serve (their selected processes' connections are refused).
+fn netns_samples(netns: Arc<crate::netns::NetnsServer>) -> Source {
+    Box::new(move || {
+        let all = netns.status();
+        let ready = all.iter().filter(|n| n.state == "ready").count();
+        let g = |name: &str, help: &str, value: usize| Sample {
+            name: name.into(),
+            help: help.into(),
+            kind: SampleKind::Gauge,
+            value: value as u64,
+        };
+        vec![
+            g(
+                "netns_served",
+                "Network namespaces other than the host's with a ready kya listener",
+                ready,
+            ),
+            g(
+                "netns_failed",
+                "Network namespaces holding selected processes where kya could not open a listener",
+                all.len() - ready,
+            ),
+        ]
     })
 }
 

@@ -145,11 +145,16 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
     // the cgroup its engine would have made.
     let engine = TestCgroup::new("netns-engine");
     let ctr = engine.child(&format!("docker-{CONTAINER_ID}.scope"));
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr")
+    };
     let daemon = Daemon::start(
         scene
             .daemon_options(LISTEN, MCP_PORT)
             .args(["--port", &ECHO_PORT.to_string()])
             .args(["--container", &CONTAINER_ID[..16]])
+            .args(["--metrics", &metrics.to_string()])
             .splice(ECHO_PORT),
     );
 
@@ -335,6 +340,10 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
         .as_u64()
         .unwrap_or(0);
     assert!(refused >= 2, "refused connects are counted: {refused}");
+    let m = http_get(metrics, "/metrics");
+    assert!(m.contains("\nkya_netns_served 1\n"), "{m}");
+    assert!(m.contains("\nkya_netns_failed 1\n"), "{m}");
+    assert!(m.contains("kya_kernel_refused_netns_total"), "{m}");
 
     // Deleting the namespace with its processes: no longer served.
     drop(_sleeper_c);
