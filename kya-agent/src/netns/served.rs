@@ -184,7 +184,8 @@ impl NetnsServer {
                     continue;
                 }
             }
-            let entry = self.open(inode, pid, processes);
+            let last_error = served.get(&inode).and_then(|e| e.view.error.clone());
+            let entry = self.open(inode, pid, processes, last_error.as_deref());
             served.insert(inode, entry);
         }
     }
@@ -204,7 +205,10 @@ impl NetnsServer {
         }
     }
 
-    fn open(&self, inode: u64, pid: u32, processes: usize) -> Entry {
+    /// A new attempt to serve namespace `inode` (through `/proc/PID/ns/net`);
+    /// `last_error`: why the previous attempt failed (the same failure again
+    /// is not logged as a warning again).
+    fn open(&self, inode: u64, pid: u32, processes: usize, last_error: Option<&str>) -> Entry {
         let mut entry = Entry {
             ns: None,
             view: ServedNamespace {
@@ -236,8 +240,13 @@ impl NetnsServer {
                     l.abort();
                 }
                 entry.view.listeners.clear();
-                tracing::warn!(netns = inode, pid, error = %e, "cannot serve a network namespace; its selected processes' connections are refused");
-                entry.view.error = Some(e.to_string());
+                let error = e.to_string();
+                if last_error == Some(error.as_str()) {
+                    tracing::debug!(netns = inode, pid, %error, "still cannot serve a network namespace");
+                } else {
+                    tracing::warn!(netns = inode, pid, %error, "cannot serve a network namespace; its selected processes' connections are refused");
+                }
+                entry.view.error = Some(error);
             }
         }
         entry
@@ -337,4 +346,34 @@ fn now() -> String {
     time::OffsetDateTime::from(SystemTime::now())
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intercept::listener::ListenError;
+
+    fn bind_err(errno: i32) -> ServeError {
+        ServeError::Listen(ListenError::Bind {
+            addr: SocketAddr::from((Ipv6Addr::LOCALHOST, 1)),
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn only_a_missing_ipv6_loopback_lets_a_namespace_be_served_on_ipv4_alone() {
+        for errno in [
+            libc::EADDRNOTAVAIL,
+            libc::EAFNOSUPPORT,
+            libc::EPROTONOSUPPORT,
+        ] {
+            assert!(no_ipv6(&bind_err(errno)), "{errno}");
+        }
+        // someone else holds [::1]:PORT, or anything else: not served
+        for errno in [libc::EADDRINUSE, libc::EACCES, libc::EMFILE] {
+            assert!(!no_ipv6(&bind_err(errno)), "{errno}");
+        }
+        assert!(!no_ipv6(&ServeError::Raced));
+        assert!(!no_ipv6(&ServeError::Stopped));
+    }
 }
