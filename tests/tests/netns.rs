@@ -364,3 +364,90 @@ fn selected_processes_in_other_network_namespaces_are_served_inside_them() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The MCP server over TLS, on the host end of the namespace's veth.
+const TLS_PORT: u16 = 28383;
+
+#[test]
+fn tls_from_a_namespace_is_terminated_and_the_server_verified_from_there() {
+    if !privileged("tls_from_a_namespace_is_terminated_and_the_server_verified_from_there") {
+        return;
+    }
+    let _g = serial();
+    ensure_peers();
+    let scene = AgentScene::new("netnstls", POLICY);
+    let (d, cg) = (scene.dir.path(), &scene.cg);
+    let a = TestNetns::new("tls", 3, true);
+    test_pki(d);
+    // mcp.test is the server across the veth, for the agent and for kya
+    std::fs::write(
+        d.join("hosts"),
+        format!("127.0.0.1 localhost\n{} mcp.test\n", a.host_addr),
+    )
+    .expect("hosts");
+    let _server = Hypercorn::start_tls(d, &[&format!("{}:{TLS_PORT}", a.host_addr)]);
+    let _sleeper = sleeper(&a, cg);
+    let mut opts = scene.daemon_options(964, TLS_PORT).args([
+        "--upstream-ca",
+        d.join("test-ca.pem").to_str().expect("utf-8"),
+    ]);
+    opts.hosts = Some(d.join("hosts"));
+    let daemon = Daemon::start(opts);
+    wait_served(&daemon, a.inode, Some("ready"));
+    let kya_ca = daemon.state_dir.path().join("ca.pem");
+
+    // The client, in the namespace, the agent's cgroup and a mount namespace
+    // whose /etc/hosts names mcp.test; it trusts only kya's CA, so it can only
+    // succeed through kya.
+    let call = |args: &[&str]| -> Value {
+        let script = format!(
+            "mount --bind {hosts} /etc/hosts && echo $$ > {procs} && exec \"$@\"",
+            hosts = d.join("hosts").display(),
+            procs = cg.path.join("cgroup.procs").display()
+        );
+        let client = peers().join("client.py");
+        let python = peers_python();
+        let url = format!("https://mcp.test:{TLS_PORT}/mcp");
+        let mut all = vec![
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+            python.to_str().expect("utf-8"),
+            client.to_str().expect("utf-8"),
+            &url,
+        ];
+        all.extend_from_slice(args);
+        let out = a
+            .command(None, "unshare", &all)
+            .env("SSL_CERT_FILE", &kya_ca)
+            .output()
+            .expect("client");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
+            panic!(
+                "client printed no JSON ({e}): {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let r = call(&["search_docs", r#"{"query": "tls"}"#]);
+    assert_eq!(r["isError"], false, "{r}");
+    assert_eq!(r["text"], "found 3 documents about tls");
+    let r = call(&["delete_records", r#"{"table": "t"}"#]);
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"].as_str().unwrap_or("").contains("no-delete"),
+        "{r}"
+    );
+    assert_eq!(ran(d), ["search_docs"], "the server's own record");
+    let events = tool_call_events(&daemon);
+    assert_eq!(events.len(), 2, "{events:?}");
+    for e in &events {
+        assert_eq!(e["process"]["netns"], a.inode, "{e}");
+        assert_eq!(e["destination"]["host"], "mcp.test", "{e}");
+    }
+}
