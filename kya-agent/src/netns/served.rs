@@ -42,6 +42,10 @@ pub struct ServedNamespace {
     pub processes: usize,
     /// One of them (to find the namespace: `/proc/PID/ns/net`).
     pub example_pid: u32,
+    /// The container that process runs in, by its cgroup path (informative:
+    /// a namespace can be shared by several containers, as in a pod).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<kya_common::ContainerIdentity>,
     /// Since when it is in this state (RFC 3339).
     pub since: String,
     /// Why the listener could not be opened (`failed`), or why IPv6 is not
@@ -218,6 +222,9 @@ impl NetnsServer {
                 listeners: Vec::new(),
                 processes,
                 example_pid: pid,
+                container: crate::bpf::cgroup_path_of_pid(pid)
+                    .ok()
+                    .and_then(|cg| kya_common::container_of_cgroup(&cg)),
                 since: now(),
                 error: None,
             },
