@@ -5,6 +5,7 @@
 use super::enter::Namespace;
 use crate::bpf::Redirector;
 use crate::intercept::listener::{bind_socket, Acceptor};
+use kya_common::maps::KYA_MAX_NETNS;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -189,7 +190,14 @@ impl NetnsServer {
                 }
             }
             let last_error = served.get(&inode).and_then(|e| e.view.error.clone());
-            let entry = self.open(inode, pid, processes, last_error.as_deref());
+            let ready = served.values().filter(|e| e.view.state == "ready").count();
+            let entry = if ready >= KYA_MAX_NETNS as usize {
+                // bounded: the kernel's map holds this many; the rest stay
+                // refused, without a thread or a socket each
+                self.refuse(inode, pid, processes, last_error.as_deref())
+            } else {
+                self.open(inode, pid, processes, last_error.as_deref())
+            };
             served.insert(inode, entry);
         }
     }
@@ -246,6 +254,7 @@ impl NetnsServer {
                 for l in entry.loops.drain(..) {
                     l.abort();
                 }
+                entry.ns = None; // its thread ends
                 entry.view.listeners.clear();
                 let error = e.to_string();
                 if last_error == Some(error.as_str()) {
@@ -257,6 +266,31 @@ impl NetnsServer {
             }
         }
         entry
+    }
+
+    /// A namespace kya will not serve because it serves as many as the
+    /// kernel's map holds already.
+    fn refuse(&self, inode: u64, pid: u32, processes: usize, last_error: Option<&str>) -> Entry {
+        let error = format!("kya serves {KYA_MAX_NETNS} network namespaces already");
+        if last_error != Some(error.as_str()) {
+            tracing::warn!(netns = inode, pid, %error, "cannot serve a network namespace; its selected processes' connections are refused");
+        }
+        Entry {
+            ns: None,
+            view: ServedNamespace {
+                inode,
+                cookie: 0,
+                state: "failed",
+                listeners: Vec::new(),
+                processes,
+                example_pid: pid,
+                container: None,
+                since: now(),
+                error: Some(error),
+            },
+            loops: Vec::new(),
+            tried: Instant::now(),
+        }
     }
 
     fn try_open(&self, inode: u64, pid: u32, entry: &mut Entry) -> Result<(), ServeError> {
