@@ -131,6 +131,8 @@ pub const KYA_EV_REFUSED_DGRAM: u32 = 3;
 /// A selected process's connect in a netns kya does not serve (yet) was
 /// refused: `arg0` = netns cookie, `arg1` = destination port.
 pub const KYA_EV_NETNS_UNSERVED: u32 = 4;
+/// A task moved into a selected cgroup was selected: `arg0` = its tgid.
+pub const KYA_EV_SELECTED_CGROUP: u32 = 5;
 
 /// Map ids reported by [`KYA_EV_MAP_UPDATE_FAILED`].
 pub const KYA_MAP_SOCKETS: u64 = 1;
@@ -657,6 +659,7 @@ mod tests {
             ("KYA_EV_EXE_SELECTED", KYA_EV_EXE_SELECTED.into()),
             ("KYA_EV_REFUSED_DGRAM", KYA_EV_REFUSED_DGRAM.into()),
             ("KYA_EV_NETNS_UNSERVED", KYA_EV_NETNS_UNSERVED.into()),
+            ("KYA_EV_SELECTED_CGROUP", KYA_EV_SELECTED_CGROUP.into()),
             ("KYA_MAX_NETNS", KYA_MAX_NETNS.into()),
             ("KYA_NETNS_READY", KYA_NETNS_READY.into()),
             ("KYA_MAP_SOCKETS", KYA_MAP_SOCKETS),

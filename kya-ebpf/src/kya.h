@@ -236,6 +236,9 @@ enum kya_counter {
 /* a selected process's connect in a netns kya does not serve (yet) was
  * refused: arg0 = netns cookie, arg1 = dst port */
 #define KYA_EV_NETNS_UNSERVED 4
+/* a task moved into a selected cgroup was selected (a container starting):
+ * arg0 = its tgid; userspace looks at its network namespace at once */
+#define KYA_EV_SELECTED_CGROUP 5
 
 /* Map identifiers used in KYA_EV_MAP_UPDATE_FAILED. */
 #define KYA_MAP_SOCKETS 1

@@ -14,9 +14,10 @@ use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use kya_common::maps::{
     Counter, Event, ExeKey, ExePath, KyaConfig, NetnsEntry, SelEntry, KYA_CFG_ALL_TCP_PORTS,
-    KYA_EV_NETNS_UNSERVED, KYA_EXE_SCRIPT, KYA_KIND_CGROUP, KYA_KIND_EXE, KYA_KIND_PID,
-    KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SCRIPT_NAMES, KYA_MAX_SEL_CGROUPS,
-    KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_NETNS_READY, KYA_SEL_PID, KYA_SKIP_MARK,
+    KYA_EV_NETNS_UNSERVED, KYA_EV_SELECTED_CGROUP, KYA_EXE_SCRIPT, KYA_KIND_CGROUP, KYA_KIND_EXE,
+    KYA_KIND_PID, KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SCRIPT_NAMES,
+    KYA_MAX_SEL_CGROUPS, KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_NETNS_READY, KYA_SEL_PID,
+    KYA_SKIP_MARK,
 };
 use kya_ebpf::{maps as m, programs as p};
 use std::collections::{BTreeMap, BTreeSet};
@@ -313,7 +314,8 @@ pub struct Redirector {
     /// The kernel and the features probed on it.
     support: KernelSupport,
     /// Woken when the kernel refused a connect in a network namespace kya
-    /// does not serve yet (the namespace server reconciles at once).
+    /// does not serve yet, or selected a process entering a selected cgroup
+    /// (the namespace server reconciles at once).
     netns_wake: Arc<tokio::sync::Notify>,
 }
 
@@ -747,7 +749,7 @@ impl Redirector {
     }
 
     /// Woken when the kernel refused a connect in a network namespace kya
-    /// does not serve yet.
+    /// does not serve yet, or selected a process entering a selected cgroup.
     pub fn netns_wake(&self) -> Arc<tokio::sync::Notify> {
         self.netns_wake.clone()
     }
@@ -830,7 +832,10 @@ impl Redirector {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     log_event(&item, &exe_path);
-                    if Event::from_bytes(&item).map(|e| e.kind) == Some(KYA_EV_NETNS_UNSERVED) {
+                    if matches!(
+                        Event::from_bytes(&item).map(|e| e.kind),
+                        Some(KYA_EV_NETNS_UNSERVED | KYA_EV_SELECTED_CGROUP)
+                    ) {
                         netns_wake.notify_one();
                     }
                     counter.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 
 use kya_common::maps::{
     Counter, Event, ExeKey, KYA_EV_EXE_SELECTED, KYA_EV_MAP_UPDATE_FAILED, KYA_EV_NETNS_UNSERVED,
-    KYA_EV_REFUSED_DGRAM,
+    KYA_EV_REFUSED_DGRAM, KYA_EV_SELECTED_CGROUP,
 };
 use serde::Serialize;
 
@@ -125,6 +125,12 @@ pub fn log_event(bytes: &[u8], exe_path: &dyn Fn(ExeKey) -> Option<String>) {
             port = ev.arg1,
             "refused a connect in a network namespace kya does not serve yet (ECONNREFUSED)"
         ),
+        KYA_EV_SELECTED_CGROUP => tracing::debug!(
+            tgid = ev.arg0,
+            mover = ev.pid,
+            %comm,
+            "process selected on entering a selected cgroup"
+        ),
         other => tracing::warn!(kind = other, pid = ev.pid, "unknown kernel event kind"),
     }
 }
@@ -174,6 +180,11 @@ mod tests {
         b[0] = KYA_EV_MAP_UPDATE_FAILED as u8;
         b[16] = 200;
         log_event(&b, &none);
+        for kind in [KYA_EV_NETNS_UNSERVED, KYA_EV_SELECTED_CGROUP, 0xffff] {
+            let mut e = [0xffu8; 48];
+            e[..4].copy_from_slice(&kind.to_ne_bytes());
+            log_event(&e, &none);
+        }
         assert_eq!(map_name(200), "unknown");
     }
 }
