@@ -64,7 +64,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         )
         .context("loading the policy")?,
     );
-    let wanted = redirect_config(&config, &engine.registry())
+    let wanted = redirect_config(&config, &engine.registry(), true)
         .context("resolving the --container selectors")?;
     let mut redirector =
         Redirector::start(&wanted).context("loading and attaching the eBPF redirect")?;
@@ -350,7 +350,7 @@ fn on_reload(
         if result.is_err() {
             return;
         }
-        let wanted = match redirect_config(&config, &engine.registry()) {
+        let wanted = match redirect_config(&config, &engine.registry(), false) {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "cannot resolve a --container selector; the previous selection stays");
@@ -581,9 +581,13 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
 /// registered agent's selectors (any match; a process matching a selector but
 /// no agent is intercepted as the agent `unregistered`). systemd units are
 /// selected through their cgroup.
+/// The redirect's selection. `strict`: a `--container` that cannot be
+/// resolved is an error (at start); otherwise (a reload, when the container
+/// may have stopped since) it is skipped with a warning, and the rest applies.
 fn redirect_config(
     config: &Config,
     registry: &Registry,
+    strict: bool,
 ) -> Result<RedirectConfig, crate::container::ContainerError> {
     let sel = registry.selectors();
     let mut cgroups = config.selection.cgroups.clone();
@@ -592,9 +596,16 @@ fn redirect_config(
         match crate::bpf::cgroup2_mount() {
             Ok(mount) => {
                 for id in &config.selection.containers {
-                    let cg = crate::container::cgroup_of_container(&mount, id)?;
-                    tracing::info!(container = %id, cgroup = %cg, "container selected by its cgroup");
-                    cgroups.push(cg);
+                    match crate::container::cgroup_of_container(&mount, id) {
+                        Ok(cg) => {
+                            tracing::info!(container = %id, cgroup = %cg, "container selected by its cgroup");
+                            cgroups.push(cg);
+                        }
+                        Err(e) if strict => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(container = %id, error = %e, "container selector skipped")
+                        }
+                    }
                 }
             }
             // the redirect's own start reports the missing cgroup2 mount

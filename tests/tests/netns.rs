@@ -451,3 +451,30 @@ fn tls_from_a_namespace_is_terminated_and_the_server_verified_from_there() {
         assert_eq!(e["destination"]["host"], "mcp.test", "{e}");
     }
 }
+
+#[test]
+fn a_container_selector_that_names_no_running_container_stops_the_start() {
+    if !privileged("a_container_selector_that_names_no_running_container_stops_the_start") {
+        return;
+    }
+    let _g = serial();
+    let state = tempfile::tempdir().expect("state dir");
+    let pins = format!("/sys/fs/bpf/kya-e2e-{}-965", std::process::id());
+    for (id, why) in [
+        ("0123456789abcdef0123", "no running container"),
+        ("../../etc", "must be 12 to 64 lowercase hex digits"),
+    ] {
+        let out = std::process::Command::new(kya_bin())
+            .args(["run", "--config", "/dev/null", "--listen-port", "965"])
+            .args(["--pin-dir", &pins, "--state-dir"])
+            .arg(state.path())
+            .args(["--container", id])
+            .stdin(Stdio::null())
+            .output()
+            .expect("kya run");
+        let _ = std::fs::remove_dir_all(&pins);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{id}: {err}");
+        assert!(err.contains(why), "{id}: {err}");
+    }
+}
