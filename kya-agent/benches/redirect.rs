@@ -156,7 +156,7 @@ fn interceptor(
                 return;
             };
             let Ok(local) = s.local_addr() else { continue };
-            let Ok(Some(origin)) = origins.take(peer, local) else {
+            let Ok(Some(origin)) = origins.take(peer, local, 0) else {
                 continue;
             };
             tokio::spawn(async move {

@@ -278,6 +278,10 @@ pub struct RunArgs {
     /// Select processes in this cgroup v2 path (relative to the cgroup2 mount) and its descendants.
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<String>,
+    /// Select the processes of this running container (full id or a unique
+    /// prefix of at least 12 digits), found through its engine's cgroup.
+    #[arg(long = "container", value_name = "ID")]
+    pub containers: Vec<String>,
     /// Select processes running as this uid.
     #[arg(long = "uid", value_name = "N")]
     pub uids: Vec<u32>,
@@ -330,6 +334,7 @@ impl RunArgs {
             uids: self.uids.clone(),
             exes: self.exes.clone(),
             pids: self.pids.clone(),
+            containers: self.containers.clone(),
             ports: self.ports.clone(),
             all_ports: self.all_ports,
             listen_port: self.listen_port,

@@ -315,6 +315,9 @@ impl CibaSection {
 pub struct SelectSection {
     #[serde(default)]
     pub cgroups: Vec<String>,
+    /// Container ids (or unique prefixes), resolved to their cgroups.
+    #[serde(default)]
+    pub containers: Vec<String>,
     #[serde(default)]
     pub uids: Vec<u32>,
     #[serde(default)]
@@ -417,6 +420,9 @@ pub enum DenyShape {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     pub cgroups: Vec<String>,
+    /// Container ids (or unique prefixes); each selects its container's
+    /// cgroup, resolved when the redirect is configured.
+    pub containers: Vec<String>,
     pub uids: Vec<u32>,
     pub exes: Vec<String>,
     pub pids: Vec<u32>,
@@ -426,6 +432,7 @@ impl Selection {
     /// True when nothing at all is selected.
     pub fn is_empty(&self) -> bool {
         self.cgroups.is_empty()
+            && self.containers.is_empty()
             && self.uids.is_empty()
             && self.exes.is_empty()
             && self.pids.is_empty()
@@ -490,6 +497,9 @@ pub struct Overrides {
     pub exes: Vec<String>,
     /// Select this process (tgid) and its future children.
     pub pids: Vec<u32>,
+    /// Select this container (full id or a unique prefix of 12+ hex digits)
+    /// through its cgroup.
+    pub containers: Vec<String>,
     /// Add a guarded destination port (default 80 and 443, plus intercept.ports).
     pub ports: Vec<u16>,
     /// Redirect every TCP connection of a selected process, whatever its port
@@ -534,11 +544,13 @@ impl Config {
     pub fn merge(file: FileConfig, args: &Overrides) -> Result<Self, ConfigError> {
         let mut selection = Selection {
             cgroups: file.select.cgroups,
+            containers: file.select.containers,
             uids: file.select.uids,
             exes: file.select.exes,
             pids: file.select.pids,
         };
         selection.cgroups.extend(args.cgroups.iter().cloned());
+        selection.containers.extend(args.containers.iter().cloned());
         selection.uids.extend(args.uids.iter().copied());
         selection.exes.extend(args.exes.iter().cloned());
         selection.pids.extend(args.pids.iter().copied());
@@ -546,6 +558,7 @@ impl Config {
             *cg = normalize_cgroup(cg)?;
         }
         dedup(&mut selection.cgroups);
+        dedup(&mut selection.containers);
         dedup(&mut selection.uids);
         dedup(&mut selection.exes);
         dedup(&mut selection.pids);
@@ -773,6 +786,7 @@ mod tests {
         let text = r#"
 [select]
 cgroups = ["/agents/"]
+containers = ["3f4e8a1b2c3d"]
 uids = [1001]
 exes = ["/usr/local/bin/agent"]
 [intercept]
@@ -793,12 +807,17 @@ dir = "/var/lib/kya"
         let args = Overrides {
             listen_port: Some(900),
             uids: vec![1001, 1002],
+            containers: vec!["3f4e8a1b2c3d".into(), "0123456789ab".into()],
             ports: vec![8443],
             ..Default::default()
         };
         let cfg = Config::merge(file, &args).unwrap();
         assert_eq!(cfg.listen_port, 900);
         assert_eq!(cfg.selection.cgroups, vec!["/agents"]);
+        assert_eq!(
+            cfg.selection.containers,
+            vec!["3f4e8a1b2c3d", "0123456789ab"]
+        );
         assert_eq!(cfg.selection.uids, vec![1001, 1002]);
         assert_eq!(cfg.ports, vec![80, 443, 8000, 8443]);
         assert_eq!(cfg.max_body, 4 << 20);

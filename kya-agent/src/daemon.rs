@@ -64,16 +64,31 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         )
         .context("loading the policy")?,
     );
-    let mut redirector = Redirector::start(&redirect_config(&config, &engine.registry()))
-        .context("loading and attaching the eBPF redirect")?;
+    let wanted = redirect_config(&config, &engine.registry(), true)
+        .context("resolving the --container selectors")?;
+    let mut redirector =
+        Redirector::start(&wanted).context("loading and attaching the eBPF redirect")?;
     redirector
         .spawn_event_reader()
         .context("reading the kernel side's events")?;
     let origins: Arc<dyn OriginSource> = Arc::new(
         crate::intercept::kernel_origin::KernelOrigins::new(redirector.origins()),
     );
+    let netns_wake = redirector.netns_wake();
     let redirector = Arc::new(Mutex::new(Some(redirector)));
+    // Other network namespaces (containers): a listener inside each one
+    // that holds selected processes.
+    let netns = crate::netns::NetnsServer::new(
+        config.listen_port,
+        interceptor.acceptor(),
+        redirector.clone(),
+    );
+    let served_netns = netns.clone();
     let status = StatusHandler::new(config.clone(), redirector.clone(), interceptor.stats());
+    let status = status.section("namespaces", {
+        let n = netns.clone();
+        Arc::new(move || serde_json::json!(n.status()))
+    });
     let suspensions = Arc::new(
         Suspensions::open(&config.state_dir).context("reading the agent suspension list")?,
     );
@@ -188,6 +203,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));
     metrics.add_source(budget_samples(engine.clone()));
+    metrics.add_source(netns_samples(served_netns));
     let metrics_task = config.metrics.map(|addr| {
         tokio::spawn(crate::metrics::serve(
             addr,
@@ -209,6 +225,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         Arc::new(crate::intercept::names::NameResolver::new()),
     ));
     let server = tokio::spawn(interceptor.serve(origins, Some(inspection), stop_rx.clone()));
+    let netns_task = netns.spawn(netns_wake, stop_rx.clone());
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
     if config.selection.is_empty() && engine.registry().agents().is_empty() {
@@ -220,6 +237,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         fail_open = config.fail_open,
         ports = ?config.ports,
         cgroups = ?config.selection.cgroups,
+        containers = ?config.selection.containers,
         uids = ?config.selection.uids,
         exes = ?config.selection.exes,
         pids = ?config.selection.pids,
@@ -245,6 +263,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     reloader.abort();
     if let Err(e) = server.await {
         tracing::error!(error = %e, "interceptor task failed");
+    }
+    if let Err(e) = netns_task.await {
+        tracing::error!(error = %e, "network namespace task failed");
     }
     if let Err(e) = control_task.await {
         tracing::error!(error = %e, "control socket task failed");
@@ -329,7 +350,13 @@ fn on_reload(
         if result.is_err() {
             return;
         }
-        let wanted = redirect_config(&config, &engine.registry());
+        let wanted = match redirect_config(&config, &engine.registry(), false) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot resolve a --container selector; the previous selection stays");
+                return;
+            }
+        };
         if let Ok(mut guard) = redirector.lock() {
             if let Some(r) = guard.as_mut() {
                 if let Err(e) = r.update_selection(&wanted) {
@@ -381,6 +408,11 @@ fn kernel_samples(redirector: Arc<Mutex<Option<Redirector>>>) -> Source {
                 s.refused_dgram,
             ),
             c(
+                "refused_netns",
+                "TCP connects refused in network namespaces kya does not serve (yet)",
+                s.refused_netns,
+            ),
+            c(
                 "established",
                 "Redirected connections established",
                 s.established,
@@ -428,6 +460,33 @@ fn budget_samples(engine: Arc<PolicyEngine>) -> Source {
             kind: SampleKind::Gauge,
             value: engine.budget_reservations() as u64,
         }]
+    })
+}
+
+/// Network namespaces served with a ready listener, and those kya could not
+/// serve (their selected processes' connections are refused).
+fn netns_samples(netns: Arc<crate::netns::NetnsServer>) -> Source {
+    Box::new(move || {
+        let all = netns.status();
+        let ready = all.iter().filter(|n| n.state == "ready").count();
+        let g = |name: &str, help: &str, value: usize| Sample {
+            name: name.into(),
+            help: help.into(),
+            kind: SampleKind::Gauge,
+            value: value as u64,
+        };
+        vec![
+            g(
+                "netns_served",
+                "Network namespaces other than the host's with a ready kya listener",
+                ready,
+            ),
+            g(
+                "netns_failed",
+                "Network namespaces holding selected processes where kya could not open a listener",
+                all.len() - ready,
+            ),
+        ]
     })
 }
 
@@ -522,10 +581,39 @@ fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
 /// registered agent's selectors (any match; a process matching a selector but
 /// no agent is intercepted as the agent `unregistered`). systemd units are
 /// selected through their cgroup.
-fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
+/// The redirect's selection. `strict`: a `--container` that cannot be
+/// resolved is an error (at start); otherwise (a reload, when the container
+/// may have stopped since) it is skipped with a warning, and the rest applies.
+fn redirect_config(
+    config: &Config,
+    registry: &Registry,
+    strict: bool,
+) -> Result<RedirectConfig, crate::container::ContainerError> {
     let sel = registry.selectors();
     let mut cgroups = config.selection.cgroups.clone();
     cgroups.extend(sel.cgroups);
+    if !config.selection.containers.is_empty() {
+        match crate::bpf::cgroup2_mount() {
+            Ok(mount) => {
+                for id in &config.selection.containers {
+                    match crate::container::cgroup_of_container(&mount, id) {
+                        Ok(cg) => {
+                            tracing::info!(container = %id, cgroup = %cg, "container selected by its cgroup");
+                            cgroups.push(cg);
+                        }
+                        Err(e) if strict => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(container = %id, error = %e, "container selector skipped")
+                        }
+                    }
+                }
+            }
+            // the redirect's own start reports the missing cgroup2 mount
+            Err(e) => {
+                tracing::error!(error = %e, "no cgroup2 mount: --container cannot be resolved")
+            }
+        }
+    }
     cgroups.extend(sel.units.iter().map(|u| format!("/system.slice/{u}")));
     let mut uids = config.selection.uids.clone();
     uids.extend(sel.uids);
@@ -537,7 +625,7 @@ fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
     uids.dedup();
     exes.sort();
     exes.dedup();
-    RedirectConfig {
+    Ok(RedirectConfig {
         cgroups,
         uids,
         exes,
@@ -547,7 +635,7 @@ fn redirect_config(config: &Config, registry: &Registry) -> RedirectConfig {
         listen_port: config.listen_port,
         pin_dir: config.pin_dir.clone(),
         fail_open: config.fail_open,
-    }
+    })
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ impl StatusHandler {
             "state_dir": c.state_dir,
             "selection": {
                 "cgroups": c.selection.cgroups,
+                "containers": c.selection.containers,
                 "uids": c.selection.uids,
                 "exes": c.selection.exes,
                 "pids": c.selection.pids,
@@ -213,6 +214,31 @@ pub mod command {
                 &Value::from(features.join(", ")),
             );
         }
+        for n in s["namespaces"].as_array().into_iter().flatten() {
+            let mut text = format!(
+                "{} ({} processes, pid {}, listeners {}, since {})",
+                n["state"].as_str().unwrap_or("?"),
+                n["processes"],
+                n["example_pid"],
+                n["listeners"],
+                n["since"].as_str().unwrap_or("?"),
+            );
+            if let Some(id) = n["container"]["id"].as_str() {
+                let runtime = n["container"]["runtime"].as_str().unwrap_or("?");
+                text.push_str(&format!(
+                    ", {runtime} container {}",
+                    id.get(..12).unwrap_or(id)
+                ));
+            }
+            if let Some(e) = n["error"].as_str() {
+                text.push_str(&format!(": {e}"));
+            }
+            line(
+                &mut out,
+                &format!("netns net:[{}]", n["inode"]),
+                &Value::from(text),
+            );
+        }
         for section in ["kernel", "interceptor"] {
             if let Some(obj) = s[section].as_object() {
                 for (k, v) in obj {
@@ -230,5 +256,36 @@ pub mod command {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn namespaces_are_rendered_one_line_each() {
+        let s = json!({
+            "namespaces": [
+                {"inode": 4026532305u64, "cookie": 4725, "state": "ready", "processes": 2,
+                 "example_pid": 42, "listeners": ["127.0.0.1:1021"], "since": "2026-12-07T00:00:00Z",
+                 "container": {"id": "3f4e8a1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab", "runtime": "docker"}},
+                {"inode": 4026532306u64, "cookie": 0, "state": "failed", "processes": 1,
+                 "example_pid": 43, "listeners": [], "since": "2026-12-07T00:00:01Z",
+                 "error": "cannot listen on 127.0.0.1:1021: Cannot assign requested address"}
+            ]
+        });
+        let out = super::command::render(&s);
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("netns ")).collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(
+            lines[0].contains("net:[4026532305]") && lines[0].contains("ready"),
+            "{out}"
+        );
+        assert!(lines[0].contains("docker container 3f4e8a1b2c3d"), "{out}");
+        assert!(
+            lines[1].contains("failed") && lines[1].contains("Cannot assign"),
+            "{out}"
+        );
     }
 }

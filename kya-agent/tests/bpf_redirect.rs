@@ -139,7 +139,7 @@ impl Interceptor {
                         return;
                     };
                     let local = s.local_addr().unwrap();
-                    let origin = origins.take(peer, local).unwrap();
+                    let origin = origins.take(peer, local, 0).unwrap();
                     seen.lock().unwrap().push(Accepted {
                         peer,
                         origin: origin.clone(),
@@ -268,6 +268,19 @@ elif mode == "wait":
     while not os.path.exists(sys.argv[4]):
         time.sleep(0.02)
     out = tcp()
+elif mode == "bound":
+    # from a fixed source port; the listener need not accept (the kernel
+    # completes the handshake), so only the connect is reported
+    out = {"pid": os.getpid()}
+    try:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", int(sys.argv[4])))
+        s.settimeout(5)
+        s.connect((host, port))
+        out["local"] = "%s:%d" % s.getsockname()[:2]
+        s.close()
+    except OSError as e:
+        out["errno"] = e.errno
 elif mode == "udp":
     s = socket.socket(fam, socket.SOCK_DGRAM)
     out = {"pid": os.getpid()}
@@ -1097,8 +1110,8 @@ async fn sigkilled_daemon_fails_closed_until_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn selected_process_in_another_netns_is_not_redirected() {
-    if !privileged("selected_process_in_another_netns_is_not_redirected") {
+async fn selected_process_in_an_unserved_netns_is_refused() {
+    if !privileged("selected_process_in_an_unserved_netns_is_refused") {
         return;
     }
     let (port, listen) = (18452u16, 952u16);
@@ -1106,7 +1119,8 @@ async fn selected_process_in_another_netns_is_not_redirected() {
     let pins = PinDir::new("netns");
     let r = Redirector::start(&config(Some(&cg), port, listen, &pins)).unwrap();
     // 127.0.0.1 in a fresh netns is not the interceptor (it could be a
-    // container's own service): the kernel side must leave such sockets alone
+    // container's own service), and no kya listener was opened there: the
+    // kernel side refuses the selected process's connect (fail closed)
     let child = Command::new("/bin/sh")
         .arg("-c")
         .arg(format!(
@@ -1125,10 +1139,166 @@ async fn selected_process_in_another_netns_is_not_redirected() {
     let v = finish(child).await;
     assert_eq!(
         v["errno"], ECONNREFUSED,
-        "nothing listens in the new netns: {v}"
+        "refused in a namespace kya does not serve: {v}"
     );
     let stats = r.stats().unwrap();
-    assert_eq!(stats.skipped_netns, 1, "{stats:?}");
+    assert_eq!(stats.refused_netns, 1, "{stats:?}");
     assert_eq!(stats.redirected4, 0, "{stats:?}");
+    r.shutdown().unwrap();
+}
+
+/// A network namespace created for one test (`ip netns add`), loopback up;
+/// removed with its processes on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("kya-test-{tag}-{}", std::process::id());
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        }
+        Netns(name)
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+
+    /// A listener on `addr` inside the namespace, and the namespace's cookie.
+    fn listen(&self, addr: &str) -> (std::net::TcpListener, u64) {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(self.path()).unwrap();
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            // SAFETY: a valid namespace fd; only this thread changes namespace.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let l = std::net::TcpListener::bind(&addr).unwrap();
+            let mut cookie = 0u64;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: valid socket fd, out-pointer to a u64 with its length.
+            let r = unsafe {
+                libc::getsockopt(
+                    l.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    71, // SO_NETNS_COOKIE
+                    &mut cookie as *mut u64 as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            (l, cookie)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// The test client inside the namespace and `cg`.
+    async fn client(&self, cg: &TestCgroup, args: &[&str]) -> Value {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path()))
+            .arg("/bin/sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec \"$0\" \"$@\"",
+                cg.procs().display()
+            ))
+            .arg(PYTHON)
+            .arg("-c")
+            .arg(CLIENT)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        finish(cmd.spawn().unwrap()).await
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", &self.0])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", pid])
+                    .output();
+            }
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_loopback_tuples_in_two_namespaces_keep_their_own_origins() {
+    if !privileged("identical_loopback_tuples_in_two_namespaces_keep_their_own_origins") {
+        return;
+    }
+    let (port_a, port_b, listen, src) = (18453u16, 18454u16, 953u16, "40953");
+    let cg = TestCgroup::new("netns2");
+    let pins = PinDir::new("netns2");
+    let mut cfg = config(Some(&cg), port_a, listen, &pins);
+    cfg.ports.push(port_b);
+    let mut r = Redirector::start(&cfg).unwrap();
+    let (a, b) = (Netns::new("bpfa"), Netns::new("bpfb"));
+    // each namespace's own "kya listener" at the same loopback address
+    let (_la, cookie_a) = a.listen(&format!("127.0.0.1:{listen}"));
+    let (_lb, cookie_b) = b.listen(&format!("127.0.0.1:{listen}"));
+    assert_ne!(cookie_a, cookie_b);
+    r.serve_netns(cookie_a).unwrap();
+    r.serve_netns(cookie_b).unwrap();
+    // the very same 4-tuple, 127.0.0.1:40953 -> 127.0.0.1:953, in both
+    let va = a
+        .client(&cg, &["bound", "127.0.0.7", &port_a.to_string(), src])
+        .await;
+    let vb = b
+        .client(&cg, &["bound", "127.0.0.7", &port_b.to_string(), src])
+        .await;
+    assert_eq!(va["local"], format!("127.0.0.1:{src}"), "{va}");
+    assert_eq!(vb["local"], format!("127.0.0.1:{src}"), "{vb}");
+    let peer: SocketAddr = format!("127.0.0.1:{src}").parse().unwrap();
+    let local: SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let origins = r.origins();
+    assert!(
+        origins.take(peer, local, 0).unwrap().is_none(),
+        "the host's key is another key"
+    );
+    let oa = origins
+        .take(peer, local, cookie_a)
+        .unwrap()
+        .expect("a's origin");
+    let ob = origins
+        .take(peer, local, cookie_b)
+        .unwrap()
+        .expect("b's origin");
+    assert_eq!(oa.dst, format!("127.0.0.7:{port_a}").parse().unwrap());
+    assert_eq!(ob.dst, format!("127.0.0.7:{port_b}").parse().unwrap());
+    assert_eq!(u64::from(oa.pid), va["pid"].as_u64().unwrap());
+    assert_eq!(u64::from(ob.pid), vb["pid"].as_u64().unwrap());
+    assert_eq!((oa.netns_cookie, ob.netns_cookie), (cookie_a, cookie_b));
+    // once unserved, the namespace's selected connects are refused again
+    r.unserve_netns(cookie_a).unwrap();
+    let v = a
+        .client(&cg, &["tcp", "127.0.0.7", &port_a.to_string()])
+        .await;
+    assert_eq!(v["errno"], ECONNREFUSED, "{v}");
+    let stats = r.stats().unwrap();
+    assert_eq!(stats.redirected4, 2, "{stats:?}");
+    assert_eq!(stats.refused_netns, 1, "{stats:?}");
     r.shutdown().unwrap();
 }

@@ -465,6 +465,7 @@ async fn a_refused_connection_is_on_record_before_the_reset() {
         },
         tid: std::process::id(),
         cgroup_id: 0,
+        netns: None,
     };
     tokio::spawn(async move { dispatch::handle(agent, origin, &insp).await });
     client

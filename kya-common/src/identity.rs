@@ -34,6 +34,13 @@ pub struct ProcessIdentity {
     /// cgroup v2 path relative to the cgroup2 mount, e.g. `/agents/billing`.
     #[serde(default)]
     pub cgroup: String,
+    /// The container the cgroup path names, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::ContainerIdentity>,
+    /// The network namespace the process connected from (its inode, as
+    /// `net:[INODE]` shows it), when not the host's; 0 for the host's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub netns: u64,
 }
 
 fn is_zero(v: &u64) -> bool {

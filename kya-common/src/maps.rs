@@ -33,6 +33,20 @@ pub const KYA_MAX_SOCKETS: u32 = 65536;
 pub const KYA_MAX_TGID_EXES: u32 = 65536;
 pub const KYA_MAX_EXE_PATHS: u32 = 8192;
 pub const KYA_MAX_SCRIPT_NAMES: u32 = 8192;
+pub const KYA_MAX_NETNS: u32 = 1024;
+
+/// `kya_netns.state`: the namespace has a ready kya listener.
+pub const KYA_NETNS_READY: u32 = 1;
+
+/// Value of `kya_netns` (key: a netns cookie): a network namespace other
+/// than the host's that kya serves with a listener of its own.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetnsEntry {
+    /// `KYA_NETNS_*`.
+    pub state: u32,
+    pub _reserved: u32,
+}
 
 /// Why a tgid is selected ([`SelEntry::reason`]).
 pub const KYA_SEL_PID: u8 = 1;
@@ -114,6 +128,11 @@ pub const KYA_FAMILY_INET6: u8 = 6;
 pub const KYA_EV_MAP_UPDATE_FAILED: u32 = 1;
 pub const KYA_EV_EXE_SELECTED: u32 = 2;
 pub const KYA_EV_REFUSED_DGRAM: u32 = 3;
+/// A selected process's connect in a netns kya does not serve (yet) was
+/// refused: `arg0` = netns cookie, `arg1` = destination port.
+pub const KYA_EV_NETNS_UNSERVED: u32 = 4;
+/// A task moved into a selected cgroup was selected: `arg0` = its tgid.
+pub const KYA_EV_SELECTED_CGROUP: u32 = 5;
 
 /// Map ids reported by [`KYA_EV_MAP_UPDATE_FAILED`].
 pub const KYA_MAP_SOCKETS: u64 = 1;
@@ -181,6 +200,8 @@ pub struct OriginRecord {
     /// the kernel did not know it.
     pub exe_dev: u64,
     pub exe_ino: u64,
+    /// The connecting socket's netns cookie; 0 for the host's.
+    pub netns_cookie: u64,
 }
 
 impl OriginRecord {
@@ -206,7 +227,8 @@ impl OriginRecord {
 }
 
 /// Key of `kya_conns`: the redirected connection as the interceptor sees the
-/// accepted socket (src = its peer, dst = its local address). IPv4-mapped
+/// accepted socket (src = its peer, dst = its local address) in the network
+/// namespace whose listener accepted it (cookie; 0 = the host's). IPv4-mapped
 /// IPv6 addresses are keyed as IPv4.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -217,17 +239,20 @@ pub struct ConnKey {
     pub dst_port: u16,
     pub family: u8,
     pub _pad: [u8; 3],
+    pub netns_cookie: u64,
 }
 
 impl ConnKey {
-    /// The key for an accepted socket with this peer and local address. A
-    /// v4-mapped address is normalised to IPv4 (as the kernel side does);
-    /// `None` when peer and local disagree on the family.
-    pub fn from_accepted(peer: SocketAddr, local: SocketAddr) -> Option<ConnKey> {
+    /// The key for a socket with this peer and local address accepted by the
+    /// listener of network namespace `netns` (0: the host's). A v4-mapped
+    /// address is normalised to IPv4 (as the kernel side does); `None` when
+    /// peer and local disagree on the family.
+    pub fn from_accepted(peer: SocketAddr, local: SocketAddr, netns: u64) -> Option<ConnKey> {
         let (src, dst) = (peer.ip().to_canonical(), local.ip().to_canonical());
         let mut key = ConnKey {
             src_port: peer.port(),
             dst_port: local.port(),
+            netns_cookie: netns,
             ..ConnKey::default()
         };
         match (src, dst) {
@@ -264,7 +289,7 @@ pub enum Counter {
     Established = 10,
     Getpeername = 11,
     EventsLost = 12,
-    SkippedNetns = 13,
+    RefusedNetns = 13,
     SelectedSticky = 14,
     SelectedScript = 15,
 }
@@ -287,7 +312,7 @@ impl Counter {
         Counter::Established,
         Counter::Getpeername,
         Counter::EventsLost,
-        Counter::SkippedNetns,
+        Counter::RefusedNetns,
         Counter::SelectedSticky,
         Counter::SelectedScript,
     ];
@@ -308,7 +333,7 @@ impl Counter {
             Counter::Established => "KYA_CNT_ESTABLISHED",
             Counter::Getpeername => "KYA_CNT_GETPEERNAME",
             Counter::EventsLost => "KYA_CNT_EVENTS_LOST",
-            Counter::SkippedNetns => "KYA_CNT_SKIPPED_NETNS",
+            Counter::RefusedNetns => "KYA_CNT_REFUSED_NETNS",
             Counter::SelectedSticky => "KYA_CNT_SELECTED_STICKY",
             Counter::SelectedScript => "KYA_CNT_SELECTED_SCRIPT",
         }
@@ -391,6 +416,8 @@ unsafe impl aya::Pod for Event {}
 unsafe impl aya::Pod for SelEntry {}
 #[cfg(feature = "aya")]
 unsafe impl aya::Pod for ExePath {}
+#[cfg(feature = "aya")]
+unsafe impl aya::Pod for NetnsEntry {}
 
 #[cfg(test)]
 mod tests {
@@ -481,6 +508,7 @@ mod tests {
                     ("comm", offset_of!(OriginRecord, comm)),
                     ("exe_dev", offset_of!(OriginRecord, exe_dev)),
                     ("exe_ino", offset_of!(OriginRecord, exe_ino)),
+                    ("netns_cookie", offset_of!(OriginRecord, netns_cookie)),
                 ]),
             ),
             "kya_conn_key" => (
@@ -491,7 +519,12 @@ mod tests {
                     ("src_port", offset_of!(ConnKey, src_port)),
                     ("dst_port", offset_of!(ConnKey, dst_port)),
                     ("family", offset_of!(ConnKey, family)),
+                    ("netns_cookie", offset_of!(ConnKey, netns_cookie)),
                 ]),
+            ),
+            "kya_netns" => (
+                size_of::<NetnsEntry>(),
+                m(&[("state", offset_of!(NetnsEntry, state))]),
             ),
             "kya_event" => (
                 size_of::<Event>(),
@@ -533,6 +566,7 @@ mod tests {
                 "kya_event",
                 "kya_exe_key",
                 "kya_exe_path",
+                "kya_netns",
                 "kya_origin",
                 "kya_sel"
             ]
@@ -624,6 +658,10 @@ mod tests {
             ("KYA_EV_MAP_UPDATE_FAILED", KYA_EV_MAP_UPDATE_FAILED.into()),
             ("KYA_EV_EXE_SELECTED", KYA_EV_EXE_SELECTED.into()),
             ("KYA_EV_REFUSED_DGRAM", KYA_EV_REFUSED_DGRAM.into()),
+            ("KYA_EV_NETNS_UNSERVED", KYA_EV_NETNS_UNSERVED.into()),
+            ("KYA_EV_SELECTED_CGROUP", KYA_EV_SELECTED_CGROUP.into()),
+            ("KYA_MAX_NETNS", KYA_MAX_NETNS.into()),
+            ("KYA_NETNS_READY", KYA_NETNS_READY.into()),
             ("KYA_MAP_SOCKETS", KYA_MAP_SOCKETS),
             ("KYA_MAP_CONNS", KYA_MAP_CONNS),
             ("KYA_MAP_SEL_TGIDS", KYA_MAP_SEL_TGIDS),
@@ -706,20 +744,25 @@ mod tests {
     fn conn_key_normalises_v4_mapped_and_rejects_mixed_families() {
         let peer: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:953".parse().unwrap();
-        let k = ConnKey::from_accepted(peer, local).unwrap();
+        let k = ConnKey::from_accepted(peer, local, 0).unwrap();
         assert_eq!(k.family, KYA_FAMILY_INET);
         assert_eq!(&k.src_addr[..4], &[127, 0, 0, 1]);
         assert!(k.src_addr[4..].iter().all(|&b| b == 0));
         assert_eq!((k.src_port, k.dst_port), (40000, 953));
-        let plain = ConnKey::from_accepted("127.0.0.1:40000".parse().unwrap(), local).unwrap();
+        let plain = ConnKey::from_accepted("127.0.0.1:40000".parse().unwrap(), local, 0).unwrap();
         assert_eq!(k, plain);
+        // the same loopback 4-tuple in another network namespace is another key
+        let other = ConnKey::from_accepted(peer, local, 0x1234).unwrap();
+        assert_ne!(k, other);
+        assert_eq!(other.netns_cookie, 0x1234);
 
-        let v6 = ConnKey::from_accepted("[::1]:1".parse().unwrap(), "[::1]:953".parse().unwrap())
-            .unwrap();
+        let v6 =
+            ConnKey::from_accepted("[::1]:1".parse().unwrap(), "[::1]:953".parse().unwrap(), 0)
+                .unwrap();
         assert_eq!(v6.family, KYA_FAMILY_INET6);
         assert_eq!(v6.dst_addr[15], 1);
 
-        assert!(ConnKey::from_accepted("[::1]:1".parse().unwrap(), local).is_none());
+        assert!(ConnKey::from_accepted("[::1]:1".parse().unwrap(), local, 0).is_none());
     }
 
     #[test]
@@ -781,14 +824,14 @@ mod tests {
         proptest! {
             #[test]
             fn conn_keys_are_canonical(a in any_ip(), pa: u16, b in any_ip(), pb: u16) {
-                let key = ConnKey::from_accepted(SocketAddr::new(a, pa), SocketAddr::new(b, pb));
+                let key = ConnKey::from_accepted(SocketAddr::new(a, pa), SocketAddr::new(b, pb), 0);
                 let (ca, cb) = (a.to_canonical(), b.to_canonical());
                 prop_assert_eq!(key.is_some(), ca.is_ipv4() == cb.is_ipv4());
                 if let Some(k) = key {
                     prop_assert_eq!((k.src_port, k.dst_port), (pa, pb));
                     prop_assert_eq!(k._pad, [0; 3]);
                     // the same connection written canonically gives the same key
-                    let again = ConnKey::from_accepted(SocketAddr::new(ca, pa), SocketAddr::new(cb, pb));
+                    let again = ConnKey::from_accepted(SocketAddr::new(ca, pa), SocketAddr::new(cb, pb), 0);
                     prop_assert_eq!(Some(k), again);
                     if ca.is_ipv4() {
                         prop_assert_eq!(k.family, KYA_FAMILY_INET);

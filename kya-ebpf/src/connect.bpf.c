@@ -11,7 +11,15 @@
  * OUTPUT drop gives: it says "policy, not network", and QUIC clients fall
  * back to TCP on it, which is then inspected. With KYA_CFG_ALL_TCP_PORTS a
  * stream socket that is not TCP (MPTCP, SCTP) is refused on every port, so it
- * is no way around the redirect; datagrams stay refused on listed ports only. */
+ * is no way around the redirect; datagrams stay refused on listed ports only.
+ *
+ * A selected task in another network namespace (a container) is redirected
+ * to the kya listener in *its* namespace, at the same loopback address and
+ * port, once userspace has one ready there (kya_netns). Until then its
+ * guarded TCP connects are refused with ECONNREFUSED (counted, and reported
+ * so userspace serves the namespace): never let through unjudged. The origin
+ * carries the namespace's cookie, so identical loopback 4-tuples in two
+ * namespaces never share a kya_conns key. */
 #include "select.h"
 
 static __always_inline int kya_is_dgram_refusable(struct bpf_sock_addr *ctx)
@@ -34,11 +42,15 @@ static __always_inline int kya_refuse(__u16 port, __u32 protocol)
 /* Common gate: configured, guarded port (any port for a stream socket in
  * all-ports mode), not the interceptor's own socket, selected task. Cheapest
  * checks first: an unselected task's connect to an unguarded port costs one
- * array and one hash lookup. */
-static __always_inline struct kya_config *kya_gate(struct bpf_sock_addr *ctx, __u16 port, int stream)
+ * array and one hash lookup. On a pass, *netns is the socket's netns cookie
+ * (0 for the host's) and *served whether the interceptor listens there. */
+static __always_inline struct kya_config *kya_gate(struct bpf_sock_addr *ctx, __u16 port, int stream,
+						  __u64 *netns, int *served)
 {
 	struct kya_config *cfg = kya_cfg();
+	struct kya_netns *ns;
 	struct bpf_sock *sk;
+	__u64 cookie;
 
 	if (!cfg)
 		return 0;
@@ -51,15 +63,30 @@ static __always_inline struct kya_config *kya_gate(struct bpf_sock_addr *ctx, __
 	}
 	if (!kya_task_selected())
 		return 0;
-	if (cfg->netns_cookie && bpf_get_netns_cookie(ctx) != cfg->netns_cookie) {
-		/* selected, but not in the host's netns: not covered (counted) */
-		kya_count(KYA_CNT_SKIPPED_NETNS);
-		return 0;
-	}
+	*netns = 0;
+	*served = 1;
+	if (!cfg->netns_cookie)
+		return cfg;
+	cookie = bpf_get_netns_cookie(ctx);
+	if (cookie == cfg->netns_cookie)
+		return cfg;
+	*netns = cookie;
+	ns = bpf_map_lookup_elem(&kya_netns, &cookie);
+	*served = ns && ns->state == KYA_NETNS_READY;
 	return cfg;
 }
 
-static __always_inline int kya_record(struct bpf_sock_addr *ctx, struct kya_origin *o)
+/* A selected task's TCP connect in a namespace kya does not serve (yet):
+ * refused, counted, and reported (userspace serves the namespace). */
+static __always_inline int kya_refuse_unserved(__u64 netns, __u16 port)
+{
+	kya_count(KYA_CNT_REFUSED_NETNS);
+	kya_emit(KYA_EV_NETNS_UNSERVED, -KYA_ECONNREFUSED, netns, port);
+	bpf_set_retval(-KYA_ECONNREFUSED);
+	return KYA_REJECT;
+}
+
+static __always_inline int kya_record(struct bpf_sock_addr *ctx, struct kya_origin *o, __u64 netns)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u64 uid_gid = bpf_get_current_uid_gid();
@@ -69,6 +96,7 @@ static __always_inline int kya_record(struct bpf_sock_addr *ctx, struct kya_orig
 	long err;
 
 	o->cgroup_id = bpf_get_current_cgroup_id();
+	o->netns_cookie = netns;
 	o->pid = tgid;
 	o->tid = (__u32)pid_tgid;
 	o->uid = (__u32)uid_gid;
@@ -100,8 +128,10 @@ int kya_connect4(struct bpf_sock_addr *ctx)
 	__u32 ip = ctx->user_ip4;
 	struct kya_origin o = {};
 	struct kya_config *cfg;
+	__u64 netns = 0;
+	int served = 0;
 
-	cfg = kya_gate(ctx, port, ctx->type == KYA_SOCK_STREAM);
+	cfg = kya_gate(ctx, port, ctx->type == KYA_SOCK_STREAM, &netns, &served);
 	if (!cfg)
 		return KYA_ALLOW;
 	if (ctx->protocol != KYA_IPPROTO_TCP || ctx->type != KYA_SOCK_STREAM) {
@@ -109,13 +139,15 @@ int kya_connect4(struct bpf_sock_addr *ctx)
 			return kya_refuse(port, ctx->protocol);
 		return KYA_ALLOW;
 	}
+	if (!served)
+		return kya_refuse_unserved(netns, port);
 	if (ip == bpf_htonl(0x7f000001) && port == cfg->listen_port)
 		return KYA_ALLOW; /* already the interceptor */
 
 	*(__u32 *)&o.dst_addr[0] = ip;
 	o.dst_port = port;
 	o.dst_family = KYA_FAMILY_INET;
-	if (kya_record(ctx, &o) != KYA_ALLOW)
+	if (kya_record(ctx, &o, netns) != KYA_ALLOW)
 		return KYA_REJECT;
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons((__u16)cfg->listen_port);
@@ -132,8 +164,10 @@ int kya_connect6(struct bpf_sock_addr *ctx)
 	int v4mapped = w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff);
 	struct kya_origin o = {};
 	struct kya_config *cfg;
+	__u64 netns = 0;
+	int served = 0;
 
-	cfg = kya_gate(ctx, port, ctx->type == KYA_SOCK_STREAM);
+	cfg = kya_gate(ctx, port, ctx->type == KYA_SOCK_STREAM, &netns, &served);
 	if (!cfg)
 		return KYA_ALLOW;
 	if (ctx->protocol != KYA_IPPROTO_TCP || ctx->type != KYA_SOCK_STREAM) {
@@ -141,6 +175,8 @@ int kya_connect6(struct bpf_sock_addr *ctx)
 			return kya_refuse(port, ctx->protocol);
 		return KYA_ALLOW;
 	}
+	if (!served)
+		return kya_refuse_unserved(netns, port);
 	if (port == cfg->listen_port &&
 	    ((v4mapped && w3 == bpf_htonl(0x7f000001)) ||
 	     (w0 == 0 && w1 == 0 && w2 == 0 && w3 == bpf_htonl(1))))
@@ -159,7 +195,7 @@ int kya_connect6(struct bpf_sock_addr *ctx)
 		o.dst_family = KYA_FAMILY_INET6;
 	}
 	o.dst_port = port;
-	if (kya_record(ctx, &o) != KYA_ALLOW)
+	if (kya_record(ctx, &o, netns) != KYA_ALLOW)
 		return KYA_REJECT;
 	if (v4mapped) {
 		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
@@ -179,8 +215,10 @@ int kya_connect6(struct bpf_sock_addr *ctx)
 static __always_inline int kya_sendmsg(struct bpf_sock_addr *ctx)
 {
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u64 netns = 0;
+	int served = 0;
 
-	if (!kya_gate(ctx, port, 0))
+	if (!kya_gate(ctx, port, 0, &netns, &served))
 		return KYA_ALLOW;
 	return kya_refuse(port, ctx->protocol);
 }

@@ -42,6 +42,8 @@
 #define KYA_MAX_EXE_PATHS 8192
 /* Names (hashed) that selected scripts are run by. */
 #define KYA_MAX_SCRIPT_NAMES 8192
+/* Network namespaces other than the host's that kya serves at once. */
+#define KYA_MAX_NETNS 1024
 #define KYA_RINGBUF_BYTES (256 * 1024)
 
 /* kya_config.flags: every TCP connection (SOCK_STREAM) of a selected task is
@@ -56,10 +58,12 @@ struct kya_config {
 	__u32 skip_mark;
 	__u32 flags; /* KYA_CFG_* */
 	__u32 _reserved;
-	/* The network namespace the interceptor listens in (the host's). A
-	 * socket in another netns is never redirected: 127.0.0.1 there is not
-	 * the interceptor, and could be a container's own service. 0 = no check
-	 * (kernel without SO_NETNS_COOKIE). */
+	/* The host's network namespace (where the daemon runs). A socket in
+	 * another netns is redirected only if that netns is in kya_netns with a
+	 * ready listener of its own (127.0.0.1 there is not the host's
+	 * interceptor); otherwise its guarded connects are refused. 0 = no check
+	 * (kernel without SO_NETNS_COOKIE): every socket is treated as the
+	 * host's. */
 	__u64 netns_cookie;
 };
 _Static_assert(sizeof(struct kya_config) == 24, "kya_config size");
@@ -150,8 +154,10 @@ struct kya_origin {
 	__u32 _pad1;
 	__u64 exe_dev; /* kernel encoding, as kya_exe_key.dev */
 	__u64 exe_ino;
+	/* The netns cookie of the connecting socket; 0 for the host's netns. */
+	__u64 netns_cookie;
 };
-_Static_assert(sizeof(struct kya_origin) == 80, "kya_origin size");
+_Static_assert(sizeof(struct kya_origin) == 88, "kya_origin size");
 _Static_assert(__builtin_offsetof(struct kya_origin, cgroup_id) == 0, "kya_origin.cgroup_id");
 _Static_assert(__builtin_offsetof(struct kya_origin, pid) == 8, "kya_origin.pid");
 _Static_assert(__builtin_offsetof(struct kya_origin, tid) == 12, "kya_origin.tid");
@@ -163,11 +169,14 @@ _Static_assert(__builtin_offsetof(struct kya_origin, dst_family) == 42, "kya_ori
 _Static_assert(__builtin_offsetof(struct kya_origin, comm) == 44, "kya_origin.comm");
 _Static_assert(__builtin_offsetof(struct kya_origin, exe_dev) == 64, "kya_origin.exe_dev");
 _Static_assert(__builtin_offsetof(struct kya_origin, exe_ino) == 72, "kya_origin.exe_ino");
+_Static_assert(__builtin_offsetof(struct kya_origin, netns_cookie) == 80, "kya_origin.netns_cookie");
 
 /* Key of kya_conns: a redirected connection as the interceptor sees it on the
  * accepted socket: src = its peer (the agent), dst = its local address (the
- * listener). A v4-mapped IPv6 socket is keyed as IPv4, because the IPv4
- * listener accepts it and sees plain IPv4 addresses. */
+ * listener), in the network namespace whose listener accepted it. A v4-mapped
+ * IPv6 socket is keyed as IPv4, because the IPv4 listener accepts it and sees
+ * plain IPv4 addresses. Two namespaces can hold the very same loopback
+ * 4-tuple at once; the netns cookie keeps them apart. */
 struct kya_conn_key {
 	__u8 src_addr[16]; /* network order; IPv4 in the first 4 bytes, rest 0 */
 	__u8 dst_addr[16];
@@ -175,13 +184,29 @@ struct kya_conn_key {
 	__u16 dst_port; /* host byte order */
 	__u8 family; /* KYA_FAMILY_* */
 	__u8 _pad[3];
+	__u64 netns_cookie; /* as kya_origin.netns_cookie: 0 = the host's */
 };
-_Static_assert(sizeof(struct kya_conn_key) == 40, "kya_conn_key size");
+_Static_assert(sizeof(struct kya_conn_key) == 48, "kya_conn_key size");
 _Static_assert(__builtin_offsetof(struct kya_conn_key, src_addr) == 0, "kya_conn_key.src_addr");
 _Static_assert(__builtin_offsetof(struct kya_conn_key, dst_addr) == 16, "kya_conn_key.dst_addr");
 _Static_assert(__builtin_offsetof(struct kya_conn_key, src_port) == 32, "kya_conn_key.src_port");
 _Static_assert(__builtin_offsetof(struct kya_conn_key, dst_port) == 34, "kya_conn_key.dst_port");
 _Static_assert(__builtin_offsetof(struct kya_conn_key, family) == 36, "kya_conn_key.family");
+_Static_assert(__builtin_offsetof(struct kya_conn_key, netns_cookie) == 40, "kya_conn_key.netns_cookie");
+
+/* kya_netns.state: the namespace has a kya listener bound on 127.0.0.1 at
+ * the instance's listen port; its selected processes are redirected there. */
+#define KYA_NETNS_READY 1
+
+/* Value of kya_netns (key: netns cookie): a network namespace other than the
+ * host's that kya serves. Absent or not ready: the guarded connects of
+ * selected processes in it are refused. */
+struct kya_netns {
+	__u32 state; /* KYA_NETNS_* */
+	__u32 _reserved;
+};
+_Static_assert(sizeof(struct kya_netns) == 8, "kya_netns size");
+_Static_assert(__builtin_offsetof(struct kya_netns, state) == 0, "kya_netns.state");
 
 /* Indexes of the per-CPU counter array kya_counters. */
 enum kya_counter {
@@ -198,7 +223,7 @@ enum kya_counter {
 	KYA_CNT_ESTABLISHED = 10,
 	KYA_CNT_GETPEERNAME = 11,
 	KYA_CNT_EVENTS_LOST = 12,
-	KYA_CNT_SKIPPED_NETNS = 13,
+	KYA_CNT_REFUSED_NETNS = 13,
 	KYA_CNT_SELECTED_STICKY = 14,
 	KYA_CNT_SELECTED_SCRIPT = 15,
 	KYA_CNT_MAX = 16,
@@ -208,6 +233,12 @@ enum kya_counter {
 #define KYA_EV_MAP_UPDATE_FAILED 1 /* arg0 = KYA_MAP_* */
 #define KYA_EV_EXE_SELECTED 2 /* arg0 = dev, arg1 = ino */
 #define KYA_EV_REFUSED_DGRAM 3 /* arg0 = dst port, arg1 = protocol */
+/* a selected process's connect in a netns kya does not serve (yet) was
+ * refused: arg0 = netns cookie, arg1 = dst port */
+#define KYA_EV_NETNS_UNSERVED 4
+/* a task moved into a selected cgroup was selected (a container starting):
+ * arg0 = its tgid; userspace looks at its network namespace at once */
+#define KYA_EV_SELECTED_CGROUP 5
 
 /* Map identifiers used in KYA_EV_MAP_UPDATE_FAILED. */
 #define KYA_MAP_SOCKETS 1

@@ -51,10 +51,13 @@
 //!   the memory of connects that never complete. The record is deleted on
 //!   `TCP_CLOSE` (sockops state callback, requested only for redirected
 //!   sockets).
-//! * **Host network namespace only**: a selected process's socket in
-//!   another netns (a container) is not redirected, since 127.0.0.1 there is
-//!   not the interceptor and may be the container's own service; it is
-//!   counted (`skipped_netns`). The host netns cookie is in `kya_config`.
+//! * **Every network namespace, each to its own listener**: a selected
+//!   process's socket in another netns (a container) is redirected to the
+//!   kya listener userspace opened inside that namespace, once `kya_netns`
+//!   says it is ready; until then its guarded TCP connects are refused
+//!   (counted `refused_netns`, reported with `KYA_EV_NETNS_UNSERVED`). The
+//!   host netns cookie is in `kya_config`; origins and `kya_conns` keys carry
+//!   the namespace's cookie (0 for the host's).
 //! * **Loop avoidance**: a socket with `SO_MARK == KYA_SKIP_MARK` is never
 //!   redirected (the interceptor marks its upstream sockets), and the
 //!   daemon's tgid is in a skip map that wins over every selection.
@@ -110,6 +113,7 @@ pub mod maps {
     pub const TGID_EXES: &str = "kya_tgid_exes";
     pub const EXE_PATHS: &str = "kya_exe_paths";
     pub const SCRIPT_NAMES: &str = "kya_script_names";
+    pub const NETNS: &str = "kya_netns";
 }
 
 #[cfg(test)]
@@ -142,6 +146,7 @@ mod tests {
             maps::TGID_EXES,
             maps::EXE_PATHS,
             maps::SCRIPT_NAMES,
+            maps::NETNS,
             maps::CONFIG,
             maps::PORTS,
             maps::SEL_CGROUPS,

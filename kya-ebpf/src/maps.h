@@ -128,6 +128,15 @@ struct {
 	__type(value, struct kya_origin);
 } kya_conns SEC(".maps");
 
+/* Network namespaces (by cookie) other than the host's with a ready kya
+ * listener. Written by userspace only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KYA_MAX_NETNS);
+	__type(key, __u64);
+	__type(value, struct kya_netns);
+} kya_netns SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, KYA_CNT_MAX);

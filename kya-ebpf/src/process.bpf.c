@@ -246,8 +246,12 @@ int kya_cgroup_attach(struct bpf_raw_tracepoint_args *ctx)
 
 	if (bpf_map_lookup_elem(&kya_sel_tgids, &tgid))
 		return 0;
-	if (kya_cgroup_selected(dst, &sel))
+	if (kya_cgroup_selected(dst, &sel)) {
 		kya_select_tgid(tgid, &sel, KYA_CNT_SELECTED_STICKY);
+		/* a container's first process gets here before it runs: tell
+		 * userspace, which opens a listener in its network namespace */
+		kya_emit(KYA_EV_SELECTED_CGROUP, 0, tgid, 0);
+	}
 	return 0;
 }
 

@@ -68,6 +68,8 @@ static __always_inline void kya_established(struct bpf_sock_ops *skops)
 	} else {
 		return;
 	}
+	/* the namespace recorded at connect: no netns helper is needed here */
+	k.netns_cookie = o->netns_cookie;
 	k.src_port = (__u16)skops->local_port; /* host order */
 	k.dst_port = (__u16)bpf_ntohl(skops->remote_port); /* network order, shifted */
 	err = bpf_map_update_elem(&kya_conns, &k, o, BPF_ANY);

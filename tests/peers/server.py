@@ -1,6 +1,6 @@
 """A small real MCP server (PyPI `mcp`) for kya's tests.
 
-    server.py --port N [--transport streamable-http|sse] [--json]
+    server.py --port N [--host ADDR] [--transport streamable-http|sse] [--json]
 
 Tools: search_docs(query), delete_records(table), transfer(amount, to). DNS-rebinding
 protection is off because the tests reach it through kya's proxy, whose address
@@ -48,16 +48,17 @@ def transfer(amount: int, to: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--transport", default="streamable-http", choices=["streamable-http", "sse"])
     p.add_argument("--json", action="store_true", help="answer POSTs with application/json")
     a = p.parse_args()
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     if a.transport == "sse":
-        server.run("sse", host="127.0.0.1", port=a.port, transport_security=security)
+        server.run("sse", host=a.host, port=a.port, transport_security=security)
     else:
         server.run(
             "streamable-http",
-            host="127.0.0.1",
+            host=a.host,
             port=a.port,
             json_response=a.json,
             transport_security=security,

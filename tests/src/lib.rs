@@ -958,13 +958,19 @@ impl McpServer {
 
     /// [`McpServer::start`] with more server arguments (`--transport sse`).
     pub fn start_with(dir: &Path, port: u16, extra: &[&str], log_name: &str) -> Self {
+        Self::start_on(dir, "127.0.0.1", port, extra, log_name)
+    }
+
+    /// [`McpServer::start_with`] listening on `host` (an address of an
+    /// interface the test created).
+    pub fn start_on(dir: &Path, host: &str, port: u16, extra: &[&str], log_name: &str) -> Self {
         use std::os::unix::process::CommandExt;
         let log = dir.join(log_name);
         std::fs::write(&log, "").expect("peer log");
         let child = Command::new(peers_python())
             .process_group(0)
             .arg(peers().join("server.py"))
-            .args(["--port", &port.to_string()])
+            .args(["--port", &port.to_string(), "--host", host])
             .args(extra)
             .env("KYA_PEER_LOG", &log)
             .stdout(Stdio::null())
@@ -973,7 +979,7 @@ impl McpServer {
             .expect("start MCP server");
         let server = Self { child, port, log };
         let deadline = Instant::now() + patience() * 30;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(Instant::now() < deadline, "MCP server did not listen");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1288,4 +1294,154 @@ pub fn run_in_agent_ns(
             String::from_utf8_lossy(&out.stderr)
         )
     })
+}
+
+// ---- Network namespaces the tests create (containers without an engine).
+
+/// Name prefix of the network namespaces tests create (`ip netns`);
+/// `cargo xtask clean-host` removes leftovers with it.
+pub const TEST_NETNS_PREFIX: &str = "kya-test-";
+/// Name prefix of the veth interfaces tests create (host ends).
+pub const TEST_VETH_PREFIX: &str = "kyat";
+
+/// A network namespace (`ip netns add kya-test-TAG-PID`) joined to the host by
+/// a veth pair with private addresses: the host end is `host_addr`
+/// (10.231.X.1/30), the namespace end `ns_addr` (10.231.X.2/30), the
+/// namespace's default route goes through the host end. On drop its
+/// processes are killed and the veth and the namespace removed.
+pub struct TestNetns {
+    pub name: String,
+    pub host_if: String,
+    pub host_addr: String,
+    pub ns_addr: String,
+    /// The namespace's inode (`net:[INODE]`).
+    pub inode: u64,
+}
+
+impl TestNetns {
+    /// `idx` (0..4) tells the namespaces of one test apart; `lo_up`: bring
+    /// its loopback interface up (down: nothing can listen on 127.0.0.1 there).
+    pub fn new(tag: &str, idx: u32, lo_up: bool) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        assert!(idx < 4, "at most 4 namespaces per test");
+        let pid = std::process::id();
+        let name = format!("{TEST_NETNS_PREFIX}{tag}-{pid}");
+        let short = format!("{}{idx}", pid % 100_000);
+        let host_if = format!("{TEST_VETH_PREFIX}{short}h");
+        let ns_if = format!("{TEST_VETH_PREFIX}{short}n");
+        let third = (pid % 60) * 4 + idx;
+        let host_addr = format!("10.231.{third}.1");
+        let ns_addr = format!("10.231.{third}.2");
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let mut ns = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            host_addr: host_addr.clone(),
+            ns_addr: ns_addr.clone(),
+            inode: 0,
+        };
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &name,
+        ]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ns_addr}/30"),
+            "dev",
+            &ns_if,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "route", "add", "default", "via", &host_addr]);
+        if lo_up {
+            ip(&["-n", &name, "link", "set", "lo", "up"]);
+        }
+        ns.inode = std::fs::metadata(ns.path()).expect("netns file").ino();
+        ns
+    }
+
+    /// `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `program args` inside the namespace (only the network namespace
+    /// changes), moved first into the cgroup directory `cgroup` if given.
+    pub fn command(
+        &self,
+        cgroup: Option<&Path>,
+        program: impl AsRef<Path>,
+        args: &[&str],
+    ) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()));
+        match cgroup {
+            Some(dir) => {
+                cmd.args(["sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+                    .arg(dir)
+                    .arg(program.as_ref())
+                    .args(args);
+            }
+            None => {
+                cmd.arg(program.as_ref()).args(args);
+            }
+        }
+        cmd
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it opens live there).
+    pub fn run_inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            // SAFETY: a valid namespace fd; only this thread changes namespace.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace")
+    }
+
+    /// Pids of the processes in the namespace.
+    pub fn pids(&self) -> Vec<u32> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        out.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }

@@ -1,6 +1,8 @@
 //! Remove what crashed test runs left behind: pinned BPF objects of test
-//! instances (`/sys/fs/bpf/kya-e2e-*`, `/sys/fs/bpf/kya-test-*`) and test
-//! cgroups (`kya-e2e-*`, `kya-test-*` under the cgroup2 root).
+//! instances (`/sys/fs/bpf/kya-e2e-*`, `/sys/fs/bpf/kya-test-*`), test
+//! cgroups (`kya-e2e-*`, `kya-test-*` under the cgroup2 root), and the
+//! network namespaces (`ip netns` `kya-test-*`, their processes killed) and
+//! veth interfaces (`kyat*`) the namespace tests create.
 //!
 //! Unpinning a link detaches its program, so this also removes the redirect a
 //! killed test daemon left in force. A pin directory whose daemon is still
@@ -10,6 +12,10 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 
 const PREFIXES: [&str; 2] = ["kya-e2e-", "kya-test-"];
+/// Named network namespaces of tests (`ip netns add kya-test-...`).
+const NETNS_PREFIX: &str = "kya-test-";
+/// Host ends of the tests' veth pairs.
+const VETH_PREFIX: &str = "kyat";
 
 pub(crate) fn clean_host() -> Result<()> {
     for pins in test_pins() {
@@ -22,7 +28,59 @@ pub(crate) fn clean_host() -> Result<()> {
         eprintln!("xtask: removing leftover cgroup {}", cgroup.display());
         remove_cgroup(&cgroup);
     }
+    for ns in test_netns() {
+        eprintln!("xtask: removing leftover network namespace {ns}");
+        remove_netns(&ns);
+    }
+    for veth in test_veths() {
+        eprintln!("xtask: removing leftover interface {veth}");
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &veth])
+            .output();
+    }
     Ok(())
+}
+
+/// Named network namespaces the tests create (`/run/netns/kya-test-*`).
+pub(crate) fn test_netns() -> Vec<String> {
+    names_with_prefix(Path::new("/run/netns"), NETNS_PREFIX)
+}
+
+/// Host ends of the tests' veth pairs (`kyat*`; deleting one deletes its peer).
+pub(crate) fn test_veths() -> Vec<String> {
+    names_with_prefix(Path::new("/sys/class/net"), VETH_PREFIX)
+}
+
+fn names_with_prefix(dir: &Path, prefix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Kills the processes of a test namespace, then deletes it.
+fn remove_netns(name: &str) {
+    let pids = std::process::Command::new("ip")
+        .args(["netns", "pids", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", name])
+        .output();
 }
 
 /// Pin directories of test instances under bpffs.

@@ -50,6 +50,12 @@ impl SuiteCgroup {
         for dir in clean::test_cgroups().into_iter().chain(clean::test_pins()) {
             found.push(format!("{}", dir.display()));
         }
+        for ns in clean::test_netns() {
+            found.push(format!("network namespace {ns}"));
+        }
+        for veth in clean::test_veths() {
+            found.push(format!("interface {veth}"));
+        }
         // Clean up whatever was found, so one bad run does not spoil the next.
         move_self(&self.home)?;
         for pid in stray {

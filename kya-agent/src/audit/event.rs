@@ -99,8 +99,19 @@ pub struct ProcessInfo {
     pub cgroup: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub systemd_unit: Option<String>,
+    /// The container the cgroup path names (`kya_common::container`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// Its engine: `docker`, `podman`, `containerd`, `cri-o`, `kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<String>,
+    /// The Kubernetes pod uid, when the container runs in a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// The network namespace (inode) the connection came from, when not the
+    /// host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
 }
 
 impl From<&ProcessIdentity> for ProcessInfo {
@@ -113,6 +124,10 @@ impl From<&ProcessIdentity> for ProcessInfo {
             exe: p.exe.clone(),
             comm: p.comm.clone(),
             cgroup: p.cgroup.clone(),
+            container_id: p.container.as_ref().map(|c| c.id.clone()),
+            container_runtime: p.container.as_ref().map(|c| c.runtime.clone()),
+            pod_uid: p.container.as_ref().and_then(|c| c.pod_uid.clone()),
+            netns: (p.netns != 0).then_some(p.netns),
             ..Default::default()
         }
     }
@@ -433,6 +448,7 @@ pub(crate) mod tests {
                 cgroup: "/agents/billing".into(),
                 systemd_unit: Some("agent.service".into()),
                 container_id: None,
+                ..Default::default()
             },
             agent: AgentInfo {
                 name: "billing-bot".into(),

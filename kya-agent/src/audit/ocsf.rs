@@ -14,13 +14,13 @@
 //! | `mcp.tool` | `resources[0].name` (`type` "mcp_tool") |
 //! | `destination` | `dst_endpoint.hostname`, `.ip`, `.port`, `api.service.name` |
 //! | `host` | `src_endpoint.hostname` (the calling process runs here) |
-//! | `process` | `actor.process.pid`, `.name`, `.cmd_line`, `.file.path`, `.file.hashes[]` (SHA-256, algorithm_id 3), `.parent_process.pid`, `.user.uid`, `.container.uid` |
+//! | `process` | `actor.process.pid`, `.name`, `.cmd_line`, `.file.path`, `.file.hashes[]` (SHA-256, algorithm_id 3), `.parent_process.pid`, `.user.uid`, `.container.uid`, `.container.runtime`, `.container.pod_uuid`, `.container.orchestrator` |
 //! | `agent` | `actor.app_name` (name); owner in `unmapped` |
 //! | `verdict`, `kind` | `action_id` (1 Allowed, 2 Denied, 99 Other for a hold), `disposition_id` (1 Allowed, 2 Blocked, 6 Dropped for a call the agent cancelled, 8 Approved, 14 Delayed); `interrupted` (kya stopped) is 2 Denied, 2 Blocked |
 //! | `rule`, `policy_version`, `reason` | `policy.uid`, `policy.name`, `policy.version`, `policy.desc`; `reason` also `status_detail` |
 //! | `approval`, `credential_id` | `authorizations[]` (`decision`, `policy.uid`) |
 //! | `latency_us` | `duration` (ms) and `unmapped.latency_us` |
-//! | everything else (tgid, gid, cgroup, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest) | `unmapped` |
+//! | everything else (tgid, gid, cgroup, netns, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest) | `unmapped` |
 //!
 //! `severity_id`: 1 Informational for allows, 2 Low for holds, approvals and
 //! calls the agent cancelled,
@@ -134,7 +134,24 @@ pub(crate) fn to_ocsf(e: &DecisionEvent) -> Value {
     put(
         &mut process,
         "container",
-        p.container_id.as_ref().map(|c| json!({"uid": c})),
+        p.container_id.as_ref().map(|c| {
+            let mut container = Map::new();
+            container.insert("uid".into(), json!(c));
+            put(
+                &mut container,
+                "runtime",
+                p.container_runtime.as_ref().map(|r| json!(r)),
+            );
+            put(
+                &mut container,
+                "pod_uuid",
+                p.pod_uid.as_ref().map(|u| json!(u)),
+            );
+            if p.pod_uid.is_some() {
+                container.insert("orchestrator".into(), json!("Kubernetes"));
+            }
+            Value::Object(container)
+        }),
     );
 
     let mut dst = Map::new();
@@ -196,6 +213,7 @@ pub(crate) fn to_ocsf(e: &DecisionEvent) -> Value {
     unmapped.insert("tgid".into(), json!(p.tgid));
     unmapped.insert("gid".into(), json!(p.gid));
     unmapped.insert("cgroup".into(), json!(p.cgroup));
+    put(&mut unmapped, "netns", p.netns.map(|n| json!(n)));
     put(
         &mut unmapped,
         "systemd_unit",
@@ -308,6 +326,36 @@ pub(crate) fn to_ocsf(e: &DecisionEvent) -> Value {
 mod tests {
     use super::*;
     use crate::audit::event::tests::sample;
+
+    #[test]
+    fn a_containers_identity_is_in_actor_process_container() {
+        let mut e = sample(EventKind::Decision, 1);
+        let o = to_ocsf(&e);
+        assert!(o["actor"]["process"].get("container").is_none(), "{o}");
+        assert!(o["unmapped"].get("netns").is_none(), "{o}");
+        let id = "3f4e8a1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab";
+        let pod = "1b2c3d4e-5f60-4718-9293-a4b5c6d7e8f9";
+        let identity = kya_common::ProcessIdentity {
+            cgroup: format!(
+                "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
+                pod.replace('-', "_")
+            ),
+            container: kya_common::container_of_cgroup(&format!(
+                "/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{id}.scope",
+                pod.replace('-', "_")
+            )),
+            netns: 4026532305,
+            ..Default::default()
+        };
+        e.process = crate::audit::event::ProcessInfo::from(&identity);
+        let o = to_ocsf(&e);
+        let c = &o["actor"]["process"]["container"];
+        assert_eq!(c["uid"], id, "{o}");
+        assert_eq!(c["runtime"], "containerd");
+        assert_eq!(c["pod_uuid"], pod);
+        assert_eq!(c["orchestrator"], "Kubernetes");
+        assert_eq!(o["unmapped"]["netns"], 4026532305u64);
+    }
 
     /// The schema test: every event kind (and every verdict a kind allows) maps
     /// to an event with every required attribute, of the right type, with

@@ -27,6 +27,8 @@ pub struct Origin {
     pub exe: Option<ExeKey>,
     /// Its path as the kernel recorded it at exec, if it still has it.
     pub exe_path: Option<String>,
+    /// The network namespace (cookie) the connect came from; 0 = the host's.
+    pub netns_cookie: u64,
 }
 
 impl Origin {
@@ -42,6 +44,7 @@ impl Origin {
             cgroup_id: r.cgroup_id,
             exe: r.exe(),
             exe_path: None,
+            netns_cookie: r.netns_cookie,
         })
     }
 
@@ -55,6 +58,7 @@ impl Origin {
             .flatten()
             .unwrap_or_default();
         let (exe_dev, exe_ino) = self.exe.map(|k| (k.dev, k.ino)).unwrap_or_default();
+        let container = kya_common::container_of_cgroup(&cgroup);
         ProcessIdentity {
             pid: self.pid,
             uid: self.uid,
@@ -64,6 +68,8 @@ impl Origin {
             exe_ino,
             comm: self.comm.clone(),
             cgroup,
+            container,
+            netns: 0, // the inode: set by the listener that accepted it
         }
     }
 
@@ -111,12 +117,18 @@ impl OriginTable {
         }
     }
 
-    /// Takes (looks up and deletes, atomically) the origin of the accepted
-    /// connection whose peer and local addresses are given. `Ok(None)`: not
-    /// a connection kya redirected (or already taken): the interceptor
-    /// should refuse it, since it cannot attribute it.
-    pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<Origin>, BpfError> {
-        let Some(key) = ConnKey::from_accepted(peer, local) else {
+    /// Takes (looks up and deletes, atomically) the origin of the connection
+    /// with these peer and local addresses accepted by the listener of
+    /// network namespace `netns` (0: the host's). `Ok(None)`: not a
+    /// connection kya redirected (or already taken): the interceptor should
+    /// refuse it, since it cannot attribute it.
+    pub fn take(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        netns: u64,
+    ) -> Result<Option<Origin>, BpfError> {
+        let Some(key) = ConnKey::from_accepted(peer, local, netns) else {
             return Ok(None);
         };
         let rec: Option<OriginRecord> = sys::map_lookup_and_delete(self.conns.as_fd(), &key)
@@ -154,6 +166,7 @@ mod tests {
             cgroup_id: 0,
             exe,
             exe_path: exe_path.map(str::to_string),
+            netns_cookie: 0,
         }
     }
 

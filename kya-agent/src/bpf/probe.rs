@@ -212,7 +212,7 @@ const NEEDS: &[Need] = &[
     },
     Need {
         name: "bpf_get_netns_cookie in cgroup/connect",
-        needed_for: "leaving other network namespaces alone",
+        needed_for: "redirecting each network namespace to its own listener",
         kind: Kind::Helper {
             ctx: CONNECT4,
             id: 122,

@@ -13,9 +13,10 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use kya_common::maps::{
-    Counter, ExeKey, ExePath, KyaConfig, SelEntry, KYA_CFG_ALL_TCP_PORTS, KYA_EXE_SCRIPT,
-    KYA_KIND_CGROUP, KYA_KIND_EXE, KYA_KIND_PID, KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS,
-    KYA_MAX_SCRIPT_NAMES, KYA_MAX_SEL_CGROUPS, KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_SEL_PID,
+    Counter, Event, ExeKey, ExePath, KyaConfig, NetnsEntry, SelEntry, KYA_CFG_ALL_TCP_PORTS,
+    KYA_EV_NETNS_UNSERVED, KYA_EV_SELECTED_CGROUP, KYA_EXE_SCRIPT, KYA_KIND_CGROUP, KYA_KIND_EXE,
+    KYA_KIND_PID, KYA_KIND_UID, KYA_MAX_EXES, KYA_MAX_PORTS, KYA_MAX_SCRIPT_NAMES,
+    KYA_MAX_SEL_CGROUPS, KYA_MAX_SEL_TGIDS, KYA_MAX_SEL_UIDS, KYA_NETNS_READY, KYA_SEL_PID,
     KYA_SKIP_MARK,
 };
 use kya_ebpf::{maps as m, programs as p};
@@ -209,6 +210,7 @@ struct Maps {
     tgid_exes: HashMap<MapData, u32, ExeKey>,
     exe_paths: HashMap<MapData, ExeKey, ExePath>,
     script_names: HashMap<MapData, u64, u8>,
+    netns: HashMap<MapData, u64, NetnsEntry>,
 }
 
 /// A lookup: present, absent, or the map failed (an error, never "absent").
@@ -311,6 +313,10 @@ pub struct Redirector {
     exe_names: Arc<RwLock<BTreeMap<ExeKey, PathBuf>>>,
     /// The kernel and the features probed on it.
     support: KernelSupport,
+    /// Woken when the kernel refused a connect in a network namespace kya
+    /// does not serve yet, or selected a process entering a selected cgroup
+    /// (the namespace server reconciles at once).
+    netns_wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Redirector {
@@ -357,6 +363,7 @@ impl Redirector {
             tgid_exes: take(&mut ebpf, m::TGID_EXES)?,
             exe_paths: take(&mut ebpf, m::EXE_PATHS)?,
             script_names: take(&mut ebpf, m::SCRIPT_NAMES)?,
+            netns: take(&mut ebpf, m::NETNS)?,
         };
         let exe_paths_fd = dup_map_fd(&maps.exe_paths, m::EXE_PATHS)?;
         let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, m::COUNTERS)?;
@@ -388,6 +395,7 @@ impl Redirector {
             applied: Resolved::default(),
             exe_names: Arc::default(),
             support,
+            netns_wake: Arc::default(),
         };
         // The daemon never redirects itself, even inside a selected cgroup.
         let me = std::process::id();
@@ -733,6 +741,38 @@ impl Redirector {
         facts_selected(&facts, &self.maps)
     }
 
+    /// The cookie of the host's network namespace (where the daemon and its
+    /// host listener are); 0 when the kernel cannot tell namespaces apart,
+    /// in which case no other namespace can be served.
+    pub fn host_netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// Woken when the kernel refused a connect in a network namespace kya
+    /// does not serve yet, or selected a process entering a selected cgroup.
+    pub fn netns_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.netns_wake.clone()
+    }
+
+    /// Tells the kernel that the network namespace `cookie` has a ready kya
+    /// listener: its selected processes are redirected there from now on.
+    pub fn serve_netns(&mut self, cookie: u64) -> Result<(), BpfError> {
+        let entry = NetnsEntry {
+            state: KYA_NETNS_READY,
+            _reserved: 0,
+        };
+        self.maps
+            .netns
+            .insert(cookie, entry, 0)
+            .map_err(map_err(m::NETNS))
+    }
+
+    /// Forgets a served network namespace: its selected processes' guarded
+    /// connects are refused from now on.
+    pub fn unserve_netns(&mut self, cookie: u64) -> Result<(), BpfError> {
+        remove_if_present(self.maps.netns.remove(&cookie), m::NETNS)
+    }
+
     /// The running kernel and the features kya uses on it.
     pub fn kernel_support(&self) -> &KernelSupport {
         &self.support
@@ -765,6 +805,7 @@ impl Redirector {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| BpfError::NoRuntime)?;
         let ring = self.events.take().ok_or(BpfError::ReaderRunning)?;
         let counter = self.events_read.clone();
+        let netns_wake = self.netns_wake.clone();
         let exes = self.exe_names.clone();
         let exe_path = move |k: ExeKey| {
             exes.read()
@@ -791,6 +832,12 @@ impl Redirector {
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     log_event(&item, &exe_path);
+                    if matches!(
+                        Event::from_bytes(&item).map(|e| e.kind),
+                        Some(KYA_EV_NETNS_UNSERVED | KYA_EV_SELECTED_CGROUP)
+                    ) {
+                        netns_wake.notify_one();
+                    }
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 guard.clear_ready();

@@ -2,7 +2,8 @@
 //! of the ring buffer turned into `tracing` records.
 
 use kya_common::maps::{
-    Counter, Event, ExeKey, KYA_EV_EXE_SELECTED, KYA_EV_MAP_UPDATE_FAILED, KYA_EV_REFUSED_DGRAM,
+    Counter, Event, ExeKey, KYA_EV_EXE_SELECTED, KYA_EV_MAP_UPDATE_FAILED, KYA_EV_NETNS_UNSERVED,
+    KYA_EV_REFUSED_DGRAM, KYA_EV_SELECTED_CGROUP,
 };
 use serde::Serialize;
 
@@ -35,9 +36,9 @@ pub struct KernelStats {
     pub getpeername: u64,
     /// Ring buffer events dropped because the buffer was full.
     pub events_lost: u64,
-    /// Connects of selected processes in another network namespace, not
-    /// redirected (only the host's netns is covered).
-    pub skipped_netns: u64,
+    /// TCP connects of selected processes in another network namespace
+    /// that kya does not serve (yet), refused (fail closed).
+    pub refused_netns: u64,
     /// Processes recorded in the sticky set because they were seen with a
     /// selected uid or in a selected cgroup (they stay selected after a
     /// change of uid or cgroup).
@@ -65,7 +66,7 @@ impl KernelStats {
             Counter::Established => &mut self.established,
             Counter::Getpeername => &mut self.getpeername,
             Counter::EventsLost => &mut self.events_lost,
-            Counter::SkippedNetns => &mut self.skipped_netns,
+            Counter::RefusedNetns => &mut self.refused_netns,
             Counter::SelectedSticky => &mut self.selected_sticky,
             Counter::SelectedScript => &mut self.selected_script,
         };
@@ -114,6 +115,21 @@ pub(super) fn log_event(bytes: &[u8], exe_path: &dyn Fn(ExeKey) -> Option<String
             port = ev.arg0,
             protocol = ev.arg1,
             "refused non-TCP traffic to a guarded port (EPERM)"
+        ),
+        // debug: one per refused connect; the namespace is served from the
+        // reconcile this event triggers, and refused_netns has the total
+        KYA_EV_NETNS_UNSERVED => tracing::debug!(
+            pid = ev.pid,
+            %comm,
+            netns_cookie = ev.arg0,
+            port = ev.arg1,
+            "refused a connect in a network namespace kya does not serve yet (ECONNREFUSED)"
+        ),
+        KYA_EV_SELECTED_CGROUP => tracing::debug!(
+            tgid = ev.arg0,
+            mover = ev.pid,
+            %comm,
+            "process selected on entering a selected cgroup"
         ),
         other => tracing::warn!(kind = other, pid = ev.pid, "unknown kernel event kind"),
     }
@@ -164,6 +180,11 @@ mod tests {
         b[0] = KYA_EV_MAP_UPDATE_FAILED as u8;
         b[16] = 200;
         log_event(&b, &none);
+        for kind in [KYA_EV_NETNS_UNSERVED, KYA_EV_SELECTED_CGROUP, 0xffff] {
+            let mut e = [0xffu8; 48];
+            e[..4].copy_from_slice(&kind.to_ne_bytes());
+            log_event(&e, &none);
+        }
         assert_eq!(map_name(200), "unknown");
     }
 }

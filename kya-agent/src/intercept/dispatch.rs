@@ -227,7 +227,7 @@ pub(crate) async fn route<A: AgentStream>(
                 return;
             };
             let tunnels = conn.follower();
-            let reconnect = direct.then(|| plain_reconnect(dst));
+            let reconnect = direct.then(|| plain_reconnect(dst, conn.origin.netns.clone()));
             if let Err(e) = http::serve_http_with(
                 agent,
                 up,
@@ -454,7 +454,10 @@ async fn tls_path<A: AgentStream>(
     let facts = conn.facts(sni, true);
     let conn_id = facts.conn_id;
     let tunnels = conn.follower();
-    let reconnect = direct.then(|| tls_reconnect(insp, dst, name, hello_alpn, up.alpn.clone()));
+    let reconnect = direct.then(|| {
+        let netns = conn.origin.netns.clone();
+        tls_reconnect(insp, dst, netns, name, hello_alpn, up.alpn.clone())
+    });
     if let Err(e) = http::serve_http_with(
         agent_tls,
         up.stream,
@@ -480,13 +483,15 @@ impl Server {
     async fn open(self, origin: &ConnOrigin) -> Option<Box<dyn ServerStream>> {
         match self {
             Server::Tunnel(s) => Some(s),
-            Server::Direct => match upstream::connect(origin.dst).await {
-                Ok(s) => Some(Box::new(s)),
-                Err(e) => {
-                    tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
-                    None
+            Server::Direct => {
+                match upstream::connect_from(origin.dst, origin.netns.as_deref()).await {
+                    Ok(s) => Some(Box::new(s)),
+                    Err(e) => {
+                        tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
+                        None
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -497,20 +502,24 @@ impl Server {
 fn tls_reconnect(
     insp: &Inspection,
     dst: std::net::SocketAddr,
+    netns: Option<Arc<crate::netns::Namespace>>,
     name: crate::ca::LeafName,
     alpn: Vec<Vec<u8>>,
     agreed: Option<Vec<u8>>,
 ) -> http::client::Reconnect {
     let connector = insp.tls.upstream.clone();
     Arc::new(move || {
-        let (connector, name, alpn, agreed) = (
+        let (connector, name, alpn, agreed, netns) = (
             connector.clone(),
             name.clone(),
             alpn.clone(),
             agreed.clone(),
+            netns.clone(),
         );
         Box::pin(async move {
-            let tcp = upstream::connect(dst).await.map_err(|e| e.to_string())?;
+            let tcp = upstream::connect_from(dst, netns.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
             let up = connector
                 .connect(tcp, &name, &alpn)
                 .await
@@ -525,10 +534,14 @@ fn tls_reconnect(
 
 /// A new TCP connection to the original destination (the proxy's upstream
 /// leg after the server ended the first one).
-fn plain_reconnect(dst: std::net::SocketAddr) -> http::client::Reconnect {
+fn plain_reconnect(
+    dst: std::net::SocketAddr,
+    netns: Option<Arc<crate::netns::Namespace>>,
+) -> http::client::Reconnect {
     Arc::new(move || {
+        let netns = netns.clone();
         Box::pin(async move {
-            upstream::connect(dst)
+            upstream::connect_from(dst, netns.as_deref())
                 .await
                 .map(|s| Box::new(s) as Box<dyn http::client::Io>)
                 .map_err(|e| e.to_string())

@@ -16,16 +16,22 @@ impl KernelOrigins {
 }
 
 impl OriginSource for KernelOrigins {
-    fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<ConnOrigin>, OriginError> {
+    fn take(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        netns: u64,
+    ) -> Result<Option<ConnOrigin>, OriginError> {
         let origin = self
             .table
-            .take(peer, local)
+            .take(peer, local, netns)
             .map_err(|e| OriginError(e.to_string()))?;
         Ok(origin.map(|o| ConnOrigin {
             dst: o.dst,
             process: o.identity(),
             tid: o.tid,
             cgroup_id: o.cgroup_id,
+            netns: None, // set by the listener, which knows the namespace
         }))
     }
 }

@@ -1,12 +1,15 @@
-//! Accept loops on 127.0.0.1 and ::1 at the instance's listen port.
+//! Accept loops on 127.0.0.1 and ::1 at the instance's listen port, in the
+//! host's network namespace and in every other namespace kya serves
+//! ([`Acceptor`]; the namespaces' listeners are opened by `crate::netns`).
 //!
-//! Every accepted connection is resolved to its origin; one that kya did not
-//! redirect (nobody should connect to the listener directly) is refused. For
-//! now each connection is spliced unchanged to its original destination.
+//! Every accepted connection is resolved to its origin, looked up under the
+//! namespace of the listener that accepted it; one that kya did not redirect
+//! (nobody should connect to the listener directly) is refused.
 
 use super::dispatch::{self, Inspection};
 use super::origin::{ConnOrigin, OriginSource};
 use super::{splice, upstream};
+use crate::netns::Namespace;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,11 +62,58 @@ pub struct InterceptStats {
     pub spliced: AtomicU64,
 }
 
+/// An accepted connection and the namespace of the listener that accepted
+/// it (`None`: the host's).
+type Accepted = (TcpStream, SocketAddr, Option<Arc<Namespace>>);
+
+/// Feeds connections accepted by more listeners (those kya opens in other
+/// network namespaces) into the interceptor.
+#[derive(Clone)]
+pub struct Acceptor {
+    tx: tokio::sync::mpsc::Sender<Accepted>,
+}
+
+impl Acceptor {
+    /// Accepts on `listener` until the returned task is aborted (or the
+    /// interceptor stops); connections are attributed in namespace `netns`.
+    /// Needs a tokio runtime.
+    pub fn spawn(
+        &self,
+        listener: TcpListener,
+        netns: Option<Arc<Namespace>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(accept_loop(listener, self.tx.clone(), netns))
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tx: tokio::sync::mpsc::Sender<Accepted>,
+    netns: Option<Arc<Namespace>>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if tx.send((stream, peer, netns.clone())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// The bound listeners, ready to serve.
 pub struct Interceptor {
     listeners: Vec<TcpListener>,
     config: InterceptorConfig,
     stats: Arc<InterceptStats>,
+    conn_tx: tokio::sync::mpsc::Sender<Accepted>,
+    conn_rx: tokio::sync::mpsc::Receiver<Accepted>,
 }
 
 impl Interceptor {
@@ -72,11 +122,22 @@ impl Interceptor {
         let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
         let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, config.listen_port));
         let listeners = vec![bind_one(v4)?, bind_one(v6)?];
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
         Ok(Self {
             listeners,
             config,
             stats: Arc::default(),
+            conn_tx,
+            conn_rx,
         })
+    }
+
+    /// A handle to add listeners (other network namespaces) to this
+    /// interceptor.
+    pub fn acceptor(&self) -> Acceptor {
+        Acceptor {
+            tx: self.conn_tx.clone(),
+        }
     }
 
     /// Shared counters.
@@ -97,39 +158,23 @@ impl Interceptor {
     ) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
         let mut accept_loops = JoinSet::new();
-        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<(TcpStream, SocketAddr)>(64);
+        let mut conn_rx = self.conn_rx;
         for listener in self.listeners {
-            let tx = conn_tx.clone();
-            accept_loops.spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok(conn) => {
-                            if tx.send(conn).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            });
+            accept_loops.spawn(accept_loop(listener, self.conn_tx.clone(), None));
         }
-        drop(conn_tx);
+        drop(self.conn_tx);
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 next = conn_rx.recv() => {
-                    let Some((stream, peer)) = next else { break };
+                    let Some((stream, peer, netns)) = next else { break };
                     let Ok(permit) = permits.clone().acquire_owned().await else { break };
                     let origins = origins.clone();
                     let stats = self.stats.clone();
                     let inspection = inspection.clone();
                     connections.spawn(async move {
-                        handle(stream, peer, origins.as_ref(), inspection.as_ref(), &stats).await;
+                        handle(stream, peer, netns, origins.as_ref(), inspection.as_ref(), &stats).await;
                         drop(permit);
                     });
                 }
@@ -157,6 +202,14 @@ fn bind_one(addr: SocketAddr) -> Result<TcpListener, ListenError> {
         TcpSocket::new_v6()
     }
     .map_err(err)?;
+    bind_socket(socket, addr)
+}
+
+/// Binds and listens on `socket` (created in whichever network namespace
+/// the listener is for) at `addr`; an IPv6 socket is IPv6-only, so the two
+/// loopback listeners do not collide. Needs a tokio runtime.
+pub(crate) fn bind_socket(socket: TcpSocket, addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    let err = |source| ListenError::Bind { addr, source };
     socket.set_reuseaddr(true).map_err(err)?;
     if addr.is_ipv6() {
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv6V6Only, &true)
@@ -169,6 +222,7 @@ fn bind_one(addr: SocketAddr) -> Result<TcpListener, ListenError> {
 async fn handle(
     agent: TcpStream,
     peer: SocketAddr,
+    netns: Option<Arc<Namespace>>,
     origins: &dyn OriginSource,
     inspection: Option<&Arc<Inspection>>,
     stats: &InterceptStats,
@@ -181,8 +235,13 @@ async fn handle(
             return;
         }
     };
-    let origin = match origins.take(peer, local) {
-        Ok(Some(o)) => o,
+    let cookie = netns.as_ref().map_or(0, |n| n.cookie());
+    let origin = match origins.take(peer, local, cookie) {
+        Ok(Some(mut o)) => {
+            o.process.netns = netns.as_ref().map_or(0, |n| n.inode());
+            o.netns = netns;
+            o
+        }
         Ok(None) => {
             stats.unknown.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, %local, "connection was not redirected by kya; refusing it");
@@ -201,7 +260,7 @@ async fn handle(
         dispatch::handle(agent, origin, insp).await;
         return;
     }
-    let mut upstream = match upstream::connect(origin.dst).await {
+    let mut upstream = match upstream::connect_from(origin.dst, origin.netns.as_deref()).await {
         Ok(s) => s,
         Err(e) => {
             stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +292,7 @@ fn log_connection(origin: &ConnOrigin, peer: SocketAddr) {
         comm = %p.comm,
         exe = %p.exe,
         cgroup = %p.cgroup,
+        netns = p.netns,
         dst = %origin.dst,
         %peer,
         "intercepted connection"
@@ -261,6 +321,7 @@ mod tests {
             &self,
             peer: SocketAddr,
             _local: SocketAddr,
+            _netns: u64,
         ) -> Result<Option<ConnOrigin>, super::super::origin::OriginError> {
             let dst = self.0.lock().unwrap().remove(&peer);
             Ok(dst.map(|dst| ConnOrigin {
@@ -271,6 +332,7 @@ mod tests {
                 },
                 tid: 0,
                 cgroup_id: 0,
+                netns: None,
             }))
         }
     }

@@ -5,8 +5,10 @@
 //! the original destination and the process. [`OriginSource`] is the seam: the
 //! daemon plugs the BPF map lookup in; tests plug a table in.
 
+use crate::netns::Namespace;
 use kya_common::ProcessIdentity;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The original destination and the identity of the process behind a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,9 @@ pub struct ConnOrigin {
     pub tid: u32,
     /// Kernel cgroup id at connect time.
     pub cgroup_id: u64,
+    /// The network namespace the agent connected from, when not the host's:
+    /// kya's connection to the destination is made from there too.
+    pub netns: Option<Arc<Namespace>>,
 }
 
 /// Errors resolving a connection's origin.
@@ -28,8 +33,14 @@ pub struct OriginError(pub String);
 
 /// Resolves an accepted connection to its origin.
 pub trait OriginSource: Send + Sync + 'static {
-    /// Look up (and forget) the record of the connection `peer → local`.
+    /// Look up (and forget) the record of the connection `peer → local`
+    /// accepted in network namespace `netns` (its cookie; 0 = the host's).
     /// `Ok(None)`: the connection was not redirected by kya (someone connected to
     /// the listener directly); the interceptor refuses it.
-    fn take(&self, peer: SocketAddr, local: SocketAddr) -> Result<Option<ConnOrigin>, OriginError>;
+    fn take(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+        netns: u64,
+    ) -> Result<Option<ConnOrigin>, OriginError>;
 }

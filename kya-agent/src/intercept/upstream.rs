@@ -4,6 +4,7 @@
 //! when the daemon runs inside a selected cgroup: each upstream socket carries
 //! `SO_MARK` = [`kya_common::maps::KYA_SKIP_MARK`], which the kernel programs skip.
 
+use crate::netns::Namespace;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::{TcpSocket, TcpStream};
@@ -27,12 +28,19 @@ pub(crate) enum UpstreamError {
     Timeout(SocketAddr),
 }
 
-/// Connect to `dst` with a socket the redirect will not touch.
-pub(crate) async fn connect(dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+/// Connect to `dst` from network namespace `netns` (`None`: the host's),
+/// with its routes and addresses, as the agent there would have.
+pub(crate) async fn connect_from(
+    dst: SocketAddr,
+    netns: Option<&Namespace>,
+) -> Result<TcpStream, UpstreamError> {
+    let socket = match netns {
+        None if dst.is_ipv4() => TcpSocket::new_v4(),
+        None => TcpSocket::new_v6(),
+        Some(ns) => ns
+            .socket(dst.is_ipv6())
+            .await
+            .map(|fd| TcpSocket::from_std_stream(std::net::TcpStream::from(fd))),
     }
     .map_err(UpstreamError::Socket)?;
     crate::bpf::mark_socket(&socket).map_err(UpstreamError::Mark)?;

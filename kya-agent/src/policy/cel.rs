@@ -22,7 +22,16 @@ const VARIABLES: &[(&str, Option<&[&str]>)] = &[
     ("agent", Some(&["name", "owner", "orphaned"])),
     (
         "process",
-        Some(&["pid", "uid", "gid", "exe", "comm", "cgroup"]),
+        Some(&[
+            "pid",
+            "uid",
+            "gid",
+            "exe",
+            "comm",
+            "cgroup",
+            "container",
+            "netns",
+        ]),
     ),
     ("server", None),
     ("destination", Some(&["ip", "port"])),
@@ -472,6 +481,8 @@ impl<'a> Activation<'a> {
                     ("exe", Box::new(CelString::from(p.exe.as_str()))),
                     ("comm", Box::new(CelString::from(p.comm.as_str()))),
                     ("cgroup", Box::new(CelString::from(p.cgroup.as_str()))),
+                    ("container", container_val(p.container.as_ref())),
+                    ("netns", Box::new(CelInt::from(p.netns as i64))),
                 ]),
             );
         }
@@ -535,6 +546,19 @@ fn map<'a>(entries: Vec<(&'static str, Box<dyn Val + 'a>)>) -> Box<dyn Val + 'a>
         .map(|(k, v)| (CelMapKey::from(k), v))
         .collect();
     Box::new(CelMap::from(m))
+}
+
+/// `process.container`: `id`, `runtime` and `pod_uid`, empty strings for a
+/// process in no container (so `process.container.id == ""` is "not in a
+/// container", and a rule on a field never fails to evaluate).
+fn container_val<'a>(c: Option<&'a kya_common::ContainerIdentity>) -> Box<dyn Val + 'a> {
+    let s =
+        |v: Option<&'a str>| -> Box<dyn Val + 'a> { Box::new(CelString::from(v.unwrap_or(""))) };
+    map(vec![
+        ("id", s(c.map(|c| c.id.as_str()))),
+        ("runtime", s(c.map(|c| c.runtime.as_str()))),
+        ("pod_uid", s(c.and_then(|c| c.pod_uid.as_deref()))),
+    ])
 }
 
 /// JSON to CEL: integers that fit i64 are ints, every other number a double
@@ -623,6 +647,37 @@ mod tests {
                 "args.amount > 1000",
                 json!({"amount": 18446744073709551615u64})
             ),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn process_container_and_netns_are_readable() {
+        let none = eval(
+            r#"process.container.id == "" && process.netns == 0"#,
+            json!({}),
+        );
+        assert_eq!(none, Ok(true));
+        let id = "3f4e8a1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab";
+        let mut c = call(json!({}));
+        c.process.cgroup = format!("/system.slice/docker-{id}.scope");
+        c.process.container = kya_common::container_of_cgroup(&c.process.cgroup);
+        c.process.netns = 4026532001;
+        let check = |src: &str| {
+            Condition::compile(src)
+                .unwrap()
+                .eval_bool(&Activation::new(&c, time::UtcOffset::UTC))
+        };
+        assert_eq!(
+            check(&format!(
+                r#"process.container.id == "{id}" && process.container.runtime == "docker""#
+            )),
+            Ok(true)
+        );
+        assert_eq!(check(r#"process.container.pod_uid == """#), Ok(true));
+        assert_eq!(check("process.netns == 4026532001"), Ok(true));
+        assert_eq!(
+            check(r#"process.container.id.startsWith("3f4e8a")"#),
             Ok(true)
         );
     }

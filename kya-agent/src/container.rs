@@ -1,0 +1,139 @@
+//! `--container ID`: a container selected by its id, resolved to the cgroup
+//! its engine made for it (`docker-<id>.scope`, `libpod-<id>.scope`,
+//! `cri-containerd-<id>.scope`, `crio-<id>.scope`, `/docker/<id>`, a pod's
+//! `<id>` cgroup; see `kya_common::container`). Selecting that cgroup selects
+//! every process of the container, wherever its network namespace is.
+
+use std::path::{Path, PathBuf};
+
+/// Shortest id prefix accepted (what `docker ps` shows).
+const MIN_ID_PREFIX: usize = 12;
+/// Deepest cgroup level searched (Kubernetes and rootless Podman nest 4 to 7).
+const MAX_DEPTH: usize = 16;
+/// Most cgroup directories looked at in one search.
+const MAX_DIRS: usize = 200_000;
+
+/// Why a container selector could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container id {0:?} must be {MIN_ID_PREFIX} to 64 lowercase hex digits (a full id or its unique prefix)")]
+    BadId(String),
+    #[error("no running container has an id starting with {0:?} (no cgroup of a known engine layout names it)")]
+    NotFound(String),
+    #[error("container id prefix {prefix:?} is ambiguous: {ids:?}")]
+    Ambiguous { prefix: String, ids: Vec<String> },
+}
+
+/// The cgroup (relative to the cgroup2 mount `cgroup2`) of the running
+/// container whose id is or starts with `id`: the outermost one when the
+/// engine nests several (Podman's `libpod-<id>.scope/container`).
+pub fn cgroup_of_container(cgroup2: &Path, id: &str) -> Result<String, ContainerError> {
+    if id.len() < MIN_ID_PREFIX
+        || id.len() > 64
+        || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(ContainerError::BadId(id.to_string()));
+    }
+    let mut found: Vec<(String, String)> = Vec::new(); // (id, cgroup)
+    let mut stack: Vec<(PathBuf, usize)> = vec![(cgroup2.to_path_buf(), 0)];
+    let mut seen = 0usize;
+    while let Some((dir, depth)) = stack.pop() {
+        seen += 1;
+        if seen > MAX_DIRS {
+            tracing::warn!(
+                limit = MAX_DIRS,
+                "cgroup tree too large: container search stopped"
+            );
+            break;
+        }
+        let Ok(rel) = dir.strip_prefix(cgroup2) else {
+            continue;
+        };
+        let rel = format!("/{}", rel.to_string_lossy());
+        if let Some(c) = kya_common::container_of_cgroup(&rel) {
+            if c.id.starts_with(id) {
+                found.push((c.id, rel));
+                continue; // its sub-cgroups are the same container
+            }
+        }
+        if depth >= MAX_DEPTH {
+            continue;
+        }
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            // no symlinks in cgroupfs, but never follow one
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    let mut ids: Vec<String> = found.iter().map(|(i, _)| i.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    match ids.len() {
+        0 => Err(ContainerError::NotFound(id.to_string())),
+        1 => Ok(found
+            .into_iter()
+            .map(|(_, cg)| cg)
+            .min_by_key(|cg| (cg.len(), cg.clone()))
+            .unwrap_or_default()),
+        _ => Err(ContainerError::Ambiguous {
+            prefix: id.to_string(),
+            ids,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "3f4e8a1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab";
+    const B: &str = "3f4e8a1b2c3d0000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn resolves_ids_and_prefixes_in_a_cgroup_tree() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join(format!("system.slice/docker-{A}.scope"))).unwrap();
+        std::fs::create_dir_all(r.join(format!("machine.slice/libpod-{B}.scope/container")))
+            .unwrap();
+        std::fs::create_dir_all(r.join("user.slice/user-1000.slice/session-1.scope")).unwrap();
+        assert_eq!(
+            cgroup_of_container(r, A).unwrap(),
+            format!("/system.slice/docker-{A}.scope")
+        );
+        assert_eq!(
+            cgroup_of_container(r, &A[..16]).unwrap(),
+            format!("/system.slice/docker-{A}.scope")
+        );
+        assert_eq!(
+            cgroup_of_container(r, &B[..20]).unwrap(),
+            format!("/machine.slice/libpod-{B}.scope"),
+            "the outermost cgroup of the container"
+        );
+        assert!(matches!(
+            cgroup_of_container(r, &A[..12]),
+            Err(ContainerError::Ambiguous { .. })
+        ));
+        assert!(matches!(
+            cgroup_of_container(r, "0123456789abcdef"),
+            Err(ContainerError::NotFound(_))
+        ));
+        for bad in [
+            "",
+            "3f4e8a",
+            "../../etc/passwd",
+            &A.to_uppercase(),
+            &format!("{A}0"),
+            "3f4e8a1b2c3d*",
+        ] {
+            assert!(
+                matches!(cgroup_of_container(r, bad), Err(ContainerError::BadId(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}
