@@ -15,11 +15,14 @@
 //!   written to the file (`write(2)`: it is in the kernel's page cache, so a
 //!   crash of kya itself, even `kill -9`, cannot lose it; only a crash of the
 //!   machine can) and never waits for an `fdatasync`; the returned [`Receipt`]
-//!   resolves once it is on disk. No one waits to fill a batch or for a sync:
-//!   the writer takes everything queued and writes it while the sync thread
-//!   syncs the previous batches. A group record is therefore
-//!   durable after the time to drain what was queued ahead of it plus one write
-//!   and one `fdatasync` (≈0.3 ms on quiet storage); with the queue bounded at
+//!   resolves once it is on disk. No caller waits to fill a batch or for a
+//!   sync: the writer takes everything queued and writes it while the sync
+//!   thread syncs the previous batches. The sync thread gathers group records
+//!   for up to `GROUP_DELAY` (2 ms) before one `fdatasync` covers them (a sync
+//!   record ends the gathering at once), so a busy log costs a few hundred
+//!   syncs a second, not one per record. A group record is therefore durable
+//!   after the time to drain what was queued ahead of it plus the gathering
+//!   delay, one write and one `fdatasync` (≈2.3 ms on quiet storage); with the queue bounded at
 //!   [`AuditConfig::queue_capacity`] records and batches of up to
 //!   [`MAX_BATCH`], the bound is ≤ 10 ms on healthy storage (measured by
 //!   `cargo bench -p kya-agent --bench audit_append`). When storage stalls the
@@ -63,6 +66,11 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// Most records written (and synced) as one batch.
 pub const MAX_BATCH: usize = 1024;
+
+/// How long the sync thread gathers group records, which no caller waits for,
+/// before one `fdatasync` covers them; a [`Durability::Sync`] record is synced
+/// at once (with whatever was gathered).
+const GROUP_DELAY: Duration = Duration::from_millis(2);
 
 /// How an append must be committed before the caller proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +228,9 @@ struct SyncJob {
     size: u64,
     root: Hash,
     replies: Vec<Written>,
+    /// A caller waits for this batch's sync before going on (a
+    /// [`Durability::Sync`] record): sync at once, without gathering.
+    urgent: bool,
 }
 
 struct Written {
@@ -841,9 +852,13 @@ impl Core {
                     }
                 });
                 let mut replies = Vec::with_capacity(batch.len());
+                let mut urgent = false;
                 for (p, committed) in batch.into_iter().zip(done) {
-                    if let Some(w) = p.written {
-                        let _ = w.send(Ok(committed));
+                    match p.written {
+                        Some(w) => {
+                            let _ = w.send(Ok(committed));
+                        }
+                        None => urgent = true,
                     }
                     replies.push(Written {
                         reply: p.reply,
@@ -856,6 +871,7 @@ impl Core {
                     size: self.chain.tree.size(),
                     root: self.chain.tree.root(),
                     replies,
+                    urgent,
                 };
                 // If the sync thread is gone the replies drop: callers see
                 // "writer stopped".
@@ -967,7 +983,8 @@ impl Syncer {
                     return;
                 }
             };
-            let mut jobs = Vec::new();
+            let mut jobs: Vec<SyncJob> = Vec::new();
+            let gathering_since = Instant::now();
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
@@ -983,7 +1000,22 @@ impl Syncer {
                     }
                 }
                 // The queue's permits bound how many jobs can be waiting.
-                next = rx.try_recv().ok();
+                next = match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    // Only group records, which no one waits for: gather more
+                    // for up to GROUP_DELAY, so one fdatasync covers them all
+                    // instead of one per record.
+                    Err(_) if !jobs.is_empty() && !jobs.iter().any(|j| j.urgent) => {
+                        let left = (gathering_since + GROUP_DELAY)
+                            .saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            None
+                        } else {
+                            rx.recv_timeout(left).ok()
+                        }
+                    }
+                    Err(_) => None,
+                };
             }
             self.sync(jobs);
             let since = self.last_checkpoint.unwrap_or(0);
