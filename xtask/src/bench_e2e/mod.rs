@@ -32,6 +32,8 @@ const SDK: &str = "127.0.0.2:18481";
 const SDK_PORT: u16 = 18481;
 /// mitmproxy's listener.
 const MITM_PORT: u16 = 18482;
+/// New processes timed for their first call, (g).
+const FIRST_CALLS: usize = 20;
 /// kya's interceptor port.
 const KYA_LISTEN: u16 = 996;
 
@@ -240,6 +242,45 @@ impl Bench<'_> {
         args: &[&str],
         strict: bool,
     ) -> Result<Value> {
+        let v = self.run_load(workload, route, args, strict)?;
+        self.rows.push(Row {
+            workload,
+            via: route.via,
+            result: v.clone(),
+        });
+        Ok(v)
+    }
+
+    /// (g) The first call of a new process: `FIRST_CALLS` processes (3 with
+    /// `--quick`), each opening its connection and then timing its one call,
+    /// so kya's per-process work (its identity, executable digest, `/proc`)
+    /// shows next to a warm call's cost in (a).
+    fn first_calls(&mut self, route: &Route) -> Result<()> {
+        let n = if self.opts.quick { 3 } else { FIRST_CALLS };
+        let mut us = Vec::with_capacity(n);
+        for _ in 0..n {
+            let v = self.run_load("g-first", route, &["--count", "1", "--connect-first"], true)?;
+            us.push(v["p50_us"].as_f64().unwrap_or(0.0));
+        }
+        us.sort_by(f64::total_cmp);
+        let median = us[us.len() / 2];
+        let max = us.last().copied().unwrap_or(0.0);
+        self.rows.push(Row {
+            workload: "g-first",
+            via: route.via,
+            result: serde_json::json!({"p50_us": median, "max_us": max, "calls": n}),
+        });
+        Ok(())
+    }
+
+    /// Run the load client once and return its figures (no row).
+    fn run_load(
+        &self,
+        workload: &'static str,
+        route: &Route,
+        args: &[&str],
+        strict: bool,
+    ) -> Result<Value> {
         let ms = self.opts.duration.as_millis().to_string();
         let ca = route.ca.display().to_string();
         let mut all: Vec<&str> = vec!["--addr", route.addr, "--ca", &ca];
@@ -294,11 +335,6 @@ impl Bench<'_> {
                 v["first_error"]
             );
         }
-        self.rows.push(Row {
-            workload,
-            via: route.via,
-            result: v.clone(),
-        });
         Ok(v)
     }
 
@@ -315,7 +351,7 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// (b), (e), (f): new connections, SSE, bulk.
+    /// (b), (e), (f), (g): new connections, SSE, bulk, first calls.
     fn others(&mut self, route: &Route, bulk: &Route) -> Result<()> {
         self.load("b-cached", route, &["--new-conn"])?;
         self.nonce += 1_000_000;
@@ -338,7 +374,7 @@ impl Bench<'_> {
             bulk,
             &["--mode", "bulk", "--sni", "bulk.test", "--bytes", &bytes],
         )?;
-        Ok(())
+        self.first_calls(route)
     }
 
     fn sdk(&mut self, route: &Route) -> Result<()> {

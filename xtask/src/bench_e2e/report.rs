@@ -80,6 +80,11 @@ const WORKLOADS: &[(&str, &str, &[Metric])] = &[
         LATENCY,
     ),
     ("c-deny", "(c) denied tools/call, request → denial", LATENCY),
+    (
+        "g-first",
+        "(g) first call of a new process (its connection already open; median and slowest of the processes)",
+        &[Metric::P50, Metric::Max],
+    ),
 ];
 
 const LATENCY: &[Metric] = &[Metric::P50, Metric::P99, Metric::P999, Metric::Rps];
@@ -91,6 +96,7 @@ enum Metric {
     P999,
     Rps,
     MBps,
+    Max,
 }
 
 impl Metric {
@@ -101,6 +107,7 @@ impl Metric {
             Metric::P999 => "p99.9 ms",
             Metric::Rps => "req/s",
             Metric::MBps => "MB/s",
+            Metric::Max => "max ms",
         }
     }
 
@@ -112,6 +119,7 @@ impl Metric {
             Metric::P999 => ms("p999_us"),
             Metric::Rps => v["rps"].as_f64(),
             Metric::MBps => v["bytes_per_s"].as_f64().map(|b| b / 1e6),
+            Metric::Max => ms("max_us"),
         }
     }
 }

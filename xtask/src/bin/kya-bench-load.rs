@@ -78,6 +78,10 @@ struct Args {
     /// A new TCP + TLS connection per request.
     #[arg(long)]
     new_conn: bool,
+    /// Open each worker's connection before timing starts, so the first
+    /// request's figure is the call alone, without the handshake.
+    #[arg(long)]
+    connect_first: bool,
     /// Longest wait for one request (a held call waits for its approval).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
@@ -190,6 +194,16 @@ async fn worker(shared: Arc<Shared>, mut hist: Histogram<u64>) -> (Histogram<u64
     let mut result = TaskResult::default();
     let mut conn: Option<Sender> = None;
     let a = &shared.args;
+    if a.connect_first {
+        match connect(&shared).await {
+            Ok(c) => conn = Some(c),
+            Err(e) => {
+                result.failed += 1;
+                result.first_error = Some(format!("{e:#}"));
+                return (hist, result);
+            }
+        }
+    }
     loop {
         match a.count {
             Some(n) => {
