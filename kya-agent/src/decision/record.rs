@@ -174,32 +174,50 @@ pub(super) fn cached_process_info(conn: &ConnFacts) -> Option<ProcessInfo> {
 }
 
 /// The process facts of `conn`, reading `/proc` on the first decision of the
-/// connection: blocking, so the decision path runs it off the async workers.
+/// connection (unless [`prewarm`] already did): blocking, so the decision path
+/// runs it off the async workers.
 pub(super) fn process_info(conn: &ConnFacts) -> ProcessInfo {
-    let cache = proc_cache();
-    let key = (conn.conn_id, conn.process.pid);
+    let (cmdline, ppid) = proc_facts(conn.conn_id, conn.process.pid);
     let mut p = ProcessInfo::from(&conn.process);
+    p.cmdline = cmdline;
+    p.ppid = ppid;
+    p
+}
+
+/// Read a new connection's process facts on a blocking thread as it arrives,
+/// so its first decision finds them cached: no hop to the blocking pool and no
+/// `/proc` read then. The facts are those of the connection's start, as a
+/// first decision would have read them a moment later.
+pub(crate) fn prewarm(conn_id: u64, pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        proc_facts(conn_id, pid);
+    });
+}
+
+/// The command line and parent of `pid` for connection `conn_id`, from the
+/// cache or `/proc` (blocking).
+fn proc_facts(conn_id: u64, pid: u32) -> (Vec<String>, Option<u32>) {
+    let cache = proc_cache();
+    let key = (conn_id, pid);
     let cached = cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&key)
         .cloned();
-    let (cmdline, ppid) = match cached {
-        Some(found) => found,
-        None => {
-            let facts = crate::procinfo::read(conn.process.pid);
-            let found = (facts.cmdline, facts.ppid);
-            let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
-            if map.len() >= MAX_CACHED_CONNS {
-                map.clear();
-            }
-            map.insert(key, found.clone());
-            found
-        }
-    };
-    p.cmdline = cmdline;
-    p.ppid = ppid;
-    p
+    if let Some(found) = cached {
+        return found;
+    }
+    let facts = crate::procinfo::read(pid);
+    let found = (facts.cmdline, facts.ppid);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() >= MAX_CACHED_CONNS {
+        map.clear();
+    }
+    map.insert(key, found.clone());
+    found
 }
 
 fn destination(conn: &ConnFacts, server: &str) -> Destination {
@@ -244,5 +262,26 @@ mod tests {
             Some(first.cmdline)
         );
         assert!(cached_process_info(&conn(u64::MAX - 8, me)).is_none());
+    }
+
+    /// A connection's process facts read as it arrives are what its first
+    /// decision finds, without reading `/proc` itself.
+    #[tokio::test]
+    async fn prewarmed_facts_are_found_without_a_read() {
+        let me = std::process::id();
+        let c = conn(u64::MAX - 9, me);
+        assert!(cached_process_info(&c).is_none());
+        prewarm(c.conn_id, me);
+        let mut found = None;
+        for _ in 0..500 {
+            found = cached_process_info(&c);
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let found = found.expect("the prewarmed facts are cached");
+        assert_eq!(found.cmdline, process_info(&c).cmdline);
+        assert_eq!(found.ppid, Some(nix::unistd::getppid().as_raw() as u32));
     }
 }

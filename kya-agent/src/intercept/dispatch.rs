@@ -203,6 +203,8 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Arc<Inspection>
         origin: &origin,
         tunnel: None,
     };
+    // Likewise the process facts its first decision records.
+    crate::decision::prewarm_process(conn.conn_id, origin.process.pid);
     let first = client_hello::peek_classify(&agent, conn.first_bytes_wait()).await;
     route(agent, first, Server::Direct, &conn).await;
 }
