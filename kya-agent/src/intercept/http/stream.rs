@@ -118,7 +118,11 @@ pub(crate) async fn relay(
                     for item in items {
                         forward_item(&mut peer, sse_url.as_ref(), &mut legacy, item, &mut batch).await;
                     }
-                    next = next_ready(&mut upstream).await;
+                    // Gathering is bounded: a server that never pauses still
+                    // reaches the agent in pieces, and kya holds no more of it.
+                    if batch.len() < MAX_BATCH_BYTES {
+                        next = next_ready(&mut upstream).await;
+                    }
                 }
                 if !batch.is_empty() && out.send(Bytes::from(batch)).await.is_err() {
                     return;
@@ -137,6 +141,10 @@ pub(crate) async fn relay(
         }
     }
 }
+
+/// The most judged bytes gathered before they are handed to the agent's
+/// body (one event larger than this still goes whole).
+const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 /// The server's next frame if it has already arrived: hyper's connection task
 /// hands the body over one frame at a time, once the relay asks for the next,
