@@ -3,9 +3,9 @@
 //!
 //! Hashing an executable (a 100 MB runtime) takes tens of milliseconds, so it
 //! is done once per file, not per process: digests are cached process-wide by
-//! the file's (device, inode, size, mtime), and [`prewarm`] computes a new
-//! connection's digest on a blocking thread as the connection arrives, off the
-//! decision path. A decision that needs a digest still being computed waits
+//! the file's (device, inode, size, mtime), and the decision path's prewarm
+//! (`decision/record.rs`) computes a new connection's digest on a blocking
+//! thread as the connection arrives, off the decision path. A decision that needs a digest still being computed waits
 //! for that computation instead of starting another.
 
 use kya_common::ProcessIdentity;
@@ -91,18 +91,6 @@ pub(crate) fn digest(p: &ProcessIdentity) -> Option<String> {
     let hex = hash_file(&path, &meta);
     *slot = Some(hex.clone());
     hex
-}
-
-/// Start computing the digest of a new connection's executable on a blocking
-/// thread, so the connection's first decision finds it cached.
-pub(crate) fn prewarm(p: &ProcessIdentity) {
-    if p.pid == 0 && p.exe.is_empty() {
-        return;
-    }
-    let p = p.clone();
-    tokio::task::spawn_blocking(move || {
-        let _ = digest(&p);
-    });
 }
 
 #[cfg(test)]

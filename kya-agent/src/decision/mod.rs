@@ -22,7 +22,7 @@ mod mint;
 mod offload;
 mod open;
 mod record;
-pub(crate) use record::prewarm as prewarm_process;
+pub(crate) use record::prewarm as prewarm_connection;
 pub(crate) mod restart;
 
 use crate::agents::Suspensions;

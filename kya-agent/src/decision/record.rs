@@ -184,16 +184,23 @@ pub(super) fn process_info(conn: &ConnFacts) -> ProcessInfo {
     p
 }
 
-/// Read a new connection's process facts on a blocking thread as it arrives,
-/// so its first decision finds them cached: no hop to the blocking pool and no
-/// `/proc` read then. The facts are those of the connection's start, as a
-/// first decision would have read them a moment later.
-pub(crate) fn prewarm(conn_id: u64, pid: u32) {
-    if pid == 0 {
+/// Read what a new connection's first decision needs from the filesystem, on
+/// one blocking thread as the connection arrives (its handshake and first
+/// request take longer): the process facts, cached for this connection, and
+/// the executable's digest ([`crate::exe_digest`], cached per file). The first
+/// decision then neither reads `/proc` nor hops to the blocking pool. The
+/// facts are those of the connection's start, as a first decision would have
+/// read them a moment later.
+pub(crate) fn prewarm(conn_id: u64, process: &kya_common::ProcessIdentity) {
+    if process.pid == 0 && process.exe.is_empty() {
         return;
     }
+    let p = process.clone();
     tokio::task::spawn_blocking(move || {
-        proc_facts(conn_id, pid);
+        let _ = crate::exe_digest::digest(&p);
+        if p.pid != 0 {
+            proc_facts(conn_id, p.pid);
+        }
     });
 }
 
@@ -271,7 +278,7 @@ mod tests {
         let me = std::process::id();
         let c = conn(u64::MAX - 9, me);
         assert!(cached_process_info(&c).is_none());
-        prewarm(c.conn_id, me);
+        prewarm(c.conn_id, &c.process);
         let mut found = None;
         for _ in 0..500 {
             found = cached_process_info(&c);

@@ -193,18 +193,16 @@ impl Conn<'_> {
 pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Arc<Inspection>) {
     // Both legs carry small writes (frames, SSE events): never wait for an ACK.
     let _ = agent.set_nodelay(true);
-    // The executable's digest (credential evidence, `exe_sha256` selectors),
-    // computed while the handshake and the first request arrive, not during
-    // the first decision.
-    crate::exe_digest::prewarm(&origin.process);
     let conn = Conn {
         insp,
         conn_id: insp.next_conn_id(),
         origin: &origin,
         tunnel: None,
     };
-    // Likewise the process facts its first decision records.
-    crate::decision::prewarm_process(conn.conn_id, origin.process.pid);
+    // The executable's digest (credential evidence, `exe_sha256` selectors)
+    // and the process facts the first decision records, read while the
+    // handshake and the first request arrive, not during that decision.
+    crate::decision::prewarm_connection(conn.conn_id, &origin.process);
     let first = client_hello::peek_classify(&agent, conn.first_bytes_wait()).await;
     route(agent, first, Server::Direct, &conn).await;
 }
