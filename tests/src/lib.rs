@@ -1296,6 +1296,26 @@ pub fn run_in_agent_ns(
     })
 }
 
+/// The policy several end-to-end tests run: `search_docs` (the test MCP
+/// server's harmless tool) allowed, `delete_*` denied with a reason, every
+/// other tool denied, non-call methods allowed.
+pub const DOCS_POLICY: &str = r#"
+[defaults]
+verdict = "deny"
+methods = "allow"
+
+[[rule]]
+id = "docs-ok"
+tool = "search_docs"
+verdict = "allow"
+
+[[rule]]
+id = "no-delete"
+tool = "delete_*"
+verdict = "deny"
+reason = "deleting records is not allowed from agents"
+"#;
+
 // ---- Network namespaces the tests create (containers without an engine).
 
 /// Name prefix of the network namespaces tests create (`ip netns`);

@@ -15,22 +15,8 @@ use std::process::Command;
 const ECHO_PORT: &str = "8453";
 const MCP_PORT: u16 = 18095;
 
-const POLICY: &str = r#"
-[defaults]
-verdict = "deny"
-methods = "allow"
-
-[[rule]]
-id = "docs-ok"
-tool = "search_docs"
-verdict = "allow"
-
-[[rule]]
-id = "no-delete"
-tool = "delete_*"
-verdict = "deny"
-reason = "deleting records is not allowed from agents"
-"#;
+/// The peers' `search_docs` is allowed, `delete_*` denied, anything else denied.
+const POLICY: &str = kya_e2e::DOCS_POLICY;
 
 #[test]
 fn kernel_dependent_guarantees_hold_on_this_kernel() {

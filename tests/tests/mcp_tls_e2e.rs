@@ -39,22 +39,8 @@ fn node_client(cg: &TestCgroup, dir: &Path, trust: &Path, url: &str, args: &[&st
     run_in_agent_ns(cg, dir, &prog, args, &[("NODE_EXTRA_CA_CERTS", trust)])
 }
 
-const POLICY: &str = r#"
-[defaults]
-verdict = "deny"
-methods = "allow"
-
-[[rule]]
-id = "docs-ok"
-tool = "search_docs"
-verdict = "allow"
-
-[[rule]]
-id = "no-delete"
-tool = "delete_*"
-verdict = "deny"
-reason = "deleting records is not allowed from agents"
-"#;
+/// The peers' `search_docs` is allowed, `delete_*` denied, anything else denied.
+const POLICY: &str = kya_e2e::DOCS_POLICY;
 
 fn setup(tag: &str) -> (tempfile::TempDir, TestCgroup) {
     ensure_peers();

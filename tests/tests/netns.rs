@@ -22,22 +22,8 @@ const ECONNREFUSED: i64 = 111;
 /// names a container's (`docker-<id>.scope`), selected with `--container`.
 const CONTAINER_ID: &str = "5e1f0c2d3b4a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
-const POLICY: &str = r#"
-[defaults]
-verdict = "deny"
-methods = "allow"
-
-[[rule]]
-id = "docs-ok"
-tool = "search_docs"
-verdict = "allow"
-
-[[rule]]
-id = "no-delete"
-tool = "delete_*"
-verdict = "deny"
-reason = "deleting records is not allowed from agents"
-"#;
+/// The peers' `search_docs` is allowed, `delete_*` denied, anything else denied.
+const POLICY: &str = kya_e2e::DOCS_POLICY;
 
 /// A process killed on drop.
 struct Proc(Child);
