@@ -533,20 +533,12 @@ async fn tools_list_answer_on_the_get_stream() {
     assert_eq!(tool_names(&json_of(&b)), VISIBLE);
     // Another connection, as a client's pool would use.
     let mut c2 = Client::h1(addr).await;
-    let req = hyper::Request::get("/stream-answers?ids=%5B5%2C6%2C%225%22%5D")
-        .header("host", "127.0.0.1")
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", "get-stream")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let body = c2
-        .send(req)
-        .await
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes();
+    let (_, _, body) = c2
+        .get(
+            "/stream-answers?ids=%5B5%2C6%2C%225%22%5D",
+            &[("accept", "text/event-stream"), session[0]],
+        )
+        .await;
     let msgs = sse_messages(&body);
     let by_id: Vec<(serde_json::Value, Vec<String>)> = msgs
         .iter()
@@ -566,19 +558,14 @@ async fn tools_list_answer_on_the_get_stream() {
         ]
     );
     // The same ids in another session are not this session's tools/list.
-    let req = hyper::Request::get("/stream-answers?ids=%5B5%5D")
-        .header("host", "127.0.0.1")
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", "other-session")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let body = c2
-        .send(req)
-        .await
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes();
+    let (_, _, body) = c2
+        .get(
+            "/stream-answers?ids=%5B5%5D",
+            &[
+                ("accept", "text/event-stream"),
+                ("mcp-session-id", "other-session"),
+            ],
+        )
+        .await;
     assert_eq!(tool_names(&sse_messages(&body)[0]), ALL);
 }

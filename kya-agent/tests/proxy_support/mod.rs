@@ -566,21 +566,45 @@ impl Client {
         body: impl Into<Bytes>,
         headers: &[(&str, &str)],
     ) -> (u16, http::HeaderMap, Bytes) {
-        let uri = if self.h2.is_some() {
+        let b = Request::post(self.uri(path))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        self.exchange(b, body.into(), headers).await
+    }
+
+    /// GET `path` with the given extra headers; the whole answer.
+    pub(crate) async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, http::HeaderMap, Bytes) {
+        let b = Request::get(self.uri(path));
+        self.exchange(b, Bytes::new(), headers).await
+    }
+
+    fn uri(&self, path: &str) -> String {
+        if self.h2.is_some() {
             format!("http://127.0.0.1:{}{path}", self.addr.port())
         } else {
             path.to_string()
-        };
-        let mut b = Request::post(uri)
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream");
+        }
+    }
+
+    /// Send the request `b` with `body` and `headers` (and a `Host` over
+    /// HTTP/1.1); the status, headers and whole body of the answer.
+    async fn exchange(
+        &mut self,
+        mut b: http::request::Builder,
+        body: Bytes,
+        headers: &[(&str, &str)],
+    ) -> (u16, http::HeaderMap, Bytes) {
         if self.h1.is_some() {
             b = b.header("host", format!("127.0.0.1:{}", self.addr.port()));
         }
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let resp = self.send(b.body(Full::new(body.into())).unwrap()).await;
+        let resp = self.send(b.body(Full::new(body)).unwrap()).await;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp
