@@ -62,6 +62,35 @@ struct Entry {
     tried: Instant,
 }
 
+impl Entry {
+    /// A namespace not served (yet): no listener, no thread; `error` says why
+    /// when that is known already.
+    fn failed(
+        inode: u64,
+        pid: u32,
+        processes: usize,
+        container: Option<kya_common::ContainerIdentity>,
+        error: Option<String>,
+    ) -> Self {
+        Entry {
+            ns: None,
+            view: ServedNamespace {
+                inode,
+                cookie: 0,
+                state: "failed",
+                listeners: Vec::new(),
+                processes,
+                example_pid: pid,
+                container,
+                since: now(),
+                error,
+            },
+            loops: Vec::new(),
+            tried: Instant::now(),
+        }
+    }
+}
+
 impl Drop for Entry {
     fn drop(&mut self) {
         for l in &self.loops {
@@ -221,24 +250,10 @@ impl NetnsServer {
     /// `last_error`: why the previous attempt failed (the same failure again
     /// is not logged as a warning again).
     fn open(&self, inode: u64, pid: u32, processes: usize, last_error: Option<&str>) -> Entry {
-        let mut entry = Entry {
-            ns: None,
-            view: ServedNamespace {
-                inode,
-                cookie: 0,
-                state: "failed",
-                listeners: Vec::new(),
-                processes,
-                example_pid: pid,
-                container: crate::bpf::cgroup_path_of_pid(pid)
-                    .ok()
-                    .and_then(|cg| kya_common::container_of_cgroup(&cg)),
-                since: now(),
-                error: None,
-            },
-            loops: Vec::new(),
-            tried: Instant::now(),
-        };
+        let container = crate::bpf::cgroup_path_of_pid(pid)
+            .ok()
+            .and_then(|cg| kya_common::container_of_cgroup(&cg));
+        let mut entry = Entry::failed(inode, pid, processes, container, None);
         match self.try_open(inode, pid, &mut entry) {
             Ok(()) => {
                 entry.view.state = "ready";
@@ -275,22 +290,7 @@ impl NetnsServer {
         if last_error != Some(error.as_str()) {
             tracing::warn!(netns = inode, pid, %error, "cannot serve a network namespace; its selected processes' connections are refused");
         }
-        Entry {
-            ns: None,
-            view: ServedNamespace {
-                inode,
-                cookie: 0,
-                state: "failed",
-                listeners: Vec::new(),
-                processes,
-                example_pid: pid,
-                container: None,
-                since: now(),
-                error: Some(error),
-            },
-            loops: Vec::new(),
-            tried: Instant::now(),
-        }
+        Entry::failed(inode, pid, processes, None, Some(error))
     }
 
     fn try_open(&self, inode: u64, pid: u32, entry: &mut Entry) -> Result<(), ServeError> {
