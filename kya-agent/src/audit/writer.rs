@@ -715,7 +715,7 @@ impl Records {
             let mut rotate = false;
             if !batch.is_empty() {
                 core.commit(batch);
-                rotate = core.stopped.is_none() && core.file_len >= core.cfg.rotate_bytes;
+                rotate = core.due_for_rotation();
             }
             drop(core);
             if rotate {
@@ -744,7 +744,7 @@ impl Records {
                 core.commit(queued);
                 match msg {
                     Msg::Rotate => {
-                        if core.stopped.is_none() && core.file_len >= core.cfg.rotate_bytes {
+                        if core.due_for_rotation() {
                             if let Err(e) = core.rotate() {
                                 tracing::error!(error = %e, "audit log rotation failed");
                             }
@@ -786,6 +786,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Core {
+    /// The live file reached its size and the log still takes records.
+    fn due_for_rotation(&self) -> bool {
+        self.stopped.is_none() && self.file_len >= self.cfg.rotate_bytes
+    }
+
     /// Sync, checkpoint and stop the sync thread; wait for it.
     fn stop_syncer(&mut self) -> Result<(), AuditError> {
         let (tx, rx) = mpsc::channel();
