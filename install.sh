@@ -12,6 +12,9 @@ fi
 ./scripts/install-deps.sh
 cargo build --release --locked -p kya-agent
 install -m 0755 target/release/kya /usr/local/bin/kya
+# kya.service runs the daemon as this system user, with only the capabilities it needs.
+id -u kya >/dev/null 2>&1 \
+  || useradd --system --no-create-home --home-dir /var/lib/kya --shell /usr/sbin/nologin kya
 install -d -m 0755 /etc/kya
 [ -e /etc/kya/kya.toml ] || install -m 0644 packaging/kya.toml /etc/kya/kya.toml
 # Example policies, for reference; the daemon uses the embedded example policy

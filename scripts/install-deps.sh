@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages kya needs to build and test on Debian/Ubuntu:
 # clang (the BPF programs are C), bpftool (inspection and tests), iproute2,
-# util-linux (setpriv, unshare), openssl and ca-certificates, Python and Node
+# util-linux (setpriv, unshare), systemd (systemd-analyze rates the unit), openssl and ca-certificates, Python and Node
 # for the real MCP test peers (tests/peers/setup.sh installs the peers themselves).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -10,6 +10,7 @@ command -v clang-19 >/dev/null 2>&1 || command -v clang >/dev/null 2>&1 || need+
 command -v bpftool >/dev/null 2>&1 || need+=(bpftool)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)

@@ -278,10 +278,16 @@ pub struct RunArgs {
     /// Select processes in this cgroup v2 path (relative to the cgroup2 mount) and its descendants.
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<String>,
-    /// Select the processes of this running container (full id or a unique
-    /// prefix of at least 12 digits), found through its engine's cgroup.
-    #[arg(long = "container", value_name = "ID")]
+    /// Select the processes of this running container (full id, a unique
+    /// prefix of at least 12 digits, or its name as podman/docker know it),
+    /// found through its engine's cgroup.
+    #[arg(long = "container", value_name = "ID|NAME")]
     pub containers: Vec<String>,
+    /// Select every cgroup whose path (relative to the cgroup2 mount) matches
+    /// this glob, e.g. '/libpod_parent/libpod-*'; rescanned while running, so
+    /// containers that start later are selected as they appear.
+    #[arg(long = "cgroup-glob", value_name = "GLOB")]
+    pub cgroup_globs: Vec<String>,
     /// Select processes running as this uid.
     #[arg(long = "uid", value_name = "N")]
     pub uids: Vec<u32>,
@@ -321,6 +327,10 @@ pub struct RunArgs {
     /// Leave nothing pinned: if the daemon dies, selected processes connect directly.
     #[arg(long)]
     pub fail_open: bool,
+    /// The control socket's approvers group (as `[control] group`): its
+    /// members may connect; without it only root may.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
 }
 
 impl RunArgs {
@@ -335,6 +345,7 @@ impl RunArgs {
             exes: self.exes.clone(),
             pids: self.pids.clone(),
             containers: self.containers.clone(),
+            cgroup_globs: self.cgroup_globs.clone(),
             ports: self.ports.clone(),
             all_ports: self.all_ports,
             listen_port: self.listen_port,
@@ -344,6 +355,7 @@ impl RunArgs {
             upstream_ca: self.upstream_ca.clone(),
             metrics: self.metrics,
             fail_open: self.fail_open,
+            control_group: self.control_group.clone(),
         }
     }
 }

@@ -24,6 +24,15 @@ pub const DEFAULT_MAX_RESPONSE_BODY: u64 = 64 * 1024 * 1024;
 /// How long a redirected client may stay silent before its first bytes; then
 /// its connection is refused (never spliced uninspected).
 pub const DEFAULT_FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Connections the interceptor handles at once, in total
+/// (`intercept.max_connections`); each costs two file descriptors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
+/// Connections one process may have open through kya at once
+/// (`intercept.max_connections_per_process`).
+pub const DEFAULT_MAX_CONNECTIONS_PER_PROCESS: usize = 1024;
+/// Calls one process may have held for approval at once, across its
+/// connections (`intercept.max_held_per_process`).
+pub const DEFAULT_MAX_HELD_PER_PROCESS: usize = 64;
 
 /// Errors reading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +54,10 @@ pub enum ConfigError {
     Size(String),
     #[error("cgroup path {0:?} must start with '/' and must not contain '..'")]
     CgroupPath(String),
+    #[error("{0}")]
+    CgroupGlob(String),
+    #[error("[kubernetes] {0}")]
+    Kubernetes(String),
     #[error("[audit] sinks: {0}")]
     Sink(String),
     #[error("[approvals.ciba] {0}")]
@@ -53,6 +66,12 @@ pub enum ConfigError {
     Webhook(String),
     #[error("[intercept] {0}")]
     Intercept(String),
+    #[error("[control] {0}")]
+    Control(String),
+    #[error("[approvals] {0}")]
+    Approvals(String),
+    #[error("[audit] {0}")]
+    Audit(String),
 }
 
 /// The file's schema (every key optional, unknown keys rejected).
@@ -71,6 +90,34 @@ pub struct FileConfig {
     pub state: StateSection,
     #[serde(default)]
     pub approvals: ApprovalsSection,
+    #[serde(default)]
+    pub control: ControlSection,
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+}
+
+/// `[control]`: who may connect to the control socket.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// The approvers group: the socket is `0660` and this group's. Without
+    /// it, the socket is `0660` and the daemon's own group's (root's when kya
+    /// runs as root): only root, and nobody else, may connect.
+    pub group: Option<String>,
+}
+
+/// `[kubernetes]`: select the pods of this node whose labels match
+/// `pod_selector`, watched through the Kubernetes API. The rest defaults to
+/// what a pod finds in the cluster (`NODE_NAME`, `KUBERNETES_SERVICE_HOST`,
+/// the service account's token and CA).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    pub pod_selector: Option<String>,
+    pub node: Option<String>,
+    pub api: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[approvals]`: backchannels that ask an owner (the local one always exists).
@@ -81,6 +128,9 @@ pub struct ApprovalsSection {
     /// from a uid other than the one the held call's agent process runs as.
     #[serde(default)]
     pub separate_duties: bool,
+    /// Calls held for approval at once, across all agents (default 1024);
+    /// one more is denied at once ("too many pending approvals").
+    pub max_pending: Option<usize>,
     pub ciba: Option<CibaSection>,
     pub webhook: Option<WebhookSection>,
 }
@@ -315,9 +365,13 @@ impl CibaSection {
 pub struct SelectSection {
     #[serde(default)]
     pub cgroups: Vec<String>,
-    /// Container ids (or unique prefixes), resolved to their cgroups.
+    /// Container ids (or unique prefixes) or names, resolved to their cgroups.
     #[serde(default)]
     pub containers: Vec<String>,
+    /// Cgroup path globs, rescanned while running (new containers are
+    /// selected as they start).
+    #[serde(default)]
+    pub cgroup_globs: Vec<String>,
     #[serde(default)]
     pub uids: Vec<u32>,
     #[serde(default)]
@@ -345,6 +399,12 @@ pub struct InterceptSection {
     pub splice_ports: Vec<u16>,
     /// How long a client may stay silent before its first bytes, e.g. "30s".
     pub first_bytes_timeout: Option<String>,
+    /// Connections handled at once, in total; more are refused.
+    pub max_connections: Option<usize>,
+    /// Connections one process may have open at once; more are refused.
+    pub max_connections_per_process: Option<usize>,
+    /// Calls one process may have held for approval at once; more are denied.
+    pub max_held_per_process: Option<usize>,
 }
 
 /// `[intercept] ports`: a list of extra guarded ports, or the word `"all"`.
@@ -379,6 +439,14 @@ pub struct AuditSection {
     /// with `?facility=NAME` (default `authpriv`).
     #[serde(default)]
     pub sinks: Vec<String>,
+    /// Record each tool call's arguments in its audit event (and so in the
+    /// event stream and the sinks), after `redact`. Default: only their digest.
+    #[serde(default)]
+    pub args: bool,
+    /// Argument paths never recorded, logged or shown: a JSON Pointer
+    /// (`/auth/password`) or a key name hidden at every depth (`password`).
+    #[serde(default)]
+    pub redact: Vec<String>,
 }
 
 /// `[state]`.
@@ -420,9 +488,11 @@ pub enum DenyShape {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     pub cgroups: Vec<String>,
-    /// Container ids (or unique prefixes); each selects its container's
-    /// cgroup, resolved when the redirect is configured.
+    /// Container ids (or unique prefixes) or names; each selects its
+    /// container's cgroup, resolved when the redirect is configured.
     pub containers: Vec<String>,
+    /// Cgroup path globs (`crate::cgroup_glob`).
+    pub cgroup_globs: Vec<String>,
     pub uids: Vec<u32>,
     pub exes: Vec<String>,
     pub pids: Vec<u32>,
@@ -433,6 +503,7 @@ impl Selection {
     pub fn is_empty(&self) -> bool {
         self.cgroups.is_empty()
             && self.containers.is_empty()
+            && self.cgroup_globs.is_empty()
             && self.uids.is_empty()
             && self.exes.is_empty()
             && self.pids.is_empty()
@@ -455,6 +526,12 @@ pub struct Config {
     pub splice_ports: Vec<u16>,
     /// Longest silence before a connection's first bytes.
     pub first_bytes_timeout: std::time::Duration,
+    /// Connections handled at once, in total (`intercept.max_connections`).
+    pub max_connections: usize,
+    /// Connections one process may have open at once.
+    pub max_connections_per_process: usize,
+    /// Calls one process may have held for approval at once.
+    pub max_held_per_process: usize,
     pub max_body: u64,
     /// Largest inspected response body or SSE event.
     pub max_response_body: u64,
@@ -477,6 +554,16 @@ pub struct Config {
     /// `[approvals] separate_duties`: the approver's uid must differ from the
     /// held call's agent process's uid.
     pub separate_duties: bool,
+    /// `[approvals] max_pending`: calls held at once.
+    pub max_pending: usize,
+    /// `[control] group`: the approvers group of the control socket.
+    pub control_group: Option<String>,
+    /// `[audit] args`: record tool call arguments (after `audit_redact`).
+    pub audit_args: bool,
+    /// `[audit] redact`: argument paths replaced by `[redacted]`.
+    pub audit_redact: Vec<String>,
+    /// `[kubernetes]` with a pod selector, resolved.
+    pub kubernetes: Option<crate::kube::client::KubeSettings>,
 }
 
 /// What the command line sets on top of the config file (the `kya run`
@@ -497,9 +584,11 @@ pub struct Overrides {
     pub exes: Vec<String>,
     /// Select this process (tgid) and its future children.
     pub pids: Vec<u32>,
-    /// Select this container (full id or a unique prefix of 12+ hex digits)
-    /// through its cgroup.
+    /// Select this container (full id, a unique prefix of 12+ hex digits, or
+    /// its name) through its cgroup.
     pub containers: Vec<String>,
+    /// Select every cgroup whose path matches this glob, now and as they appear.
+    pub cgroup_globs: Vec<String>,
     /// Add a guarded destination port (default 80 and 443, plus intercept.ports).
     pub ports: Vec<u16>,
     /// Redirect every TCP connection of a selected process, whatever its port
@@ -521,6 +610,8 @@ pub struct Overrides {
     pub metrics: Option<std::net::SocketAddr>,
     /// Leave nothing pinned: if the daemon dies, selected processes connect directly.
     pub fail_open: bool,
+    /// The control socket's approvers group (as `[control] group`).
+    pub control_group: Option<String>,
 }
 
 impl Config {
@@ -545,12 +636,16 @@ impl Config {
         let mut selection = Selection {
             cgroups: file.select.cgroups,
             containers: file.select.containers,
+            cgroup_globs: file.select.cgroup_globs,
             uids: file.select.uids,
             exes: file.select.exes,
             pids: file.select.pids,
         };
         selection.cgroups.extend(args.cgroups.iter().cloned());
         selection.containers.extend(args.containers.iter().cloned());
+        selection
+            .cgroup_globs
+            .extend(args.cgroup_globs.iter().cloned());
         selection.uids.extend(args.uids.iter().copied());
         selection.exes.extend(args.exes.iter().cloned());
         selection.pids.extend(args.pids.iter().copied());
@@ -559,6 +654,9 @@ impl Config {
         }
         dedup(&mut selection.cgroups);
         dedup(&mut selection.containers);
+        dedup(&mut selection.cgroup_globs);
+        crate::cgroup_glob::CgroupGlobs::new(&selection.cgroup_globs)
+            .map_err(|e| ConfigError::CgroupGlob(e.to_string()))?;
         dedup(&mut selection.uids);
         dedup(&mut selection.exes);
         dedup(&mut selection.pids);
@@ -621,6 +719,23 @@ impl Config {
                 d
             }
         };
+        let max_connections = file
+            .intercept
+            .max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let max_connections_per_process = file
+            .intercept
+            .max_connections_per_process
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_PROCESS);
+        let max_held_per_process = file
+            .intercept
+            .max_held_per_process
+            .unwrap_or(DEFAULT_MAX_HELD_PER_PROCESS);
+        if max_connections == 0 || max_connections_per_process == 0 || max_held_per_process == 0 {
+            return Err(ConfigError::Intercept(
+                "max_connections, max_connections_per_process and max_held_per_process must be at least 1".into(),
+            ));
+        }
         let max_body = match &file.intercept.max_body {
             Some(v) => v.bytes()?,
             None => DEFAULT_MAX_BODY,
@@ -646,12 +761,50 @@ impl Config {
             .map(|s| s.parse().map_err(ConfigError::Sink))
             .collect::<Result<Vec<_>, _>>()?;
         let separate_duties = file.approvals.separate_duties;
+        let max_pending = match file.approvals.max_pending {
+            None => crate::approvals::pending::DEFAULT_MAX_PENDING,
+            Some(0) => {
+                return Err(ConfigError::Approvals(
+                    "max_pending must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+        };
+        let control_group = args.control_group.clone().or(file.control.group);
+        if let Some(g) = &control_group {
+            if g.trim().is_empty() || g.contains(['/', ':', '\0']) {
+                return Err(ConfigError::Control(format!(
+                    "group {g:?} is not a group name"
+                )));
+            }
+        }
+        for entry in &file.audit.redact {
+            if entry.is_empty() || entry == "/" {
+                return Err(ConfigError::Audit(format!(
+                    "redact entry {entry:?} names no argument (use a JSON Pointer such as \"/auth/password\" or a key name)"
+                )));
+            }
+        }
         let ciba = file.approvals.ciba.map(CibaSection::validate).transpose()?;
         let webhook = file
             .approvals
             .webhook
             .map(WebhookSection::validate)
             .transpose()?;
+        let k = &file.kubernetes;
+        let kubernetes = match &k.pod_selector {
+            Some(sel) => Some(
+                crate::kube::client::KubeSettings::resolve(
+                    sel,
+                    k.node.as_deref(),
+                    k.api.as_deref(),
+                    k.token_file.as_deref(),
+                    k.ca_file.as_deref(),
+                )
+                .map_err(|e| ConfigError::Kubernetes(e.to_string()))?,
+            ),
+            None => None,
+        };
         let policy_paths = if args.policies.is_empty() {
             file.policy.paths
         } else {
@@ -665,6 +818,9 @@ impl Config {
             passthrough: file.intercept.passthrough,
             splice_ports,
             first_bytes_timeout,
+            max_connections,
+            max_connections_per_process,
+            max_held_per_process,
             max_body,
             max_response_body,
             deny_shape: file.intercept.deny_shape.unwrap_or_default(),
@@ -683,6 +839,11 @@ impl Config {
             ciba,
             webhook,
             separate_duties,
+            max_pending,
+            control_group,
+            audit_args: file.audit.args,
+            audit_redact: file.audit.redact,
+            kubernetes,
         })
     }
 }
@@ -787,6 +948,7 @@ mod tests {
 [select]
 cgroups = ["/agents/"]
 containers = ["3f4e8a1b2c3d"]
+cgroup_globs = ["/libpod_parent/libpod-*"]
 uids = [1001]
 exes = ["/usr/local/bin/agent"]
 [intercept]
@@ -808,6 +970,7 @@ dir = "/var/lib/kya"
             listen_port: Some(900),
             uids: vec![1001, 1002],
             containers: vec!["3f4e8a1b2c3d".into(), "0123456789ab".into()],
+            cgroup_globs: vec!["/system.slice/docker-*.scope".into()],
             ports: vec![8443],
             ..Default::default()
         };
@@ -818,6 +981,18 @@ dir = "/var/lib/kya"
             cfg.selection.containers,
             vec!["3f4e8a1b2c3d", "0123456789ab"]
         );
+        assert_eq!(
+            cfg.selection.cgroup_globs,
+            vec!["/libpod_parent/libpod-*", "/system.slice/docker-*.scope"]
+        );
+        let bad = Overrides {
+            cgroup_globs: vec!["libpod-*".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            Config::merge(FileConfig::default(), &bad),
+            Err(ConfigError::CgroupGlob(_))
+        ));
         assert_eq!(cfg.selection.uids, vec![1001, 1002]);
         assert_eq!(cfg.ports, vec![80, 443, 8000, 8443]);
         assert_eq!(cfg.max_body, 4 << 20);
@@ -834,6 +1009,43 @@ dir = "/var/lib/kya"
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
         assert!(cfg.selection.is_empty());
         assert!(cfg.sinks.is_empty());
+    }
+
+    #[test]
+    fn load_limits_are_read_and_zero_is_refused() {
+        let file = parse_file(
+            Path::new("k.toml"),
+            "[intercept]\nmax_connections = 10000\nmax_connections_per_process = 20\nmax_held_per_process = 3\n",
+        )
+        .unwrap();
+        let cfg = Config::merge(file, &Overrides::default()).unwrap();
+        assert_eq!(cfg.max_connections, 10000);
+        assert_eq!(cfg.max_connections_per_process, 20);
+        assert_eq!(cfg.max_held_per_process, 3);
+        let cfg = Config::merge(
+            parse_file(Path::new("k.toml"), "").unwrap(),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            cfg.max_connections_per_process,
+            DEFAULT_MAX_CONNECTIONS_PER_PROCESS
+        );
+        assert_eq!(cfg.max_held_per_process, DEFAULT_MAX_HELD_PER_PROCESS);
+        for bad in [
+            "max_connections = 0",
+            "max_connections_per_process = 0",
+            "max_held_per_process = 0",
+            "max_connections = -1",
+            "max_connections = \"many\"",
+        ] {
+            let text = format!("[intercept]\n{bad}\n");
+            let parsed = parse_file(Path::new("k.toml"), &text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Config::merge(f, &Overrides::default()).map_err(|e| e.to_string()));
+            assert!(parsed.is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -869,6 +1081,18 @@ dir = "/var/lib/kya"
         };
         assert!(!load("").unwrap().separate_duties);
         assert!(!load("[approvals]\n").unwrap().separate_duties);
+        assert_eq!(
+            load("").unwrap().max_pending,
+            crate::approvals::pending::DEFAULT_MAX_PENDING
+        );
+        assert_eq!(
+            load("[approvals]\nmax_pending = 20000\n")
+                .unwrap()
+                .max_pending,
+            20000
+        );
+        assert!(load("[approvals]\nmax_pending = 0\n").is_err());
+        assert!(load("[approvals]\nmax_pending = -1\n").is_err());
         assert!(
             load("[approvals]\nseparate_duties = true\n")
                 .unwrap()
@@ -955,6 +1179,47 @@ dir = "/var/lib/kya"
             ),
         ] {
             let e = load(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn control_group_and_audit_redaction_keys() {
+        let load = |text: &str, args: &Overrides| {
+            parse_file(Path::new("k.toml"), text).and_then(|f| Config::merge(f, args))
+        };
+        let none = Overrides::default();
+        let cfg = load("", &none).unwrap();
+        assert_eq!(cfg.control_group, None);
+        assert!(!cfg.audit_args);
+        assert!(cfg.audit_redact.is_empty());
+        let cfg = load(
+            "[control]\ngroup = \"kya-approvers\"\n[audit]\nargs = true\nredact = [\"/auth/password\", \"token\"]\n",
+            &none,
+        )
+        .unwrap();
+        assert_eq!(cfg.control_group.as_deref(), Some("kya-approvers"));
+        assert!(cfg.audit_args);
+        assert_eq!(cfg.audit_redact, ["/auth/password", "token"]);
+        // the flag wins over the file
+        let flag = Overrides {
+            control_group: Some("ops".into()),
+            ..Default::default()
+        };
+        let cfg = load("[control]\ngroup = \"kya-approvers\"\n", &flag).unwrap();
+        assert_eq!(cfg.control_group.as_deref(), Some("ops"));
+        for (bad, why) in [
+            ("[control]\ngroup = \"\"\n", "not a group name"),
+            ("[control]\ngroup = \"a/b\"\n", "not a group name"),
+            ("[control]\ngroup = \"a:b\"\n", "not a group name"),
+            ("[control]\nmode = \"0666\"\n", "unknown field"),
+            ("[control]\ngroup = 5\n", "invalid type"),
+            ("[audit]\nredact = [\"\"]\n", "names no argument"),
+            ("[audit]\nredact = [\"/\"]\n", "names no argument"),
+            ("[audit]\nredact = \"token\"\n", "invalid type"),
+            ("[audit]\nargs = \"yes\"\n", "invalid type"),
+        ] {
+            let e = load(bad, &none).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
     }
@@ -1052,5 +1317,31 @@ dir = "/var/lib/kya"
             ..Default::default()
         };
         assert!(Config::merge(FileConfig::default(), &cg).is_err());
+    }
+
+    /// The `kya.toml` the Kubernetes ConfigMap carries (a YAML block
+    /// scalar under `data:`) is a valid configuration.
+    #[test]
+    fn the_kubernetes_configmap_config_is_valid() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/configmap.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let mut lines = yaml.lines().skip_while(|l| l.trim() != "kya.toml: |");
+        assert!(lines.next().is_some(), "no kya.toml in the ConfigMap");
+        let text: String = lines
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        let file = parse_file(Path::new("kya.toml"), &text).unwrap();
+        let cfg = Config::merge(file, &Overrides::default()).unwrap();
+        assert_eq!(cfg.selection.cgroup_globs.len(), 2, "{text}");
+        assert!(cfg
+            .selection
+            .cgroup_globs
+            .iter()
+            .all(|g| g.starts_with("/kubepods")));
+        assert_eq!(cfg.policy_paths, [PathBuf::from("/etc/kya/policy.toml")]);
+        assert_eq!(cfg.sinks, [crate::audit::export::SinkSpec::Stdout]);
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/kya"));
     }
 }

@@ -1,10 +1,13 @@
-//! `--container ID`: a container selected by its id, resolved to the cgroup
-//! its engine made for it (`docker-<id>.scope`, `libpod-<id>.scope`,
+//! `--container ID|NAME`: a container selected by its id or its name (a name
+//! is turned into the id by the engine's own `inspect`), resolved to the
+//! cgroup its engine made for it (`docker-<id>.scope`, `libpod-<id>.scope`,
 //! `cri-containerd-<id>.scope`, `crio-<id>.scope`, `/docker/<id>`, a pod's
 //! `<id>` cgroup; see `kya_common::container`). Selecting that cgroup selects
 //! every process of the container, wherever its network namespace is.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Shortest id prefix accepted (what `docker ps` shows).
 const MIN_ID_PREFIX: usize = 12;
@@ -22,6 +25,111 @@ pub enum ContainerError {
     NotFound(String),
     #[error("container id prefix {prefix:?} is ambiguous: {ids:?}")]
     Ambiguous { prefix: String, ids: Vec<String> },
+    #[error("container {0:?} must be 12 to 64 lowercase hex digits (an id or its unique prefix) or a container name (a letter or digit, then letters, digits, '_', '.', '-')")]
+    BadSelector(String),
+    #[error("no running container is named {name:?} ({why})")]
+    NameNotFound { name: String, why: String },
+}
+
+/// The engines asked for a container's id by name, in this order.
+const ENGINES: &[&str] = &["podman", "docker"];
+/// Longest wait for an engine's answer.
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest container name accepted.
+const MAX_NAME: usize = 128;
+
+/// The cgroup of the running container that `selector` names: an id (or a
+/// unique prefix of one), else a container name, resolved to its id by the
+/// first engine (`podman`, `docker` on the PATH) that knows it.
+pub fn cgroup_of_selector(cgroup2: &Path, selector: &str) -> Result<String, ContainerError> {
+    let hex = selector.len() >= MIN_ID_PREFIX
+        && selector.len() <= 64
+        && selector
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if hex {
+        match cgroup_of_container(cgroup2, selector) {
+            // an all-hex word may still be a name
+            Err(ContainerError::NotFound(_)) => {}
+            other => return other,
+        }
+    } else if !is_name(selector) {
+        return Err(ContainerError::BadSelector(selector.to_string()));
+    }
+    let id = id_of_name(selector).map_err(|why| {
+        if hex {
+            ContainerError::NotFound(selector.to_string())
+        } else {
+            ContainerError::NameNotFound {
+                name: selector.to_string(),
+                why,
+            }
+        }
+    })?;
+    cgroup_of_container(cgroup2, &id)
+}
+
+/// A container name as Docker and Podman accept it: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn is_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    s.len() <= MAX_NAME
+        && b.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// The full id of the container named `name`, asked of each engine in turn.
+fn id_of_name(name: &str) -> Result<String, String> {
+    let mut why = Vec::new();
+    for engine in ENGINES {
+        match inspect_id(engine, name) {
+            Ok(id) => {
+                tracing::info!(%engine, container = %name, %id, "container name resolved");
+                return Ok(id);
+            }
+            Err(e) => why.push(format!("{engine}: {e}")),
+        }
+    }
+    Err(why.join("; "))
+}
+
+/// `ENGINE container inspect --format {{.Id}} NAME`, bounded in time; the
+/// answer must be one full id.
+fn inspect_id(engine: &str, name: &str) -> Result<String, String> {
+    let mut child = Command::new(engine)
+        .args(["container", "inspect", "--format", "{{.Id}}", "--", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + ENGINE_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("no answer in time".into());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        use std::io::Read;
+        // bounded: an id is 65 bytes
+        let _ = (&mut stdout).take(4096).read_to_string(&mut out);
+    }
+    if !status.success() {
+        return Err(format!("no such container ({status})"));
+    }
+    let id = out.trim();
+    if id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(id.to_string())
+    } else {
+        Err("the engine's answer is not a container id".into())
+    }
 }
 
 /// The cgroup (relative to the cgroup2 mount `cgroup2`) of the running
@@ -134,6 +242,40 @@ mod tests {
                 matches!(cgroup_of_container(r, bad), Err(ContainerError::BadId(_))),
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn selectors_are_ids_or_names_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join(format!("system.slice/docker-{A}.scope"))).unwrap();
+        assert_eq!(
+            cgroup_of_selector(r, &A[..16]).unwrap(),
+            format!("/system.slice/docker-{A}.scope")
+        );
+        let long = "n".repeat(MAX_NAME + 1);
+        for bad in [
+            "",
+            "../../etc",
+            "-rm",
+            ".hidden",
+            "a b",
+            "name/with/slash",
+            "x\0y",
+            "{{.Id}}",
+            &long,
+        ] {
+            assert!(
+                matches!(
+                    cgroup_of_selector(r, bad),
+                    Err(ContainerError::BadSelector(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        for good in ["agent", "my-agent_1.2", "A9", &long[1..]] {
+            assert!(is_name(good), "{good:?}");
         }
     }
 }

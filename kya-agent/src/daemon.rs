@@ -14,6 +14,7 @@ use crate::audit::writer::{AuditConfig, AuditLog};
 use crate::bpf::{RedirectConfig, Redirector};
 use crate::cli::RunArgs;
 use crate::config::Config;
+use crate::container_select::{resolve_containers, ContainerCgroups};
 use crate::control::guard::{Gate, Recorder, SelectionOracle, SelectionUnknown};
 use crate::control::server::{ControlServer, Router};
 use crate::credential::service::CredentialService;
@@ -29,7 +30,6 @@ use crate::policy::{PolicyEngine, Registry};
 use crate::status::StatusHandler;
 use crate::tls::TlsContext;
 use anyhow::Context;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -48,10 +48,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
-    prepare_state_dir(&config.state_dir)?;
-    let control = ControlServer::bind(&config.state_dir).context("binding the control socket")?;
+    crate::fsutil::prepare_state_dir(&config.state_dir)?;
+    let control = ControlServer::bind(&config.state_dir, config.control_group.as_deref())
+        .context("binding the control socket")?;
+    let max_connections = fit_connections(config.max_connections, raise_nofile_limit());
     let interceptor = Interceptor::bind(InterceptorConfig {
         listen_port: config.listen_port,
+        max_connections,
+        max_connections_per_process: config.max_connections_per_process,
         ..Default::default()
     })
     .context("binding the interceptor")?;
@@ -64,8 +68,21 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         )
         .context("loading the policy")?,
     );
-    let wanted = redirect_config(&config, &engine.registry(), true)
-        .context("resolving the --container selectors")?;
+    let globs = crate::cgroup_glob::CgroupGlobs::new(&config.selection.cgroup_globs)
+        .context("compiling the cgroup globs")?;
+    let container_cgroups = Arc::new(Mutex::new(ContainerCgroups {
+        containers: resolve_containers(&config, true)
+            .context("resolving the --container selectors")?,
+        globbed: crate::container_select::scan_globs(&globs),
+        pods: Vec::new(),
+        stale: false,
+    }));
+    let wanted = {
+        let cur = container_cgroups
+            .lock()
+            .map_err(|_| anyhow::anyhow!("container selection lock poisoned"))?;
+        redirect_config(&config, &engine.registry(), &cur)
+    };
     let mut redirector =
         Redirector::start(&wanted).context("loading and attaching the eBPF redirect")?;
     redirector
@@ -102,7 +119,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
     let host = crate::host::host_name();
-    let approvals = open_approvals(&config.state_dir, &audit, &config.audit_path, &host).await?;
+    let approvals = open_approvals(
+        &config.state_dir,
+        &audit,
+        &config.audit_path,
+        &host,
+        config.max_pending,
+    )
+    .await?;
     let tls = TlsContext::from_config(&config).context("setting up TLS interception")?;
     let events = EventHub::new();
     let status = status.section("audit", {
@@ -116,6 +140,20 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let status = status.section("events", {
         let e = events.clone();
         Arc::new(move || serde_json::json!({"published": e.published(), "dropped_by_slow_followers": e.dropped()}))
+    });
+    // Read at each request: what the daemon may do now (its uid, capabilities).
+    let status = status.section("privileges", Arc::new(crate::privileges::own));
+    let status = status.section("control", {
+        let socket = control.path().display().to_string();
+        let group = config.control_group.clone();
+        Arc::new(move || {
+            serde_json::json!({
+                "socket": socket,
+                "mode": format!("{:04o}", crate::control::server::SOCKET_MODE),
+                // null: the daemon's own group (only root may connect)
+                "group": group,
+            })
+        })
     });
     let status = status.section("ca", {
         let fp = tls.ca.fingerprint().to_string();
@@ -189,16 +227,22 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
-    let decisions = Arc::new(DecisionPath::new(
-        engine.clone(),
-        approvals.clone(),
-        credentials,
-        key,
-        audit.clone(),
-        events,
-        metrics.clone(),
-        suspensions,
-    ));
+    let decisions = Arc::new(
+        DecisionPath::new(
+            engine.clone(),
+            approvals.clone(),
+            credentials,
+            key,
+            audit.clone(),
+            events,
+            metrics.clone(),
+            suspensions,
+        )
+        .with_args_record(crate::decision::ArgsRecord {
+            include: config.audit_args,
+            redact: config.audit_redact.clone(),
+        }),
+    );
     let decision_path: Arc<dyn Governor> = decisions.clone();
     metrics.add_source(kernel_samples(redirector.clone()));
     metrics.add_source(intercept_samples(interceptor.stats()));
@@ -214,13 +258,44 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let reloader = crate::policy::reload::spawn_watcher(
         engine.clone(),
         std::time::Duration::from_secs(1),
-        on_reload(config.clone(), redirector.clone(), metrics.clone()),
+        on_reload(
+            config.clone(),
+            redirector.clone(),
+            container_cgroups.clone(),
+            metrics.clone(),
+        ),
     )
     .context("installing the policy reload watcher")?;
+    let build: crate::container_select::BuildSelection = {
+        let (config, engine) = (config.clone(), engine.clone());
+        Arc::new(move |cgroups: &ContainerCgroups| {
+            redirect_config(&config, &engine.registry(), cgroups)
+        })
+    };
+    let glob_task = crate::container_select::spawn_watcher(
+        globs,
+        container_cgroups.clone(),
+        redirector.clone(),
+        build.clone(),
+        stop_rx.clone(),
+    );
+    let pod_task = match &config.kubernetes {
+        Some(k) => Some(crate::container_select::spawn_pod_watcher(
+            crate::kube::client::KubeClient::new(k.clone())
+                .context("setting up the Kubernetes API client")?,
+            container_cgroups.clone(),
+            redirector.clone(),
+            build,
+            stop_rx.clone(),
+        )),
+        None => None,
+    };
+    let limits = Limits::from_config(&config);
+    metrics.add_source(limit_samples(limits.refusals.clone()));
     let inspection = Arc::new(Inspection::new(
         tls,
         decision_path,
-        Limits::from_config(&config),
+        limits,
         crate::intercept::dispatch::Unclassified::from_config(&config),
         Arc::new(crate::intercept::names::NameResolver::new()),
     ));
@@ -228,7 +303,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let netns_task = netns.spawn(netns_wake, stop_rx.clone());
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
-    if config.selection.is_empty() && engine.registry().agents().is_empty() {
+    if config.selection.is_empty()
+        && config.kubernetes.is_none()
+        && engine.registry().agents().is_empty()
+    {
         tracing::warn!("nothing is selected: add --cgroup, --uid, --exe or --pid (or [select] in the config) to intercept agents");
     }
     tracing::info!(
@@ -238,6 +316,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         ports = ?config.ports,
         cgroups = ?config.selection.cgroups,
         containers = ?config.selection.containers,
+        cgroup_globs = ?config.selection.cgroup_globs,
         uids = ?config.selection.uids,
         exes = ?config.selection.exes,
         pids = ?config.selection.pids,
@@ -261,6 +340,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     }
     let _ = stop_tx.send(true);
     reloader.abort();
+    if let Err(e) = glob_task.await {
+        tracing::error!(error = %e, "cgroup glob task failed");
+    }
+    if let Some(task) = pod_task {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "Kubernetes pod task failed");
+        }
+    }
     if let Err(e) = server.await {
         tracing::error!(error = %e, "interceptor task failed");
     }
@@ -337,6 +424,7 @@ fn refusal_recorder(audit: Arc<AuditLog>, events: Arc<EventHub>) -> Recorder {
 fn on_reload(
     config: Config,
     redirector: Arc<Mutex<Option<Redirector>>>,
+    container_cgroups: Arc<Mutex<ContainerCgroups>>,
     metrics: Arc<Metrics>,
 ) -> crate::policy::reload::OnReload {
     Box::new(move |engine, result| {
@@ -350,16 +438,17 @@ fn on_reload(
         if result.is_err() {
             return;
         }
-        let wanted = match redirect_config(&config, &engine.registry(), false) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot resolve a --container selector; the previous selection stays");
-                return;
-            }
+        // never fails: a selector that names no running container is skipped
+        let containers = resolve_containers(&config, false).unwrap_or_default();
+        let Ok(mut cur) = container_cgroups.lock() else {
+            return;
         };
+        cur.containers = containers;
+        let wanted = redirect_config(&config, &engine.registry(), &cur);
         if let Ok(mut guard) = redirector.lock() {
             if let Some(r) = guard.as_mut() {
                 if let Err(e) = r.update_selection(&wanted) {
+                    cur.stale = true;
                     tracing::error!(error = %e, "cannot apply the new registry's selection; the previous selection stays");
                 }
             }
@@ -491,6 +580,120 @@ fn netns_samples(netns: Arc<crate::netns::NetnsServer>) -> Source {
 }
 
 /// Interceptor counters, read at scrape time.
+/// Raise the open-files soft limit to the hard limit (each agent connection
+/// costs two descriptors); the resulting soft limit, logged.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid, writable rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: a valid rlimit struct; failure is only logged.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        } else {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NOFILE");
+        }
+    }
+    tracing::info!(soft = lim.rlim_cur, hard = lim.rlim_max, "open-files limit");
+    lim.rlim_cur
+}
+
+/// Descriptors kept aside for everything but agent connections (listeners,
+/// audit, state, namespaces, BPF).
+const RESERVED_FDS: u64 = 512;
+
+/// The total connection limit that fits the open-files limit `nofile`
+/// (two descriptors a connection), warning when `wanted` does not.
+fn fit_connections(wanted: usize, nofile: u64) -> usize {
+    let fits = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if wanted > fits {
+        tracing::warn!(
+            configured = wanted,
+            used = fits,
+            nofile,
+            "intercept.max_connections does not fit the open-files limit; using what fits"
+        );
+        return fits;
+    }
+    tracing::info!(max_connections = wanted, "connection limit");
+    wanted
+}
+
+/// The HTTP proxy's limit refusals, as `kya_limit_refused_<limit>_total`.
+fn limit_samples(refusals: Arc<crate::intercept::http::load::LimitRefusals>) -> Source {
+    use std::sync::atomic::Ordering::Relaxed;
+    Box::new(move || {
+        let r = &refusals;
+        [
+            (
+                "headers",
+                "Requests refused: more header fields than allowed",
+                &r.headers,
+            ),
+            (
+                "slow_headers",
+                "Agent connections closed: no complete request headers in time (slow or idle)",
+                &r.slow_headers,
+            ),
+            (
+                "no_answer",
+                "Requests whose server sent no answer in time (the agent's connection closed)",
+                &r.no_answer,
+            ),
+            (
+                "body",
+                "Requests refused: body over intercept.max_body",
+                &r.body,
+            ),
+            (
+                "slow_body",
+                "Requests refused: body not received in time",
+                &r.slow_body,
+            ),
+            (
+                "response",
+                "Server answers refused: over intercept.max_response_body or not received in time",
+                &r.response,
+            ),
+            (
+                "sse_event",
+                "Server event streams ended at an event over intercept.max_response_body",
+                &r.sse_event,
+            ),
+            (
+                "held_per_conn",
+                "Holds denied: too many calls held on one connection",
+                &r.held_per_conn,
+            ),
+            (
+                "held_per_process",
+                "Holds denied: intercept.max_held_per_process calls held for the process",
+                &r.held_per_process,
+            ),
+        ]
+        .into_iter()
+        .map(|(name, help, value)| Sample {
+            name: format!("limit_refused_{name}"),
+            help: help.to_string(),
+            kind: SampleKind::Counter,
+            value: value.load(Relaxed),
+        })
+        .collect()
+    })
+}
+
 fn intercept_samples(stats: Arc<InterceptStats>) -> Source {
     use std::sync::atomic::Ordering::Relaxed;
     Box::new(move || {
@@ -516,6 +719,27 @@ fn intercept_samples(stats: Arc<InterceptStats>) -> Source {
                 "Connections whose original destination was unreachable",
                 stats.upstream_failed.load(Relaxed),
             ),
+            c(
+                "refused_total_limit",
+                "Connections refused: intercept.max_connections were open",
+                stats.refused_total_limit.load(Relaxed),
+            ),
+            c(
+                "refused_process_limit",
+                "Connections refused: their process had intercept.max_connections_per_process open",
+                stats.refused_process_limit.load(Relaxed),
+            ),
+            c(
+                "refused_unrecorded",
+                "Connection-limit refusals reset without an audit record (too many being recorded)",
+                stats.refused_unrecorded.load(Relaxed),
+            ),
+            Sample {
+                name: "intercept_open_connections".into(),
+                help: "Connections the interceptor handles now".into(),
+                kind: SampleKind::Gauge,
+                value: stats.open.load(Relaxed),
+            },
         ]
     })
 }
@@ -528,6 +752,7 @@ async fn open_approvals(
     audit: &AuditLog,
     audit_path: &Path,
     host: &str,
+    max_pending: usize,
 ) -> anyhow::Result<Arc<Approvals>> {
     let persist = Persist::new(state_dir);
     match persist.interrupted() {
@@ -560,60 +785,23 @@ async fn open_approvals(
     if let Err(e) = persist.take_interrupted() {
         tracing::error!(error = %e, "cannot clear the pending-approvals record");
     }
-    Ok(Approvals::new(
-        crate::approvals::pending::DEFAULT_MAX_PENDING,
-        Some(persist),
-    ))
-}
-
-/// Create the state directory: mode 0711, so local users can reach the
-/// control socket by name (to answer their own approvals) but not list or
-/// read what else is there (keys are 0600 besides).
-fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating state dir {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-        .with_context(|| format!("setting mode of {}", dir.display()))?;
-    Ok(())
+    Ok(Approvals::new(max_pending, Some(persist)))
 }
 
 /// What the kernel must redirect: the configured selection plus every
 /// registered agent's selectors (any match; a process matching a selector but
 /// no agent is intercepted as the agent `unregistered`). systemd units are
-/// selected through their cgroup.
-/// The redirect's selection. `strict`: a `--container` that cannot be
-/// resolved is an error (at start); otherwise (a reload, when the container
-/// may have stopped since) it is skipped with a warning, and the rest applies.
+/// selected through their cgroup; containers through the cgroups their
+/// selectors stand for now.
 fn redirect_config(
     config: &Config,
     registry: &Registry,
-    strict: bool,
-) -> Result<RedirectConfig, crate::container::ContainerError> {
+    container_cgroups: &ContainerCgroups,
+) -> RedirectConfig {
     let sel = registry.selectors();
     let mut cgroups = config.selection.cgroups.clone();
     cgroups.extend(sel.cgroups);
-    if !config.selection.containers.is_empty() {
-        match crate::bpf::cgroup2_mount() {
-            Ok(mount) => {
-                for id in &config.selection.containers {
-                    match crate::container::cgroup_of_container(&mount, id) {
-                        Ok(cg) => {
-                            tracing::info!(container = %id, cgroup = %cg, "container selected by its cgroup");
-                            cgroups.push(cg);
-                        }
-                        Err(e) if strict => return Err(e),
-                        Err(e) => {
-                            tracing::warn!(container = %id, error = %e, "container selector skipped")
-                        }
-                    }
-                }
-            }
-            // the redirect's own start reports the missing cgroup2 mount
-            Err(e) => {
-                tracing::error!(error = %e, "no cgroup2 mount: --container cannot be resolved")
-            }
-        }
-    }
+    cgroups.extend(container_cgroups.all().cloned());
     cgroups.extend(sel.units.iter().map(|u| format!("/system.slice/{u}")));
     let mut uids = config.selection.uids.clone();
     uids.extend(sel.uids);
@@ -625,7 +813,7 @@ fn redirect_config(
     uids.dedup();
     exes.sort();
     exes.dedup();
-    Ok(RedirectConfig {
+    RedirectConfig {
         cgroups,
         uids,
         exes,
@@ -635,7 +823,7 @@ fn redirect_config(
         listen_port: config.listen_port,
         pin_dir: config.pin_dir.clone(),
         fail_open: config.fail_open,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -644,6 +832,16 @@ mod tests {
     use crate::policy::budget::BudgetState;
     use crate::policy::diag::Source as PolicySource;
     use crate::policy::{AgentInfo, CallContext, Policy};
+
+    #[test]
+    fn the_connection_limit_fits_the_open_files_limit() {
+        // Two descriptors a connection, 512 kept aside.
+        assert_eq!(fit_connections(10_000, 1_048_576), 10_000);
+        assert_eq!(fit_connections(10_000, 20_512), 10_000);
+        assert_eq!(fit_connections(10_000, 20_511), 9_999);
+        assert_eq!(fit_connections(16_384, 1024), 256);
+        assert_eq!(fit_connections(16_384, 100), 1);
+    }
 
     #[test]
     fn the_budget_gauge_counts_calls_in_flight() {

@@ -217,6 +217,10 @@ pub async fn serve(
         .await
         .map_err(|source| ServeError { addr, source })?;
     tracing::info!(%addr, "serving metrics at /metrics");
+    if !addr.ip().is_loopback() {
+        // Only what --metrics names is bound; off unless asked for.
+        tracing::warn!(%addr, "the metrics endpoint is reachable beyond this host (no authentication): bind a loopback address unless a scraper elsewhere needs it");
+    }
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.changed() => return Ok(()),

@@ -105,6 +105,7 @@ impl StatusHandler {
             "selection": {
                 "cgroups": c.selection.cgroups,
                 "containers": c.selection.containers,
+                "cgroup_globs": c.selection.cgroup_globs,
                 "uids": c.selection.uids,
                 "exes": c.selection.exes,
                 "pids": c.selection.pids,
@@ -119,6 +120,10 @@ impl StatusHandler {
                 "unknown_refused": self.intercept.unknown.load(Ordering::Relaxed),
                 "upstream_failed": self.intercept.upstream_failed.load(Ordering::Relaxed),
                 "spliced": self.intercept.spliced.load(Ordering::Relaxed),
+                "open": self.intercept.open.load(Ordering::Relaxed),
+                "refused_total_limit": self.intercept.refused_total_limit.load(Ordering::Relaxed),
+                "refused_process_limit": self.intercept.refused_process_limit.load(Ordering::Relaxed),
+                "refused_unrecorded": self.intercept.refused_unrecorded.load(Ordering::Relaxed),
             },
         });
         for (name, f) in &self.sections {

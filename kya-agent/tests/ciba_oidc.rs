@@ -259,6 +259,9 @@ fn client_key(dir: &std::path::Path, seed: u8) -> (PathBuf, Value) {
     let pem = key.to_pkcs8_pem(LineEnding::LF).expect("PEM");
     let path = dir.join(format!("client-{seed}.pem"));
     std::fs::write(&path, pem.as_bytes()).expect("write key");
+    // kya refuses a client key others may read.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod key");
     let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
     let kid = kya_agent::approvals::ciba::client::jwk_thumbprint(&key.verifying_key());
     (
@@ -333,10 +336,17 @@ async fn a_bad_client_key_file_stops_the_channel_with_its_path() {
         "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
     )
     .expect("write");
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    // A good key others may read: refused before it is used.
+    let (open, _) = client_key(dir.path(), 3);
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
     let missing = dir.path().join("missing.pem");
     let ca = Arc::new(LocalCa::load_or_init(dir.path()).expect("CA"));
     for (path, why) in [
         (bad, "not an Ed25519 PKCS#8 PEM"),
+        (open, "chmod 600"),
         (missing, "No such file"),
     ] {
         let mut cfg = config("http://127.0.0.1:9", CibaMode::Poll, None);

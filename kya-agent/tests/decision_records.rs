@@ -427,46 +427,19 @@ async fn allowed_calls_flow_while_the_credential_store_is_locked() {
 /// a kill right after the reset would leave it.
 #[tokio::test]
 async fn a_refused_connection_is_on_record_before_the_reset() {
-    use kya_agent::intercept::dispatch::{self, Inspection, Unclassified};
-    use kya_agent::intercept::origin::ConnOrigin;
-    use kya_agent::tls::{leaf_cache, passthrough::Passthrough, upstream, TlsContext};
+    use kya_agent::intercept::dispatch;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let k = kya(true, 8);
     let state = tempfile::tempdir().expect("tempdir");
-    let mut roots = rustls::RootCertStore::empty();
-    let test_root = rcgen::generate_simple_self_signed(vec!["root.test".into()]).expect("root");
-    roots.add(test_root.cert.der().clone()).expect("root");
-    let tls = TlsContext::new(
-        state.path(),
-        upstream::UpstreamConnector::new(roots).expect("connector"),
-        Passthrough::new::<&str>(&[]).expect("passthrough"),
-        leaf_cache::DEFAULT_CAPACITY,
-    )
-    .expect("tls");
-    let insp = Arc::new(Inspection::new(
-        tls,
-        k.gov.clone(),
-        Limits::default(),
-        Unclassified::default(),
-        Arc::new(kya_agent::intercept::names::NameResolver::new()),
-    ));
+    let insp = inspection(state.path(), None, k.gov.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (agent, _) = listener.accept().await.expect("accept");
-    let origin = ConnOrigin {
-        dst: "127.0.0.1:9".parse().expect("address"),
-        process: kya_common::ProcessIdentity {
-            pid: std::process::id(),
-            ..Default::default()
-        },
-        tid: std::process::id(),
-        cgroup_id: 0,
-        netns: None,
-    };
+    let origin = this_process_to("127.0.0.1:9".parse().expect("address"));
     tokio::spawn(async move { dispatch::handle(agent, origin, &insp).await });
     client
         .write_all(b"\x00\x01 not a protocol kya speaks\r\n")

@@ -218,7 +218,7 @@ async fn an_event_over_the_limit_is_an_immediate_error_for_the_call() {
         ..Limits::default()
     };
     let gov = default_gov();
-    let proxy = proxy(up, gov.clone(), limits, HttpVersion::H1, None).await;
+    let proxy = proxy(up, gov.clone(), limits.clone(), HttpVersion::H1, None).await;
     let mut client = Client::h1(proxy).await;
     let req = post_req("/mcp", &call(9, "search", json!({})), true, &[]);
     let mut resp = client.send(req).await;
@@ -234,6 +234,14 @@ async fn an_event_over_the_limit_is_an_immediate_error_for_the_call() {
             .iter()
             .any(|r| r.contains("event stream refused")),
         "audited"
+    );
+    assert_eq!(
+        limits
+            .refusals
+            .sse_event
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "counted"
     );
     let _ = done_tx.send(());
 }
@@ -261,7 +269,7 @@ async fn a_json_answer_over_the_limit_is_an_error_for_each_request() {
         ..Limits::default()
     };
     let gov = default_gov();
-    let proxy = proxy(up, gov.clone(), limits, HttpVersion::H1, None).await;
+    let proxy = proxy(up, gov.clone(), limits.clone(), HttpVersion::H1, None).await;
     let mut client = Client::h1(proxy).await;
     let (status, _, body) = client.post("/mcp", call_bytes(3, "search"), &[]).await;
     assert_eq!(status, 200);
@@ -274,6 +282,14 @@ async fn a_json_answer_over_the_limit_is_an_error_for_each_request() {
         "{v}"
     );
     assert!(!gov.refusals.lock().unwrap().is_empty(), "audited");
+    assert_eq!(
+        limits
+            .refusals
+            .response
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "counted"
+    );
     // A batch: an error for each of its requests, as an array.
     let batch = serde_json::to_vec(&json!([
         call(5, "search", json!({})),

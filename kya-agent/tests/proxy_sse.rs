@@ -569,3 +569,183 @@ async fn tools_list_answer_on_the_get_stream() {
         .await;
     assert_eq!(tool_names(&sse_messages(&body)[0]), ALL);
 }
+
+/// An agent-side stream that records what each write call carried.
+struct Recorder {
+    inner: tokio::net::TcpStream,
+    writes: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl tokio::io::AsyncRead for Recorder {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Recorder {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.writes.lock().unwrap().push(buf[..*n].to_vec());
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.writes.lock().unwrap().push(all[..*n].to_vec());
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// When the server sends its answer's head, its last event and the end of
+/// its event stream together, the agent gets them together too (in one
+/// write): a client that
+/// has read the answer it waited for may otherwise drop the connection whose
+/// end is still to come, and a connection it would have reused is gone. The
+/// server here gives its stream a length, so its end is known with its last
+/// byte; a chunked stream's end is its own frame, joined when it is already
+/// there (best effort: hyper hands it over a moment later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_event_and_the_end_of_a_stream_reach_the_agent_together() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The server: head and one event, the whole body, in one write; the
+    // agent must get head, event and end in one write as well.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let event = "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"content\":[{\"type\":\"text\",\"text\":\"done\"}]}}\n\n";
+                    let all = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{event}",
+                        event.len()
+                    );
+                    if s.write_all(all.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let agent_side = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = agent_side.local_addr().unwrap();
+    let w = writes.clone();
+    let gov = default_gov();
+    tokio::spawn(async move {
+        while let Ok((agent, _)) = agent_side.accept().await {
+            let agent = Recorder {
+                inner: agent,
+                writes: w.clone(),
+            };
+            let upstream = tokio::net::TcpStream::connect(up).await.unwrap();
+            let conn = std::sync::Arc::new(kya_agent::intercept::http::ConnFacts {
+                process: Default::default(),
+                dst: up,
+                sni: None,
+                tls: false,
+                conn_id: 1,
+                tunnel: None,
+            });
+            let gov: std::sync::Arc<dyn kya_agent::intercept::http::Governor> =
+                std::sync::Arc::new(GovHandle(gov.clone()));
+            tokio::spawn(async move {
+                let _ = kya_agent::intercept::http::serve_http(
+                    agent,
+                    upstream,
+                    HttpVersion::H1,
+                    conn,
+                    gov,
+                    &Limits::default(),
+                    std::sync::Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                        Default::default(),
+                    )),
+                    None,
+                )
+                .await;
+            });
+        }
+    });
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = call(1, "search_docs", json!({})).to_string();
+    for round in 0..20 {
+        writes.lock().unwrap().clear();
+        let req = format!(
+            "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+                .await
+                .expect("the answer came")
+                .unwrap();
+            assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&got).contains("\"text\":\"done\""));
+        // The recorder notes a write once it has returned, which may be after
+        // the client has read its bytes.
+        for _ in 0..500 {
+            if writes.lock().unwrap().concat().ends_with(b"0\r\n\r\n") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let writes = writes.lock().unwrap().clone();
+        let last = writes.last().expect("writes");
+        let text = String::from_utf8_lossy(last);
+        assert!(
+            text.starts_with("HTTP/1.1 200")
+                && text.contains("\"id\":1")
+                && text.ends_with("0\r\n\r\n"),
+            "round {round}: the last event and the end came apart: {:?}",
+            writes
+                .iter()
+                .map(|w| String::from_utf8_lossy(w).into_owned())
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -8,6 +8,7 @@
 mod proxy_support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -90,18 +91,23 @@ impl Pki {
     }
 
     fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        TlsConnector::from(Arc::new(cfg))
+        connector_trusting(&self.ca, alpn)
     }
+}
+
+/// A TLS client trusting only `ca`, offering `alpn`.
+fn connector_trusting(ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    TlsConnector::from(Arc::new(cfg))
 }
 
 /// What the test proxy saw of the ALPNs, per connection.
@@ -585,4 +591,160 @@ async fn with_kya_tls_pieces_both_alpns() {
         vec![http::Version::HTTP_2, http::Version::HTTP_11]
     );
     assert_eq!(up.tools_called(), vec!["search_docs", "search_docs"]);
+}
+
+/// A TCP relay to one of `targets`, chosen per connection by the returned
+/// index (an upstream "restarted" with another configuration at the same
+/// address).
+async fn switchable_relay(targets: Vec<SocketAddr>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let which = Arc::new(AtomicUsize::new(0));
+    let w = which.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            let target = targets[w.load(Ordering::SeqCst)];
+            tokio::spawn(async move {
+                if let Ok(mut out) = TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (addr, which)
+}
+
+/// kya's own connection handling ([`dispatch::handle`]) on an ephemeral
+/// port, every connection's original destination being `dst`; returns the
+/// address and the CA the agent must trust.
+async fn kya_dispatch(
+    pki: &Pki,
+    dst: SocketAddr,
+    gov: Arc<FakeGov>,
+) -> (SocketAddr, CertificateDer<'static>, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
+    let insp = inspection(state.path(), Some(pki.ca.clone()), Arc::new(GovHandle(gov)));
+    let ca = insp.tls.ca.cert_der().clone();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((agent, _)) = l.accept().await {
+            let insp = insp.clone();
+            tokio::spawn(async move {
+                kya_agent::intercept::dispatch::handle(agent, this_process_to(dst), &insp).await
+            });
+        }
+    });
+    (addr, ca, state)
+}
+
+/// One `tools/call` on a new TLS connection to kya offering h2 and HTTP/1.1:
+/// the ALPN agreed with the agent and the answer, or where it failed.
+async fn call_through(
+    kya: SocketAddr,
+    ca: &CertificateDer<'static>,
+    id: u64,
+) -> Result<(Option<Vec<u8>>, Value), String> {
+    let tcp = TcpStream::connect(kya).await.unwrap();
+    let tls = connector_trusting(ca, &[b"h2", b"http/1.1"])
+        .connect(ServerName::try_from("mcp.test").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let body = call(id, "search_docs", json!({}));
+    let resp = if alpn.as_deref() == Some(b"h2") {
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("h2: {e}"))?;
+        tokio::spawn(conn);
+        tx.send_request(req("https://mcp.test/mcp", None, &body))
+            .await
+            .map_err(|e| format!("request: {e}"))?
+    } else {
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("h1: {e}"))?;
+        tokio::spawn(conn);
+        tx.send_request(req("/mcp", Some("mcp.test"), &body))
+            .await
+            .map_err(|e| format!("request: {e}"))?
+    };
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok((alpn, json_of(&bytes)))
+}
+
+/// A new connection to an upstream kya has met before runs both handshakes
+/// at once, assuming what the upstream agreed last time. When the upstream
+/// has changed (another ALPN, a certificate kya cannot verify), that
+/// connection is refused on the record with nothing forwarded, and the next
+/// one is made in turn again: the agent speaks what the upstream now agrees,
+/// or is refused with a TLS alert.
+#[tokio::test]
+async fn a_changed_upstream_is_noticed_by_the_handshakes_at_once() {
+    let pki = Arc::new(Pki::new());
+    let h2 = upstream_with(Some(pki.acceptor("mcp.test", &[b"h2", b"http/1.1"]))).await;
+    let h1 = upstream_with(Some(pki.acceptor("mcp.test", &[b"http/1.1"]))).await;
+    let stranger = Pki::new();
+    let untrusted = upstream_with(Some(stranger.acceptor("mcp.test", &[b"h2"]))).await;
+    let (relay, which) = switchable_relay(vec![h2.addr, h1.addr, untrusted.addr]).await;
+    let gov = default_gov();
+    let (kya, ca, _state) = kya_dispatch(&pki, relay, gov.clone()).await;
+    let ran = |v: &Value| {
+        v["result"]["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("ran search_docs"))
+    };
+
+    // First meeting, then a known upstream: both work, over h2.
+    for id in [1, 2] {
+        let (alpn, v) = call_through(kya, &ca, id).await.unwrap();
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert!(ran(&v), "{v}");
+    }
+    assert_eq!(h2.tools_called().len(), 2);
+    assert!(gov.refusals.lock().unwrap().is_empty());
+
+    // The upstream now agrees HTTP/1.1 only: one connection is refused on the
+    // record before anything is forwarded; the next speaks HTTP/1.1.
+    which.store(1, Ordering::SeqCst);
+    let refused = call_through(kya, &ca, 3).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(h1.tools_called().is_empty());
+    let reasons = gov.refusals.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("agreed ALPN http/1.1 where it agreed h2 before"),
+        "{reasons:?}"
+    );
+    let (alpn, v) = call_through(kya, &ca, 4).await.unwrap();
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(ran(&v), "{v}");
+    assert_eq!(h1.tools_called().len(), 1);
+
+    // The upstream's certificate no longer verifies: refused on the record
+    // (the agent's handshake had already run beside it: a reset), then in
+    // turn, before the agent's handshake completes (a TLS alert).
+    which.store(2, Ordering::SeqCst);
+    for id in [5, 6] {
+        let refused = call_through(kya, &ca, id).await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+    let refused = call_through(kya, &ca, 7).await;
+    match refused {
+        Err(e) => assert!(e.starts_with("handshake:"), "{e}"),
+        Ok(r) => panic!("an unverified upstream answered: {r:?}"),
+    }
+    assert!(untrusted.seen().is_empty());
+    let reasons = gov.refusals.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    for r in &reasons[1..] {
+        assert!(r.contains("upstream TLS to mcp.test refused"), "{r}");
+    }
+    assert_eq!(h2.tools_called().len() + h1.tools_called().len(), 3);
 }

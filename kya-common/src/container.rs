@@ -34,6 +34,12 @@ pub struct ContainerIdentity {
     /// The Kubernetes pod uid, when the container runs in a pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// The pod's namespace and name: not in the cgroup path; known when kya
+    /// watches the pods through the Kubernetes API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
 }
 
 impl ContainerIdentity {
@@ -79,7 +85,25 @@ pub fn container_of_cgroup(path: &str) -> Option<ContainerIdentity> {
         id: id.to_string(),
         runtime: runtime.to_string(),
         pod_uid,
+        ..Default::default()
     })
+}
+
+/// The pod uid of a pod's own cgroup (its last path component is the pod's,
+/// under a `kubepods` tree); `None` for anything else, a container inside a
+/// pod included.
+pub fn pod_uid_of_cgroup(path: &str) -> Option<String> {
+    if path.len() > MAX_PATH {
+        return None;
+    }
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let first = comps.first()?;
+    let kubepods =
+        *first == "kubepods" || first.starts_with("kubepods.") || first.starts_with("kubepods-");
+    if !kubepods || comps.len() < 2 {
+        return None;
+    }
+    pod_uid_of(comps.last()?)
 }
 
 /// `docker-<id>.scope` and its kin (the `.scope` suffix is optional: the
@@ -264,6 +288,30 @@ mod tests {
                 s.push(chars[(x as usize) % chars.len()]);
             }
             let _ = container_of_cgroup(&s);
+        }
+    }
+
+    #[test]
+    fn pod_cgroups_name_their_pod() {
+        assert_eq!(
+            pod_uid_of_cgroup(&format!("/kubepods/besteffort/pod{UID}")),
+            Some(UID.to_string())
+        );
+        assert_eq!(
+            pod_uid_of_cgroup(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                UID.replace('-', "_")
+            )),
+            Some(UID.to_string())
+        );
+        for not in [
+            format!("/kubepods/besteffort/pod{UID}/{ID}"),
+            format!("/system.slice/pod{UID}"),
+            format!("/pod{UID}"),
+            "/kubepods/besteffort".to_string(),
+            format!("/kubepods/pod{}", &UID[1..]),
+        ] {
+            assert_eq!(pod_uid_of_cgroup(&not), None, "{not}");
         }
     }
 }

@@ -13,8 +13,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// `SO_MARK` that kya's interceptor puts on its upstream sockets: the kernel
-/// side never redirects a socket carrying it (loop avoidance). "kya" in ASCII.
-pub const KYA_SKIP_MARK: u32 = 0x006b_7961;
+/// side never redirects a socket carrying it (loop avoidance; an exact
+/// match). Its bits stay clear of the masks other software tests marks
+/// with, so no firewall rule of theirs takes kya's connections for its own:
+/// kube-proxy (0x4000 masquerade, 0x8000 drop), Podman's netavark (0x2000
+/// masquerade), Cilium (0x0f00, 0xffff0000), Calico (0xffff0000), Weave and
+/// Tailscale (0xff0000), and the 0x1 of ad-hoc policy routing.
+pub const KYA_SKIP_MARK: u32 = 0x0000_106a;
 /// Length of the kernel's `comm` (including the NUL).
 pub const KYA_COMM_LEN: usize = 16;
 /// Bytes of an executable's path kept by the kernel side (with the NUL).
@@ -620,6 +625,14 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn the_skip_mark_avoids_the_mark_bits_other_firewalls_test() {
+        // kube-proxy, netavark, Cilium, Calico/Weave/Tailscale, policy routing
+        const FOREIGN: u32 = 0x4000 | 0x8000 | 0x2000 | 0x0f00 | 0xffff_0000 | 0x1;
+        assert_ne!(KYA_SKIP_MARK, 0);
+        assert_eq!(KYA_SKIP_MARK & FOREIGN, 0, "{KYA_SKIP_MARK:#x}");
     }
 
     #[test]

@@ -19,8 +19,11 @@
 
 /* SO_MARK that kya's interceptor puts on its upstream sockets; such sockets
  * are never redirected (loop avoidance). Userspace default, overridable per
- * instance through kya_config.skip_mark. "kya" in ASCII. */
-#define KYA_SKIP_MARK 0x006b7961
+ * instance through kya_config.skip_mark. Its bits avoid the masks other
+ * firewall users match marks with (kube-proxy 0x4000/0x8000, netavark 0x2000,
+ * Cilium 0x0f00, Calico 0xffff0000, 0x1), so their rules never rewrite kya's
+ * connections. */
+#define KYA_SKIP_MARK 0x0000106a
 
 #define KYA_COMM_LEN 16
 /* Bytes of an executable's path kept (d_path, NUL-terminated). */

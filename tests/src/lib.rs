@@ -5,6 +5,8 @@
 //! processes) is cleaned up by `Drop`, so a failing assertion leaves nothing
 //! behind. Tests touch only loopback addresses.
 
+pub mod podman;
+
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -134,7 +136,8 @@ impl TestUser {
         }
     }
 
-    /// A command run as this user (real and effective uid/gid, no groups).
+    /// A command run as this user (real and effective uid/gid, and the
+    /// supplementary groups the user is a member of, e.g. a [`TestGroup`]).
     pub fn command(&self, program: impl AsRef<Path>) -> Command {
         let mut c = Command::new("setpriv");
         c.args([
@@ -142,11 +145,60 @@ impl TestUser {
             &self.uid.to_string(),
             "--regid",
             &self.gid.to_string(),
-            "--clear-groups",
+            "--init-groups",
             "--",
         ])
         .arg(program.as_ref());
         c
+    }
+}
+
+/// A local group created for a test (`groupadd`), removed on drop.
+pub struct TestGroup {
+    pub name: String,
+}
+
+impl TestGroup {
+    /// The group, with `members` in it.
+    pub fn new(name: &str, members: &[&TestUser]) -> Self {
+        let _ = Command::new("groupdel").arg(name).output();
+        let out = Command::new("groupadd")
+            .arg(name)
+            .output()
+            .expect("groupadd");
+        assert!(
+            out.status.success(),
+            "groupadd {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let group = Self {
+            name: name.to_string(),
+        };
+        for m in members {
+            group.add(m);
+        }
+        group
+    }
+
+    /// Make `user` a member.
+    pub fn add(&self, user: &TestUser) {
+        let out = Command::new("usermod")
+            .args(["-a", "-G", &self.name, &user.name])
+            .output()
+            .expect("usermod");
+        assert!(
+            out.status.success(),
+            "usermod -aG {} {}: {}",
+            self.name,
+            user.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.name).output();
     }
 }
 
@@ -468,6 +520,7 @@ impl Drop for UdpEcho {
 }
 
 /// Options for one daemon under test.
+#[derive(Clone)]
 pub struct DaemonOptions {
     pub listen_port: u16,
     pub args: Vec<String>,
@@ -489,6 +542,17 @@ pub struct DaemonOptions {
     /// Files (name, bytes) written into the new state directory before the
     /// daemon starts (a restart on what an earlier daemon left there).
     pub state_files: Vec<(String, Vec<u8>)>,
+    /// Run the daemon through this command (program and arguments; the
+    /// daemon's command line follows), e.g. a sandbox. The command finds the
+    /// daemon's state and (host) pin directories in `KYA_E2E_STATE_DIR` and
+    /// `KYA_E2E_PIN_DIR`.
+    pub wrapper: Vec<String>,
+    /// The uid and gid the daemon runs as (through `wrapper`): its state and
+    /// pin directories are made its own before it starts.
+    pub owner: Option<(u32, u32)>,
+    /// The daemon's `--pin-dir`, relative to its state directory, where
+    /// `wrapper` binds the real pin directory (default: the pin directory).
+    pub pin_dir_in_state: Option<String>,
 }
 
 impl DaemonOptions {
@@ -503,6 +567,9 @@ impl DaemonOptions {
             hosts: None,
             splice_ports: Vec::new(),
             state_files: Vec::new(),
+            wrapper: Vec::new(),
+            owner: None,
+            pin_dir_in_state: None,
         }
     }
 
@@ -558,6 +625,25 @@ impl Daemon {
         if !opts.reuse_pins {
             let _ = std::fs::remove_dir_all(&pin_dir);
         }
+        let pin_arg = match &opts.pin_dir_in_state {
+            Some(rel) => {
+                let at = state_dir.path().join(rel);
+                std::fs::create_dir_all(&at).expect("the pin directory's mount point");
+                at
+            }
+            None => pin_dir.clone(),
+        };
+        if let Some((uid, gid)) = opts.owner {
+            use std::os::unix::fs::PermissionsExt;
+            // What the systemd unit's ExecStartPre= and StateDirectory= do.
+            std::fs::create_dir_all(&pin_dir).expect("create the pin directory");
+            std::fs::set_permissions(&pin_dir, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod the pin directory");
+            for dir in [pin_dir.as_path(), state_dir.path(), pin_arg.as_path()] {
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                    .expect("give the daemon's user its directory");
+            }
+        }
         let config = match (&opts.config, opts.splice_ports.is_empty()) {
             (Some(path), true) => path.display().to_string(),
             (None, true) => "/dev/null".into(),
@@ -582,13 +668,26 @@ impl Daemon {
             "--listen-port".into(),
             opts.listen_port.to_string(),
             "--pin-dir".into(),
-            pin_dir.display().to_string(),
+            pin_arg.display().to_string(),
             "--state-dir".into(),
             state_dir.path().display().to_string(),
         ];
         args.extend(opts.args);
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut cmd = match (&opts.in_cgroup, &opts.hosts) {
+            _ if !opts.wrapper.is_empty() => {
+                assert!(
+                    opts.in_cgroup.is_none() && opts.hosts.is_none(),
+                    "a wrapper does not combine with in_cgroup or hosts"
+                );
+                let mut c = Command::new(&opts.wrapper[0]);
+                c.args(&opts.wrapper[1..])
+                    .arg(kya_bin())
+                    .args(&arg_refs)
+                    .env("KYA_E2E_STATE_DIR", state_dir.path())
+                    .env("KYA_E2E_PIN_DIR", &pin_dir);
+                c
+            }
             (Some(dir), _) => in_cgroup(dir, kya_bin(), &arg_refs),
             (None, Some(hosts)) => {
                 // unshare and sh exec: the daemon keeps the child's pid.
@@ -880,11 +979,14 @@ pub fn peers_python() -> PathBuf {
 }
 
 /// A registered agent `e2e-agent` in a cgroup of its own, owned by a non-root
-/// user the test creates (`owner`), another non-root user (`other`), the
-/// policy and registry files, and a copy of `kya` other users can execute.
+/// user the test creates (`owner`), another non-root user (`other`), both in
+/// the control socket's approvers group (`approvers`), the policy and
+/// registry files, and a copy of `kya` other users can execute.
 pub struct AgentScene {
     pub dir: tempfile::TempDir,
     pub cg: TestCgroup,
+    // Declared before the users: the group goes first on drop.
+    pub approvers: TestGroup,
     pub owner: TestUser,
     pub other: TestUser,
     pub kya_copy: ProbeCopy,
@@ -906,16 +1008,18 @@ impl AgentScene {
             ),
         )
         .expect("agents");
+        let approvers = TestGroup::new(&format!("kya-e2e-{tag}-apr"), &[&owner, &other]);
         Self {
             dir,
             cg,
+            approvers,
             owner,
             other,
             kya_copy: ProbeCopy::of(&kya_bin(), "kya"),
         }
     }
 
-    /// `--policy` and `--agents` for the daemon.
+    /// `--policy`, `--agents` and the approvers group (`--control-group`) for the daemon.
     pub fn daemon_args(&self) -> Vec<String> {
         let p = |f: &str| self.dir.path().join(f).display().to_string();
         vec![
@@ -923,6 +1027,8 @@ impl AgentScene {
             p("policy.toml"),
             "--agents".into(),
             p("agents.toml"),
+            "--control-group".into(),
+            self.approvers.name.clone(),
         ]
     }
 

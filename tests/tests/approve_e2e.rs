@@ -61,7 +61,8 @@ fn kya_as(scene: &AgentScene, daemon: &Daemon, user: &TestUser, kya_args: &[&str
         user.uid.to_string(),
         "--regid".into(),
         user.gid.to_string(),
-        "--clear-groups".into(),
+        // The user's groups: the scene's approvers group lets it reach the control socket.
+        "--init-groups".into(),
         "--".into(),
         scene.kya_copy.path.display().to_string(),
     ];

@@ -2,7 +2,10 @@
 //! instances (`/sys/fs/bpf/kya-e2e-*`, `/sys/fs/bpf/kya-test-*`), test
 //! cgroups (`kya-e2e-*`, `kya-test-*` under the cgroup2 root), and the
 //! network namespaces (`ip netns` `kya-test-*`, their processes killed) and
-//! veth interfaces (`kyat*`) the namespace tests create.
+//! veth interfaces (`kyat*`) the namespace tests create, and what the
+//! container tests create with Podman: containers, networks and images named
+//! `kya-test-*`, and their cgroup parents (`kya-test-*`) in every cgroup
+//! hierarchy, v1 ones included.
 //!
 //! Unpinning a link detaches its program, so this also removes the redirect a
 //! killed test daemon left in force. A pin directory whose daemon is still
@@ -11,7 +14,8 @@
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
-const PREFIXES: [&str; 2] = ["kya-e2e-", "kya-test-"];
+/// (`kubepods-kya-test-*`: the pod tests' stand-in for the kubelet's tree.)
+const PREFIXES: [&str; 3] = ["kya-e2e-", "kya-test-", "kubepods-kya-test-"];
 /// Named network namespaces of tests (`ip netns add kya-test-...`).
 const NETNS_PREFIX: &str = "kya-test-";
 /// Host ends of the tests' veth pairs.
@@ -38,7 +42,97 @@ pub(crate) fn clean_host() -> Result<()> {
             .args(["link", "del", &veth])
             .output();
     }
+    // containers first: they hold the networks, images and cgroups
+    for (kind, name) in test_podman() {
+        eprintln!("xtask: removing leftover podman {kind} {name}");
+        let args: &[&str] = match kind {
+            "container" => &["rm", "-f", "-t", "0"],
+            "network" => &["network", "rm", "-f"],
+            _ => &["rmi", "-f"],
+        };
+        let _ = std::process::Command::new("podman")
+            .args(args)
+            .arg(&name)
+            .output();
+    }
+    for cgroup in test_v1_cgroups() {
+        eprintln!("xtask: removing leftover cgroup {}", cgroup.display());
+        remove_v1_cgroup(&cgroup);
+    }
     Ok(())
+}
+
+/// Podman objects the container tests create, containers first:
+/// (`container` | `network` | `image`, name).
+pub(crate) fn test_podman() -> Vec<(&'static str, String)> {
+    let list = |args: &[&str]| -> Vec<String> {
+        std::process::Command::new("podman")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| l.starts_with(NETNS_PREFIX) || l.starts_with("localhost/kya-test-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    for c in list(&["ps", "-a", "--format", "{{.Names}}"]) {
+        out.push(("container", c));
+    }
+    for n in list(&["network", "ls", "--format", "{{.Name}}"]) {
+        out.push(("network", n));
+    }
+    for i in list(&["images", "--format", "{{.Repository}}:{{.Tag}}"]) {
+        out.push(("image", i));
+    }
+    out
+}
+
+/// Test cgroups (`kya-test-*`) at the root of the cgroup v1 hierarchies
+/// (the container engine creates the tests' cgroup parents there too).
+pub(crate) fn test_v1_cgroups() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next() == Some("cgroup"))
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .flat_map(|m| {
+            names_with_prefix(&m, NETNS_PREFIX)
+                .into_iter()
+                .map(move |n| m.join(n))
+        })
+        .collect()
+}
+
+/// rmdir a v1 cgroup tree (no `cgroup.kill` in v1: its processes are
+/// killed one by one first).
+fn remove_v1_cgroup(path: &Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_v1_cgroup(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if std::fs::remove_dir(path).is_ok() || !path.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Named network namespaces the tests create (`/run/netns/kya-test-*`).

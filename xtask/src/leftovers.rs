@@ -56,6 +56,12 @@ impl SuiteCgroup {
         for veth in clean::test_veths() {
             found.push(format!("interface {veth}"));
         }
+        for (kind, name) in clean::test_podman() {
+            found.push(format!("podman {kind} {name}"));
+        }
+        for dir in clean::test_v1_cgroups() {
+            found.push(format!("{}", dir.display()));
+        }
         // Clean up whatever was found, so one bad run does not spoil the next.
         move_self(&self.home)?;
         for pid in stray {

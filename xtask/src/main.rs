@@ -78,6 +78,16 @@ enum Task {
         /// kept-alive workloads through kya, into this file.
         #[arg(long)]
         perf: Option<std::path::PathBuf>,
+        /// With --perf: profile the new-connection workload (b) instead of
+        /// the kept-alive ones.
+        #[arg(long, requires = "perf")]
+        perf_new_conn: bool,
+        /// (h): kept-alive connections open at once (default 10000, or 100 with --quick).
+        #[arg(long)]
+        scale_connections: Option<usize>,
+        /// (h): calls held at once (default 10000, or 50 with --quick).
+        #[arg(long)]
+        scale_held: Option<usize>,
     },
     /// Run the criterion benchmarks.
     Bench {
@@ -104,10 +114,20 @@ fn main() -> Result<()> {
             no_sdk,
             only,
             perf,
+            perf_new_conn,
+            scale_connections,
+            scale_held,
         } => {
             let mut opts = bench_e2e::Options::new(quick, seconds, no_sdk);
             opts.only(&only)?;
             opts.perf = perf;
+            opts.perf_new_conn = perf_new_conn;
+            if let Some(n) = scale_connections {
+                opts.scale_connections = n.max(1);
+            }
+            if let Some(n) = scale_held {
+                opts.scale_held = n.max(1);
+            }
             bench_e2e::run(&root, &opts)
         }
         Task::Bench { cargo_args } => {

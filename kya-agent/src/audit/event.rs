@@ -108,6 +108,11 @@ pub struct ProcessInfo {
     /// The Kubernetes pod uid, when the container runs in a pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    /// The pod's namespace and name, when kya watches pods through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
     /// The network namespace (inode) the connection came from, when not the
     /// host's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -127,6 +132,8 @@ impl From<&ProcessIdentity> for ProcessInfo {
             container_id: p.container.as_ref().map(|c| c.id.clone()),
             container_runtime: p.container.as_ref().map(|c| c.runtime.clone()),
             pod_uid: p.container.as_ref().and_then(|c| c.pod_uid.clone()),
+            pod_namespace: p.container.as_ref().and_then(|c| c.pod_namespace.clone()),
+            pod_name: p.container.as_ref().and_then(|c| c.pod_name.clone()),
             netns: (p.netns != 0).then_some(p.netns),
             ..Default::default()
         }

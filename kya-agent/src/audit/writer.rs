@@ -293,7 +293,8 @@ fn write_err(path: &Path, e: &io::Error) -> AuditError {
 
 /// `<hostname>/kya-audit`, restricted to characters a signed-note key name allows.
 pub fn default_origin() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    // gethostname(), not /proc/sys: the service sees only PID directories of /proc.
+    let host = crate::host::host_name();
     let host: String = host
         .trim()
         .chars()

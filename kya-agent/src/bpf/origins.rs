@@ -58,7 +58,7 @@ impl Origin {
             .flatten()
             .unwrap_or_default();
         let (exe_dev, exe_ino) = self.exe.map(|k| (k.dev, k.ino)).unwrap_or_default();
-        let container = kya_common::container_of_cgroup(&cgroup);
+        let container = kya_common::container_of_cgroup(&cgroup).map(crate::kube::names::enrich);
         ProcessIdentity {
             pid: self.pid,
             uid: self.uid,

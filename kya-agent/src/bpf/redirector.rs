@@ -918,6 +918,9 @@ impl Redirector {
             match std::fs::remove_dir(&self.pin_dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // A mount point (the systemd unit binds its pin directory into
+                // the service's namespace): its pins are gone, it stays.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
                     first_err.get_or_insert(BpfError::io(
                         format!("removing {}", self.pin_dir.display()),

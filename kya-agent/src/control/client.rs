@@ -18,6 +18,8 @@ pub(crate) enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot reach the kya daemon at {path}: permission denied: only root and members of the control socket's approvers group (`[control] group` in kya.toml) may connect")]
+    NotAllowed { path: PathBuf },
     #[error("control socket I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the daemon sent an invalid answer: {0}")]
@@ -36,9 +38,15 @@ impl Client {
     /// Connect to `STATE_DIR/kya.sock`.
     pub(crate) fn connect(state_dir: &Path) -> Result<Self, ClientError> {
         let path = state_dir.join(SOCKET_NAME);
-        let stream = UnixStream::connect(&path).map_err(|source| ClientError::Connect {
-            path: path.clone(),
-            source,
+        let stream = UnixStream::connect(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                ClientError::NotAllowed { path: path.clone() }
+            } else {
+                ClientError::Connect {
+                    path: path.clone(),
+                    source,
+                }
+            }
         })?;
         let writer = stream.try_clone()?;
         Ok(Self {

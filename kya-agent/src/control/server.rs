@@ -72,7 +72,20 @@ pub(crate) enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("[control] group {group:?} does not exist: create it (groupadd {group}) and add the approvers to it")]
+    UnknownGroup { group: String },
+    #[error("[control] group {group:?}: cannot look it up: {source}")]
+    GroupLookup { group: String, source: nix::Error },
+    #[error("cannot give the control socket {path} to group {group:?}: {source} (kya must be a member of the group, e.g. SupplementaryGroups={group} in its systemd unit, or hold CAP_CHOWN)")]
+    Chown {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
 }
+
+/// Mode of the control socket: its owner (the daemon's user) and its group.
+pub(crate) const SOCKET_MODE: u32 = 0o660;
 
 /// The bound control socket.
 pub(crate) struct ControlServer {
@@ -84,14 +97,35 @@ impl ControlServer {
     /// Bind `STATE_DIR/kya.sock`. A stale socket file (no daemon answers on
     /// it) is replaced; a live one is an error (one daemon per state dir).
     ///
-    /// The socket is mode 0666: any local user may connect, because owners
-    /// answer approvals for their own agents; what each caller may do is
-    /// decided per request on its `SO_PEERCRED` uid.
-    pub(crate) fn bind(state_dir: &Path) -> Result<Self, ServerError> {
+    /// The socket is mode 0660 ([`SOCKET_MODE`]), never world-connectable:
+    /// with an approvers `group`, the socket is that group's, so its members
+    /// (owners who answer approvals for their own agents) may connect;
+    /// without one, it keeps the daemon's own group (root's when kya runs as
+    /// root), so only root may. What each caller may do is then decided per
+    /// request on its `SO_PEERCRED` uid.
+    pub(crate) fn bind(state_dir: &Path, group: Option<&str>) -> Result<Self, ServerError> {
         let path = state_dir.join(SOCKET_NAME);
         let io = |source| ServerError::Io {
             path: path.clone(),
             source,
+        };
+        // Resolved before anything is bound: an unknown group stops the start.
+        let gid = match group {
+            None => None,
+            Some(name) => match nix::unistd::Group::from_name(name) {
+                Ok(Some(g)) => Some((name, g.gid)),
+                Ok(None) => {
+                    return Err(ServerError::UnknownGroup {
+                        group: name.to_string(),
+                    })
+                }
+                Err(source) => {
+                    return Err(ServerError::GroupLookup {
+                        group: name.to_string(),
+                        source,
+                    })
+                }
+            },
         };
         if path.exists() {
             if std::os::unix::net::UnixStream::connect(&path).is_ok() {
@@ -99,8 +133,23 @@ impl ControlServer {
             }
             std::fs::remove_file(&path).map_err(io)?;
         }
+        // The socket file's initial mode is 0777 minus the umask: a process
+        // that is not the daemon's user needs write permission to connect, so
+        // with any umask that masks it (022, 077) nobody else can connect
+        // before the mode below is set.
         let listener = UnixListener::bind(&path).map_err(io)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+        if let Some((name, gid)) = gid {
+            std::os::unix::fs::chown(&path, None, Some(gid.as_raw())).map_err(|source| {
+                let _ = std::fs::remove_file(&path);
+                ServerError::Chown {
+                    path: path.clone(),
+                    group: name.to_string(),
+                    source,
+                }
+            })?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(SOCKET_MODE))
+            .map_err(io)?;
         Ok(Self { listener, path })
     }
 
@@ -325,7 +374,7 @@ mod tests {
         tokio::task::JoinHandle<()>,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let server = ControlServer::bind(dir.path()).unwrap();
+        let server = ControlServer::bind(dir.path(), None).unwrap();
         let (tx, rx) = watch::channel(false);
         let gate = Arc::new(Gate::new(Arc::new(Pids(pids))));
         let router = Router::new(gate).route("echo", Arc::new(Echo));
@@ -448,7 +497,7 @@ mod tests {
     async fn one_daemon_per_state_dir_and_stale_sockets_are_replaced() {
         let (dir, stop, task) = start().await;
         assert!(matches!(
-            ControlServer::bind(dir.path()),
+            ControlServer::bind(dir.path(), None),
             Err(ServerError::InUse { .. })
         ));
         stop.send(true).unwrap();
@@ -457,12 +506,54 @@ mod tests {
         let stale = std::os::unix::net::UnixListener::bind(dir.path().join(SOCKET_NAME)).unwrap();
         drop(stale);
         assert!(dir.path().join(SOCKET_NAME).exists());
-        ControlServer::bind(dir.path()).unwrap();
+        ControlServer::bind(dir.path(), None).unwrap();
         let err = client::call(
             &dir.path().join("elsewhere"),
             &Request::new("echo", json!({})),
         )
         .unwrap_err();
         assert!(err.to_string().contains("is `kya run` running"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_0660_never_world_connectable_and_an_unknown_group_stops_the_start() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let server = ControlServer::bind(dir.path(), None).unwrap();
+        let md = std::fs::metadata(server.path()).unwrap();
+        assert_eq!(md.mode() & 0o777, 0o660);
+        assert_eq!(md.gid(), nix::unistd::getegid().as_raw());
+        drop(server);
+
+        let other = tempfile::tempdir().unwrap();
+        let Err(e) = ControlServer::bind(other.path(), Some("kya-no-such-group-x")) else {
+            panic!("an unknown group was accepted");
+        };
+        assert!(matches!(e, ServerError::UnknownGroup { .. }), "{e}");
+        assert!(e.to_string().contains("groupadd"), "{e}");
+        assert!(
+            !other.path().join(SOCKET_NAME).exists(),
+            "nothing is bound for an unknown group"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_an_approvers_group_the_socket_is_that_groups() {
+        use std::os::unix::fs::MetadataExt;
+        // A group this process may hand a file to: root may use any; others
+        // their own primary group.
+        let gid = nix::unistd::getegid();
+        let Ok(Some(group)) = nix::unistd::Group::from_gid(if nix::unistd::geteuid().is_root() {
+            nix::unistd::Gid::from_raw(65534)
+        } else {
+            gid
+        }) else {
+            return; // no such group on this machine
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let server = ControlServer::bind(dir.path(), Some(&group.name)).unwrap();
+        let md = std::fs::metadata(server.path()).unwrap();
+        assert_eq!(md.mode() & 0o777, 0o660);
+        assert_eq!(md.gid(), group.gid.as_raw());
     }
 }

@@ -67,6 +67,16 @@ struct Core {
     sinks: Sinks,
     offload: Offload,
     host: String,
+    args: ArgsRecord,
+}
+
+/// What a decision's record keeps of the call's arguments (`[audit] args`,
+/// `[audit] redact`): always their digest; the arguments themselves only
+/// when `include`, with every `redact` path replaced by `[redacted]`.
+#[derive(Debug, Clone, Default)]
+pub struct ArgsRecord {
+    pub include: bool,
+    pub redact: Vec<String>,
 }
 
 impl DecisionPath {
@@ -98,8 +108,19 @@ impl DecisionPath {
                 },
                 offload: Offload::new(offload::MAX_BLOCKING),
                 host,
+                args: ArgsRecord::default(),
             }),
         }
+    }
+
+    /// Record the arguments of each call as `args` says (before the path is
+    /// shared; later calls are ignored, with an error logged).
+    pub fn with_args_record(mut self, args: ArgsRecord) -> Self {
+        match Arc::get_mut(&mut self.core) {
+            Some(core) => core.args = args,
+            None => tracing::error!("the argument record is set only before decisions start"),
+        }
+        self
     }
 
     /// kya is stopping: every held call is denied now (its final record is
@@ -277,6 +298,7 @@ impl Core {
             &decision,
             &decision_id,
             started,
+            &self.args,
         );
         // From here the decision ends in exactly one final record, whatever
         // happens to this future.

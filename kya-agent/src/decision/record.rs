@@ -27,6 +27,7 @@ pub(super) struct EventFacts {
 }
 
 impl EventFacts {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         host: &str,
         process: ProcessInfo,
@@ -35,6 +36,7 @@ impl EventFacts {
         decision: &Decision,
         decision_id: &str,
         started: Instant,
+        args: &super::ArgsRecord,
     ) -> Self {
         let mut mcp = McpInfo {
             session_id: call.session.clone(),
@@ -43,7 +45,7 @@ impl EventFacts {
             jsonrpc_id: call.jsonrpc_id.clone(),
             ..McpInfo::default()
         };
-        mcp.set_args(&call.args, false, &[]);
+        mcp.set_args(&call.args, args.include, &args.redact);
         Self {
             decision_id: decision_id.to_string(),
             host: host.to_string(),

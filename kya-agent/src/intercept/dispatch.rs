@@ -16,7 +16,9 @@
 //!   protocol.
 //!
 //! An upstream certificate that fails verification is never bypassed: the
-//! agent gets a fatal TLS alert and the refusal is audited.
+//! refusal is audited and the agent gets a fatal TLS alert, or, when both
+//! handshakes ran at once for an upstream met before, a reset before any of
+//! its bytes is read ([`crate::tls::agreed_alpn`]).
 //!
 //! A followed `CONNECT` tunnel ([`super::tunnel`]) takes the same path, with
 //! the tunnel as the server side and its target (the CONNECT authority) as
@@ -29,6 +31,7 @@ use super::names::NameResolver;
 use super::origin::ConnOrigin;
 use super::tunnel::Follower;
 use super::{splice, upstream};
+use crate::tls::agreed_alpn::AlpnKey;
 use crate::tls::client_hello::{self, ClientHelloError, FirstBytes, HelloLimits, PeekError};
 use crate::tls::terminate::{refuse, UPSTREAM_CERT_ALERT};
 use crate::tls::upstream::{alpn_to_offer, UpstreamError};
@@ -205,6 +208,24 @@ pub async fn handle(agent: TcpStream, origin: ConnOrigin, insp: &Arc<Inspection>
     crate::decision::prewarm_connection(conn.conn_id, &origin.process);
     let first = client_hello::peek_classify(&agent, conn.first_bytes_wait()).await;
     route(agent, first, Server::Direct, &conn).await;
+}
+
+/// Refuse a redirected connection before looking at its bytes (a connection
+/// limit is reached): audited with its process (the record written first),
+/// then reset.
+pub(crate) async fn refuse_unserved(
+    agent: TcpStream,
+    origin: &ConnOrigin,
+    insp: &Arc<Inspection>,
+    reason: &str,
+) {
+    let conn = Conn {
+        insp,
+        conn_id: insp.next_conn_id(),
+        origin,
+        tunnel: None,
+    };
+    refuse_connection(agent, &conn, &conn.facts(None, false), reason).await;
 }
 
 /// Take the path the first bytes say (see the module documentation). `agent`
@@ -421,35 +442,25 @@ async fn tls_path<A: AgentStream>(
         }
     };
     let direct = matches!(server, Server::Direct);
-    let Some(up) = server.open(conn.origin).await else {
-        agent.reset();
-        return;
-    };
     let hello_alpn = hello.info.alpn.clone();
-    let up = match insp.tls.upstream.connect(up, &name, &hello.info.alpn).await {
-        Ok(up) => up,
-        Err(e) => {
-            let reason = format!("upstream TLS to {name} refused: {e}");
-            tracing::warn!(pid, %dst, error = %e, "upstream TLS failed; refusing the agent");
-            let facts = conn.facts(sni, true);
-            return refuse_tls(agent, conn, &facts, &reason, UPSTREAM_CERT_ALERT).await;
+    let key = AlpnKey {
+        netns: conn.origin.netns.as_ref().map_or(0, |n| n.cookie()),
+        dst,
+        name: name.clone(),
+        offer: alpn_to_offer(&hello_alpn).unwrap_or_default(),
+    };
+    let handshakes = match insp.tls.agreed_alpn.recall(&key) {
+        Some(expected) => {
+            both_handshakes(agent, hello, server, conn, &key, sni.clone(), expected).await
         }
+        None => handshakes_in_turn(agent, hello, server, conn, &key, sni.clone()).await,
+    };
+    let Some((up, agent_tls)) = handshakes else {
+        return;
     };
     let version = match up.alpn.as_deref() {
         Some(b"h2") => HttpVersion::H2,
         _ => HttpVersion::H1,
-    };
-    let agent_tls = match insp
-        .tls
-        .terminator
-        .terminate(agent, hello, &name, up.alpn.as_deref())
-        .await
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::info!(pid, %dst, error = %e, "agent TLS handshake failed");
-            return;
-        }
     };
     let facts = conn.facts(sni, true);
     let conn_id = facts.conn_id;
@@ -474,6 +485,144 @@ async fn tls_path<A: AgentStream>(
         tracing::debug!(conn_id, pid, %dst, error = %e, "TLS connection ended with an error");
     }
     tunnels.join().await;
+}
+
+/// The two legs of an inspected TLS connection, verified and agreeing on ALPN.
+type Handshaken<A> = (
+    crate::tls::upstream::Upstream<Box<dyn ServerStream>>,
+    tokio_rustls::server::TlsStream<A>,
+);
+
+/// The upstream's handshake first, then the agent's speaking what the
+/// upstream agreed (an upstream kya has not connected to before). A failed
+/// upstream is refused to the agent with a TLS alert, on the record. `None`:
+/// the connection has ended.
+async fn handshakes_in_turn<A: AgentStream>(
+    agent: A,
+    hello: client_hello::PeekedHello,
+    server: Server,
+    conn: &Conn<'_>,
+    key: &AlpnKey,
+    sni: Option<String>,
+) -> Option<Handshaken<A>> {
+    let (insp, pid, dst) = (conn.insp, conn.origin.process.pid, conn.origin.dst);
+    let Some(io) = server.open(conn.origin).await else {
+        agent.reset();
+        return None;
+    };
+    let up = match insp
+        .tls
+        .upstream
+        .connect(io, &key.name, &hello.info.alpn)
+        .await
+    {
+        Ok(up) => up,
+        Err(e) => {
+            let reason = upstream_refused(&key.name, &e);
+            tracing::warn!(pid, %dst, error = %e, "upstream TLS failed; refusing the agent");
+            let facts = conn.facts(sni, true);
+            refuse_tls(agent, conn, &facts, &reason, UPSTREAM_CERT_ALERT).await;
+            return None;
+        }
+    };
+    insp.tls.agreed_alpn.learn(key.clone(), up.alpn.clone());
+    match insp
+        .tls
+        .terminator
+        .terminate(agent, hello, &key.name, up.alpn.as_deref())
+        .await
+    {
+        Ok(agent_tls) => Some((up, agent_tls)),
+        Err(e) => {
+            tracing::info!(pid, %dst, error = %e, "agent TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// Both handshakes at once, the agent's speaking `expected`, what this
+/// upstream agreed last time. The connection goes on only if the upstream's
+/// certificate verified and it agreed `expected` again; otherwise the agent's
+/// connection is reset before kya reads a byte of it, the reason is on the
+/// record, and the memory is corrected for the next connection. `None`: the
+/// connection has ended.
+async fn both_handshakes<A: AgentStream>(
+    agent: A,
+    hello: client_hello::PeekedHello,
+    server: Server,
+    conn: &Conn<'_>,
+    key: &AlpnKey,
+    sni: Option<String>,
+    expected: Option<Vec<u8>>,
+) -> Option<Handshaken<A>> {
+    let (insp, pid, dst) = (conn.insp, conn.origin.process.pid, conn.origin.dst);
+    let offered = hello.info.alpn.clone();
+    let upstream = async {
+        let io = server.open(conn.origin).await?;
+        Some(insp.tls.upstream.connect(io, &key.name, &offered).await)
+    };
+    let agent_side = insp
+        .tls
+        .terminator
+        .terminate(agent, hello, &key.name, expected.as_deref());
+    let (up, agent_tls) = tokio::join!(upstream, agent_side);
+    let agent_tls = match agent_tls {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(pid, %dst, error = %e, "agent TLS handshake failed");
+            if !matches!(up, Some(Ok(_))) {
+                insp.tls.agreed_alpn.forget(key);
+            }
+            // An upstream refused for its certificate is on the record as
+            // when the handshakes run in turn, whatever the agent's did.
+            if let Some(Err(e)) = up {
+                tracing::warn!(pid, %dst, error = %e, "upstream TLS failed; refusing the agent");
+                let reason = upstream_refused(&key.name, &e);
+                conn.insp
+                    .governor
+                    .refused_on_record(&conn.facts(sni, true), &reason)
+                    .await;
+            }
+            return None;
+        }
+    };
+    let reason = match up {
+        Some(Ok(up)) if up.alpn == expected => return Some((up, agent_tls)),
+        Some(Ok(up)) => {
+            insp.tls.agreed_alpn.learn(key.clone(), up.alpn.clone());
+            format!(
+                "upstream {} agreed ALPN {} where it agreed {} before; the connection is closed so that the agent's next one speaks it",
+                key.name,
+                alpn_label(up.alpn.as_deref()),
+                alpn_label(expected.as_deref()),
+            )
+        }
+        Some(Err(e)) => {
+            insp.tls.agreed_alpn.forget(key);
+            tracing::warn!(pid, %dst, error = %e, "upstream TLS failed; refusing the agent");
+            upstream_refused(&key.name, &e)
+        }
+        None => {
+            insp.tls.agreed_alpn.forget(key);
+            format!("upstream {dst} unreachable")
+        }
+    };
+    let facts = conn.facts(sni, true);
+    conn.insp.governor.refused_on_record(&facts, &reason).await;
+    agent_tls.get_ref().0.reset();
+    None
+}
+
+/// Why an agent is refused when its upstream's TLS failed.
+fn upstream_refused(name: &crate::ca::LeafName, e: &UpstreamError) -> String {
+    format!("upstream TLS to {name} refused: {e}")
+}
+
+fn alpn_label(alpn: Option<&[u8]>) -> String {
+    alpn.map_or_else(
+        || "none".into(),
+        |p| String::from_utf8_lossy(p).into_owned(),
+    )
 }
 
 impl Server {

@@ -5,16 +5,22 @@
 //! Every accepted connection is resolved to its origin, looked up under the
 //! namespace of the listener that accepted it; one that kya did not redirect
 //! (nobody should connect to the listener directly) is refused.
+//!
+//! Connections are bounded in total and per process. One past either limit
+//! is refused at once (audited with its process, then reset), never left
+//! waiting for a place: a flood from one process cannot stall the accept
+//! loop that serves every other.
 
 use super::dispatch::{self, Inspection};
 use super::origin::{ConnOrigin, OriginSource};
 use super::{splice, upstream};
 use crate::netns::Namespace;
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// Interceptor settings.
@@ -22,8 +28,12 @@ use tokio::task::JoinSet;
 pub struct InterceptorConfig {
     /// Port on 127.0.0.1 and ::1.
     pub listen_port: u16,
-    /// Connections handled at once; further accepts wait (bounded everything).
+    /// Connections handled at once, in total; one more is refused (reset,
+    /// and audited with its process), never left waiting.
     pub max_connections: usize,
+    /// Connections one process (thread group) may have open at once; one
+    /// more is refused the same way, so one process cannot take the rest's.
+    pub max_connections_per_process: usize,
     /// At shutdown, how long open connections may take to finish (answers
     /// to held calls denied because kya is stopping are written meanwhile)
     /// before they are closed.
@@ -34,7 +44,8 @@ impl Default for InterceptorConfig {
     fn default() -> Self {
         Self {
             listen_port: crate::config::DEFAULT_LISTEN_PORT,
-            max_connections: 4096,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_process: crate::config::DEFAULT_MAX_CONNECTIONS_PER_PROCESS,
             drain: DEFAULT_DRAIN,
         }
     }
@@ -53,6 +64,10 @@ pub enum ListenError {
     },
 }
 
+/// How many limit refusals may be waiting for their audit record at once;
+/// past that, a refused connection is reset at once and only counted.
+const MAX_REFUSING: usize = 256;
+
 /// Counters of what the interceptor did.
 #[derive(Debug, Default)]
 pub struct InterceptStats {
@@ -60,6 +75,74 @@ pub struct InterceptStats {
     pub unknown: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub spliced: AtomicU64,
+    /// Connections open now (admitted, not yet ended).
+    pub open: AtomicU64,
+    /// Connections refused because `max_connections` were open.
+    pub refused_total_limit: AtomicU64,
+    /// Connections refused because their process had
+    /// `max_connections_per_process` open.
+    pub refused_process_limit: AtomicU64,
+    /// Of the refusals above, those reset without an audit record because
+    /// too many refusals were being recorded already.
+    pub refused_unrecorded: AtomicU64,
+}
+
+/// Open connections per process, bounded.
+#[derive(Debug, Default)]
+struct ProcessSlots(std::sync::Mutex<HashMap<u32, usize>>);
+
+/// One connection counted against its process; dropping it gives it back.
+struct ProcessSlot {
+    slots: Arc<ProcessSlots>,
+    pid: u32,
+}
+
+impl ProcessSlots {
+    /// Count one more connection of `pid`, unless it has `limit` open.
+    fn enter(self: &Arc<Self>, pid: u32, limit: usize) -> Option<ProcessSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = map.entry(pid).or_insert(0);
+        if *open >= limit {
+            return None;
+        }
+        *open += 1;
+        Some(ProcessSlot {
+            slots: self.clone(),
+            pid,
+        })
+    }
+}
+
+impl Drop for ProcessSlot {
+    fn drop(&mut self) {
+        let mut map = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = map.get_mut(&self.pid) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                map.remove(&self.pid);
+            }
+        }
+    }
+}
+
+/// Whether an accepted connection was admitted under the total limit.
+enum Admission {
+    /// Served (if its process is under its own limit), holding one of the
+    /// `max_connections` permits.
+    Serve(OwnedSemaphorePermit),
+    /// Refused: the total limit is reached; holds one of the refusal
+    /// permits while the refusal is recorded.
+    Refuse(OwnedSemaphorePermit),
+}
+
+/// What every connection task shares.
+struct Shared {
+    origins: Arc<dyn OriginSource>,
+    inspection: Option<Arc<Inspection>>,
+    stats: Arc<InterceptStats>,
+    processes: Arc<ProcessSlots>,
+    max_connections: usize,
+    max_per_process: usize,
 }
 
 /// An accepted connection and the namespace of the listener that accepted
@@ -145,6 +228,14 @@ impl Interceptor {
         self.stats.clone()
     }
 
+    /// The addresses the interceptor listens on (127.0.0.1, then ::1).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
     /// Serve until `shutdown` turns true; then stop accepting, give open
     /// connections up to the drain deadline to finish, and end the rest
     /// (returning once they are dropped, so whatever they record on drop is
@@ -157,6 +248,15 @@ impl Interceptor {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let permits = Arc::new(Semaphore::new(self.config.max_connections));
+        let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+        let shared = Arc::new(Shared {
+            origins,
+            inspection,
+            stats: self.stats.clone(),
+            processes: Arc::default(),
+            max_connections: self.config.max_connections,
+            max_per_process: self.config.max_connections_per_process,
+        });
         let mut accept_loops = JoinSet::new();
         let mut conn_rx = self.conn_rx;
         for listener in self.listeners {
@@ -169,13 +269,22 @@ impl Interceptor {
                 _ = shutdown.changed() => break,
                 next = conn_rx.recv() => {
                     let Some((stream, peer, netns)) = next else { break };
-                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                    let origins = origins.clone();
-                    let stats = self.stats.clone();
-                    let inspection = inspection.clone();
+                    // Never wait for a permit: a flood that holds them all
+                    // gets refusals, and the accept loop keeps serving the
+                    // connections that end.
+                    let admission = match permits.clone().try_acquire_owned() {
+                        Ok(p) => Admission::Serve(p),
+                        Err(_) => match refusing.clone().try_acquire_owned() {
+                            Ok(p) => Admission::Refuse(p),
+                            Err(_) => {
+                                refuse_unrecorded(stream, peer, netns, &shared);
+                                continue;
+                            }
+                        },
+                    };
+                    let shared = shared.clone();
                     connections.spawn(async move {
-                        handle(stream, peer, netns, origins.as_ref(), inspection.as_ref(), &stats).await;
-                        drop(permit);
+                        handle(stream, peer, netns, admission, &shared).await;
                     });
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -219,43 +328,123 @@ pub(crate) fn bind_socket(socket: TcpSocket, addr: SocketAddr) -> Result<TcpList
     socket.listen(1024).map_err(err)
 }
 
-async fn handle(
-    agent: TcpStream,
+/// The origin of an accepted connection, taken from `origins` (so its
+/// entry is gone however the connection ends); `None` when kya did not
+/// redirect it (counted, and the caller resets it).
+fn resolve(
+    agent: &TcpStream,
     peer: SocketAddr,
     netns: Option<Arc<Namespace>>,
-    origins: &dyn OriginSource,
-    inspection: Option<&Arc<Inspection>>,
-    stats: &InterceptStats,
-) {
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    shared: &Shared,
+) -> Option<ConnOrigin> {
     let local = match agent.local_addr() {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "accepted socket has no local address");
-            return;
+            return None;
         }
     };
     let cookie = netns.as_ref().map_or(0, |n| n.cookie());
-    let origin = match origins.take(peer, local, cookie) {
+    match shared.origins.take(peer, local, cookie) {
         Ok(Some(mut o)) => {
             o.process.netns = netns.as_ref().map_or(0, |n| n.inode());
             o.netns = netns;
-            o
+            Some(o)
         }
         Ok(None) => {
-            stats.unknown.fetch_add(1, Ordering::Relaxed);
+            shared.stats.unknown.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, %local, "connection was not redirected by kya; refusing it");
-            reset(agent);
-            return;
+            None
         }
         Err(e) => {
-            stats.unknown.fetch_add(1, Ordering::Relaxed);
+            shared.stats.unknown.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%peer, error = %e, "cannot resolve connection origin; refusing it");
-            reset(agent);
+            None
+        }
+    }
+}
+
+/// Past every limit and with [`MAX_REFUSING`] refusals being recorded: reset
+/// at once, counted, not recorded (the flood cannot make kya wait).
+fn refuse_unrecorded(
+    agent: TcpStream,
+    peer: SocketAddr,
+    netns: Option<Arc<Namespace>>,
+    shared: &Shared,
+) {
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    if let Some(origin) = resolve(&agent, peer, netns, shared) {
+        shared
+            .stats
+            .refused_total_limit
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .refused_unrecorded
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(pid = origin.process.pid, dst = %origin.dst, "connection limit reached; resetting without a record");
+    }
+    reset(agent);
+}
+
+/// Refuse a connection at a connection limit: audited with its process when
+/// kya inspects (the record first), then reset.
+async fn refuse_at_limit(agent: TcpStream, origin: &ConnOrigin, shared: &Shared, reason: &str) {
+    tracing::debug!(pid = origin.process.pid, dst = %origin.dst, reason, "connection limit reached");
+    match &shared.inspection {
+        Some(insp) => dispatch::refuse_unserved(agent, origin, insp, reason).await,
+        None => reset(agent),
+    }
+}
+
+/// Decrements the open-connections gauge when the connection ends.
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(
+    agent: TcpStream,
+    peer: SocketAddr,
+    netns: Option<Arc<Namespace>>,
+    admission: Admission,
+    shared: &Shared,
+) {
+    let stats = &shared.stats;
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(origin) = resolve(&agent, peer, netns, shared) else {
+        reset(agent);
+        return;
+    };
+    let _permit = match admission {
+        Admission::Serve(p) => p,
+        Admission::Refuse(_recording) => {
+            stats.refused_total_limit.fetch_add(1, Ordering::Relaxed);
+            let reason = format!(
+                "kya's connection limit is reached ({} open, intercept.max_connections)",
+                shared.max_connections
+            );
+            refuse_at_limit(agent, &origin, shared, &reason).await;
             return;
         }
     };
+    let pid = origin.process.pid;
+    let Some(_slot) = shared.processes.enter(pid, shared.max_per_process) else {
+        stats.refused_process_limit.fetch_add(1, Ordering::Relaxed);
+        let reason = format!(
+            "process {pid} has reached its connection limit ({} open, intercept.max_connections_per_process)",
+            shared.max_per_process
+        );
+        refuse_at_limit(agent, &origin, shared, &reason).await;
+        return;
+    };
+    stats.open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(&stats.open);
     log_connection(&origin, peer);
+    let inspection = shared.inspection.as_ref();
     if let Some(insp) = inspection {
         dispatch::handle(agent, origin, insp).await;
         return;
@@ -362,6 +551,7 @@ mod tests {
         let interceptor = Interceptor::bind(InterceptorConfig {
             listen_port: 987,
             max_connections: 8,
+            max_connections_per_process: 8,
             drain: std::time::Duration::from_millis(100),
         })
         .unwrap();

@@ -20,5 +20,5 @@ pub(crate) mod splice;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
 
-pub use listener::{Interceptor, InterceptorConfig};
+pub use listener::{InterceptStats, Interceptor, InterceptorConfig};
 pub use origin::{ConnOrigin, OriginSource};

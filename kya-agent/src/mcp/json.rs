@@ -86,7 +86,9 @@ pub enum JsonError {
     ControlCharacter { code: u32, offset: usize },
     #[error("malformed number at byte {offset}")]
     InvalidNumber { offset: usize },
-    #[error("number {text} at byte {offset} cannot be represented without loss")]
+    /// The message gives the number's length, not its digits: errors reach
+    /// logs and records, and the number may be a secret argument.
+    #[error("a number of {} characters at byte {offset} cannot be represented without loss", text.len())]
     LossyNumber { text: String, offset: usize },
     #[error("trailing data at byte {offset}")]
     TrailingData { offset: usize },
@@ -848,6 +850,11 @@ mod tests {
         ] {
             assert!(matches!(p(s), Err(JsonError::LossyNumber { .. })), "{s}");
         }
+        // The message never repeats the number (it may be a secret argument).
+        let e = p(r#"{"pin": 918273645546372819283746}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("918273645546372819283746"), "{e}");
     }
 
     #[test]

@@ -237,9 +237,10 @@ impl Condition {
         &self.source
     }
 
-    /// Evaluate to a value; any runtime failure is an error string.
+    /// Evaluate to a value; any runtime failure is an error string that
+    /// names types, never values ([`describe`]).
     pub fn eval(&self, act: &Activation) -> Result<Value, String> {
-        self.program.execute(&act.ctx).map_err(|e| e.to_string())
+        self.program.execute(&act.ctx).map_err(|e| describe(&e))
     }
 
     /// Evaluate to a boolean; a non-boolean result is an error.
@@ -548,7 +549,8 @@ fn map<'a>(entries: Vec<(&'static str, Box<dyn Val + 'a>)>) -> Box<dyn Val + 'a>
     Box::new(CelMap::from(m))
 }
 
-/// `process.container`: `id`, `runtime` and `pod_uid`, empty strings for a
+/// `process.container`: `id`, `runtime`, `pod_uid`, `pod_namespace` and
+/// `pod_name` (the last two from the Kubernetes API), empty strings for a
 /// process in no container (so `process.container.id == ""` is "not in a
 /// container", and a rule on a field never fails to evaluate).
 fn container_val<'a>(c: Option<&'a kya_common::ContainerIdentity>) -> Box<dyn Val + 'a> {
@@ -558,6 +560,11 @@ fn container_val<'a>(c: Option<&'a kya_common::ContainerIdentity>) -> Box<dyn Va
         ("id", s(c.map(|c| c.id.as_str()))),
         ("runtime", s(c.map(|c| c.runtime.as_str()))),
         ("pod_uid", s(c.and_then(|c| c.pod_uid.as_deref()))),
+        (
+            "pod_namespace",
+            s(c.and_then(|c| c.pod_namespace.as_deref())),
+        ),
+        ("pod_name", s(c.and_then(|c| c.pod_name.as_deref()))),
     ])
 }
 
@@ -582,6 +589,42 @@ pub(crate) fn json_val(v: &serde_json::Value) -> Box<dyn Val + '_> {
                 .collect();
             Box::new(CelMap::from(m))
         }
+    }
+}
+
+/// An evaluation error in words that carry no value of the call. The error
+/// reaches the decision's reason (the audit record, the event stream, the
+/// agent's error) and the log, and a value may be a secret argument that the
+/// audit configuration redacts: the interpreter's own messages print values
+/// (`String("...") can not be compared to Int(1000)`), so only their types are kept.
+fn describe(e: &cel::ExecutionError) -> String {
+    use cel::ExecutionError as E;
+    let t = |v: &Value| v.type_of().to_string();
+    match e {
+        // These carry type names, key names and counts from the expression only.
+        E::InvalidArgumentCount { .. }
+        | E::UnexpectedType { .. }
+        | E::NoSuchKey(_)
+        | E::NoSuchOverload(_)
+        | E::UndeclaredReference(_)
+        | E::MissingArgumentOrTarget => e.to_string(),
+        E::UnsupportedTargetType { target } => format!("invalid argument type: {}", t(target)),
+        E::NotSupportedAsMethod { method, target } => {
+            format!("method '{method}' not supported on type {}", t(target))
+        }
+        E::UnsupportedKeyType(v) => format!("a {} cannot be a map key", t(v)),
+        E::ValuesNotComparable(a, b) => format!("a {} cannot be compared to a {}", t(a), t(b)),
+        E::UnsupportedBinaryOperator(op, a, b) => {
+            format!("operator '{op}' does not apply to {} and {}", t(a), t(b))
+        }
+        E::UnsupportedIndex(i, v) => format!("a {} cannot index a {}", t(i), t(v)),
+        E::FunctionError { function, .. } => format!("function '{function}' failed"),
+        E::DivisionByZero(_) => "division by zero".into(),
+        E::RemainderByZero(_) => "remainder by zero".into(),
+        E::Overflow(op, a, b) => format!("overflow in '{op}' on {} and {}", t(a), t(b)),
+        E::IndexOutOfBounds(_) => "index out of bounds".into(),
+        E::DuplicateKey(v) => format!("repeated map key (a {})", t(v)),
+        _ => "the expression could not be evaluated".into(),
     }
 }
 
@@ -621,6 +664,32 @@ mod tests {
     fn eval(src: &str, args: serde_json::Value) -> Result<bool, String> {
         let c = Condition::compile(src)?;
         c.eval_bool(&Activation::new(&call(args), time::UtcOffset::UTC))
+    }
+
+    #[test]
+    fn evaluation_errors_name_types_never_the_calls_values() {
+        const SECRET: &str = "kya-cel-secret-4471";
+        let cases = [
+            ("args.amount > 1000", json!({"amount": SECRET})),
+            ("args.amount + 1 == 2", json!({"amount": SECRET})),
+            ("args.list[args.i] == 1", json!({"list": [1], "i": SECRET})),
+            ("args.m[args.k] == 1", json!({"m": {"a": 1}, "k": [SECRET]})),
+            ("int(args.amount) == 1", json!({"amount": SECRET})),
+            ("duration(args.d) > duration('1s')", json!({"d": SECRET})),
+            ("args.n / args.z == 1", json!({"n": 7, "z": 0})),
+            ("args.list[5] == 1", json!({"list": [SECRET]})),
+        ];
+        for (src, args) in cases {
+            let Err(e) = eval(src, args.clone()) else {
+                panic!("{src} with {args} evaluated");
+            };
+            assert!(!e.contains(SECRET), "{src}: the error shows the value: {e}");
+            assert!(!e.is_empty(), "{src}");
+        }
+        let Err(e) = eval("args.amount > 1000", json!({"amount": SECRET})) else {
+            panic!("compared a string to an int");
+        };
+        assert!(e.contains("string") && e.contains("int"), "{e}");
     }
 
     #[test]
@@ -675,6 +744,10 @@ mod tests {
             Ok(true)
         );
         assert_eq!(check(r#"process.container.pod_uid == """#), Ok(true));
+        assert_eq!(
+            check(r#"process.container.pod_namespace == "" && process.container.pod_name == """#),
+            Ok(true)
+        );
         assert_eq!(check("process.netns == 4026532001"), Ok(true));
         assert_eq!(
             check(r#"process.container.id.startsWith("3f4e8a")"#),

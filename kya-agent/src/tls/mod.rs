@@ -4,6 +4,7 @@
 //!
 //! [`TlsContext`] bundles the shared, per-daemon pieces built from the config.
 
+pub(crate) mod agreed_alpn;
 pub mod client_hello;
 pub mod leaf_cache;
 pub mod passthrough;
@@ -33,6 +34,9 @@ pub struct TlsContext {
     pub terminator: terminate::Terminator,
     pub upstream: upstream::UpstreamConnector,
     pub passthrough: passthrough::Passthrough,
+    /// What each upstream agreed last time (both handshakes of a new
+    /// connection to a known upstream run at once).
+    pub(crate) agreed_alpn: Arc<agreed_alpn::AgreedAlpn>,
 }
 
 impl TlsContext {
@@ -64,6 +68,7 @@ impl TlsContext {
             terminator: terminate::Terminator::new(cache),
             upstream,
             passthrough,
+            agreed_alpn: Arc::default(),
         })
     }
 }

@@ -785,3 +785,51 @@ pub(crate) async fn wait_listening(port: u16) {
     }
     panic!("peer on port {port} never listened");
 }
+
+/// kya's connection handling as the daemon sets it up ([`Inspection`]):
+/// its TLS context (CA) in `state`, trusting `upstream_root` upstream (or a
+/// root nothing is signed by), deciding through `gov`.
+///
+/// [`Inspection`]: kya_agent::intercept::dispatch::Inspection
+pub(crate) fn inspection(
+    state: &std::path::Path,
+    upstream_root: Option<rustls::pki_types::CertificateDer<'static>>,
+    gov: Arc<dyn Governor>,
+) -> Arc<kya_agent::intercept::dispatch::Inspection> {
+    use kya_agent::intercept::dispatch::{Inspection, Unclassified};
+    use kya_agent::tls::{leaf_cache, passthrough::Passthrough, upstream, TlsContext};
+    let root = upstream_root.unwrap_or_else(|| {
+        let test_root = rcgen::generate_simple_self_signed(vec!["root.test".into()]).expect("root");
+        test_root.cert.der().clone()
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).expect("root");
+    let tls = TlsContext::new(
+        state,
+        upstream::UpstreamConnector::new(roots).expect("connector"),
+        Passthrough::new::<&str>(&[]).expect("passthrough"),
+        leaf_cache::DEFAULT_CAPACITY,
+    )
+    .expect("tls");
+    Arc::new(Inspection::new(
+        tls,
+        gov,
+        Limits::default(),
+        Unclassified::default(),
+        Arc::new(kya_agent::intercept::names::NameResolver::new()),
+    ))
+}
+
+/// The origin of a connection this test process made to `dst`.
+pub(crate) fn this_process_to(dst: SocketAddr) -> kya_agent::intercept::origin::ConnOrigin {
+    kya_agent::intercept::origin::ConnOrigin {
+        dst,
+        process: kya_common::ProcessIdentity {
+            pid: std::process::id(),
+            ..Default::default()
+        },
+        tid: std::process::id(),
+        cgroup_id: 0,
+        netns: None,
+    }
+}

@@ -9,6 +9,7 @@
 //! kya-probe tcp HOST PORT [--payload TEXT] [--thread] [--fork-exec] [--wait-stdin]
 //! kya-probe udp HOST PORT [--wait-stdin]
 //! kya-probe bench HOST PORT COUNT
+//! kya-probe hold HOST PORT COUNT
 //! ```
 
 use serde_json::{json, Value};
@@ -76,8 +77,9 @@ fn run(args: &[String]) -> std::io::Result<Value> {
         "tcp" => tcp(args),
         "udp" => udp(args),
         "bench" => bench(args),
+        "hold" => hold(args),
         _ => Err(std::io::Error::other(
-            "usage: kya-probe tcp|udp|bench HOST PORT ...",
+            "usage: kya-probe tcp|udp|bench|hold HOST PORT ...",
         )),
     }
 }
@@ -130,6 +132,44 @@ fn udp(args: &[String]) -> std::io::Result<Value> {
         "reply": String::from_utf8_lossy(&buf[..n]),
         "from": from.to_string(),
     }))
+}
+
+/// COUNT connections opened one after the other and all kept open: each
+/// sends a line and waits for its echo; the answer lists, for each, the
+/// echo it got or how it ended (a connection refused by a limit is reset).
+fn hold(args: &[String]) -> std::io::Result<Value> {
+    let dst = target(args)?;
+    let count: usize = args
+        .get(3)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other("hold needs COUNT"))?;
+    let mut open = Vec::with_capacity(count);
+    let mut outcomes = Vec::with_capacity(count);
+    for i in 0..count {
+        let payload = format!("hold-{i}");
+        let outcome = (|| -> std::io::Result<(TcpStream, String)> {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(10))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(payload.as_bytes())?;
+            let mut b = vec![0u8; payload.len()];
+            let mut got = 0;
+            while got < b.len() {
+                match s.read(&mut b[got..])? {
+                    0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                    n => got += n,
+                }
+            }
+            Ok((s, String::from_utf8_lossy(&b).into_owned()))
+        })();
+        match outcome {
+            Ok((s, reply)) => {
+                open.push(s);
+                outcomes.push(json!({ "reply": reply }));
+            }
+            Err(e) => outcomes.push(json!({ "error": e.to_string() })),
+        }
+    }
+    Ok(json!({ "pid": std::process::id(), "connections": outcomes }))
 }
 
 /// COUNT sequential connects, each timed from `connect` to the echo of one byte.

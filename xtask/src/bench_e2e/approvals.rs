@@ -42,6 +42,11 @@ fn pending_ids(state_dir: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// How many calls the daemon holds for approval.
+pub(super) fn pending_count(state_dir: &Path) -> Result<usize> {
+    Ok(pending_ids(state_dir)?.len())
+}
+
 fn now_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

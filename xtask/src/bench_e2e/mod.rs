@@ -13,6 +13,7 @@
 mod approvals;
 mod peers;
 mod report;
+mod scale;
 
 use anyhow::{bail, Context, Result};
 use kya_e2e::{Daemon, DaemonOptions, Hypercorn, TestCgroup};
@@ -34,10 +35,15 @@ const SDK_PORT: u16 = 18481;
 const MITM_PORT: u16 = 18482;
 /// New processes timed for their first call, (g).
 const FIRST_CALLS: usize = 20;
+/// (h): connections and held calls open at once in a full run.
+const SCALE: usize = 10_000;
+/// (i): connects of an unselected process.
+const UNSELECTED_CONNECTS: usize = 20_000;
 /// kya's interceptor port.
 const KYA_LISTEN: u16 = 996;
 
 /// What `bench-e2e` was asked for.
+#[derive(Clone)]
 pub(crate) struct Options {
     pub quick: bool,
     /// Each workload's duration.
@@ -53,6 +59,11 @@ pub(crate) struct Options {
     /// Where to write a `perf record -g` profile of the daemon taken during
     /// the kept-alive workloads through kya.
     pub perf: Option<PathBuf>,
+    /// Profile the new-connection workload (b) instead of the kept-alive ones.
+    pub perf_new_conn: bool,
+    /// (h): kept-alive connections and held calls open at once.
+    pub scale_connections: usize,
+    pub scale_held: usize,
 }
 
 impl Options {
@@ -66,6 +77,9 @@ impl Options {
             no_sdk,
             paths: vec![Via::Direct, Via::Kya, Via::Mitmproxy],
             perf: None,
+            perf_new_conn: false,
+            scale_connections: if quick { 100 } else { SCALE },
+            scale_held: if quick { 50 } else { SCALE },
         }
     }
 
@@ -341,6 +355,7 @@ impl Bench<'_> {
     /// The workloads every path runs: (a), (b), (e), (f).
     fn common(&mut self, route: &Route, bulk: &Route) -> Result<()> {
         self.kept_alive(route)?;
+        self.new_conns(route)?;
         self.others(route, bulk)
     }
 
@@ -351,8 +366,8 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// (b), (e), (f), (g): new connections, SSE, bulk, first calls.
-    fn others(&mut self, route: &Route, bulk: &Route) -> Result<()> {
+    /// (b): a new TLS connection per call, the leaf cached and not.
+    fn new_conns(&mut self, route: &Route) -> Result<()> {
         self.load("b-cached", route, &["--new-conn"])?;
         self.nonce += 1_000_000;
         let start = self.nonce.to_string();
@@ -367,6 +382,11 @@ impl Bench<'_> {
                 &start,
             ],
         )?;
+        Ok(())
+    }
+
+    /// (e), (f), (g): SSE, bulk, first calls.
+    fn others(&mut self, route: &Route, bulk: &Route) -> Result<()> {
         self.load("e-sse", route, &["--tool", "bench_big"])?;
         let bytes = self.opts.bulk_bytes.to_string();
         self.load(
@@ -401,6 +421,18 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("bench-e2e loads BPF programs and creates cgroups: run it as root");
     }
+    let open_files =
+        raise_open_files(2 * opts.scale_connections.max(opts.scale_held) as u64 + 4096)?;
+    let fits = connections_within(open_files);
+    let mut opts = opts.clone();
+    if opts.scale_connections > fits || opts.scale_held > fits {
+        eprintln!(
+            "bench-e2e: the open-files limit is {open_files} and cannot be raised: (h) opens at most {fits} connections"
+        );
+        opts.scale_connections = opts.scale_connections.min(fits);
+        opts.scale_held = opts.scale_held.min(fits);
+    }
+    let opts = &opts;
     crate::cargo(
         root,
         &[
@@ -428,7 +460,14 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     daemon_at_production_log_level(d, &bin_dir)?;
     std::fs::write(
         d.join("kya.toml"),
-        "[intercept]\npassthrough = [\"bulk.test\"]\n",
+        // (h) opens its connections and holds from one process: kya's
+        // per-process bounds (1024 connections, 64 held calls) are raised
+        // for it, the totals sized to the run.
+        format!(
+            "[intercept]\npassthrough = [\"bulk.test\"]\nmax_connections = {conns}\nmax_connections_per_process = {conns}\nmax_held_per_process = {held}\n\n[approvals]\nmax_pending = {held}\n",
+            conns = opts.scale_connections.max(opts.scale_held) + 1024,
+            held = opts.scale_held + 64,
+        ),
     )
     .context("config")?;
     let load_start = load_average();
@@ -480,7 +519,15 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     }
 
     if !opts.measures(Via::Kya) {
-        return finish(bench, Vec::new(), &venv, &out_dir, load_start, opts);
+        return finish(
+            bench,
+            Vec::new(),
+            Vec::new(),
+            &venv,
+            &out_dir,
+            load_start,
+            opts,
+        );
     }
     // kya: the real daemon, the load client in a selected cgroup.
     let cg = TestCgroup::new("bench-e2e");
@@ -510,6 +557,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     ]);
     dopts.config = Some(d.join("kya.toml"));
     dopts.hosts = Some(d.join("hosts"));
+    let fresh = dopts.clone();
     let daemon = Daemon::start(dopts);
     let kya_ca = daemon.state_dir.path().join("ca.pem");
     let kya = Route {
@@ -523,8 +571,15 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         ca: test_ca.clone(),
         ..kya
     };
-    let profile = Profile::start(opts.perf.as_deref(), daemon.pid)?;
+    let (kept_alive_perf, new_conn_perf) = match opts.perf_new_conn {
+        false => (opts.perf.as_deref(), None),
+        true => (None, opts.perf.as_deref()),
+    };
+    let profile = Profile::start(kept_alive_perf, daemon.pid)?;
     bench.kept_alive(&kya)?;
+    drop(profile);
+    let profile = Profile::start(new_conn_perf, daemon.pid)?;
+    bench.new_conns(&kya)?;
     drop(profile);
     bench.others(&kya, &kya_bulk)?;
     if !opts.no_sdk {
@@ -551,14 +606,46 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         bail!("the daemon's log lost its start record");
     }
     drop(daemon);
+    // (h) Many connections, then many held calls, each on a fresh daemon (so
+    // memory one leaves to the allocator does not hide the other's), and
+    // (i) the cost to processes kya does not select.
+    let mut scale = Vec::new();
+    {
+        let daemon = Daemon::start(fresh.clone());
+        let route = Route {
+            ca: daemon.state_dir.path().join("ca.pem"),
+            ..kya
+        };
+        scale.extend(scale::connections(
+            &mut bench,
+            &route,
+            &daemon,
+            opts.scale_connections,
+        )?);
+    }
+    {
+        let daemon = Daemon::start(fresh);
+        let route = Route {
+            ca: daemon.state_dir.path().join("ca.pem"),
+            ..kya
+        };
+        scale.extend(scale::holds(&mut bench, &route, &daemon, opts.scale_held)?);
+        let connects = if opts.quick {
+            2_000
+        } else {
+            UNSELECTED_CONNECTS
+        };
+        scale.extend(scale::unselected_connect_cost(UPSTREAM, connects)?);
+    }
     drop(cg);
-    finish(bench, held, &venv, &out_dir, load_start, opts)
+    finish(bench, held, scale, &venv, &out_dir, load_start, opts)
 }
 
 /// Print and write the report of a run.
 fn finish(
     bench: Bench<'_>,
     held: Vec<Duration>,
+    scale: Vec<scale::Figure>,
     venv: &Venv,
     out_dir: &Path,
     load_start: String,
@@ -568,6 +655,7 @@ fn finish(
     let report = Report {
         rows: bench.rows,
         held,
+        scale,
         mitmproxy_version: venv.mitmproxy_version(),
         load: format!("{load_start} at start, {load_end} at end"),
         opts,
@@ -667,6 +755,48 @@ fn daemon_at_production_log_level(dir: &Path, bin_dir: &Path) -> Result<()> {
         .context("chmod the kya wrapper")?;
     std::env::set_var("KYA_BIN_DIR", &wrapper_dir);
     Ok(())
+}
+
+/// Room for (h): the daemon holds two descriptors per agent connection, the
+/// load client and the upstream one each; the children inherit the limit.
+/// Raised to `want`, or as far as the hard limit allows where this root may
+/// not raise that (no `CAP_SYS_RESOURCE`, as in some containers); returns
+/// the open-files limit in force.
+fn raise_open_files(want: u64) -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur >= want {
+        return Ok(lim.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max.max(want),
+    };
+    // SAFETY: setrlimit reads `raised`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return Ok(want);
+    }
+    let soft = libc::rlimit {
+        rlim_cur: lim.rlim_max,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit reads `soft`; the soft limit may always rise to the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } != 0 {
+        bail!("setrlimit NOFILE: {}", std::io::Error::last_os_error());
+    }
+    Ok(lim.rlim_max)
+}
+
+/// The most agent connections the daemon can hold under `open_files`: two
+/// descriptors each, and 1,024 kept for everything else.
+fn connections_within(open_files: u64) -> usize {
+    usize::try_from(open_files.saturating_sub(1024) / 2).unwrap_or(usize::MAX)
 }
 
 fn tempfile_dir() -> Result<TempDir> {

@@ -40,6 +40,8 @@ pub(super) struct Report<'a> {
     pub rows: Vec<Row>,
     /// Approval sent → upstream received the call, per held call.
     pub held: Vec<Duration>,
+    /// (h) and (i), through kya.
+    pub scale: Vec<super::scale::Figure>,
     pub mitmproxy_version: String,
     pub load: String,
     pub opts: &'a Options,
@@ -185,6 +187,14 @@ impl Report<'_> {
                 fmt(Some(max))
             ));
         }
+        if !self.scale.is_empty() {
+            lines.push(String::new());
+            lines.push("| (h) scale and (i) unselected processes, through kya | figure |".into());
+            lines.push("| --- | --- |".into());
+            for f in &self.scale {
+                lines.push(format!("| {} | {} |", f.what, f.value));
+            }
+        }
         for r in &self.rows {
             let failed = r.result["failed"].as_u64().unwrap_or(0);
             if failed > 0 {
@@ -235,6 +245,7 @@ impl Report<'_> {
                 "workload": r.workload, "via": r.via.name(), "result": r.result,
             })).collect::<Vec<_>>(),
             "held_ms": self.held.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(),
+            "scale": self.scale.iter().map(|f| json!({"what": f.what, "value": f.value})).collect::<Vec<_>>(),
         })
     }
 

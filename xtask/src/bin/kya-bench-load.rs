@@ -7,6 +7,14 @@
 //! `--fresh-sni`, a name never used before per connection, `nN.SUFFIX`), so no
 //! resolver is involved; it trusts only `--ca`. TLS session resumption is off:
 //! every new connection is a full handshake.
+//!
+//! `--mode flood` is the load harness of kya's limits: it opens
+//! `--connections` connections (`--concurrency` handshakes at a time), makes
+//! one call on each, keeps every one that was served open with a call every
+//! `--keepalive-ms` until `--duration-ms` has passed, and reports how many
+//! were served, refused (reset, or closed before an answer) and dropped later.
+//! Run it from one process while another runs `--mode calls`: the flood meets
+//! kya's per-process and total connection limits, the other's calls flow.
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -29,6 +37,12 @@ enum Mode {
     Calls,
     /// `GET /bulk?bytes=--bytes`; the body must be that long.
     Bulk,
+    /// `--connections` connections, each with one `tools/call` of `--tool`
+    /// (answered, or with `--no-answer` only sent: a held call), all kept
+    /// open until stdin closes. Prints one JSON line once all are in place.
+    Open,
+    /// `--connections` connections held open, each with calls of `--tool`.
+    Flood,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +99,18 @@ struct Args {
     /// Longest wait for one request (a held call waits for its approval).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// `--mode open` and `--mode flood`: connections to open and hold.
+    #[arg(long, default_value_t = 10_000)]
+    connections: u64,
+    /// `--mode open` and `--mode flood`: a call on each held connection this
+    /// often (below kya's 30 s header-read timeout, which closes idle
+    /// connections).
+    #[arg(long, default_value_t = 10_000)]
+    keepalive_ms: u64,
+    /// `--mode open`: send each call without waiting for its answer (a held
+    /// call: its connection is busy, not idle, and needs no keep-alive).
+    #[arg(long)]
+    no_answer: bool,
 }
 
 struct Shared {
@@ -136,7 +162,20 @@ fn connector(ca: &PathBuf) -> Result<TlsConnector> {
 }
 
 async fn run(args: Args) -> Result<Value> {
+    if args.mode == Mode::Open {
+        return open_and_hold(args).await;
+    }
     let connector = connector(&args.ca)?;
+    if args.mode == Mode::Flood {
+        let shared = Arc::new(Shared {
+            fresh: AtomicU64::new(args.fresh_start),
+            deadline: Instant::now() + Duration::from_millis(args.duration_ms),
+            args,
+            connector,
+            issued: AtomicU64::new(0),
+        });
+        return flood(shared).await;
+    }
     let concurrency = args.concurrency.max(1);
     let shared = Arc::new(Shared {
         fresh: AtomicU64::new(args.fresh_start),
@@ -184,6 +223,208 @@ async fn run(args: Args) -> Result<Value> {
         "p999_us": q(0.999),
         "max_us": hist.max(),
         "cdf_us": cdf,
+    }))
+}
+
+/// `--mode open`: open the connections (a few at a time, as a client pool
+/// would), one call on each, report, then keep them until stdin closes.
+async fn open_and_hold(args: Args) -> Result<Value> {
+    use std::io::Write;
+    let connector = connector(&args.ca)?;
+    let n = args.connections;
+    let no_answer = args.no_answer;
+    let shared = Arc::new(Shared {
+        fresh: AtomicU64::new(args.fresh_start),
+        deadline: Instant::now() + Duration::from_secs(3600),
+        args,
+        connector,
+        issued: AtomicU64::new(0),
+    });
+    let started = Instant::now();
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (shared, gate) = (shared.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let mut conn = Some(connect(&shared).await?);
+            if no_answer {
+                // Sent now; the answer (after an approval) is never awaited.
+                let Some((sender, host)) = conn.as_mut() else {
+                    bail!("no connection");
+                };
+                sender.ready().await.context("connection not ready")?;
+                let req = call_request(&shared, host)?;
+                let pending = sender.send_request(req);
+                drop(permit);
+                return Ok((conn, Some(pending)));
+            }
+            one_request(&shared, &mut conn).await?;
+            drop(permit);
+            Ok((conn, None))
+        }));
+    }
+    let mut kept = Vec::new();
+    let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
+    for t in tasks {
+        match t.await.context("open task")? {
+            Ok(c) => {
+                ok += 1;
+                kept.push(c);
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    let report = json!({
+        "open": ok,
+        "failed": failed,
+        "first_error": first_error,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    println!("{report}");
+    std::io::stdout().flush().context("stdout")?;
+    // Answered connections stay busy enough that kya does not close them
+    // as idle; until the harness closes stdin.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut alive = tokio::task::JoinSet::new();
+    for (conn, pending) in kept {
+        if let Some(pending) = pending {
+            // A held call: its answer is not awaited, its connection kept.
+            let mut stop = stop.clone();
+            alive.spawn(async move {
+                let _kept = (conn, pending);
+                let _ = stop.changed().await;
+                true
+            });
+            continue;
+        }
+        let (shared, mut stop) = (shared.clone(), stop.clone());
+        alive.spawn(async move {
+            let mut conn = conn;
+            let every = Duration::from_millis(shared.args.keepalive_ms.max(1));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return true,
+                }
+                if one_request(&shared, &mut conn).await.is_err() {
+                    return false;
+                }
+            }
+        });
+    }
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    })
+    .await
+    .context("stdin")?;
+    let _ = stop_tx.send(true);
+    drop(stop);
+    let mut dropped = 0u64;
+    while let Some(done) = tokio::time::timeout(Duration::from_secs(5), alive.join_next())
+        .await
+        .ok()
+        .flatten()
+    {
+        if matches!(done, Ok(false)) {
+            dropped += 1;
+        }
+    }
+    alive.abort_all();
+    Ok(json!({"closed": ok, "dropped_meanwhile": dropped}))
+}
+
+/// How one flood connection fared.
+enum Held {
+    /// Its first call was not answered: refused (or failed).
+    Refused(String),
+    /// Served, then closed by the other side after this many calls.
+    Dropped(u64),
+    /// Served, and open until the end, with this many calls.
+    Kept(u64),
+}
+
+async fn flood(shared: Arc<Shared>) -> Result<Value> {
+    let a = &shared.args;
+    let gate = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let open = Arc::new(AtomicU64::new(0));
+    let max_open = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..a.connections {
+        if Instant::now() >= shared.deadline {
+            break;
+        }
+        let permit = gate.clone().acquire_owned().await.context("gate")?;
+        let (shared, open, max_open) = (shared.clone(), open.clone(), max_open.clone());
+        tasks.spawn(async move {
+            let a = &shared.args;
+            let wait = Duration::from_secs(a.timeout_s);
+            let mut conn = None;
+            let first = tokio::time::timeout(wait, one_request(&shared, &mut conn))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {} s", a.timeout_s)));
+            drop(permit);
+            if let Err(e) = first {
+                return Held::Refused(format!("{e:#}"));
+            }
+            let now_open = open.fetch_add(1, Ordering::Relaxed) + 1;
+            max_open.fetch_max(now_open, Ordering::Relaxed);
+            let keepalive = Duration::from_millis(a.keepalive_ms.max(1));
+            let mut calls = 1;
+            let outcome = loop {
+                if Instant::now() + keepalive >= shared.deadline {
+                    tokio::time::sleep_until(shared.deadline.into()).await;
+                    break Held::Kept(calls);
+                }
+                tokio::time::sleep(keepalive).await;
+                if conn.as_ref().is_none_or(|c: &Sender| c.0.is_closed()) {
+                    break Held::Dropped(calls);
+                }
+                match tokio::time::timeout(wait, one_request(&shared, &mut conn)).await {
+                    Ok(Ok(_)) => calls += 1,
+                    _ => break Held::Dropped(calls),
+                }
+            };
+            open.fetch_sub(1, Ordering::Relaxed);
+            outcome
+        });
+    }
+    let (mut refused, mut dropped, mut kept, mut calls) = (0u64, 0u64, 0u64, 0u64);
+    let mut first_refusal = None;
+    while let Some(done) = tasks.join_next().await {
+        match done.context("flood connection")? {
+            Held::Refused(e) => {
+                refused += 1;
+                first_refusal.get_or_insert(e);
+            }
+            Held::Dropped(n) => {
+                dropped += 1;
+                calls += n;
+            }
+            Held::Kept(n) => {
+                kept += 1;
+                calls += n;
+            }
+        }
+    }
+    Ok(json!({
+        "mode": "flood",
+        "connections": a.connections,
+        "served": dropped + kept,
+        "refused": refused,
+        "first_refusal": first_refusal,
+        "dropped_later": dropped,
+        "kept_to_end": kept,
+        "max_open": max_open.load(Ordering::Relaxed),
+        "calls_answered": calls,
+        "elapsed_s": started.elapsed().as_secs_f64(),
     }))
 }
 
@@ -282,25 +523,12 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
     sender.ready().await.context("connection not ready")?;
     let host = host.as_str();
     let req = match a.mode {
-        Mode::Calls => {
-            let arguments: Value = serde_json::from_str(&a.arguments).context("--arguments")?;
-            let body = json!({
-                "jsonrpc": "2.0",
-                "id": shared.issued.load(Ordering::Relaxed),
-                "method": "tools/call",
-                "params": {"name": a.tool, "arguments": arguments},
-            });
-            hyper::Request::post("/mcp")
-                .header("host", host)
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .body(Full::new(Bytes::from(body.to_string())))
-        }
+        Mode::Calls | Mode::Open | Mode::Flood => call_request(shared, host)?,
         Mode::Bulk => hyper::Request::get(format!("/bulk?bytes={}", a.bytes))
             .header("host", host)
-            .body(Full::new(Bytes::new())),
-    }
-    .context("request")?;
+            .body(Full::new(Bytes::new()))
+            .context("request")?,
+    };
     let resp = sender.send_request(req).await.context("send")?;
     let status = resp.status();
     let mut body = resp.into_body();
@@ -310,7 +538,7 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
         let frame = frame.context("body")?;
         if let Some(d) = frame.data_ref() {
             len += d.len() as u64;
-            if a.mode == Mode::Calls {
+            if a.mode != Mode::Bulk {
                 kept.extend_from_slice(d);
             }
         }
@@ -321,9 +549,27 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
                 bail!("bulk: status {status}, {len} of {} bytes", a.bytes);
             }
         }
-        Mode::Calls => check_answer(a, status, &kept)?,
+        Mode::Calls | Mode::Open | Mode::Flood => check_answer(a, status, &kept)?,
     }
     Ok(len)
+}
+
+/// A `tools/call` of `--tool` with `--arguments` for `host`.
+fn call_request(shared: &Shared, host: &str) -> Result<hyper::Request<Full<Bytes>>> {
+    let a = &shared.args;
+    let arguments: Value = serde_json::from_str(&a.arguments).context("--arguments")?;
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": shared.issued.load(Ordering::Relaxed),
+        "method": "tools/call",
+        "params": {"name": a.tool, "arguments": arguments},
+    });
+    hyper::Request::post("/mcp")
+        .header("host", host)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .context("request")
 }
 
 /// The JSON-RPC answer in a JSON body or in an SSE body's `data:` lines.

@@ -90,6 +90,8 @@ pub enum CibaSetupError {
     Key { path: PathBuf, why: String },
     #[error("[approvals.ciba] client_secret_file {0} is empty")]
     EmptySecret(PathBuf),
+    #[error("[approvals.ciba] {path} is readable by group or others (mode {mode:04o}): chmod 600 it (owned by the user kya runs as)")]
+    OpenCredential { path: PathBuf, mode: u32 },
     #[error("[approvals.ciba] {0}")]
     Http(#[from] http::HttpError),
     #[error("[approvals.ciba] ping_listen {addr}: {source}")]
@@ -174,18 +176,26 @@ fn read_key_file(path: &Path) -> Result<SigningKey, CibaSetupError> {
     })
 }
 
-/// Read a file holding a client credential, warning when others may read it.
+/// Read a file holding a client credential; refused when group or others
+/// may read it (as kya's own CA and signing keys are).
 fn read_credential_file(path: &Path) -> Result<String, CibaSetupError> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let text = std::fs::read_to_string(path).map_err(|source| CibaSetupError::Read {
+    let read_err = |source| CibaSetupError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "the CIBA client credential file is readable by group or others; chmod 600 it");
-        }
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    // The mode of the file that is read, not of whatever the path names later.
+    let mode = file.metadata().map_err(read_err)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(CibaSetupError::OpenCredential {
+            path: path.to_path_buf(),
+            mode: mode & 0o7777,
+        });
     }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read_err)?;
     Ok(text)
 }
 
@@ -563,5 +573,31 @@ impl ApprovalChannel for CibaChannel {
                 _ = inner.run(&ask, &*approvals) => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_client_credential_file_others_may_read_is_refused_and_its_content_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "s3cr3t-in-file\n").unwrap();
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_secret_file(&path).unwrap_err();
+            assert!(
+                matches!(e, CibaSetupError::OpenCredential { .. }),
+                "{mode:o}: {e}"
+            );
+            let text = format!("{e} {e:?}");
+            assert!(text.contains("chmod 600"), "{text}");
+            assert!(!text.contains("s3cr3t"), "the secret leaked: {text}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret_file(&path).unwrap(), "s3cr3t-in-file");
     }
 }

@@ -40,15 +40,48 @@ pub(crate) fn stream(incoming: Incoming) -> ProxyBody {
 
 /// A body fed by a task: the proxy writes SSE events (inspected, injected, progress)
 /// into the sender. When the client goes away hyper drops the body, the receiver
-/// closes, and the writer sees `Sender::closed()`: that is how a hold learns of a
+/// closes, and the writer sees [`BodyTx::closed`]: that is how a hold learns of a
 /// disconnect.
-pub(crate) fn channel(capacity: usize) -> (mpsc::Sender<Bytes>, ProxyBody) {
+pub(crate) fn channel(capacity: usize) -> (BodyTx, ProxyBody) {
     let (tx, rx) = mpsc::channel(capacity);
-    (tx, ChannelBody { rx }.boxed())
+    (BodyTx(tx), ChannelBody { rx, ended: false }.boxed())
+}
+
+/// One piece of a channel body; `last`: the body ends with it.
+struct Piece {
+    data: Bytes,
+    last: bool,
+}
+
+/// The writing end of a [`channel`] body.
+#[derive(Clone)]
+pub(crate) struct BodyTx(mpsc::Sender<Piece>);
+
+impl BodyTx {
+    /// Queue `data`; false when the agent has gone.
+    pub(crate) async fn send(&self, data: Bytes) -> bool {
+        self.0.send(Piece { data, last: false }).await.is_ok()
+    }
+
+    /// Queue `data` as the body's last piece: the agent gets it and the end
+    /// of the response in one write, as a server's last event and end sent
+    /// together arrive directly (a client that has read the answer it waited
+    /// for may drop a connection whose end is still to come, and lose it
+    /// for its next request).
+    pub(crate) async fn finish(self, data: Bytes) -> bool {
+        self.0.send(Piece { data, last: true }).await.is_ok()
+    }
+
+    /// Resolves when the agent has gone (the body was dropped).
+    pub(crate) async fn closed(&self) {
+        self.0.closed().await;
+    }
 }
 
 struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Piece>,
+    /// The last piece was handed to hyper.
+    ended: bool,
 }
 
 impl Body for ChannelBody {
@@ -61,26 +94,40 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(b)) => b,
+            Poll::Ready(Some(p)) => p,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
-        let Ok(more) = self.rx.try_recv() else {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        };
-        let mut joined = BytesMut::from(&first[..]);
-        joined.extend_from_slice(&more);
-        while let Ok(more) = self.rx.try_recv() {
-            joined.extend_from_slice(&more);
+        if first.last {
+            self.ended = true;
+            return Poll::Ready(Some(Ok(Frame::data(first.data))));
         }
+        let Ok(more) = self.rx.try_recv() else {
+            return Poll::Ready(Some(Ok(Frame::data(first.data))));
+        };
+        let mut joined = BytesMut::from(&first.data[..]);
+        joined.extend_from_slice(&more.data);
+        let mut last = more.last;
+        while !last {
+            let Ok(more) = self.rx.try_recv() else {
+                break;
+            };
+            joined.extend_from_slice(&more.data);
+            last = more.last;
+        }
+        self.ended = last;
         Poll::Ready(Some(Ok(Frame::data(joined.freeze()))))
     }
 
-    /// Ended once the writer is gone and nothing is left: hyper then ends the
-    /// response in the same write as the last frame.
+    /// Ended once the last piece was handed over, or the writer is gone and
+    /// nothing is left: hyper then ends the response in the same write as
+    /// the last frame.
     fn is_end_stream(&self) -> bool {
-        self.rx.is_closed() && self.rx.is_empty()
+        self.ended || (self.rx.is_closed() && self.rx.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -168,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn refuses_a_slow_body() {
         let (tx, body) = channel(1);
-        tx.send(Bytes::from_static(b"{")).await.unwrap();
+        assert!(tx.send(Bytes::from_static(b"{")).await);
         // The sender stays open and never finishes the body.
         let r = read_bounded(body, 100, Duration::from_millis(50)).await;
         assert!(matches!(r, Err(ReadError::TimedOut(_))));
@@ -182,8 +229,8 @@ mod tests {
     async fn a_channel_body_joins_what_is_queued_and_knows_its_end() {
         let (tx, mut body) = channel(8);
         assert!(!body.is_end_stream());
-        tx.send(Bytes::from_static(b"event: a\n\n")).await.unwrap();
-        tx.send(Bytes::from_static(b"event: b\n\n")).await.unwrap();
+        assert!(tx.send(Bytes::from_static(b"event: a\n\n")).await);
+        assert!(tx.send(Bytes::from_static(b"event: b\n\n")).await);
         drop(tx);
         assert!(!body.is_end_stream(), "two pieces still queued");
         let frame = body.frame().await.unwrap().unwrap();
@@ -195,5 +242,24 @@ mod tests {
         assert!(!body.is_end_stream());
         drop(tx);
         assert!(body.is_end_stream());
+    }
+
+    /// A piece sent as the last one ends the body with it, whether or not the
+    /// writer is still there (and what a clone sends after it is not read).
+    #[tokio::test]
+    async fn the_last_piece_ends_the_body_at_once() {
+        let (tx, mut body) = channel(8);
+        let other = tx.clone();
+        assert!(tx.send(Bytes::from_static(b"event: a\n\n")).await);
+        assert!(tx.finish(Bytes::from_static(b"event: b\n\n")).await);
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "event: a\n\nevent: b\n\n");
+        assert!(
+            body.is_end_stream(),
+            "ended with the last piece, a writer still open"
+        );
+        let _ = other.send(Bytes::from_static(b"event: late\n\n")).await;
+        assert!(body.frame().await.is_none());
     }
 }

@@ -35,6 +35,9 @@ pub enum UpstreamError {
     Gone(#[source] hyper::Error),
     #[error("reconnecting upstream failed: {0}")]
     Reconnect(String),
+    /// No answer's head within the response timeout.
+    #[error("the server sent no answer within {0:?}")]
+    NoAnswer(std::time::Duration),
 }
 
 /// Any byte stream the upstream leg can run over (TCP or TLS).
@@ -228,7 +231,7 @@ impl Upstream {
                         UpstreamError::Request(h) | UpstreamError::Gone(h) => {
                             h.is_closed() || h.is_canceled()
                         }
-                        UpstreamError::Handshake(_) => false,
+                        UpstreamError::Handshake(_) | UpstreamError::NoAnswer(_) => false,
                     };
                 if !ended {
                     // Refused before sending for another reason: a new

@@ -25,6 +25,7 @@ use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
 use super::inspect::{self, Refusal};
 use super::limits::Limits;
 use super::listed;
+use super::load::LimitRefusals;
 use super::sessions;
 use super::stream;
 use crate::intercept::names::NameResolver;
@@ -60,6 +61,10 @@ struct Head {
     version: Version,
     headers: HeaderMap,
 }
+
+/// The longest an event stream's head waits for the events that came with
+/// it to be judged (they then leave with it, in one write).
+const FIRST_EVENTS_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What was decided for one message of a request.
 #[derive(Debug)]
@@ -97,7 +102,7 @@ enum ProgressTo {
     /// The legacy SSE session's stream (messages injected into it).
     Session(mpsc::Sender<Value>),
     /// The response's own event stream; closed when the client goes away.
-    Stream(mpsc::Sender<Bytes>),
+    Stream(body::BodyTx),
 }
 
 /// How waiting for a held call ended.
@@ -293,6 +298,7 @@ impl Exchange {
         };
         let v = head.version;
         if head.headers.len() > self.limits.max_headers {
+            LimitRefusals::count(&self.limits.refusals.headers);
             return self.refuse_http(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 v,
@@ -324,18 +330,20 @@ impl Exchange {
         {
             Ok(b) => b,
             Err(ReadError::TooLarge(n)) => {
+                LimitRefusals::count(&self.limits.refusals.body);
                 return self.refuse_http(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     v,
                     &format!("request body over {n} bytes"),
-                )
+                );
             }
             Err(ReadError::TimedOut(d)) => {
+                LimitRefusals::count(&self.limits.refusals.slow_body);
                 return self.refuse_http(
                     StatusCode::REQUEST_TIMEOUT,
                     v,
                     &format!("request body not received within {d:?}"),
-                )
+                );
             }
             Err(ReadError::Transport(e)) => {
                 return self.refuse_http(
@@ -502,15 +510,56 @@ impl Exchange {
         }
 
         if !holds.is_empty() {
-            if self.held.load(Ordering::Acquire) + holds.len() > self.limits.max_held_per_conn {
-                for (i, decision_id, ..) in holds {
+            let pid = self.conn.process.pid;
+            let over_conn =
+                self.held.load(Ordering::Acquire) + holds.len() > self.limits.max_held_per_conn;
+            let process_holds = if over_conn {
+                None
+            } else {
+                self.limits.held_by_process.enter(
+                    pid,
+                    holds.len(),
+                    self.limits.max_held_per_process,
+                )
+            };
+            let admitted = if let Some(mut process_holds) = process_holds {
+                // Each hold counts against its process for as long as it is
+                // waited for (dropping the wait is the end of the hold).
+                holds = holds
+                    .into_iter()
+                    .map(|(i, decision_id, owner, binding, wait)| {
+                        let share = process_holds.take_one();
+                        let wait: super::governor::BoxFuture<'static, Ruling> =
+                            Box::pin(async move {
+                                let _share = share;
+                                wait.await
+                            });
+                        (i, decision_id, owner, binding, wait)
+                    })
+                    .collect();
+                true
+            } else {
+                let reason = if over_conn {
+                    LimitRefusals::count(&self.limits.refusals.held_per_conn);
+                    "too many calls held for approval on this connection".to_string()
+                } else {
+                    LimitRefusals::count(&self.limits.refusals.held_per_process);
+                    let reason = format!(
+                        "too many calls held for approval for process {pid} (intercept.max_held_per_process)"
+                    );
+                    self.gov.refused(&self.conn, &reason);
+                    reason
+                };
+                for (i, decision_id, ..) in holds.drain(..) {
                     outcomes[i] = Outcome::Deny(Denial {
                         rule: None,
-                        reason: "too many calls held for approval on this connection".into(),
+                        reason: reason.clone(),
                         decision: decision_id,
                     });
                 }
-            } else {
+                false
+            };
+            if admitted {
                 let legacy = self.legacy_injector(&head).is_some();
                 let single = size == 1 && holds.len() == 1;
                 let token = payload.messages.first().and_then(|m| match m {
@@ -777,7 +826,7 @@ impl Exchange {
             let Some((_guard, mut cancel)) = registration else {
                 self.gov.refused(&self.conn, TOO_MANY_HELD);
                 let d = Denial::refusal(TOO_MANY_HELD);
-                stream::send_message(&tx, &deny::answer(self.limits.deny_shape, is_tool, &id, &d))
+                stream::last_message(tx, &deny::answer(self.limits.deny_shape, is_tool, &id, &d))
                     .await;
                 return;
             };
@@ -800,8 +849,8 @@ impl Exchange {
             };
             match outcome {
                 Outcome::Deny(d) => {
-                    stream::send_message(
-                        &tx,
+                    stream::last_message(
+                        tx,
                         &deny::answer(self.limits.deny_shape, is_tool, &id, &d),
                     )
                     .await;
@@ -834,7 +883,7 @@ impl Exchange {
         head: &Head,
         value: &Value,
         id: &Value,
-        tx: mpsc::Sender<Bytes>,
+        tx: body::BodyTx,
     ) {
         if let Ok(p) = jsonrpc::parse_payload(value, self.limits.max_batch) {
             listed::sent(&self.scope(server, head), &p.messages);
@@ -844,16 +893,16 @@ impl Exchange {
         let req = self.upstream_request(head, body::full(bytes), Some(len), true);
         let peer = self.peer(server, head);
         let fail = |reason: String| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": format!("kya: {reason}")}});
-        let resp = match self.upstream.send(req).await {
+        let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e) => {
-                stream::send_message(&tx, &fail(e.to_string())).await;
+                stream::last_message(tx, &fail(e.to_string())).await;
                 return;
             }
         };
         if is_sse(resp.headers()) {
             let url = self.absolute(head, server);
-            stream::relay(peer, url, vec![id.clone()], resp.into_body(), tx).await;
+            stream::relay(peer, url, vec![id.clone()], resp.into_body(), tx, None).await;
             return;
         }
         let (parts, incoming) = resp.into_parts();
@@ -875,20 +924,20 @@ impl Exchange {
                 let reason = format!("server answer: {e}");
                 tracing::warn!(conn = self.conn.conn_id, %reason, "server answer not delivered");
                 self.gov.refused(&self.conn, &reason);
-                stream::send_message(&tx, &fail(reason)).await;
+                stream::last_message(tx, &fail(reason)).await;
                 return;
             }
         };
         match filter_server_data(&peer, &raw).await {
             Filtered::JsonRpc(Some(b)) => {
                 if let Ok(v) = json::parse(&b, &self.limits.response_json()) {
-                    stream::send_message(&tx, &v).await;
+                    stream::last_message(tx, &v).await;
                 }
             }
             Filtered::Unchanged => {
                 let text = raw.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&raw);
                 if let Ok(v) = json::parse(text, &self.limits.response_json()) {
-                    stream::send_message(&tx, &v).await;
+                    stream::last_message(tx, &v).await;
                 }
             }
             Filtered::JsonRpc(None) => {}
@@ -897,7 +946,35 @@ impl Exchange {
                     &self.conn,
                     "server answer to an approved call is not JSON-RPC",
                 );
-                stream::send_message(&tx, &fail("the server's answer was refused".into())).await;
+                stream::last_message(tx, &fail("the server's answer was refused".into())).await;
+            }
+        }
+    }
+
+    /// Send `req` upstream and wait at most `response_timeout` for the
+    /// answer's head. A server that never answers is refused on record.
+    /// Over HTTP/1.1 the upstream connection cannot carry another request
+    /// and is taken for gone: the agent's connection is closed as it would
+    /// be had the server closed its own (the request may have run). Over
+    /// HTTP/2 only the stream is abandoned: the agent gets an error answer.
+    async fn send_bounded(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.limits.response_timeout, self.upstream.send(req)).await {
+            Ok(r) => r,
+            Err(_) => {
+                LimitRefusals::count(&self.limits.refusals.no_answer);
+                let reason = format!(
+                    "the server sent no answer within {:?}",
+                    self.limits.response_timeout
+                );
+                tracing::info!(conn = self.conn.conn_id, %reason, "giving up on the server's answer");
+                self.gov.refused(&self.conn, &reason);
+                if !self.upstream.is_h2() {
+                    let _ = UPSTREAM_GONE.try_with(|g| g.set(true));
+                }
+                Err(UpstreamError::NoAnswer(self.limits.response_timeout))
             }
         }
     }
@@ -969,7 +1046,7 @@ impl Exchange {
         answers: Answers,
     ) -> Response<ProxyBody> {
         let req = self.upstream_request(head, body, len, rewritten);
-        let resp = match self.upstream.send(req).await {
+        let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e @ UpstreamError::Gone(_)) => {
                 tracing::info!(conn = self.conn.conn_id, error = %e, "upstream connection ended under a request; closing the agent's");
@@ -1033,7 +1110,20 @@ impl Exchange {
             }
             let (tx, out) = body::channel(16);
             let url = self.absolute(head, server);
-            tokio::spawn(stream::relay(peer, url, answers.ids, incoming, tx));
+            // The events that came with the head are judged and queued first,
+            // so the agent gets head and events in one write, as directly;
+            // a judgment that takes longer (a held server request) does not
+            // hold the head back for more than `FIRST_EVENTS_WAIT`.
+            let (started, first_queued) = tokio::sync::oneshot::channel();
+            tokio::spawn(stream::relay(
+                peer,
+                url,
+                answers.ids,
+                incoming,
+                tx,
+                Some(started),
+            ));
+            let _ = tokio::time::timeout(FIRST_EVENTS_WAIT, first_queued).await;
             let mut r = Response::new(out);
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers, &["content-length"]);
@@ -1050,7 +1140,12 @@ impl Exchange {
         let max = self.limits.max_response_body;
         let raw = match body::read_bounded(incoming, max, self.limits.response_timeout).await {
             Ok(b) => b,
-            Err(e) => return self.undeliverable(head, &answers, &format!("server answer: {e}")),
+            Err(e) => {
+                if matches!(e, ReadError::TooLarge(_) | ReadError::TimedOut(_)) {
+                    LimitRefusals::count(&self.limits.refusals.response);
+                }
+                return self.undeliverable(head, &answers, &format!("server answer: {e}"));
+            }
         };
         let decoded = match encoding::decode_body(
             &parts.headers,

@@ -1,6 +1,9 @@
 //! The bounds and settings of the HTTP proxy.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::load::{HeldByProcess, LimitRefusals};
 
 use crate::config::DenyShape;
 use crate::mcp::json::JsonLimits;
@@ -21,12 +24,18 @@ pub struct Limits {
     pub max_headers: usize,
     /// Largest total header size in bytes (HTTP/2 header list, HTTP/1.1 read buffer).
     pub max_header_bytes: usize,
+    /// Most HTTP/2 streams an agent may have open at once on one connection
+    /// (advertised; a stream past it is reset with `REFUSED_STREAM`).
+    pub max_h2_streams: u32,
     /// How denials are shown to the agent.
     pub deny_shape: DenyShape,
     /// Largest single SSE event in bytes.
     pub max_sse_event: usize,
     /// Most calls held for approval at once on one connection.
     pub max_held_per_conn: usize,
+    /// Most calls held for approval at once for one process, across its
+    /// connections (`intercept.max_held_per_process`).
+    pub max_held_per_process: usize,
     /// How often a held call with a progress token gets `notifications/progress`.
     pub progress_interval: Duration,
     /// Most messages in one JSON-RPC batch.
@@ -35,6 +44,11 @@ pub struct Limits {
     pub max_json_depth: usize,
     /// Time allowed to receive a whole JSON response body from the server.
     pub response_timeout: Duration,
+    /// Calls held per process now, shared by every connection served
+    /// under these limits.
+    pub held_by_process: Arc<HeldByProcess>,
+    /// How often each limit refused something, shared the same way.
+    pub refusals: Arc<LimitRefusals>,
 }
 
 impl Default for Limits {
@@ -45,14 +59,18 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             max_headers: 100,
             max_header_bytes: 64 * 1024,
+            max_h2_streams: 100,
             deny_shape: DenyShape::ToolError,
             max_sse_event: usize::try_from(crate::config::DEFAULT_MAX_RESPONSE_BODY)
                 .unwrap_or(usize::MAX),
             max_held_per_conn: 16,
+            max_held_per_process: crate::config::DEFAULT_MAX_HELD_PER_PROCESS,
             progress_interval: Duration::from_secs(5),
             max_batch: 64,
             max_json_depth: 64,
             response_timeout: Duration::from_secs(600),
+            held_by_process: Arc::default(),
+            refusals: Arc::default(),
         }
     }
 }
@@ -66,6 +84,7 @@ impl Limits {
             max_response_body: cfg.max_response_body,
             max_sse_event: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
             deny_shape: cfg.deny_shape,
+            max_held_per_process: cfg.max_held_per_process,
             ..Self::default()
         }
     }

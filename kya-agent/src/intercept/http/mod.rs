@@ -35,6 +35,7 @@ pub(crate) mod governor;
 pub mod inspect;
 pub(crate) mod limits;
 pub mod listed;
+pub mod load;
 pub(crate) mod sessions;
 pub(crate) mod sniff;
 pub(crate) mod stream;
@@ -151,6 +152,7 @@ where
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .max_concurrent_streams(limits.max_h2_streams)
                 .serve_connection(io, svc);
             serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
         }
@@ -165,6 +167,20 @@ where
             serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
         }
     };
+    if let Err(e) = &result {
+        if e.is_timeout() {
+            tracing::debug!(
+                conn = conn_id,
+                "agent connection closed: no request headers within the timeout"
+            );
+            load::LimitRefusals::count(&limits.refusals.slow_headers);
+        } else if e.is_parse_too_large() {
+            // HTTP/1.1: too many header fields, or too many header bytes
+            // (hyper answered 431).
+            tracing::debug!(conn = conn_id, "agent request headers over the limit");
+            load::LimitRefusals::count(&limits.refusals.headers);
+        }
+    }
     result.map_err(ProxyError::Serve)
 }
 

@@ -9,9 +9,11 @@
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+use super::body::BodyTx;
 
 use crate::mcp::json;
 use crate::mcp::sse::{self, SseEvent, SseItem, SseParser};
@@ -26,14 +28,27 @@ pub(crate) fn legacy_key(dst: &std::net::SocketAddr, path_and_query: &str) -> St
 }
 
 /// Write one JSON-RPC message to the agent as an SSE `message` event.
-pub(crate) async fn send_message(out: &mpsc::Sender<Bytes>, message: &Value) -> bool {
+pub(crate) async fn send_message(out: &BodyTx, message: &Value) -> bool {
     let data = String::from_utf8_lossy(&json::to_canonical_bytes(message)).into_owned();
     send_event(out, SseEvent::message(data)).await
 }
 
-async fn send_event(out: &mpsc::Sender<Bytes>, event: SseEvent) -> bool {
+/// [`send_message`] as the last event of the response: the agent gets it and
+/// the end together.
+pub(crate) async fn last_message(out: BodyTx, message: &Value) -> bool {
+    let data = String::from_utf8_lossy(&json::to_canonical_bytes(message)).into_owned();
+    match sse::encode(&SseItem::Event(SseEvent::message(data))) {
+        Ok(bytes) => out.finish(Bytes::from(bytes)).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not encode an SSE event");
+            true
+        }
+    }
+}
+
+async fn send_event(out: &BodyTx, event: SseEvent) -> bool {
     match sse::encode(&SseItem::Event(event)) {
-        Ok(bytes) => out.send(Bytes::from(bytes)).await.is_ok(),
+        Ok(bytes) => out.send(Bytes::from(bytes)).await,
         Err(e) => {
             tracing::warn!(error = %e, "could not encode an SSE event");
             true
@@ -63,82 +78,148 @@ pub(crate) fn undeliverable(id: &Value, reason: &str) -> Value {
 /// one write, as it would directly (a client may act on an event before it has
 /// read an end that arrives separately, and find the connection still busy).
 pub(crate) async fn relay(
-    mut peer: Peer,
+    peer: Peer,
     sse_url: Option<Uri>,
     ids: Vec<Value>,
-    mut upstream: Incoming,
-    out: mpsc::Sender<Bytes>,
+    upstream: Incoming,
+    out: BodyTx,
+    started: Option<oneshot::Sender<()>>,
 ) {
-    let mut parser = SseParser::new(peer.limits.sse());
-    let mut legacy: Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)> = None;
+    let mut r = Relay {
+        parser: SseParser::new(peer.limits.sse()),
+        peer,
+        sse_url,
+        ids,
+        upstream,
+        out,
+        legacy: None,
+    };
+    // What the server sent with its answer's head is judged and queued
+    // before that head goes to the agent, so both leave in one write.
+    let first = next_ready(&mut r.upstream).await;
+    let go_on = match first {
+        Some(frame) => r.frames(frame).await,
+        None => true,
+    };
+    if let Some(started) = started {
+        let _ = started.send(());
+    }
+    if !go_on {
+        return;
+    }
     loop {
         let injected = async {
-            match legacy.as_mut() {
+            match r.legacy.as_mut() {
                 Some((_, rx)) => rx.recv().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            frame = upstream.frame() => {
-                let mut batch = Vec::new();
-                let mut next = Some(frame);
-                let mut ended = false;
-                while let Some(frame) = next.take() {
-                    let chunk = match frame {
-                        None => {
-                            ended = true;
-                            break;
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(conn = peer.conn.conn_id, error = %e, "upstream SSE stream failed");
-                            ended = true;
-                            break;
-                        }
-                        Some(Ok(f)) => f.into_data().unwrap_or_default(),
-                    };
-                    let items = match parser.push(&chunk) {
-                        Ok(items) => items,
-                        Err(e) => {
-                            // An oversize or non-UTF-8 event: stop relaying rather than
-                            // pass something uninspected, and say so at once.
-                            let reason = format!("server event stream refused: {e}");
-                            tracing::warn!(conn = peer.conn.conn_id, %reason, requests = ids.len(), "event stream ended by kya");
-                            peer.gov.refused(&peer.conn, &reason);
-                            if !batch.is_empty() && out.send(Bytes::from(batch)).await.is_err() {
-                                return;
-                            }
-                            for id in &ids {
-                                if !send_message(&out, &undeliverable(id, &reason)).await {
-                                    break;
-                                }
-                            }
-                            return;
-                        }
-                    };
-                    for item in items {
-                        forward_item(&mut peer, sse_url.as_ref(), &mut legacy, item, &mut batch).await;
-                    }
-                    // Gathering is bounded: a server that never pauses still
-                    // reaches the agent in pieces, and kya holds no more of it.
-                    if batch.len() < MAX_BATCH_BYTES {
-                        next = next_ready(&mut upstream).await;
-                    }
-                }
-                if !batch.is_empty() && out.send(Bytes::from(batch)).await.is_err() {
-                    return;
-                }
-                if ended {
+            frame = r.upstream.frame() => {
+                if !r.frames(frame).await {
                     return;
                 }
             }
             msg = injected => {
                 match msg {
-                    Some(m) => if !send_message(&out, &m).await { return },
-                    None => legacy = None,
+                    Some(m) => if !send_message(&r.out, &m).await { return },
+                    None => r.legacy = None,
                 }
             }
-            _ = out.closed() => return,
+            _ = r.out.closed() => return,
         }
+    }
+}
+
+/// One relayed event stream.
+struct Relay {
+    peer: Peer,
+    sse_url: Option<Uri>,
+    /// The requests the stream answers.
+    ids: Vec<Value>,
+    upstream: Incoming,
+    out: BodyTx,
+    parser: SseParser,
+    legacy: Option<(sessions::LegacyGuard, mpsc::Receiver<Value>)>,
+}
+
+impl Relay {
+    /// Judge `frame` and every frame already there after it, and hand what
+    /// the agent gets of them over as one piece (with the end of the
+    /// response, when the server's stream ended among them). False: the
+    /// relay is over.
+    async fn frames(
+        &mut self,
+        frame: Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>,
+    ) -> bool {
+        let mut batch = Vec::new();
+        let mut next = Some(frame);
+        let mut ended = false;
+        while let Some(frame) = next.take() {
+            let chunk = match frame {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(conn = self.peer.conn.conn_id, error = %e, "upstream SSE stream failed");
+                    ended = true;
+                    break;
+                }
+                Some(Ok(f)) => f.into_data().unwrap_or_default(),
+            };
+            let items = match self.parser.push(&chunk) {
+                Ok(items) => items,
+                Err(e) => {
+                    // An oversize or non-UTF-8 event: stop relaying rather than
+                    // pass something uninspected, and say so at once.
+                    if matches!(e, crate::mcp::sse::SseError::EventTooLarge { .. }) {
+                        super::load::LimitRefusals::count(&self.peer.limits.refusals.sse_event);
+                    }
+                    let reason = format!("server event stream refused: {e}");
+                    tracing::warn!(conn = self.peer.conn.conn_id, %reason, requests = self.ids.len(), "event stream ended by kya");
+                    self.peer.gov.refused(&self.peer.conn, &reason);
+                    if !batch.is_empty() && !self.out.send(Bytes::from(batch)).await {
+                        return false;
+                    }
+                    for id in &self.ids {
+                        if !send_message(&self.out, &undeliverable(id, &reason)).await {
+                            break;
+                        }
+                    }
+                    return false;
+                }
+            };
+            for item in items {
+                forward_item(
+                    &mut self.peer,
+                    self.sse_url.as_ref(),
+                    &mut self.legacy,
+                    item,
+                    &mut batch,
+                )
+                .await;
+            }
+            // A body of known length says it has ended with its last
+            // byte, without waiting for a frame that says so.
+            if self.upstream.is_end_stream() {
+                ended = true;
+                break;
+            }
+            // Gathering is bounded: a server that never pauses still
+            // reaches the agent in pieces, and kya holds no more of it.
+            if batch.len() < MAX_BATCH_BYTES {
+                next = next_ready(&mut self.upstream).await;
+            }
+        }
+        if ended {
+            // The last events and the end of the response together.
+            if !batch.is_empty() {
+                self.out.clone().finish(Bytes::from(batch)).await;
+            }
+            return false;
+        }
+        batch.is_empty() || self.out.send(Bytes::from(batch)).await
     }
 }
 
@@ -153,7 +234,7 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 async fn next_ready(
     upstream: &mut Incoming,
 ) -> Option<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-    for _ in 0..3 {
+    for _ in 0..8 {
         if let Some(f) = ready_now(upstream.frame()).await {
             return Some(f);
         }
