@@ -55,9 +55,13 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   apt-get update -qq
 fi
-need=()
 # QEMU from backports: it must match a backports qemu-utils if one is installed.
-command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86/bookworm-backports)
+# `-t` (not `pkg/suite`) so that its dependencies come from backports too.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  echo "install-deps: installing qemu-system-x86 from bookworm-backports"
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86
+fi
+need=()
 command -v depmod >/dev/null 2>&1 || need+=(kmod)
 command -v busybox >/dev/null 2>&1 || need+=(busybox-static)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
