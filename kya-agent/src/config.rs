@@ -94,6 +94,9 @@ pub struct FileConfig {
     pub control: ControlSection,
     #[serde(default)]
     pub kubernetes: KubernetesSection,
+    /// `[[broker]]`: credentials kya holds for servers (see [`crate::broker`]).
+    #[serde(default)]
+    pub broker: Vec<crate::broker::BrokerSection>,
 }
 
 /// `[control]`: who may connect to the control socket.
@@ -558,6 +561,8 @@ pub struct Config {
     pub max_pending: usize,
     /// `[control] group`: the approvers group of the control socket.
     pub control_group: Option<String>,
+    /// `[[broker]]` entries: credentials kya holds for servers.
+    pub broker: Vec<crate::broker::BrokerSection>,
     /// `[audit] args`: record tool call arguments (after `audit_redact`).
     pub audit_args: bool,
     /// `[audit] redact`: argument paths replaced by `[redacted]`.
@@ -841,6 +846,7 @@ impl Config {
             separate_duties,
             max_pending,
             control_group,
+            broker: file.broker,
             audit_args: file.audit.args,
             audit_redact: file.audit.redact,
             kubernetes,

@@ -227,6 +227,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
+    // Credentials held for servers: files read now, so a bad one stops the start.
+    let broker =
+        crate::broker::Broker::new(&config.broker, Some((key.clone(), format!("kya:{host}"))))
+            .context("credential brokering")?
+            .map(Arc::new);
+    if let Some(b) = &broker {
+        for (server, source) in b.servers() {
+            tracing::info!(%server, %source, "credentials brokered");
+        }
+    }
     let decisions = Arc::new(
         DecisionPath::new(
             engine.clone(),
@@ -241,7 +251,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .with_args_record(crate::decision::ArgsRecord {
             include: config.audit_args,
             redact: config.audit_redact.clone(),
-        }),
+        })
+        .with_broker(broker),
     );
     let decision_path: Arc<dyn Governor> = decisions.clone();
     metrics.add_source(kernel_samples(redirector.clone()));

@@ -8,6 +8,7 @@ pub mod agents;
 pub mod approvals;
 pub mod audit;
 pub mod bpf;
+pub mod broker;
 pub mod ca;
 pub mod cgroup_glob;
 pub mod cli;

@@ -1,6 +1,6 @@
 """A real MCP client (PyPI `mcp`) for kya's tests: call one tool, print JSON.
 
-    client.py URL TOOL [JSON_ARGS] [--sse] [--progress]
+    client.py URL TOOL [JSON_ARGS] [--sse] [--progress] [--header NAME:VALUE ...]
     client.py URL --list [--sse]
 
 Prints {"isError": bool, "text": str, "progress": [messages...]} or
@@ -14,10 +14,19 @@ import sys
 
 from mcp import Client
 from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 
 async def run(a: argparse.Namespace) -> dict:
-    target = sse_client(a.url) if a.sse else a.url
+    headers = dict(h.split(":", 1) for h in a.header)
+    headers = {k.strip(): v.strip() for k, v in headers.items()}
+    if a.sse:
+        target = sse_client(a.url, headers=headers or None)
+    elif headers:
+        target = streamable_http_client(a.url, http_client=create_mcp_http_client(headers=headers))
+    else:
+        target = a.url
     progress: list = []
 
     async def on_progress(value, total, message):
@@ -45,6 +54,7 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--header", action="append", default=[], help="NAME:VALUE sent on every request")
     a = p.parse_args()
     try:
         out = asyncio.run(run(a))

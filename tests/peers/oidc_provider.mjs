@@ -19,6 +19,16 @@
 //   INTERVAL       poll interval (seconds) told to the client (default 1)
 //   STRICT_BINDING 1: oidc-provider's default binding_message rule
 //                  (^[a-zA-Z0-9-._+/!?#]{1,20}$); otherwise printable ASCII up to 128
+//   BROKER_CLIENT_ID, BROKER_CLIENT_SECRET
+//                  a second client (kya's, for credential brokering) allowed the
+//                  client_credentials grant (scope "mcp") and, with KYA_PUBLIC_KEY,
+//                  RFC 8693 token exchange
+//   KYA_PUBLIC_KEY kya's Ed25519 public key (SPKI PEM file): token exchange accepts
+//                  subject and actor tokens (EdDSA JWTs, aud = the token endpoint)
+//                  kya signed with it; the issued token carries sub = the subject's
+//                  sub and act = {sub: the actor's sub, kya_uid}
+//   RS_CLIENT_ID, RS_CLIENT_SECRET
+//                  a resource server's client, allowed RFC 7662 introspection
 //
 // Control API (JSON, 127.0.0.1:CONTROL_PORT):
 //   GET  /requests            [{id, login_hint, binding_message, requested_expiry, done,
@@ -30,6 +40,8 @@
 //                 man-in-the-middle with a key outside the JWKS, or a real
 //                 signature over wrong claims)
 //   GET  /health              {"issuer": ...}
+//   GET  /tokens              [{grant, client_id, sub, act}] every access token issued to
+//                              the broker client (the provider's own record)
 //
 // On start it prints one line: {"ready": true, "issuer": ..., "control": ...}.
 
@@ -48,6 +60,14 @@ const PING_URL = process.env.PING_URL;
 const ALG = process.env.ID_TOKEN_ALG || 'RS256';
 const INTERVAL = Number(process.env.INTERVAL || 1);
 const STRICT = process.env.STRICT_BINDING === '1';
+const BROKER_CLIENT_ID = process.env.BROKER_CLIENT_ID;
+const BROKER_CLIENT_SECRET = process.env.BROKER_CLIENT_SECRET;
+const RS_CLIENT_ID = process.env.RS_CLIENT_ID;
+const RS_CLIENT_SECRET = process.env.RS_CLIENT_SECRET;
+const KYA_PUBLIC_KEY = process.env.KYA_PUBLIC_KEY;
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const JWT_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:jwt';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
 const ISSUER = `http://127.0.0.1:${OP_PORT}`;
 
 function jwk(type, opts, kid) {
@@ -90,8 +110,38 @@ if (MODE === 'ping') {
   client.backchannel_client_notification_endpoint = PING_URL;
 }
 
+const clients = [client];
+if (BROKER_CLIENT_ID) {
+  clients.push({
+    client_id: BROKER_CLIENT_ID,
+    client_secret: BROKER_CLIENT_SECRET,
+    grant_types: KYA_PUBLIC_KEY ? ['client_credentials', TOKEN_EXCHANGE] : ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    scope: 'mcp',
+    token_endpoint_auth_method: 'client_secret_basic',
+  });
+}
+if (RS_CLIENT_ID) {
+  clients.push({
+    client_id: RS_CLIENT_ID,
+    client_secret: RS_CLIENT_SECRET,
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+  });
+}
+const issued = []; // what the broker client got: the provider's own record
+
 const provider = new Provider(ISSUER, {
-  clients: [client],
+  clients,
+  scopes: ['openid', 'mcp'],
+  // Claims of an exchanged token (stashed on it by the grant below),
+  // returned by introspection.
+  async extraTokenClaims(_ctx, token) {
+    return token.kyaClaims;
+  },
   jwks: { keys: signingKeys },
   findAccount: async (_ctx, id) => ({
     accountId: id,
@@ -101,6 +151,8 @@ const provider = new Provider(ISSUER, {
   }),
   features: {
     devInteractions: { enabled: false },
+    clientCredentials: { enabled: Boolean(BROKER_CLIENT_ID) },
+    introspection: { enabled: Boolean(RS_CLIENT_ID) },
     ciba: {
       enabled: true,
       deliveryModes: ['poll', 'ping'],
@@ -138,6 +190,52 @@ const provider = new Provider(ISSUER, {
 });
 provider.proxy = false;
 
+// RFC 8693 token exchange for kya: both tokens must be EdDSA JWTs kya signed,
+// addressed to this token endpoint and unexpired.
+if (BROKER_CLIENT_ID && KYA_PUBLIC_KEY) {
+  const { readFileSync } = await import('node:fs');
+  const kyaKey = crypto.createPublicKey(readFileSync(KYA_PUBLIC_KEY));
+  const verify = async (jwt, what) => {
+    try {
+      const { payload } = await jose.jwtVerify(jwt, kyaKey, {
+        algorithms: ['EdDSA'],
+        audience: `${ISSUER}/token`,
+      });
+      if (typeof payload.sub !== 'string' || !payload.sub) throw new Error('no sub');
+      return payload;
+    } catch (e) {
+      throw new errors.InvalidGrant(`${what}: ${e.message}`);
+    }
+  };
+  provider.registerGrantType(
+    TOKEN_EXCHANGE,
+    async (ctx) => {
+      const { client, params } = ctx.oidc;
+      if (params.subject_token_type !== JWT_TOKEN_TYPE || params.actor_token_type !== JWT_TOKEN_TYPE) {
+        throw new errors.InvalidRequest('subject_token_type and actor_token_type must be JWTs');
+      }
+      if (params.requested_token_type && params.requested_token_type !== ACCESS_TOKEN_TYPE) {
+        throw new errors.InvalidRequest('only access tokens are issued');
+      }
+      const subject = await verify(params.subject_token, 'subject_token');
+      const actor = await verify(params.actor_token, 'actor_token');
+      const token = new provider.ClientCredentials({ client, scope: params.scope || undefined });
+      token.kyaClaims = { sub: subject.sub, act: { sub: actor.sub, kya_uid: actor.kya_uid } };
+      const value = await token.save();
+      issued.push({ grant: 'token_exchange', client_id: client.clientId, ...token.kyaClaims });
+      ctx.body = {
+        access_token: value,
+        issued_token_type: ACCESS_TOKEN_TYPE,
+        token_type: 'Bearer',
+        expires_in: token.expiration,
+        scope: token.scope || undefined,
+      };
+    },
+    ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type',
+      'requested_token_type', 'scope', 'audience'],
+  );
+}
+
 // Tell the client the poll interval (CIBA Core 7.3), and rewrite ID tokens in
 // tamper mode.
 provider.use(async (ctx, next) => {
@@ -159,6 +257,9 @@ provider.use(async (ctx, next) => {
       ...ctx.body,
       id_token: await new jose.SignJWT(claims).setProtectedHeader({ alg: ALG, kid }).sign(priv),
     };
+  }
+  if (ctx.path === '/token' && ctx.status === 200 && ctx.oidc?.params?.grant_type === 'client_credentials') {
+    issued.push({ grant: 'client_credentials', client_id: ctx.oidc.client?.clientId });
   }
   // Remember the digest of the ID token the client really got (what kya's
   // audit log must name for an approval).
@@ -190,6 +291,9 @@ const control = http.createServer(async (req, res) => {
     const m = url.pathname.match(/^\/requests\/([^/]+)\/(approve|deny)$/);
     if (req.method === 'GET' && url.pathname === '/health') {
       return send(res, 200, { issuer: ISSUER, mode: MODE, alg: ALG });
+    }
+    if (req.method === 'GET' && url.pathname === '/tokens') {
+      return send(res, 200, issued);
     }
     if (req.method === 'GET' && url.pathname === '/requests') {
       return send(res, 200, [...requests.values()].map(({ request, ...r }) => r));

@@ -1,14 +1,29 @@
 """A small real MCP server (PyPI `mcp`) for kya's tests.
 
     server.py --port N [--host ADDR] [--transport streamable-http|sse] [--json]
+              [--require-token FILE | --introspect URL --introspect-client ID:SECRET]
 
 Tools: search_docs(query), delete_records(table), transfer(amount, to). DNS-rebinding
 protection is off because the tests reach it through kya's proxy, whose address
 is the Host the client sends.
+
+With --require-token or --introspect the server is an OAuth-protected resource
+server through the SDK's own bearer authentication: a request without a valid
+`Authorization: Bearer` token is answered 401 with `WWW-Authenticate`. The token
+is either the content of FILE, or one the authorization server's RFC 7662
+introspection endpoint says is active. Each accepted token's introspection
+answer with the token (or `{"static": true}`) is appended to $KYA_PEER_AUTH_LOG
+as a JSON line.
 """
 
 import argparse
+import hmac
+import json
 import os
+
+import httpx
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
@@ -45,13 +60,76 @@ def transfer(amount: int, to: str) -> str:
     return f"transferred {amount} to {to}"
 
 
+def record_auth(info: dict) -> None:
+    path = os.environ.get("KYA_PEER_AUTH_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(info) + "\n")
+
+
+class FileTokenVerifier:
+    """Accepts exactly the token in a file (read on each request)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        with open(self.path, encoding="utf-8") as f:
+            expected = f.read().strip()
+        if not hmac.compare_digest(token.encode(), expected.encode()):
+            return None
+        record_auth({"static": True})
+        return AccessToken(token=token, client_id="static", scopes=[])
+
+
+class IntrospectionVerifier:
+    """Accepts tokens the authorization server says are active (RFC 7662)."""
+
+    def __init__(self, url: str, client: str) -> None:
+        self.url = url
+        self.client_id, _, self.secret = client.partition(":")
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        async with httpx.AsyncClient() as c:
+            r = await c.post(self.url, data={"token": token}, auth=(self.client_id, self.secret))
+        if r.status_code != 200:
+            return None
+        info = r.json()
+        if not info.get("active"):
+            return None
+        record_auth({**info, "token": token})
+        return AccessToken(
+            token=token,
+            client_id=str(info.get("client_id", "")),
+            scopes=str(info.get("scope", "")).split(),
+            subject=info.get("sub"),
+            claims=info,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--transport", default="streamable-http", choices=["streamable-http", "sse"])
     p.add_argument("--json", action="store_true", help="answer POSTs with application/json")
+    p.add_argument("--require-token", metavar="FILE", help="accept only this bearer token")
+    p.add_argument("--introspect", metavar="URL", help="RFC 7662 introspection endpoint")
+    p.add_argument("--introspect-client", metavar="ID:SECRET", default="")
+    p.add_argument("--issuer", default="http://127.0.0.1:1", help="authorization server (metadata)")
     a = p.parse_args()
+    verifier = None
+    if a.require_token:
+        verifier = FileTokenVerifier(a.require_token)
+    elif a.introspect:
+        verifier = IntrospectionVerifier(a.introspect, a.introspect_client)
+    if verifier is not None:
+        server._token_verifier = verifier
+        server.settings.auth = AuthSettings(
+            issuer_url=a.issuer,
+            resource_server_url=f"http://{a.host}:{a.port}/mcp",
+            validate_token_resource=False,
+        )
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     if a.transport == "sse":
         server.run("sse", host=a.host, port=a.port, transport_security=security)

@@ -5,6 +5,7 @@
 //! processes) is cleaned up by `Drop`, so a failing assertion leaves nothing
 //! behind. Tests touch only loopback addresses.
 
+pub mod oidc;
 pub mod podman;
 
 use serde_json::Value;
@@ -1079,6 +1080,7 @@ impl McpServer {
             .args(["--port", &port.to_string(), "--host", host])
             .args(extra)
             .env("KYA_PEER_LOG", &log)
+            .env("KYA_PEER_AUTH_LOG", log.with_extension("auth"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -1095,6 +1097,16 @@ impl McpServer {
     /// Its Streamable HTTP URL.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+
+    /// The bearer tokens the server accepted, in order (its own record, when
+    /// it requires one: `--require-token`, `--introspect`).
+    pub fn accepted_tokens(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.log.with_extension("auth"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Tools that really ran, in order (the server's own record).

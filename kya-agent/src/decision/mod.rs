@@ -54,6 +54,8 @@ pub const STOPPING_REASON: &str = "kya is stopping; the call was not forwarded";
 /// The daemon's decision path.
 pub struct DecisionPath {
     core: Arc<Core>,
+    /// Credentials kya holds for servers, attached to what it forwards.
+    broker: Option<Arc<crate::broker::Broker>>,
 }
 
 /// What every decision uses; shared by the decisions in flight.
@@ -110,6 +112,7 @@ impl DecisionPath {
                 host,
                 args: ArgsRecord::default(),
             }),
+            broker: None,
         }
     }
 
@@ -120,6 +123,12 @@ impl DecisionPath {
             Some(core) => core.args = args,
             None => tracing::error!("the argument record is set only before decisions start"),
         }
+        self
+    }
+
+    /// Attach the credentials of `broker` to the requests this path lets through.
+    pub fn with_broker(mut self, broker: Option<Arc<crate::broker::Broker>>) -> Self {
+        self.broker = broker;
         self
     }
 
@@ -480,6 +489,21 @@ impl Governor for DecisionPath {
 
     fn not_forwarded(&self, decision_id: &str) {
         self.core.budget.not_forwarded(decision_id);
+    }
+
+    fn broker(&self) -> Option<Arc<crate::broker::Broker>> {
+        self.broker.clone()
+    }
+
+    fn actor(&self, conn: &ConnFacts) -> crate::broker::oauth::Actor {
+        let engine = &self.core.engine;
+        let agent = engine.resolve(&conn.process, OffsetDateTime::now_utc());
+        crate::broker::oauth::Actor {
+            agent: agent.name,
+            owner: agent.owner,
+            uid: conn.process.uid,
+            exe_sha256: engine.registry().exe_hash(&conn.process),
+        }
     }
 
     fn forwarded(&self, decision_id: &str) {

@@ -28,6 +28,7 @@ use super::listed;
 use super::load::LimitRefusals;
 use super::sessions;
 use super::stream;
+use crate::broker;
 use crate::intercept::names::NameResolver;
 
 tokio::task_local! {
@@ -133,6 +134,11 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "upgrade",
 ];
+
+/// Whether `name` (lowercase) is a hop-by-hop header, never forwarded as is.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
@@ -310,6 +316,13 @@ impl Exchange {
             Err(Refusal(r)) => return self.refuse_http(StatusCode::MISDIRECTED_REQUEST, v, &r),
         };
         let server = self.bind_to_destination(server).await;
+        if let Some(broker) = self.gov.broker() {
+            if let Err(e) =
+                broker.check_placeholders(&server, self.port(), &head.uri, &head.headers)
+            {
+                return self.refuse_http(StatusCode::FORBIDDEN, v, &e.to_string());
+            }
+        }
         if incoming.is_end_stream() {
             let mcp = head.headers.contains_key("mcp-session-id")
                 || head.headers.contains_key("mcp-protocol-version");
@@ -979,6 +992,14 @@ impl Exchange {
         }
     }
 
+    /// The destination port the agent connected to (a followed tunnel's target).
+    fn port(&self) -> u16 {
+        self.conn
+            .tunnel
+            .as_ref()
+            .map_or(self.conn.dst.port(), |t| t.port)
+    }
+
     /// The absolute URL of a request (the base for legacy `endpoint` resolution).
     fn absolute(&self, head: &Head, server: &str) -> Option<Uri> {
         let scheme = if self.conn.tls { "https" } else { "http" };
@@ -1031,9 +1052,10 @@ impl Exchange {
         req
     }
 
-    /// Forward a request and relay (and judge) the server's answer. `mcp` says the
-    /// exchange is MCP, so JSON answers are read whole and judged; `answers` are
-    /// the JSON-RPC requests the answer answers.
+    /// Forward a request and relay (and judge) the server's answer. `decided`
+    /// says the body is the canonical bytes of JSON-RPC messages that were all
+    /// decided and allowed; `mcp` says the exchange is MCP, so JSON answers are
+    /// read whole and judged; `answers` are the JSON-RPC requests the answer answers.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -1041,11 +1063,35 @@ impl Exchange {
         head: &Head,
         body: ProxyBody,
         len: Option<usize>,
-        rewritten: bool,
+        decided: bool,
         mcp: bool,
         answers: Answers,
     ) -> Response<ProxyBody> {
-        let req = self.upstream_request(head, body, len, rewritten);
+        let mut req = self.upstream_request(head, body, len, decided);
+        // Credentials kya holds for the server: the agent's own removed, kya's
+        // attached to decided requests (remembered, to renew one refused).
+        let broker = self.gov.broker();
+        let target = broker::Target {
+            server,
+            port: self.port(),
+            method: &head.method,
+            path: head.uri.path(),
+            tls: self.conn.tls,
+            decided,
+            bodyless: len.is_none_or(|n| n == 0),
+        };
+        let mut attached_for = None;
+        if let Some(broker) = &broker {
+            let actor = self.gov.actor(&self.conn);
+            match broker.apply(&target, &actor, req.headers_mut()).await {
+                Ok(broker::Applied::Attached { source }) => {
+                    tracing::debug!(conn = self.conn.conn_id, %server, %source, "credential attached");
+                    attached_for = Some(actor);
+                }
+                Ok(broker::Applied::NotBrokered | broker::Applied::Withheld) => {}
+                Err(e) => return self.undeliverable(head, &answers, &e.to_string()),
+            }
+        }
         let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e @ UpstreamError::Gone(_)) => {
@@ -1062,6 +1108,11 @@ impl Exchange {
             }
         };
         let (parts, incoming) = resp.into_parts();
+        if let (Some(broker), Some(actor)) = (&broker, &attached_for) {
+            if parts.status == StatusCode::UNAUTHORIZED {
+                broker.rejected(&target, actor).await;
+            }
+        }
         // The server ends the connection after this answer: so does kya's
         // agent side (HTTP/2 has no such header; GOAWAY follows from the driver).
         let closing = head.version == Version::HTTP_11 && closes_connection(&parts);

@@ -162,6 +162,23 @@ pub trait Governor: Send + Sync + 'static {
         self.refused(conn, reason);
         Box::pin(std::future::ready(()))
     }
+    /// The credentials kya holds for servers on the agents' behalf
+    /// ([`crate::broker`]); `None` when none are configured.
+    fn broker(&self) -> Option<Arc<crate::broker::Broker>> {
+        None
+    }
+
+    /// Who a connection's process acts as, for per-agent credentials: its
+    /// registered agent and owner.
+    fn actor(&self, conn: &ConnFacts) -> crate::broker::oauth::Actor {
+        crate::broker::oauth::Actor {
+            agent: crate::policy::AgentInfo::unregistered().name,
+            owner: None,
+            uid: conn.process.uid,
+            exe_sha256: None,
+        }
+    }
+
     /// An allowed message was actually sent upstream (a batch with a denied
     /// member sends none). Budgets count only these.
     fn forwarded(&self, decision_id: &str) {
