@@ -190,6 +190,27 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         }
         None => status,
     };
+    // Credentials held for servers: files read now, so a bad one stops the start.
+    let broker =
+        crate::broker::Broker::new(&config.broker, Some((key.clone(), format!("kya:{host}"))))
+            .context("credential brokering")?
+            .map(Arc::new);
+    if let Some(b) = &broker {
+        for (server, source) in b.servers() {
+            tracing::info!(%server, %source, "credentials brokered");
+        }
+    }
+    let status = match &broker {
+        Some(b) => {
+            let servers: Vec<serde_json::Value> = b
+                .servers()
+                .into_iter()
+                .map(|(server, source)| serde_json::json!({"server": server, "source": source}))
+                .collect();
+            status.section("broker", Arc::new(move || serde_json::json!(servers)))
+        }
+        None => status,
+    };
     let gate = Gate::new(Arc::new(KernelSelection(redirector.clone()))).with_recorder(
         refusal_recorder(audit.clone(), events.clone()),
         control.path(),
@@ -227,16 +248,6 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
-    // Credentials held for servers: files read now, so a bad one stops the start.
-    let broker =
-        crate::broker::Broker::new(&config.broker, Some((key.clone(), format!("kya:{host}"))))
-            .context("credential brokering")?
-            .map(Arc::new);
-    if let Some(b) = &broker {
-        for (server, source) in b.servers() {
-            tracing::info!(%server, %source, "credentials brokered");
-        }
-    }
     let decisions = Arc::new(
         DecisionPath::new(
             engine.clone(),

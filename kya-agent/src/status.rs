@@ -244,6 +244,13 @@ pub mod command {
                 &Value::from(text),
             );
         }
+        for b in s["broker"].as_array().into_iter().flatten() {
+            line(
+                &mut out,
+                &format!("broker {}", b["server"].as_str().unwrap_or("?")),
+                &b["source"],
+            );
+        }
         for section in ["kernel", "interceptor"] {
             if let Some(obj) = s[section].as_object() {
                 for (k, v) in obj {

@@ -183,6 +183,20 @@ fn an_agent_without_a_key_reaches_a_server_that_requires_one_only_through_decide
     let daemon = Daemon::start(opts);
     let url = server.url();
     let mut agent_saw = Vec::new();
+    // `kya status` names the brokered server and where its credential comes
+    // from (never the value).
+    let status = kya_status(&daemon);
+    assert_eq!(
+        status["broker"][0]["server"],
+        format!("127.0.0.1:{STATIC_MCP}"),
+        "{status}"
+    );
+    assert!(
+        status["broker"][0]["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("file ")),
+        "{status}"
+    );
 
     // 1. Direct, without a key: the server refuses (its own authentication).
     let r = direct_client(&url, &["search_docs", r#"{"query":"direct"}"#]);
