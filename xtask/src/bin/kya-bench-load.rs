@@ -137,7 +137,15 @@ fn main() -> Result<()> {
         .build()
         .context("tokio runtime")?;
     let out = rt.block_on(run(args))?;
-    println!("{out}");
+    // In `open` mode the harness reads only the first report and may have
+    // closed its end of the pipe by now: the closing report is best effort.
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout();
+    if let Err(e) = writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e).context("stdout");
+        }
+    }
     Ok(())
 }
 
