@@ -21,7 +21,7 @@ use super::body::{self, ProxyBody, ReadError};
 use super::client::{Upstream, UpstreamError};
 use super::deny::{self, Denial};
 use super::filter::{filter_server_data, Filtered, Peer};
-use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
+use super::governor::{CallFacts, ConnFacts, Direction, Governor, Grant, ProofRequest, Ruling};
 use super::inspect::{self, Refusal};
 use super::limits::Limits;
 use super::listed;
@@ -69,7 +69,9 @@ const FIRST_EVENTS_WAIT: std::time::Duration = std::time::Duration::from_millis(
 /// What was decided for one message of a request.
 #[derive(Debug)]
 enum Outcome {
-    Allow(String),
+    /// The decision id, and what a proof of decision says of the message
+    /// (when its server asked for proofs).
+    Allow(String, Option<Arc<Grant>>),
     Deny(Denial),
     /// A response or error the client sends back to the server (the answer to a
     /// server→client request that was already decided on its way in): not decided.
@@ -194,7 +196,7 @@ fn is_sse(h: &HeaderMap) -> bool {
 
 fn to_outcome(r: Ruling) -> Outcome {
     match r {
-        Ruling::Allow { decision_id } => Outcome::Allow(decision_id),
+        Ruling::Allow { decision_id, grant } => Outcome::Allow(decision_id, grant),
         Ruling::Deny {
             decision_id,
             rule,
@@ -313,6 +315,10 @@ impl Exchange {
         if incoming.is_end_stream() {
             let mcp = head.headers.contains_key("mcp-session-id")
                 || head.headers.contains_key("mcp-protocol-version");
+            let proof = match self.proof(&server, &head, b"", &[]) {
+                Ok(p) => p,
+                Err(reason) => return self.refuse_http(StatusCode::BAD_GATEWAY, v, &reason),
+            };
             return self
                 .forward(
                     &server,
@@ -322,6 +328,7 @@ impl Exchange {
                     false,
                     mcp,
                     Answers::default(),
+                    proof,
                 )
                 .await;
         }
@@ -365,6 +372,10 @@ impl Exchange {
             Err(Refusal(r)) => self.refuse_http(StatusCode::BAD_REQUEST, v, &r),
             Ok(inspect::Body::Opaque) => {
                 let len = raw.len();
+                let proof = match self.proof(&server, &head, &raw, &[]) {
+                    Ok(p) => p,
+                    Err(reason) => return self.refuse_http(StatusCode::BAD_GATEWAY, v, &reason),
+                };
                 self.forward(
                     &server,
                     &head,
@@ -373,6 +384,7 @@ impl Exchange {
                     false,
                     false,
                     Answers::default(),
+                    proof,
                 )
                 .await
             }
@@ -503,7 +515,7 @@ impl Exchange {
                     wait,
                 } => {
                     holds.push((i, decision_id.clone(), owner, binding, wait));
-                    outcomes.push(Outcome::Allow(decision_id));
+                    outcomes.push(Outcome::Allow(decision_id, None));
                 }
                 other => outcomes.push(to_outcome(other)),
             }
@@ -631,13 +643,24 @@ impl Exchange {
     ) -> Response<ProxyBody> {
         let all_allowed = outcomes.iter().all(|o| !matches!(o, Outcome::Deny(_)));
         if all_allowed {
+            let bytes = json::to_canonical_bytes(value);
+            let proof = match self.proof(server, head, &bytes, &outcomes) {
+                Ok(p) => p,
+                Err(reason) => {
+                    for o in &outcomes {
+                        if let Outcome::Allow(decision_id, _) = o {
+                            self.gov.not_forwarded(decision_id);
+                        }
+                    }
+                    return self.refuse_http(StatusCode::BAD_GATEWAY, head.version, &reason);
+                }
+            };
             for o in &outcomes {
-                if let Outcome::Allow(decision_id) = o {
+                if let Outcome::Allow(decision_id, _) = o {
                     self.gov.forwarded(decision_id);
                 }
             }
             listed::sent(&self.scope(server, head), &payload.messages);
-            let bytes = json::to_canonical_bytes(value);
             let len = bytes.len();
             let answers = Answers {
                 ids: payload
@@ -657,11 +680,12 @@ impl Exchange {
                     true,
                     true,
                     answers,
+                    proof,
                 )
                 .await;
         }
         for o in &outcomes {
-            if let Outcome::Allow(decision_id) = o {
+            if let Outcome::Allow(decision_id, _) = o {
                 self.gov.not_forwarded(decision_id);
             }
         }
@@ -775,7 +799,7 @@ impl Exchange {
             let shape = self.limits.deny_shape;
             answers.push(match outcome {
                 Outcome::Deny(d) => deny::answer(shape, is_tool, id, &d),
-                Outcome::Allow(decision) => deny::batch_refusal(shape, is_tool, id, &decision),
+                Outcome::Allow(decision, _) => deny::batch_refusal(shape, is_tool, id, &decision),
                 Outcome::Pass => continue,
             });
         }
@@ -855,13 +879,8 @@ impl Exchange {
                     )
                     .await;
                 }
-                Outcome::Allow(decision_id) => {
-                    self.gov.forwarded(&decision_id);
-                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
-                        .await
-                }
-                Outcome::Pass => {
-                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
+                allowed @ (Outcome::Allow(..) | Outcome::Pass) => {
+                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx, &allowed)
                         .await
                 }
             }
@@ -876,7 +895,8 @@ impl Exchange {
         r
     }
 
-    /// After an approved hold: forward and deliver the server's answer as SSE events.
+    /// After an approved hold (`outcome`): forward and deliver the server's
+    /// answer as SSE events.
     async fn forward_into_stream(
         &self,
         server: &str,
@@ -884,15 +904,31 @@ impl Exchange {
         value: &Value,
         id: &Value,
         tx: body::BodyTx,
+        outcome: &Outcome,
     ) {
+        let fail = |reason: String| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": format!("kya: {reason}")}});
+        let bytes = json::to_canonical_bytes(value);
+        let proof = match self.proof(server, head, &bytes, std::slice::from_ref(outcome)) {
+            Ok(p) => p,
+            Err(reason) => {
+                if let Outcome::Allow(decision_id, _) = outcome {
+                    self.gov.not_forwarded(decision_id);
+                }
+                tracing::info!(conn = self.conn.conn_id, %reason, "request refused");
+                self.gov.refused(&self.conn, &reason);
+                stream::last_message(tx, &fail(reason)).await;
+                return;
+            }
+        };
+        if let Outcome::Allow(decision_id, _) = outcome {
+            self.gov.forwarded(decision_id);
+        }
         if let Ok(p) = jsonrpc::parse_payload(value, self.limits.max_batch) {
             listed::sent(&self.scope(server, head), &p.messages);
         }
-        let bytes = json::to_canonical_bytes(value);
         let len = bytes.len();
-        let req = self.upstream_request(head, body::full(bytes), Some(len), true);
+        let req = self.upstream_request(head, body::full(bytes), Some(len), true, proof);
         let peer = self.peer(server, head);
-        let fail = |reason: String| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": format!("kya: {reason}")}});
         let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -992,14 +1028,60 @@ impl Exchange {
         format!("{scheme}://{authority}{pq}").parse().ok()
     }
 
+    /// The `Kya-Decision` header for a request to `server` carrying `body`
+    /// (the messages decided in it: `outcomes`), when the server asked for
+    /// proofs. `Err`: the request must not go; the reason is for the agent
+    /// (the caller refuses on record).
+    fn proof(
+        &self,
+        server: &str,
+        head: &Head,
+        body: &[u8],
+        outcomes: &[Outcome],
+    ) -> Result<Option<HeaderValue>, String> {
+        if !self.gov.proof_wanted(server) {
+            return Ok(None);
+        }
+        let mut calls = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            if let Outcome::Allow(decision_id, grant) = o {
+                let Some(grant) = grant else {
+                    return Err(format!(
+                        "no proof of decision for {server}: decision {decision_id} has no grant"
+                    ));
+                };
+                calls.push((decision_id.as_str(), grant.as_ref()));
+            }
+        }
+        let request = ProofRequest {
+            conn: &self.conn,
+            server,
+            method: head.method.as_str(),
+            path: upstream_path(head),
+            body,
+            calls,
+        };
+        self.gov
+            .prove(&request)
+            .map(Some)
+            .map_err(|e| format!("no proof of decision for {server}: {e}"))
+    }
+
     fn upstream_request(
         &self,
         head: &Head,
         body: ProxyBody,
         len: Option<usize>,
         rewritten: bool,
+        proof: Option<HeaderValue>,
     ) -> Request<ProxyBody> {
-        let mut drop: Vec<&str> = vec!["content-length", "accept-encoding"];
+        // A proof header from the agent never reaches any server: only kya
+        // writes one.
+        let mut drop: Vec<&str> = vec![
+            "content-length",
+            "accept-encoding",
+            crate::credential::header::HEADER_NAME,
+        ];
         if rewritten {
             drop.push("content-encoding");
         }
@@ -1007,14 +1089,16 @@ impl Exchange {
         if let Some(n) = len {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
+        if let Some(p) = proof {
+            headers.insert(crate::credential::header::HEADER_NAME, p);
+        }
         let uri = if self.upstream.is_h2() {
             self.absolute(head, "localhost")
                 .unwrap_or_else(|| head.uri.clone())
         } else {
-            head.uri
-                .path_and_query()
-                .and_then(|pq| pq.as_str().parse().ok())
-                .unwrap_or_else(|| Uri::from_static("/"))
+            upstream_path(head)
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/"))
         };
         if self.upstream.is_h2() {
             headers.remove(header::HOST);
@@ -1044,8 +1128,9 @@ impl Exchange {
         rewritten: bool,
         mcp: bool,
         answers: Answers,
+        proof: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
-        let req = self.upstream_request(head, body, len, rewritten);
+        let req = self.upstream_request(head, body, len, rewritten, proof);
         let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e @ UpstreamError::Gone(_)) => {
@@ -1208,6 +1293,11 @@ impl Exchange {
         };
         json_response(StatusCode::OK, &body)
     }
+}
+
+/// The path (with query) a request goes upstream with, as a server sees it.
+fn upstream_path(head: &Head) -> &str {
+    head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
 /// Whether the server ends its connection after this response.
