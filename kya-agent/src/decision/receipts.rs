@@ -29,13 +29,13 @@ pub struct ProofSettings {
 }
 
 impl ProofSettings {
-    pub(crate) fn wants(&self, server: &str) -> bool {
+    pub fn wants(&self, server: &str) -> bool {
         !self.servers.is_empty() && self.servers.contains(server)
     }
 
     /// What the receipt says of `call`, when its server asked for proofs;
     /// `credential` is the secured credential that released it.
-    pub(crate) fn grant(
+    pub fn grant(
         &self,
         call: &CallFacts,
         agent: &AgentInfo,
@@ -56,7 +56,7 @@ impl ProofSettings {
 
     /// Sign the receipt for `req`; `agent` is whom the process resolves to
     /// when no decided message names it (a body kya did not read as JSON-RPC).
-    pub(crate) fn sign(
+    pub fn sign(
         &self,
         key: &SigningKey,
         host: &str,
