@@ -141,8 +141,7 @@ impl ProofSection {
             None => crate::decision::receipts::DEFAULT_TTL,
             Some(t) => {
                 let d = humantime::parse_duration(t).map_err(|e| err(format!("ttl {t:?}: {e}")))?;
-                if d < std::time::Duration::from_secs(1)
-                    || d > crate::credential::receipt::MAX_TTL
+                if d < std::time::Duration::from_secs(1) || d > crate::credential::receipt::MAX_TTL
                 {
                     return Err(err("ttl must be at least 1s and at most 10m".into()));
                 }
@@ -947,8 +946,7 @@ fn proof_server_name(entry: &str) -> Option<String> {
     let t = t.strip_suffix('.').unwrap_or(t).to_ascii_lowercase();
     let chars_ok = !t.is_empty()
         && t.len() <= 253
-        && t
-            .bytes()
+        && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
     if !chars_ok || (t.contains(':') && t.parse::<std::net::Ipv6Addr>().is_err()) {
         return None;

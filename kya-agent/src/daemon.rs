@@ -135,8 +135,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     });
     // The public half of the key, for servers verifying receipts (and
     // anyone verifying credentials and the audit log); the secret stays.
-    let public_key = crate::keys::export_public(&config.state_dir, &key)
-        .context("writing kya's public key")?;
+    let public_key =
+        crate::keys::export_public(&config.state_dir, &key).context("writing kya's public key")?;
     let status = status.section("proof", {
         let mut servers: Vec<String> = config.proof.servers.iter().cloned().collect();
         servers.sort();

@@ -163,7 +163,10 @@ mod tests {
         export_public(dir.path(), &key).unwrap();
         assert_eq!(load_public(&path).unwrap(), key.verifying_key());
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("PUBLIC KEY") && !text.contains("PRIVATE"), "{text}");
+        assert!(
+            text.contains("PUBLIC KEY") && !text.contains("PRIVATE"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -154,7 +154,13 @@ async fn a_server_that_did_not_ask_never_gets_a_proof_header() {
     let seen = up.seen();
     assert_eq!(seen.len(), 2);
     for s in &seen {
-        assert!(proofs_of(s).is_empty(), "{} {}: {:?}", s.method, s.path, s.headers);
+        assert!(
+            proofs_of(s).is_empty(),
+            "{} {}: {:?}",
+            s.method,
+            s.path,
+            s.headers
+        );
     }
 }
 
@@ -197,7 +203,11 @@ async fn an_allowed_call_carries_kyas_receipt_bound_to_the_body_sent() {
         proof,
         &key().verifying_key(),
         OffsetDateTime::now_utc(),
-        Some(call(1, "search_docs", json!({"q": "y"})).to_string().as_bytes()),
+        Some(
+            call(1, "search_docs", json!({"q": "y"}))
+                .to_string()
+                .as_bytes(),
+        ),
     )
     .unwrap_err();
     assert_eq!(e.code(), "body_mismatch");

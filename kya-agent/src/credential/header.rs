@@ -252,8 +252,8 @@ mod tests {
     }
 
     fn header_at(now: OffsetDateTime) -> String {
-        let secured = receipt::issue(&key(), sample_subject(BODY), now, Duration::from_secs(60))
-            .unwrap();
+        let secured =
+            receipt::issue(&key(), sample_subject(BODY), now, Duration::from_secs(60)).unwrap();
         encode(&secured).unwrap()
     }
 
@@ -299,7 +299,10 @@ mod tests {
         for (path, new) in [
             ("/credentialSubject/server", json!("other.test")),
             ("/credentialSubject/request/path", json!("/admin")),
-            ("/credentialSubject/request/bodySha256", json!("0".repeat(64))),
+            (
+                "/credentialSubject/request/bodySha256",
+                json!("0".repeat(64)),
+            ),
             ("/credentialSubject/calls/0/tool", json!("delete_records")),
             ("/credentialSubject/agent/uid", json!(0)),
             ("/validUntil", json!("2999-01-01T00:00:00Z")),
@@ -374,8 +377,7 @@ mod tests {
         let huge = "A".repeat(MAX_HEADER_LEN + 1);
         let deep = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode("[".repeat(10_000) + &"]".repeat(10_000));
-        let dup = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(r#"{"a":1,"a":2}"#);
+        let dup = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"a":1,"a":2}"#);
         let padded = header_at(now) + "==";
         let standard_b64 = base64::engine::general_purpose::STANDARD
             .encode(serde_json::to_vec(&decode(&header_at(now))).unwrap());
@@ -445,7 +447,10 @@ mod tests {
         assert_eq!(ok.credentials[0].1.subject.scope.tool, "transfer");
         for (what, cred) in [
             ("tool", credential_for("delete_records", &args, 1001, now)),
-            ("args", credential_for("transfer", &json!({"amount": 6}), 1001, now)),
+            (
+                "args",
+                credential_for("transfer", &json!({"amount": 6}), 1001, now),
+            ),
             ("uid", credential_for("transfer", &args, 0, now)),
             (
                 "expired",

@@ -341,9 +341,7 @@ pub(crate) mod tests {
                 decision: "dec_0123456789abcdef".into(),
                 method: "tools/call".into(),
                 tool: Some("transfer".into()),
-                args_sha256: Some(
-                    action::args_digest(&serde_json::json!({"amount": 5})).unwrap(),
-                ),
+                args_sha256: Some(action::args_digest(&serde_json::json!({"amount": 5})).unwrap()),
                 credential: None,
             }],
         }
@@ -353,13 +351,7 @@ pub(crate) mod tests {
     fn issued_receipts_verify_and_read_back() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let now = OffsetDateTime::now_utc();
-        let secured = issue(
-            &key,
-            sample_subject(b"{}"),
-            now,
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let secured = issue(&key, sample_subject(b"{}"), now, Duration::from_secs(60)).unwrap();
         let v = proof::verify_proof(&secured, ASSERTION_METHOD).unwrap();
         assert_eq!(v.key, key.verifying_key());
         let r = Receipt::from_verified(&v.document).unwrap();
@@ -374,7 +366,12 @@ pub(crate) mod tests {
     fn malformed_subjects_and_windows_are_refused() {
         let key = SigningKey::from_bytes(&[3; 32]);
         let now = OffsetDateTime::now_utc();
-        let too_long = issue(&key, sample_subject(b""), now, MAX_TTL + Duration::from_secs(1));
+        let too_long = issue(
+            &key,
+            sample_subject(b""),
+            now,
+            MAX_TTL + Duration::from_secs(1),
+        );
         assert!(matches!(too_long, Err(ReceiptError::Window(_))));
         let zero = issue(&key, sample_subject(b""), now, Duration::ZERO);
         assert!(matches!(zero, Err(ReceiptError::Window(_))));

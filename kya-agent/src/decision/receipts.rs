@@ -171,7 +171,11 @@ mod tests {
     fn only_servers_that_asked_get_grants() {
         let s = settings();
         assert!(s
-            .grant(&call("other.test", Direction::ClientToServer), &agent(), None)
+            .grant(
+                &call("other.test", Direction::ClientToServer),
+                &agent(),
+                None
+            )
             .is_none());
         assert!(s
             .grant(&call("mcp.test", Direction::ServerToClient), &agent(), None)
@@ -207,7 +211,13 @@ mod tests {
         };
         let now = OffsetDateTime::now_utc();
         let value = s
-            .sign(&key, "host-a", &req, || unreachable!("named by the call"), now)
+            .sign(
+                &key,
+                "host-a",
+                &req,
+                || unreachable!("named by the call"),
+                now,
+            )
             .expect("signed");
         let v = header::verify(
             value.to_str().expect("ascii"),
@@ -231,11 +241,14 @@ mod tests {
             body: b"",
             ..req
         };
-        let value = s
-            .sign(&key, "host-a", &bare, agent, now)
-            .expect("signed");
-        let v = header::verify(value.to_str().expect("ascii"), &key.verifying_key(), now, Some(b""))
-            .expect("verifies");
+        let value = s.sign(&key, "host-a", &bare, agent, now).expect("signed");
+        let v = header::verify(
+            value.to_str().expect("ascii"),
+            &key.verifying_key(),
+            now,
+            Some(b""),
+        )
+        .expect("verifies");
         assert!(v.receipt.subject.calls.is_empty());
         assert_eq!(v.receipt.subject.agent.owner.as_deref(), Some("alice"));
     }
