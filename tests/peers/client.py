@@ -1,6 +1,6 @@
 """A real MCP client (PyPI `mcp`) for kya's tests: call one tool, print JSON.
 
-    client.py URL TOOL [JSON_ARGS] [--sse] [--progress]
+    client.py URL TOOL [JSON_ARGS] [--sse] [--progress] [--header "NAME: VALUE"]...
     client.py URL --list [--sse]
 
 Prints {"isError": bool, "text": str, "progress": [messages...]} or
@@ -14,10 +14,21 @@ import sys
 
 from mcp import Client
 from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 
 async def run(a: argparse.Namespace) -> dict:
-    target = sse_client(a.url) if a.sse else a.url
+    if a.sse:
+        target = sse_client(a.url)
+    elif a.header:
+        # Extra headers on every request (e.g. a forged Kya-Decision).
+        headers = dict(h.split(":", 1) for h in a.header)
+        target = streamable_http_client(
+            a.url, http_client=create_mcp_http_client(headers={k.strip(): v.strip() for k, v in headers.items()})
+        )
+    else:
+        target = a.url
     progress: list = []
 
     async def on_progress(value, total, message):
@@ -45,6 +56,7 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--header", action="append", default=[], metavar="NAME: VALUE")
     a = p.parse_args()
     try:
         out = asyncio.run(run(a))
