@@ -287,3 +287,50 @@ async fn no_proof_no_request() {
     assert!(up.seen().is_empty(), "{:?}", up.seen());
     assert_eq!(gov.refusals.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn an_approved_call_held_with_progress_carries_its_receipt() {
+    let (up, gov, mut c) = setup(&["127.0.0.1"], false).await;
+    let body = json!({"jsonrpc":"2.0","id":5,"method":"tools/call",
+        "params":{"name":"transfer","arguments":{"amount":5000},"_meta":{"progressToken":"pt-1"}}});
+    let resp = c
+        .send(post_req("/mcp", &body, true, &[("kya-decision", "forged")]))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    gov.wait_for_hold("transfer").await;
+    assert!(up.seen().is_empty());
+    gov.release("transfer", true).await;
+    let rest = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let last = sse_messages(&rest).pop().expect("a final message");
+    assert_eq!(last["id"], json!(5), "{last}");
+    assert_eq!(up.tools_called(), ["transfer"]);
+    let v = verified(&up.seen()[0]);
+    assert_eq!(v.receipt.subject.calls[0].tool.as_deref(), Some("transfer"));
+}
+
+#[tokio::test]
+async fn an_approved_call_held_with_progress_is_not_sent_without_a_proof() {
+    let (up, gov, mut c) = setup(&["127.0.0.1"], true).await;
+    let body = json!({"jsonrpc":"2.0","id":6,"method":"tools/call",
+        "params":{"name":"transfer","arguments":{"amount":5000},"_meta":{"progressToken":"pt-2"}}});
+    let resp = c.send(post_req("/mcp", &body, true, &[])).await;
+    assert_eq!(resp.status(), 200);
+    gov.release("transfer", true).await;
+    let rest = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let last = sse_messages(&rest).pop().expect("a final message");
+    assert_eq!(last["id"], json!(6), "{last}");
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no proof of decision")),
+        "{last}"
+    );
+    assert!(up.seen().is_empty(), "{:?}", up.seen());
+}
