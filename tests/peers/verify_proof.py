@@ -9,7 +9,8 @@ the proof and the key, the window (`validFrom` - 5 s <= now < `validUntil`),
 that the receipt is for this HTTP method, path and exact body (SHA-256), that
 it was not used before (its `id`, until it expires), and that each credential
 embedded for an approved call is kya's too and names the call's tool and
-arguments. Anything else is answered 401 and never reaches the app.
+arguments (and the receipt's server, agent and uid), valid when the receipt was
+issued. Anything else is answered 401 and never reaches the app.
 
 Uses `cryptography` (Ed25519) and the standard library only.
 """
@@ -173,12 +174,21 @@ def verify_receipt(value: bytes, key: bytes, method: str, path: str, body: bytes
         raise ProofError("receipt is for another request")
     if req.get("bodySha256") != hashlib.sha256(body).hexdigest():
         raise ProofError("body does not match the receipt")
+    agent = s.get("agent") or {}
     for call in s.get("calls") or []:
         if "credential" in call:
             cred = verify_signed(call["credential"], key)
-            scope = (cred.get("credentialSubject") or {}).get("scope") or {}
-            if scope.get("tool") != call.get("tool") or (
-                "argsSha256" in scope and scope["argsSha256"] != call.get("argsSha256")
+            subject = cred.get("credentialSubject") or {}
+            scope = subject.get("scope") or {}
+            if (
+                cred.get("type") != ["VerifiableCredential", "KyaActionCredential"]
+                or call.get("method") != "tools/call"
+                or scope.get("tool") != call.get("tool")
+                or ("server" in scope and str(scope["server"]).lower() != str(s.get("server")).lower())
+                or ("argsSha256" in scope and scope["argsSha256"] != call.get("argsSha256"))
+                or subject.get("agent") != agent.get("name")
+                or ("uid" in subject and subject["uid"] != agent.get("uid"))
+                or not seconds(cred.get("validFrom")) <= start < seconds(cred.get("validUntil"))
             ):
                 raise ProofError("credential is for another call")
     return r
@@ -249,3 +259,29 @@ class VerifyKyaProof:
         await send({"type": "http.response.start", "status": 401, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
+
+
+def main() -> None:
+    """`verify_proof.py check KEY < cases.json`: verify each case
+    ({"value", "body" (base64), "method", "path"}) as the middleware would
+    (no replay check); print [{"ok": bool, "reason": str}]."""
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "check":
+        sys.exit("usage: verify_proof.py check KEY < cases.json")
+    key = load_key(sys.argv[2])
+    out = []
+    for case in json.load(sys.stdin):
+        try:
+            verify_receipt(
+                case["value"].encode("latin-1", "replace"), key, case["method"], case["path"],
+                base64.b64decode(case["body"]), time.time(),
+            )
+            out.append({"ok": True, "reason": ""})
+        except ProofError as e:
+            out.append({"ok": False, "reason": str(e)})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

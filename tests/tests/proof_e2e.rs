@@ -91,7 +91,11 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
     let scene = AgentScene::new("proof", POLICY);
     let (dir, cg, owner) = (&scene.dir, &scene.cg, &scene.owner);
     let config = dir.path().join("kya.toml");
-    std::fs::write(&config, "[proof]\nservers = [\"127.0.0.1\"]\nttl = \"60s\"\n").expect("config");
+    std::fs::write(
+        &config,
+        "[proof]\nservers = [\"127.0.0.1\"]\nttl = \"60s\"\n",
+    )
+    .expect("config");
     let mut opts = scene.daemon_options(LISTEN, PORT);
     opts.config = Some(config);
     let mut daemon = Daemon::start(opts);
@@ -113,7 +117,10 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
         .to_string();
     assert!(did.starts_with("did:key:z6Mk"), "{did}");
     let secrets = std::fs::read_to_string(&key_file).expect("public key file");
-    assert!(!secrets.contains("PRIVATE"), "only the public key is exported");
+    assert!(
+        !secrets.contains("PRIVATE"),
+        "only the public key is exported"
+    );
 
     let proof_log = dir.path().join("proof.log");
     let server = McpServer::start_with(
@@ -173,22 +180,39 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
     // 3. A held call, approved by its owner outside the selection: the
     //    server runs it, and its receipt carries the credential that
     //    released it.
-    let held = mcp_client(cg, &url(), &["transfer", r#"{"amount": 9000, "to": "bob"}"#]);
+    let held = mcp_client(
+        cg,
+        &url(),
+        &["transfer", r#"{"amount": 9000, "to": "bob"}"#],
+    );
     let approval = wait_new_approval(&daemon, &[]);
     assert_eq!(approval["tool"], "transfer", "{approval}");
-    assert_eq!(server.ran(), ["search_docs"], "a held call reached the server");
+    assert_eq!(
+        server.ran(),
+        ["search_docs"],
+        "a held call reached the server"
+    );
     let id = approval["id"].as_str().expect("approval id").to_string();
     let ok = scene.as_user(&daemon, owner, &["approvals", "approve", &id]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let r = mcp_result(held);
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(r["text"], "transferred 9000 to bob");
     assert_eq!(server.ran(), ["search_docs", "transfer"]);
     let transfer = accepted_call_of(&proof_log, "transfer");
-    let creds = transfer["credentials"].as_array().cloned().unwrap_or_default();
+    let creds = transfer["credentials"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(creds.len(), 1, "{transfer}");
     assert!(
-        creds[0].as_str().is_some_and(|c| c.starts_with("urn:uuid:")),
+        creds[0]
+            .as_str()
+            .is_some_and(|c| c.starts_with("urn:uuid:")),
         "{transfer}"
     );
 
@@ -200,8 +224,8 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
     // The decisions the server saw are kya's, on the record; the audit log
     // still verifies and names the credential that released the transfer.
     assert!(daemon.terminate().success());
-    let audit = std::fs::read_to_string(daemon.state_dir.path().join("audit.jsonl"))
-        .expect("audit log");
+    let audit =
+        std::fs::read_to_string(daemon.state_dir.path().join("audit.jsonl")).expect("audit log");
     for c in [&docs, &transfer] {
         for d in c["decisions"].as_array().expect("decisions") {
             let d = d.as_str().expect("decision id");
@@ -223,4 +247,250 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
         String::from_utf8_lossy(&v.stderr)
     );
     drop(server);
+}
+
+/// The Python verifier (`verify_proof.py`) and kya's own (`kya credential
+/// verify`'s library) agree on receipts kya signs: valid ones (with strings
+/// JCS escapes, and an embedded credential) pass both; tampered, expired,
+/// misdirected, foreign-key and hostile values fail both.
+#[test]
+fn the_python_verifier_agrees_with_kyas() {
+    use base64::Engine as _;
+    use ed25519_dalek::SigningKey;
+    use kya_agent::credential::action::{
+        self, AgentSubject, Channel, Environment, Evidence, Scope,
+    };
+    use kya_agent::credential::header;
+    use kya_agent::credential::receipt::{
+        self, AgentBinding, ReceiptCall, ReceiptSubject, RequestBinding,
+    };
+    use serde_json::json;
+    use std::io::Write;
+    use std::time::Duration;
+    use time::OffsetDateTime;
+
+    ensure_peers();
+    let key = SigningKey::from_bytes(&[21; 32]);
+    let other = SigningKey::from_bytes(&[22; 32]);
+    let now = OffsetDateTime::now_utc();
+    let body = br#"{"id":1,"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"amount":9000,"to":"b\u00f6b"},"name":"transfer"}}"#;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let args = json!({"amount": 9000, "to": "b\u{f6}b"});
+    let credential = {
+        let subject = AgentSubject {
+            agent: "bot \u{2603}".into(),
+            exe_sha256: None,
+            uid: Some(1000),
+            environment: Environment {
+                host: "host-a".into(),
+                cgroup: Some("/agents/\u{1F600}".into()),
+            },
+            scope: Scope::exact("mcp.test", "transfer", &args).expect("scope"),
+        };
+        let evidence = Evidence::approval("alice", Channel::Local, now).expect("evidence");
+        action::issue(
+            &key,
+            subject,
+            now,
+            now + Duration::from_secs(120),
+            vec![evidence],
+        )
+        .expect("credential")
+        .0
+    };
+    let subject = |with_credential: bool| ReceiptSubject {
+        host: "host-a".into(),
+        server: "mcp.test".into(),
+        request: RequestBinding {
+            method: "POST".into(),
+            path: "/mcp?a=1&b=\"x\"".into(),
+            body_sha256: {
+                use sha2::Digest;
+                format!("{:x}", sha2::Sha256::digest(body))
+            },
+        },
+        agent: AgentBinding {
+            name: "bot \u{2603}".into(),
+            owner: Some("alice".into()),
+            pid: 42,
+            uid: 1000,
+            exe: Some("/opt/agents/b\u{f6}t \\ \"quoted\" \u{7f}\n\t\u{1}\u{1f}/\u{1F600}".into()),
+            cgroup: Some("/agents/\u{1F600}".into()),
+        },
+        calls: vec![ReceiptCall {
+            decision: "dec_00000000000000aa".into(),
+            method: "tools/call".into(),
+            tool: Some("transfer".into()),
+            args_sha256: Some(action::args_digest(&args).expect("digest")),
+            credential: with_credential.then(|| credential.clone()),
+        }],
+    };
+    let signed = |k: &SigningKey, at: OffsetDateTime, with_credential: bool| {
+        header::encode(
+            &receipt::issue(k, subject(with_credential), at, Duration::from_secs(60))
+                .expect("receipt"),
+        )
+        .expect("encode")
+    };
+    let good = signed(&key, now, true);
+    let not_canonical = {
+        let bytes = b64.decode(&good).expect("b64");
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        b64.encode(serde_json::to_string_pretty(&v).expect("json"))
+    };
+    // (name, value, body, path, valid)
+    let tampered: &[u8] = br#"{"id":1,"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"amount":90000,"to":"b\u00f6b"},"name":"transfer"}}"#;
+    let cases: Vec<(&str, String, &[u8], &str, bool)> = vec![
+        (
+            "valid, with a credential",
+            good.clone(),
+            body,
+            "/mcp?a=1&b=\"x\"",
+            true,
+        ),
+        (
+            "valid, without",
+            signed(&key, now, false),
+            body,
+            "/mcp?a=1&b=\"x\"",
+            true,
+        ),
+        (
+            "tampered body",
+            good.clone(),
+            tampered,
+            "/mcp?a=1&b=\"x\"",
+            false,
+        ),
+        ("another path", good.clone(), body, "/admin", false),
+        (
+            "another key",
+            signed(&other, now, false),
+            body,
+            "/mcp?a=1&b=\"x\"",
+            false,
+        ),
+        (
+            "expired",
+            signed(&key, now - Duration::from_secs(120), false),
+            body,
+            "/mcp?a=1&b=\"x\"",
+            false,
+        ),
+        (
+            "not canonical",
+            not_canonical,
+            body,
+            "/mcp?a=1&b=\"x\"",
+            false,
+        ),
+        ("empty", String::new(), body, "/mcp", false),
+        ("huge", "A".repeat(70_000), body, "/mcp", false),
+        (
+            "padded",
+            format!("{good}=="),
+            body,
+            "/mcp?a=1&b=\"x\"",
+            false,
+        ),
+        ("not base64url", "abc def/+".into(), body, "/mcp", false),
+        (
+            "deep",
+            b64.encode("[".repeat(5000) + &"]".repeat(5000)),
+            body,
+            "/mcp",
+            false,
+        ),
+        (
+            "duplicate members",
+            b64.encode(r#"{"a":1,"a":2}"#),
+            body,
+            "/mcp",
+            false,
+        ),
+        ("null", b64.encode("null"), body, "/mcp", false),
+        (
+            "a float",
+            b64.encode(r#"{"proof":{},"x":1.5}"#),
+            body,
+            "/mcp",
+            false,
+        ),
+        (
+            "lone surrogate",
+            b64.encode(r#"{"x":"\ud800"}"#),
+            body,
+            "/mcp",
+            false,
+        ),
+    ];
+    let input: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|(_, value, body, path, _)| {
+            json!({
+                "value": value,
+                "body": base64::engine::general_purpose::STANDARD.encode(body),
+                "method": "POST",
+                "path": path,
+            })
+        })
+        .collect();
+    let did = {
+        // did:key of the trusted key, as the daemon's status shows it.
+        let mut bytes = vec![0xed, 0x01];
+        bytes.extend_from_slice(key.verifying_key().as_bytes());
+        let mut n: Vec<u8> = bytes.clone();
+        // base58btc
+        let alphabet = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+        let mut out = Vec::new();
+        while n.iter().any(|b| *b != 0) {
+            let mut rem = 0u32;
+            for b in n.iter_mut() {
+                let acc = (rem << 8) | u32::from(*b);
+                *b = (acc / 58) as u8;
+                rem = acc % 58;
+            }
+            out.push(alphabet[rem as usize]);
+        }
+        out.extend(std::iter::repeat_n(
+            b'1',
+            bytes.iter().take_while(|b| **b == 0).count(),
+        ));
+        out.reverse();
+        format!("did:key:z{}", String::from_utf8(out).expect("ascii"))
+    };
+    let mut child = Command::new(peers_python())
+        .arg(peers().join("verify_proof.py"))
+        .args(["check", &did])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python verifier");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&input).expect("json").as_bytes())
+        .expect("write cases");
+    let out = child.wait_with_output().expect("python verifier output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = serde_json::from_slice(&out.stdout).expect("results JSON");
+    assert_eq!(results.len(), cases.len());
+    for ((name, value, body, path, valid), py) in cases.iter().zip(&results) {
+        let rust = header::verify(
+            value,
+            &key.verifying_key(),
+            OffsetDateTime::now_utc(),
+            Some(body),
+        )
+        .map(|v| v.receipt.subject.request.path == *path);
+        let rust_ok = matches!(rust, Ok(true));
+        assert_eq!(py["ok"], *valid, "python, {name}: {py}");
+        assert_eq!(rust_ok, *valid, "kya, {name}: {rust:?}");
+    }
 }

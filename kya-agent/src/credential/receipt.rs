@@ -253,11 +253,16 @@ fn validate_subject(s: &ReceiptSubject) -> Result<(), ReceiptError> {
     if let Some(o) = &a.owner {
         action::check_name("agent owner", o)?;
     }
-    if let Some(e) = &a.exe {
-        check_text("agent exe", e, MAX_PATH_LEN)?;
-    }
-    if let Some(c) = &a.cgroup {
-        check_text("agent cgroup", c, MAX_PATH_LEN)?;
+    // File and cgroup names may hold any character but `/` and NUL: only
+    // their length is bounded (JSON escapes the rest).
+    for (what, p) in [("agent exe", &a.exe), ("agent cgroup", &a.cgroup)] {
+        if let Some(p) = p {
+            if p.is_empty() || p.len() > MAX_PATH_LEN {
+                return Err(ReceiptError::Malformed(format!(
+                    "{what} must be 1..={MAX_PATH_LEN} bytes"
+                )));
+            }
+        }
     }
     if s.calls.len() > MAX_CALLS {
         return Err(ReceiptError::Malformed(format!(
