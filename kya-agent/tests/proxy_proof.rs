@@ -280,8 +280,13 @@ async fn no_proof_no_request() {
             &[],
         )
         .await;
-    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
-    assert!(String::from_utf8_lossy(&body).contains("no proof of decision"));
+    // The call is answered with the reason, as a denial the model sees.
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v = json_of(&body);
+    assert_eq!(v["id"], json!(1));
+    assert_eq!(v["result"]["isError"], json!(true), "{v}");
+    assert!(v.to_string().contains("no proof of decision"), "{v}");
+    // A request with no JSON-RPC to answer gets an HTTP error.
     let (status, _, _) = c.get("/plain", &[]).await;
     assert_eq!(status, 502);
     assert!(up.seen().is_empty(), "{:?}", up.seen());

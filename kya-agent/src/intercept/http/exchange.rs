@@ -647,12 +647,21 @@ impl Exchange {
             let proof = match self.proof(server, head, &bytes, &outcomes) {
                 Ok(p) => p,
                 Err(reason) => {
-                    for o in &outcomes {
-                        if let Outcome::Allow(decision_id, _) = o {
-                            self.gov.not_forwarded(decision_id);
-                        }
-                    }
-                    return self.refuse_http(StatusCode::BAD_GATEWAY, head.version, &reason);
+                    // Not sent: each request is answered with the reason
+                    // (on the legacy session's stream, where it has one).
+                    tracing::info!(conn = self.conn.conn_id, %reason, "request refused");
+                    self.gov.refused(&self.conn, &reason);
+                    let outcomes = outcomes
+                        .into_iter()
+                        .map(|o| match o {
+                            Outcome::Allow(decision_id, _) => {
+                                self.gov.not_forwarded(&decision_id);
+                                Outcome::Deny(Denial::refusal(reason.clone()))
+                            }
+                            other => other,
+                        })
+                        .collect();
+                    return self.answer(head, payload, outcomes);
                 }
             };
             for o in &outcomes {
