@@ -229,11 +229,17 @@ class VerifyKyaProof:
                 raise ProofError("missing Kya-Decision header" if not values else "more than one Kya-Decision header")
             receipt = verify_receipt(values[0], self.key, scope["method"], path.decode("latin-1"), body, now)
             self.seen = {i: t for i, t in self.seen.items() if t > now}
-            if receipt["id"] in self.seen:
+            rid = receipt.get("id")
+            if not isinstance(rid, str):
+                raise ProofError("receipt has no id")
+            if rid in self.seen:
                 raise ProofError("receipt already used")
-            self.seen[receipt["id"]] = seconds(receipt["validUntil"])
+            self.seen[rid] = seconds(receipt["validUntil"])
         except ProofError as e:
             return await self.refuse(send, str(e))
+        except (RecursionError, TypeError, ValueError, KeyError, AttributeError) as e:
+            # Hostile shapes the checks above did not name: refused all the same.
+            return await self.refuse(send, f"malformed receipt ({type(e).__name__})")
         calls = receipt["credentialSubject"].get("calls", [])
         self.on_result(True, {
             "receipt": receipt["id"],
@@ -280,6 +286,8 @@ def main() -> None:
             out.append({"ok": True, "reason": ""})
         except ProofError as e:
             out.append({"ok": False, "reason": str(e)})
+        except (RecursionError, TypeError, ValueError, KeyError, AttributeError) as e:
+            out.append({"ok": False, "reason": f"malformed receipt ({type(e).__name__})"})
     print(json.dumps(out))
 
 

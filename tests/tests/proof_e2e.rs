@@ -402,6 +402,27 @@ fn the_python_verifier_agrees_with_kyas() {
             false,
         ),
         (
+            "deep, under the parser's limit",
+            b64.encode("[".repeat(900) + &"]".repeat(900)),
+            body,
+            "/mcp",
+            false,
+        ),
+        (
+            "proof not an object",
+            b64.encode(r#"{"proof":[1]}"#),
+            body,
+            "/mcp",
+            false,
+        ),
+        (
+            "proof members of other types",
+            b64.encode(r#"{"issuer":1,"proof":{"proofValue":5,"type":[]}}"#),
+            body,
+            "/mcp",
+            false,
+        ),
+        (
             "duplicate members",
             b64.encode(r#"{"a":1,"a":2}"#),
             body,
