@@ -13,6 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 const PORT: u16 = 18500;
+/// The same server on the legacy SSE transport (`GET /sse`, `POST /messages/?session_id=…`).
+const LEGACY_PORT: u16 = 18501;
 const LISTEN: u16 = 922;
 
 const POLICY: &str = r#"
@@ -96,7 +98,9 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
         "[proof]\nservers = [\"127.0.0.1\"]\nttl = \"60s\"\n",
     )
     .expect("config");
-    let mut opts = scene.daemon_options(LISTEN, PORT);
+    let mut opts = scene
+        .daemon_options(LISTEN, PORT)
+        .args(["--port", &LEGACY_PORT.to_string()]);
     opts.config = Some(config);
     let mut daemon = Daemon::start(opts);
 
@@ -221,6 +225,50 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
     assert!(d.get("error").is_some(), "{d}");
     assert_eq!(server.ran(), ["search_docs", "transfer"]);
 
+    // 5. The legacy SSE transport: the stream and each POST (whose path
+    //    carries the session in its query) are proven too.
+    let legacy_log = dir.path().join("legacy-proof.log");
+    let legacy = McpServer::start_with(
+        dir.path(),
+        LEGACY_PORT,
+        &[
+            "--transport",
+            "sse",
+            "--require-kya-proof",
+            &did,
+            "--proof-log",
+            legacy_log.to_str().expect("utf-8"),
+        ],
+        "legacy.log",
+    );
+    let legacy_url = format!("http://127.0.0.1:{LEGACY_PORT}/sse");
+    let r = mcp_result(mcp_client(
+        cg,
+        &legacy_url,
+        &["search_docs", r#"{"query": "legacy"}"#, "--sse"],
+    ));
+    assert_eq!(r["isError"], false, "{r}");
+    assert_eq!(legacy.ran(), ["search_docs"]);
+    assert!(
+        refused_reasons(&legacy_log).is_empty(),
+        "{:?}",
+        checks(&legacy_log)
+    );
+    assert!(checks(&legacy_log).iter().any(|c| c["method"] == "GET"));
+    accepted_call_of(&legacy_log, "search_docs");
+    let d = mcp_result(
+        Command::new(peers_python())
+            .arg(peers().join("client.py"))
+            .arg(&legacy_url)
+            .args(["search_docs", r#"{"query": "legacy"}"#, "--sse"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("direct legacy client"),
+    );
+    assert!(d.get("error").is_some(), "{d}");
+    assert_eq!(legacy.ran(), ["search_docs"]);
+
     // The decisions the server saw are kya's, on the record; the audit log
     // still verifies and names the credential that released the transfer.
     assert!(daemon.terminate().success());
@@ -246,6 +294,7 @@ fn the_server_runs_what_kya_decided_and_refuses_the_rest() {
         String::from_utf8_lossy(&v.stdout),
         String::from_utf8_lossy(&v.stderr)
     );
+    drop(legacy);
     drop(server);
 }
 
