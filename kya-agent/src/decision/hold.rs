@@ -209,7 +209,7 @@ impl Core {
                                 return audit_denial(wait_decision_id, &e);
                             }
                             core.budget.allowed(&wait_decision_id, ctx.clone(), None);
-                            let grant = core.proofs.grant(&call, &ctx.agent, Some(document));
+                            let grant = core.proofs.grant(&call, &ctx.agent, Some(&document));
                             Ruling::Allow {
                                 decision_id: wait_decision_id,
                                 grant,

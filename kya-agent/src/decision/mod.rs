@@ -377,10 +377,10 @@ impl Core {
                 }
                 // Budgets count the call once the proxy really forwards it.
                 self.budget.allowed(&decision_id, ctx, reservation.take());
-                let released_by = match (&credential_released, &covering) {
-                    (true, Some(cov)) => Some(cov.document.clone()),
-                    _ => None,
-                };
+                let released_by = covering
+                    .as_ref()
+                    .filter(|_| credential_released)
+                    .map(|c| &c.document);
                 let grant = self.proofs.grant(&call, &agent, released_by);
                 Ruling::Allow { decision_id, grant }
             }

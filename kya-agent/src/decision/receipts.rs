@@ -39,7 +39,7 @@ impl ProofSettings {
         &self,
         call: &CallFacts,
         agent: &AgentInfo,
-        credential: Option<Value>,
+        credential: Option<&Value>,
     ) -> Option<Arc<Grant>> {
         if call.direction != Direction::ClientToServer || !self.wants(&call.server) {
             return None;
@@ -50,7 +50,7 @@ impl ProofSettings {
             method: call.method.clone(),
             tool: call.tool.clone(),
             args_sha256: action::args_digest(&call.args).ok(),
-            credential: credential.map(Arc::new),
+            credential: credential.map(|c| Arc::new(c.clone())),
         }))
     }
 
