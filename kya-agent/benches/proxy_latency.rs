@@ -30,6 +30,7 @@ impl Governor for AllowAll {
         Box::pin(async {
             Ruling::Allow {
                 decision_id: "d".into(),
+                grant: None,
             }
         })
     }

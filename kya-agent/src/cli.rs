@@ -436,9 +436,16 @@ pub struct CredentialIssueArgs {
 /// `kya credential verify`
 #[derive(Debug, Clone, Args)]
 pub struct CredentialVerifyArgs {
-    /// Credential file (JSON), or - for stdin.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// Credential file (JSON), or a file holding a `Kya-Decision` header
+    /// value (a decision receipt), or - for stdin.
+    #[arg(value_name = "FILE", required_unless_present = "header")]
+    pub file: Option<PathBuf>,
+    /// A `Kya-Decision` header value (a decision receipt) to verify.
+    #[arg(long, value_name = "VALUE", conflicts_with = "file")]
+    pub header: Option<String>,
+    /// The request body a decision receipt must be bound to (the bytes the server received).
+    #[arg(long, value_name = "FILE")]
+    pub body: Option<PathBuf>,
     /// Trusted issuer key: an SPKI PEM file, a did:key, or a z6Mk... multikey.
     #[arg(long, value_name = "PUB")]
     pub key: Option<String>,

@@ -72,6 +72,8 @@ pub enum ConfigError {
     Approvals(String),
     #[error("[audit] {0}")]
     Audit(String),
+    #[error("[proof] {0}")]
+    Proof(String),
 }
 
 /// The file's schema (every key optional, unknown keys rejected).
@@ -97,6 +99,61 @@ pub struct FileConfig {
     /// `[[broker]]`: credentials kya holds for servers (see [`crate::broker`]).
     #[serde(default)]
     pub broker: Vec<crate::broker::BrokerSection>,
+    #[serde(default)]
+    pub proof: ProofSection,
+}
+
+/// `[proof]`: servers that get a signed decision receipt (the
+/// `Kya-Decision` header) with every request kya forwards to them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProofSection {
+    /// Server names as policy sees them (SNI, `Host`, or the address).
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// How long a receipt is valid, e.g. "60s" (at most 10m).
+    pub ttl: Option<String>,
+}
+
+impl ProofSection {
+    /// Check the section against the passthrough names (a spliced server
+    /// could never get a receipt, nor be kept from an agent's forged one).
+    fn validate(
+        self,
+        passthrough: &[String],
+    ) -> Result<crate::decision::receipts::ProofSettings, ConfigError> {
+        let err = |m: String| ConfigError::Proof(m);
+        // An invalid pattern is the TLS setup's to report (kya does not start).
+        let spliced = crate::tls::passthrough::Passthrough::new(passthrough).unwrap_or_default();
+        let mut servers = std::collections::HashSet::new();
+        for s in &self.servers {
+            let name = proof_server_name(s).ok_or_else(|| {
+                    err(format!(
+                        "servers: {s:?} is not a server name (a host name or address, no port, no scheme)"
+                    ))
+                })?;
+            if spliced.is_passthrough(&name) {
+                return Err(err(format!(
+                    "servers: {name:?} is also an intercept.passthrough name: kya never reads \
+                     its traffic, so it can neither add a receipt nor remove a forged one"
+                )));
+            }
+            servers.insert(name);
+        }
+        let ttl = match &self.ttl {
+            None => crate::decision::receipts::DEFAULT_TTL,
+            Some(t) => {
+                let d = humantime::parse_duration(t).map_err(|e| err(format!("ttl {t:?}: {e}")))?;
+                if d < std::time::Duration::from_secs(1) || d > crate::credential::receipt::MAX_TTL
+                {
+                    return Err(err("ttl must be at least 1s and at most 10m".into()));
+                }
+                // Receipts are valid for whole seconds.
+                std::time::Duration::from_secs(d.as_secs())
+            }
+        };
+        Ok(crate::decision::receipts::ProofSettings { servers, ttl })
+    }
 }
 
 /// `[control]`: who may connect to the control socket.
@@ -569,6 +626,8 @@ pub struct Config {
     pub audit_redact: Vec<String>,
     /// `[kubernetes]` with a pod selector, resolved.
     pub kubernetes: Option<crate::kube::client::KubeSettings>,
+    /// `[proof]`: servers that get a decision receipt, and its validity.
+    pub proof: crate::decision::receipts::ProofSettings,
 }
 
 /// What the command line sets on top of the config file (the `kya run`
@@ -810,6 +869,7 @@ impl Config {
             ),
             None => None,
         };
+        let proof = file.proof.validate(&file.intercept.passthrough)?;
         let policy_paths = if args.policies.is_empty() {
             file.policy.paths
         } else {
@@ -850,6 +910,7 @@ impl Config {
             audit_args: file.audit.args,
             audit_redact: file.audit.redact,
             kubernetes,
+            proof,
         })
     }
 }
@@ -877,6 +938,26 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             message,
         }
     })
+}
+
+/// A `[proof] servers` entry as the proxy names servers: lower case, no
+/// trailing dot, an IPv6 address without brackets; `None` when it is not a
+/// host name or address (a port, a scheme, a path).
+fn proof_server_name(entry: &str) -> Option<String> {
+    let t = entry.trim();
+    let t = t
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(t);
+    let t = t.strip_suffix('.').unwrap_or(t).to_ascii_lowercase();
+    let chars_ok = !t.is_empty()
+        && t.len() <= 253
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
+    if !chars_ok || (t.contains(':') && t.parse::<std::net::Ipv6Addr>().is_err()) {
+        return None;
+    }
+    Some(t)
 }
 
 /// Parse `4MiB`, `512KiB`, `1GiB`, `10MB`, `100kB`, `123` or `123B`.
@@ -1051,6 +1132,41 @@ dir = "/var/lib/kya"
                 .map_err(|e| e.to_string())
                 .and_then(|f| Config::merge(f, &Overrides::default()).map_err(|e| e.to_string()));
             assert!(parsed.is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn proof_servers_are_normalized_and_checked() {
+        let load = |text: &str| {
+            parse_file(Path::new("k.toml"), text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| Config::merge(f, &Overrides::default()).map_err(|e| e.to_string()))
+        };
+        let cfg = load(
+            "[proof]\nservers = [\"API.Example.com.\", \"127.0.0.1\", \"[::1]\"]\nttl = \"30s\"\n",
+        )
+        .unwrap();
+        let mut names: Vec<_> = cfg.proof.servers.iter().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["127.0.0.1", "::1", "api.example.com"]);
+        assert_eq!(cfg.proof.ttl, std::time::Duration::from_secs(30));
+        // Off by default; the default validity is a minute.
+        let cfg = load("").unwrap();
+        assert!(cfg.proof.servers.is_empty());
+        assert_eq!(cfg.proof.ttl, std::time::Duration::from_secs(60));
+        for bad in [
+            "[proof]\nservers = [\"api.example.com:443\"]\n",
+            "[proof]\nservers = [\"https://api.example.com\"]\n",
+            "[proof]\nservers = [\"\"]\n",
+            "[proof]\nservers = [\"a b\"]\n",
+            "[proof]\nttl = \"0s\"\n",
+            "[proof]\nttl = \"1h\"\n",
+            "[proof]\nttl = \"soon\"\n",
+            "[proof]\nheader = \"X-Proof\"\n",
+            // A passthrough server is never read: no receipt, no stripping.
+            "[intercept]\npassthrough = [\"*.bank.example\"]\n[proof]\nservers = [\"api.bank.example\"]\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
         }
     }
 

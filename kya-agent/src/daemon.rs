@@ -133,6 +133,22 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         let a = audit.clone();
         Arc::new(move || serde_json::json!(a.health()))
     });
+    // The public half of the key, for servers verifying receipts (and
+    // anyone verifying credentials and the audit log); the secret stays.
+    let public_key =
+        crate::keys::export_public(&config.state_dir, &key).context("writing kya's public key")?;
+    let status = status.section("proof", {
+        let mut servers: Vec<String> = config.proof.servers.iter().cloned().collect();
+        servers.sort();
+        let doc = serde_json::json!({
+            "header": "Kya-Decision",
+            "servers": servers,
+            "ttl_seconds": config.proof.ttl.as_secs(),
+            "public_key": crate::credential::multikey::did_key(&key.verifying_key()),
+            "public_key_file": public_key,
+        });
+        Arc::new(move || doc.clone())
+    });
     let sinks = crate::audit::export::spawn(|| events.subscribe(), &config.sinks);
     let status = status.section("sinks", {
         Arc::new(move || serde_json::json!(sinks.iter().map(|s| s.snapshot()).collect::<Vec<_>>()))
@@ -263,7 +279,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             include: config.audit_args,
             redact: config.audit_redact.clone(),
         })
-        .with_broker(broker),
+        .with_broker(broker)
+        .with_proofs(config.proof.clone()),
     );
     let decision_path: Arc<dyn Governor> = decisions.clone();
     metrics.add_source(kernel_samples(redirector.clone()));

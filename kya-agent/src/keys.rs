@@ -78,6 +78,31 @@ pub fn load_public(path: &Path) -> Result<VerifyingKey, KeyError> {
     })
 }
 
+/// Write the public half of `key` to `STATE_DIR/signing-key.pub.pem`
+/// (world-readable) unless it is already there; returns its path. Never the
+/// secret.
+pub fn export_public(state_dir: &Path, key: &SigningKey) -> Result<PathBuf, KeyError> {
+    let path = state_dir.join(PUBLIC_KEY_FILE);
+    if let Ok(existing) = load_public(&path) {
+        if existing == key.verifying_key() {
+            return Ok(path);
+        }
+    }
+    let public = key
+        .verifying_key()
+        .to_public_key_pem(Default::default())
+        .map_err(|e| KeyError::Encode(e.to_string()))?;
+    let tmp = state_dir.join(format!("{PUBLIC_KEY_FILE}.tmp"));
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| KeyError::Io { path: p, source }
+    };
+    std::fs::write(&tmp, public).map_err(io(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(path)
+}
+
 fn create(state_dir: &Path, path: &Path) -> Result<SigningKey, KeyError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -124,6 +149,24 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let public = load_public(&dir.path().join(PUBLIC_KEY_FILE)).unwrap();
         assert_eq!(public, a.verifying_key());
+    }
+
+    #[test]
+    fn the_public_key_is_exported_when_missing_or_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = load_or_create(dir.path()).unwrap();
+        let path = dir.path().join(PUBLIC_KEY_FILE);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(export_public(dir.path(), &key).unwrap(), path);
+        assert_eq!(load_public(&path).unwrap(), key.verifying_key());
+        std::fs::write(&path, "stale").unwrap();
+        export_public(dir.path(), &key).unwrap();
+        assert_eq!(load_public(&path).unwrap(), key.verifying_key());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("PUBLIC KEY") && !text.contains("PRIVATE"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -597,3 +597,164 @@ fn registry_supplies_the_binding_and_refuses_unregistered_agents() {
     };
     assert_eq!(subject["exeSha256"], digest.as_str());
 }
+
+/// A `Kya-Decision` header value signed with the key in `state` for `body`.
+fn receipt_header(state: &Path, body: &[u8]) -> String {
+    use kya_agent::credential::receipt::{
+        self, AgentBinding, ReceiptCall, ReceiptSubject, RequestBinding,
+    };
+    use sha2::{Digest, Sha256};
+    let key = kya_agent::keys::load_or_create(state).unwrap();
+    let subject = ReceiptSubject {
+        host: "host-1".into(),
+        server: "mcp.example.com".into(),
+        request: RequestBinding {
+            method: "POST".into(),
+            path: "/mcp".into(),
+            body_sha256: hex::encode(Sha256::digest(body)),
+        },
+        agent: AgentBinding {
+            name: "billing-bot".into(),
+            owner: Some("alice".into()),
+            pid: 42,
+            uid: 1000,
+            exe: None,
+            cgroup: None,
+        },
+        calls: vec![ReceiptCall {
+            decision: "dec_00000000000000aa".into(),
+            method: "tools/call".into(),
+            tool: Some("transfer".into()),
+            args_sha256: None,
+            credential: None,
+        }],
+    };
+    let secured = receipt::issue(
+        &key,
+        subject,
+        time::OffsetDateTime::now_utc(),
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
+    kya_agent::credential::header::encode(&secured).unwrap()
+}
+
+#[test]
+fn verify_reads_a_decision_receipt_and_checks_its_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let body = br#"{"id":1,"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"amount":5},"name":"transfer"}}"#;
+    let value = receipt_header(state, body);
+    let body_file = state.join("body.json");
+    std::fs::write(&body_file, body).unwrap();
+
+    // The value on the command line, with the body it was issued for.
+    let out = kya(&[
+        "credential",
+        "verify",
+        "--header",
+        &value,
+        "--body",
+        s(&body_file),
+        "--state-dir",
+        s(state),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = stdout_json(&out);
+    assert_eq!(r["valid"], true, "{r}");
+    assert_eq!(r["kind"], "decision_receipt");
+    assert_eq!(r["server"], "mcp.example.com");
+    assert_eq!(r["calls"][0]["tool"], "transfer");
+    assert_eq!(r["checked"]["body"], true);
+
+    // A header line pasted into a file.
+    let header_file = state.join("header.txt");
+    std::fs::write(&header_file, format!("Kya-Decision: {value}\n")).unwrap();
+    let out = kya(&[
+        "credential",
+        "verify",
+        s(&header_file),
+        "--state-dir",
+        s(state),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout_json(&out)["checked"]["body"], false);
+
+    let invalid = |args: &[&str], reason: &str| {
+        let mut all = vec!["credential", "verify"];
+        all.extend_from_slice(args);
+        let out = kya(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = stdout_json(&out);
+        assert_eq!(r["valid"], false, "{r}");
+        assert_eq!(r["reason"], reason, "{r}");
+    };
+    // Another body.
+    let other = state.join("other.json");
+    std::fs::write(&other, &body[..body.len() - 1]).unwrap();
+    invalid(
+        &[
+            "--header",
+            &value,
+            "--body",
+            s(&other),
+            "--state-dir",
+            s(state),
+        ],
+        "body_mismatch",
+    );
+    // Expired.
+    invalid(
+        &[
+            "--header",
+            &value,
+            "--now",
+            "2999-01-01T00:00:00Z",
+            "--state-dir",
+            s(state),
+        ],
+        "expired",
+    );
+    // Another key.
+    let vk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
+    let did = format!(
+        "did:key:z{}",
+        bs58::encode([&[0xed, 0x01][..], vk.as_bytes()].concat()).into_string()
+    );
+    invalid(&["--header", &value, "--key", &did], "untrusted_issuer");
+    // Garbage.
+    invalid(
+        &["--header", "not a receipt", "--state-dir", s(state)],
+        "malformed",
+    );
+    invalid(
+        &["--header", &"A".repeat(70_000), "--state-dir", s(state)],
+        "malformed",
+    );
+    // --body means nothing for a credential.
+    let cred = state.join("cred.json");
+    std::fs::write(&cred, "{}").unwrap();
+    let out = kya(&[
+        "credential",
+        "verify",
+        s(&cred),
+        "--body",
+        s(&other),
+        "--state-dir",
+        s(state),
+    ]);
+    assert!(!out.status.success());
+}

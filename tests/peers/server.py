@@ -2,6 +2,7 @@
 
     server.py --port N [--host ADDR] [--transport streamable-http|sse] [--json]
               [--require-token FILE | --introspect URL --introspect-client ID:SECRET]
+              [--require-kya-proof KEY [--proof-log FILE]]
 
 Tools: search_docs(query), delete_records(table), transfer(amount, to). DNS-rebinding
 protection is off because the tests reach it through kya's proxy, whose address
@@ -106,6 +107,29 @@ class IntrospectionVerifier:
             claims=info,
         )
 
+PROOF_LOG = None
+
+
+def proof_record(ok: bool, detail: dict) -> None:
+    """Append each proof check to the --proof-log file (JSON lines): the server's own record."""
+    if PROOF_LOG:
+        with open(PROOF_LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"ok": ok, **detail}) + "\n")
+
+
+def serve_with_proof(a: argparse.Namespace, security: TransportSecuritySettings) -> None:
+    """The same app behind the proof-of-decision middleware (tests/peers/verify_proof.py)."""
+    import uvicorn
+
+    from verify_proof import VerifyKyaProof
+
+    if a.transport == "sse":
+        app = server.sse_app(transport_security=security, host=a.host)
+    else:
+        app = server.streamable_http_app(json_response=a.json, transport_security=security, host=a.host)
+    app = VerifyKyaProof(app, a.require_kya_proof, on_result=proof_record)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -117,6 +141,12 @@ def main() -> None:
     p.add_argument("--introspect", metavar="URL", help="RFC 7662 introspection endpoint")
     p.add_argument("--introspect-client", metavar="ID:SECRET", default="")
     p.add_argument("--issuer", default="http://127.0.0.1:1", help="authorization server (metadata)")
+    p.add_argument(
+        "--require-kya-proof", metavar="KEY",
+        help="refuse (401) every request without a valid Kya-Decision header signed by this "
+        "key (a did:key or kya's signing-key.pub.pem)",
+    )
+    p.add_argument("--proof-log", metavar="FILE", help="append each proof check here (JSON lines)")
     a = p.parse_args()
     verifier = None
     if a.require_token:
@@ -131,6 +161,11 @@ def main() -> None:
             validate_token_resource=False,
         )
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    if a.require_kya_proof:
+        global PROOF_LOG
+        PROOF_LOG = a.proof_log
+        serve_with_proof(a, security)
+        return
     if a.transport == "sse":
         server.run("sse", host=a.host, port=a.port, transport_security=security)
     else:

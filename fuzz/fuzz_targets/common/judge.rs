@@ -21,6 +21,7 @@ impl Governor for Judge {
         } else {
             Ruling::Allow {
                 decision_id: "dec_fuzz".into(),
+                grant: None,
             }
         };
         Box::pin(async move { ruling })

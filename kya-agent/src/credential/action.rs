@@ -426,14 +426,14 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, ActionError> {
     OffsetDateTime::parse(text, &Rfc3339).map_err(|e| ActionError::Time(format!("{text:?}: {e}")))
 }
 
-fn truncate(t: OffsetDateTime) -> Result<OffsetDateTime, ActionError> {
+pub(crate) fn truncate(t: OffsetDateTime) -> Result<OffsetDateTime, ActionError> {
     t.replace_nanosecond(0)
         .map_err(|e| ActionError::Time(e.to_string()))
 }
 
 /// Deserialize an optional member that, when present, must not be `null`: a
 /// signed `null` and an absent member would otherwise mean the same thing.
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
@@ -441,7 +441,7 @@ where
     T::deserialize(d).map(Some)
 }
 
-fn new_uuid_urn() -> String {
+pub(crate) fn new_uuid_urn() -> String {
     let mut b = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
@@ -457,7 +457,7 @@ fn new_uuid_urn() -> String {
     )
 }
 
-fn check_uuid_urn(id: &str) -> Result<(), ActionError> {
+pub(crate) fn check_uuid_urn(id: &str) -> Result<(), ActionError> {
     let bad = || {
         ActionError::Malformed(format!(
             "id {:?} is not a urn:uuid",
@@ -478,7 +478,7 @@ fn check_uuid_urn(id: &str) -> Result<(), ActionError> {
     Ok(())
 }
 
-fn check_name(what: &str, s: &str) -> Result<(), ActionError> {
+pub(crate) fn check_name(what: &str, s: &str) -> Result<(), ActionError> {
     if s.is_empty() || s.len() > MAX_NAME_LEN || s.chars().any(char::is_control) {
         return Err(ActionError::Malformed(format!(
             "{what} must be 1..={MAX_NAME_LEN} bytes without control characters"
@@ -487,7 +487,7 @@ fn check_name(what: &str, s: &str) -> Result<(), ActionError> {
     Ok(())
 }
 
-fn check_digest(what: &str, d: &str) -> Result<(), ActionError> {
+pub(crate) fn check_digest(what: &str, d: &str) -> Result<(), ActionError> {
     if d.len() != 64
         || !d
             .bytes()

@@ -7,6 +7,7 @@
 //! agent's owner may issue for it.
 
 use super::action::{self, AgentSubject, Channel, Environment, Evidence, Scope};
+use super::header;
 use super::jcs;
 use super::multikey;
 use super::service;
@@ -183,7 +184,11 @@ fn issue_via_daemon(c: &mut client::Client, args: CredentialIssueArgs) -> anyhow
 }
 
 fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
-    let bytes = read_input(&args.file)?;
+    let bytes = match (&args.header, &args.file) {
+        (Some(h), _) => h.clone().into_bytes(),
+        (None, Some(file)) => read_input(file)?,
+        (None, None) => bail!("give a credential FILE or --header VALUE"),
+    };
     let trusted = match (&args.key, &args.state_dir) {
         (Some(k), _) => parse_trusted_key(k)?,
         (None, dir) => {
@@ -191,6 +196,12 @@ fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
             keys::load_public(&path).context("loading kya's public key (or pass --key)")?
         }
     };
+    if let Some(value) = header_value(&bytes) {
+        return verify_receipt(&args, value, &trusted);
+    }
+    if args.body.is_some() {
+        bail!("--body checks a decision receipt (a Kya-Decision header value), not a credential");
+    }
     // Revocations apply when a state dir is in play (given, or the default one
     // whose key is trusted); a state dir without a credential store has none.
     let store_dir = match (&args.key, &args.state_dir) {
@@ -261,6 +272,97 @@ fn verify(args: CredentialVerifyArgs) -> anyhow::Result<ExitCode> {
             let report = json!({"valid": false, "reason": err.code(), "error": err.to_string()});
             println!("{}", serde_json::to_string_pretty(&report)?);
             eprintln!("kya: credential invalid: {err}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// The `Kya-Decision` value in `bytes`, unless they are a JSON credential:
+/// surrounding whitespace and a leading `Kya-Decision:` are ignored.
+fn header_value(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(bytes).ok()?.trim();
+    if text.starts_with('{') {
+        return None;
+    }
+    let text = match text.split_once(':') {
+        Some((name, rest)) if name.trim().eq_ignore_ascii_case(header::HEADER_NAME) => rest.trim(),
+        _ => text,
+    };
+    Some(text)
+}
+
+/// Verify a decision receipt (a `Kya-Decision` header value), with `--body`
+/// its binding to the request body, and report valid/invalid as JSON.
+fn verify_receipt(
+    args: &CredentialVerifyArgs,
+    value: &str,
+    trusted: &VerifyingKey,
+) -> anyhow::Result<ExitCode> {
+    if args.call.is_some() || args.consume {
+        bail!("--call and --consume apply to credentials, not to decision receipts (use --body)");
+    }
+    let body = match &args.body {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let now = match &args.now {
+        Some(t) => action::parse_time(t).context("--now")?,
+        None => OffsetDateTime::now_utc(),
+    };
+    match header::verify(value, trusted, now, body.as_deref()) {
+        Ok(v) => {
+            let r = &v.receipt;
+            let s = &r.subject;
+            let calls: Vec<Value> = s
+                .calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let cred = v.credentials.iter().find(|(j, _)| *j == i).map(|(_, c)| c);
+                    json!({
+                        "decision": c.decision,
+                        "method": c.method,
+                        "tool": c.tool,
+                        "argsSha256": c.args_sha256,
+                        "credential": cred.map(|c| json!({
+                            "id": c.id,
+                            "approver": c.evidence.first().map(|e| e.approver.clone()),
+                            "scope": c.scope_json(),
+                        })),
+                    })
+                })
+                .collect();
+            let report = json!({
+                "valid": true,
+                "kind": "decision_receipt",
+                "id": r.id,
+                "issuer": r.issuer,
+                "validFrom": action::format_time(r.valid_from)?,
+                "validUntil": action::format_time(r.valid_until)?,
+                "host": s.host,
+                "server": s.server,
+                "request": s.request,
+                "agent": s.agent,
+                "calls": calls,
+                "checked": {
+                    "body": v.body_checked,
+                    "at": action::format_time(now)?,
+                },
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !v.body_checked {
+                eprintln!(
+                    "kya: receipt valid; its body binding was not checked (pass --body FILE)"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            let report = json!({"valid": false, "kind": "decision_receipt", "reason": err.code(), "error": err.to_string()});
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!("kya: decision receipt invalid: {err}");
             Ok(ExitCode::from(1))
         }
     }
@@ -654,6 +756,23 @@ owner = "bob"
         assert_eq!(merge_binding("uid", Some(1), Some(1)).unwrap(), Some(1));
         assert_eq!(merge_binding("uid", None, Some(2)).unwrap(), Some(2));
         assert!(merge_binding("uid", Some(1), Some(2)).is_err());
+    }
+
+    #[test]
+    fn header_values_are_told_from_credentials() {
+        assert_eq!(header_value(b"eyJhIjoxfQ\n"), Some("eyJhIjoxfQ"));
+        assert_eq!(
+            header_value(b"Kya-Decision: eyJhIjoxfQ"),
+            Some("eyJhIjoxfQ")
+        );
+        assert_eq!(
+            header_value(b"  kya-decision:eyJhIjoxfQ "),
+            Some("eyJhIjoxfQ")
+        );
+        assert_eq!(header_value(b" {\"id\": 1}"), None);
+        assert_eq!(header_value(b"\xff\xfe"), None);
+        // Another header's name stays part of the value (and fails to verify).
+        assert_eq!(header_value(b"X-Other: abc"), Some("X-Other: abc"));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! * [`proof`]: the `eddsa-jcs-2022` Data Integrity proof (create, verify);
 //! * [`action`]: the kya action credential (subject, scope, evidence) and issuing;
 //! * [`verify`]: verifying a credential for a concrete call, one error per reason;
+//! * [`receipt`]: the decision receipt a server that opted in gets with each request;
+//! * [`header`]: the `Kya-Decision` header that carries it, and its offline verification;
 //! * [`store`]: persisted revocations, spent single-use ids, standing credentials;
 //! * [`service`]: the daemon's `credential.issue|revoke|list` over the control socket
 //!   (owners issue for their own agents, authorised by `SO_PEERCRED`);
@@ -32,9 +34,11 @@
 
 pub mod action;
 pub mod command;
+pub mod header;
 pub mod jcs;
 pub(crate) mod multikey;
 pub(crate) mod proof;
+pub mod receipt;
 pub(crate) mod service;
 pub mod store;
 pub(crate) mod validity;

@@ -485,14 +485,15 @@ impl Handler for CredentialService {
 }
 
 /// Re-check and redeem the standing credential `id` for a held call it
-/// released: it must still be kya's, unrevoked, unspent, and cover the call now.
+/// released: it must still be kya's, unrevoked, unspent, and cover the call
+/// now. Returns its id and the secured document.
 pub(crate) fn redeem_standing(
     store: &CredentialStore,
     trusted: &ed25519_dalek::VerifyingKey,
     id: &str,
     call: &Call,
     now: OffsetDateTime,
-) -> Result<String, String> {
+) -> Result<(String, serde_json::Value), String> {
     let standing = store.standing().map_err(|e| e.to_string())?;
     let s = standing
         .iter()
@@ -505,7 +506,7 @@ pub(crate) fn redeem_standing(
     }
     verify::check_call(&s.credential, call, now).map_err(|e| e.to_string())?;
     verify::redeem(&s.credential, now, store).map_err(|e| e.to_string())?;
-    Ok(s.credential.id.clone())
+    Ok((s.credential.id.clone(), s.document.clone()))
 }
 
 #[cfg(test)]
@@ -853,7 +854,9 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let trusted = f.key.verifying_key();
         assert_eq!(
-            redeem_standing(&f.store, &trusted, &id, &call, now).unwrap(),
+            redeem_standing(&f.store, &trusted, &id, &call, now)
+                .unwrap()
+                .0,
             id
         );
         let other_tool = Call {

@@ -149,19 +149,7 @@ pub fn verify_document(
     trusted: &VerifyingKey,
 ) -> Result<ActionCredential, VerifyError> {
     let verified = proof::verify_proof(doc, ASSERTION_METHOD)?;
-    if let Some(p) = doc.get("proof").and_then(Value::as_object) {
-        if let Some(extra) = p.keys().find(|k| !KYA_PROOF_MEMBERS.contains(&k.as_str())) {
-            return Err(VerifyError::Malformed(ActionError::Malformed(format!(
-                "unexpected proof member {:?}",
-                extra.chars().take(60).collect::<String>()
-            ))));
-        }
-        if p.get("@context").is_none() || p.get("@context") != doc.get("@context") {
-            return Err(VerifyError::Malformed(ActionError::Malformed(
-                "proof @context must equal the credential's @context".into(),
-            )));
-        }
-    }
+    check_proof_shape(doc).map_err(|m| VerifyError::Malformed(ActionError::Malformed(m)))?;
     if verified.key != *trusted {
         return Err(VerifyError::UntrustedIssuer {
             found: multikey::did_key(&verified.key),
@@ -175,6 +163,23 @@ pub fn verify_document(
         });
     }
     Ok(credential)
+}
+
+/// The proof of a document kya signed carries only the members kya writes,
+/// and its `@context` equals the document's (see [`verify_document`]).
+pub(crate) fn check_proof_shape(doc: &Value) -> Result<(), String> {
+    if let Some(p) = doc.get("proof").and_then(Value::as_object) {
+        if let Some(extra) = p.keys().find(|k| !KYA_PROOF_MEMBERS.contains(&k.as_str())) {
+            return Err(format!(
+                "unexpected proof member {:?}",
+                extra.chars().take(60).collect::<String>()
+            ));
+        }
+        if p.get("@context").is_none() || p.get("@context") != doc.get("@context") {
+            return Err("proof @context must equal the document's @context".into());
+        }
+    }
+    Ok(())
 }
 
 /// `validFrom <= now < validUntil`.

@@ -195,7 +195,7 @@ impl Core {
                             .unwrap_or_else(|e| Err(e.to_string()))
                     };
                     match released {
-                        Ok(cred_id) => {
+                        Ok((cred_id, document)) => {
                             let ended = open
                                 .end(
                                     EventKind::Approved,
@@ -209,8 +209,10 @@ impl Core {
                                 return audit_denial(wait_decision_id, &e);
                             }
                             core.budget.allowed(&wait_decision_id, ctx.clone(), None);
+                            let grant = core.proofs.grant(&call, &ctx.agent, Some(&document));
                             Ruling::Allow {
                                 decision_id: wait_decision_id,
+                                grant,
                             }
                         }
                         Err(e) => {
@@ -301,7 +303,8 @@ impl Core {
         }
     }
 
-    /// The credential that releases an approved call (blocking: the store).
+    /// The credential that releases an approved call (blocking: the store):
+    /// its id and the secured document.
     fn release(
         &self,
         call: &CallFacts,
@@ -310,7 +313,7 @@ impl Core {
         hold_id: &str,
         binding: &str,
         cred_call: Option<&CredCall>,
-    ) -> Result<String, String> {
+    ) -> Result<(String, serde_json::Value), String> {
         if answer.channel == service::RELEASE_CHANNEL {
             // A standing credential issued while the call was held:
             // re-check and redeem exactly it (revoked meanwhile → denied).

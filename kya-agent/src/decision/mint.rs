@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 pub const APPROVAL_CREDENTIAL_TTL: Duration = Duration::from_secs(120);
 
 /// Mint the single-use credential for exactly this approved call, verify it as
-/// any verifier would, and spend it. Returns its id.
+/// any verifier would, and spend it. Returns its id and the secured document.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn mint_and_redeem(
     key: &SigningKey,
@@ -27,7 +27,7 @@ pub(super) fn mint_and_redeem(
     answer: &Answer,
     approval_id: &str,
     binding: &str,
-) -> Result<String, String> {
+) -> Result<(String, serde_json::Value), String> {
     let now = OffsetDateTime::now_utc();
     let tool = call.tool.clone().unwrap_or_default();
     // The approver may have chosen a wider scope: this tool on this server for
@@ -91,5 +91,5 @@ pub(super) fn mint_and_redeem(
     };
     let cred = verify::verify_for_call(&doc, &key.verifying_key(), &call, now, store)
         .map_err(|e| e.to_string())?;
-    Ok(cred.id)
+    Ok((cred.id, doc))
 }

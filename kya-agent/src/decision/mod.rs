@@ -21,6 +21,7 @@ mod ledger;
 mod mint;
 mod offload;
 mod open;
+pub mod receipts;
 mod record;
 pub(crate) use record::prewarm as prewarm_connection;
 pub(crate) mod restart;
@@ -31,7 +32,7 @@ use crate::audit::event::{EventKind, ProcessInfo};
 use crate::audit::writer::{AuditLog, Durability};
 use crate::credential::store::{Covering, CredentialStore};
 use crate::credential::verify::{self, Call as CredCall};
-use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Governor, Ruling};
+use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Governor, ProofRequest, Ruling};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::budget::ReservationId;
 use crate::policy::{AgentInfo, CallContext, Decide, PolicyEngine};
@@ -70,6 +71,8 @@ struct Core {
     offload: Offload,
     host: String,
     args: ArgsRecord,
+    /// Which servers get a signed receipt with each request.
+    proofs: receipts::ProofSettings,
 }
 
 /// What a decision's record keeps of the call's arguments (`[audit] args`,
@@ -111,6 +114,7 @@ impl DecisionPath {
                 offload: Offload::new(offload::MAX_BLOCKING),
                 host,
                 args: ArgsRecord::default(),
+                proofs: receipts::ProofSettings::default(),
             }),
             broker: None,
         }
@@ -129,6 +133,16 @@ impl DecisionPath {
     /// Attach the credentials of `broker` to the requests this path lets through.
     pub fn with_broker(mut self, broker: Option<Arc<crate::broker::Broker>>) -> Self {
         self.broker = broker;
+        self
+    }
+
+    /// Sign a receipt for every request to the servers `proofs` names
+    /// (before the path is shared; later calls are ignored, with an error logged).
+    pub fn with_proofs(mut self, proofs: receipts::ProofSettings) -> Self {
+        match Arc::get_mut(&mut self.core) {
+            Some(core) => core.proofs = proofs,
+            None => tracing::error!("proof servers are set only before decisions start"),
+        }
         self
     }
 
@@ -355,6 +369,7 @@ impl Core {
                 } else {
                     Durability::Group
                 };
+                let credential_released = credential_id.is_some();
                 let ended = open
                     .end(
                         EventKind::Decision,
@@ -371,7 +386,12 @@ impl Core {
                 }
                 // Budgets count the call once the proxy really forwards it.
                 self.budget.allowed(&decision_id, ctx, reservation.take());
-                Ruling::Allow { decision_id }
+                let released_by = covering
+                    .as_ref()
+                    .filter(|_| credential_released)
+                    .map(|c| &c.document);
+                let grant = self.proofs.grant(&call, &agent, released_by);
+                Ruling::Allow { decision_id, grant }
             }
             Verdict::Deny => {
                 self.count(
@@ -504,6 +524,22 @@ impl Governor for DecisionPath {
             uid: conn.process.uid,
             exe_sha256: engine.registry().exe_hash(&conn.process),
         }
+    }
+
+    fn proof_wanted(&self, server: &str) -> bool {
+        self.core.proofs.wants(server)
+    }
+
+    fn prove(&self, request: &ProofRequest<'_>) -> Result<http::HeaderValue, String> {
+        let core = &self.core;
+        let now = OffsetDateTime::now_utc();
+        core.proofs.sign(
+            &core.key,
+            &core.host,
+            request,
+            || core.engine.resolve(&request.conn.process, now),
+            now,
+        )
     }
 
     fn forwarded(&self, decision_id: &str) {

@@ -117,7 +117,10 @@ impl Governor for GovHandle {
         };
         Box::pin(async move {
             match act {
-                Act::Allow => Ruling::Allow { decision_id: id },
+                Act::Allow => Ruling::Allow {
+                    decision_id: id,
+                    grant: None,
+                },
                 Act::Deny => Ruling::Deny {
                     decision_id: id,
                     rule: Some(format!("no-{key}")),
@@ -136,7 +139,10 @@ impl Governor for GovHandle {
                         };
                         let r = tokio::select! {
                             r = rx => match r {
-                                Ok(true) => Ruling::Allow { decision_id: did },
+                                Ok(true) => Ruling::Allow {
+                                    decision_id: did,
+                                    grant: None,
+                                },
                                 _ => Ruling::Deny { decision_id: did, rule: Some("approval".into()), reason: "denied by the owner".into() },
                             },
                             _ = tokio::time::sleep(timeout) => Ruling::Deny { decision_id: did, rule: Some("approval".into()), reason: "hold timed out".into() },

@@ -38,9 +38,13 @@ pub trait Tunnels: Send + Sync {
 }
 
 /// Headers forwarded to the proxy and back: the end-to-end ones, without a
-/// length (a CONNECT and its answer carry no body kya forwards).
+/// length (a CONNECT and its answer carry no body kya forwards), and never a
+/// proof of decision (only kya writes one, and only to a server).
 fn end_to_end(h: &HeaderMap) -> HeaderMap {
-    super::exchange::end_to_end(h, &["content-length"])
+    super::exchange::end_to_end(
+        h,
+        &["content-length", crate::credential::header::HEADER_NAME],
+    )
 }
 
 /// A `host[:port]` header value: the host normalized, the port if written.
@@ -228,6 +232,7 @@ mod tests {
         h.insert("connection", "x-secret".parse().unwrap());
         h.insert("x-secret", "1".parse().unwrap());
         h.insert("content-length", "5".parse().unwrap());
+        h.insert("kya-decision", "forged".parse().unwrap());
         let out = end_to_end(&h);
         assert!(out.contains_key("proxy-authorization"));
         for gone in [
@@ -235,6 +240,7 @@ mod tests {
             "connection",
             "x-secret",
             "content-length",
+            "kya-decision",
         ] {
             assert!(!out.contains_key(gone), "{gone}");
         }

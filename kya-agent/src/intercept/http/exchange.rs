@@ -21,7 +21,7 @@ use super::body::{self, ProxyBody, ReadError};
 use super::client::{Upstream, UpstreamError};
 use super::deny::{self, Denial};
 use super::filter::{filter_server_data, Filtered, Peer};
-use super::governor::{CallFacts, ConnFacts, Direction, Governor, Ruling};
+use super::governor::{CallFacts, ConnFacts, Direction, Governor, Grant, ProofRequest, Ruling};
 use super::inspect::{self, Refusal};
 use super::limits::Limits;
 use super::listed;
@@ -70,7 +70,9 @@ const FIRST_EVENTS_WAIT: std::time::Duration = std::time::Duration::from_millis(
 /// What was decided for one message of a request.
 #[derive(Debug)]
 enum Outcome {
-    Allow(String),
+    /// The decision id, and what a proof of decision says of the message
+    /// (when its server asked for proofs).
+    Allow(String, Option<Arc<Grant>>),
     Deny(Denial),
     /// A response or error the client sends back to the server (the answer to a
     /// server→client request that was already decided on its way in): not decided.
@@ -200,7 +202,7 @@ fn is_sse(h: &HeaderMap) -> bool {
 
 fn to_outcome(r: Ruling) -> Outcome {
     match r {
-        Ruling::Allow { decision_id } => Outcome::Allow(decision_id),
+        Ruling::Allow { decision_id, grant } => Outcome::Allow(decision_id, grant),
         Ruling::Deny {
             decision_id,
             rule,
@@ -326,6 +328,10 @@ impl Exchange {
         if incoming.is_end_stream() {
             let mcp = head.headers.contains_key("mcp-session-id")
                 || head.headers.contains_key("mcp-protocol-version");
+            let proof = match self.proof(&server, &head, b"", &[]) {
+                Ok(p) => p,
+                Err(reason) => return self.refuse_http(StatusCode::BAD_GATEWAY, v, &reason),
+            };
             return self
                 .forward(
                     &server,
@@ -335,6 +341,7 @@ impl Exchange {
                     false,
                     mcp,
                     Answers::default(),
+                    proof,
                 )
                 .await;
         }
@@ -378,6 +385,10 @@ impl Exchange {
             Err(Refusal(r)) => self.refuse_http(StatusCode::BAD_REQUEST, v, &r),
             Ok(inspect::Body::Opaque) => {
                 let len = raw.len();
+                let proof = match self.proof(&server, &head, &raw, &[]) {
+                    Ok(p) => p,
+                    Err(reason) => return self.refuse_http(StatusCode::BAD_GATEWAY, v, &reason),
+                };
                 self.forward(
                     &server,
                     &head,
@@ -386,6 +397,7 @@ impl Exchange {
                     false,
                     false,
                     Answers::default(),
+                    proof,
                 )
                 .await
             }
@@ -516,7 +528,7 @@ impl Exchange {
                     wait,
                 } => {
                     holds.push((i, decision_id.clone(), owner, binding, wait));
-                    outcomes.push(Outcome::Allow(decision_id));
+                    outcomes.push(Outcome::Allow(decision_id, None));
                 }
                 other => outcomes.push(to_outcome(other)),
             }
@@ -644,13 +656,33 @@ impl Exchange {
     ) -> Response<ProxyBody> {
         let all_allowed = outcomes.iter().all(|o| !matches!(o, Outcome::Deny(_)));
         if all_allowed {
+            let bytes = json::to_canonical_bytes(value);
+            let proof = match self.proof(server, head, &bytes, &outcomes) {
+                Ok(p) => p,
+                Err(reason) => {
+                    // Not sent: each request is answered with the reason
+                    // (on the legacy session's stream, where it has one).
+                    tracing::info!(conn = self.conn.conn_id, %reason, "request refused");
+                    self.gov.refused(&self.conn, &reason);
+                    let outcomes = outcomes
+                        .into_iter()
+                        .map(|o| match o {
+                            Outcome::Allow(decision_id, _) => {
+                                self.gov.not_forwarded(&decision_id);
+                                Outcome::Deny(Denial::refusal(reason.clone()))
+                            }
+                            other => other,
+                        })
+                        .collect();
+                    return self.answer(head, payload, outcomes);
+                }
+            };
             for o in &outcomes {
-                if let Outcome::Allow(decision_id) = o {
+                if let Outcome::Allow(decision_id, _) = o {
                     self.gov.forwarded(decision_id);
                 }
             }
             listed::sent(&self.scope(server, head), &payload.messages);
-            let bytes = json::to_canonical_bytes(value);
             let len = bytes.len();
             let answers = Answers {
                 ids: payload
@@ -670,11 +702,12 @@ impl Exchange {
                     true,
                     true,
                     answers,
+                    proof,
                 )
                 .await;
         }
         for o in &outcomes {
-            if let Outcome::Allow(decision_id) = o {
+            if let Outcome::Allow(decision_id, _) = o {
                 self.gov.not_forwarded(decision_id);
             }
         }
@@ -788,7 +821,7 @@ impl Exchange {
             let shape = self.limits.deny_shape;
             answers.push(match outcome {
                 Outcome::Deny(d) => deny::answer(shape, is_tool, id, &d),
-                Outcome::Allow(decision) => deny::batch_refusal(shape, is_tool, id, &decision),
+                Outcome::Allow(decision, _) => deny::batch_refusal(shape, is_tool, id, &decision),
                 Outcome::Pass => continue,
             });
         }
@@ -868,13 +901,8 @@ impl Exchange {
                     )
                     .await;
                 }
-                Outcome::Allow(decision_id) => {
-                    self.gov.forwarded(&decision_id);
-                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
-                        .await
-                }
-                Outcome::Pass => {
-                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx)
+                allowed @ (Outcome::Allow(..) | Outcome::Pass) => {
+                    self.forward_into_stream(&server, &head, &value, &id.to_value(), tx, &allowed)
                         .await
                 }
             }
@@ -889,7 +917,8 @@ impl Exchange {
         r
     }
 
-    /// After an approved hold: forward and deliver the server's answer as SSE events.
+    /// After an approved hold (`outcome`): forward and deliver the server's
+    /// answer as SSE events.
     async fn forward_into_stream(
         &self,
         server: &str,
@@ -897,15 +926,41 @@ impl Exchange {
         value: &Value,
         id: &Value,
         tx: body::BodyTx,
+        outcome: &Outcome,
     ) {
+        let fail = |reason: String| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": format!("kya: {reason}")}});
+        let bytes = json::to_canonical_bytes(value);
+        let proof = match self.proof(server, head, &bytes, std::slice::from_ref(outcome)) {
+            Ok(p) => p,
+            Err(reason) => {
+                if let Outcome::Allow(decision_id, _) = outcome {
+                    self.gov.not_forwarded(decision_id);
+                }
+                tracing::info!(conn = self.conn.conn_id, %reason, "request refused");
+                self.gov.refused(&self.conn, &reason);
+                stream::last_message(tx, &fail(reason)).await;
+                return;
+            }
+        };
+        if let Outcome::Allow(decision_id, _) = outcome {
+            self.gov.forwarded(decision_id);
+        }
         if let Ok(p) = jsonrpc::parse_payload(value, self.limits.max_batch) {
             listed::sent(&self.scope(server, head), &p.messages);
         }
-        let bytes = json::to_canonical_bytes(value);
         let len = bytes.len();
-        let req = self.upstream_request(head, body::full(bytes), Some(len), true);
+        let mut req = self.upstream_request(head, body::full(bytes), Some(len), true, proof);
+        let target = self.broker_target(server, head, Some(len), true);
+        let attached = match self.apply_broker(&target, req.headers_mut()).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(conn = self.conn.conn_id, reason = %e, "approved call not sent: no credential");
+                self.gov.refused(&self.conn, &e);
+                stream::last_message(tx, &fail(e)).await;
+                return;
+            }
+        };
         let peer = self.peer(server, head);
-        let fail = |reason: String| json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": format!("kya: {reason}")}});
         let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -913,6 +968,7 @@ impl Exchange {
                 return;
             }
         };
+        Self::broker_answered(&target, attached, resp.status()).await;
         if is_sse(resp.headers()) {
             let url = self.absolute(head, server);
             stream::relay(peer, url, vec![id.clone()], resp.into_body(), tx, None).await;
@@ -1013,14 +1069,116 @@ impl Exchange {
         format!("{scheme}://{authority}{pq}").parse().ok()
     }
 
+    /// The `Kya-Decision` header for a request to `server` carrying `body`
+    /// (the messages decided in it: `outcomes`), when the server asked for
+    /// proofs. `Err`: the request must not go; the reason is for the agent
+    /// (the caller refuses on record).
+    fn proof(
+        &self,
+        server: &str,
+        head: &Head,
+        body: &[u8],
+        outcomes: &[Outcome],
+    ) -> Result<Option<HeaderValue>, String> {
+        if !self.gov.proof_wanted(server) {
+            return Ok(None);
+        }
+        let mut calls = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            if let Outcome::Allow(decision_id, grant) = o {
+                let Some(grant) = grant else {
+                    return Err(format!(
+                        "no proof of decision for {server}: decision {decision_id} has no grant"
+                    ));
+                };
+                calls.push((decision_id.as_str(), grant.as_ref()));
+            }
+        }
+        let request = ProofRequest {
+            conn: &self.conn,
+            server,
+            method: head.method.as_str(),
+            path: upstream_path(head),
+            body,
+            calls,
+        };
+        self.gov
+            .prove(&request)
+            .map(Some)
+            .map_err(|e| format!("no proof of decision for {server}: {e}"))
+    }
+
+    /// What the credential broker needs to know of a request to `server`.
+    fn broker_target<'a>(
+        &self,
+        server: &'a str,
+        head: &'a Head,
+        len: Option<usize>,
+        decided: bool,
+    ) -> broker::Target<'a> {
+        broker::Target {
+            server,
+            port: self.port(),
+            method: &head.method,
+            path: head.uri.path(),
+            tls: self.conn.tls,
+            decided,
+            bodyless: len.is_none_or(|n| n == 0),
+        }
+    }
+
+    /// Credentials kya holds for the server: the agent's own removed from
+    /// `headers`, kya's attached to decided requests. Returns who it was
+    /// attached for, to renew one the server refuses; an error means the
+    /// request must not be sent.
+    async fn apply_broker(
+        &self,
+        target: &broker::Target<'_>,
+        headers: &mut http::HeaderMap,
+    ) -> Result<Option<Attached>, String> {
+        let Some(broker) = self.gov.broker() else {
+            return Ok(None);
+        };
+        let actor = self.gov.actor(&self.conn);
+        match broker.apply(target, &actor, headers).await {
+            Ok(broker::Applied::Attached { source }) => {
+                tracing::debug!(conn = self.conn.conn_id, server = %target.server, %source, "credential attached");
+                Ok(Some(Attached { broker, actor }))
+            }
+            Ok(broker::Applied::NotBrokered | broker::Applied::Withheld) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The server answered a request kya attached a credential to: a `401`
+    /// makes the broker forget it.
+    async fn broker_answered(
+        target: &broker::Target<'_>,
+        attached: Option<Attached>,
+        status: StatusCode,
+    ) {
+        if let Some(a) = attached {
+            if status == StatusCode::UNAUTHORIZED {
+                a.broker.rejected(target, &a.actor).await;
+            }
+        }
+    }
+
     fn upstream_request(
         &self,
         head: &Head,
         body: ProxyBody,
         len: Option<usize>,
         rewritten: bool,
+        proof: Option<HeaderValue>,
     ) -> Request<ProxyBody> {
-        let mut drop: Vec<&str> = vec!["content-length", "accept-encoding"];
+        // A proof header from the agent never reaches any server: only kya
+        // writes one.
+        let mut drop: Vec<&str> = vec![
+            "content-length",
+            "accept-encoding",
+            crate::credential::header::HEADER_NAME,
+        ];
         if rewritten {
             drop.push("content-encoding");
         }
@@ -1028,14 +1186,16 @@ impl Exchange {
         if let Some(n) = len {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
+        if let Some(p) = proof {
+            headers.insert(crate::credential::header::HEADER_NAME, p);
+        }
         let uri = if self.upstream.is_h2() {
             self.absolute(head, "localhost")
                 .unwrap_or_else(|| head.uri.clone())
         } else {
-            head.uri
-                .path_and_query()
-                .and_then(|pq| pq.as_str().parse().ok())
-                .unwrap_or_else(|| Uri::from_static("/"))
+            upstream_path(head)
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/"))
         };
         if self.upstream.is_h2() {
             headers.remove(header::HOST);
@@ -1066,32 +1226,14 @@ impl Exchange {
         decided: bool,
         mcp: bool,
         answers: Answers,
+        proof: Option<HeaderValue>,
     ) -> Response<ProxyBody> {
-        let mut req = self.upstream_request(head, body, len, decided);
-        // Credentials kya holds for the server: the agent's own removed, kya's
-        // attached to decided requests (remembered, to renew one refused).
-        let broker = self.gov.broker();
-        let target = broker::Target {
-            server,
-            port: self.port(),
-            method: &head.method,
-            path: head.uri.path(),
-            tls: self.conn.tls,
-            decided,
-            bodyless: len.is_none_or(|n| n == 0),
+        let mut req = self.upstream_request(head, body, len, decided, proof);
+        let target = self.broker_target(server, head, len, decided);
+        let attached = match self.apply_broker(&target, req.headers_mut()).await {
+            Ok(a) => a,
+            Err(e) => return self.undeliverable(head, &answers, &e),
         };
-        let mut attached_for = None;
-        if let Some(broker) = &broker {
-            let actor = self.gov.actor(&self.conn);
-            match broker.apply(&target, &actor, req.headers_mut()).await {
-                Ok(broker::Applied::Attached { source }) => {
-                    tracing::debug!(conn = self.conn.conn_id, %server, %source, "credential attached");
-                    attached_for = Some(actor);
-                }
-                Ok(broker::Applied::NotBrokered | broker::Applied::Withheld) => {}
-                Err(e) => return self.undeliverable(head, &answers, &e.to_string()),
-            }
-        }
         let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e @ UpstreamError::Gone(_)) => {
@@ -1108,11 +1250,7 @@ impl Exchange {
             }
         };
         let (parts, incoming) = resp.into_parts();
-        if let (Some(broker), Some(actor)) = (&broker, &attached_for) {
-            if parts.status == StatusCode::UNAUTHORIZED {
-                broker.rejected(&target, actor).await;
-            }
-        }
+        Self::broker_answered(&target, attached, parts.status).await;
         // The server ends the connection after this answer: so does kya's
         // agent side (HTTP/2 has no such header; GOAWAY follows from the driver).
         let closing = head.version == Version::HTTP_11 && closes_connection(&parts);
@@ -1261,6 +1399,11 @@ impl Exchange {
     }
 }
 
+/// The path (with query) a request goes upstream with, as a server sees it.
+fn upstream_path(head: &Head) -> &str {
+    head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
 /// Whether the server ends its connection after this response.
 fn closes_connection(parts: &http::response::Parts) -> bool {
     let tokens = || {
@@ -1310,4 +1453,10 @@ mod tests {
         assert!(!closes_connection(&parts(h10, &[b"keep-alive"])));
         assert!(closes_connection(&parts(h10, &[b"keep-alive, close"])));
     }
+}
+
+/// A credential the broker attached to a request, and for whom.
+struct Attached {
+    broker: Arc<broker::Broker>,
+    actor: broker::oauth::Actor,
 }

@@ -88,10 +88,43 @@ pub struct CallFacts {
     pub batch: Option<(usize, usize)>,
 }
 
+/// What a proof of decision says of one allowed message (see
+/// [`Governor::prove`]): filled in by the governor only when the message's
+/// server asked for proofs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Grant {
+    /// The registered agent the decision resolved the process to, and its owner.
+    pub agent: String,
+    pub owner: Option<String>,
+    /// JSON-RPC method and, for `tools/call`, the tool.
+    pub method: String,
+    pub tool: Option<String>,
+    /// SHA-256 (hex) of the JCS form of the arguments, when JCS represents them.
+    pub args_sha256: Option<String>,
+    /// The secured credential that released the call, when one did.
+    pub credential: Option<Arc<serde_json::Value>>,
+}
+
+/// A request about to go upstream to a server that asked for proofs.
+#[derive(Debug)]
+pub struct ProofRequest<'a> {
+    pub conn: &'a ConnFacts,
+    pub server: &'a str,
+    /// HTTP method and path (with query) as sent upstream.
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The body bytes as sent upstream.
+    pub body: &'a [u8],
+    /// Every decided message of the body, in order, with its decision id.
+    pub calls: Vec<(&'a str, &'a Grant)>,
+}
+
 /// The outcome of [`Governor::decide`].
 pub enum Ruling {
+    /// `grant` is `Some` when the call's server asked for proofs.
     Allow {
         decision_id: String,
+        grant: Option<Arc<Grant>>,
     },
     Deny {
         decision_id: String,
@@ -113,9 +146,10 @@ pub enum Ruling {
 impl std::fmt::Debug for Ruling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Ruling::Allow { decision_id } => f
+            Ruling::Allow { decision_id, grant } => f
                 .debug_struct("Allow")
                 .field("decision_id", decision_id)
+                .field("grant", grant)
                 .finish(),
             Ruling::Deny {
                 decision_id,
@@ -183,6 +217,18 @@ pub trait Governor: Send + Sync + 'static {
     /// member sends none). Budgets count only these.
     fn forwarded(&self, decision_id: &str) {
         let _ = decision_id;
+    }
+    /// Whether `server` asked for a proof of decision with each request
+    /// (`[proof] servers`).
+    fn proof_wanted(&self, server: &str) -> bool {
+        let _ = server;
+        false
+    }
+    /// The `Kya-Decision` header value for a request to a server that asked
+    /// for proofs. An error means the request must not be sent.
+    fn prove(&self, request: &ProofRequest<'_>) -> Result<http::HeaderValue, String> {
+        let _ = request;
+        Err("this governor issues no proofs of decision".into())
     }
     /// An allowed message will not be sent (another member of its batch was
     /// refused): what was reserved for it is given back.

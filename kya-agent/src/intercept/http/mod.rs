@@ -47,7 +47,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use governor::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling, TunnelTarget};
+pub use governor::{
+    BoxFuture, CallFacts, ConnFacts, Direction, Governor, Grant, ProofRequest, Ruling, TunnelTarget,
+};
 pub use limits::Limits;
 
 /// The HTTP version on both legs.
