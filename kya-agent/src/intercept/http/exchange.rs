@@ -1399,6 +1399,12 @@ impl Exchange {
     }
 }
 
+/// A credential the broker attached to a request, and for whom.
+struct Attached {
+    broker: Arc<broker::Broker>,
+    actor: broker::oauth::Actor,
+}
+
 /// The path (with query) a request goes upstream with, as a server sees it.
 fn upstream_path(head: &Head) -> &str {
     head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
@@ -1453,10 +1459,4 @@ mod tests {
         assert!(!closes_connection(&parts(h10, &[b"keep-alive"])));
         assert!(closes_connection(&parts(h10, &[b"keep-alive, close"])));
     }
-}
-
-/// A credential the broker attached to a request, and for whom.
-struct Attached {
-    broker: Arc<broker::Broker>,
-    actor: broker::oauth::Actor,
 }
