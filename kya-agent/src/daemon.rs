@@ -118,6 +118,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
+    let pins = Arc::new(
+        crate::pins::PinStore::open(&config.state_dir).context("reading the pinned tool definitions")?,
+    );
     let host = crate::host::host_name();
     let approvals = open_approvals(
         &config.state_dir,
@@ -215,6 +218,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             ),
         )
         .route(
+            "tools",
+            Arc::new(crate::pins::handler::ToolsHandler::new(pins.clone())),
+        )
+        .route(
             "agents",
             Arc::new(AgentsHandler::new(
                 engine.clone(),
@@ -241,7 +248,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .with_args_record(crate::decision::ArgsRecord {
             include: config.audit_args,
             redact: config.audit_redact.clone(),
-        }),
+        })
+        .with_pins(pins),
     );
     let decision_path: Arc<dyn Governor> = decisions.clone();
     metrics.add_source(kernel_samples(redirector.clone()));
@@ -874,6 +882,7 @@ mod tests {
             args: serde_json::json!({}),
             time: time::OffsetDateTime::now_utc(),
             credential: None,
+            tool_pin: Default::default(),
         };
         let (_, first) = engine.decide_reserving(&call);
         let (_, second) = engine.decide_reserving(&call);

@@ -31,10 +31,11 @@ use crate::audit::event::{EventKind, ProcessInfo};
 use crate::audit::writer::{AuditLog, Durability};
 use crate::credential::store::{Covering, CredentialStore};
 use crate::credential::verify::{self, Call as CredCall};
-use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Governor, Ruling};
+use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Direction, Governor, Ruling};
+use crate::pins::PinStore;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::budget::ReservationId;
-use crate::policy::{AgentInfo, CallContext, Decide, PolicyEngine};
+use crate::policy::{AgentInfo, CallContext, Decide, PolicyEngine, ToolPin};
 use ed25519_dalek::SigningKey;
 use events::EventHub;
 use kya_common::Verdict;
@@ -68,6 +69,8 @@ struct Core {
     offload: Offload,
     host: String,
     args: ArgsRecord,
+    /// The pinned tool definitions (`tool_pin`, `tool_drift`).
+    pins: Arc<PinStore>,
 }
 
 /// What a decision's record keeps of the call's arguments (`[audit] args`,
@@ -109,6 +112,7 @@ impl DecisionPath {
                 offload: Offload::new(offload::MAX_BLOCKING),
                 host,
                 args: ArgsRecord::default(),
+                pins: Arc::new(PinStore::in_memory()),
             }),
         }
     }
@@ -119,6 +123,16 @@ impl DecisionPath {
         match Arc::get_mut(&mut self.core) {
             Some(core) => core.args = args,
             None => tracing::error!("the argument record is set only before decisions start"),
+        }
+        self
+    }
+
+    /// Pin tool definitions in `pins` (before the path is shared; by default
+    /// they are kept in memory only).
+    pub fn with_pins(mut self, pins: Arc<PinStore>) -> Self {
+        match Arc::get_mut(&mut self.core) {
+            Some(core) => core.pins = pins,
+            None => tracing::error!("the tool pins are set only before decisions start"),
         }
         self
     }
@@ -212,6 +226,52 @@ impl Core {
         }
     }
 
+    /// How the tool `call` calls stands against its pin, and what changed
+    /// (cut short for the record and the approval).
+    fn tool_pin(&self, call: &CallFacts) -> (ToolPin, Option<serde_json::Value>) {
+        match (&call.tool, call.direction, call.method.as_str()) {
+            (Some(tool), Direction::ClientToServer, "tools/call") => {
+                let (pin, change) = self.pins.check(&call.server, tool);
+                (
+                    pin,
+                    change.and_then(|c| serde_json::to_value(c.bounded()).ok()),
+                )
+            }
+            _ => (ToolPin::Unknown, None),
+        }
+    }
+
+    /// Record what a server announced in a `tools/list` answer; the pins
+    /// are written to the state directory off the async workers.
+    fn tools_listed(
+        &self,
+        server: &str,
+        result: &serde_json::Value,
+        complete: bool,
+    ) -> Result<(), String> {
+        let listing = crate::pins::listing::read(result).map_err(|e| e.to_string())?;
+        let recorded = self
+            .pins
+            .record(server, &listing, complete)
+            .map_err(|e| e.to_string())?;
+        if recorded.first {
+            tracing::info!(%server, tools = listing.tools.len(), "tool definitions pinned");
+        }
+        if !recorded.drifted.is_empty() {
+            tracing::warn!(%server, tools = ?recorded.drifted,
+                "tool definitions differ from their pins; `kya tools diff` shows how");
+        }
+        if PinStore::needs_save(&recorded) {
+            let pins = self.pins.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = pins.save() {
+                    tracing::error!(error = %e, "cannot write the tool pins");
+                }
+            });
+        }
+        Ok(())
+    }
+
     async fn decide(self: Arc<Self>, call: CallFacts) -> Ruling {
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
@@ -227,7 +287,10 @@ impl Core {
             args: call.args.clone(),
             time: now,
             credential: None,
+            tool_pin: Default::default(),
         };
+        let (tool_pin, tool_change) = self.tool_pin(&call);
+        ctx.tool_pin = tool_pin;
         // A standing credential covering exactly this call may release a hold.
         let cred_call = self.credential_call(&call, &agent);
         let covering = match &cred_call {
@@ -299,7 +362,8 @@ impl Core {
             &decision_id,
             started,
             &self.args,
-        );
+        )
+        .with_tool_change(tool_change.clone());
         // From here the decision ends in exactly one final record, whatever
         // happens to this future.
         let mut open = OpenDecision::new(self.sinks.clone(), facts);
@@ -400,6 +464,7 @@ impl Core {
                         open,
                         started,
                         cred_call,
+                        tool_change,
                     )
                     .await
             }
@@ -458,6 +523,7 @@ impl Governor for DecisionPath {
             args: serde_json::json!({}),
             time: now,
             credential: None,
+            tool_pin: Default::default(),
         };
         let d = engine.decide(&ctx);
         // Hidden only when no arguments could change the answer: a deny with
@@ -480,6 +546,16 @@ impl Governor for DecisionPath {
 
     fn not_forwarded(&self, decision_id: &str) {
         self.core.budget.not_forwarded(decision_id);
+    }
+
+    fn tools_listed(
+        &self,
+        _conn: &ConnFacts,
+        server: &str,
+        result: &serde_json::Value,
+        complete: bool,
+    ) -> Result<(), String> {
+        self.core.tools_listed(server, result, complete)
     }
 
     fn forwarded(&self, decision_id: &str) {

@@ -106,7 +106,23 @@ async fn judge(
 ) -> Option<(Value, bool)> {
     match &msg {
         Message::Response(r) => {
-            let edited = listed::is_tools_list(&peer.scope, &r.id) && filter_tools(peer, &mut raw);
+            if !listed::is_tools_list(&peer.scope, &r.id) {
+                return Some((raw, false));
+            }
+            let complete = listed::is_first_page(&peer.scope, &r.id);
+            let listed = match raw.get("result") {
+                Some(result) => peer
+                    .gov
+                    .tools_listed(&peer.conn, &peer.server, result, complete),
+                None => Err("the tools/list answer has no result".to_string()),
+            };
+            if let Err(why) = listed {
+                let reason = format!("tools/list answer of {} refused: {why}", peer.server);
+                tracing::warn!(conn = peer.conn.conn_id, %reason);
+                peer.gov.refused(&peer.conn, &reason);
+                return Some((refused_listing(&r.id, &reason), true));
+            }
+            let edited = filter_tools(peer, &mut raw);
             Some((raw, edited))
         }
         Message::Error(_) => Some((raw, false)),
@@ -168,6 +184,18 @@ fn server_call_facts(
         progress_token,
         batch,
     }
+}
+
+/// The JSON-RPC error that replaces a `tools/list` answer kya cannot judge.
+fn refused_listing(id: &jsonrpc::Id, reason: &str) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id.to_value(),
+        "error": {
+            "code": crate::mcp::deny::DENIAL_CODE,
+            "message": format!("kya: {reason}"),
+        },
+    })
 }
 
 /// Remove from the `result.tools` array of a `tools/list` answer every tool the
