@@ -231,7 +231,8 @@ impl Core {
     fn tool_pin(&self, call: &CallFacts) -> (ToolPin, Option<serde_json::Value>) {
         match (&call.tool, call.direction, call.method.as_str()) {
             (Some(tool), Direction::ClientToServer, "tools/call") => {
-                let (pin, change) = self.pins.check(&call.server, tool);
+                let key = crate::pins::server_key(&call.server, server_port(&call.conn));
+                let (pin, change) = self.pins.check(&key, tool);
                 (
                     pin,
                     change.and_then(|c| serde_json::to_value(c.bounded()).ok()),
@@ -245,11 +246,14 @@ impl Core {
     /// are written to the state directory off the async workers.
     fn tools_listed(
         &self,
+        conn: &ConnFacts,
         server: &str,
         result: &serde_json::Value,
         complete: bool,
     ) -> Result<(), String> {
         let listing = crate::pins::listing::read(result).map_err(|e| e.to_string())?;
+        let key = crate::pins::server_key(server, server_port(conn));
+        let server = key.as_str();
         let recorded = self
             .pins
             .record(server, &listing, complete)
@@ -500,6 +504,12 @@ impl Core {
     }
 }
 
+/// The port the agent reached the server on: the tunnel target's inside a
+/// followed `CONNECT`, else the original destination's.
+fn server_port(conn: &ConnFacts) -> u16 {
+    conn.tunnel.as_ref().map_or(conn.dst.port(), |t| t.port)
+}
+
 fn new_decision_id() -> String {
     use rand::Rng;
     format!("dec_{:016x}", rand::thread_rng().gen::<u64>())
@@ -550,12 +560,12 @@ impl Governor for DecisionPath {
 
     fn tools_listed(
         &self,
-        _conn: &ConnFacts,
+        conn: &ConnFacts,
         server: &str,
         result: &serde_json::Value,
         complete: bool,
     ) -> Result<(), String> {
-        self.core.tools_listed(server, result, complete)
+        self.core.tools_listed(conn, server, result, complete)
     }
 
     fn forwarded(&self, decision_id: &str) {

@@ -18,7 +18,6 @@
 
 use super::diff::{self, Change};
 use super::listing::{self, Listing, ToolDef, MAX_TOOLS, MAX_TOOL_BYTES};
-use crate::policy::engine::normalize_server;
 use crate::policy::ToolPin;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,6 +53,8 @@ pub enum PinError {
     TooLarge { server: String, limit: usize },
     #[error("no tools of server {server:?} are pinned")]
     UnknownServer { server: String },
+    #[error("{server:?} names several pinned servers ({keys:?}); name one with its port")]
+    Ambiguous { server: String, keys: Vec<String> },
     #[error("tool {tool:?} of server {server:?} has no change to accept")]
     NothingToAccept { server: String, tool: String },
 }
@@ -286,7 +287,7 @@ impl PinStore {
         listing: &Listing,
         complete: bool,
     ) -> Result<Recorded, PinError> {
-        let server = normalize_server(server);
+        let server = server.to_string();
         let complete = complete && !listing.more;
         let mut pins = self.lock();
         let total: usize = pins.servers.values().map(ServerPins::bytes).sum();
@@ -321,21 +322,20 @@ impl PinStore {
 
     /// How `tool` of `server` stands against its pin, and what changed.
     pub(crate) fn check(&self, server: &str, tool: &str) -> (ToolPin, Option<Change>) {
-        let server = normalize_server(server);
         let pins = self.lock();
-        match pins.servers.get(&server) {
-            Some(s) => s.state(&server, tool),
+        match pins.servers.get(server) {
+            Some(s) => s.state(server, tool),
             None => (ToolPin::Unknown, None),
         }
     }
 
-    /// Every tool of `server` (or of every server), with its state.
+    /// Every tool of `server` (a pin key, or a server name for all its
+    /// ports; every server when `None`), with its state.
     pub fn list(&self, server: Option<&str>) -> Vec<ToolRow> {
-        let want = server.map(normalize_server);
         let pins = self.lock();
         let mut rows = Vec::new();
         for (name, s) in &pins.servers {
-            if want.as_ref().is_some_and(|w| w != name) {
+            if server.is_some_and(|w| !super::names_key(name, w)) {
                 continue;
             }
             let tools: BTreeSet<&String> = s.pinned.keys().chain(s.current.keys()).collect();
@@ -373,8 +373,31 @@ impl PinStore {
     /// Make what `server` announces now the pins of `tools` (every changed,
     /// new and removed tool when empty). Returns the tools accepted.
     pub fn accept(&self, server: &str, tools: &[String]) -> Result<Vec<String>, PinError> {
-        let server = normalize_server(server);
         let mut pins = self.lock();
+        // The key itself, else every key of that server name.
+        let keys: Vec<String> = if pins.servers.contains_key(server) {
+            vec![server.to_string()]
+        } else {
+            pins.servers
+                .keys()
+                .filter(|k| super::names_key(k, server))
+                .cloned()
+                .collect()
+        };
+        let server = match keys.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(PinError::UnknownServer {
+                    server: server.to_string(),
+                })
+            }
+            _ => {
+                return Err(PinError::Ambiguous {
+                    server: server.to_string(),
+                    keys,
+                })
+            }
+        };
         let Some(s) = pins.servers.get_mut(&server) else {
             return Err(PinError::UnknownServer { server });
         };
@@ -496,7 +519,7 @@ mod tests {
     fn first_listing_pins_and_a_rewrite_is_noticed() {
         let s = PinStore::in_memory();
         assert_eq!(s.check("srv", "add").0, ToolPin::Unknown);
-        let r = s.record("SRV:443", &listing(json!([add("Add")])), true).unwrap();
+        let r = s.record("srv", &listing(json!([add("Add")])), true).unwrap();
         assert!(r.first);
         assert_eq!(s.check("srv", "add").0, ToolPin::Unchanged);
         assert_eq!(s.check("srv", "other").0, ToolPin::Unknown);
@@ -556,6 +579,15 @@ mod tests {
             Err(PinError::UnknownServer { .. })
         ));
         assert_eq!(s.accept("srv", &[]).unwrap(), ["sub"]);
+        s.record("other:8000", &listing(json!([{"name": "a"}])), true).unwrap();
+        s.record("other:9000", &listing(json!([])), true).unwrap();
+        assert!(matches!(
+            s.accept("other", &[]),
+            Err(PinError::Ambiguous { .. })
+        ));
+        assert_eq!(s.list(Some("other")).len(), 1);
+        assert!(s.list(Some("other:9000")).is_empty());
+        assert_eq!(s.accept("other:9000", &[]).unwrap(), Vec::<String>::new());
         assert_eq!(s.check("srv", "sub").0, ToolPin::Unknown);
         assert!(s.diff(None, None).is_empty());
     }
