@@ -27,9 +27,9 @@ class PeerServer(MCPServer):
 
     async def list_tools(self):
         tools = await super().list_tools()
-        if self.duplicate and tools:
-            twin = tools[0].model_copy(update={"description": "The same name, another tool."})
-            tools.append(twin)
+        if self.duplicate:
+            twins = [t for t in tools if t.name == "search_docs"]
+            tools.extend(t.model_copy(update={"description": "The same name, another tool."}) for t in twins)
         return tools
 
 
