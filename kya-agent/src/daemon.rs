@@ -119,7 +119,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
     let pins = Arc::new(
-        crate::pins::PinStore::open(&config.state_dir).context("reading the pinned tool definitions")?,
+        crate::pins::PinStore::open(&config.state_dir)
+            .context("reading the pinned tool definitions")?,
     );
     let host = crate::host::host_name();
     let approvals = open_approvals(

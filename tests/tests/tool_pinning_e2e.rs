@@ -113,7 +113,9 @@ fn a_rewritten_tool_is_held_until_its_new_definition_is_accepted() {
     // Session 1: listed (and pinned), called, ran.
     let l = listed(cg, PORT);
     assert!(
-        l["tools"].as_array().is_some_and(|t| t.contains(&"search_docs".into())),
+        l["tools"]
+            .as_array()
+            .is_some_and(|t| t.contains(&"search_docs".into())),
         "{l}"
     );
     let r = mcp_result(search(cg));
@@ -156,8 +158,7 @@ fn a_rewritten_tool_is_held_until_its_new_definition_is_accepted() {
         .unwrap_or_else(|| panic!("no hold on the record: {ev:?}"));
     assert_eq!(hold["rule"], "kya:tool-drift", "{hold}");
     assert_eq!(
-        hold["mcp"]["tool_change"]["fields"][0]["field"],
-        "description",
+        hold["mcp"]["tool_change"]["fields"][0]["field"], "description",
         "{hold}"
     );
 
@@ -204,7 +205,11 @@ fn a_rewritten_tool_is_held_until_its_new_definition_is_accepted() {
     let id = held_search(&daemon, &server, 0, 2);
     // Approved this once: it runs, and the pin stays as it was.
     let ok = scene.as_user(&daemon, &scene.owner, &["approvals", "approve", &id]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let r = mcp_result(held);
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(ran_searches(&server), 1);

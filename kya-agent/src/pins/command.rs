@@ -10,7 +10,10 @@ use std::process::ExitCode;
 
 /// `kya tools list [--server S] [--json]`.
 pub fn list(state_dir: &Path, server: Option<&str>, as_json: bool) -> anyhow::Result<ExitCode> {
-    let v = client::call(state_dir, &Request::new("tools.list", json!({"server": server})))?;
+    let v = client::call(
+        state_dir,
+        &Request::new("tools.list", json!({"server": server})),
+    )?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -20,7 +23,10 @@ pub fn list(state_dir: &Path, server: Option<&str>, as_json: bool) -> anyhow::Re
         println!("no tools pinned");
     }
     for r in rows {
-        let short = |d: &Option<String>| d.as_deref().map_or("-".to_string(), |d| d.chars().take(12).collect());
+        let short = |d: &Option<String>| {
+            d.as_deref()
+                .map_or("-".to_string(), |d| d.chars().take(12).collect())
+        };
         println!(
             "{:<32} {:<32} {:<9} pinned={} now={}",
             r.server,

@@ -79,9 +79,7 @@ async fn accept(store: Arc<PinStore>, caller: Caller, args: &Value) -> Response 
                 a.iter().map(|t| t.as_str().map(str::to_string)).collect();
             match names {
                 Some(n) => n,
-                None => {
-                    return Response::error(ErrorCode::BadRequest, "tools must be strings")
-                }
+                None => return Response::error(ErrorCode::BadRequest, "tools must be strings"),
             }
         }
         Some(_) => return Response::error(ErrorCode::BadRequest, "tools must be an array"),
@@ -147,7 +145,13 @@ mod tests {
         assert!(h.read_only("tools.list") && h.read_only("tools.diff"));
         assert!(!h.read_only("tools.accept") && !h.read_only("tools.other"));
         let r = call(&h, caller(false), "tools.accept", json!({"server": "srv"})).await;
-        assert!(matches!(r, Response::Error { code: ErrorCode::Forbidden, .. }));
+        assert!(matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                ..
+            }
+        ));
         for bad in [
             json!({}),
             json!({"server": 1}),
@@ -155,16 +159,45 @@ mod tests {
             json!({"server": "srv", "tools": [1]}),
         ] {
             let r = call(&h, caller(true), "tools.accept", bad.clone()).await;
-            assert!(matches!(r, Response::Error { code: ErrorCode::BadRequest, .. }), "{bad}");
+            assert!(
+                matches!(
+                    r,
+                    Response::Error {
+                        code: ErrorCode::BadRequest,
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
         }
         let r = call(&h, caller(true), "tools.diff", json!({"server": "srv"})).await;
         let Response::Ok { result } = r else { panic!() };
         assert_eq!(result[0]["fields"][0]["new"], "\"b\"");
-        let r = call(&h, caller(true), "tools.accept", json!({"server": "srv", "tools": ["t"]})).await;
-        let Response::Ok { result } = r else { panic!("{r:?}") };
+        let r = call(
+            &h,
+            caller(true),
+            "tools.accept",
+            json!({"server": "srv", "tools": ["t"]}),
+        )
+        .await;
+        let Response::Ok { result } = r else {
+            panic!("{r:?}")
+        };
         assert_eq!(result["accepted"], json!(["t"]));
-        let r = call(&h, caller(true), "tools.accept", json!({"server": "srv", "tools": ["t"]})).await;
-        assert!(matches!(r, Response::Error { code: ErrorCode::Conflict, .. }));
+        let r = call(
+            &h,
+            caller(true),
+            "tools.accept",
+            json!({"server": "srv", "tools": ["t"]}),
+        )
+        .await;
+        assert!(matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::Conflict,
+                ..
+            }
+        ));
         let r = call(&h, caller(true), "tools.list", json!({"server": "srv"})).await;
         let Response::Ok { result } = r else { panic!() };
         assert_eq!(result[0]["state"], "unchanged");

@@ -81,7 +81,9 @@ pub(crate) enum ListingError {
     BadName { index: usize, why: &'static str },
     #[error("the tools/list result names the tool {name:?} twice; kya cannot tell which definition the agent would use")]
     Duplicate { name: String },
-    #[error("the definition of tool {name:?} is {bytes} bytes, more than kya pins ({MAX_TOOL_BYTES})")]
+    #[error(
+        "the definition of tool {name:?} is {bytes} bytes, more than kya pins ({MAX_TOOL_BYTES})"
+    )]
     TooLarge { name: String, bytes: usize },
     #[error("the definition of tool {name:?} has no canonical form: {why}")]
     NotCanonical { name: String, why: String },
@@ -172,7 +174,9 @@ mod tests {
     fn every_field_counts() {
         let base = json!({"name":"t","description":"d","inputSchema":{"type":"object"},
             "annotations":{"destructiveHint":false},"title":"T","outputSchema":{"type":"object"}});
-        let d0 = read(&json!({ "tools": [base.clone()] })).unwrap().tools[0].digest.clone();
+        let d0 = read(&json!({ "tools": [base.clone()] })).unwrap().tools[0]
+            .digest
+            .clone();
         for (field, value) in [
             ("description", json!("d2")),
             (
@@ -185,7 +189,9 @@ mod tests {
         ] {
             let mut t = base.clone();
             t[field] = value;
-            let d = read(&json!({ "tools": [t] })).unwrap().tools[0].digest.clone();
+            let d = read(&json!({ "tools": [t] })).unwrap().tools[0]
+                .digest
+                .clone();
             assert_ne!(d, d0, "{field}");
         }
     }
@@ -226,11 +232,18 @@ mod tests {
 
     #[test]
     fn a_hundred_thousand_tools_are_refused_before_any_is_read() {
-        let tools: Vec<Value> = (0..100_000).map(|i| json!({"name": format!("t{i}")})).collect();
+        let tools: Vec<Value> = (0..100_000)
+            .map(|i| json!({"name": format!("t{i}")}))
+            .collect();
         let e = read(&json!({ "tools": tools })).unwrap_err();
         assert_eq!(e, ListingError::TooMany { count: 100_000 });
-        let tools: Vec<Value> = (0..MAX_TOOLS).map(|i| json!({"name": format!("t{i}")})).collect();
-        assert_eq!(read(&json!({ "tools": tools })).unwrap().tools.len(), MAX_TOOLS);
+        let tools: Vec<Value> = (0..MAX_TOOLS)
+            .map(|i| json!({"name": format!("t{i}")}))
+            .collect();
+        assert_eq!(
+            read(&json!({ "tools": tools })).unwrap().tools.len(),
+            MAX_TOOLS
+        );
     }
 
     #[test]

@@ -62,7 +62,10 @@ mod tests {
 
     #[test]
     fn keys_and_what_names_them() {
-        assert_eq!(server_key("MCP.Example.com:8443", 443), "mcp.example.com:443");
+        assert_eq!(
+            server_key("MCP.Example.com:8443", 443),
+            "mcp.example.com:443"
+        );
         assert_eq!(server_key("[::1]:80", 8000), "[::1]:8000");
         assert_eq!(server_key("::1", 8000), "[::1]:8000");
         assert!(names_key("mcp.example.com:443", "mcp.example.com"));

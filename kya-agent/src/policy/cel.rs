@@ -532,7 +532,10 @@ impl<'a> Activation<'a> {
             ctx.add_variable_as_val("args", json_val(call.args_for_conditions()));
         }
         if want("tool_pin") {
-            ctx.add_variable_as_val("tool_pin", Box::new(CelString::from(call.tool_pin.as_str())));
+            ctx.add_variable_as_val(
+                "tool_pin",
+                Box::new(CelString::from(call.tool_pin.as_str())),
+            );
         }
         if want("credential") {
             let cred: Box<dyn Val + 'a> = match &call.credential {

@@ -1164,7 +1164,10 @@ tool_drift = "deny"
     // Not a tools/call: drift does not apply.
     c.method = "resources/read".into();
     c.credential = None;
-    assert_ne!(p.decide_with(&c, None, false).rule.as_deref(), Some("kya:tool-drift"));
+    assert_ne!(
+        p.decide_with(&c, None, false).rule.as_deref(),
+        Some("kya:tool-drift")
+    );
 }
 
 #[test]
@@ -1207,9 +1210,15 @@ reason = "the server never announced this tool"
     );
     let mut c = call("add", json!({}));
     c.tool_pin = ToolPin::Unchanged;
-    assert_eq!(p.decide_with(&c, None, false).rule.as_deref(), Some("only-pinned"));
+    assert_eq!(
+        p.decide_with(&c, None, false).rule.as_deref(),
+        Some("only-pinned")
+    );
     c.tool_pin = ToolPin::Unknown;
-    assert_eq!(p.decide_with(&c, None, false).rule.as_deref(), Some("never-announced"));
+    assert_eq!(
+        p.decide_with(&c, None, false).rule.as_deref(),
+        Some("never-announced")
+    );
     c.tool_pin = ToolPin::Changed;
     // No rule allows it, the default denies it.
     let d = p.decide_with(&c, None, false);

@@ -327,7 +327,10 @@ mod tests {
         assert!(msg.contains("names the tool \"add\" twice"), "{msg}");
         assert_eq!(gov.refusals.lock().unwrap().len(), 1);
         // Nothing of it was pinned.
-        assert_eq!(gov.pins.check("srv", "add").0, crate::policy::ToolPin::Unknown);
+        assert_eq!(
+            gov.pins.check("srv", "add").0,
+            crate::policy::ToolPin::Unknown
+        );
     }
 
     #[tokio::test]
@@ -335,10 +338,15 @@ mod tests {
         let gov = pinning();
         let scope = "filter-test|hostile";
         let peer = peer(gov.clone(), scope);
-        let many: Vec<Value> = (0..100_000).map(|i| json!({"name": format!("t{i}")})).collect();
+        let many: Vec<Value> = (0..100_000)
+            .map(|i| json!({"name": format!("t{i}")}))
+            .collect();
         for (id, result) in [
             (1, json!({"tools":[{"name": 5}]})),
-            (2, json!({"tools":[{"name": "x", "description": "d".repeat(300_000)}]})),
+            (
+                2,
+                json!({"tools":[{"name": "x", "description": "d".repeat(300_000)}]}),
+            ),
             (3, json!({"tools": many})),
             (4, json!({"tools": "none"})),
         ] {
@@ -348,16 +356,25 @@ mod tests {
                 panic!("{id}: {out:?}")
             };
             let v: Value = serde_json::from_slice(&bytes).unwrap();
-            assert!(v["error"]["message"].as_str().unwrap().starts_with("kya: "), "{v}");
+            assert!(
+                v["error"]["message"].as_str().unwrap().starts_with("kya: "),
+                "{v}"
+            );
         }
         assert_eq!(gov.refusals.lock().unwrap().len(), 4);
         ask(scope, 5);
         let ok = json!({"jsonrpc":"2.0","id":5,"result":{"tools":[{"name":"add"}]}});
         assert_eq!(answer(&peer, ok).await, Filtered::Unchanged);
-        assert_eq!(gov.pins.check("srv", "add").0, crate::policy::ToolPin::Unchanged);
+        assert_eq!(
+            gov.pins.check("srv", "add").0,
+            crate::policy::ToolPin::Unchanged
+        );
         // An answer to no tools/list request of the agent is not read as a listing.
         let stray = json!({"jsonrpc":"2.0","id":99,"result":{"tools":[{"name":"add","description":"evil"}]}});
         assert_eq!(answer(&peer, stray).await, Filtered::Unchanged);
-        assert_eq!(gov.pins.check("srv", "add").0, crate::policy::ToolPin::Unchanged);
+        assert_eq!(
+            gov.pins.check("srv", "add").0,
+            crate::policy::ToolPin::Unchanged
+        );
     }
 }
