@@ -195,6 +195,20 @@ fn a_rewritten_tool_is_held_until_its_new_definition_is_accepted() {
     // first one left holds a call after another rewrite.
     let pins = std::fs::read(daemon.state_dir.path().join("tool-pins.json")).expect("pin file");
     daemon.terminate();
+    // The records that carry the change verify like any other.
+    let verify = std::process::Command::new(kya_bin())
+        .args(["audit", "verify", "--closed"])
+        .arg(daemon.state_dir.path().join("audit.jsonl"))
+        .arg("--key")
+        .arg(daemon.state_dir.path().join("signing-key.pub.pem"))
+        .output()
+        .expect("kya audit verify");
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        stdout(&verify),
+        String::from_utf8_lossy(&verify.stderr)
+    );
     drop(server);
     let server = variant(dir.path(), 2);
     let mut opts = scene.daemon_options(927, PORT);
