@@ -520,6 +520,11 @@ async fn a_rewritten_tool_is_held_with_its_change_on_record() {
     assert_eq!(change["fields"][0]["field"], "description");
     assert_eq!(change["fields"][0]["old"], "\"Search.\"");
     assert_eq!(pending[0].rule.as_deref(), Some("kya:tool-drift"));
+    assert!(
+        pending[0].reason.contains("(changed: description)"),
+        "{}",
+        pending[0].reason
+    );
     k.approvals
         .answer(
             &pending[0].id,

@@ -356,6 +356,12 @@ impl Core {
             );
             credential_id = None;
         }
+        // A call decided by drift names what changed.
+        if decision.rule.as_deref() == Some(crate::policy::engine::TOOL_DRIFT_RULE) {
+            if let Some(fields) = changed_fields(tool_change.as_ref()) {
+                decision.reason = format!("{} (changed: {fields})", decision.reason);
+            }
+        }
         let process = self.process(&call.conn).await;
         let facts = EventFacts::new(
             &self.host,
@@ -502,6 +508,17 @@ impl Core {
         let event = facts.event(EventKind::Decision, Verdict::Deny, None, None);
         let _ = open::record(&self.sinks, event, durability).await;
     }
+}
+
+/// The names of the fields a recorded tool change lists, comma separated.
+fn changed_fields(change: Option<&serde_json::Value>) -> Option<String> {
+    let fields: Vec<&str> = change?
+        .get("fields")?
+        .as_array()?
+        .iter()
+        .filter_map(|f| f.get("field").and_then(serde_json::Value::as_str))
+        .collect();
+    (!fields.is_empty()).then(|| fields.join(", "))
 }
 
 /// The port the agent reached the server on: the tunnel target's inside a

@@ -193,6 +193,9 @@ impl ServerPins {
 struct PinFile {
     version: u32,
     servers: BTreeMap<String, ServerPins>,
+    /// Bytes of every definition kept (not written: counted at load).
+    #[serde(skip)]
+    total: usize,
 }
 
 const VERSION: u32 = 1;
@@ -261,6 +264,7 @@ impl PinStore {
             None => PinFile {
                 version: VERSION,
                 servers: BTreeMap::new(),
+                total: 0,
             },
             Some(bytes) => parse(&bytes).map_err(|message| PinError::Format {
                 path: path.clone(),
@@ -281,6 +285,7 @@ impl PinStore {
             pins: Mutex::new(PinFile {
                 version: VERSION,
                 servers: BTreeMap::new(),
+                total: 0,
             }),
             writing: Mutex::new(()),
         }
@@ -303,7 +308,7 @@ impl PinStore {
         let server = server.to_string();
         let complete = complete && !listing.more;
         let mut pins = self.lock();
-        let total: usize = pins.servers.values().map(ServerPins::bytes).sum();
+        let total = pins.total;
         let Some(existing) = pins.servers.get(&server) else {
             if pins.servers.len() >= MAX_SERVERS {
                 return Err(PinError::TooManyServers { server });
@@ -312,8 +317,10 @@ impl PinStore {
             for t in &listing.tools {
                 first.pinned.insert(t.name.clone(), Stored::from(t));
             }
-            check_bounds(&server, &first, total + first.bytes())?;
+            let total = total + first.bytes();
+            check_bounds(&server, &first, total)?;
             pins.servers.insert(server, first);
+            pins.total = total;
             return Ok(Recorded {
                 first: true,
                 drifted: Vec::new(),
@@ -325,8 +332,10 @@ impl PinStore {
         let before = existing.bytes();
         let mut next = existing.clone();
         let drifted = next.apply(listing, complete);
-        check_bounds(&server, &next, total - before + next.bytes())?;
+        let total = total.saturating_sub(before) + next.bytes();
+        check_bounds(&server, &next, total)?;
         pins.servers.insert(server, next);
+        pins.total = total;
         Ok(Recorded {
             first: false,
             drifted,
@@ -427,6 +436,7 @@ impl PinStore {
             }
             tools.to_vec()
         };
+        let before = s.bytes();
         for t in &names {
             if let Some(now) = s.current.remove(t) {
                 s.pinned.insert(t.clone(), now);
@@ -434,6 +444,8 @@ impl PinStore {
                 s.pinned.remove(t);
             }
         }
+        let after = s.bytes();
+        pins.total = pins.total.saturating_sub(before) + after;
         Ok(names)
     }
 
@@ -515,7 +527,7 @@ fn parse(bytes: &[u8]) -> Result<PinFile, String> {
         total += s.bytes();
         check_bounds(server, s, total).map_err(|e| e.to_string())?;
     }
-    Ok(file)
+    Ok(PinFile { total, ..file })
 }
 
 #[cfg(test)]
@@ -669,6 +681,34 @@ mod tests {
             Err(PinError::TooLarge { .. })
         ));
         assert_eq!(s.check("srv", "t0").0, ToolPin::Unknown);
+        // In all: servers each within their bound cannot together pass the total.
+        let s = PinStore::in_memory();
+        let tools = |srv: usize| -> Value {
+            Value::Array(
+                (0..30)
+                    .map(|i| json!({"name": format!("t{i}"), "description": format!("{srv}{big}")}))
+                    .collect(),
+            )
+        };
+        let per_server = 30 * (MAX_TOOL_BYTES - 100);
+        let fit = MAX_TOTAL_BYTES / per_server;
+        for i in 0..fit {
+            s.record(&format!("s{i}"), &listing(tools(i)), true)
+                .unwrap();
+        }
+        assert!(matches!(
+            s.record("one-too-many", &listing(tools(fit)), true),
+            Err(PinError::TooLarge {
+                limit: MAX_TOTAL_BYTES,
+                ..
+            })
+        ));
+        // Accepting keeps the count: a server's change replaces its pin.
+        s.record("s0", &listing(json!([{"name": "t0"}])), true)
+            .unwrap();
+        s.accept("s0", &[]).unwrap();
+        s.record("one-too-many", &listing(tools(fit)), true)
+            .unwrap();
         // New tool names churned through later pages cannot grow without bound.
         let s = PinStore::in_memory();
         s.record("srv", &listing(json!([])), true).unwrap();
