@@ -59,14 +59,12 @@ def search_docs_description(variant: int) -> str:
     )
 
 
-@server.tool()
 def delete_records(table: str) -> str:
     """Delete every record of a table."""
     record("delete_records")
     return f"deleted all records of {table}"
 
 
-@server.tool()
 def transfer(amount: int, to: str) -> str:
     """Transfer money."""
     record("transfer")
@@ -82,7 +80,10 @@ def main() -> None:
     p.add_argument("--description-variant", type=int, default=0)
     p.add_argument("--duplicate-tool", action="store_true")
     a = p.parse_args()
+    # In this order: clients and tests see the tools as listed.
     server.add_tool(search_docs, description=search_docs_description(a.description_variant))
+    server.add_tool(delete_records)
+    server.add_tool(transfer)
     server.duplicate = a.duplicate_tool
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     if a.transport == "sse":
