@@ -168,6 +168,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         let e = engine.clone();
         Arc::new(move || policy_status(&e))
     });
+    let status = status.section("tools", {
+        let p = pins.clone();
+        Arc::new(move || p.summary())
+    });
     let status = status.section("approvals", {
         let a = approvals.clone();
         Arc::new(move || serde_json::json!({ "pending": a.len(), "channels": a.channel_names() }))

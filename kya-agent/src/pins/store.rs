@@ -382,6 +382,23 @@ impl PinStore {
         rows
     }
 
+    /// For `kya status`: how many servers have pins, and how many of their
+    /// tools differ from them now.
+    pub fn summary(&self) -> serde_json::Value {
+        let pins = self.lock();
+        let drifted: usize = pins
+            .servers
+            .values()
+            .map(|s| s.current.len() + s.removed.len())
+            .sum();
+        serde_json::json!({
+            "servers": pins.servers.len(),
+            "pinned_tools": pins.servers.values().map(|s| s.pinned.len()).sum::<usize>(),
+            "differing_tools": drifted,
+            "bytes": pins.total,
+        })
+    }
+
     /// What differs from the pins: of `server` (or every server), of `tool`
     /// (or every tool).
     pub fn diff(&self, server: Option<&str>, tool: Option<&str>) -> Vec<Change> {
@@ -602,6 +619,10 @@ mod tests {
         assert_eq!(change.unwrap().fields[0].old, "null");
         let rows = s.list(Some("srv"));
         assert_eq!(rows.len(), 3);
+        let sum = s.summary();
+        assert_eq!(sum["servers"], 1);
+        assert_eq!(sum["pinned_tools"], 2);
+        assert_eq!(sum["differing_tools"], 2);
         assert_eq!(s.diff(None, None).len(), 2);
         assert_eq!(s.diff(Some("srv"), Some("mul")).len(), 1);
         // Accepting one, then the rest.
