@@ -266,12 +266,7 @@ impl Core {
                 "tool definitions differ from their pins; `kya tools diff` shows how");
         }
         if PinStore::needs_save(&recorded) {
-            let pins = self.pins.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = pins.save() {
-                    tracing::error!(error = %e, "cannot write the tool pins");
-                }
-            });
+            self.pins.save_soon();
         }
         Ok(())
     }

@@ -24,7 +24,8 @@ use crate::policy::ToolPin;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// File name inside the state directory.
 pub const FILE: &str = "tool-pins.json";
@@ -236,6 +237,10 @@ pub struct PinStore {
     /// Held while the file is written, so writes land in the order their
     /// snapshots were taken.
     writing: Mutex<()>,
+    /// A write is queued and has not taken its snapshot yet: changes made
+    /// meanwhile ride along with it (a server changing its tools at every
+    /// listing costs one write at a time, not one per listing).
+    queued: AtomicBool,
 }
 
 impl PinStore {
@@ -275,6 +280,7 @@ impl PinStore {
             path: Some(path),
             pins: Mutex::new(pins),
             writing: Mutex::new(()),
+            queued: AtomicBool::new(false),
         })
     }
 
@@ -288,6 +294,7 @@ impl PinStore {
                 total: 0,
             }),
             writing: Mutex::new(()),
+            queued: AtomicBool::new(false),
         }
     }
 
@@ -482,6 +489,22 @@ impl PinStore {
         };
         let bytes = bytes.map_err(|e| io(std::io::Error::other(e)))?;
         crate::fsutil::write_atomic(path, &bytes).map_err(io)
+    }
+
+    /// [`save`](Self::save) on the blocking pool, unless a write that has
+    /// not taken its snapshot yet is already queued (it will carry this
+    /// change too). Errors are logged.
+    pub(crate) fn save_soon(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pins = self.clone();
+        tokio::task::spawn_blocking(move || {
+            pins.queued.store(false, Ordering::Release);
+            if let Err(e) = pins.save() {
+                tracing::error!(error = %e, "cannot write the tool pins");
+            }
+        });
     }
 
     /// Whether a `record` result calls for a [`save`](Self::save).

@@ -5,11 +5,15 @@
 //! denied one is **not delivered** (the event is dropped and the decision is
 //! recorded by the governor); kya does not answer the server on the agent's behalf,
 //! so the server sees the request go unanswered, as if the client ignored it. A
-//! `tools/list` result is filtered with [`Governor::may_call`] so the model never
-//! sees tools it may never call. An answer is a `tools/list` result when its id is
-//! that of a `tools/list` request the agent sent in the session
-//! ([`listed`](super::listed)), whatever its shape; an answer to any other request
-//! is never rewritten. Responses and errors otherwise pass unchanged.
+//! `tools/list` result is first handed to [`Governor::tools_listed`] (which pins
+//! the definitions); one the governor cannot judge (a tool named twice, a name
+//! that is not a string, too many or too large tools) is replaced by a JSON-RPC
+//! error answering the same id and recorded as a refusal. It is then filtered
+//! with [`Governor::may_call`] so the model never sees tools it may never call.
+//! An answer is a `tools/list` result when its id is that of a `tools/list`
+//! request the agent sent in the session ([`listed`](super::listed)), whatever
+//! its shape; an answer to any other request is never rewritten. Responses and
+//! errors otherwise pass unchanged.
 
 use std::sync::Arc;
 
