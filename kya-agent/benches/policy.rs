@@ -70,6 +70,7 @@ fn calls(n: usize) -> Vec<CallContext> {
         args,
         time: time::macros::datetime!(2026-11-26 12:00 UTC),
         credential: None,
+        tool_pin: Default::default(),
     };
     let mid = n / 2;
     let m10 = |x: usize, r: usize| (x / 10) * 10 + r;

@@ -45,6 +45,47 @@ pub enum Command {
     Events(EventsArgs),
     /// List registered agents; suspend or resume one (the kill switch).
     Agents(AgentsArgs),
+    /// The tool definitions kya pinned per server: list, diff, accept changes.
+    Tools(ToolsArgs),
+}
+
+/// `kya tools`.
+#[derive(Debug, Clone, Args)]
+pub struct ToolsArgs {
+    #[command(flatten)]
+    pub state: StateDirArg,
+    #[command(subcommand)]
+    pub command: ToolsCommand,
+}
+
+/// `kya tools list|diff|accept`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ToolsCommand {
+    /// Every pinned or announced tool, with its state (unchanged, changed, new, removed).
+    List {
+        /// Only this server (as policy names it: SNI or Host, port stripped).
+        #[arg(long)]
+        server: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// How announced definitions differ from their pins, field by field
+    /// (exit status 1 when any does).
+    Diff {
+        #[arg(long)]
+        server: Option<String>,
+        /// Only this tool.
+        tool: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make what the server announces now the pins of these tools (all its
+    /// changed, new and removed tools when none is named).
+    Accept {
+        #[arg(long)]
+        server: String,
+        tools: Vec<String>,
+    },
 }
 
 /// `kya agents`.

@@ -118,6 +118,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let credentials =
         Arc::new(CredentialStore::open(&config.state_dir).context("opening the credential store")?);
+    let pins = Arc::new(
+        crate::pins::PinStore::open(&config.state_dir)
+            .context("reading the pinned tool definitions")?,
+    );
     let host = crate::host::host_name();
     let approvals = open_approvals(
         &config.state_dir,
@@ -179,6 +183,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let status = status.section("policy", {
         let e = engine.clone();
         Arc::new(move || policy_status(&e))
+    });
+    let status = status.section("tools", {
+        let p = pins.clone();
+        Arc::new(move || p.summary())
     });
     let status = status.section("approvals", {
         let a = approvals.clone();
@@ -252,6 +260,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             ),
         )
         .route(
+            "tools",
+            Arc::new(crate::pins::handler::ToolsHandler::new(pins.clone())),
+        )
+        .route(
             "agents",
             Arc::new(AgentsHandler::new(
                 engine.clone(),
@@ -280,7 +292,8 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             redact: config.audit_redact.clone(),
         })
         .with_broker(broker)
-        .with_proofs(config.proof.clone()),
+        .with_proofs(config.proof.clone())
+        .with_pins(pins),
     );
     let decision_path: Arc<dyn Governor> = decisions.clone();
     metrics.add_source(kernel_samples(redirector.clone()));
@@ -913,6 +926,7 @@ mod tests {
             args: serde_json::json!({}),
             time: time::OffsetDateTime::now_utc(),
             credential: None,
+            tool_pin: Default::default(),
         };
         let (_, first) = engine.decide_reserving(&call);
         let (_, second) = engine.decide_reserving(&call);

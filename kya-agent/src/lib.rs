@@ -28,6 +28,7 @@ pub mod kube;
 pub mod mcp;
 pub mod metrics;
 pub mod netns;
+pub mod pins;
 pub mod policy;
 pub(crate) mod privileges;
 pub(crate) mod procinfo;

@@ -43,6 +43,18 @@ fn main() -> std::process::ExitCode {
                 A::Resume { name } => command::set(dir, &name, false),
             }
         }
+        Command::Tools(args) => {
+            use kya_agent::cli::ToolsCommand as T;
+            use kya_agent::pins::command;
+            let dir = &args.state.state_dir;
+            match args.command {
+                T::List { server, json } => command::list(dir, server.as_deref(), json),
+                T::Diff { server, tool, json } => {
+                    command::diff(dir, server.as_deref(), tool.as_deref(), json)
+                }
+                T::Accept { server, tools } => command::accept(dir, &server, &tools),
+            }
+        }
         Command::Status(args) => kya_agent::status::command::run(&args.state.state_dir, args.json),
         Command::Ca(args) => kya_agent::ca::command::run(args),
         Command::Policy(args) => kya_agent::policy::command::run(args),

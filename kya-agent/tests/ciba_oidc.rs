@@ -174,6 +174,7 @@ fn action(owner: &str) -> ActionRequest {
         rule: Some("large-transfer".into()),
         reason: "large transfer".into(),
         decision_id: "dec_1".into(),
+        tool_change: None,
     }
 }
 

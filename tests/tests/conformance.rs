@@ -33,10 +33,14 @@ const H2_PORT: u16 = 18444;
 /// random ones (a scenario starts at most three servers).
 const SCENARIO_PORTS: [u16; 4] = [18150, 18151, 18152, 18153];
 
+/// Allow-all, tool drift included: the scenario servers on one port announce
+/// different tools from one scenario to the next, which is not what this
+/// suite judges (tool pinning has its own test).
 const ALLOW_ALL: &str = r#"
 [defaults]
 verdict = "allow"
 methods = "allow"
+tool_drift = "allow"
 "#;
 
 fn conformance_dir() -> PathBuf {

@@ -30,6 +30,19 @@ pub fn list(state_dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
             s("expires"),
             a["rule"].as_str().unwrap_or("-"),
         );
+        if let Some(change) = a.get("tool_change").filter(|c| !c.is_null()) {
+            println!(
+                "    tool definition {} since it was pinned (kya tools diff --server {} {}):",
+                change["state"].as_str().unwrap_or("changed"),
+                change["server"].as_str().unwrap_or("?"),
+                change["tool"].as_str().unwrap_or("?"),
+            );
+            for f in change["fields"].as_array().into_iter().flatten() {
+                let field = f["field"].as_str().unwrap_or("?");
+                println!("    - {field}: {}", f["old"].as_str().unwrap_or(""));
+                println!("    + {field}: {}", f["new"].as_str().unwrap_or(""));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

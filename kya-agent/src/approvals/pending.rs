@@ -286,6 +286,7 @@ fn view(id: &str, e: &Entry) -> ApprovalView {
         reason: e.request.reason.clone(),
         pid: e.request.process.pid,
         decision_id: e.request.decision_id.clone(),
+        tool_change: e.request.tool_change.clone(),
     }
 }
 
@@ -373,6 +374,7 @@ pub(crate) mod tests {
             rule: Some("large-transfer".into()),
             reason: "large transfer".into(),
             decision_id: "dec_1".into(),
+            tool_change: None,
         }
     }
 

@@ -508,6 +508,7 @@ mod tests {
                 reason: request.reason.clone(),
                 pid: 42,
                 decision_id: format!("dec_{i}"),
+                tool_change: None,
             },
             request,
         }

@@ -25,6 +25,10 @@ pub struct ActionRequest {
     pub reason: String,
     /// The decision id of the hold.
     pub decision_id: String,
+    /// How the tool's definition differs from its pin, when it does
+    /// (`kya tools diff`, each side cut short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_change: Option<serde_json::Value>,
 }
 
 /// An approval as listed to users (`kya approvals list --json`).
@@ -45,4 +49,7 @@ pub struct ApprovalView {
     pub reason: String,
     pub pid: u32,
     pub decision_id: String,
+    /// How the tool's definition differs from its pin, when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_change: Option<serde_json::Value>,
 }

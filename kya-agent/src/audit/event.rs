@@ -181,6 +181,11 @@ pub struct McpInfo {
     /// What was redacted from `args` (the redaction list entries that matched).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redacted: Vec<String>,
+    /// How the called tool's definition differs from the one kya pinned for
+    /// the server, when it does: `{server, tool, state, pinned_sha256,
+    /// current_sha256, fields: [{field, old, new}]}` (each side cut short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_change: Option<Value>,
 }
 
 /// The placeholder that replaces a redacted value.

@@ -20,7 +20,7 @@
 //! | `rule`, `policy_version`, `reason` | `policy.uid`, `policy.name`, `policy.version`, `policy.desc`; `reason` also `status_detail` |
 //! | `approval`, `credential_id` | `authorizations[]` (`decision`, `policy.uid`) |
 //! | `latency_us` | `duration` (ms) and `unmapped.latency_us` |
-//! | everything else (tgid, gid, cgroup, netns, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest) | `unmapped` |
+//! | everything else (tgid, gid, cgroup, netns, systemd unit, SNI, args digest, args, redactions, hold id, a CIBA approval's ID token digest, how the tool differs from its pin) | `unmapped` |
 //!
 //! `severity_id`: 1 Informational for allows, 2 Low for holds, approvals and
 //! calls the agent cancelled,
@@ -239,6 +239,7 @@ pub(crate) fn to_ocsf(e: &DecisionEvent) -> Value {
         e.mcp.args_sha256.as_ref().map(|d| json!(d)),
     );
     put(&mut unmapped, "args", e.mcp.args.clone());
+    put(&mut unmapped, "tool_change", e.mcp.tool_change.clone());
     if !e.mcp.redacted.is_empty() {
         unmapped.insert("redacted".into(), json!(e.mcp.redacted));
     }

@@ -595,6 +595,7 @@ mod tests {
             rule: Some("r".into()),
             reason: "held".into(),
             decision_id: "dec_1".into(),
+            tool_change: None,
         }
     }
 

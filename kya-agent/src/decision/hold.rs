@@ -31,6 +31,7 @@ impl Core {
         mut open: OpenDecision,
         started: Instant,
         cred_call: Option<CredCall>,
+        tool_change: Option<serde_json::Value>,
     ) -> Ruling {
         let owner = decision
             .approvers
@@ -79,6 +80,7 @@ impl Core {
             rule: decision.rule.clone(),
             reason: decision.reason.clone(),
             decision_id: decision_id.clone(),
+            tool_change,
         };
         // The approvals journal syncs the new approval: off the async workers.
         let approvals = self.approvals.clone();

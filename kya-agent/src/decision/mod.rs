@@ -32,10 +32,13 @@ use crate::audit::event::{EventKind, ProcessInfo};
 use crate::audit::writer::{AuditLog, Durability};
 use crate::credential::store::{Covering, CredentialStore};
 use crate::credential::verify::{self, Call as CredCall};
-use crate::intercept::http::{BoxFuture, CallFacts, ConnFacts, Governor, ProofRequest, Ruling};
+use crate::intercept::http::{
+    BoxFuture, CallFacts, ConnFacts, Direction, Governor, ProofRequest, Ruling,
+};
 use crate::metrics::{DecisionLabels, Metrics};
+use crate::pins::PinStore;
 use crate::policy::budget::ReservationId;
-use crate::policy::{AgentInfo, CallContext, Decide, PolicyEngine};
+use crate::policy::{AgentInfo, CallContext, Decide, PolicyEngine, ToolPin};
 use ed25519_dalek::SigningKey;
 use events::EventHub;
 use kya_common::Verdict;
@@ -73,6 +76,8 @@ struct Core {
     args: ArgsRecord,
     /// Which servers get a signed receipt with each request.
     proofs: receipts::ProofSettings,
+    /// The pinned tool definitions (`tool_pin`, `tool_drift`).
+    pins: Arc<PinStore>,
 }
 
 /// What a decision's record keeps of the call's arguments (`[audit] args`,
@@ -115,6 +120,7 @@ impl DecisionPath {
                 host,
                 args: ArgsRecord::default(),
                 proofs: receipts::ProofSettings::default(),
+                pins: Arc::new(PinStore::in_memory()),
             }),
             broker: None,
         }
@@ -142,6 +148,16 @@ impl DecisionPath {
         match Arc::get_mut(&mut self.core) {
             Some(core) => core.proofs = proofs,
             None => tracing::error!("proof servers are set only before decisions start"),
+        }
+        self
+    }
+
+    /// Pin tool definitions in `pins` (before the path is shared; by default
+    /// they are kept in memory only).
+    pub fn with_pins(mut self, pins: Arc<PinStore>) -> Self {
+        match Arc::get_mut(&mut self.core) {
+            Some(core) => core.pins = pins,
+            None => tracing::error!("the tool pins are set only before decisions start"),
         }
         self
     }
@@ -235,6 +251,51 @@ impl Core {
         }
     }
 
+    /// How the tool `call` calls stands against its pin, and what changed
+    /// (cut short for the record and the approval).
+    fn tool_pin(&self, call: &CallFacts) -> (ToolPin, Option<serde_json::Value>) {
+        match (&call.tool, call.direction, call.method.as_str()) {
+            (Some(tool), Direction::ClientToServer, "tools/call") => {
+                let key = crate::pins::server_key(&call.server, server_port(&call.conn));
+                let (pin, change) = self.pins.check(&key, tool);
+                (
+                    pin,
+                    change.and_then(|c| serde_json::to_value(c.bounded()).ok()),
+                )
+            }
+            _ => (ToolPin::Unknown, None),
+        }
+    }
+
+    /// Record what a server announced in a `tools/list` answer; the pins
+    /// are written to the state directory off the async workers.
+    fn tools_listed(
+        &self,
+        conn: &ConnFacts,
+        server: &str,
+        result: &serde_json::Value,
+        complete: bool,
+    ) -> Result<(), String> {
+        let listing = crate::pins::listing::read(result).map_err(|e| e.to_string())?;
+        let key = crate::pins::server_key(server, server_port(conn));
+        let server = key.as_str();
+        let recorded = self
+            .pins
+            .record(server, &listing, complete)
+            .map_err(|e| e.to_string())?;
+        if recorded.first {
+            tracing::info!(%server, tools = listing.tools.len(), "tool definitions pinned");
+        }
+        if !recorded.drifted.is_empty() {
+            tracing::warn!(%server, tools = ?recorded.drifted,
+                "tool definitions differ from their pins; `kya tools diff` shows how");
+        }
+        if PinStore::needs_save(&recorded) {
+            self.pins.save_soon();
+        }
+        Ok(())
+    }
+
     async fn decide(self: Arc<Self>, call: CallFacts) -> Ruling {
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
@@ -250,7 +311,10 @@ impl Core {
             args: call.args.clone(),
             time: now,
             credential: None,
+            tool_pin: Default::default(),
         };
+        let (tool_pin, tool_change) = self.tool_pin(&call);
+        ctx.tool_pin = tool_pin;
         // A standing credential covering exactly this call may release a hold.
         let cred_call = self.credential_call(&call, &agent);
         let covering = match &cred_call {
@@ -312,6 +376,12 @@ impl Core {
             );
             credential_id = None;
         }
+        // A call decided by drift names what changed.
+        if decision.rule.as_deref() == Some(crate::policy::engine::TOOL_DRIFT_RULE) {
+            if let Some(fields) = changed_fields(tool_change.as_ref()) {
+                decision.reason = format!("{} (changed: {fields})", decision.reason);
+            }
+        }
         let process = self.process(&call.conn).await;
         let facts = EventFacts::new(
             &self.host,
@@ -322,7 +392,8 @@ impl Core {
             &decision_id,
             started,
             &self.args,
-        );
+        )
+        .with_tool_change(tool_change.clone());
         // From here the decision ends in exactly one final record, whatever
         // happens to this future.
         let mut open = OpenDecision::new(self.sinks.clone(), facts);
@@ -429,6 +500,7 @@ impl Core {
                         open,
                         started,
                         cred_call,
+                        tool_change,
                     )
                     .await
             }
@@ -464,6 +536,23 @@ impl Core {
     }
 }
 
+/// The names of the fields a recorded tool change lists, comma separated.
+fn changed_fields(change: Option<&serde_json::Value>) -> Option<String> {
+    let fields: Vec<&str> = change?
+        .get("fields")?
+        .as_array()?
+        .iter()
+        .filter_map(|f| f.get("field").and_then(serde_json::Value::as_str))
+        .collect();
+    (!fields.is_empty()).then(|| fields.join(", "))
+}
+
+/// The port the agent reached the server on: the tunnel target's inside a
+/// followed `CONNECT`, else the original destination's.
+fn server_port(conn: &ConnFacts) -> u16 {
+    conn.tunnel.as_ref().map_or(conn.dst.port(), |t| t.port)
+}
+
 fn new_decision_id() -> String {
     use rand::Rng;
     format!("dec_{:016x}", rand::thread_rng().gen::<u64>())
@@ -487,6 +576,7 @@ impl Governor for DecisionPath {
             args: serde_json::json!({}),
             time: now,
             credential: None,
+            tool_pin: Default::default(),
         };
         let d = engine.decide(&ctx);
         // Hidden only when no arguments could change the answer: a deny with
@@ -540,6 +630,16 @@ impl Governor for DecisionPath {
             || core.engine.resolve(&request.conn.process, now),
             now,
         )
+    }
+
+    fn tools_listed(
+        &self,
+        conn: &ConnFacts,
+        server: &str,
+        result: &serde_json::Value,
+        complete: bool,
+    ) -> Result<(), String> {
+        self.core.tools_listed(conn, server, result, complete)
     }
 
     fn forwarded(&self, decision_id: &str) {

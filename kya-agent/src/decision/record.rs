@@ -27,6 +27,12 @@ pub(super) struct EventFacts {
 }
 
 impl EventFacts {
+    /// Record how the called tool differs from its pin.
+    pub(super) fn with_tool_change(mut self, change: Option<serde_json::Value>) -> Self {
+        self.mcp.tool_change = change;
+        self
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         host: &str,

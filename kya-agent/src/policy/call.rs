@@ -42,6 +42,10 @@ pub(crate) struct CallDescription {
     /// Scope of a covering credential.
     #[serde(default)]
     pub credential: Option<serde_json::Value>,
+    /// How the tool stands against its pin: `unknown` (default),
+    /// `unchanged`, `changed`, `new`, `removed`.
+    #[serde(default)]
+    pub tool_pin: super::ToolPin,
 }
 
 /// `"agent": "name"` or `"agent": {"name": .., "owner": .., "orphaned": ..}`.
@@ -150,6 +154,7 @@ impl CallDescription {
             args: self.args,
             time,
             credential: self.credential,
+            tool_pin: self.tool_pin,
         })
     }
 }

@@ -40,6 +40,7 @@ const VARIABLES: &[(&str, Option<&[&str]>)] = &[
     ("args", None),
     ("time", Some(&["unix", "hour", "minute", "weekday"])),
     ("credential", None),
+    ("tool_pin", None),
 ];
 
 /// Functions and methods a condition may call (operators, which the parser
@@ -530,6 +531,12 @@ impl<'a> Activation<'a> {
         if want("args") {
             ctx.add_variable_as_val("args", json_val(call.args_for_conditions()));
         }
+        if want("tool_pin") {
+            ctx.add_variable_as_val(
+                "tool_pin",
+                Box::new(CelString::from(call.tool_pin.as_str())),
+            );
+        }
         if want("credential") {
             let cred: Box<dyn Val + 'a> = match &call.credential {
                 Some(c) => json_val(c),
@@ -658,6 +665,7 @@ mod tests {
             // 2026-11-26 is a Thursday.
             time: time::macros::datetime!(2026-11-26 22:30 UTC),
             credential: None,
+            tool_pin: Default::default(),
         }
     }
 

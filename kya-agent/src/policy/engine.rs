@@ -11,11 +11,14 @@ use super::diag::Diagnostics;
 use super::glob::Glob;
 use super::model::{Budget, GroupBy, Limit, Policy, Rule};
 use super::registry::Registry;
-use super::{AgentInfo, CallContext, Decide, Decision, Explanation};
+use super::{AgentInfo, CallContext, Decide, Decision, Explanation, ToolPin};
 use kya_common::{ProcessIdentity, Verdict};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+
+/// The pseudo-rule of a call decided by `tool_drift`.
+pub(crate) const TOOL_DRIFT_RULE: &str = "kya:tool-drift";
 
 /// The pseudo-rule id reported when an orphaned agent's call is decided by
 /// `[defaults] orphaned`.
@@ -327,6 +330,7 @@ impl Policy {
 
         // Precedence deny > hold > allow; the first of the winning verdict reports.
         let best = matches.iter().map(|m| m.verdict).max();
+        let mut rule_drift: Option<Verdict> = None;
         let mut decision = match best {
             None => {
                 let tools_call = call.method == "tools/call";
@@ -361,6 +365,7 @@ impl Policy {
                 ordered.extend(matches.iter().filter(|m| m.verdict != v));
                 let win = ordered[0];
                 let rule = win.rule.and_then(|i| self.rules.get(i));
+                rule_drift = rule.and_then(|r| r.tool_drift);
                 Decision {
                     verdict: v,
                     rule: Some(win.id.clone()),
@@ -388,7 +393,9 @@ impl Policy {
                 }
             }
         }
-        if decision.verdict == Verdict::Hold && call.credential.is_some() {
+        let drift = self.apply_tool_drift(call, &server, rule_drift, &mut decision);
+        if decision.verdict == Verdict::Hold && call.credential.is_some() && drift == Verdict::Allow
+        {
             decision.verdict = Verdict::Allow;
             decision.released_by_credential = true;
             decision.reason = format!(
@@ -413,6 +420,43 @@ impl Policy {
             decision.explain = Some(explanation);
         }
         (decision, reservation)
+    }
+
+    /// A call of a tool whose definition is not the pinned one: the deciding
+    /// rule's `tool_drift`, else `[defaults] tool_drift`, when stricter than
+    /// the decision (a removed tool is denied unless drift is allowed).
+    /// Returns the drift verdict (`Allow` when the tool did not drift): a
+    /// standing credential never releases a hold of a drifted tool.
+    fn apply_tool_drift(
+        &self,
+        call: &CallContext,
+        server: &str,
+        rule_drift: Option<Verdict>,
+        decision: &mut Decision,
+    ) -> Verdict {
+        if call.method != "tools/call" || !call.tool_pin.drifted() {
+            return Verdict::Allow;
+        }
+        let mut drift = rule_drift.unwrap_or(self.defaults.tool_drift);
+        if call.tool_pin == ToolPin::Removed && drift != Verdict::Allow {
+            drift = Verdict::Deny;
+        }
+        if drift > decision.verdict {
+            let tool = call.tool.as_deref().unwrap_or("");
+            let what = match call.tool_pin {
+                ToolPin::New => "was added after the server's tools were pinned",
+                ToolPin::Removed => "is no longer announced by the server",
+                _ => "changed since its definition was pinned",
+            };
+            decision.verdict = drift;
+            decision.matched.insert(0, TOOL_DRIFT_RULE.to_string());
+            decision.rule = Some(TOOL_DRIFT_RULE.to_string());
+            decision.reason = format!(
+                "tool {tool:?} of server {server:?} {what} (tool_drift = {drift}); \
+                 see `kya tools diff --server {server} {tool}`, accept with `kya tools accept`"
+            );
+        }
+        drift
     }
 
     /// What `call` counts toward budget `b`: 1 for a call budget, the `sum`

@@ -99,6 +99,7 @@ const VARS: &[&str] = &[
     "args",
     "time",
     "credential",
+    "tool_pin",
 ];
 
 impl Fast {
@@ -318,6 +319,7 @@ fn resolve<'a>(call: &'a CallContext, offset: time::UtcOffset, path: &[String]) 
         },
         ("server", None) => V::Str(&call.server),
         ("method", None) => V::Str(&call.method),
+        ("tool_pin", None) => V::Str(call.tool_pin.as_str()),
         ("tool", None) => match &call.tool {
             Some(t) => V::Str(t),
             None => V::Null,

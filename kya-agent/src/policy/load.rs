@@ -384,6 +384,9 @@ impl Compiler {
         if let Some(v) = raw.orphaned {
             ok &= self.verdict(src, &v).map(|v| d.orphaned = v).is_some();
         }
+        if let Some(v) = raw.tool_drift {
+            ok &= self.verdict(src, &v).map(|v| d.tool_drift = v).is_some();
+        }
         if let Some(t) = raw.hold_timeout {
             ok &= self
                 .duration(src, &t, MAX_HOLD_TIMEOUT)
@@ -418,6 +421,7 @@ impl Compiler {
         };
         let when = raw.when.as_ref().and_then(|w| self.condition(src, w));
         let verdict = self.verdict(src, &raw.verdict);
+        let tool_drift = raw.tool_drift.as_ref().map(|v| self.verdict(src, v));
         let hold_timeout = raw
             .hold_timeout
             .as_ref()
@@ -445,6 +449,7 @@ impl Compiler {
             reason: raw.reason,
             hold_timeout,
             approvers: raw.approvers.unwrap_or_default(),
+            tool_drift: tool_drift.flatten(),
         })
     }
 

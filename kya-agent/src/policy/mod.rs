@@ -89,6 +89,46 @@ pub struct CallContext {
     /// The scope of a credential that covers this exact call (already verified
     /// by the credential module), or None.
     pub credential: Option<serde_json::Value>,
+    /// How the called tool's definition stands against its pin (`tool_pin`
+    /// in conditions).
+    pub tool_pin: ToolPin,
+}
+
+/// How a tool's definition stands against the one kya pinned for its server
+/// (the `tool_pin` fact of conditions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolPin {
+    /// The server's tools were never listed through kya, or this tool was
+    /// never announced by it (or the call is not a `tools/call`).
+    #[default]
+    Unknown,
+    /// Announced as pinned.
+    Unchanged,
+    /// Announced with another definition than the pinned one.
+    Changed,
+    /// Announced after the server's tools were pinned, and not pinned itself.
+    New,
+    /// Pinned, but the server's complete list no longer names it.
+    Removed,
+}
+
+impl ToolPin {
+    /// The name conditions compare with.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolPin::Unknown => "unknown",
+            ToolPin::Unchanged => "unchanged",
+            ToolPin::Changed => "changed",
+            ToolPin::New => "new",
+            ToolPin::Removed => "removed",
+        }
+    }
+
+    /// Whether the definition differs from its pin (`tool_drift` applies).
+    pub fn drifted(self) -> bool {
+        matches!(self, ToolPin::Changed | ToolPin::New | ToolPin::Removed)
+    }
 }
 
 impl CallContext {

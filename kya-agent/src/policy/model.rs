@@ -33,6 +33,9 @@ pub(crate) struct RawDefaults {
     pub timezone: Option<Spanned<String>>,
     /// Verdict for calls of orphaned agents (kya extension; default deny).
     pub orphaned: Option<Spanned<String>>,
+    /// Verdict for calls of a tool whose definition changed since it was
+    /// pinned (default hold).
+    pub tool_drift: Option<Spanned<String>>,
 }
 
 /// `[[rule]]`.
@@ -50,6 +53,8 @@ pub(crate) struct RawRule {
     pub reason: Option<String>,
     pub hold_timeout: Option<Spanned<String>>,
     pub approvers: Option<Vec<String>>,
+    /// Overrides `[defaults] tool_drift` for the calls this rule decides.
+    pub tool_drift: Option<Spanned<String>>,
 }
 
 /// `[[budget]]`.
@@ -135,6 +140,9 @@ pub struct Defaults {
     pub offset: time::UtcOffset,
     /// Verdict for calls of orphaned agents.
     pub orphaned: Verdict,
+    /// Verdict for calls of a tool whose definition changed since it was
+    /// pinned, or that was added after the server's tools were pinned.
+    pub tool_drift: Verdict,
 }
 
 impl Default for Defaults {
@@ -147,6 +155,7 @@ impl Default for Defaults {
             timezone: "UTC".to_string(),
             offset: time::UtcOffset::UTC,
             orphaned: Verdict::Deny,
+            tool_drift: Verdict::Hold,
         }
     }
 }

@@ -48,4 +48,6 @@ pub struct Rule {
     pub hold_timeout: Option<Duration>,
     /// Who may approve (overrides the agent's owner).
     pub approvers: Vec<String>,
+    /// Overrides `[defaults] tool_drift` when this rule decides the call.
+    pub tool_drift: Option<Verdict>,
 }

@@ -45,6 +45,7 @@ fn call(tool: &str, args: serde_json::Value) -> CallContext {
         args,
         time: time::macros::datetime!(2026-11-26 12:00 UTC),
         credential: None,
+        tool_pin: Default::default(),
     }
 }
 
@@ -1097,4 +1098,130 @@ fn fast_path_covers_the_common_shapes() {
         c.fast_bool(&call("t", json!({"amount": 1001})), time::UtcOffset::UTC),
         Some(true)
     );
+}
+
+#[test]
+fn tool_drift_holds_by_default_and_rules_override() {
+    let p = policy(
+        r#"
+[defaults]
+verdict = "deny"
+
+[[rule]]
+id = "calc"
+tool = "add"
+verdict = "allow"
+
+[[rule]]
+id = "dev"
+server = "dev.example.com"
+verdict = "allow"
+tool_drift = "allow"
+
+[[rule]]
+id = "strict"
+tool = "pay"
+verdict = "allow"
+tool_drift = "deny"
+"#,
+    );
+    let mut c = call("add", json!({}));
+    for (pin, want) in [
+        (ToolPin::Unknown, Verdict::Allow),
+        (ToolPin::Unchanged, Verdict::Allow),
+        (ToolPin::Changed, Verdict::Hold),
+        (ToolPin::New, Verdict::Hold),
+        (ToolPin::Removed, Verdict::Deny),
+    ] {
+        c.tool_pin = pin;
+        let d = p.decide_with(&c, None, false);
+        assert_eq!(d.verdict, want, "{pin:?}");
+        if pin.drifted() {
+            assert_eq!(d.rule.as_deref(), Some("kya:tool-drift"));
+            assert!(d.reason.contains("kya tools diff"), "{}", d.reason);
+        }
+    }
+    // A default deny is not weakened by drift.
+    let mut other = call("unlisted", json!({}));
+    other.tool_pin = ToolPin::Changed;
+    assert_eq!(p.decide_with(&other, None, false).rule, None);
+    // Per rule.
+    let mut dev = call("anything", json!({}));
+    dev.server = "dev.example.com".into();
+    dev.tool_pin = ToolPin::Changed;
+    assert_eq!(p.decide_with(&dev, None, false).verdict, Verdict::Allow);
+    dev.tool_pin = ToolPin::Removed;
+    assert_eq!(p.decide_with(&dev, None, false).verdict, Verdict::Allow);
+    let mut pay = call("pay", json!({}));
+    pay.tool_pin = ToolPin::Changed;
+    assert_eq!(p.decide_with(&pay, None, false).verdict, Verdict::Deny);
+    // A credential never releases a hold of a changed tool.
+    c.tool_pin = ToolPin::Changed;
+    c.credential = Some(json!({"tool": "add"}));
+    let d = p.decide_with(&c, None, false);
+    assert_eq!(d.verdict, Verdict::Hold);
+    assert!(!d.released_by_credential);
+    // Not a tools/call: drift does not apply.
+    c.method = "resources/read".into();
+    c.credential = None;
+    assert_ne!(
+        p.decide_with(&c, None, false).rule.as_deref(),
+        Some("kya:tool-drift")
+    );
+}
+
+#[test]
+fn tool_drift_defaults_and_bad_values() {
+    let p = policy("[defaults]\nverdict = \"allow\"\ntool_drift = \"deny\"\n");
+    let mut c = call("x", json!({}));
+    c.tool_pin = ToolPin::New;
+    assert_eq!(p.decide_with(&c, None, false).verdict, Verdict::Deny);
+    let p = policy("[defaults]\nverdict = \"allow\"\ntool_drift = \"allow\"\n");
+    c.tool_pin = ToolPin::Changed;
+    assert_eq!(p.decide_with(&c, None, false).verdict, Verdict::Allow);
+    let e = load_err(&[("p.toml", "[defaults]\ntool_drift = \"maybe\"\n")]);
+    assert!(e.contains("p.toml:2"), "{e}");
+    let e = load_err(&[(
+        "p.toml",
+        "[[rule]]\nid = \"r\"\nverdict = \"allow\"\ntool_drift = \"sometimes\"\n",
+    )]);
+    assert!(e.contains("p.toml:4"), "{e}");
+}
+
+#[test]
+fn tool_pin_is_a_condition_fact() {
+    let p = policy(
+        r#"
+[defaults]
+verdict = "deny"
+
+[[rule]]
+id = "only-pinned"
+tool = "add"
+when = 'tool_pin == "unchanged"'
+verdict = "allow"
+
+[[rule]]
+id = "never-announced"
+when = 'tool_pin in ["unknown", "removed"]'
+verdict = "deny"
+reason = "the server never announced this tool"
+"#,
+    );
+    let mut c = call("add", json!({}));
+    c.tool_pin = ToolPin::Unchanged;
+    assert_eq!(
+        p.decide_with(&c, None, false).rule.as_deref(),
+        Some("only-pinned")
+    );
+    c.tool_pin = ToolPin::Unknown;
+    assert_eq!(
+        p.decide_with(&c, None, false).rule.as_deref(),
+        Some("never-announced")
+    );
+    c.tool_pin = ToolPin::Changed;
+    // No rule allows it, the default denies it.
+    let d = p.decide_with(&c, None, false);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.rule, None);
 }

@@ -184,6 +184,23 @@ pub trait Governor: Send + Sync + 'static {
     /// Whether this agent could ever call `tool` on `server`: `tools/list` results are
     /// filtered with it so the model never sees tools it may never call.
     fn may_call(&self, conn: &ConnFacts, server: &str, tool: &str) -> bool;
+    /// The server answered a `tools/list` request of the agent with `result`
+    /// (before any filtering). `complete`: the request asked for the first
+    /// page, so an answer without `nextCursor` is the whole list. The
+    /// governor records the definitions (pins them the first time); an
+    /// error is a listing it cannot judge, which the proxy refuses whole
+    /// (the agent gets a JSON-RPC error with the reason, and
+    /// [`refused`](Self::refused) records it).
+    fn tools_listed(
+        &self,
+        conn: &ConnFacts,
+        server: &str,
+        result: &serde_json::Value,
+        complete: bool,
+    ) -> Result<(), String> {
+        let _ = (conn, server, result, complete);
+        Ok(())
+    }
     /// A protocol-level refusal the proxy made without a policy decision (unparseable,
     /// ambiguous, oversize, undecodable, slow body, Host/SNI mismatch...), so it is
     /// audited too.

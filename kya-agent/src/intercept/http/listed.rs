@@ -33,6 +33,9 @@ pub const MAX_SESSIONS: usize = 16384;
 #[derive(Default)]
 struct Session {
     ids: HashSet<Id>,
+    /// The `tools/list` ids whose request asked for a later page (`cursor`):
+    /// their answers are not the whole list.
+    later: HashSet<Id>,
     /// Insertion order, for forgetting the oldest id first.
     order: VecDeque<Id>,
     used: u64,
@@ -72,10 +75,19 @@ pub fn client_session(session_id: Option<&str>, pid: u32, path_and_query: &str) 
 /// The agent sent `messages` to the server in session `scope`: remember the ids
 /// of its `tools/list` requests, and forget those its other requests reuse.
 pub fn sent(scope: &str, messages: &[Message]) {
-    let requests: Vec<(&Id, bool)> = messages
+    let requests: Vec<(&Id, bool, bool)> = messages
         .iter()
         .filter(|m| matches!(m, Message::ToolCall(_) | Message::Request(_)))
-        .filter_map(|m| Some((m.id()?, m.method() == Some("tools/list"))))
+        .filter_map(|m| {
+            let paged = match m {
+                Message::Request(r) => r
+                    .params
+                    .as_ref()
+                    .is_some_and(|p| p.get("cursor").is_some_and(|c| !c.is_null())),
+                _ => false,
+            };
+            Some((m.id()?, m.method() == Some("tools/list"), paged))
+        })
         .collect();
     if requests.is_empty() {
         return;
@@ -84,7 +96,7 @@ pub fn sent(scope: &str, messages: &[Message]) {
         t.clock += 1;
         let clock = t.clock;
         if !t.sessions.contains_key(scope) {
-            if !requests.iter().any(|(_, list)| *list) {
+            if !requests.iter().any(|(_, list, _)| *list) {
                 return;
             }
             if t.sessions.len() >= MAX_SESSIONS {
@@ -103,20 +115,27 @@ pub fn sent(scope: &str, messages: &[Message]) {
             return;
         };
         s.used = clock;
-        for (id, list) in requests {
+        for (id, list, paged) in requests {
             if list {
                 if s.ids.insert(id.clone()) {
                     s.order.push_back(id.clone());
+                }
+                if paged {
+                    s.later.insert(id.clone());
+                } else {
+                    s.later.remove(id);
                 }
                 while s.ids.len() > MAX_IDS {
                     match s.order.pop_front() {
                         Some(old) => {
                             s.ids.remove(&old);
+                            s.later.remove(&old);
                         }
                         None => break,
                     }
                 }
             } else if s.ids.remove(id) {
+                s.later.remove(id);
                 s.order.retain(|x| x != id);
             }
         }
@@ -129,6 +148,17 @@ pub fn sent(scope: &str, messages: &[Message]) {
 /// Whether `id` names a `tools/list` request the agent sent in session `scope`.
 pub fn is_tools_list(scope: &str, id: &Id) -> bool {
     with(|t| t.sessions.get(scope).is_some_and(|s| s.ids.contains(id)))
+}
+
+/// Whether the `tools/list` request `id` of session `scope` asked for the
+/// first page (no `cursor`): its answer, without a `nextCursor`, is the
+/// server's whole list.
+pub fn is_first_page(scope: &str, id: &Id) -> bool {
+    with(|t| {
+        t.sessions
+            .get(scope)
+            .is_some_and(|s| s.ids.contains(id) && !s.later.contains(id))
+    })
 }
 
 #[cfg(test)]
@@ -156,6 +186,22 @@ mod tests {
         assert!(!is_tools_list(s, &Id::Int(7)));
         send(s, json!({"jsonrpc":"2.0","id":7,"method":"tools/list"}));
         assert!(is_tools_list(s, &Id::Int(7)));
+    }
+
+    #[test]
+    fn later_pages_are_told_apart() {
+        let s = "test|pages";
+        send(s, json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}));
+        send(
+            s,
+            json!({"jsonrpc":"2.0","id":2,"method":"tools/list","params":{"cursor":"c"}}),
+        );
+        assert!(is_first_page(s, &Id::Int(1)));
+        assert!(is_tools_list(s, &Id::Int(2)));
+        assert!(!is_first_page(s, &Id::Int(2)));
+        assert!(!is_first_page(s, &Id::Int(3)));
+        send(s, json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}));
+        assert!(is_first_page(s, &Id::Int(2)));
     }
 
     #[test]
