@@ -8,7 +8,9 @@ Stateless with JSON answers, so a single tools/call POST needs no session.
 
 from mcp.server.transport_security import TransportSecuritySettings
 
-from server import server
+from server import register_tools, server
+
+register_tools()
 
 app = server.streamable_http_app(
     json_response=True,

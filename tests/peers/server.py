@@ -85,6 +85,14 @@ def transfer(amount: int, to: str) -> str:
     return f"transferred {amount} to {to}"
 
 
+def register_tools(description_variant: int = 0, duplicate: bool = False) -> None:
+    """Register the tools, in this order: clients and tests see them as listed."""
+    server.add_tool(search_docs, description=search_docs_description(description_variant))
+    server.add_tool(delete_records)
+    server.add_tool(transfer)
+    server.duplicate = duplicate
+
+
 def record_auth(info: dict) -> None:
     path = os.environ.get("KYA_PEER_AUTH_LOG")
     if path:
@@ -186,11 +194,7 @@ def main() -> None:
             resource_server_url=f"http://{a.host}:{a.port}/mcp",
             validate_token_resource=False,
         )
-    # In this order: clients and tests see the tools as listed.
-    server.add_tool(search_docs, description=search_docs_description(a.description_variant))
-    server.add_tool(delete_records)
-    server.add_tool(transfer)
-    server.duplicate = a.duplicate_tool
+    register_tools(a.description_variant, a.duplicate_tool)
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     if a.require_kya_proof:
         global PROOF_LOG
