@@ -257,6 +257,46 @@ fn an_agent_without_a_key_reaches_a_server_that_requires_one_only_through_decide
         server.ran(),
         ["search_docs", "transfer", "search_docs", "search_docs"]
     );
+    // 5b. A held call whose answer comes on a stream (the client asked for
+    // progress), sent with the agent's own key: approved, it runs with kya's
+    // credential; the agent's key is not what the server sees.
+    let held = mcp_client(
+        &scene.cg,
+        &url,
+        &[
+            "transfer",
+            r#"{"amount":6,"to":"carol"}"#,
+            "--progress",
+            "--header",
+            "Authorization: Bearer agents-own-key",
+        ],
+    );
+    let pending = wait_new_approval(&daemon, &[id.as_str()]);
+    let streamed_id = pending["id"].as_str().expect("approval id").to_string();
+    assert_eq!(server.ran().len(), 4, "nothing runs while held");
+    let ok = scene.as_user(
+        &daemon,
+        &scene.owner,
+        &["approvals", "approve", &streamed_id],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let (r, seen) = output_text(held);
+    agent_saw.push(seen);
+    assert_eq!(r["isError"], false, "{r}\n{}", daemon.log_text());
+    assert_eq!(
+        server.ran(),
+        [
+            "search_docs",
+            "transfer",
+            "search_docs",
+            "search_docs",
+            "transfer"
+        ]
+    );
     // Every token the server accepted was the brokered one (static).
     assert!(server.accepted_tokens().iter().all(|t| t["static"] == true));
 
