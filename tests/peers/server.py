@@ -3,7 +3,7 @@
     server.py --port N [--host ADDR] [--transport streamable-http|sse] [--json]
               [--require-token FILE | --introspect URL --introspect-client ID:SECRET]
               [--require-kya-proof KEY [--proof-log FILE]]
-              [--description-variant N] [--duplicate-tool]
+              [--description-variant N] [--duplicate-tool] [--echo-auth-tool]
 
 Tools: search_docs(query), delete_records(table), transfer(amount, to). DNS-rebinding
 protection is off because the tests reach it through kya's proxy, whose address
@@ -20,6 +20,8 @@ as a JSON line.
 --description-variant N (N > 0) rewrites the description of search_docs (a
 server changing a tool under its clients); --duplicate-tool announces
 search_docs twice in tools/list, the second time with another description.
+--echo-auth-tool adds echo_auth(), which returns the request's Authorization
+header (a server that hands a credential back).
 """
 
 import argparse
@@ -30,7 +32,7 @@ import os
 import httpx
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 
@@ -85,11 +87,20 @@ def transfer(amount: int, to: str) -> str:
     return f"transferred {amount} to {to}"
 
 
-def register_tools(description_variant: int = 0, duplicate: bool = False) -> None:
+def echo_auth(ctx: Context) -> str:
+    """Return the Authorization header this request came with (a careless server)."""
+    record("echo_auth")
+    request = ctx.request_context.request
+    return request.headers.get("authorization", "") if request is not None else ""
+
+
+def register_tools(description_variant: int = 0, duplicate: bool = False, echo: bool = False) -> None:
     """Register the tools, in this order: clients and tests see them as listed."""
     server.add_tool(search_docs, description=search_docs_description(description_variant))
     server.add_tool(delete_records)
     server.add_tool(transfer)
+    if echo:
+        server.add_tool(echo_auth)
     server.duplicate = duplicate
 
 
@@ -181,6 +192,7 @@ def main() -> None:
     p.add_argument("--proof-log", metavar="FILE", help="append each proof check here (JSON lines)")
     p.add_argument("--description-variant", type=int, default=0)
     p.add_argument("--duplicate-tool", action="store_true")
+    p.add_argument("--echo-auth-tool", action="store_true", help="also serve echo_auth")
     a = p.parse_args()
     verifier = None
     if a.require_token:
@@ -194,7 +206,7 @@ def main() -> None:
             resource_server_url=f"http://{a.host}:{a.port}/mcp",
             validate_token_resource=False,
         )
-    register_tools(a.description_variant, a.duplicate_tool)
+    register_tools(a.description_variant, a.duplicate_tool, a.echo_auth_tool)
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     if a.require_kya_proof:
         global PROOF_LOG

@@ -45,6 +45,11 @@ verdict = "deny"
 reason = "deleting records is not allowed from agents"
 
 [[rule]]
+id = "echo-ok"
+tool = "echo_auth"
+verdict = "allow"
+
+[[rule]]
 id = "transfer-held"
 tool = "transfer"
 verdict = "hold"
@@ -160,7 +165,11 @@ fn an_agent_without_a_key_reaches_a_server_that_requires_one_only_through_decide
     let server = McpServer::start_with(
         dir,
         STATIC_MCP,
-        &["--require-token", token.to_str().expect("utf-8")],
+        &[
+            "--require-token",
+            token.to_str().expect("utf-8"),
+            "--echo-auth-tool",
+        ],
         "peer.log",
     );
     let other = McpServer::start(dir, OTHER_MCP, "other.log");
@@ -299,6 +308,20 @@ fn an_agent_without_a_key_reaches_a_server_that_requires_one_only_through_decide
     );
     // Every token the server accepted was the brokered one (static).
     assert!(server.accepted_tokens().iter().all(|t| t["static"] == true));
+
+    // 5c. A server that hands the credential back (a tool echoing the
+    // request's headers): it ran, but its answer does not reach the agent.
+    let (r, seen) = output_text(mcp_client(&scene.cg, &url, &["echo_auth", "{}"]));
+    agent_saw.push(seen);
+    assert!(r.get("error").is_some() || r["isError"] == true, "{r}");
+    assert_eq!(server.ran().last().map(String::as_str), Some("echo_auth"));
+    assert!(
+        daemon
+            .log_text()
+            .contains("carries the credential kya holds"),
+        "{}",
+        daemon.log_text()
+    );
 
     // 6. The placeholder sent to another server is refused, not resolved.
     let (r, seen) = output_text(mcp_client(

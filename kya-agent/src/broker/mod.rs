@@ -184,7 +184,60 @@ pub(crate) enum Applied {
     /// Brokered, but this request gets no credential (its header was removed).
     Withheld,
     /// The credential was attached.
-    Attached { source: String },
+    Attached { source: String, secret: Secret },
+}
+
+/// The token kya attached to a request, kept to refuse an answer that hands
+/// it back (a server echoing the request's headers would give the agent the
+/// key it must not hold). Never printed: `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(Arc<str>);
+
+impl Secret {
+    /// Shorter tokens are not looked for in answers: they would match
+    /// ordinary text.
+    pub(crate) const MIN_SCANNED: usize = 8;
+
+    /// Whether `data` carries the token: as its bytes, or in a JSON string
+    /// once JSON's escapes are undone (`\/`, `\u0041`).
+    pub(crate) fn found_in(&self, data: &[u8]) -> bool {
+        let needle = self.0.as_bytes();
+        if needle.len() < Self::MIN_SCANNED {
+            return false;
+        }
+        if contains(data, needle) {
+            return true;
+        }
+        // Only JSON has escapes to undo, and only if one is there.
+        if !data.contains(&b'\\') {
+            return false;
+        }
+        match serde_json::from_slice::<serde_json::Value>(data) {
+            Ok(v) => any_string(&v, &|s| contains(s.as_bytes(), needle)),
+            Err(_) => false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// Whether any string of `v` (member names included) satisfies `f`.
+fn any_string(v: &serde_json::Value, f: &dyn Fn(&str) -> bool) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(items) => items.iter().any(|i| any_string(i, f)),
+        Value::Object(m) => m.iter().any(|(k, i)| f(k) || any_string(i, f)),
+        _ => false,
+    }
 }
 
 /// Every configured entry.
@@ -389,21 +442,23 @@ impl Broker {
             server: entry.describe(),
             why,
         };
-        let value = match &entry.source {
+        let (token, value) = match &entry.source {
             Source::Static(f) => {
                 let token = f.value().map_err(|e| unavailable(e.to_string()))?;
-                if entry.header == http::header::AUTHORIZATION {
+                let value = if entry.header == http::header::AUTHORIZATION {
                     format!("Bearer {token}")
                 } else {
-                    token
-                }
+                    token.clone()
+                };
+                (token, value)
             }
             Source::OAuth(o) => {
                 let token = o
                     .token(agent)
                     .await
                     .map_err(|e| unavailable(e.to_string()))?;
-                format!("Bearer {token}")
+                let value = format!("Bearer {token}");
+                (token, value)
             }
         };
         let mut value = HeaderValue::from_str(&value)
@@ -412,6 +467,7 @@ impl Broker {
         headers.insert(entry.header.clone(), value);
         Ok(Applied::Attached {
             source: entry.source.describe(),
+            secret: Secret(token.into()),
         })
     }
 
@@ -428,12 +484,6 @@ impl Broker {
             }
         }
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty()
-        && haystack.len() >= needle.len()
-        && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -306,3 +306,29 @@ fn no_error_or_debug_output_carries_the_secret() {
     assert!(matches!(e, BrokerError::Unavailable { .. }));
     assert!(!e.to_string().contains("super-secret"), "{e}");
 }
+
+#[test]
+fn an_answer_carrying_the_token_is_found_however_json_spells_it() {
+    let s = Secret("tok/en-1234567".into());
+    assert!(s.found_in(b"Bearer tok/en-1234567"));
+    assert!(s.found_in(br#"{"result":{"headers":{"authorization":"Bearer tok\/en-1234567"}}}"#));
+    assert!(s.found_in(br#"["\u0074ok/en-1234567"]"#));
+    // As a member name too.
+    assert!(s.found_in(br#"{"tok\/en-1234567": 1}"#));
+    assert!(!s.found_in(br#"{"result":"tok/en-123456"}"#));
+    assert!(!s.found_in(b""));
+    // Not JSON, escapes stay as they are.
+    assert!(!s.found_in(br"tok\/en-1234567"));
+    // A hostile, deeply nested or broken document is simply not a match.
+    let deep = format!("{}\\u0041{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert!(!s.found_in(deep.as_bytes()));
+}
+
+#[test]
+fn a_short_token_is_not_looked_for_and_never_printed() {
+    let short = Secret("abc".into());
+    assert!(!short.found_in(b"abc abc"));
+    let s = Secret("kya-secret-value-1".into());
+    let shown = format!("{s:?}");
+    assert!(!shown.contains("kya-secret"), "{shown}");
+}

@@ -290,6 +290,7 @@ impl Exchange {
             protocol_version: header_str(&head.headers, "mcp-protocol-version").map(str::to_string),
             limits: self.limits.clone(),
             scope: self.scope(server, head),
+            secret: None,
         }
     }
 
@@ -960,7 +961,8 @@ impl Exchange {
                 return;
             }
         };
-        let peer = self.peer(server, head);
+        let mut peer = self.peer(server, head);
+        peer.secret = attached.as_ref().map(|a| a.secret.clone());
         let resp = match self.send_bounded(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -986,6 +988,10 @@ impl Exchange {
                     usize::try_from(max).unwrap_or(usize::MAX),
                 )
                 .map_err(|e| e.to_string())
+            })
+            .and_then(|raw| match peer.echoed_secret(&raw) {
+                Some(reason) => Err(reason),
+                None => Ok(raw),
             });
         let raw = match raw {
             Ok(b) => b,
@@ -1141,9 +1147,13 @@ impl Exchange {
         };
         let actor = self.gov.actor(&self.conn);
         match broker.apply(target, &actor, headers).await {
-            Ok(broker::Applied::Attached { source }) => {
+            Ok(broker::Applied::Attached { source, secret }) => {
                 tracing::debug!(conn = self.conn.conn_id, server = %target.server, %source, "credential attached");
-                Ok(Some(Attached { broker, actor }))
+                Ok(Some(Attached {
+                    broker,
+                    actor,
+                    secret,
+                }))
             }
             Ok(broker::Applied::NotBrokered | broker::Applied::Withheld) => Ok(None),
             Err(e) => Err(e.to_string()),
@@ -1250,12 +1260,13 @@ impl Exchange {
             }
         };
         let (parts, incoming) = resp.into_parts();
+        let secret = attached.as_ref().map(|a| a.secret.clone());
         Self::broker_answered(&target, attached, parts.status).await;
         // The server ends the connection after this answer: so does kya's
         // agent side (HTTP/2 has no such header; GOAWAY follows from the driver).
         let closing = head.version == Version::HTTP_11 && closes_connection(&parts);
         let mut r = self
-            .relay_answer(server, head, parts, incoming, mcp, answers)
+            .relay_answer(server, head, parts, incoming, mcp, answers, secret)
             .await;
         if closing {
             r.headers_mut()
@@ -1264,6 +1275,10 @@ impl Exchange {
         r
     }
 
+    /// `secret`: the credential kya attached to the request (an answer that
+    /// carries it is not delivered; every answer is then read whole or
+    /// judged event by event).
+    #[allow(clippy::too_many_arguments)]
     async fn relay_answer(
         &self,
         server: &str,
@@ -1272,8 +1287,10 @@ impl Exchange {
         incoming: Incoming,
         mcp: bool,
         answers: Answers,
+        secret: Option<broker::Secret>,
     ) -> Response<ProxyBody> {
-        let peer = self.peer(server, head);
+        let mut peer = self.peer(server, head);
+        peer.secret = secret;
         let ct = header_str(&parts.headers, "content-type");
         if is_sse(&parts.headers) {
             if parts
@@ -1319,7 +1336,8 @@ impl Exchange {
             return r;
         }
         let declared_json = inspect::declares_json(ct);
-        if !(mcp && (declared_json || !incoming.is_end_stream())) {
+        let judged = mcp && (declared_json || !incoming.is_end_stream());
+        if !judged && peer.secret.is_none() {
             let mut r = Response::new(body::stream(incoming));
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers, &[]);
@@ -1344,6 +1362,16 @@ impl Exchange {
             Ok(d) => d,
             Err(e) => return self.undeliverable(head, &answers, &format!("server answer: {e}")),
         };
+        if let Some(reason) = peer.echoed_secret(&decoded) {
+            return self.undeliverable(head, &answers, &reason);
+        }
+        if !judged {
+            // Read only to look for the credential: the server's bytes, unchanged.
+            let mut r = Response::new(body::full(raw));
+            *r.status_mut() = parts.status;
+            *r.headers_mut() = end_to_end(&parts.headers, &[]);
+            return r;
+        }
         if inspect::looks_like_json(&decoded) {
             if let Some(charset) = inspect::foreign_response_charset(ct) {
                 return self.undeliverable(
@@ -1403,6 +1431,8 @@ impl Exchange {
 struct Attached {
     broker: Arc<broker::Broker>,
     actor: broker::oauth::Actor,
+    /// What the server must not hand back to the agent.
+    secret: broker::Secret,
 }
 
 /// The path (with query) a request goes upstream with, as a server sees it.

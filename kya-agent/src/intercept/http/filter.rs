@@ -39,6 +39,23 @@ pub struct Peer {
     /// The MCP session the answers belong to ([`listed::scope`]): which ids
     /// name `tools/list` requests.
     pub scope: String,
+    /// The credential kya attached to the request these answers answer
+    /// (credential brokering): an answer that carries it is not delivered.
+    pub(crate) secret: Option<crate::broker::Secret>,
+}
+
+impl Peer {
+    /// Why `data` from the server must not reach the agent because it hands
+    /// back the credential kya holds for the server; `None` if it does not.
+    pub(crate) fn echoed_secret(&self, data: &[u8]) -> Option<String> {
+        let secret = self.secret.as_ref()?;
+        secret.found_in(data).then(|| {
+            format!(
+                "the answer of {} carries the credential kya holds for it",
+                self.server
+            )
+        })
+    }
 }
 
 /// What became of a server body or event data.
@@ -297,6 +314,7 @@ mod tests {
             protocol_version: None,
             limits: Limits::default(),
             scope: scope.into(),
+            secret: None,
         }
     }
 

@@ -168,15 +168,31 @@ impl Relay {
                 }
                 Some(Ok(f)) => f.into_data().unwrap_or_default(),
             };
-            let items = match self.parser.push(&chunk) {
+            let parsed = self.parser.push(&chunk).map_err(|e| {
+                // An oversize or non-UTF-8 event: stop relaying rather than
+                // pass something uninspected.
+                if matches!(e, crate::mcp::sse::SseError::EventTooLarge { .. }) {
+                    super::load::LimitRefusals::count(&self.peer.limits.refusals.sse_event);
+                }
+                e.to_string()
+            });
+            // An event that hands back the credential kya attached to the
+            // request (credential brokering) ends the stream the same way.
+            let items = parsed.and_then(|items| {
+                let echoed = items.iter().find_map(|item| match item {
+                    SseItem::Event(ev) => ev
+                        .data
+                        .as_deref()
+                        .and_then(|d| self.peer.echoed_secret(d.as_bytes())),
+                    _ => None,
+                });
+                echoed.map_or(Ok(items), Err)
+            });
+            let items = match items {
                 Ok(items) => items,
-                Err(e) => {
-                    // An oversize or non-UTF-8 event: stop relaying rather than
-                    // pass something uninspected, and say so at once.
-                    if matches!(e, crate::mcp::sse::SseError::EventTooLarge { .. }) {
-                        super::load::LimitRefusals::count(&self.peer.limits.refusals.sse_event);
-                    }
-                    let reason = format!("server event stream refused: {e}");
+                Err(why) => {
+                    // Say so at once, to every request the stream answers.
+                    let reason = format!("server event stream refused: {why}");
                     tracing::warn!(conn = self.peer.conn.conn_id, %reason, requests = self.ids.len(), "event stream ended by kya");
                     self.peer.gov.refused(&self.peer.conn, &reason);
                     if !batch.is_empty() && !self.out.send(Bytes::from(batch)).await {
