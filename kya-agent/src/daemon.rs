@@ -73,7 +73,12 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let images = crate::image_select::ImageSelectors::new(&config.selection.images)
         .context("parsing the --image references")?;
     // at start, an image no container runs yet is fine: they may start later
-    let image_matches = tokio::task::block_in_place(|| crate::image_select::resolve(&images));
+    let image_matches = {
+        let i = images.clone();
+        tokio::task::spawn_blocking(move || crate::image_select::resolve(&i))
+            .await
+            .unwrap_or_default()
+    };
     let container_cgroups = Arc::new(Mutex::new(ContainerCgroups {
         containers: resolve_containers(&config, true)
             .context("resolving the --container selectors")?,

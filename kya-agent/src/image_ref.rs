@@ -327,7 +327,8 @@ mod tests {
         let long_tag = format!("agent:{}", "t".repeat(MAX_TAG + 1));
         let long_name = "a".repeat(MAX_NAME + 1);
         let too_long = "a/".repeat(300);
-        let cases: &[(&str, fn(&ImageRefError) -> bool)] = &[
+        type Want = fn(&ImageRefError) -> bool;
+        let cases: &[(&str, Want)] = &[
             ("", |e| matches!(e, ImageRefError::Empty)),
             (&too_long, |e| matches!(e, ImageRefError::TooLong(_))),
             ("agent; rm -rf /", |e| {

@@ -96,7 +96,7 @@ fn matches_of(selectors: &ImageSelectors, running: Vec<RunningContainer>) -> Vec
         .filter_map(|c| {
             let image = crate::container_image::known(&c.id)?;
             let refs = selectors.matching(image.name.as_deref(), &image.id);
-            (!refs.is_empty()).then(|| ImageMatch {
+            (!refs.is_empty()).then_some(ImageMatch {
                 container: c.id,
                 cgroup: c.cgroup,
                 image: image.name,
