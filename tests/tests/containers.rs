@@ -610,6 +610,8 @@ verdict = "allow"
     .expect("config");
     let net = TestNetwork::new("imgnet");
     let parent = CgroupParent::new("imgsel");
+    // containers selected by a glob, not by image, under a parent of their own
+    let globbed = CgroupParent::new("imgglob");
     let _server = McpServer::start_on(d, &net.gateway, PORT, &[], "peer.log");
     let url = format!("http://{}:{PORT}/mcp", net.gateway);
     let ran = || -> Vec<String> {
@@ -624,7 +626,8 @@ verdict = "allow"
     let mut opts = DaemonOptions::new(LISTEN)
         .args(["--policy", d.join("policy.toml").to_str().expect("utf-8")])
         .args(["--port", &PORT.to_string()])
-        .args(["--image", &short]);
+        .args(["--image", &short])
+        .args(["--cgroup-glob", &format!("{}/libpod-*", globbed.rel)]);
     opts.config = Some(d.join("kya.toml"));
     let daemon = Daemon::start(opts);
     assert!(image_matches(&daemon).is_empty());
@@ -704,6 +707,44 @@ verdict = "allow"
     assert_eq!(r["text"], "found 3 documents about secrets", "{r}");
     assert_eq!(ran(), ["search_docs", "search_docs"]);
     assert!(events_of(&daemon, &other.id).is_empty());
+
+    // A container selected otherwise (the glob) of another image: its image
+    // is asked of the engine as its first connection arrives, and recorded
+    // from the decision that finds it known on (never waited for); its
+    // calls are denied (the rules need the agent image).
+    let globbed_other = TestContainer::run(&other_image, &net, &globbed, "imgglobbed", sleep);
+    wait_served(&daemon, globbed_other.netns_inode(), Some("ready"));
+    let deadline = Instant::now() + patience() * 30;
+    loop {
+        let r = mcp_in(
+            &globbed_other,
+            &url,
+            &["search_docs", r#"{"query": "kya"}"#],
+        );
+        assert_eq!(r["isError"], true, "{r}");
+        let ev = events_of(&daemon, &globbed_other.id);
+        if ev
+            .iter()
+            .any(|e| e["process"]["container_image"] == other_image.name.as_str())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the image never reached the record: {ev:?}\n{}",
+            daemon.log_text()
+        );
+    }
+    assert_eq!(
+        ran(),
+        ["search_docs", "search_docs"],
+        "nothing from the globbed container ran"
+    );
+    assert_eq!(
+        image_matches(&daemon).len(),
+        1,
+        "the globbed container is not an image match"
+    );
 
     // A stopped container is dropped from the selection.
     let agent_ns = agent.netns_inode();
