@@ -177,14 +177,17 @@ pub(crate) struct RunningContainer {
     pub id: String,
     /// The engine its cgroup's name says made it (`podman`, `docker`, ...).
     pub runtime: String,
-    /// Its outermost cgroup, relative to the cgroup2 mount.
+    /// Its cgroup, relative to the cgroup2 mount.
     pub cgroup: String,
 }
 
-/// Every container whose cgroup is in the tree under `cgroup2` now (one
-/// entry per id, its outermost cgroup), sorted by id.
+/// Every container cgroup in the tree under `cgroup2` now (the outermost
+/// cgroup naming a container id: its sub-cgroups are the same container),
+/// sorted by id, then cgroup. An id that two cgroups name is listed with
+/// each: a cgroup's name is chosen by whoever may create it, so a look-alike
+/// never hides the container's real cgroup from a selection.
 pub(crate) fn running_containers(cgroup2: &Path) -> Vec<RunningContainer> {
-    let mut found: std::collections::BTreeMap<String, RunningContainer> = Default::default();
+    let mut found: Vec<RunningContainer> = Vec::new();
     let mut stack: Vec<(PathBuf, usize)> = vec![(cgroup2.to_path_buf(), 0)];
     let mut seen = 0usize;
     while let Some((dir, depth)) = stack.pop() {
@@ -202,19 +205,11 @@ pub(crate) fn running_containers(cgroup2: &Path) -> Vec<RunningContainer> {
         let Some(rel) = rel.to_str() else { continue };
         let rel = format!("/{rel}");
         if let Some(c) = kya_common::container_of_cgroup(&rel) {
-            let shorter = found
-                .get(&c.id)
-                .is_none_or(|f| (rel.len(), &rel) < (f.cgroup.len(), &f.cgroup));
-            if shorter {
-                found.insert(
-                    c.id.clone(),
-                    RunningContainer {
-                        id: c.id,
-                        runtime: c.runtime,
-                        cgroup: rel,
-                    },
-                );
-            }
+            found.push(RunningContainer {
+                id: c.id,
+                runtime: c.runtime,
+                cgroup: rel,
+            });
             continue; // its sub-cgroups are the same container
         }
         if depth >= MAX_DEPTH {
@@ -230,7 +225,8 @@ pub(crate) fn running_containers(cgroup2: &Path) -> Vec<RunningContainer> {
             }
         }
     }
-    found.into_values().collect()
+    found.sort_by(|a, b| (&a.id, &a.cgroup).cmp(&(&b.id, &b.cgroup)));
+    found
 }
 
 /// The cgroup (relative to the cgroup2 mount `cgroup2`) of the running
@@ -381,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn running_containers_are_listed_once_by_their_outermost_cgroup() {
+    fn running_containers_are_listed_by_each_cgroup_naming_them() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
         std::fs::create_dir_all(r.join(format!("system.slice/docker-{A}.scope"))).unwrap();
@@ -389,6 +385,9 @@ mod tests {
             .unwrap();
         std::fs::create_dir_all(r.join(format!("libpod_parent/libpod-conmon-{B}"))).unwrap();
         std::fs::create_dir_all(r.join("user.slice/user-1000.slice/session-1.scope")).unwrap();
+        // a look-alike of A's cgroup somewhere else: listed beside the real one
+        std::fs::create_dir_all(r.join(format!("user.slice/user-1000.slice/docker-{A}.scope")))
+            .unwrap();
         let found = running_containers(r);
         assert_eq!(
             found,
@@ -402,6 +401,11 @@ mod tests {
                     id: A.into(),
                     runtime: "docker".into(),
                     cgroup: format!("/system.slice/docker-{A}.scope"),
+                },
+                RunningContainer {
+                    id: A.into(),
+                    runtime: "docker".into(),
+                    cgroup: format!("/user.slice/user-1000.slice/docker-{A}.scope"),
                 },
             ]
         );

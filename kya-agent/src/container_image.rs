@@ -336,6 +336,13 @@ mod tests {
     }
 
     #[test]
+    fn an_absent_or_failing_engine_answers_nothing() {
+        let ids = vec![C1.to_string()];
+        assert!(ask("/nonexistent/podman", &ids).is_empty());
+        assert!(ask("false", &ids).is_empty());
+    }
+
+    #[test]
     fn malformed_hostile_and_duplicate_answers_are_skipped() {
         let a = asked(&[C1, C2]);
         for bad in [

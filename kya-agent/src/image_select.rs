@@ -53,7 +53,8 @@ impl ImageSelectors {
 pub(crate) struct ImageMatch {
     /// The container id.
     pub(crate) container: String,
-    /// Its outermost cgroup, relative to the cgroup2 mount.
+    /// Its cgroup, relative to the cgroup2 mount (a container whose id two
+    /// cgroups name is matched in each).
     pub(crate) cgroup: String,
     /// Its image, as the engine names it.
     pub(crate) image: Option<String>,
