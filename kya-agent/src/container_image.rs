@@ -215,7 +215,18 @@ fn ask(engine: &str, ids: &[String]) -> HashMap<String, ContainerImage> {
             found
         }
         Err(e) => {
-            tracing::warn!(%engine, error = %e, "cannot ask the container engine for images; they stay unknown for now");
+            // said once per engine and error: it is asked again and again
+            static SAID: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+            let first = SAID
+                .get_or_init(Default::default)
+                .lock()
+                .map(|mut said| said.len() < 64 && said.insert(format!("{engine}: {e}")))
+                .unwrap_or(true);
+            if first {
+                tracing::warn!(%engine, error = %e, "cannot ask the container engine for images; they stay unknown for now");
+            } else {
+                tracing::debug!(%engine, error = %e, "cannot ask the container engine for images");
+            }
             HashMap::new()
         }
     }
