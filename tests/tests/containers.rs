@@ -2,8 +2,9 @@
 //! network with a private subnet the test creates): the unmodified MCP client
 //! inside a container is intercepted in the container's own network
 //! namespace, decided (also on its container identity) and audited with its
-//! container id. Containers are selected by name, by id, and by a cgroup glob
-//! that picks up containers started after kya. A container whose namespace
+//! container id. Containers are selected by name, by id, by a cgroup glob
+//! and by image (both pick up containers started after kya; policy decides
+//! on the image too). A container whose namespace
 //! kya cannot serve reaches nothing (fail closed), and a stopped container's
 //! namespace is no longer served. Judged on the MCP server's own record of
 //! the tools it ran.
@@ -751,4 +752,33 @@ verdict = "allow"
     agent.remove();
     wait_image_matches(&daemon, &[]);
     wait_served(&daemon, agent_ns, None);
+}
+
+/// A malformed or hostile `--image` stops the start, naming what is wrong;
+/// nothing of it reaches a shell or an engine.
+#[test]
+fn a_malformed_image_reference_stops_the_start() {
+    let state = tempfile::tempdir().expect("state dir");
+    let pins = format!("/sys/fs/bpf/kya-e2e-{}-993", std::process::id());
+    for (reference, why) in [
+        ("agent;id", "may hold only letters"),
+        ("$(touch /tmp/kya-pwned)", "may hold only letters"),
+        ("Agent", "lowercase components"),
+        ("agent@sha256:abc", "a digest must be sha256"),
+        ("", "image reference is empty"),
+    ] {
+        let out = Command::new(kya_bin())
+            .args(["run", "--config", "/dev/null", "--listen-port", "993"])
+            .args(["--pin-dir", &pins, "--state-dir"])
+            .arg(state.path())
+            .arg(format!("--image={reference}"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("kya run");
+        let _ = std::fs::remove_dir_all(&pins);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{reference:?}: {err}");
+        assert!(err.contains(why), "{reference:?}: {err}");
+    }
+    assert!(!std::path::Path::new("/tmp/kya-pwned").exists());
 }
