@@ -113,14 +113,15 @@ pub(crate) fn prewarm(p: &ProcessIdentity) {
     if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
-    let wanted = vec![(c.id.clone(), c.runtime.clone())];
-    if due(&wanted).is_empty() {
+    if known(&c.id).is_some() {
         return;
     }
+    // a slot first: a container marked as being asked must be asked
     if RUNNING.fetch_add(1, Ordering::AcqRel) >= MAX_PREWARMS {
         RUNNING.fetch_sub(1, Ordering::AcqRel);
         return;
     }
+    let wanted = vec![(c.id.clone(), c.runtime.clone())];
     tokio::task::spawn_blocking(move || {
         look_up(&wanted);
         RUNNING.fetch_sub(1, Ordering::AcqRel);

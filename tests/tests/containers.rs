@@ -558,8 +558,10 @@ fn wait_image_matches(daemon: &Daemon, ids: &[&str]) -> Vec<Value> {
 /// `--image`: a container started after kya from a matching image (built on
 /// the machine) is selected as it appears, and its unmodified client is
 /// decided on `process.container.image`; the audit record and the OCSF
-/// export carry the image. A container of another image is not selected,
-/// and a stopped one is dropped. Judged on the MCP server's own record.
+/// export carry the image. A container of another image (running before
+/// kya) is not selected, one selected by a glob gets its image from the
+/// lookup its first connection starts, and a stopped one is dropped.
+/// Judged on the MCP server's own record.
 #[test]
 fn containers_are_selected_by_their_image_and_decided_on_it() {
     let name = "containers_are_selected_by_their_image_and_decided_on_it";
@@ -613,6 +615,11 @@ verdict = "allow"
     let parent = CgroupParent::new("imgsel");
     // containers selected by a glob, not by image, under a parent of their own
     let globbed = CgroupParent::new("imgglob");
+    let sleep: &[&str] = &["sleep", "600"];
+    // A container of another image, running before kya: it brings up the
+    // bridge (the gateway address the server listens on exists only while a
+    // container runs on the network), and it is never selected.
+    let other = TestContainer::run(&other_image, &net, &parent, "imgother", sleep);
     let _server = McpServer::start_on(d, &net.gateway, PORT, &[], "peer.log");
     let url = format!("http://{}:{PORT}/mcp", net.gateway);
     let ran = || -> Vec<String> {
@@ -637,9 +644,7 @@ verdict = "allow"
         serde_json::json!([short])
     );
 
-    // Both started after kya: only the one of the selected image is selected.
-    let sleep: &[&str] = &["sleep", "600"];
-    let other = TestContainer::run(&other_image, &net, &parent, "imgother", sleep);
+    // Started after kya from the selected image: selected as it appears.
     let agent = TestContainer::run(&image, &net, &parent, "imgagent", sleep);
     let m = wait_image_matches(&daemon, &[&agent.id]);
     assert_eq!(m[0]["image"], image.name.as_str(), "{m:?}");
