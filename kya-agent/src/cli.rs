@@ -329,6 +329,12 @@ pub struct RunArgs {
     /// containers that start later are selected as they appear.
     #[arg(long = "cgroup-glob", value_name = "GLOB")]
     pub cgroup_globs: Vec<String>,
+    /// Select every running container whose image matches REF (as the
+    /// engine names it: 'localhost/agent:1.2', 'agent:1.2', 'agent' for any
+    /// tag, or an image id prefix of 12+ hex digits); rescanned while
+    /// running, so containers started later from it are selected as they appear.
+    #[arg(long = "image", value_name = "REF")]
+    pub images: Vec<String>,
     /// Select processes running as this uid.
     #[arg(long = "uid", value_name = "N")]
     pub uids: Vec<u32>,
@@ -387,6 +393,7 @@ impl RunArgs {
             pids: self.pids.clone(),
             containers: self.containers.clone(),
             cgroup_globs: self.cgroup_globs.clone(),
+            images: self.images.clone(),
             ports: self.ports.clone(),
             all_ports: self.all_ports,
             listen_port: self.listen_port,

@@ -56,6 +56,8 @@ pub enum ConfigError {
     CgroupPath(String),
     #[error("{0}")]
     CgroupGlob(String),
+    #[error("{0}")]
+    Image(String),
     #[error("[kubernetes] {0}")]
     Kubernetes(String),
     #[error("[audit] sinks: {0}")]
@@ -432,6 +434,10 @@ pub struct SelectSection {
     /// selected as they start).
     #[serde(default)]
     pub cgroup_globs: Vec<String>,
+    /// Image references: every running container of a matching image,
+    /// rescanned while running.
+    #[serde(default)]
+    pub images: Vec<String>,
     #[serde(default)]
     pub uids: Vec<u32>,
     #[serde(default)]
@@ -553,6 +559,8 @@ pub struct Selection {
     pub containers: Vec<String>,
     /// Cgroup path globs (`crate::cgroup_glob`).
     pub cgroup_globs: Vec<String>,
+    /// Image references (`crate::image_ref`).
+    pub images: Vec<String>,
     pub uids: Vec<u32>,
     pub exes: Vec<String>,
     pub pids: Vec<u32>,
@@ -564,6 +572,7 @@ impl Selection {
         self.cgroups.is_empty()
             && self.containers.is_empty()
             && self.cgroup_globs.is_empty()
+            && self.images.is_empty()
             && self.uids.is_empty()
             && self.exes.is_empty()
             && self.pids.is_empty()
@@ -653,6 +662,8 @@ pub struct Overrides {
     pub containers: Vec<String>,
     /// Select every cgroup whose path matches this glob, now and as they appear.
     pub cgroup_globs: Vec<String>,
+    /// Select every running container of this image, now and as they start.
+    pub images: Vec<String>,
     /// Add a guarded destination port (default 80 and 443, plus intercept.ports).
     pub ports: Vec<u16>,
     /// Redirect every TCP connection of a selected process, whatever its port
@@ -701,6 +712,7 @@ impl Config {
             cgroups: file.select.cgroups,
             containers: file.select.containers,
             cgroup_globs: file.select.cgroup_globs,
+            images: file.select.images,
             uids: file.select.uids,
             exes: file.select.exes,
             pids: file.select.pids,
@@ -710,6 +722,7 @@ impl Config {
         selection
             .cgroup_globs
             .extend(args.cgroup_globs.iter().cloned());
+        selection.images.extend(args.images.iter().cloned());
         selection.uids.extend(args.uids.iter().copied());
         selection.exes.extend(args.exes.iter().cloned());
         selection.pids.extend(args.pids.iter().copied());
@@ -721,6 +734,9 @@ impl Config {
         dedup(&mut selection.cgroup_globs);
         crate::cgroup_glob::CgroupGlobs::new(&selection.cgroup_globs)
             .map_err(|e| ConfigError::CgroupGlob(e.to_string()))?;
+        dedup(&mut selection.images);
+        crate::image_select::ImageSelectors::new(&selection.images)
+            .map_err(|e| ConfigError::Image(e.to_string()))?;
         dedup(&mut selection.uids);
         dedup(&mut selection.exes);
         dedup(&mut selection.pids);
@@ -1036,6 +1052,7 @@ mod tests {
 cgroups = ["/agents/"]
 containers = ["3f4e8a1b2c3d"]
 cgroup_globs = ["/libpod_parent/libpod-*"]
+images = ["localhost/agent:1.2"]
 uids = [1001]
 exes = ["/usr/local/bin/agent"]
 [intercept]
@@ -1058,6 +1075,7 @@ dir = "/var/lib/kya"
             uids: vec![1001, 1002],
             containers: vec!["3f4e8a1b2c3d".into(), "0123456789ab".into()],
             cgroup_globs: vec!["/system.slice/docker-*.scope".into()],
+            images: vec!["agent".into(), "localhost/agent:1.2".into()],
             ports: vec![8443],
             ..Default::default()
         };
@@ -1080,6 +1098,20 @@ dir = "/var/lib/kya"
             Config::merge(FileConfig::default(), &bad),
             Err(ConfigError::CgroupGlob(_))
         ));
+        assert_eq!(cfg.selection.images, vec!["localhost/agent:1.2", "agent"]);
+        for image in ["", "Agent", "agent;id", "$(id)"] {
+            let bad = Overrides {
+                images: vec![image.into()],
+                ..Default::default()
+            };
+            assert!(
+                matches!(
+                    Config::merge(FileConfig::default(), &bad),
+                    Err(ConfigError::Image(_))
+                ),
+                "{image:?}"
+            );
+        }
         assert_eq!(cfg.selection.uids, vec![1001, 1002]);
         assert_eq!(cfg.ports, vec![80, 443, 8000, 8443]);
         assert_eq!(cfg.max_body, 4 << 20);

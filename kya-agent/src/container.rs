@@ -95,18 +95,55 @@ fn id_of_name(name: &str) -> Result<String, String> {
 /// `ENGINE container inspect --format {{.Id}} NAME`, bounded in time; the
 /// answer must be one full id.
 fn inspect_id(engine: &str, name: &str) -> Result<String, String> {
+    let (ok, out) = run_engine(
+        engine,
+        &["container", "inspect", "--format", "{{.Id}}", "--", name],
+        4096, // an id is 65 bytes
+    )?;
+    if !ok {
+        return Err("no such container".into());
+    }
+    let out = String::from_utf8_lossy(&out);
+    let id = out.trim();
+    if id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(id.to_string())
+    } else {
+        Err("the engine's answer is not a container id".into())
+    }
+}
+
+/// Runs `ENGINE ARGS` (argv, no shell; stdin and stderr closed), waiting at
+/// most [`ENGINE_TIMEOUT`] (then it is killed) and keeping at most `limit`
+/// bytes of its stdout (the rest is read and dropped, so a chatty engine
+/// never blocks on a full pipe). Whether it exited with 0, and its stdout.
+/// Blocking: call it off the async workers.
+pub(crate) fn run_engine(
+    engine: &str,
+    args: &[&str],
+    limit: usize,
+) -> Result<(bool, Vec<u8>), String> {
+    use std::io::Read;
     let mut child = Command::new(engine)
-        .args(["container", "inspect", "--format", "{{.Id}}", "--", name])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
+    let reader = child.stdout.take().map(|mut stdout| {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            let _ = (&mut stdout).take(limit as u64).read_to_end(&mut kept);
+            // drain the rest: the engine must not block on a full pipe
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+            kept
+        })
+    });
     let deadline = Instant::now() + ENGINE_TIMEOUT;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -115,21 +152,81 @@ fn inspect_id(engine: &str, name: &str) -> Result<String, String> {
             Err(e) => return Err(e.to_string()),
         }
     };
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        use std::io::Read;
-        // bounded: an id is 65 bytes
-        let _ = (&mut stdout).take(4096).read_to_string(&mut out);
+    // the pipe closes with the engine (a helper it left behind holding the
+    // pipe is not waited for past the deadline: the reader is detached)
+    let out = match reader {
+        Some(r) => {
+            while !r.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if r.is_finished() {
+                r.join().unwrap_or_default()
+            } else {
+                return Err("its output did not end in time".into());
+            }
+        }
+        None => Vec::new(),
+    };
+    Ok((status.success(), out))
+}
+
+/// A running container, as the cgroup tree shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunningContainer {
+    /// Its id (64 lowercase hex digits).
+    pub id: String,
+    /// The engine its cgroup's name says made it (`podman`, `docker`, ...).
+    pub runtime: String,
+    /// Its cgroup, relative to the cgroup2 mount.
+    pub cgroup: String,
+}
+
+/// Every container cgroup in the tree under `cgroup2` now (the outermost
+/// cgroup naming a container id: its sub-cgroups are the same container),
+/// sorted by id, then cgroup. An id that two cgroups name is listed with
+/// each: a cgroup's name is chosen by whoever may create it, so a look-alike
+/// never hides the container's real cgroup from a selection.
+pub(crate) fn running_containers(cgroup2: &Path) -> Vec<RunningContainer> {
+    let mut found: Vec<RunningContainer> = Vec::new();
+    let mut stack: Vec<(PathBuf, usize)> = vec![(cgroup2.to_path_buf(), 0)];
+    let mut seen = 0usize;
+    while let Some((dir, depth)) = stack.pop() {
+        seen += 1;
+        if seen > MAX_DIRS {
+            tracing::warn!(
+                limit = MAX_DIRS,
+                "cgroup tree too large: container scan stopped"
+            );
+            break;
+        }
+        let Ok(rel) = dir.strip_prefix(cgroup2) else {
+            continue;
+        };
+        let Some(rel) = rel.to_str() else { continue };
+        let rel = format!("/{rel}");
+        if let Some(c) = kya_common::container_of_cgroup(&rel) {
+            found.push(RunningContainer {
+                id: c.id,
+                runtime: c.runtime,
+                cgroup: rel,
+            });
+            continue; // its sub-cgroups are the same container
+        }
+        if depth >= MAX_DEPTH {
+            continue;
+        }
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            // no symlinks in cgroupfs, but never follow one
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push((e.path(), depth + 1));
+            }
+        }
     }
-    if !status.success() {
-        return Err(format!("no such container ({status})"));
-    }
-    let id = out.trim();
-    if id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        Ok(id.to_string())
-    } else {
-        Err("the engine's answer is not a container id".into())
-    }
+    found.sort_by(|a, b| (&a.id, &a.cgroup).cmp(&(&b.id, &b.cgroup)));
+    found
 }
 
 /// The cgroup (relative to the cgroup2 mount `cgroup2`) of the running
@@ -277,5 +374,56 @@ mod tests {
         for good in ["agent", "my-agent_1.2", "A9", &long[1..]] {
             assert!(is_name(good), "{good:?}");
         }
+    }
+
+    #[test]
+    fn running_containers_are_listed_by_each_cgroup_naming_them() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join(format!("system.slice/docker-{A}.scope"))).unwrap();
+        std::fs::create_dir_all(r.join(format!("machine.slice/libpod-{B}.scope/container")))
+            .unwrap();
+        std::fs::create_dir_all(r.join(format!("libpod_parent/libpod-conmon-{B}"))).unwrap();
+        std::fs::create_dir_all(r.join("user.slice/user-1000.slice/session-1.scope")).unwrap();
+        // a look-alike of A's cgroup somewhere else: listed beside the real one
+        std::fs::create_dir_all(r.join(format!("user.slice/user-1000.slice/docker-{A}.scope")))
+            .unwrap();
+        let found = running_containers(r);
+        assert_eq!(
+            found,
+            [
+                RunningContainer {
+                    id: B.into(),
+                    runtime: "podman".into(),
+                    cgroup: format!("/machine.slice/libpod-{B}.scope"),
+                },
+                RunningContainer {
+                    id: A.into(),
+                    runtime: "docker".into(),
+                    cgroup: format!("/system.slice/docker-{A}.scope"),
+                },
+                RunningContainer {
+                    id: A.into(),
+                    runtime: "docker".into(),
+                    cgroup: format!("/user.slice/user-1000.slice/docker-{A}.scope"),
+                },
+            ]
+        );
+        assert!(running_containers(&r.join("nonexistent")).is_empty());
+    }
+
+    #[test]
+    fn an_engine_runs_bounded_in_output_and_without_a_shell() {
+        // more output than kept: the rest is drained, the process ends
+        let (ok, out) = run_engine("sh", &["-c", "yes | head -c 1000000"], 100).unwrap();
+        assert!(ok);
+        assert_eq!(out.len(), 100);
+        // arguments are argv: nothing is interpreted by a shell
+        let (ok, out) = run_engine("echo", &["$(id)", ";", "`id`"], 100).unwrap();
+        assert!(ok);
+        assert_eq!(out, b"$(id) ; `id`\n");
+        let (ok, _) = run_engine("false", &[], 100).unwrap();
+        assert!(!ok);
+        assert!(run_engine("/nonexistent/engine", &[], 100).is_err());
     }
 }

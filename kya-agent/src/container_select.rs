@@ -1,6 +1,7 @@
 //! The container part of the selection: the cgroups that `--container`
 //! (ids and names, resolved at start and on each policy reload),
-//! `--cgroup-glob` (rescanned while running) and the Kubernetes pod selector
+//! `--cgroup-glob` and `--image` (rescanned while running; the images in
+//! `crate::image_select`) and the Kubernetes pod selector
 //! (watched through the API) stand for now, and the tasks that keep the
 //! kernel's selection in step as containers and pods start and stop.
 
@@ -25,6 +26,8 @@ pub struct ContainerCgroups {
     pub globbed: Vec<String>,
     /// Cgroups of the pods of this node that match `[kubernetes] pod_selector`.
     pub pods: Vec<String>,
+    /// Cgroups of the running containers whose image matches `--image`.
+    pub imaged: Vec<String>,
     /// The kernel's selection may lag these cgroups (an update failed): the
     /// next rescan reapplies it even if the matches did not change.
     pub stale: bool,
@@ -37,6 +40,7 @@ impl ContainerCgroups {
             .iter()
             .chain(self.globbed.iter())
             .chain(self.pods.iter())
+            .chain(self.imaged.iter())
     }
 }
 
@@ -134,7 +138,7 @@ pub fn spawn_watcher(
 /// Builds the next cgroups from the current ones with `next` (`None`:
 /// nothing changed) and applies them to the kernel's selection; kept only
 /// if that worked (a failure is retried by the caller's next round).
-fn apply(
+pub(crate) fn apply(
     current: &Mutex<ContainerCgroups>,
     redirector: &Mutex<Option<Redirector>>,
     build: &BuildSelection,
@@ -153,7 +157,7 @@ fn apply(
     let Some(r) = guard.as_mut() else { return };
     match off_the_runtime(|| r.update_selection(&wanted)) {
         Ok(()) => {
-            tracing::info!(globbed = ?next.globbed, pods = ?next.pods, "{what} changed: selection updated");
+            tracing::info!(globbed = ?next.globbed, pods = ?next.pods, imaged = ?next.imaged, "{what} changed: selection updated");
             *cur = next;
         }
         Err(e) => {
@@ -284,6 +288,7 @@ fn next_cgroups(
         containers,
         globbed: found,
         pods: cur.pods.clone(),
+        imaged: cur.imaged.clone(),
         stale: false,
     };
     (next != *cur).then_some(next)
@@ -302,6 +307,7 @@ mod tests {
             containers: vec!["/a".into(), "/gone".into()],
             globbed: vec!["/x".into()],
             pods: vec!["/kubepods/pod1".into()],
+            imaged: vec!["/libpod_parent/libpod-1".into()],
             stale: false,
         };
         // the stopped container is dropped even when the glob matches stay
@@ -310,7 +316,7 @@ mod tests {
         assert_eq!(next.globbed, ["/x"]);
         assert_eq!(next_cgroups(&next, vec!["/x".into()], Some(r)), None);
         let more = next_cgroups(&next, vec!["/x".into(), "/y".into()], Some(r)).unwrap();
-        assert_eq!(more.all().count(), 4, "the pods stay");
+        assert_eq!(more.all().count(), 5, "the pods and image matches stay");
         // a failed update elsewhere: reapplied even without a change
         let stale = ContainerCgroups {
             stale: true,

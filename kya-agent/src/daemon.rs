@@ -70,11 +70,21 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     );
     let globs = crate::cgroup_glob::CgroupGlobs::new(&config.selection.cgroup_globs)
         .context("compiling the cgroup globs")?;
+    let images = crate::image_select::ImageSelectors::new(&config.selection.images)
+        .context("parsing the --image references")?;
+    // at start, an image no container runs yet is fine: they may start later
+    let image_matches = {
+        let i = images.clone();
+        tokio::task::spawn_blocking(move || crate::image_select::resolve(&i))
+            .await
+            .unwrap_or_default()
+    };
     let container_cgroups = Arc::new(Mutex::new(ContainerCgroups {
         containers: resolve_containers(&config, true)
             .context("resolving the --container selectors")?,
         globbed: crate::container_select::scan_globs(&globs),
         pods: Vec::new(),
+        imaged: crate::image_select::cgroups_of(&image_matches),
         stale: false,
     }));
     let wanted = {
@@ -105,6 +115,11 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let status = status.section("namespaces", {
         let n = netns.clone();
         Arc::new(move || serde_json::json!(n.status()))
+    });
+    let image_matches = Arc::new(Mutex::new(image_matches));
+    let status = status.section("images", {
+        let (i, m) = (images.clone(), image_matches.clone());
+        Arc::new(move || crate::image_select::status(&i, &m))
     });
     let suspensions = Arc::new(
         Suspensions::open(&config.state_dir).context("reading the agent suspension list")?,
@@ -331,6 +346,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         build.clone(),
         stop_rx.clone(),
     );
+    let image_task = crate::image_select::spawn_watcher(
+        images,
+        image_matches,
+        container_cgroups.clone(),
+        redirector.clone(),
+        build.clone(),
+        stop_rx.clone(),
+    );
     let pod_task = match &config.kubernetes {
         Some(k) => Some(crate::container_select::spawn_pod_watcher(
             crate::kube::client::KubeClient::new(k.clone())
@@ -369,6 +392,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         cgroups = ?config.selection.cgroups,
         containers = ?config.selection.containers,
         cgroup_globs = ?config.selection.cgroup_globs,
+        images = ?config.selection.images,
         uids = ?config.selection.uids,
         exes = ?config.selection.exes,
         pids = ?config.selection.pids,
@@ -394,6 +418,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     reloader.abort();
     if let Err(e) = glob_task.await {
         tracing::error!(error = %e, "cgroup glob task failed");
+    }
+    if let Err(e) = image_task.await {
+        tracing::error!(error = %e, "image selection task failed");
     }
     if let Some(task) = pod_task {
         if let Err(e) = task.await {

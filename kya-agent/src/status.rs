@@ -106,6 +106,7 @@ impl StatusHandler {
                 "cgroups": c.selection.cgroups,
                 "containers": c.selection.containers,
                 "cgroup_globs": c.selection.cgroup_globs,
+                "images": c.selection.images,
                 "uids": c.selection.uids,
                 "exes": c.selection.exes,
                 "pids": c.selection.pids,
@@ -244,6 +245,27 @@ pub mod command {
                 &Value::from(text),
             );
         }
+        for c in s["images"]["containers"].as_array().into_iter().flatten() {
+            let id = c["container"].as_str().unwrap_or("?");
+            let refs: Vec<&str> = c["refs"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let text = format!(
+                "{} (image {}, matches {}) in {}",
+                c["image"].as_str().unwrap_or("-"),
+                c["image_id"]
+                    .as_str()
+                    .map_or("?", |i| i.get(..12).unwrap_or(i)),
+                refs.join(", "),
+                c["cgroup"].as_str().unwrap_or("?"),
+            );
+            line(
+                &mut out,
+                &format!("image container {}", id.get(..12).unwrap_or(id)),
+                &Value::from(text),
+            );
+        }
         for b in s["broker"].as_array().into_iter().flatten() {
             line(
                 &mut out,
@@ -261,7 +283,14 @@ pub mod command {
         if let Some(obj) = s.as_object() {
             for (k, v) in obj {
                 if v.is_object()
-                    && !["selection", "kernel", "host_kernel", "interceptor"].contains(&k.as_str())
+                    && ![
+                        "selection",
+                        "kernel",
+                        "host_kernel",
+                        "interceptor",
+                        "images",
+                    ]
+                    .contains(&k.as_str())
                 {
                     line(&mut out, k, v);
                 }
@@ -297,6 +326,30 @@ mod tests {
         assert!(lines[0].contains("docker container 3f4e8a1b2c3d"), "{out}");
         assert!(
             lines[1].contains("failed") && lines[1].contains("Cannot assign"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn image_matches_are_rendered_one_line_each() {
+        let s = json!({
+            "selection": {"images": ["agent"]},
+            "images": {"selectors": ["agent"], "containers": [
+                {"container": "a6d0922ee25759935500b1ac114c202d5e4ed54072824888b41044039ff794b4",
+                 "cgroup": "/libpod_parent/libpod-a6d0922ee257", "image": "localhost/agent:1.2",
+                 "image_id": "dec98d5f5d7686bb20a235ee4b98429239e2b492231e028f5fb453a7a2362229",
+                 "refs": ["agent"]}
+            ]}
+        });
+        let out = super::command::render(&s);
+        assert!(out.contains("select.images"), "{out}");
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("image ")).collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        assert!(
+            lines[0].contains("a6d0922ee257")
+                && lines[0].contains("localhost/agent:1.2")
+                && lines[0].contains("dec98d5f5d76")
+                && lines[0].contains("matches agent"),
             "{out}"
         );
     }

@@ -40,6 +40,14 @@ pub struct ContainerIdentity {
     pub pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// The image the container runs, as its engine names it (e.g.
+    /// `localhost/agent:1.2`): not in the cgroup path; known once the
+    /// engine (Podman, Docker) was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// That image's id (64 lowercase hex digits), from the same answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 impl ContainerIdentity {

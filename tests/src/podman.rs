@@ -266,6 +266,15 @@ impl TestContainer {
         ];
         let peers_mount = format!("{peers}:{peers}:ro");
         args.extend(["-v", &peers_mount]);
+        // a virtual environment linked in from elsewhere: mounted where it is
+        let venv_mount = std::fs::canonicalize(crate::peers().join(".venv"))
+            .ok()
+            .and_then(|v| v.to_str().map(str::to_string))
+            .filter(|v| !v.starts_with(peers))
+            .map(|v| format!("{v}:{v}:ro"));
+        if let Some(m) = &venv_mount {
+            args.extend(["-v", m]);
+        }
         let python_mount = python_home()
             .filter(|h| !h.starts_with("/usr"))
             .map(|h| format!("{h}:{h}:ro"));

@@ -2,8 +2,9 @@
 //! network with a private subnet the test creates): the unmodified MCP client
 //! inside a container is intercepted in the container's own network
 //! namespace, decided (also on its container identity) and audited with its
-//! container id. Containers are selected by name, by id, and by a cgroup glob
-//! that picks up containers started after kya. A container whose namespace
+//! container id. Containers are selected by name, by id, by a cgroup glob
+//! and by image (both pick up containers started after kya; policy decides
+//! on the image too). A container whose namespace
 //! kya cannot serve reaches nothing (fail closed), and a stopped container's
 //! namespace is no longer served. Judged on the MCP server's own record of
 //! the tools it ran.
@@ -523,4 +524,266 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The daemon's containers selected by image now (`kya status`).
+fn image_matches(daemon: &Daemon) -> Vec<Value> {
+    kya_status(daemon)["images"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Wait until the containers selected by image are exactly `ids`.
+fn wait_image_matches(daemon: &Daemon, ids: &[&str]) -> Vec<Value> {
+    let deadline = Instant::now() + patience() * 30;
+    loop {
+        let now = image_matches(daemon);
+        let mut got: Vec<&str> = now.iter().filter_map(|m| m["container"].as_str()).collect();
+        got.sort_unstable();
+        let mut want = ids.to_vec();
+        want.sort_unstable();
+        if got == want {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containers selected by image: {now:?}, wanted {ids:?}\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `--image`: a container started after kya from a matching image (built on
+/// the machine) is selected as it appears, and its unmodified client is
+/// decided on `process.container.image`; the audit record and the OCSF
+/// export carry the image. A container of another image (running before
+/// kya) is not selected, one selected by a glob gets its image from the
+/// lookup its first connection starts, and a stopped one is dropped.
+/// Judged on the MCP server's own record.
+#[test]
+fn containers_are_selected_by_their_image_and_decided_on_it() {
+    let name = "containers_are_selected_by_their_image_and_decided_on_it";
+    if !privileged(name) || !podman::available(name) {
+        return;
+    }
+    let _g = serial();
+    ensure_peers();
+    const LISTEN: u16 = 992;
+    const PORT: u16 = 18560;
+    let image = TestImage::new("imgsel");
+    let other_image = TestImage::new("imgother");
+    // `localhost/kya-test-imgsel-PID:latest` is selected as `kya-test-imgsel-PID`
+    let short = image
+        .name
+        .strip_prefix("localhost/")
+        .and_then(|n| n.strip_suffix(":latest"))
+        .expect("a localhost/...:latest name")
+        .to_string();
+    let policy = format!(
+        r#"
+[defaults]
+verdict = "deny"
+methods = "allow"
+
+[[rule]]
+id = "agent-image-no-secrets"
+tool = "search_docs"
+when = 'process.container.image == "{img}" && args.query == "secrets"'
+verdict = "deny"
+reason = "the agent image may not search for secrets"
+
+[[rule]]
+id = "agent-image-docs"
+tool = "search_docs"
+when = 'process.container.image == "{img}" && process.container.image_id != ""'
+verdict = "allow"
+"#,
+        img = image.name
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("policy.toml"), policy).expect("policy");
+    let sink = d.join("ocsf.jsonl");
+    std::fs::write(
+        d.join("kya.toml"),
+        format!("[audit]\nsinks = [\"file:{}\"]\n", sink.display()),
+    )
+    .expect("config");
+    let net = TestNetwork::new("imgnet");
+    let parent = CgroupParent::new("imgsel");
+    // containers selected by a glob, not by image, under a parent of their own
+    let globbed = CgroupParent::new("imgglob");
+    let sleep: &[&str] = &["sleep", "600"];
+    // A container of another image, running before kya: it brings up the
+    // bridge (the gateway address the server listens on exists only while a
+    // container runs on the network), and it is never selected.
+    let other = TestContainer::run(&other_image, &net, &parent, "imgother", sleep);
+    let _server = McpServer::start_on(d, &net.gateway, PORT, &[], "peer.log");
+    let url = format!("http://{}:{PORT}/mcp", net.gateway);
+    let ran = || -> Vec<String> {
+        std::fs::read_to_string(d.join("peer.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+
+    // No container runs the image yet: not an error.
+    let mut opts = DaemonOptions::new(LISTEN)
+        .args(["--policy", d.join("policy.toml").to_str().expect("utf-8")])
+        .args(["--port", &PORT.to_string()])
+        .args(["--image", &short])
+        .args(["--cgroup-glob", &format!("{}/libpod-*", globbed.rel)]);
+    opts.config = Some(d.join("kya.toml"));
+    let daemon = Daemon::start(opts);
+    assert!(image_matches(&daemon).is_empty());
+    assert_eq!(
+        kya_status(&daemon)["images"]["selectors"],
+        serde_json::json!([short])
+    );
+
+    // Started after kya from the selected image: selected as it appears.
+    let agent = TestContainer::run(&image, &net, &parent, "imgagent", sleep);
+    let m = wait_image_matches(&daemon, &[&agent.id]);
+    assert_eq!(m[0]["image"], image.name.as_str(), "{m:?}");
+    assert_eq!(m[0]["refs"], serde_json::json!([short]), "{m:?}");
+    assert_eq!(m[0]["cgroup"], agent.cgroup().as_str(), "{m:?}");
+    let image_id = m[0]["image_id"].as_str().expect("image id").to_string();
+    assert_eq!(image_id.len(), 64, "{m:?}");
+    let human = kya_cli(&daemon, &["status"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.contains(&format!("image container {}", &agent.id[..12]))
+            && human.contains(&image.name),
+        "{human}"
+    );
+    let ns = wait_served(&daemon, agent.netns_inode(), Some("ready")).expect("served");
+    assert_eq!(ns["container"]["id"], agent.id, "{ns}");
+
+    // Decided on its image: allowed (the rule needs the image), and the
+    // query the image may not make denied before the server.
+    let r = mcp_in(&agent, &url, &["search_docs", r#"{"query": "kya"}"#]);
+    assert_eq!(r["text"], "found 3 documents about kya", "{r}");
+    let r = mcp_in(&agent, &url, &["search_docs", r#"{"query": "secrets"}"#]);
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("agent-image-no-secrets"),
+        "{r}"
+    );
+    assert_eq!(ran(), ["search_docs"], "only the allowed call ran");
+    let ev = events_of(&daemon, &agent.id);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    for e in &ev {
+        assert_eq!(e["process"]["container_image"], image.name.as_str(), "{e}");
+        assert_eq!(e["process"]["container_image_id"], image_id.as_str(), "{e}");
+    }
+    // the OCSF export carries it as actor.process.container.image
+    let deadline = Instant::now() + patience() * 30;
+    let ocsf = loop {
+        let lines: Vec<Value> = std::fs::read_to_string(&sink)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &Value| {
+                v["api"]["operation"] == "tools/call"
+                    && v["actor"]["process"]["container"]["uid"] == agent.id.as_str()
+            })
+            .collect();
+        if lines.len() >= 2 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(ocsf.len(), 2, "{ocsf:#?}");
+    for o in &ocsf {
+        let img = &o["actor"]["process"]["container"]["image"];
+        assert_eq!(img["name"], image.name.as_str(), "{o}");
+        assert_eq!(img["uid"], image_id.as_str(), "{o}");
+    }
+
+    // The other image's container is not selected: its call goes straight
+    // to the server (kya would have denied it: the rules need the agent image).
+    assert!(served(&daemon, other.netns_inode()).is_none());
+    let r = mcp_in(&other, &url, &["search_docs", r#"{"query": "secrets"}"#]);
+    assert_eq!(r["text"], "found 3 documents about secrets", "{r}");
+    assert_eq!(ran(), ["search_docs", "search_docs"]);
+    assert!(events_of(&daemon, &other.id).is_empty());
+
+    // A container selected otherwise (the glob) of another image: its image
+    // is asked of the engine as its first connection arrives, and recorded
+    // from the decision that finds it known on (never waited for); its
+    // calls are denied (the rules need the agent image).
+    let globbed_other = TestContainer::run(&other_image, &net, &globbed, "imgglobbed", sleep);
+    wait_served(&daemon, globbed_other.netns_inode(), Some("ready"));
+    let deadline = Instant::now() + patience() * 30;
+    loop {
+        let r = mcp_in(
+            &globbed_other,
+            &url,
+            &["search_docs", r#"{"query": "kya"}"#],
+        );
+        assert_eq!(r["isError"], true, "{r}");
+        let ev = events_of(&daemon, &globbed_other.id);
+        if ev
+            .iter()
+            .any(|e| e["process"]["container_image"] == other_image.name.as_str())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the image never reached the record: {ev:?}\n{}",
+            daemon.log_text()
+        );
+    }
+    assert_eq!(
+        ran(),
+        ["search_docs", "search_docs"],
+        "nothing from the globbed container ran"
+    );
+    assert_eq!(
+        image_matches(&daemon).len(),
+        1,
+        "the globbed container is not an image match"
+    );
+
+    // A stopped container is dropped from the selection.
+    let agent_ns = agent.netns_inode();
+    agent.remove();
+    wait_image_matches(&daemon, &[]);
+    wait_served(&daemon, agent_ns, None);
+}
+
+/// A malformed or hostile `--image` stops the start, naming what is wrong;
+/// nothing of it reaches a shell or an engine.
+#[test]
+fn a_malformed_image_reference_stops_the_start() {
+    let state = tempfile::tempdir().expect("state dir");
+    let pins = format!("/sys/fs/bpf/kya-e2e-{}-993", std::process::id());
+    for (reference, why) in [
+        ("agent;id", "may hold only letters"),
+        ("$(touch /tmp/kya-pwned)", "may hold only letters"),
+        ("Agent", "lowercase components"),
+        ("agent@sha256:abc", "a digest must be sha256"),
+        ("", "image reference is empty"),
+    ] {
+        let out = Command::new(kya_bin())
+            .args(["run", "--config", "/dev/null", "--listen-port", "993"])
+            .args(["--pin-dir", &pins, "--state-dir"])
+            .arg(state.path())
+            .arg(format!("--image={reference}"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("kya run");
+        let _ = std::fs::remove_dir_all(&pins);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{reference:?}: {err}");
+        assert!(err.contains(why), "{reference:?}: {err}");
+    }
+    assert!(!std::path::Path::new("/tmp/kya-pwned").exists());
 }

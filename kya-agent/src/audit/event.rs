@@ -113,6 +113,12 @@ pub struct ProcessInfo {
     pub pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// The container's image as its engine names it, and the image's id,
+    /// when the engine had answered by the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_image_id: Option<String>,
     /// The network namespace (inode) the connection came from, when not the
     /// host's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,6 +140,8 @@ impl From<&ProcessIdentity> for ProcessInfo {
             pod_uid: p.container.as_ref().and_then(|c| c.pod_uid.clone()),
             pod_namespace: p.container.as_ref().and_then(|c| c.pod_namespace.clone()),
             pod_name: p.container.as_ref().and_then(|c| c.pod_name.clone()),
+            container_image: p.container.as_ref().and_then(|c| c.image.clone()),
+            container_image_id: p.container.as_ref().and_then(|c| c.image_id.clone()),
             netns: (p.netns != 0).then_some(p.netns),
             ..Default::default()
         }

@@ -150,6 +150,20 @@ pub(crate) fn to_ocsf(e: &DecisionEvent) -> Value {
             if p.pod_uid.is_some() {
                 container.insert("orchestrator".into(), json!("Kubernetes"));
             }
+            if p.container_image.is_some() || p.container_image_id.is_some() {
+                let mut image = Map::new();
+                put(
+                    &mut image,
+                    "name",
+                    p.container_image.as_ref().map(|n| json!(n)),
+                );
+                put(
+                    &mut image,
+                    "uid",
+                    p.container_image_id.as_ref().map(|i| json!(i)),
+                );
+                container.insert("image".into(), Value::Object(image));
+            }
             Value::Object(container)
         }),
     );
@@ -356,6 +370,13 @@ mod tests {
         assert_eq!(c["pod_uuid"], pod);
         assert_eq!(c["orchestrator"], "Kubernetes");
         assert_eq!(o["unmapped"]["netns"], 4026532305u64);
+        assert!(c.get("image").is_none(), "unknown image: no object");
+        e.process.container_image = Some("localhost/agent:1.2".into());
+        e.process.container_image_id = Some("d".repeat(64));
+        let o = to_ocsf(&e);
+        let image = &o["actor"]["process"]["container"]["image"];
+        assert_eq!(image["name"], "localhost/agent:1.2", "{o}");
+        assert_eq!(image["uid"], "d".repeat(64), "{o}");
     }
 
     /// The schema test: every event kind (and every verdict a kind allows) maps

@@ -296,7 +296,8 @@ impl Core {
         Ok(())
     }
 
-    async fn decide(self: Arc<Self>, call: CallFacts) -> Ruling {
+    async fn decide(self: Arc<Self>, mut call: CallFacts) -> Ruling {
+        call.conn = with_container_image(call.conn);
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
         let decision_id = new_decision_id();
@@ -515,6 +516,7 @@ impl Core {
         reason: String,
         durability: Durability,
     ) {
+        let conn = with_container_image(conn);
         let started = Instant::now();
         let now = OffsetDateTime::now_utc();
         let agent = self.engine.resolve(&conn.process, now);
@@ -553,6 +555,19 @@ fn server_port(conn: &ConnFacts) -> u16 {
     conn.tunnel.as_ref().map_or(conn.dst.port(), |t| t.port)
 }
 
+/// `conn` with its container's image when that is known now (the cache
+/// only: a decision never waits for a container engine; until it answered,
+/// the image is unknown to the policy and the record).
+fn with_container_image(conn: Arc<ConnFacts>) -> Arc<ConnFacts> {
+    match crate::container_image::enrich(&conn.process) {
+        Some(process) => Arc::new(ConnFacts {
+            process,
+            ..(*conn).clone()
+        }),
+        None => conn,
+    }
+}
+
 fn new_decision_id() -> String {
     use rand::Rng;
     format!("dec_{:016x}", rand::thread_rng().gen::<u64>())
@@ -568,7 +583,8 @@ impl Governor for DecisionPath {
         let now = OffsetDateTime::now_utc();
         let ctx = CallContext {
             agent: engine.resolve(&conn.process, now),
-            process: conn.process.clone(),
+            process: crate::container_image::enrich(&conn.process)
+                .unwrap_or_else(|| conn.process.clone()),
             server: server.to_string(),
             destination: Some(conn.dst),
             method: "tools/call".into(),

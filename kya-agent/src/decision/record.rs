@@ -194,12 +194,14 @@ pub(super) fn process_info(conn: &ConnFacts) -> ProcessInfo {
 
 /// Read what a new connection's first decision needs from the filesystem, on
 /// one blocking thread as the connection arrives (its handshake and first
-/// request take longer): the process facts, cached for this connection, and
-/// the executable's digest ([`crate::exe_digest`], cached per file). The first
+/// request take longer): the process facts, cached for this connection, the
+/// executable's digest ([`crate::exe_digest`], cached per file) and the
+/// container's image ([`crate::container_image`], cached per container). The first
 /// decision then neither reads `/proc` nor hops to the blocking pool. The
 /// facts are those of the connection's start, as a first decision would have
 /// read them a moment later.
 pub(crate) fn prewarm(conn_id: u64, process: &kya_common::ProcessIdentity) {
+    crate::container_image::prewarm(process);
     if process.pid == 0 && process.exe.is_empty() {
         return;
     }

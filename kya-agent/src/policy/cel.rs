@@ -557,8 +557,9 @@ fn map<'a>(entries: Vec<(&'static str, Box<dyn Val + 'a>)>) -> Box<dyn Val + 'a>
 }
 
 /// `process.container`: `id`, `runtime`, `pod_uid`, `pod_namespace` and
-/// `pod_name` (the last two from the Kubernetes API), empty strings for a
-/// process in no container (so `process.container.id == ""` is "not in a
+/// `pod_name` (the last two from the Kubernetes API), `image` and
+/// `image_id` (from the container's engine, once it answered), empty
+/// strings for what is unknown and for a process in no container (so `process.container.id == ""` is "not in a
 /// container", and a rule on a field never fails to evaluate).
 fn container_val<'a>(c: Option<&'a kya_common::ContainerIdentity>) -> Box<dyn Val + 'a> {
     let s =
@@ -572,6 +573,8 @@ fn container_val<'a>(c: Option<&'a kya_common::ContainerIdentity>) -> Box<dyn Va
             s(c.and_then(|c| c.pod_namespace.as_deref())),
         ),
         ("pod_name", s(c.and_then(|c| c.pod_name.as_deref()))),
+        ("image", s(c.and_then(|c| c.image.as_deref()))),
+        ("image_id", s(c.and_then(|c| c.image_id.as_deref()))),
     ])
 }
 
@@ -759,6 +762,31 @@ mod tests {
         assert_eq!(check("process.netns == 4026532001"), Ok(true));
         assert_eq!(
             check(r#"process.container.id.startsWith("3f4e8a")"#),
+            Ok(true)
+        );
+        // the image: empty until the engine answered
+        assert_eq!(
+            check(r#"process.container.image == "" && process.container.image_id == """#),
+            Ok(true)
+        );
+        let image_id = "dec98d5f5d7686bb20a235ee4b98429239e2b492231e028f5fb453a7a2362229";
+        if let Some(ct) = c.process.container.as_mut() {
+            ct.image = Some("localhost/agent:1.2".into());
+            ct.image_id = Some(image_id.into());
+        }
+        let check = |src: &str| {
+            Condition::compile(src)
+                .unwrap()
+                .eval_bool(&Activation::new(&c, time::UtcOffset::UTC))
+        };
+        assert_eq!(
+            check(
+                r#"process.container.image == "localhost/agent:1.2" && process.container.image_id.startsWith("dec98d5f")"#
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            check(r#"process.container.image.startsWith("localhost/agent:")"#),
             Ok(true)
         );
     }
