@@ -958,6 +958,50 @@ pub fn peers() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers")
 }
 
+/// Whether a TCP socket of this network namespace listens on `host:port`
+/// (an address; a name is checked by connecting), read from
+/// `/proc/net/tcp{,6}`. A successful connect proves nothing where the default
+/// route leads to something that accepts any connection.
+pub fn listening_on(host: &str, port: u16) -> bool {
+    let Ok(want) = host.parse::<std::net::IpAddr>() else {
+        return std::net::TcpStream::connect((host, port)).is_ok();
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(proc_net_listener)
+            .any(|(ip, p)| {
+                p == port && (ip == want || ip.is_unspecified() && (ip.is_ipv6() || want.is_ipv4()))
+            })
+    })
+}
+
+/// The local address of a `/proc/net/tcp{,6}` line in state LISTEN.
+fn proc_net_listener(line: &str) -> Option<(std::net::IpAddr, u16)> {
+    let mut fields = line.split_whitespace();
+    let local = fields.nth(1)?;
+    if fields.nth(1)? != "0A" {
+        return None;
+    }
+    let (addr, port) = local.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // Each 32-bit word is printed as the host-order number of its
+    // network-order bytes.
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..addr.len()).step_by(8) {
+        let word = u32::from_str_radix(addr.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
 /// Install the peers (idempotent and fast once installed).
 pub fn ensure_peers() {
     let out = Command::new("sh")
@@ -1087,7 +1131,7 @@ impl McpServer {
             .expect("start MCP server");
         let server = Self { child, port, log };
         let deadline = Instant::now() + patience() * 30;
-        while std::net::TcpStream::connect((host, port)).is_err() {
+        while !listening_on(host, port) {
             assert!(Instant::now() < deadline, "MCP server did not listen");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1581,5 +1625,49 @@ impl Drop for TestNetns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+#[cfg(test)]
+mod listening_tests {
+    use super::*;
+
+    #[test]
+    fn a_listening_socket_is_seen_and_a_closed_port_is_not() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        assert!(listening_on("127.0.0.1", port));
+        assert!(!listening_on("127.0.0.2", port));
+        drop(l);
+        assert!(!listening_on("127.0.0.1", port));
+        let any = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+        let port = any.local_addr().expect("addr").port();
+        assert!(listening_on("127.0.0.9", port));
+        assert!(!listening_on("::1", port));
+    }
+
+    #[test]
+    fn proc_net_lines_are_parsed_strictly() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1";
+        assert_eq!(
+            proc_net_listener(v4),
+            Some(("127.0.0.1".parse().expect("ip"), 8080))
+        );
+        let established = v4.replace(" 0A ", " 01 ");
+        assert_eq!(proc_net_listener(&established), None);
+        let v6 = "   0: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 0";
+        assert_eq!(
+            proc_net_listener(v6),
+            Some(("::1".parse().expect("ip"), 80))
+        );
+        for bad in [
+            "",
+            "0:",
+            "0: zz:1 0 0A",
+            "0: 0100007F:ZZZZ 0 0A",
+            "0: 01007F:0050 0 0A",
+        ] {
+            assert_eq!(proc_net_listener(bad), None, "{bad}");
+        }
     }
 }
