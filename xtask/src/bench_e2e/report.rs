@@ -42,6 +42,8 @@ pub(super) struct Report<'a> {
     pub held: Vec<Duration>,
     /// (h) and (i), through kya.
     pub scale: Vec<super::scale::Figure>,
+    /// (j), through kya.
+    pub floods: Option<super::flood::Floods>,
     pub mitmproxy_version: String,
     pub load: String,
     pub opts: &'a Options,
@@ -195,6 +197,9 @@ impl Report<'_> {
                 lines.push(format!("| {} | {} |", f.what, f.value));
             }
         }
+        if let Some(f) = &self.floods {
+            lines.extend(f.lines());
+        }
         for r in &self.rows {
             let failed = r.result["failed"].as_u64().unwrap_or(0);
             if failed > 0 {
@@ -246,6 +251,7 @@ impl Report<'_> {
             })).collect::<Vec<_>>(),
             "held_ms": self.held.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(),
             "scale": self.scale.iter().map(|f| json!({"what": f.what, "value": f.value})).collect::<Vec<_>>(),
+            "flood": self.floods.as_ref().map(super::flood::Floods::json),
         })
     }
 
