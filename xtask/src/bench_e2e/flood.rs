@@ -123,6 +123,10 @@ fn floods(quick: bool, cfg: &Config) -> Vec<Flood> {
     let secs = if quick { 3 } else { 15 };
     let duration = Duration::from_secs(secs);
     let ms = duration.as_millis().to_string();
+    // Room to open every connection of a connection flood (full handshakes
+    // on two legs for each one served).
+    let conn_duration = Duration::from_secs(if quick { 3 } else { 30 });
+    let conn_ms = conn_duration.as_millis().to_string();
     let one = if quick { 100 } else { 10_000 };
     let (procs, each) = if quick { (5, 45) } else { (10, 1_000) };
     let slow = if quick { 10 } else { 1_000 };
@@ -130,7 +134,12 @@ fn floods(quick: bool, cfg: &Config) -> Vec<Flood> {
     let deny = ["--tool", "bench_delete", "--expect", "deny"];
     let flood = |n: usize, concurrency: &str| {
         let mut a = args(&["--mode", "flood", "--concurrency", concurrency]);
-        a.extend(args(&["--connections", &n.to_string(), "--duration-ms", &ms]));
+        a.extend(args(&[
+            "--connections",
+            &n.to_string(),
+            "--duration-ms",
+            &conn_ms,
+        ]));
         a.extend(args(&deny));
         a
     };
@@ -157,7 +166,7 @@ fn floods(quick: bool, cfg: &Config) -> Vec<Flood> {
             processes: vec![flood(one, "64")],
             counter: "intercept_refused_process_limit",
             tool: "bench_delete",
-            duration,
+            duration: conn_duration,
             refused: |r| sum(r, "refused"),
         },
         Flood {
@@ -170,7 +179,7 @@ fn floods(quick: bool, cfg: &Config) -> Vec<Flood> {
             processes: (0..procs).map(|_| flood(each, "16")).collect(),
             counter: "intercept_refused_total_limit",
             tool: "bench_delete",
-            duration,
+            duration: conn_duration,
             refused: |r| sum(r, "refused"),
         },
         Flood {
@@ -233,11 +242,13 @@ fn floods(quick: bool, cfg: &Config) -> Vec<Flood> {
                 cfg.held_per_process
             ),
             processes: vec![{
+                // Each held call keeps its place in the client's handshake
+                // gate: room for every hold the limit allows, and as many more.
                 let mut a = args(&[
                     "--mode",
                     "flood",
                     "--concurrency",
-                    "64",
+                    &(2 * cfg.held_per_process).to_string(),
                     "--connections",
                     &held.to_string(),
                     "--duration-ms",
@@ -262,9 +273,21 @@ fn floods(quick: bool, cfg: &Config) -> Vec<Flood> {
     ]
 }
 
-/// `kya_…_total` counters without labels, from the daemon's `/metrics`.
+/// `kya_…_total` counters without labels, from the daemon's `/metrics`
+/// (waiting a little for a daemon just started to serve them).
 fn counters() -> Result<HashMap<String, u64>> {
-    let mut s = std::net::TcpStream::connect(METRICS).with_context(|| format!("connect {METRICS}"))?;
+    let mut tries = 0;
+    let mut s = loop {
+        match std::net::TcpStream::connect(METRICS) {
+            Ok(s) => break s,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).with_context(|| format!("connect {METRICS}")),
+        }
+    };
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .context("metrics timeout")?;
     write!(
@@ -358,7 +381,9 @@ impl Client {
     /// Its one-line JSON report.
     fn report(mut self) -> Result<Value> {
         let child = self.0.take().context("client already waited for")?;
-        let out = child.wait_with_output().context("wait for kya-bench-load")?;
+        let out = child
+            .wait_with_output()
+            .context("wait for kya-bench-load")?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(stdout.lines().last().unwrap_or("")).with_context(|| {
             format!(
@@ -489,7 +514,12 @@ fn one(
     };
     let mut reports = Vec::new();
     for c in clients {
-        reports.push(c.report()?);
+        let mut v = c.report()?;
+        // The flood's own latency curve is not a figure here.
+        if let Some(o) = v.as_object_mut() {
+            o.remove("cdf_us");
+        }
+        reports.push(v);
     }
     let beside = beside.report()?;
     let peak = sampler.stop();
@@ -517,7 +547,10 @@ fn one(
     others.sort();
     if let Some(n) = held_at_once {
         others.push((
-            format!("calls held at once (max_held_per_process = {})", cfg.held_per_process),
+            format!(
+                "calls held at once (max_held_per_process = {})",
+                cfg.held_per_process
+            ),
             n as u64,
         ));
     }
@@ -610,6 +643,16 @@ impl Floods {
                 r.ran,
                 r.tool
             ));
+        }
+        for r in &self.rows {
+            let failed = r.beside["failed"].as_u64().unwrap_or(0);
+            if failed > 0 {
+                l.push(String::new());
+                l.push(format!(
+                    "(j) {}: {failed} of the well-behaved agent's calls failed; first error: {}",
+                    r.name, r.beside["first_error"]
+                ));
+            }
         }
         l.push(String::new());
         l.push("(j) not flooded: a server that never answers or trickles its answer's head: that bound (10 min) has no configuration key, so the harness cannot reach it in a run.".into());

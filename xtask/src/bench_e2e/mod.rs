@@ -122,9 +122,7 @@ impl Options {
             let w = Workload::ALL
                 .into_iter()
                 .find(|w| w.name() == n.as_str())
-                .with_context(|| {
-                    format!("--workloads {n}: expected standard, scale or flood")
-                })?;
+                .with_context(|| format!("--workloads {n}: expected standard, scale or flood"))?;
             if !picked.contains(&w) {
                 picked.push(w);
             }
@@ -642,13 +640,18 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             std::fs::write(d.join("flood.toml"), cfg.toml()).context("flood config")?;
             let mut fopts = fresh.clone();
             fopts.config = Some(d.join("flood.toml"));
-            fopts.args.extend(["--metrics".to_string(), flood::METRICS.to_string()]);
+            fopts
+                .args
+                .extend(["--metrics".to_string(), flood::METRICS.to_string()]);
             Some(flood::run(&bench, &kya, &fopts, &upstream, &cfg)?)
         }
         false => None,
     };
     drop(cg);
-    let failures = floods.as_ref().map(|f| f.failures.clone()).unwrap_or_default();
+    let failures = floods
+        .as_ref()
+        .map(|f| f.failures.clone())
+        .unwrap_or_default();
     finish(
         bench,
         held,

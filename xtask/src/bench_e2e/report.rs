@@ -154,10 +154,14 @@ impl Report<'_> {
 
     /// Table lines (markdown, also readable on a terminal).
     fn table(&self) -> Vec<String> {
-        let mut lines = vec![
-            "| workload | figure | direct | kya | mitmproxy | kya/direct | kya/mitmproxy |".into(),
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |".into(),
-        ];
+        let mut lines: Vec<String> = Vec::new();
+        if !self.rows.is_empty() || !self.held.is_empty() {
+            lines.push(
+                "| workload | figure | direct | kya | mitmproxy | kya/direct | kya/mitmproxy |"
+                    .into(),
+            );
+            lines.push("| --- | --- | ---: | ---: | ---: | ---: | ---: |".into());
+        }
         for (key, title, metrics) in WORKLOADS {
             if self.rows.iter().all(|r| r.workload != *key) {
                 continue;

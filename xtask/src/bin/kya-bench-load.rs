@@ -594,9 +594,7 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
                 bail!("bulk: status {status}, {len} of {} bytes", a.bytes);
             }
         }
-        Mode::Calls | Mode::Open | Mode::Flood | Mode::Slowloris => {
-            check_answer(a, status, &kept)?
-        }
+        Mode::Calls | Mode::Open | Mode::Flood | Mode::Slowloris => check_answer(a, status, &kept)?,
     }
     Ok(len)
 }
@@ -665,7 +663,11 @@ async fn slowloris(args: Args) -> Result<Value> {
                 let tcp = TcpStream::connect(a.addr).await.context("connect")?;
                 tcp.set_nodelay(true).context("nodelay")?;
                 let name = ServerName::try_from(a.sni.clone()).context("server name")?;
-                shared.connector.connect(name, tcp).await.context("TLS handshake")
+                shared
+                    .connector
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake")
             }
             .await;
             drop(permit);
