@@ -586,7 +586,6 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             venv.as_ref(),
             &out_dir,
             load_start,
-            opts,
         );
     }
     // kya: the real daemon, the load client in a selected cgroup.
@@ -660,7 +659,6 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         venv.as_ref(),
         &out_dir,
         load_start,
-        opts,
     )?;
     if !failures.is_empty() {
         bail!("the floods: {}", failures.join("; "));
@@ -775,9 +773,9 @@ fn finish(
     venv: Option<&Venv>,
     out_dir: &Path,
     load_start: String,
-    opts: &Options,
 ) -> Result<()> {
     let load_end = load_average();
+    let opts = bench.opts;
     let report = Report {
         rows: bench.rows,
         held,
