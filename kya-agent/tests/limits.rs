@@ -899,7 +899,6 @@ async fn oversize_headers_and_bodies_are_refused_and_counted() {
     );
     assert_eq!(limits.refusals.headers.load(Relaxed), 2);
 
-
     // HTTP/2: more header fields than allowed, on record.
     let mut c = Client::h2(addr).await;
     let many: Vec<(String, String)> = (0..(limits.max_headers + 1))
