@@ -87,7 +87,8 @@ struct Row {
     /// The counter of the limit and its increase; other limit counters that moved.
     counter: &'static str,
     delta: u64,
-    others: Vec<(String, u64)>,
+    /// Other limit counters that moved, and what else was seen.
+    others: Vec<String>,
     beside: Value,
     peak_rss_kib: u64,
     hwm_kib: u64,
@@ -300,7 +301,7 @@ fn counters() -> Result<HashMap<String, u64>> {
     if !text.starts_with("HTTP/1.1 200") {
         bail!("metrics: {}", text.lines().next().unwrap_or(""));
     }
-    Ok(text
+    let mut found: HashMap<String, u64> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.contains('{'))
         .filter_map(|l| {
@@ -308,8 +309,21 @@ fn counters() -> Result<HashMap<String, u64>> {
             let name = name.strip_prefix("kya_")?.strip_suffix("_total")?;
             Some((name.to_string(), value.trim().parse::<f64>().ok()? as u64))
         })
-        .collect())
+        .collect();
+    // Calls denied because the audit log could not record them (any agent).
+    let unrecordable = text
+        .lines()
+        .filter(|l| l.starts_with("kya_decisions_total{") && l.contains(AUDIT_UNAVAILABLE))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum::<f64>() as u64;
+    found.insert(UNRECORDABLE.into(), unrecordable);
+    Ok(found)
 }
+
+/// The rule of a call denied because the audit log could not take its record.
+const AUDIT_UNAVAILABLE: &str = "rule=\"kya:audit-unavailable\"";
+/// The name this harness gives their count.
+const UNRECORDABLE: &str = "decisions_denied_audit_unavailable";
 
 /// `VmRSS` and `VmHWM` (KiB) of `pid`.
 fn memory(pid: u32) -> (u64, u64) {
@@ -535,23 +549,23 @@ fn one(
             .unwrap_or(0)
             .saturating_sub(before.get(name).copied().unwrap_or(0))
     };
-    let mut others: Vec<(String, u64)> = after
+    let mut others: Vec<String> = after
         .keys()
         .filter(|k| {
-            (k.starts_with("limit_refused_") || k.starts_with("intercept_refused_"))
+            (k.starts_with("limit_refused_")
+                || k.starts_with("intercept_refused_")
+                || k.as_str() == UNRECORDABLE)
                 && k.as_str() != flood.counter
         })
-        .map(|k| (k.clone(), delta(k)))
+        .map(|k| (k, delta(k)))
         .filter(|(_, d)| *d > 0)
+        .map(|(k, d)| format!("{k} +{d}"))
         .collect();
     others.sort();
     if let Some(n) = held_at_once {
-        others.push((
-            format!(
-                "calls held at once (max_held_per_process = {})",
-                cfg.held_per_process
-            ),
-            n as u64,
+        others.push(format!(
+            "{n} held at once (max_held_per_process = {})",
+            cfg.held_per_process
         ));
     }
     let refused = (flood.refused)(&reports);
@@ -619,7 +633,7 @@ impl Floods {
         ];
         for r in &self.rows {
             let failed = r.beside["failed"].as_u64().unwrap_or(0);
-            let others: Vec<String> = r.others.iter().map(|(k, d)| format!("{k} +{d}")).collect();
+            let others = &r.others;
             l.push(format!(
                 "| {}: {} | {} | {} +{}{} | {}{} | {} / {} | {} of {} |",
                 r.name,
@@ -669,7 +683,7 @@ impl Floods {
                 "refused": r.refused,
                 "counter": r.counter,
                 "counter_delta": r.delta,
-                "other_counters": r.others.iter().map(|(k, d)| json!([k, d])).collect::<Vec<_>>(),
+                "others": r.others,
                 "well_behaved": r.beside,
                 "peak_rss_kib": r.peak_rss_kib,
                 "vm_hwm_kib": r.hwm_kib,
