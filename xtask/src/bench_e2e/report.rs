@@ -221,10 +221,18 @@ impl Report<'_> {
     }
 
     fn heading(&self) -> String {
+        let quick = if self.opts.quick { " (--quick)" } else { "" };
+        if !self.opts.runs(super::Workload::Standard) {
+            let names: Vec<&str> = self.opts.workloads.iter().map(|w| w.name()).collect();
+            return format!(
+                "workloads {}{quick}; load average {}",
+                names.join(", "),
+                self.load
+            );
+        }
         format!(
-            "{} s per workload{}; bulk download {} MiB; mitmproxy {}; load average {}",
+            "{} s per workload{quick}; bulk download {} MiB; mitmproxy {}; load average {}",
             self.opts.duration.as_secs_f64(),
-            if self.opts.quick { " (--quick)" } else { "" },
             self.opts.bulk_bytes >> 20,
             self.mitmproxy_version,
             self.load
