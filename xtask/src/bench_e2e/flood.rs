@@ -281,9 +281,8 @@ fn counters() -> Result<HashMap<String, u64>> {
     let mut s = loop {
         match std::net::TcpStream::connect(METRICS) {
             Ok(s) => break s,
-            Err(e) if tries < 100 => {
+            Err(_) if tries < 100 => {
                 tries += 1;
-                let _ = e;
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => return Err(e).with_context(|| format!("connect {METRICS}")),
