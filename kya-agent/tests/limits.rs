@@ -732,6 +732,125 @@ async fn a_server_that_never_answers_is_given_up_on_record() {
     );
 }
 
+/// Header bytes past the limit over TLS, as kya serves an intercepted agent:
+/// the read that takes the proxy's buffer past its bound can complete the
+/// headers (the buffer's bound alone let those through). Refused with 431
+/// and counted at every size past the limit; the upstream sees none.
+#[tokio::test]
+async fn header_bytes_past_the_limit_over_tls_are_refused() {
+    use kya_agent::intercept::http::{serve_http, ConnFacts, HttpVersion};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncWriteExt;
+    let up = upstream().await;
+    let limits = Limits::default();
+    let leaf = rcgen::generate_simple_self_signed(vec!["mcp.test".to_string()]).expect("leaf");
+    let cert = leaf.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_pair.serialize_der()));
+    let provider = || Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).expect("root");
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    {
+        let (limits, up_addr) = (limits.clone(), up.addr);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                n += 1;
+                let (acceptor, limits) = (acceptor.clone(), limits.clone());
+                tokio::spawn(async move {
+                    let Ok(agent) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(upstream) = TcpStream::connect(up_addr).await else {
+                        return;
+                    };
+                    let conn = Arc::new(ConnFacts {
+                        process: kya_common::ProcessIdentity {
+                            pid: 1101,
+                            ..Default::default()
+                        },
+                        dst: up_addr,
+                        sni: Some("mcp.test".into()),
+                        tls: true,
+                        conn_id: n,
+                        tunnel: None,
+                    });
+                    let gov: Arc<dyn kya_agent::intercept::http::Governor> =
+                        Arc::new(GovHandle(default_gov()));
+                    let _ = serve_http(
+                        agent,
+                        upstream,
+                        HttpVersion::H1,
+                        conn,
+                        gov,
+                        &limits,
+                        Arc::new(kya_agent::intercept::names::NameResolver::with_table(
+                            Default::default(),
+                        )),
+                        Some(reconnect_to(up_addr)),
+                    )
+                    .await;
+                });
+            }
+        });
+    }
+    let sizes = [1usize, 2048, 4096, 8192, 12000, 16384, 30000];
+    for (i, extra) in sizes.into_iter().enumerate() {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("mcp.test").expect("name");
+        let mut tls = connector.connect(name, tcp).await.expect("handshake");
+        let big = "v".repeat(limits.max_header_bytes + extra);
+        let body = call(1, "search_docs", json!({})).to_string();
+        let req = format!(
+            "POST /mcp HTTP/1.1\r\nHost: mcp.test\r\nContent-Type: application/json\r\nx-big: {big}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tls.write_all(req.as_bytes()).await;
+        let _ = tls.flush().await;
+        // The answer's head (a 431 closes the connection; an answered call
+        // would keep it open).
+        let mut buf = Vec::new();
+        let head = async {
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+        };
+        tokio::time::timeout(HUNG, head).await.expect("hung");
+        assert!(
+            String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 431"),
+            "{extra} bytes past the limit: {}",
+            String::from_utf8_lossy(&buf[..buf.len().min(300)])
+        );
+        assert_eq!(limits.refusals.headers.load(Relaxed), i as u64 + 1);
+    }
+    assert!(
+        up.seen().is_empty(),
+        "the upstream saw {} requests",
+        up.seen().len()
+    );
+}
+
 #[tokio::test]
 async fn oversize_headers_and_bodies_are_refused_and_counted() {
     use std::sync::atomic::Ordering::Relaxed;

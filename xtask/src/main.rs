@@ -88,6 +88,10 @@ enum Task {
         /// (h): calls held at once (default 10000, or 50 with --quick).
         #[arg(long)]
         scale_held: Option<usize>,
+        /// Run only these workloads (standard: (a)-(g); scale: (h), (i);
+        /// flood: (j), each limit flooded; default all three).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
     },
     /// Run the criterion benchmarks.
     Bench {
@@ -117,9 +121,11 @@ fn main() -> Result<()> {
             perf_new_conn,
             scale_connections,
             scale_held,
+            workloads,
         } => {
             let mut opts = bench_e2e::Options::new(quick, seconds, no_sdk);
             opts.only(&only)?;
+            opts.workloads(&workloads)?;
             opts.perf = perf;
             opts.perf_new_conn = perf_new_conn;
             if let Some(n) = scale_connections {

@@ -6,11 +6,14 @@
 //! The peers are the benchmark's own upstream (`kya-bench-upstream`) and load
 //! client (`kya-bench-load`), built in release with kya; the real MCP SDK
 //! server (`tests/peers`, under hypercorn) serves one more run of the
-//! kept-alive workload. The run fails only when something does not work (no
-//! successful request, a denial not received, an approval not delivered,
-//! a denied call reaching the upstream), never on a figure.
+//! kept-alive workload. (j) floods each of kya's limits in turn (`flood.rs`).
+//! `--workloads` narrows a run to some of them. The run fails only when
+//! something does not work (no successful request, a denial not received, an
+//! approval not delivered, a denied call reaching the upstream), never on a
+//! figure.
 
 mod approvals;
+mod flood;
 mod peers;
 mod report;
 mod scale;
@@ -64,6 +67,31 @@ pub(crate) struct Options {
     /// (h): kept-alive connections and held calls open at once.
     pub scale_connections: usize,
     pub scale_held: usize,
+    /// The workloads run (all unless narrowed with `--workloads`).
+    workloads: Vec<Workload>,
+}
+
+/// A group of workloads, selected with `--workloads`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// (a)–(g): latency and throughput on each path.
+    Standard,
+    /// (h), (i): many connections and holds at once; unselected processes.
+    Scale,
+    /// (j): each limit flooded, through kya.
+    Flood,
+}
+
+impl Workload {
+    const ALL: [Workload; 3] = [Workload::Standard, Workload::Scale, Workload::Flood];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Standard => "standard",
+            Workload::Scale => "scale",
+            Workload::Flood => "flood",
+        }
+    }
 }
 
 impl Options {
@@ -80,7 +108,31 @@ impl Options {
             perf_new_conn: false,
             scale_connections: if quick { 100 } else { SCALE },
             scale_held: if quick { 50 } else { SCALE },
+            workloads: Workload::ALL.to_vec(),
         }
+    }
+
+    /// Narrow the run to the named workload groups (empty: all of them).
+    pub(crate) fn workloads(&mut self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut picked = Vec::new();
+        for n in names {
+            let w = Workload::ALL
+                .into_iter()
+                .find(|w| w.name() == n.as_str())
+                .with_context(|| format!("--workloads {n}: expected standard, scale or flood"))?;
+            if !picked.contains(&w) {
+                picked.push(w);
+            }
+        }
+        self.workloads = picked;
+        Ok(())
+    }
+
+    fn runs(&self, w: Workload) -> bool {
+        self.workloads.contains(&w)
     }
 
     /// Narrow the run to the named paths (empty: all of them).
@@ -170,6 +222,11 @@ verdict = "allow"
 [[rule]]
 id = "bench-big"
 tool = "bench_big"
+verdict = "allow"
+
+[[rule]]
+id = "bench-flood"
+tool = "bench_flood"
 verdict = "allow"
 
 [[rule]]
@@ -449,8 +506,14 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     let bin_dir = target.join("release");
     let out_dir = target.join("bench-e2e");
     std::fs::create_dir_all(&out_dir).context("output directory")?;
-    let venv = Venv::ensure(&out_dir.join("venv"))?;
-    if !opts.no_sdk {
+    let standard = opts.runs(Workload::Standard);
+    // mitmproxy and the plot of (a) run in the venv; the SDK server with (a).
+    let venv = match standard {
+        true => Some(Venv::ensure(&out_dir.join("venv"))?),
+        false => None,
+    };
+    let with_sdk = standard && !opts.no_sdk;
+    if with_sdk {
         kya_e2e::ensure_peers();
     }
     let work = tempfile_dir()?;
@@ -472,11 +535,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     .context("config")?;
     let load_start = load_average();
     let upstream = Upstream::start(&bin_dir.join("kya-bench-upstream"), d, &[UPSTREAM])?;
-    let _sdk = if opts.no_sdk {
-        None
-    } else {
-        Some(Hypercorn::start_tls(d, &[SDK]))
-    };
+    let _sdk = with_sdk.then(|| Hypercorn::start_tls(d, &[SDK]));
     let mut bench = Bench {
         load_bin: bin_dir.join("kya-bench-load"),
         opts,
@@ -495,9 +554,9 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         ca: test_ca.clone(),
         cgroup: None,
     };
-    if opts.measures(Via::Direct) {
+    if standard && opts.measures(Via::Direct) {
         bench.common(&direct, &direct)?;
-        if !opts.no_sdk {
+        if with_sdk {
             bench.sdk(&Route {
                 addr: SDK,
                 ..direct
@@ -506,8 +565,8 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     }
 
     // mitmproxy, reverse-proxy mode.
-    if opts.measures(Via::Mitmproxy) {
-        let mitm = Mitmproxy::start(&venv, &out_dir.join("mitm-conf"), MITM_PORT, UPSTREAM)?;
+    if let (Some(venv), true) = (&venv, opts.measures(Via::Mitmproxy)) {
+        let mitm = Mitmproxy::start(venv, &out_dir.join("mitm-conf"), MITM_PORT, UPSTREAM)?;
         let addr = format!("127.0.0.1:{MITM_PORT}");
         let route = Route {
             via: Via::Mitmproxy,
@@ -523,10 +582,10 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
             bench,
             Vec::new(),
             Vec::new(),
-            &venv,
+            None,
+            venv.as_ref(),
             &out_dir,
             load_start,
-            opts,
         );
     }
     // kya: the real daemon, the load client in a selected cgroup.
@@ -558,17 +617,73 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     dopts.config = Some(d.join("kya.toml"));
     dopts.hosts = Some(d.join("hosts"));
     let fresh = dopts.clone();
-    let daemon = Daemon::start(dopts);
-    let kya_ca = daemon.state_dir.path().join("ca.pem");
+    // Each daemon's route trusts that daemon's CA; this one the test CA
+    // (the passthrough host's).
     let kya = Route {
         via: Via::Kya,
         addr: UPSTREAM,
-        ca: kya_ca.clone(),
+        ca: test_ca.clone(),
         cgroup: Some(&cg),
+    };
+    let held = match standard {
+        true => standard_through_kya(&mut bench, &kya, dopts, &upstream, with_sdk)?,
+        false => Vec::new(),
+    };
+    let scale = match opts.runs(Workload::Scale) {
+        true => scale_through_kya(&mut bench, &kya, &fresh)?,
+        false => Vec::new(),
+    };
+    let floods = match opts.runs(Workload::Flood) {
+        true => {
+            let cfg = flood::Config::new(opts.quick);
+            std::fs::write(d.join("flood.toml"), cfg.toml()).context("flood config")?;
+            let mut fopts = fresh.clone();
+            fopts.config = Some(d.join("flood.toml"));
+            fopts
+                .args
+                .extend(["--metrics".to_string(), flood::METRICS.to_string()]);
+            Some(flood::run(&bench, &kya, &fopts, &upstream, &cfg)?)
+        }
+        false => None,
+    };
+    drop(cg);
+    let failures = floods
+        .as_ref()
+        .map(|f| f.failures.clone())
+        .unwrap_or_default();
+    finish(
+        bench,
+        held,
+        scale,
+        floods,
+        venv.as_ref(),
+        &out_dir,
+        load_start,
+    )?;
+    if !failures.is_empty() {
+        bail!("the floods: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// (a)–(g) through kya, on one daemon; returns the held calls' delays (d).
+fn standard_through_kya(
+    bench: &mut Bench,
+    template: &Route,
+    dopts: DaemonOptions,
+    upstream: &Upstream,
+    with_sdk: bool,
+) -> Result<Vec<Duration>> {
+    let opts = bench.opts;
+    let daemon = Daemon::start(dopts);
+    let kya_ca = daemon.state_dir.path().join("ca.pem");
+    let kya = Route {
+        ca: kya_ca.clone(),
+        ..*template
     };
     // The passthrough host is not decrypted: the client trusts the upstream's CA.
     let kya_bulk = Route {
-        ca: test_ca.clone(),
+        ca: template.ca.clone(),
         ..kya
     };
     let (kept_alive_perf, new_conn_perf) = match opts.perf_new_conn {
@@ -582,7 +697,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     bench.new_conns(&kya)?;
     drop(profile);
     bench.others(&kya, &kya_bulk)?;
-    if !opts.no_sdk {
+    if with_sdk {
         bench.sdk(&Route {
             addr: SDK,
             ca: kya_ca.clone(),
@@ -601,11 +716,20 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         bail!("a denied call reached the upstream ({ran} times)");
     }
     // (d) Held calls approved by this process over the control socket.
-    let held = held_calls(&mut bench, &kya, &daemon, &upstream)?;
+    let held = held_calls(bench, &kya, &daemon, upstream)?;
     if !daemon.log_text().contains("kya is running") {
         bail!("the daemon's log lost its start record");
     }
-    drop(daemon);
+    Ok(held)
+}
+
+/// (h) and (i) through kya.
+fn scale_through_kya(
+    bench: &mut Bench,
+    kya: &Route,
+    fresh: &DaemonOptions,
+) -> Result<Vec<scale::Figure>> {
+    let opts = bench.opts;
     // (h) Many connections, then many held calls, each on a fresh daemon (so
     // memory one leaves to the allocator does not hide the other's), and
     // (i) the cost to processes kya does not select.
@@ -614,22 +738,22 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         let daemon = Daemon::start(fresh.clone());
         let route = Route {
             ca: daemon.state_dir.path().join("ca.pem"),
-            ..kya
+            ..*kya
         };
         scale.extend(scale::connections(
-            &mut bench,
+            bench,
             &route,
             &daemon,
             opts.scale_connections,
         )?);
     }
     {
-        let daemon = Daemon::start(fresh);
+        let daemon = Daemon::start(fresh.clone());
         let route = Route {
             ca: daemon.state_dir.path().join("ca.pem"),
-            ..kya
+            ..*kya
         };
-        scale.extend(scale::holds(&mut bench, &route, &daemon, opts.scale_held)?);
+        scale.extend(scale::holds(bench, &route, &daemon, opts.scale_held)?);
         let connects = if opts.quick {
             2_000
         } else {
@@ -637,8 +761,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
         };
         scale.extend(scale::unselected_connect_cost(UPSTREAM, connects)?);
     }
-    drop(cg);
-    finish(bench, held, scale, &venv, &out_dir, load_start, opts)
+    Ok(scale)
 }
 
 /// Print and write the report of a run.
@@ -646,17 +769,21 @@ fn finish(
     bench: Bench<'_>,
     held: Vec<Duration>,
     scale: Vec<scale::Figure>,
-    venv: &Venv,
+    floods: Option<flood::Floods>,
+    venv: Option<&Venv>,
     out_dir: &Path,
     load_start: String,
-    opts: &Options,
 ) -> Result<()> {
     let load_end = load_average();
+    let opts = bench.opts;
     let report = Report {
         rows: bench.rows,
         held,
         scale,
-        mitmproxy_version: venv.mitmproxy_version(),
+        floods,
+        mitmproxy_version: venv
+            .map(Venv::mitmproxy_version)
+            .unwrap_or_else(|| "not run".into()),
         load: format!("{load_start} at start, {load_end} at end"),
         opts,
     };
@@ -666,12 +793,15 @@ fn finish(
     std::fs::write(out_dir.join("bench-e2e.json"), report.json().to_string())
         .context("write the results")?;
     let png = out_dir.join("bench-e2e-cdf.png");
-    report.plot(venv, &png)?;
+    if let Some(venv) = venv {
+        report.plot(venv, &png)?;
+    }
     eprintln!(
-        "bench-e2e: wrote {}, {} and {}",
+        "bench-e2e: wrote {}, {}{}",
         md.display(),
         out_dir.join("bench-e2e.json").display(),
-        png.display()
+        venv.map(|_| format!(" and {}", png.display()))
+            .unwrap_or_default()
     );
     Ok(())
 }

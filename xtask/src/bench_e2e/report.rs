@@ -42,6 +42,8 @@ pub(super) struct Report<'a> {
     pub held: Vec<Duration>,
     /// (h) and (i), through kya.
     pub scale: Vec<super::scale::Figure>,
+    /// (j), through kya.
+    pub floods: Option<super::flood::Floods>,
     pub mitmproxy_version: String,
     pub load: String,
     pub opts: &'a Options,
@@ -152,10 +154,14 @@ impl Report<'_> {
 
     /// Table lines (markdown, also readable on a terminal).
     fn table(&self) -> Vec<String> {
-        let mut lines = vec![
-            "| workload | figure | direct | kya | mitmproxy | kya/direct | kya/mitmproxy |".into(),
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |".into(),
-        ];
+        let mut lines: Vec<String> = Vec::new();
+        if !self.rows.is_empty() || !self.held.is_empty() {
+            lines.push(
+                "| workload | figure | direct | kya | mitmproxy | kya/direct | kya/mitmproxy |"
+                    .into(),
+            );
+            lines.push("| --- | --- | ---: | ---: | ---: | ---: | ---: |".into());
+        }
         for (key, title, metrics) in WORKLOADS {
             if self.rows.iter().all(|r| r.workload != *key) {
                 continue;
@@ -195,6 +201,9 @@ impl Report<'_> {
                 lines.push(format!("| {} | {} |", f.what, f.value));
             }
         }
+        if let Some(f) = &self.floods {
+            lines.extend(f.lines());
+        }
         for r in &self.rows {
             let failed = r.result["failed"].as_u64().unwrap_or(0);
             if failed > 0 {
@@ -212,10 +221,18 @@ impl Report<'_> {
     }
 
     fn heading(&self) -> String {
+        let quick = if self.opts.quick { " (--quick)" } else { "" };
+        if !self.opts.runs(super::Workload::Standard) {
+            let names: Vec<&str> = self.opts.workloads.iter().map(|w| w.name()).collect();
+            return format!(
+                "workloads {}{quick}; load average {}",
+                names.join(", "),
+                self.load
+            );
+        }
         format!(
-            "{} s per workload{}; bulk download {} MiB; mitmproxy {}; load average {}",
+            "{} s per workload{quick}; bulk download {} MiB; mitmproxy {}; load average {}",
             self.opts.duration.as_secs_f64(),
-            if self.opts.quick { " (--quick)" } else { "" },
             self.opts.bulk_bytes >> 20,
             self.mitmproxy_version,
             self.load
@@ -246,6 +263,7 @@ impl Report<'_> {
             })).collect::<Vec<_>>(),
             "held_ms": self.held.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>(),
             "scale": self.scale.iter().map(|f| json!({"what": f.what, "value": f.value})).collect::<Vec<_>>(),
+            "flood": self.floods.as_ref().map(super::flood::Floods::json),
         })
     }
 

@@ -15,6 +15,15 @@
 //! were served, refused (reset, or closed before an answer) and dropped later.
 //! Run it from one process while another runs `--mode calls`: the flood meets
 //! kya's per-process and total connection limits, the other's calls flow.
+//!
+//! `--mode slowloris` opens `--connections` TLS connections and sends a
+//! request's headers on each a byte every `--byte-interval-ms`, never ending
+//! them, until the other side closes the connection or `--duration-ms` has
+//! passed; it reports how many were closed and when. `--pad-headers`,
+//! `--pad-header-bytes` and `--pad-body` make every call oversized (header
+//! fields, one header's bytes, the body), and `--expect-status` makes the
+//! HTTP status the answer must have the only check (a refusal before any
+//! JSON-RPC answer).
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -43,6 +52,9 @@ enum Mode {
     Open,
     /// `--connections` connections held open, each with calls of `--tool`.
     Flood,
+    /// `--connections` connections, each sending request headers a byte at a
+    /// time and never finishing them.
+    Slowloris,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,6 +123,22 @@ struct Args {
     /// call: its connection is busy, not idle, and needs no keep-alive).
     #[arg(long)]
     no_answer: bool,
+    /// `--mode slowloris`: one byte of headers per connection this often.
+    #[arg(long, default_value_t = 1000)]
+    byte_interval_ms: u64,
+    /// Add this many header fields (`x-pad-N: v`) to every call.
+    #[arg(long, default_value_t = 0)]
+    pad_headers: usize,
+    /// Add one header field (`x-pad`) of this many bytes to every call.
+    #[arg(long, default_value_t = 0)]
+    pad_header_bytes: usize,
+    /// Add an argument (`pad`) of this many bytes to every call's body.
+    #[arg(long, default_value_t = 0)]
+    pad_body: usize,
+    /// The HTTP status every answer must have; the body is not checked
+    /// (a refusal before any JSON-RPC answer, e.g. 413 or 431).
+    #[arg(long)]
+    expect_status: Option<u16>,
 }
 
 struct Shared {
@@ -172,6 +200,9 @@ fn connector(ca: &PathBuf) -> Result<TlsConnector> {
 async fn run(args: Args) -> Result<Value> {
     if args.mode == Mode::Open {
         return open_and_hold(args).await;
+    }
+    if args.mode == Mode::Slowloris {
+        return slowloris(args).await;
     }
     let connector = connector(&args.ca)?;
     if args.mode == Mode::Flood {
@@ -531,7 +562,7 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
     sender.ready().await.context("connection not ready")?;
     let host = host.as_str();
     let req = match a.mode {
-        Mode::Calls | Mode::Open | Mode::Flood => call_request(shared, host)?,
+        Mode::Calls | Mode::Open | Mode::Flood | Mode::Slowloris => call_request(shared, host)?,
         Mode::Bulk => hyper::Request::get(format!("/bulk?bytes={}", a.bytes))
             .header("host", host)
             .body(Full::new(Bytes::new()))
@@ -551,13 +582,19 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
             }
         }
     }
+    if let Some(want) = a.expect_status {
+        if status.as_u16() != want {
+            bail!("expected status {want}, got {status}");
+        }
+        return Ok(len);
+    }
     match a.mode {
         Mode::Bulk => {
             if !status.is_success() || len != a.bytes {
                 bail!("bulk: status {status}, {len} of {} bytes", a.bytes);
             }
         }
-        Mode::Calls | Mode::Open | Mode::Flood => check_answer(a, status, &kept)?,
+        Mode::Calls | Mode::Open | Mode::Flood | Mode::Slowloris => check_answer(a, status, &kept)?,
     }
     Ok(len)
 }
@@ -565,19 +602,142 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
 /// A `tools/call` of `--tool` with `--arguments` for `host`.
 fn call_request(shared: &Shared, host: &str) -> Result<hyper::Request<Full<Bytes>>> {
     let a = &shared.args;
-    let arguments: Value = serde_json::from_str(&a.arguments).context("--arguments")?;
+    let mut arguments: Value = serde_json::from_str(&a.arguments).context("--arguments")?;
+    if a.pad_body > 0 {
+        if let Some(args) = arguments.as_object_mut() {
+            args.insert("pad".into(), Value::String("p".repeat(a.pad_body)));
+        }
+    }
     let body = json!({
         "jsonrpc": "2.0",
         "id": shared.issued.load(Ordering::Relaxed),
         "method": "tools/call",
         "params": {"name": a.tool, "arguments": arguments},
     });
-    hyper::Request::post("/mcp")
+    let mut req = hyper::Request::post("/mcp")
         .header("host", host)
         .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .header("accept", "application/json, text/event-stream");
+    for i in 0..a.pad_headers {
+        req = req.header(format!("x-pad-{i}"), "v");
+    }
+    if a.pad_header_bytes > 0 {
+        req = req.header("x-pad", "p".repeat(a.pad_header_bytes));
+    }
+    req.body(Full::new(Bytes::from(body.to_string())))
         .context("request")
+}
+
+/// How one slowloris connection ended.
+enum Slow {
+    /// The TCP or TLS connection was not established.
+    NotOpened(String),
+    /// The other side closed it after this long, before any answer.
+    Closed(Duration),
+    /// The other side answered (sent bytes) before closing.
+    Answered,
+    /// Still open when the run ended.
+    Open,
+}
+
+/// `--mode slowloris`: request headers a byte at a time on every connection.
+async fn slowloris(args: Args) -> Result<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = connector(&args.ca)?;
+    let shared = Arc::new(Shared {
+        fresh: AtomicU64::new(args.fresh_start),
+        deadline: Instant::now() + Duration::from_millis(args.duration_ms),
+        args,
+        connector,
+        issued: AtomicU64::new(0),
+    });
+    let gate = Arc::new(tokio::sync::Semaphore::new(shared.args.concurrency.max(1)));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..shared.args.connections {
+        let (shared, gate) = (shared.clone(), gate.clone());
+        tasks.spawn(async move {
+            let a = &shared.args;
+            let permit = gate.acquire_owned().await;
+            let opened = async {
+                let tcp = TcpStream::connect(a.addr).await.context("connect")?;
+                tcp.set_nodelay(true).context("nodelay")?;
+                let name = ServerName::try_from(a.sni.clone()).context("server name")?;
+                shared
+                    .connector
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS handshake")
+            }
+            .await;
+            drop(permit);
+            let tls = match opened {
+                Ok(t) => t,
+                Err(e) => return Slow::NotOpened(format!("{e:#}")),
+            };
+            let since = Instant::now();
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            // Headers that never end: a valid start, then a header value
+            // that grows by a byte at a time.
+            let head = format!(
+                "POST /mcp HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-slow: ",
+                a.sni
+            );
+            let mut bytes = head.into_bytes().into_iter().chain(std::iter::repeat(b'a'));
+            let every = Duration::from_millis(a.byte_interval_ms.max(1));
+            let mut buf = [0u8; 512];
+            loop {
+                tokio::select! {
+                    n = rd.read(&mut buf) => {
+                        return match n {
+                            Ok(n) if n > 0 => Slow::Answered,
+                            _ => Slow::Closed(since.elapsed()),
+                        };
+                    }
+                    _ = tokio::time::sleep_until(shared.deadline.into()) => return Slow::Open,
+                    _ = tokio::time::sleep(every) => {
+                        let b = bytes.next().unwrap_or(b'a');
+                        if wr.write_all(&[b]).await.is_err() || wr.flush().await.is_err() {
+                            return Slow::Closed(since.elapsed());
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let (mut not_opened, mut answered, mut open) = (0u64, 0u64, 0u64);
+    let mut closed_after = Vec::new();
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        match done.context("slowloris connection")? {
+            Slow::NotOpened(e) => {
+                not_opened += 1;
+                first_error.get_or_insert(e);
+            }
+            Slow::Closed(d) => closed_after.push(d.as_secs_f64()),
+            Slow::Answered => answered += 1,
+            Slow::Open => open += 1,
+        }
+    }
+    closed_after.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        closed_after
+            .get(((closed_after.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+    };
+    Ok(json!({
+        "mode": "slowloris",
+        "connections": shared.args.connections,
+        "not_opened": not_opened,
+        "first_error": first_error,
+        "closed_by_server": closed_after.len(),
+        "closed_after_s_min": at(0.0),
+        "closed_after_s_p50": at(0.5),
+        "closed_after_s_max": at(1.0),
+        "answered": answered,
+        "open_at_end": open,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    }))
 }
 
 /// The JSON-RPC answer in a JSON body or in an SSE body's `data:` lines.

@@ -4,7 +4,7 @@
 //! * `POST /mcp`: `initialize`, `tools/list`, notifications (202), and
 //!   `tools/call`, answered with a fixed `CallToolResult` (`bench-ok`); the
 //!   tool `bench_big` answers with one SSE event carrying a 1 MiB text.
-//!   Calls to `bench_hold` and `bench_delete` are appended to the record file
+//!   Calls to `bench_hold`, `bench_delete` and `bench_flood` are appended to the record file
 //!   (`NAME UNIX_NANOS` per line): the server's own account of what ran.
 //! * `GET /bulk?bytes=N`: N bytes of non-MCP payload.
 //!
@@ -195,10 +195,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Reply, Infa
             {"name": "bench_big", "inputSchema": {"type": "object"}},
             {"name": "bench_hold", "inputSchema": {"type": "object"}},
             {"name": "bench_delete", "inputSchema": {"type": "object"}},
+            {"name": "bench_flood", "inputSchema": {"type": "object"}},
         ]}),
         "tools/call" => {
             let name = msg["params"]["name"].as_str().unwrap_or("");
-            if matches!(name, "bench_hold" | "bench_delete") {
+            if matches!(name, "bench_hold" | "bench_delete" | "bench_flood") {
                 record(&state, name);
             }
             if name == "bench_big" {

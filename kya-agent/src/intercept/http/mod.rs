@@ -163,6 +163,10 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.body_timeout)
                 .max_headers(limits.max_headers)
+                // The read buffer's bound alone lets through headers whose
+                // end arrives in the read that crosses it: the head's size is
+                // checked once parsed too.
+                .max_header_size(limits.max_header_bytes)
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(io, svc)
                 .with_upgrades();
