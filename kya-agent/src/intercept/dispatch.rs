@@ -114,21 +114,11 @@ impl Inspection {
 pub(crate) trait AgentStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Make the coming close a reset where the transport allows it.
     fn reset(&self) {}
-
-    /// The TCP socket itself, when the stream is one with nothing buffered
-    /// in front of it (a splice can then stay inside the kernel).
-    fn as_tcp(&self) -> Option<&TcpStream> {
-        None
-    }
 }
 
 impl AgentStream for TcpStream {
     fn reset(&self) {
         let _ = self.set_zero_linger();
-    }
-
-    fn as_tcp(&self) -> Option<&TcpStream> {
-        Some(self)
     }
 }
 
@@ -642,18 +632,14 @@ impl Server {
     async fn open(self, origin: &ConnOrigin) -> Option<Box<dyn ServerStream>> {
         match self {
             Server::Tunnel(s) => Some(s),
-            Server::Direct => Some(Box::new(Self::direct(origin).await?)),
-        }
-    }
-
-    /// A new connection to the original destination. `None`: unreachable
-    /// (logged; the caller resets the agent).
-    async fn direct(origin: &ConnOrigin) -> Option<TcpStream> {
-        match upstream::connect_from(origin.dst, origin.netns.as_deref()).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
-                None
+            Server::Direct => {
+                match upstream::connect_from(origin.dst, origin.netns.as_deref()).await {
+                    Ok(s) => Some(Box::new(s)),
+                    Err(e) => {
+                        tracing::warn!(pid = origin.process.pid, dst = %origin.dst, error = %e, "upstream unreachable; resetting the agent's connection");
+                        None
+                    }
+                }
             }
         }
     }
@@ -719,51 +705,22 @@ async fn splice_plain<A: AgentStream>(
     origin: &ConnOrigin,
     already_read: &[u8],
 ) {
-    let moved = match server {
-        Server::Direct => {
-            let Some(mut up) = Server::direct(origin).await else {
-                agent.reset();
-                return;
-            };
-            if !replay(&mut up, origin, already_read).await {
-                return;
-            }
-            match agent.as_tcp() {
-                Some(tcp) => splice::splice_tcp(tcp, &up).await,
-                None => splice::splice(&mut agent, &mut up).await,
-            }
-        }
-        Server::Tunnel(mut up) => {
-            if !replay(&mut up, origin, already_read).await {
-                return;
-            }
-            splice::splice(&mut agent, &mut up).await
-        }
+    let Some(mut up) = server.open(origin).await else {
+        agent.reset();
+        return;
     };
-    match moved {
+    if !already_read.is_empty() {
+        if let Err(e) = up.write_all(already_read).await {
+            tracing::debug!(dst = %origin.dst, error = %e, "replaying the first bytes upstream failed");
+            return;
+        }
+    }
+    match splice::splice(&mut agent, &mut up).await {
         Ok(moved) => {
             tracing::debug!(pid = origin.process.pid, dst = %origin.dst, to_upstream = moved.to_upstream, to_agent = moved.to_agent, "spliced connection closed")
         }
         Err(e) => {
             tracing::debug!(pid = origin.process.pid, dst = %origin.dst, error = %e, "spliced connection ended with an error")
-        }
-    }
-}
-
-/// Send the server the agent's bytes kya has already read; false if that failed.
-async fn replay<S: ServerStream + ?Sized>(
-    up: &mut S,
-    origin: &ConnOrigin,
-    already_read: &[u8],
-) -> bool {
-    if already_read.is_empty() {
-        return true;
-    }
-    match up.write_all(already_read).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(dst = %origin.dst, error = %e, "replaying the first bytes upstream failed");
-            false
         }
     }
 }

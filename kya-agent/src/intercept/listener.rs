@@ -449,7 +449,7 @@ async fn handle(
         dispatch::handle(agent, origin, insp).await;
         return;
     }
-    let upstream = match upstream::connect_from(origin.dst, origin.netns.as_deref()).await {
+    let mut upstream = match upstream::connect_from(origin.dst, origin.netns.as_deref()).await {
         Ok(s) => s,
         Err(e) => {
             stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
@@ -459,7 +459,8 @@ async fn handle(
         }
     };
     let _ = agent.set_nodelay(true);
-    match splice::splice_tcp(&agent, &upstream).await {
+    let mut agent = agent;
+    match splice::splice(&mut agent, &mut upstream).await {
         Ok(moved) => {
             stats.spliced.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(pid = origin.process.pid, dst = %origin.dst, to_upstream = moved.to_upstream, to_agent = moved.to_agent, "connection closed");
