@@ -239,49 +239,18 @@ pub fn cgroup_of_container(cgroup2: &Path, id: &str) -> Result<String, Container
     {
         return Err(ContainerError::BadId(id.to_string()));
     }
-    let mut found: Vec<(String, String)> = Vec::new(); // (id, cgroup)
-    let mut stack: Vec<(PathBuf, usize)> = vec![(cgroup2.to_path_buf(), 0)];
-    let mut seen = 0usize;
-    while let Some((dir, depth)) = stack.pop() {
-        seen += 1;
-        if seen > MAX_DIRS {
-            tracing::warn!(
-                limit = MAX_DIRS,
-                "cgroup tree too large: container search stopped"
-            );
-            break;
-        }
-        let Ok(rel) = dir.strip_prefix(cgroup2) else {
-            continue;
-        };
-        let rel = format!("/{}", rel.to_string_lossy());
-        if let Some(c) = kya_common::container_of_cgroup(&rel) {
-            if c.id.starts_with(id) {
-                found.push((c.id, rel));
-                continue; // its sub-cgroups are the same container
-            }
-        }
-        if depth >= MAX_DEPTH {
-            continue;
-        }
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            // no symlinks in cgroupfs, but never follow one
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                stack.push((e.path(), depth + 1));
-            }
-        }
-    }
-    let mut ids: Vec<String> = found.iter().map(|(i, _)| i.clone()).collect();
-    ids.sort();
+    let found: Vec<RunningContainer> = running_containers(cgroup2)
+        .into_iter()
+        .filter(|c| c.id.starts_with(id))
+        .collect();
+    // sorted by id already
+    let mut ids: Vec<String> = found.iter().map(|c| c.id.clone()).collect();
     ids.dedup();
     match ids.len() {
         0 => Err(ContainerError::NotFound(id.to_string())),
         1 => Ok(found
             .into_iter()
-            .map(|(_, cg)| cg)
+            .map(|c| c.cgroup)
             .min_by_key(|cg| (cg.len(), cg.clone()))
             .unwrap_or_default()),
         _ => Err(ContainerError::Ambiguous {
