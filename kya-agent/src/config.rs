@@ -24,6 +24,9 @@ pub const DEFAULT_MAX_RESPONSE_BODY: u64 = 64 * 1024 * 1024;
 /// How long a redirected client may stay silent before its first bytes; then
 /// its connection is refused (never spliced uninspected).
 pub const DEFAULT_FIRST_BYTES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default wait for a server's answer, its head and then its whole JSON body
+/// (`intercept.response_timeout`).
+pub const DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// Connections the interceptor handles at once, in total
 /// (`intercept.max_connections`); each costs two file descriptors.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16384;
@@ -465,6 +468,9 @@ pub struct InterceptSection {
     pub splice_ports: Vec<u16>,
     /// How long a client may stay silent before its first bytes, e.g. "30s".
     pub first_bytes_timeout: Option<String>,
+    /// How long kya waits for a server's answer (its head, then a whole JSON
+    /// body), e.g. "10m".
+    pub response_timeout: Option<String>,
     /// Connections handled at once, in total; more are refused.
     pub max_connections: Option<usize>,
     /// Connections one process may have open at once; more are refused.
@@ -595,6 +601,8 @@ pub struct Config {
     pub splice_ports: Vec<u16>,
     /// Longest silence before a connection's first bytes.
     pub first_bytes_timeout: std::time::Duration,
+    /// Longest wait for a server's answer head, and then for its whole JSON body.
+    pub response_timeout: std::time::Duration,
     /// Connections handled at once, in total (`intercept.max_connections`).
     pub max_connections: usize,
     /// Connections one process may have open at once.
@@ -785,20 +793,18 @@ impl Config {
                 "splice_ports names port {p}, which is not guarded (add it to ports, or set ports = \"all\")"
             )));
         }
-        let first_bytes_timeout = match &file.intercept.first_bytes_timeout {
-            None => DEFAULT_FIRST_BYTES_TIMEOUT,
-            Some(t) => {
-                let d = humantime::parse_duration(t).map_err(|e| {
-                    ConfigError::Intercept(format!("first_bytes_timeout {t:?}: {e}"))
-                })?;
-                if d.is_zero() || d > std::time::Duration::from_secs(600) {
-                    return Err(ConfigError::Intercept(
-                        "first_bytes_timeout must be more than 0 and at most 10m".into(),
-                    ));
-                }
-                d
-            }
-        };
+        let first_bytes_timeout = timeout_key(
+            "first_bytes_timeout",
+            file.intercept.first_bytes_timeout.as_deref(),
+            DEFAULT_FIRST_BYTES_TIMEOUT,
+            std::time::Duration::from_secs(600),
+        )?;
+        let response_timeout = timeout_key(
+            "response_timeout",
+            file.intercept.response_timeout.as_deref(),
+            DEFAULT_RESPONSE_TIMEOUT,
+            std::time::Duration::from_secs(24 * 3600),
+        )?;
         let max_connections = file
             .intercept
             .max_connections
@@ -899,6 +905,7 @@ impl Config {
             passthrough: file.intercept.passthrough,
             splice_ports,
             first_bytes_timeout,
+            response_timeout,
             max_connections,
             max_connections_per_process,
             max_held_per_process,
@@ -974,6 +981,28 @@ fn proof_server_name(entry: &str) -> Option<String> {
         return None;
     }
     Some(t)
+}
+
+/// An `[intercept]` duration key such as "30s" or "10m": `default` when
+/// absent; more than zero and at most `max`.
+fn timeout_key(
+    key: &str,
+    value: Option<&str>,
+    default: std::time::Duration,
+    max: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    let Some(t) = value else {
+        return Ok(default);
+    };
+    let d = humantime::parse_duration(t)
+        .map_err(|e| ConfigError::Intercept(format!("{key} {t:?}: {e}")))?;
+    if d.is_zero() || d > max {
+        return Err(ConfigError::Intercept(format!(
+            "{key} must be more than 0 and at most {}",
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(d)
 }
 
 /// Parse `4MiB`, `512KiB`, `1GiB`, `10MB`, `100kB`, `123` or `123B`.
@@ -1128,6 +1157,36 @@ dir = "/var/lib/kya"
         assert_eq!(cfg.listen_port, DEFAULT_LISTEN_PORT);
         assert!(cfg.selection.is_empty());
         assert!(cfg.sinks.is_empty());
+    }
+
+    #[test]
+    fn timeouts_are_read_and_bounded() {
+        let merge = |text: &str| {
+            Config::merge(
+                parse_file(Path::new("k.toml"), text).unwrap(),
+                &Overrides::default(),
+            )
+        };
+        let cfg = merge("").unwrap();
+        assert_eq!(cfg.first_bytes_timeout, DEFAULT_FIRST_BYTES_TIMEOUT);
+        assert_eq!(cfg.response_timeout, DEFAULT_RESPONSE_TIMEOUT);
+        let cfg = merge("[intercept]\nfirst_bytes_timeout = \"5s\"\nresponse_timeout = \"2h\"\n")
+            .unwrap();
+        assert_eq!(cfg.first_bytes_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(cfg.response_timeout, std::time::Duration::from_secs(7200));
+        for bad in [
+            "response_timeout = \"0s\"",
+            "response_timeout = \"25h\"",
+            "response_timeout = \"soon\"",
+            "response_timeout = \"-1s\"",
+            "first_bytes_timeout = \"11m\"",
+            "response_timeout = 30",
+        ] {
+            let text = format!("[intercept]\n{bad}\n");
+            let err = parse_file(Path::new("k.toml"), &text)
+                .and_then(|f| Config::merge(f, &Overrides::default()));
+            assert!(err.is_err(), "{bad} was accepted");
+        }
     }
 
     #[test]

@@ -732,6 +732,117 @@ async fn a_server_that_never_answers_is_given_up_on_record() {
     );
 }
 
+/// A server whose every answer carries a header field of `pad` bytes. It
+/// counts the requests it got (its own record of what it ran).
+async fn padded_server(pad: usize, ran: Arc<std::sync::atomic::AtomicUsize>) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let ran = ran.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                    // One small request: its head and its JSON body.
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"}") {
+                        break;
+                    }
+                }
+                ran.fetch_add(1, Ordering::SeqCst);
+                let body =
+                    json!({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}).to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-pad: {}\r\ncontent-length: {}\r\n\r\n{body}",
+                    "p".repeat(pad),
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.flush().await;
+                // Keep the connection until the proxy closes it.
+                let _ = s.read(&mut chunk).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The server's answer head is bounded as the agent's request head is: past
+/// `max_header_bytes` (at every offset of the read that crosses the bound)
+/// the agent gets a 502 instead of the answer, the refusal is on record and
+/// counted. Just under the bound the answer is relayed.
+#[tokio::test]
+async fn a_server_answer_head_past_the_limit_is_refused_on_record() {
+    let limits = Limits::default();
+    let max = limits.max_header_bytes;
+    let cases = [
+        (max - 1024, true),
+        (max + 1, false),
+        (max + 2048, false),
+        (max + 8192, false),
+        (max + 30000, false),
+    ];
+    let mut refused = 0;
+    for (pad, relayed) in cases {
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = padded_server(pad, ran.clone()).await;
+        let gov = default_gov();
+        let addr = proxy_as(server, gov.clone(), limits.clone(), 1201).await;
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(max * 2)
+            .handshake(TokioIo::new(s))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let body = serde_json::to_vec(&call(1, "search_docs", json!({}))).expect("json");
+        let req = hyper::Request::post("/mcp")
+            .header("host", addr.to_string())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        tx.ready().await.expect("ready");
+        let resp = tokio::time::timeout(HUNG, tx.send_request(req))
+            .await
+            .expect("the agent was kept waiting")
+            .expect("an answer");
+        let status = resp.status();
+        let pad_seen = resp.headers().get("x-pad").map(|v| v.len());
+        let answer = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(ran.load(Ordering::SeqCst), 1, "the server ran the call");
+        let refusals = gov.refusals.lock().unwrap().clone();
+        if relayed {
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+            assert_eq!(pad_seen, Some(pad));
+            assert!(refusals.is_empty(), "{refusals:?}");
+        } else {
+            refused += 1;
+            assert_eq!(
+                status,
+                502,
+                "{pad} bytes: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            assert_eq!(pad_seen, None);
+            assert!(
+                refusals
+                    .iter()
+                    .any(|r| r.contains(&format!("answer head is over {max} bytes"))),
+                "{pad} bytes: {refusals:?}"
+            );
+        }
+        assert_eq!(limits.refusals.response.load(Ordering::Relaxed), refused);
+    }
+}
+
 /// Header bytes past the limit over TLS, as kya serves an intercepted agent:
 /// the read that takes the proxy's buffer past its bound can complete the
 /// headers (the buffer's bound alone let those through). Refused with 431

@@ -40,6 +40,16 @@ pub enum UpstreamError {
     NoAnswer(std::time::Duration),
 }
 
+impl UpstreamError {
+    /// The server's answer head was over the header size bound.
+    pub(crate) fn head_too_large(&self) -> bool {
+        match self {
+            Self::Request(e) | Self::Gone(e) => e.is_parse_too_large(),
+            Self::Handshake(_) | Self::Reconnect(_) | Self::NoAnswer(_) => false,
+        }
+    }
+}
+
 /// Any byte stream the upstream leg can run over (TCP or TLS).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -125,7 +135,10 @@ where
             Ok((Sender::H2(sender), Driver(task)))
         }
         HttpVersion::H1 | HttpVersion::Detect => {
+            // As on the agent's side: the read buffer's bound alone lets a
+            // head through whose end arrives in the read that crosses it.
             let (sender, conn) = http1::Builder::new()
+                .max_header_size(max_header_bytes)
                 .max_buf_size(max_header_bytes.max(8192))
                 .handshake(io)
                 .await

@@ -1027,7 +1027,8 @@ impl Exchange {
     }
 
     /// Send `req` upstream and wait at most `response_timeout` for the
-    /// answer's head. A server that never answers is refused on record.
+    /// answer's head. A server that never answers, or whose answer head is
+    /// over `max_header_bytes`, is refused on record.
     /// Over HTTP/1.1 the upstream connection cannot carry another request
     /// and is taken for gone: the agent's connection is closed as it would
     /// be had the server closed its own (the request may have run). Over
@@ -1037,6 +1038,16 @@ impl Exchange {
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout(self.limits.response_timeout, self.upstream.send(req)).await {
+            Ok(Err(e)) if e.head_too_large() => {
+                LimitRefusals::count(&self.limits.refusals.response);
+                let reason = format!(
+                    "the server's answer head is over {} bytes",
+                    self.limits.max_header_bytes
+                );
+                tracing::info!(conn = self.conn.conn_id, %reason, "server answer refused");
+                self.gov.refused(&self.conn, &reason);
+                Err(e)
+            }
             Ok(r) => r,
             Err(_) => {
                 LimitRefusals::count(&self.limits.refusals.no_answer);

@@ -42,7 +42,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Deepest JSON nesting.
     pub max_json_depth: usize,
-    /// Time allowed to receive a whole JSON response body from the server.
+    /// Time allowed for the server's answer head, and then for its whole
+    /// JSON body (`intercept.response_timeout`).
     pub response_timeout: Duration,
     /// Calls held per process now, shared by every connection served
     /// under these limits.
@@ -68,7 +69,7 @@ impl Default for Limits {
             progress_interval: Duration::from_secs(5),
             max_batch: 64,
             max_json_depth: 64,
-            response_timeout: Duration::from_secs(600),
+            response_timeout: crate::config::DEFAULT_RESPONSE_TIMEOUT,
             held_by_process: Arc::default(),
             refusals: Arc::default(),
         }
@@ -77,7 +78,8 @@ impl Default for Limits {
 
 impl Limits {
     /// The defaults with the configured `intercept.max_body`,
-    /// `max_response_body` (also the largest SSE event) and `deny_shape`.
+    /// `max_response_body` (also the largest SSE event), `deny_shape`,
+    /// `max_held_per_process` and `response_timeout`.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         Self {
             max_body: cfg.max_body,
@@ -85,6 +87,7 @@ impl Limits {
             max_sse_event: usize::try_from(cfg.max_response_body).unwrap_or(usize::MAX),
             deny_shape: cfg.deny_shape,
             max_held_per_process: cfg.max_held_per_process,
+            response_timeout: cfg.response_timeout,
             ..Self::default()
         }
     }
@@ -122,7 +125,7 @@ mod tests {
     fn config_sets_body_limit_and_shape() {
         let file = parse_file(
             std::path::Path::new("k.toml"),
-            "[intercept]\nmax_body = \"1KiB\"\nmax_response_body = \"2KiB\"\ndeny_shape = \"jsonrpc_error\"\n",
+            "[intercept]\nmax_body = \"1KiB\"\nmax_response_body = \"2KiB\"\ndeny_shape = \"jsonrpc_error\"\nresponse_timeout = \"90s\"\n",
         )
         .unwrap();
         let cfg = Config::merge(file, &Default::default()).unwrap();
@@ -133,6 +136,7 @@ mod tests {
         assert_eq!(l.max_response_body, 2048);
         assert_eq!(l.response_json().max_bytes, 2048);
         assert_eq!(l.max_sse_event, 2048);
+        assert_eq!(l.response_timeout, Duration::from_secs(90));
         assert_eq!(l.max_batch, Limits::default().max_batch);
         // Real tool results are large: responses get at least 64 MiB by default.
         assert!(Limits::default().max_response_body >= 64 << 20);
