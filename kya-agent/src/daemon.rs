@@ -378,6 +378,13 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let netns_task = netns.spawn(netns_wake, stop_rx.clone());
     let control_task = tokio::spawn(control.serve(router, stop_rx));
 
+    // Everything that needed more is done (programs loaded and attached,
+    // sockets bound, state opened): every thread keeps only what running
+    // needs. A daemon that cannot drop does not run.
+    let signalled = crate::capdrop::drop_to_kept()
+        .context("dropping the capabilities kya does not need once started")?;
+    tracing::debug!(threads_signalled = signalled, "capabilities dropped");
+
     if config.selection.is_empty()
         && config.kubernetes.is_none()
         && engine.registry().agents().is_empty()

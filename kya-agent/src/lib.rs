@@ -10,6 +10,7 @@ pub mod audit;
 pub mod bpf;
 pub mod broker;
 pub mod ca;
+pub(crate) mod capdrop;
 pub mod cgroup_glob;
 pub mod cli;
 pub mod config;

@@ -1,5 +1,6 @@
 //! What the running daemon may do: its uids, gids and capability sets, as the
-//! kernel reports them in `/proc/self/status` (for `kya status`).
+//! kernel reports them in `/proc/self/status` (for `kya status`, and to check
+//! that capabilities were dropped).
 
 use serde::Serialize;
 
@@ -63,6 +64,12 @@ pub(crate) struct Privileges {
     pub no_new_privs: bool,
 }
 
+/// The bit number of a capability name (`CAP_BPF` is 39).
+#[cfg(test)]
+pub(crate) fn bit(name: &str) -> Option<usize> {
+    CAP_NAMES.iter().position(|n| *n == name)
+}
+
 /// Names of the bits set in a capability mask (unknown bits as `cap_N`).
 fn names(mask: u64) -> Vec<String> {
     (0..64)
@@ -74,31 +81,56 @@ fn names(mask: u64) -> Vec<String> {
         .collect()
 }
 
+/// A thread's capability sets as masks, and `no_new_privs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Masks {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+    pub no_new_privs: bool,
+}
+
+/// A `Name:\tvalue` line of a `/proc/PID/status` text.
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// The capability masks of a `/proc/PID/status` text; `None` when a set it
+/// needs is missing or malformed.
+pub(crate) fn parse_masks(text: &str) -> Option<Masks> {
+    let mask = |name: &str| u64::from_str_radix(field(text, name)?, 16).ok();
+    Some(Masks {
+        effective: mask("CapEff")?,
+        permitted: mask("CapPrm")?,
+        inheritable: mask("CapInh")?,
+        bounding: mask("CapBnd")?,
+        ambient: mask("CapAmb").unwrap_or(0),
+        no_new_privs: field(text, "NoNewPrivs") == Some("1"),
+    })
+}
+
 /// Parse the text of a `/proc/PID/status` file; `None` when a line it needs
 /// is missing or malformed.
 pub(crate) fn parse_status(text: &str) -> Option<Privileges> {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
     let ids = |name: &str| -> Option<Vec<u32>> {
-        field(name)?
+        field(text, name)?
             .split_whitespace()
             .map(|v| v.parse().ok())
             .collect()
     };
-    let caps = |name: &str| -> Option<Vec<String>> {
-        u64::from_str_radix(field(name)?, 16).ok().map(names)
-    };
+    let m = parse_masks(text)?;
     Some(Privileges {
         uids: ids("Uid")?,
         gids: ids("Gid")?,
         groups: ids("Groups").unwrap_or_default(),
-        effective: caps("CapEff")?,
-        bounding: caps("CapBnd")?,
-        ambient: caps("CapAmb").unwrap_or_default(),
-        no_new_privs: field("NoNewPrivs") == Some("1"),
+        effective: names(m.effective),
+        bounding: names(m.bounding),
+        ambient: names(m.ambient),
+        no_new_privs: m.no_new_privs,
     })
 }
 
@@ -147,18 +179,37 @@ CapEff:\t000000c000281400\nCapBnd:\t000000c000281400\nCapAmb:\t000000c000281400\
     fn a_malformed_status_is_none_not_a_guess() {
         assert_eq!(parse_status(""), None);
         assert_eq!(
-            parse_status("Uid:\tx\nGid:\t0\nCapEff:\t0\nCapBnd:\t0\n"),
+            parse_status("Uid:\tx\nGid:\t0\nCapInh:\t0\nCapPrm:\t0\nCapEff:\t0\nCapBnd:\t0\n"),
             None
         );
         assert_eq!(
-            parse_status("Uid:\t0\nGid:\t0\nCapEff:\tzz\nCapBnd:\t0\n"),
+            parse_status("Uid:\t0\nGid:\t0\nCapInh:\t0\nCapPrm:\t0\nCapEff:\tzz\nCapBnd:\t0\n"),
             None
         );
-        let root =
-            parse_status("Uid:\t0\t0\t0\t0\nGid:\t0\nCapEff:\t0\nCapBnd:\t1ffffffffff\n").unwrap();
+        let root = parse_status(
+            "Uid:\t0\t0\t0\t0\nGid:\t0\nCapInh:\t0\nCapPrm:\t0\nCapEff:\t0\nCapBnd:\t1ffffffffff\n",
+        )
+        .unwrap();
         assert!(root.effective.is_empty());
         assert_eq!(root.bounding.len(), 41);
         assert!(!root.no_new_privs);
+        // Every set is needed to tell whether capabilities were dropped.
+        assert_eq!(
+            parse_masks("CapInh:\t0\nCapEff:\t0\nCapBnd:\t0\nNoNewPrivs:\t1\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn masks_are_read_as_the_kernel_wrote_them() {
+        let m = parse_masks(STATUS).unwrap();
+        assert_eq!(m.effective, 0xc0_0028_1400);
+        assert_eq!(m.permitted, m.effective);
+        assert_eq!(m.inheritable, m.effective);
+        assert_eq!(m.bounding, m.effective);
+        assert_eq!(m.ambient, m.effective);
+        assert!(m.no_new_privs);
+        assert_eq!(m.effective, crate::capdrop::KEEP);
     }
 
     #[test]

@@ -174,6 +174,57 @@ fn the_control_socket_keys_and_metrics_are_closed_and_secrets_are_never_recorded
     assert_eq!(server.ran(), vec!["search_docs".to_string()]);
     assert!(!daemon.wait_connections(1).is_empty(), "not intercepted");
 
+    // Started by hand as root, and after serving a call: every thread of the
+    // daemon has no capability but the six it keeps, in any set, bounding set
+    // included, and no_new_privs, by the kernel's own account.
+    let kept: u64 = (1 << 10) | (1 << 12) | (1 << 19) | (1 << 21) | (1 << 38) | (1 << 39);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid)).expect("daemon tasks");
+    let mut threads = 0;
+    for task in tasks.flatten() {
+        let Ok(st) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        threads += 1;
+        let field = |name: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim_start_matches(':').trim().to_string())
+                .unwrap_or_else(|| panic!("{name} missing:\n{st}"))
+        };
+        for set in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+            let mask = u64::from_str_radix(&field(set), 16).expect("mask");
+            assert_eq!(
+                mask & !kept,
+                0,
+                "thread {:?} keeps {set} {mask:#x}",
+                task.file_name()
+            );
+        }
+        assert_eq!(field("NoNewPrivs"), "1", "thread {:?}", task.file_name());
+    }
+    assert!(threads > 2, "only {threads} threads seen");
+    let privileges = &kya_status(&daemon)["privileges"];
+    let bounding: Vec<&str> = privileges["bounding"]
+        .as_array()
+        .expect("bounding set")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        bounding,
+        [
+            "CAP_NET_BIND_SERVICE",
+            "CAP_NET_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_ADMIN",
+            "CAP_PERFMON",
+            "CAP_BPF"
+        ],
+        "{privileges}"
+    );
+    assert_eq!(privileges["uids"], serde_json::json!([0, 0, 0, 0]));
+    assert_eq!(privileges["no_new_privs"], true);
+
     // Everything kya wrote or shows about it.
     let events = kya_cli(&daemon, &["events", "--json"]);
     assert!(events.status.success(), "{}", text(&events));
