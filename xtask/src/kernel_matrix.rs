@@ -113,7 +113,17 @@ pub(crate) fn run(root: &Path, only: Option<&str>) -> Result<()> {
             continue;
         };
         let logs = target.join("kernel-matrix").join(label);
-        match boot(root, &vng, &image, &test_bin, &logs) {
+        let mut outcome = boot(root, &vng, &image, &test_bin, &logs);
+        if outcome.is_err() {
+            if let Some(why) = emulator_crash(&logs) {
+                // The emulator failed before the guest ran the test (QEMU's
+                // TCG has rare races of its own): that says nothing of kya,
+                // so the guest is booted once more, and it says so.
+                println!("kernel-matrix: {label} ({release}): the emulator crashed before the test ran ({why}); booting once more");
+                outcome = boot(root, &vng, &image, &test_bin, &logs);
+            }
+        }
+        match outcome {
             Ok(took) => {
                 println!(
                     "kernel-matrix: {label} ({release}): passed in {} s (logs: {})",
@@ -265,6 +275,19 @@ fn boot(root: &Path, vng: &Path, image: &Path, test_bin: &Path, logs: &Path) -> 
     }
 }
 
+/// The emulator's own failure, when it ended before the guest started the
+/// test: no test log was written and the console has QEMU's last words.
+fn emulator_crash(logs: &Path) -> Option<String> {
+    if logs.join("test.log").exists() || logs.join("rc").exists() {
+        return None;
+    }
+    let console = std::fs::read_to_string(logs.join("console.log")).ok()?;
+    console
+        .lines()
+        .find(|l| l.starts_with("qemu-system") && (l.contains("Assertion") || l.contains("error")))
+        .map(|l| l.trim().to_string())
+}
+
 fn set_executable(p: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))
@@ -306,5 +329,23 @@ mod tests {
         assert_eq!(v.last(), Some(&"6.1.0-57-amd64"));
         assert!(version_key("6.12.95+deb12-amd64") > version_key("6.12.9+deb12-amd64"));
         assert!(version_key("garbage").is_empty());
+    }
+
+    #[test]
+    fn only_an_emulator_crash_before_the_test_is_booted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path();
+        let crash = "qemu-system-x86_64: hw/pci/msix.c:228: msix_table_mmio_write: Assertion `x' failed.\n[    0.0] Linux version\n";
+        std::fs::write(logs.join("console.log"), crash).unwrap();
+        assert!(emulator_crash(logs)
+            .unwrap()
+            .contains("msix_table_mmio_write"));
+        // The guest got as far as the test: its failure is the test's.
+        std::fs::write(logs.join("test.log"), "guest: kernel 6.12\n").unwrap();
+        assert_eq!(emulator_crash(logs), None);
+        std::fs::remove_file(logs.join("test.log")).unwrap();
+        // A boot that just stopped, with no word from QEMU, is not retried.
+        std::fs::write(logs.join("console.log"), "[    1.6] pci 0000:00:06.0\n").unwrap();
+        assert_eq!(emulator_crash(logs), None);
     }
 }
