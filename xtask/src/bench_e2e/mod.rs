@@ -230,6 +230,11 @@ tool = "bench_flood"
 verdict = "allow"
 
 [[rule]]
+id = "bench-silent"
+tool = "bench_silent"
+verdict = "allow"
+
+[[rule]]
 id = "sdk-docs"
 tool = "search_docs"
 verdict = "allow"

@@ -23,7 +23,8 @@
 //! `--pad-header-bytes` and `--pad-body` make every call oversized (header
 //! fields, one header's bytes, the body), and `--expect-status` makes the
 //! HTTP status the answer must have the only check (a refusal before any
-//! JSON-RPC answer).
+//! JSON-RPC answer); `--expect-closed` wants no answer at all, the
+//! connection closed by the other side.
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -139,6 +140,10 @@ struct Args {
     /// (a refusal before any JSON-RPC answer, e.g. 413 or 431).
     #[arg(long)]
     expect_status: Option<u16>,
+    /// Every call must end with the connection closed by the other side and
+    /// no answer (kya giving up on a server that never answers).
+    #[arg(long)]
+    expect_closed: bool,
 }
 
 struct Shared {
@@ -568,7 +573,14 @@ async fn one_request(shared: &Shared, conn: &mut Option<Sender>) -> Result<u64> 
             .body(Full::new(Bytes::new()))
             .context("request")?,
     };
-    let resp = sender.send_request(req).await.context("send")?;
+    let resp = match sender.send_request(req).await {
+        // The connection ended under the request (cleanly or, over TLS,
+        // without close_notify): nothing was answered.
+        Err(e) if a.expect_closed && !e.is_user() => return Ok(0),
+        Err(e) => return Err(e).context("send"),
+        Ok(r) if a.expect_closed => bail!("expected no answer, got {}", r.status()),
+        Ok(r) => r,
+    };
     let status = resp.status();
     let mut body = resp.into_body();
     let mut len = 0u64;

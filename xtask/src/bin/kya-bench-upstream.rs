@@ -4,8 +4,9 @@
 //! * `POST /mcp`: `initialize`, `tools/list`, notifications (202), and
 //!   `tools/call`, answered with a fixed `CallToolResult` (`bench-ok`); the
 //!   tool `bench_big` answers with one SSE event carrying a 1 MiB text.
-//!   Calls to `bench_hold`, `bench_delete` and `bench_flood` are appended to the record file
-//!   (`NAME UNIX_NANOS` per line): the server's own account of what ran.
+//!   Calls to `bench_hold`, `bench_delete`, `bench_flood` and `bench_silent` are appended to
+//!   the record file (`NAME UNIX_NANOS` per line): the server's own account of what ran.
+//!   `bench_silent` is never answered (a server that hangs).
 //! * `GET /bulk?bytes=N`: N bytes of non-MCP payload.
 //!
 //! Usage: `kya-bench-upstream --cert PEM --key PEM --record FILE ADDR...`;
@@ -196,11 +197,19 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Reply, Infa
             {"name": "bench_hold", "inputSchema": {"type": "object"}},
             {"name": "bench_delete", "inputSchema": {"type": "object"}},
             {"name": "bench_flood", "inputSchema": {"type": "object"}},
+            {"name": "bench_silent", "inputSchema": {"type": "object"}},
         ]}),
         "tools/call" => {
             let name = msg["params"]["name"].as_str().unwrap_or("");
-            if matches!(name, "bench_hold" | "bench_delete" | "bench_flood") {
+            if matches!(
+                name,
+                "bench_hold" | "bench_delete" | "bench_flood" | "bench_silent"
+            ) {
                 record(&state, name);
+            }
+            if name == "bench_silent" {
+                // Never answered: the connection stays until the client ends it.
+                std::future::pending::<()>().await;
             }
             if name == "bench_big" {
                 let event = json!({"jsonrpc": "2.0", "id": id, "result": {
