@@ -43,6 +43,8 @@ pub(crate) fn peer_pidfd<F: AsFd>(socket: F, pid: Option<i32>) -> Option<OwnedFd
 }
 
 /// Has the process behind `pidfd` not been reaped (so its pid still names it)?
+/// `ESRCH` says it is gone; `EPERM` says it exists but kya may not signal it
+/// (another user's process, and kya keeps no `CAP_KILL`), so it is alive.
 pub(crate) fn is_alive(pidfd: &OwnedFd) -> bool {
     // SAFETY: pidfd_send_signal(fd, 0, NULL, 0) only checks that the
     // process exists and may be signalled; signal 0 delivers nothing.
@@ -55,7 +57,7 @@ pub(crate) fn is_alive(pidfd: &OwnedFd) -> bool {
             0 as libc::c_long,
         )
     };
-    r == 0
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 #[cfg(test)]
@@ -79,5 +81,57 @@ mod tests {
         assert!(!is_alive(&fd), "a reaped process is gone");
         assert!(peer_pidfd(std::fs::File::open("/dev/null").unwrap(), None).is_none());
         assert!(peer_pidfd(std::fs::File::open("/dev/null").unwrap(), Some(0)).is_none());
+    }
+
+    const CHILD_PID: &str = "KYA_PEER_ALIVE_PID";
+
+    /// Another user's live process is alive to a daemon that may not signal
+    /// it (no `CAP_KILL`): run as root, a child of this test binary checks,
+    /// as an unprivileged user, a process of a second one.
+    #[test]
+    fn another_users_process_that_cannot_be_signalled_is_alive() {
+        if let Ok(pid) = std::env::var(CHILD_PID) {
+            let pid: i32 = pid.parse().unwrap();
+            let fd = peer_pidfd(std::fs::File::open("/dev/null").unwrap(), Some(pid))
+                .expect("pidfd_open");
+            assert!(is_alive(&fd), "pid {pid} is running");
+            println!("peer child: ok");
+            return;
+        }
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to run processes as two other users");
+            return;
+        }
+        let mut target = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sleep",
+                "30",
+            ])
+            .spawn()
+            .unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65533", "--regid=65533", "--clear-groups"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "control::peer::tests::another_users_process_that_cannot_be_signalled_is_alive",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_PID, target.id().to_string())
+            .output()
+            .unwrap();
+        let _ = target.kill();
+        let _ = target.wait();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("peer child: ok"), "{text}");
     }
 }
