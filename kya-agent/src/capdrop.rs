@@ -291,24 +291,12 @@ mod tests {
             child();
             return;
         }
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args([
-                "--exact",
-                "capdrop::tests::every_thread_drops_and_threads_started_later_inherit",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        crate::test_child::rerun_alone(
+            "capdrop::tests::every_thread_drops_and_threads_started_later_inherit",
+            (CHILD, "1"),
+            &[],
+            "capdrop child: ok",
         );
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("capdrop child: ok"), "{text}");
     }
 
     fn child() {

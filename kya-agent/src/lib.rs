@@ -37,4 +37,6 @@ pub mod policy;
 pub(crate) mod privileges;
 pub(crate) mod procinfo;
 pub mod status;
+#[cfg(test)]
+mod test_child;
 pub mod tls;

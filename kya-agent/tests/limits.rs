@@ -639,6 +639,33 @@ async fn trickled_headers_and_idle_connections_are_closed_and_counted() {
     assert_eq!(up.tools_called(), vec!["search_docs".to_string()]);
 }
 
+/// One `tools/call` on a new HTTP/1.1 connection to `addr`, whose client
+/// reads heads of up to `max_buf` bytes: the answer, or the client's error
+/// when the connection ended without one. Panics if no end came.
+async fn h1_call(
+    addr: SocketAddr,
+    max_buf: usize,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error> {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(max_buf)
+        .handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let body = serde_json::to_vec(&call(1, "search_docs", json!({}))).expect("json");
+    let req = hyper::Request::post("/mcp")
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    tx.ready().await.expect("ready");
+    tokio::time::timeout(HUNG, tx.send_request(req))
+        .await
+        .expect("the agent was kept waiting")
+}
+
 /// A server that reads requests and never answers.
 async fn silent_server() -> SocketAddr {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -702,21 +729,7 @@ async fn a_server_that_never_answers_is_given_up_on_record() {
         ..Limits::default()
     };
     let addr = proxy_as(silent_addr, gov.clone(), limits.clone(), 1001).await;
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .expect("handshake");
-    tokio::spawn(conn);
-    let body = serde_json::to_vec(&call(1, "search_docs", json!({}))).expect("json");
-    let req = hyper::Request::post("/mcp")
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
-    tx.ready().await.expect("ready");
-    let answer = tokio::time::timeout(HUNG, tx.send_request(req))
-        .await
-        .expect("the agent was kept waiting on a silent server");
+    let answer = h1_call(addr, 400 << 10).await;
     assert!(answer.is_err(), "the connection was not closed: {answer:?}");
     assert_eq!(
         limits
@@ -795,25 +808,7 @@ async fn a_server_answer_head_past_the_limit_is_refused_on_record() {
         let server = padded_server(pad, ran.clone()).await;
         let gov = default_gov();
         let addr = proxy_as(server, gov.clone(), limits.clone(), 1201).await;
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let (mut tx, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(max * 2)
-            .handshake(TokioIo::new(s))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        let body = serde_json::to_vec(&call(1, "search_docs", json!({}))).expect("json");
-        let req = hyper::Request::post("/mcp")
-            .header("host", addr.to_string())
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .body(Full::new(Bytes::from(body)))
-            .expect("request");
-        tx.ready().await.expect("ready");
-        let resp = tokio::time::timeout(HUNG, tx.send_request(req))
-            .await
-            .expect("the agent was kept waiting")
-            .expect("an answer");
+        let resp = h1_call(addr, max * 2).await.expect("an answer");
         let status = resp.status();
         let pad_seen = resp.headers().get("x-pad").map(|v| v.len());
         let answer = resp.into_body().collect().await.expect("body").to_bytes();

@@ -112,26 +112,24 @@ mod tests {
             ])
             .spawn()
             .unwrap();
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65533", "--regid=65533", "--clear-groups"])
-            .arg(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
+        let pid = target.id().to_string();
+        let checked = std::panic::catch_unwind(|| {
+            crate::test_child::rerun_alone(
                 "control::peer::tests::another_users_process_that_cannot_be_signalled_is_alive",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_PID, target.id().to_string())
-            .output()
-            .unwrap();
+                (CHILD_PID, &pid),
+                &[
+                    "setpriv",
+                    "--reuid=65533",
+                    "--regid=65533",
+                    "--clear-groups",
+                ],
+                "peer child: ok",
+            )
+        });
         let _ = target.kill();
         let _ = target.wait();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{text}");
-        assert!(text.contains("peer child: ok"), "{text}");
+        if let Err(e) = checked {
+            std::panic::resume_unwind(e);
+        }
     }
 }
