@@ -141,18 +141,23 @@ impl Setup {
     }
 }
 
+/// A `tools/call` of `search_docs` with id `id`, for the server at `addr`.
+fn call_request(addr: SocketAddr, id: u64) -> hyper::Request<Full<Bytes>> {
+    let body = serde_json::to_vec(&call(id, "search_docs", json!({"q": id}))).expect("json");
+    hyper::Request::post("/mcp")
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request")
+}
+
 async fn call_on(
     tx: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     addr: SocketAddr,
     id: u64,
 ) -> u16 {
-    let body = serde_json::to_vec(&call(id, "search_docs", json!({"q": id}))).expect("json");
-    let req = hyper::Request::post("/mcp")
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
+    let req = call_request(addr, id);
     tx.ready().await.expect("ready");
     let resp = tx.send_request(req).await.expect("send");
     let status = resp.status().as_u16();
@@ -653,13 +658,7 @@ async fn h1_call(
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let body = serde_json::to_vec(&call(1, "search_docs", json!({}))).expect("json");
-    let req = hyper::Request::post("/mcp")
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(Full::new(Bytes::from(body)))
-        .expect("request");
+    let req = call_request(addr, 1);
     tx.ready().await.expect("ready");
     tokio::time::timeout(HUNG, tx.send_request(req))
         .await
