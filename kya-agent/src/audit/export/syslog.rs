@@ -663,7 +663,13 @@ mod tests {
             r.read_exact(&mut msg).unwrap();
             check(&msg, n, 19);
         }
+        // A sink counts a record once its send returned, which can be after
+        // the collector read it: wait (bounded) for the counts to settle.
         for h in &health {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while h.written.load(Ordering::Relaxed) < 3 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             assert_eq!(h.written.load(Ordering::Relaxed), 3, "{}", h.sink);
             assert_eq!(h.failures.load(Ordering::Relaxed), 0, "{}", h.sink);
         }
