@@ -1039,30 +1039,37 @@ impl Exchange {
     ) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout(self.limits.response_timeout, self.upstream.send(req)).await {
             Ok(Err(e)) if e.head_too_large() => {
-                LimitRefusals::count(&self.limits.refusals.response);
-                let reason = format!(
-                    "the server's answer head is over {} bytes",
-                    self.limits.max_header_bytes
+                self.refuse_answer(
+                    &self.limits.refusals.response,
+                    format!(
+                        "the server's answer head is over {} bytes",
+                        self.limits.max_header_bytes
+                    ),
                 );
-                tracing::info!(conn = self.conn.conn_id, %reason, "server answer refused");
-                self.gov.refused(&self.conn, &reason);
                 Err(e)
             }
             Ok(r) => r,
             Err(_) => {
-                LimitRefusals::count(&self.limits.refusals.no_answer);
-                let reason = format!(
-                    "the server sent no answer within {:?}",
-                    self.limits.response_timeout
+                self.refuse_answer(
+                    &self.limits.refusals.no_answer,
+                    format!(
+                        "the server sent no answer within {:?}",
+                        self.limits.response_timeout
+                    ),
                 );
-                tracing::info!(conn = self.conn.conn_id, %reason, "giving up on the server's answer");
-                self.gov.refused(&self.conn, &reason);
                 if !self.upstream.is_h2() {
                     let _ = UPSTREAM_GONE.try_with(|g| g.set(true));
                 }
                 Err(UpstreamError::NoAnswer(self.limits.response_timeout))
             }
         }
+    }
+
+    /// A server answer given up on by a limit: counted, logged, on record.
+    fn refuse_answer(&self, counter: &std::sync::atomic::AtomicU64, reason: String) {
+        LimitRefusals::count(counter);
+        tracing::info!(conn = self.conn.conn_id, %reason, "server answer refused");
+        self.gov.refused(&self.conn, &reason);
     }
 
     /// The destination port the agent connected to (a followed tunnel's target).
