@@ -154,6 +154,21 @@ struct Shared {
     fresh: AtomicU64,
 }
 
+impl Shared {
+    /// What every worker of a run shares; the run ends `--duration-ms` from
+    /// now unless `lasting` says otherwise.
+    fn new(args: Args, connector: TlsConnector, lasting: Option<Duration>) -> Arc<Self> {
+        let lasting = lasting.unwrap_or(Duration::from_millis(args.duration_ms));
+        Arc::new(Self {
+            fresh: AtomicU64::new(args.fresh_start),
+            deadline: Instant::now() + lasting,
+            args,
+            connector,
+            issued: AtomicU64::new(0),
+        })
+    }
+}
+
 #[derive(Default)]
 struct TaskResult {
     ok: u64,
@@ -211,23 +226,11 @@ async fn run(args: Args) -> Result<Value> {
     }
     let connector = connector(&args.ca)?;
     if args.mode == Mode::Flood {
-        let shared = Arc::new(Shared {
-            fresh: AtomicU64::new(args.fresh_start),
-            deadline: Instant::now() + Duration::from_millis(args.duration_ms),
-            args,
-            connector,
-            issued: AtomicU64::new(0),
-        });
+        let shared = Shared::new(args, connector, None);
         return flood(shared).await;
     }
     let concurrency = args.concurrency.max(1);
-    let shared = Arc::new(Shared {
-        fresh: AtomicU64::new(args.fresh_start),
-        deadline: Instant::now() + Duration::from_millis(args.duration_ms),
-        args,
-        connector,
-        issued: AtomicU64::new(0),
-    });
+    let shared = Shared::new(args, connector, None);
     let started = Instant::now();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).context("histogram")?;
     let mut tasks = Vec::new();
@@ -277,13 +280,7 @@ async fn open_and_hold(args: Args) -> Result<Value> {
     let connector = connector(&args.ca)?;
     let n = args.connections;
     let no_answer = args.no_answer;
-    let shared = Arc::new(Shared {
-        fresh: AtomicU64::new(args.fresh_start),
-        deadline: Instant::now() + Duration::from_secs(3600),
-        args,
-        connector,
-        issued: AtomicU64::new(0),
-    });
+    let shared = Shared::new(args, connector, Some(Duration::from_secs(3600)));
     let started = Instant::now();
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::new();
@@ -656,13 +653,7 @@ enum Slow {
 async fn slowloris(args: Args) -> Result<Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connector = connector(&args.ca)?;
-    let shared = Arc::new(Shared {
-        fresh: AtomicU64::new(args.fresh_start),
-        deadline: Instant::now() + Duration::from_millis(args.duration_ms),
-        args,
-        connector,
-        issued: AtomicU64::new(0),
-    });
+    let shared = Shared::new(args, connector, None);
     let gate = Arc::new(tokio::sync::Semaphore::new(shared.args.concurrency.max(1)));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
