@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages kya needs to build and test on Debian/Ubuntu:
 # clang (the BPF programs are C), bpftool (inspection and tests), iproute2,
-# util-linux (setpriv, unshare), systemd (systemd-analyze rates the unit), openssl and ca-certificates, Python and Node
+# util-linux (setpriv, unshare), systemd (systemd-analyze rates the unit) and libseccomp-dev
+# (the tests apply the unit's system call filters), openssl and ca-certificates, Python and Node
 # for the real MCP test peers (tests/peers/setup.sh installs the peers themselves).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -11,6 +12,8 @@ command -v bpftool >/dev/null 2>&1 || need+=(bpftool)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# libseccomp: the test tool that applies the unit's system call filters links it.
+[ -e /usr/include/seccomp.h ] || need+=(libseccomp-dev)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)

@@ -7,6 +7,7 @@
 
 pub mod oidc;
 pub mod podman;
+pub mod unit;
 
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -74,6 +75,11 @@ pub fn kya_bin() -> PathBuf {
 /// The probe client.
 pub fn probe_bin() -> PathBuf {
     built("kya-probe")
+}
+
+/// The emulator of a unit's system call filters (`kya-unit-seccomp`).
+pub fn unit_seccomp_bin() -> PathBuf {
+    built("kya-unit-seccomp")
 }
 
 /// A copy of the probe at a path of its own, executable by every user

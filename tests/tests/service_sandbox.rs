@@ -7,12 +7,17 @@
 //! mount namespace (`unshare -m`) where everything is read-only except the
 //! state directory and the pin directory, a `/proc` with `hidepid=invisible`
 //! and `subset=pid`, then `setpriv` to a non-root user with the unit's
-//! bounding and ambient capability sets and `no_new_privs`, under its umask.
+//! bounding and ambient capability sets and `no_new_privs`, under its umask;
+//! last, `kya-unit-seccomp` loads the unit's system call filters as systemd
+//! does (`SystemCallFilter=` with the local systemd's groups,
+//! `MemoryDenyWriteExecute=`, `RestrictAddressFamilies=`,
+//! `RestrictNamespaces=`, ...) and execs the daemon.
 
+use kya_e2e::unit::{section_settings, shipped_unit};
 use kya_e2e::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,31 +27,11 @@ const GUARDED: u16 = 18470;
 const NS_GUARDED: u16 = 18474;
 /// Highest overall exposure the unit may score ("OK" and below).
 const MAX_EXPOSURE: f64 = 2.5;
-
-fn unit_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kya.service")
-}
-
-/// The `[Service]` section: every assignment of each key, in order.
-fn service_settings(text: &str) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut in_service = false;
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('[') {
-            in_service = line == "[Service]";
-            continue;
-        }
-        if !in_service || line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            out.entry(k.trim().to_string())
-                .or_default()
-                .push(v.trim().to_string());
-        }
-    }
-    out
-}
+/// The seccomp filters the unit's settings make: `SystemCallFilter=`,
+/// `MemoryDenyWriteExecute=`, `RestrictAddressFamilies=`,
+/// `RestrictNamespaces=`, `LockPersonality=`, `RestrictRealtime=`,
+/// `RestrictSUIDSGID=`.
+const UNIT_FILTERS: u32 = 7;
 
 /// The one value of `key` (the unit must set it exactly once).
 fn one<'a>(s: &'a BTreeMap<String, Vec<String>>, key: &str) -> &'a str {
@@ -98,7 +83,7 @@ fn exposure_parsing_reads_the_overall_line_and_nothing_else() {
 
 #[test]
 fn the_shipped_unit_scores_an_exposure_of_at_most_2_5() {
-    let unit = unit_path();
+    let unit = shipped_unit();
     let out = match Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&unit)
@@ -126,6 +111,106 @@ fn the_shipped_unit_scores_an_exposure_of_at_most_2_5() {
     );
 }
 
+/// What each probe (a Python one-liner under the filters) must get: the
+/// error systemd's filters give for the unit's settings.
+const FILTER_PROBES: [(&str, &str, &str); 7] = [
+    // Not in @system-service.
+    (
+        "mount",
+        "import ctypes; l = ctypes.CDLL(None, use_errno=True); \
+         r = l.mount(b'none', b'/nonexistent-kya', b'tmpfs', 0, None); \
+         print(ctypes.get_errno() if r else 0)",
+        "EPERM",
+    ),
+    // @resources, taken away by the second SystemCallFilter= line.
+    (
+        "sched_setaffinity",
+        "import os\ntry:\n os.sched_setaffinity(0, os.sched_getaffinity(0)); print(0)\nexcept OSError as e:\n print(e.errno)",
+        "EPERM",
+    ),
+    // MemoryDenyWriteExecute=
+    (
+        "mmap(W|X)",
+        "import mmap\ntry:\n mmap.mmap(-1, 4096, prot=7); print(0)\nexcept OSError as e:\n print(e.errno)",
+        "EPERM",
+    ),
+    // RestrictAddressFamilies=
+    (
+        "socket(AF_NETLINK)",
+        "import socket\ntry:\n socket.socket(socket.AF_NETLINK, socket.SOCK_RAW); print(0)\nexcept OSError as e:\n print(e.errno)",
+        "EAFNOSUPPORT",
+    ),
+    // RestrictNamespaces=net: a mount namespace is refused.
+    (
+        "unshare(CLONE_NEWNS)",
+        "import ctypes; l = ctypes.CDLL(None, use_errno=True); \
+         print(ctypes.get_errno() if l.unshare(0x20000) else 0)",
+        "EPERM",
+    ),
+    // What a service needs stays: TCP sockets, threads.
+    (
+        "socket(AF_INET)",
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_STREAM); print(0)",
+        "0",
+    ),
+    // A thread (clone3 is ENOSYS, the C library falls back to clone).
+    (
+        "thread",
+        "import threading; t = threading.Thread(target=lambda: None); t.start(); t.join(); print(0)",
+        "0",
+    ),
+];
+
+/// The emulated filters refuse what systemd's refuse for this unit, with
+/// the same errors, and leave what a service needs: a check that the
+/// daemon's run under them below means something.
+#[test]
+fn the_units_system_call_filters_refuse_what_systemd_refuses() {
+    let name = "the_units_system_call_filters_refuse_what_systemd_refuses";
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        kya_testkit::skip(name, "systemd-analyze is not available");
+        return;
+    }
+    let errno_name = |n: i32| match n {
+        0 => "0".to_string(),
+        libc::EPERM => "EPERM".into(),
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT".into(),
+        other => format!("errno {other}"),
+    };
+    for (what, code, want) in FILTER_PROBES {
+        // Without the filters, as root, as a baseline: none of the probes is
+        // refused with the filters' error for another reason (without root,
+        // mount and unshare are refused for want of privilege).
+        let run = |filtered: bool| -> String {
+            let mut c = Command::new("setpriv");
+            c.args(["--no-new-privs", "--"]);
+            if filtered {
+                c.arg(unit_seccomp_bin()).arg(shipped_unit()).arg("--");
+            }
+            let out = c
+                .args(["python3", "-c", code])
+                .output()
+                .expect("run the probe");
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert!(
+                out.status.success(),
+                "{what} (filtered: {filtered}): {}\n{text}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            errno_name(text.parse().unwrap_or_else(|_| panic!("{what}: {text}")))
+        };
+        assert_eq!(run(true), want, "{what} under the unit's filters");
+        if want != "0" && nix::unistd::geteuid().is_root() {
+            assert_ne!(run(false), want, "{what} without the filters");
+        }
+    }
+}
+
 /// The unit's sandbox as a wrapper command for [`DaemonOptions::wrapper`]
 /// (and the `--pin-dir` the unit gives, relative to the state directory).
 struct Sandbox {
@@ -134,8 +219,8 @@ struct Sandbox {
 }
 
 fn sandbox_of_unit(script_dir: &Path, user: &TestUser) -> Sandbox {
-    let text = std::fs::read_to_string(unit_path()).expect("read kya.service");
-    let s = service_settings(&text);
+    let text = std::fs::read_to_string(shipped_unit()).expect("read kya.service");
+    let s = section_settings(&text, "Service");
     assert_eq!(one(&s, "ProtectSystem"), "strict");
     assert_eq!(one(&s, "NoNewPrivileges"), "yes");
     assert_eq!(one(&s, "ProtectProc"), "invisible");
@@ -189,6 +274,11 @@ fn sandbox_of_unit(script_dir: &Path, user: &TestUser) -> Sandbox {
          # ProtectProc=invisible, ProcSubset=pid\n\
          mount -t proc -o hidepid=invisible,subset=pid proc /proc\n\
          umask {umask}\n\
+         # systemd's default LimitNOFILE= for services, 1024:524288 (the unit\n\
+         # sets none); the hard limit only lowered, raising it takes CAP_SYS_RESOURCE.\n\
+         hard=$(ulimit -Hn)\n\
+         if [ \"$hard\" = unlimited ] || [ \"$hard\" -gt 524288 ]; then ulimit -Hn 524288; fi\n\
+         ulimit -Sn 1024\n\
          exec \"$@\"\n"
     );
     let path = script_dir.join("sandbox.sh");
@@ -216,6 +306,9 @@ fn sandbox_of_unit(script_dir: &Path, user: &TestUser) -> Sandbox {
         "--bounding-set".into(),
         setpriv_caps(bounding),
         "--no-new-privs".into(),
+        "--".into(),
+        unit_seccomp_bin().display().to_string(),
+        shipped_unit().display().to_string(),
         "--".into(),
     ];
     Sandbox { wrapper, caps }
@@ -296,6 +389,14 @@ fn the_daemon_works_under_the_units_sandbox() {
         "{uid_line}"
     );
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    // Under the unit's system call filters (seccomp mode 2, one filter per setting).
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    let filters: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Seccomp_filters");
+    assert!(filters >= UNIT_FILTERS, "{filters} filters: {status}");
     let want = expected_bits(&sandbox.caps);
     assert_eq!(cap_bits(&status, "CapEff"), want, "{status}");
     assert_eq!(cap_bits(&status, "CapBnd") & !want, 0, "{status}");
@@ -356,6 +457,17 @@ fn the_daemon_works_under_the_units_sandbox() {
     );
     // It was intercepted (not a direct connection that happened to work).
     assert!(!daemon.wait_connections(1).is_empty(), "no interception");
+    // It raised its open-files limit from systemd's default soft limit.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid)).expect("limits");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let fields: Vec<&str> = nofile.split_whitespace().collect();
+    assert!(
+        fields[3] != "1024" && fields[3] == fields[4],
+        "soft limit raised to the hard one: {nofile}"
+    );
 
     // A "container": a selected process in a network namespace that appears
     // now. Serving it takes every capability the unit keeps: reading a root
@@ -448,6 +560,28 @@ fn the_daemon_works_under_the_units_sandbox() {
         assert!(Instant::now() < deadline, "no reload on SIGHUP");
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // Nothing the daemon asked of the kernel was refused by the filters (a
+    // refusal it expects, such as raising RLIMIT_MEMLOCK on kernels that
+    // do not need it, is logged at debug level).
+    let log = daemon.log_text();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(r#""level":"WARN""#) || l.contains(r#""level":"ERROR""#))
+        .filter(|l| {
+            [
+                "Operation not permitted",
+                "Function not implemented",
+                "not supported",
+            ]
+            .iter()
+            .any(|r| l.contains(r))
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused calls in the daemon's log: {refused:#?}"
+    );
 
     // It stops cleanly: pins removed, though the pin directory is a mount point.
     let exit = daemon.terminate();
