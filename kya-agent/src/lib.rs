@@ -5,6 +5,7 @@
 //! the repository follows one tool call through these modules.
 
 pub mod agents;
+pub mod allocator;
 pub mod approvals;
 pub mod audit;
 pub mod bpf;

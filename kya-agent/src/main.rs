@@ -3,6 +3,20 @@
 use clap::Parser;
 use kya_agent::cli::{Cli, Command};
 
+#[global_allocator]
+static ALLOCATOR: kya_agent::allocator::Allocator = mimalloc::MiMalloc;
+
+/// The allocator's options are set by an ELF constructor, before the Rust
+/// runtime's first allocation (options read at mimalloc's start-up, such as
+/// eager arena commit, are not changed later).
+#[used]
+#[link_section = ".init_array"]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = configure_allocator;
+
+extern "C" fn configure_allocator() {
+    kya_agent::allocator::configure();
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     kya_agent::cli::init_tracing(cli.log_format);
