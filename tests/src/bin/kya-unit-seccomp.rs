@@ -201,21 +201,15 @@ fn filter_set(
     Ok((allow_list.unwrap_or(true), set))
 }
 
-/// A system call of this architecture, or None when libseccomp knows no such
-/// call here (systemd skips those too).
-fn native(name: &str) -> Option<ScmpSyscall> {
-    ScmpSyscall::from_name(name).ok()
-}
-
-/// Adds a rule, skipping calls this architecture does not have (libseccomp's
-/// `EDOM` for a pseudo call), as systemd does.
+/// Adds a rule, skipping calls libseccomp does not know, and calls this
+/// architecture does not have (its `EDOM` for a pseudo call), as systemd does.
 fn add(
     f: &mut ScmpFilterContext,
     action: ScmpAction,
     name: &str,
     cmp: &[ScmpArgCompare],
 ) -> Result<()> {
-    let Some(call) = native(name) else {
+    let Ok(call) = ScmpSyscall::from_name(name) else {
         return Ok(());
     };
     let added = if cmp.is_empty() {
@@ -319,10 +313,11 @@ const NAMESPACES: [(&str, u64); 8] = [
 /// `clone3` (whose flags a filter cannot read) fails with `ENOSYS`, so the
 /// C library falls back to `clone`.
 fn namespaces(lines: &[String]) -> Result<Option<ScmpFilterContext>> {
+    let all = NAMESPACES.iter().fold(0, |a, (_, f)| a | f);
     let mut keep: u64 = 0;
     for line in lines {
         match line.as_str() {
-            "no" | "false" => keep = NAMESPACES.iter().fold(0, |a, (_, f)| a | f),
+            "no" | "false" => keep = all,
             "yes" | "true" => keep = 0,
             l if l.starts_with('~') => bail!("RestrictNamespaces={l}: not emulated"),
             l => {
@@ -336,7 +331,6 @@ fn namespaces(lines: &[String]) -> Result<Option<ScmpFilterContext>> {
             }
         }
     }
-    let all = NAMESPACES.iter().fold(0, |a, (_, f)| a | f);
     if keep & all == all {
         return Ok(None);
     }
