@@ -99,8 +99,9 @@ pub struct FileConfig {
     pub approvals: ApprovalsSection,
     #[serde(default)]
     pub control: ControlSection,
+    /// Present (even empty): kya watches this node's pods.
     #[serde(default)]
-    pub kubernetes: KubernetesSection,
+    pub kubernetes: Option<KubernetesSection>,
     /// `[[broker]]`: credentials kya holds for servers (see [`crate::broker`]).
     #[serde(default)]
     pub broker: Vec<crate::broker::BrokerSection>,
@@ -171,10 +172,11 @@ pub struct ControlSection {
     pub group: Option<String>,
 }
 
-/// `[kubernetes]`: select the pods of this node whose labels match
-/// `pod_selector`, watched through the Kubernetes API. The rest defaults to
-/// what a pod finds in the cluster (`NODE_NAME`, `KUBERNETES_SERVICE_HOST`,
-/// the service account's token and CA).
+/// `[kubernetes]`: watch the pods of this node through the Kubernetes API,
+/// for their names and their containers' images in decisions and records,
+/// and select those whose labels match `pod_selector` (when given). The rest
+/// defaults to what a pod finds in the cluster (`NODE_NAME`,
+/// `KUBERNETES_SERVICE_HOST`, the service account's token and CA).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubernetesSection {
@@ -641,7 +643,7 @@ pub struct Config {
     pub audit_args: bool,
     /// `[audit] redact`: argument paths replaced by `[redacted]`.
     pub audit_redact: Vec<String>,
-    /// `[kubernetes]` with a pod selector, resolved.
+    /// `[kubernetes]`, resolved: the pod watch runs.
     pub kubernetes: Option<crate::kube::client::KubeSettings>,
     /// `[proof]`: servers that get a decision receipt, and its validity.
     pub proof: crate::decision::receipts::ProofSettings,
@@ -877,11 +879,10 @@ impl Config {
             .webhook
             .map(WebhookSection::validate)
             .transpose()?;
-        let k = &file.kubernetes;
-        let kubernetes = match &k.pod_selector {
-            Some(sel) => Some(
+        let kubernetes = match &file.kubernetes {
+            Some(k) => Some(
                 crate::kube::client::KubeSettings::resolve(
-                    sel,
+                    k.pod_selector.as_deref(),
                     k.node.as_deref(),
                     k.api.as_deref(),
                     k.token_file.as_deref(),
@@ -1545,8 +1546,17 @@ dir = "/var/lib/kya"
             .take_while(|l| l.is_empty() || l.starts_with("    "))
             .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
             .collect();
+        // in a pod, the node and the API server come from its environment
+        // (NODE_NAME, KUBERNETES_SERVICE_HOST); here they are written in
+        assert!(text.contains("\n[kubernetes]\n"), "{text}");
+        let text = text.replace(
+            "\n[kubernetes]\n",
+            "\n[kubernetes]\nnode = \"node-a\"\napi = \"https://10.96.0.1:443\"\n",
+        );
         let file = parse_file(Path::new("kya.toml"), &text).unwrap();
         let cfg = Config::merge(file, &Overrides::default()).unwrap();
+        let k = cfg.kubernetes.as_ref().expect("the pod watch runs");
+        assert!(k.selector.is_none(), "no pod is selected by label");
         assert_eq!(cfg.selection.cgroup_globs.len(), 2, "{text}");
         assert!(cfg
             .selection

@@ -5,6 +5,9 @@
 //! about once (when `--image` selection first sees it, or when its first
 //! connection arrives); decisions only read the cache, never wait for an
 //! engine: until the answer is in, the image is unknown (empty to policy).
+//! Containers of containerd and CRI-O have no engine CLI asked about them:
+//! their image is the one their pod's status reports, when the Kubernetes
+//! pod watch runs (`crate::kube::names`).
 
 use kya_common::ProcessIdentity;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -76,11 +79,12 @@ fn template_of(engine: &str) -> &'static str {
     }
 }
 
-/// The image of container `id`, when known now (never blocks on an engine).
+/// The image of container `id`, when known now (never blocks on an engine):
+/// as its engine answered, or else as its pod's status reports it.
 pub(crate) fn known(id: &str) -> Option<ContainerImage> {
     match lock().get(id) {
         Some(Entry::Known(i)) => Some(i.clone()),
-        _ => None,
+        _ => crate::kube::names::image_of(id),
     }
 }
 

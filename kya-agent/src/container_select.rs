@@ -196,7 +196,10 @@ pub fn spawn_pod_watcher(
             let cgroups = crate::bpf::cgroup2_mount()
                 .map(|m| crate::kube::pod_cgroups(&m))
                 .unwrap_or_default();
-            crate::kube::selected_cgroups(index, &selector, &cgroups)
+            match &selector {
+                Some(sel) => crate::kube::selected_cgroups(index, sel, &cgroups),
+                None => Vec::new(),
+            }
         };
         let update = |index: &crate::kube::PodIndex| {
             crate::kube::names::learn(index);

@@ -386,7 +386,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     tracing::debug!(threads_signalled = signalled, "capabilities dropped");
 
     if config.selection.is_empty()
-        && config.kubernetes.is_none()
+        && config
+            .kubernetes
+            .as_ref()
+            .is_none_or(|k| k.selector.is_none())
         && engine.registry().agents().is_empty()
     {
         tracing::warn!("nothing is selected: add --cgroup, --uid, --exe or --pid (or [select] in the config) to intercept agents");

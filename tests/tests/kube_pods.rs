@@ -63,13 +63,62 @@ fn container_id(uid: &str) -> String {
     uid.replace('-', "").repeat(2)
 }
 
+/// The image each test pod's container runs, as the kubelet reports it.
+fn image_of(app: &str) -> String {
+    format!("registry.example.com/{app}:1.4")
+}
+
 fn pod(uid: &str, name: &str, app: &str) -> Value {
     json!({
         "metadata": {"name": name, "namespace": "agents", "uid": uid,
                      "resourceVersion": "100", "labels": {"app": app}},
-        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "agent:1"}]},
-        "status": {"phase": "Running", "qosClass": "BestEffort"}
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": image_of(app)}]},
+        "status": {
+            "phase": "Running", "qosClass": "BestEffort",
+            "containerStatuses": [{
+                "name": "c", "ready": true, "started": true,
+                "containerID": format!("containerd://{}", container_id(uid)),
+                "image": image_of(app),
+                "imageID": format!("registry.example.com/{app}@sha256:{}", container_id(uid)),
+            }]
+        }
     })
+}
+
+/// The API stand-in serving `list` (and the watch events written to
+/// `events.jsonl` later), and the MCP server, for a test in `d`.
+fn api_and_server(d: &Path, list: &Value) -> (Proc, McpServer) {
+    std::fs::write(d.join("list.json"), list.to_string()).expect("list");
+    std::fs::write(d.join("events.jsonl"), "").expect("events");
+    std::fs::write(d.join("token"), "kya-test-token\n").expect("token");
+    std::fs::write(d.join("fake_api.py"), FAKE_API).expect("script");
+    let api = Proc(
+        Command::new(peers_python())
+            .arg(d.join("fake_api.py"))
+            .arg(d.join("list.json"))
+            .arg(d.join("events.jsonl"))
+            .arg(d.join("api.log"))
+            .arg(API_PORT.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("API stand-in"),
+    );
+    let deadline = Instant::now() + patience() * 30;
+    while std::net::TcpStream::connect(("127.0.0.1", API_PORT)).is_err() {
+        assert!(Instant::now() < deadline, "the API stand-in did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    (api, McpServer::start(d, MCP_PORT, "peer.log"))
+}
+
+/// What the MCP server ran, in order (its own record).
+fn ran_in(d: &Path) -> Vec<String> {
+    std::fs::read_to_string(d.join("peer.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// The stand-in for the kubelet's cgroup tree: `/kubepods-kya-test-PID`
@@ -184,28 +233,7 @@ fn pods_are_selected_by_label_through_the_api_watch() {
         "metadata": {"resourceVersion": "4711"},
         "items": [pod(POD_A, "agent-a", "agent"), pod(POD_B, "web-b", "web")]
     });
-    std::fs::write(d.join("list.json"), list.to_string()).expect("list");
-    std::fs::write(d.join("events.jsonl"), "").expect("events");
-    std::fs::write(d.join("token"), "kya-test-token\n").expect("token");
-    std::fs::write(d.join("fake_api.py"), FAKE_API).expect("script");
-    let _api = Proc(
-        Command::new(peers_python())
-            .arg(d.join("fake_api.py"))
-            .arg(d.join("list.json"))
-            .arg(d.join("events.jsonl"))
-            .arg(d.join("api.log"))
-            .arg(API_PORT.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("API stand-in"),
-    );
-    let deadline = Instant::now() + patience() * 30;
-    while std::net::TcpStream::connect(("127.0.0.1", API_PORT)).is_err() {
-        assert!(Instant::now() < deadline, "the API stand-in did not listen");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _server = McpServer::start(d, MCP_PORT, "peer.log");
+    let (_api, _server) = api_and_server(d, &list);
     let url = format!("http://127.0.0.1:{MCP_PORT}/mcp");
     // and a rule on the pod's name, which only the API knows
     let policy = format!(
@@ -225,13 +253,7 @@ fn pods_are_selected_by_label_through_the_api_watch() {
         .args(["--port", &MCP_PORT.to_string()]);
     opts.config = Some(d.join("kya.toml"));
     let daemon = Daemon::start(opts);
-    let ran = || -> Vec<String> {
-        std::fs::read_to_string(d.join("peer.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    };
+    let ran = || ran_in(d);
 
     // pod A's labels match: governed
     wait_selected(&daemon, &pods.rel(POD_A));
@@ -256,6 +278,8 @@ fn pods_are_selected_by_label_through_the_api_watch() {
         // the pod's namespace and name, from the API
         assert_eq!(e["process"]["pod_namespace"], "agents", "{e}");
         assert_eq!(e["process"]["pod_name"], "agent-a", "{e}");
+        // and the container's image, from the pod's status
+        assert_eq!(e["process"]["container_image"], image_of("agent"), "{e}");
     }
 
     // pod B's do not: kya does not touch it (its delete runs)
@@ -318,6 +342,90 @@ fn pods_are_selected_by_label_through_the_api_watch() {
         watch.contains("watch=1") && watch.contains("resourceVersion=4711"),
         "{watch}"
     );
+}
+
+#[test]
+fn pods_selected_by_cgroup_are_named_and_decided_on_their_image_from_the_watch() {
+    if !privileged("pods_selected_by_cgroup_are_named_and_decided_on_their_image_from_the_watch") {
+        return;
+    }
+    let _g = serial();
+    ensure_peers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let pods = KubePods::new();
+    let list = json!({
+        "kind": "PodList", "apiVersion": "v1",
+        "metadata": {"resourceVersion": "4711"},
+        "items": [pod(POD_A, "agent-a", "agent"), pod(POD_B, "web-b", "web")]
+    });
+    let (_api, _server) = api_and_server(d, &list);
+    let url = format!("http://127.0.0.1:{MCP_PORT}/mcp");
+    // only the agent image may search; an image kya does not know is no
+    // exception (the default denies)
+    let policy = format!(
+        "{DOCS_POLICY}\n[[rule]]\nid = \"agent-image-only\"\ntool = \"search_docs\"\nwhen = 'process.container.image != \"{}\"'\nverdict = \"deny\"\nreason = \"only the agent image may search\"\n",
+        image_of("agent")
+    );
+    std::fs::write(d.join("policy.toml"), policy).expect("policy");
+    // [kubernetes] without a pod selector: the watch names pods and images,
+    // the cgroups select
+    std::fs::write(
+        d.join("kya.toml"),
+        format!(
+            "[kubernetes]\nnode = \"{NODE}\"\napi = \"http://127.0.0.1:{API_PORT}\"\ntoken_file = \"{}\"\n",
+            d.join("token").display()
+        ),
+    )
+    .expect("config");
+    let mut opts = DaemonOptions::new(LISTEN)
+        .args(["--policy", d.join("policy.toml").to_str().expect("utf-8")])
+        .args(["--port", &MCP_PORT.to_string()])
+        .args(["--cgroup", &pods.rel(POD_A)])
+        .args(["--cgroup", &pods.rel(POD_B)]);
+    opts.config = Some(d.join("kya.toml"));
+    let daemon = Daemon::start(opts);
+    let deadline = Instant::now() + patience() * 30;
+    while !daemon.log_text().contains("listed this node's pods") {
+        assert!(
+            Instant::now() < deadline,
+            "the pods were never listed\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let r = client_in(
+        &pods.container(POD_A),
+        &url,
+        &["search_docs", r#"{"query": "pod"}"#],
+    );
+    assert_eq!(r["text"], "found 3 documents about pod", "{r}");
+    let r = client_in(
+        &pods.container(POD_B),
+        &url,
+        &["search_docs", r#"{"query": "web"}"#],
+    );
+    assert_eq!(r["isError"], true, "{r}");
+    assert!(
+        r["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("agent-image-only"),
+        "decided on the image: {r}"
+    );
+    assert_eq!(ran_in(d), ["search_docs"], "the web image's call never ran");
+    let ev = tool_call_events(&daemon);
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    for (e, (uid, name, app)) in ev
+        .iter()
+        .zip([(POD_A, "agent-a", "agent"), (POD_B, "web-b", "web")])
+    {
+        assert_eq!(e["process"]["pod_uid"], uid, "{e}");
+        assert_eq!(e["process"]["pod_name"], name, "{e}");
+        assert_eq!(e["process"]["container_image"], image_of(app), "{e}");
+        assert_eq!(e["process"]["container_image_id"], container_id(uid), "{e}");
+    }
 }
 
 #[test]

@@ -113,8 +113,9 @@ pub struct ProcessInfo {
     pub pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
-    /// The container's image as its engine names it, and the image's id,
-    /// when the engine had answered by the decision.
+    /// The container's image as its engine names it (or, on Kubernetes,
+    /// as its pod's status reports it), and the image's id, when known by
+    /// the decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

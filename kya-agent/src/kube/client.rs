@@ -58,20 +58,24 @@ pub struct KubeSettings {
     pub ca_file: Option<PathBuf>,
     /// This node's name (only its pods are watched).
     pub node: String,
-    pub selector: LabelSelector,
+    /// Pods whose labels match are selected; without one, the watch only
+    /// names pods and their containers' images.
+    pub selector: Option<LabelSelector>,
 }
 
 impl KubeSettings {
     /// Settings from the config, with the in-cluster defaults for what it
     /// leaves out.
     pub fn resolve(
-        selector: &str,
+        selector: Option<&str>,
         node: Option<&str>,
         api: Option<&str>,
         token_file: Option<&Path>,
         ca_file: Option<&Path>,
     ) -> Result<Self, ClientError> {
-        let selector = LabelSelector::parse(selector)
+        let selector = selector
+            .map(LabelSelector::parse)
+            .transpose()
             .map_err(|e| ClientError::Settings(format!("pod_selector: {e}")))?;
         let node = match node {
             Some(n) => n.to_string(),
@@ -328,7 +332,7 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         let ok = KubeSettings::resolve(
-            "app=agent",
+            Some("app=agent"),
             Some("node-a"),
             Some("https://10.96.0.1:443/"),
             Some(Path::new("/t")),
@@ -347,14 +351,26 @@ mod tests {
             ("app=agent", "node-a", "ftp://h"),
         ] {
             assert!(
-                KubeSettings::resolve(sel, Some(node), Some(api), None, None).is_err(),
+                KubeSettings::resolve(Some(sel), Some(node), Some(api), None, None).is_err(),
                 "{sel} {node} {api}"
             );
         }
         // plain http only to loopback (a local API proxy, tests)
+        assert!(KubeSettings::resolve(
+            Some("app"),
+            Some("n"),
+            Some("http://127.0.0.1:8001"),
+            None,
+            None
+        )
+        .is_ok());
+        // no selector: the watch names pods and images, selects none
+        let watch_only =
+            KubeSettings::resolve(None, Some("n"), Some("https://h:443"), None, None).unwrap();
+        assert!(watch_only.selector.is_none());
+        // a node is still needed
         assert!(
-            KubeSettings::resolve("app", Some("n"), Some("http://127.0.0.1:8001"), None, None)
-                .is_ok()
+            KubeSettings::resolve(None, Some("N!"), Some("https://h:443"), None, None).is_err()
         );
     }
 }

@@ -1,9 +1,10 @@
-//! Pod selection through the Kubernetes API (`[kubernetes] pod_selector`):
-//! which pods of this node match a label selector, and their cgroups. The
-//! list and watch answers, label selectors and the pod uid → cgroup mapping
-//! are in [`pods`] and [`selector`]; [`client`] fetches them from the API
-//! server; the daemon's task that applies them to the selection is in
-//! `crate::container_select`.
+//! This node's pods through the Kubernetes API (`[kubernetes]`): their
+//! namespaces, names and containers' images for decisions ([`names`]), and
+//! with `pod_selector` which pods match a label selector, and their
+//! cgroups. The list and watch answers, label selectors and the pod uid →
+//! cgroup mapping are in [`pods`] and [`selector`]; [`client`] fetches them
+//! from the API server; the daemon's task that applies them to the
+//! selection is in `crate::container_select`.
 
 pub mod client;
 pub mod names;

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 /// Most pods held (a node runs at most a few hundred).
 const MAX_PODS: usize = 10_000;
+/// Most containers of one pod whose image is held (the rest stay unknown).
+const MAX_CONTAINERS: usize = 128;
 /// Deepest cgroup level searched for pod cgroups.
 const MAX_DEPTH: usize = 4;
 /// Most cgroup directories looked at in one search.
@@ -89,6 +91,26 @@ struct PodStatus {
     phase: String,
     #[serde(default)]
     qos_class: String,
+    #[serde(default)]
+    container_statuses: Vec<ContainerStatus>,
+    #[serde(default)]
+    init_container_statuses: Vec<ContainerStatus>,
+    #[serde(default)]
+    ephemeral_container_statuses: Vec<ContainerStatus>,
+}
+
+/// What the kubelet reports of one container: its runtime's id
+/// (`containerd://<id>`, `cri-o://<id>`, `docker://<id>`), the image as the
+/// pod names it and the image's digest (`repo@sha256:<hex>` or
+/// `sha256:<hex>`).
+#[derive(Debug, Default, Deserialize)]
+struct ContainerStatus {
+    #[serde(default, rename = "containerID")]
+    container_id: String,
+    #[serde(default)]
+    image: String,
+    #[serde(default, rename = "imageID")]
+    image_id: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +137,45 @@ pub struct PodView {
     pub labels: BTreeMap<String, String>,
     pub phase: String,
     pub qos_class: String,
+    /// Its started containers whose image the API reports.
+    pub containers: Vec<PodContainer>,
+}
+
+/// A container of a pod and its image, as the API reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodContainer {
+    /// The runtime's container id: 64 lowercase hex digits.
+    pub id: String,
+    /// The image as the pod names it; `None` when that is no image name
+    /// (an image given by its id).
+    pub image: Option<String>,
+    /// The image digest the API reports (`imageID`): 64 lowercase hex
+    /// digits (the repository digest on containerd and CRI-O).
+    pub image_id: String,
+}
+
+impl ContainerStatus {
+    /// The container and its image, when the status names both well; a
+    /// container not started yet has neither.
+    fn view(&self) -> Option<PodContainer> {
+        let (_runtime, id) = self.container_id.split_once("://")?;
+        let digest = self.image_id.rsplit_once("sha256:")?.1;
+        if !is_hex64(id) || !is_hex64(digest) {
+            return None;
+        }
+        let image = Some(self.image.as_str())
+            .filter(|i| crate::image_ref::is_image_name(i))
+            .map(str::to_string);
+        Some(PodContainer {
+            id: id.to_string(),
+            image,
+            image_id: digest.to_string(),
+        })
+    }
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// What one watch event changed.
@@ -254,6 +315,23 @@ impl PodIndex {
         if self.pods.len() >= MAX_PODS && !self.pods.contains_key(&pod.metadata.uid) {
             return Err(KubeError::TooManyPods);
         }
+        let status = &pod.status;
+        let statuses = status
+            .container_statuses
+            .iter()
+            .chain(&status.init_container_statuses)
+            .chain(&status.ephemeral_container_statuses);
+        let mut containers: Vec<PodContainer> =
+            statuses.filter_map(ContainerStatus::view).collect();
+        if containers.len() > MAX_CONTAINERS {
+            tracing::warn!(
+                pod = %pod.metadata.uid,
+                containers = containers.len(),
+                limit = MAX_CONTAINERS,
+                "a pod with more containers than kya holds images for: the rest stay unknown"
+            );
+            containers.truncate(MAX_CONTAINERS);
+        }
         let view = PodView {
             uid: pod.metadata.uid,
             namespace: pod.metadata.namespace,
@@ -261,6 +339,7 @@ impl PodIndex {
             labels: pod.metadata.labels,
             phase: pod.status.phase,
             qos_class: pod.status.qos_class,
+            containers,
         };
         self.pods.insert(view.uid.clone(), view);
         Ok(true)
@@ -399,6 +478,100 @@ mod tests {
             ("agents", "agent-2")
         );
         assert_eq!(pod.qos_class, "Guaranteed");
+    }
+
+    #[test]
+    fn containers_and_their_images_come_from_the_statuses() {
+        let idx = PodIndex::from_list("node-a", LIST).unwrap();
+        let agent = idx.pods().find(|p| p.uid == AGENT1).unwrap();
+        assert_eq!(
+            agent.containers,
+            [
+                PodContainer {
+                    id: "3f4e8a1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789ab".into(),
+                    image: Some("registry.example.com/agents/agent:1.4".into()),
+                    image_id: "a1".repeat(32),
+                },
+                // an init container (containerd, a bare image id)
+                PodContainer {
+                    id: "b2".repeat(32),
+                    image: Some("docker.io/library/busybox:1.36".into()),
+                    image_id: "c3".repeat(32),
+                },
+            ]
+        );
+        let web = idx.pods().find(|p| p.uid == WEB).unwrap();
+        // CRI-O, the image given by its id (no name); the sidecar that has
+        // not started has no container id and is left out
+        assert_eq!(
+            web.containers,
+            [PodContainer {
+                id: "d4".repeat(32),
+                image: None,
+                image_id: "e5".repeat(32),
+            }]
+        );
+    }
+
+    #[test]
+    fn hostile_container_statuses_give_no_image() {
+        let pod = |statuses: &str| {
+            format!(
+                r#"{{"type":"ADDED","object":{{"metadata":{{"uid":"{AGENT2}","name":"x","namespace":"y"}},"spec":{{"nodeName":"node-a"}},"status":{{"containerStatuses":{statuses}}}}}}}"#
+            )
+        };
+        let id = "f".repeat(64);
+        let digest = format!("sha256:{}", "0".repeat(64));
+        for bad in [
+            // ids that are not 64 lowercase hex digits, or carry no runtime
+            format!(
+                r#"[{{"containerID":"containerd://{}","image":"a:1","imageID":"{digest}"}}]"#,
+                "F".repeat(64)
+            ),
+            format!(
+                r#"[{{"containerID":"containerd://{id}0","image":"a:1","imageID":"{digest}"}}]"#
+            ),
+            format!(r#"[{{"containerID":"{id}","image":"a:1","imageID":"{digest}"}}]"#),
+            format!(
+                r#"[{{"containerID":"containerd://../{id}","image":"a:1","imageID":"{digest}"}}]"#
+            ),
+            // digests that are not sha256 of 64 hex digits
+            format!(
+                r#"[{{"containerID":"containerd://{id}","image":"a:1","imageID":"a@sha512:{}"}}]"#,
+                "0".repeat(128)
+            ),
+            format!(
+                r#"[{{"containerID":"containerd://{id}","image":"a:1","imageID":"sha256:{}"}}]"#,
+                "0".repeat(63)
+            ),
+            format!(r#"[{{"containerID":"containerd://{id}","image":"a:1"}}]"#),
+        ] {
+            let mut idx = PodIndex::from_list("node-a", LIST).unwrap();
+            idx.apply_line(&pod(&bad)).unwrap();
+            let p = idx.pods().find(|p| p.uid == AGENT2).unwrap();
+            assert!(p.containers.is_empty(), "{bad}");
+        }
+        // a name that is no image reference: the image has no name
+        let mut idx = PodIndex::from_list("node-a", LIST).unwrap();
+        idx.apply_line(&pod(&format!(
+            r#"[{{"containerID":"containerd://{id}","image":"Bad Name\n","imageID":"{digest}"}}]"#
+        )))
+        .unwrap();
+        let p = idx.pods().find(|p| p.uid == AGENT2).unwrap();
+        assert_eq!(p.containers[0].image, None);
+        // statuses that are not a list: the event is refused
+        let mut idx = PodIndex::from_list("node-a", LIST).unwrap();
+        assert!(idx.apply_line(&pod(r#"{"a":1}"#)).is_err());
+        // a pod with very many containers holds the first MAX_CONTAINERS
+        let many: Vec<String> = (0..MAX_CONTAINERS + 10)
+            .map(|i| {
+                format!(r#"{{"containerID":"containerd://{i:064x}","image":"a:1","imageID":"{digest}"}}"#)
+            })
+            .collect();
+        idx.apply_line(&pod(&format!("[{}]", many.join(","))))
+            .unwrap();
+        let p = idx.pods().find(|p| p.uid == AGENT2).unwrap();
+        assert_eq!(p.containers.len(), MAX_CONTAINERS);
     }
 
     #[test]
