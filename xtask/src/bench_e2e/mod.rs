@@ -428,6 +428,17 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// (a) to the passthrough name, on the paths that can splice (direct
+    /// and kya): the same calls, relayed by kya without being decrypted,
+    /// judged or recorded, so the cost of the relay itself (the redirect,
+    /// two more loopback hops, the copies) shows apart from the inspection's.
+    fn kept_alive_spliced(&mut self, bulk: &Route) -> Result<()> {
+        for (workload, n) in [("a-splice-c1", "1"), ("a-splice-c64", "64")] {
+            self.load(workload, bulk, &["--concurrency", n, "--sni", "bulk.test"])?;
+        }
+        Ok(())
+    }
+
     /// (b): a new TLS connection per call, the leaf cached and not.
     fn new_conns(&mut self, route: &Route) -> Result<()> {
         self.load("b-cached", route, &["--new-conn"])?;
@@ -561,6 +572,7 @@ pub(crate) fn run(root: &Path, opts: &Options) -> Result<()> {
     };
     if standard && opts.measures(Via::Direct) {
         bench.common(&direct, &direct)?;
+        bench.kept_alive_spliced(&direct)?;
         if with_sdk {
             bench.sdk(&Route {
                 addr: SDK,
@@ -702,6 +714,7 @@ fn standard_through_kya(
     bench.new_conns(&kya)?;
     drop(profile);
     bench.others(&kya, &kya_bulk)?;
+    bench.kept_alive_spliced(&kya_bulk)?;
     if with_sdk {
         bench.sdk(&Route {
             addr: SDK,

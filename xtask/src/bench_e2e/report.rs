@@ -54,6 +54,16 @@ const WORKLOADS: &[(&str, &str, &[Metric])] = &[
     ("a-c1", "(a) tools/call, kept alive, 1 client", LATENCY),
     ("a-c64", "(a) tools/call, kept alive, 64 clients", LATENCY),
     (
+        "a-splice-c1",
+        "(a) tools/call to a passthrough name, kept alive, 1 client (kya: spliced, not decrypted: the relay's own cost)",
+        LATENCY,
+    ),
+    (
+        "a-splice-c64",
+        "(a) tools/call to a passthrough name, kept alive, 64 clients (kya: spliced)",
+        LATENCY,
+    ),
+    (
         "b-cached",
         "(b) new TLS connection per call, same SNI (kya: leaf cached)",
         LATENCY,
