@@ -432,6 +432,10 @@ impl AuditLog {
             .name("kya-audit-sync".into())
             .spawn(move || syncer.run(sync_rx))
             .map_err(|e| AuditError::Unavailable(format!("cannot start the sync thread: {e}")))?;
+        let sync_tx = ToSyncer {
+            tx: sync_tx,
+            thread: sync_thread.thread().clone(),
+        };
         let core = Core {
             base,
             file: Arc::new(file),
@@ -660,8 +664,32 @@ struct Core {
     shared: Arc<Shared>,
     /// Why the writer refuses records, once it does.
     stopped: Option<String>,
-    sync_tx: mpsc::Sender<SyncMsg>,
+    sync_tx: ToSyncer,
     sync_thread: Option<JoinHandle<()>>,
+}
+
+/// The way to the sync thread. While it gathers group records it sleeps
+/// rather than waits on the channel, so a group record sent meanwhile wakes
+/// no one (it is taken when the gathering ends: one wake-up per `fdatasync`,
+/// not one per record); whatever someone waits for (a record written
+/// durably, a barrier, a shutdown) wakes it.
+struct ToSyncer {
+    tx: mpsc::Sender<SyncMsg>,
+    thread: std::thread::Thread,
+}
+
+impl ToSyncer {
+    fn send(&self, msg: SyncMsg) -> Result<(), mpsc::SendError<SyncMsg>> {
+        let wake = match &msg {
+            SyncMsg::Job(job) => job.urgent,
+            SyncMsg::Barrier(_) | SyncMsg::Shutdown(_) => true,
+        };
+        self.tx.send(msg)?;
+        if wake {
+            self.thread.unpark();
+        }
+        Ok(())
+    }
 }
 
 struct Pending {
@@ -992,36 +1020,38 @@ impl Syncer {
             let mut jobs: Vec<SyncJob> = Vec::new();
             let gathering_since = Instant::now();
             let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                match msg {
-                    SyncMsg::Job(job) => jobs.push(job),
-                    SyncMsg::Barrier(reply) => {
-                        self.sync(std::mem::take(&mut jobs));
-                        let _ = reply.send(self.checkpoint());
-                    }
-                    SyncMsg::Shutdown(reply) => {
-                        self.sync(std::mem::take(&mut jobs));
-                        let _ = reply.send(self.checkpoint());
-                        return;
-                    }
-                }
-                // The queue's permits bound how many jobs can be waiting.
-                next = match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    // Only group records, which no one waits for: gather more
-                    // for up to GROUP_DELAY, so one fdatasync covers them all
-                    // instead of one per record.
-                    Err(_) if !jobs.is_empty() && !jobs.iter().any(|j| j.urgent) => {
-                        let left = (gathering_since + GROUP_DELAY)
-                            .saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            None
-                        } else {
-                            rx.recv_timeout(left).ok()
+            loop {
+                while let Some(msg) = next.take() {
+                    match msg {
+                        SyncMsg::Job(job) => jobs.push(job),
+                        SyncMsg::Barrier(reply) => {
+                            self.sync(std::mem::take(&mut jobs));
+                            let _ = reply.send(self.checkpoint());
+                        }
+                        SyncMsg::Shutdown(reply) => {
+                            self.sync(std::mem::take(&mut jobs));
+                            let _ = reply.send(self.checkpoint());
+                            return;
                         }
                     }
-                    Err(_) => None,
-                };
+                    // The queue's permits bound how many jobs can be waiting.
+                    next = rx.try_recv().ok();
+                }
+                // Only group records, which no one waits for: gather more for
+                // up to GROUP_DELAY, so one fdatasync covers them all instead
+                // of one per record. Asleep, not waiting on the channel: the
+                // group records sent meanwhile wake no one; what someone
+                // waits for unparks (`ToSyncer`).
+                if jobs.is_empty() || jobs.iter().any(|j| j.urgent) {
+                    break;
+                }
+                let left =
+                    (gathering_since + GROUP_DELAY).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::park_timeout(left);
+                next = rx.try_recv().ok();
             }
             self.sync(jobs);
             let since = self.last_checkpoint.unwrap_or(0);
