@@ -1,14 +1,32 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
 /* getpeername.bpf.c: a redirected socket reports the peer the agent asked
- * for, not the interceptor (the agent sees the truth about its request). */
+ * for, not the interceptor (the agent sees the truth about its request).
+ *
+ * The kernel hands the program the socket's real peer: for a redirected
+ * socket always the interceptor's port (on loopback, in whichever
+ * namespace). Any other peer port is a socket kya never redirected, so the
+ * program returns before it looks the socket up: the common case, for
+ * every process in the cgroup tree, costs one array lookup. */
 #include "select.h"
+
+/* Whether the socket's real peer port is the interceptor's. */
+static __always_inline int kya_peer_is_interceptor(struct bpf_sock_addr *ctx)
+{
+	struct kya_config *cfg = kya_cfg();
+
+	return cfg && ctx->user_port == bpf_htons((__u16)cfg->listen_port);
+}
 
 SEC("cgroup/getpeername4")
 int kya_getpeername4(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct kya_origin *o = bpf_map_lookup_elem(&kya_sockets, &cookie);
+	__u64 cookie;
+	struct kya_origin *o;
 
+	if (!kya_peer_is_interceptor(ctx))
+		return KYA_ALLOW;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&kya_sockets, &cookie);
 	if (!o || o->dst_family != KYA_FAMILY_INET)
 		return KYA_ALLOW;
 	ctx->user_ip4 = *(__u32 *)&o->dst_addr[0];
@@ -20,9 +38,13 @@ int kya_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int kya_getpeername6(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct kya_origin *o = bpf_map_lookup_elem(&kya_sockets, &cookie);
+	__u64 cookie;
+	struct kya_origin *o;
 
+	if (!kya_peer_is_interceptor(ctx))
+		return KYA_ALLOW;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&kya_sockets, &cookie);
 	if (!o)
 		return KYA_ALLOW;
 	if (o->dst_family == KYA_FAMILY_INET) {
