@@ -34,11 +34,18 @@ static __always_inline void kya_sk_map_failed(__u32 map, long err)
 
 static __always_inline void kya_established(struct bpf_sock_ops *skops)
 {
-	__u64 cookie = bpf_get_socket_cookie(skops);
-	struct kya_origin *o = bpf_map_lookup_elem(&kya_sockets, &cookie);
+	struct kya_config *cfg = kya_cfg();
 	struct kya_conn_key k = {};
+	struct kya_origin *o;
+	__u64 cookie;
 	long err;
 
+	/* A redirected socket's peer is the interceptor's port: any other is
+	 * not ours, and costs no socket lookup. */
+	if (!cfg || (__u16)bpf_ntohl(skops->remote_port) != (__u16)cfg->listen_port)
+		return;
+	cookie = bpf_get_socket_cookie(skops);
+	o = bpf_map_lookup_elem(&kya_sockets, &cookie);
 	if (!o)
 		return; /* not ours */
 	if (skops->family == KYA_AF_INET) {
