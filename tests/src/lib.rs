@@ -936,13 +936,15 @@ fn socket_inode(local: SocketAddr) -> Option<u64> {
         }
     };
     let text = std::fs::read_to_string(file).ok()?;
-    for line in text.lines().skip(1) {
+    // A socket in TIME_WAIT (inode 0) may hold the same local address from
+    // an earlier connection: look on past it.
+    text.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.get(1) == Some(&want.as_str()) {
-            return f.get(9).and_then(|i| i.parse().ok()).filter(|i| *i != 0);
-        }
-    }
-    None
+        (f.get(1) == Some(&want.as_str()))
+            .then(|| f.get(9).and_then(|i| i.parse::<u64>().ok()))
+            .flatten()
+            .filter(|i| *i != 0)
+    })
 }
 
 /// GET `path` from a loopback HTTP server (metrics); returns the whole response.
