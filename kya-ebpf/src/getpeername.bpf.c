@@ -9,24 +9,24 @@
  * every process in the cgroup tree, costs one array lookup. */
 #include "select.h"
 
-/* Whether the socket's real peer port is the interceptor's. */
-static __always_inline int kya_peer_is_interceptor(struct bpf_sock_addr *ctx)
+/* The origin of a socket kya redirected; 0 for any other (its real peer
+ * port is not the interceptor's, or kya has no record of it). */
+static __always_inline struct kya_origin *kya_redirected_origin(struct bpf_sock_addr *ctx)
 {
 	struct kya_config *cfg = kya_cfg();
+	__u64 cookie;
 
-	return cfg && ctx->user_port == bpf_htons((__u16)cfg->listen_port);
+	if (!cfg || ctx->user_port != bpf_htons((__u16)cfg->listen_port))
+		return 0;
+	cookie = bpf_get_socket_cookie(ctx);
+	return bpf_map_lookup_elem(&kya_sockets, &cookie);
 }
 
 SEC("cgroup/getpeername4")
 int kya_getpeername4(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie;
-	struct kya_origin *o;
+	struct kya_origin *o = kya_redirected_origin(ctx);
 
-	if (!kya_peer_is_interceptor(ctx))
-		return KYA_ALLOW;
-	cookie = bpf_get_socket_cookie(ctx);
-	o = bpf_map_lookup_elem(&kya_sockets, &cookie);
 	if (!o || o->dst_family != KYA_FAMILY_INET)
 		return KYA_ALLOW;
 	ctx->user_ip4 = *(__u32 *)&o->dst_addr[0];
@@ -38,13 +38,8 @@ int kya_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int kya_getpeername6(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie;
-	struct kya_origin *o;
+	struct kya_origin *o = kya_redirected_origin(ctx);
 
-	if (!kya_peer_is_interceptor(ctx))
-		return KYA_ALLOW;
-	cookie = bpf_get_socket_cookie(ctx);
-	o = bpf_map_lookup_elem(&kya_sockets, &cookie);
 	if (!o)
 		return KYA_ALLOW;
 	if (o->dst_family == KYA_FAMILY_INET) {

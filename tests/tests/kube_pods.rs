@@ -121,6 +121,71 @@ fn ran_in(d: &Path) -> Vec<String> {
         .collect()
 }
 
+/// One test's world: the pods' cgroups, the API stand-in serving pods A
+/// (`app=agent`) and B (`app=web`), the MCP server, and the daemon with
+/// `[kubernetes]` (with `selector`, or watching only), a policy of
+/// [`DOCS_POLICY`] and one more `rule`, and (with `by_cgroup`) both pods
+/// selected by their cgroups. Dropped daemon first, cgroups last.
+struct Scene {
+    daemon: Daemon,
+    _server: McpServer,
+    _api: Proc,
+    pods: KubePods,
+    dir: tempfile::TempDir,
+}
+
+impl Scene {
+    fn start(rule: &str, selector: Option<&str>, by_cgroup: bool) -> Self {
+        ensure_peers();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let pods = KubePods::new();
+        let list = json!({
+            "kind": "PodList", "apiVersion": "v1",
+            "metadata": {"resourceVersion": "4711"},
+            "items": [pod(POD_A, "agent-a", "agent"), pod(POD_B, "web-b", "web")]
+        });
+        let (api, server) = api_and_server(d, &list);
+        std::fs::write(
+            d.join("policy.toml"),
+            format!("{DOCS_POLICY}\n[[rule]]\n{rule}"),
+        )
+        .expect("policy");
+        let selector = selector
+            .map(|s| format!("pod_selector = \"{s}\"\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            d.join("kya.toml"),
+            format!(
+                "[kubernetes]\n{selector}node = \"{NODE}\"\napi = \"http://127.0.0.1:{API_PORT}\"\ntoken_file = \"{}\"\n",
+                d.join("token").display()
+            ),
+        )
+        .expect("config");
+        let mut opts = DaemonOptions::new(LISTEN)
+            .args(["--policy", d.join("policy.toml").to_str().expect("utf-8")])
+            .args(["--port", &MCP_PORT.to_string()]);
+        if by_cgroup {
+            opts = opts
+                .args(["--cgroup", &pods.rel(POD_A)])
+                .args(["--cgroup", &pods.rel(POD_B)]);
+        }
+        opts.config = Some(d.join("kya.toml"));
+        let daemon = Daemon::start(opts);
+        Self {
+            daemon,
+            _server: server,
+            _api: api,
+            pods,
+            dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{MCP_PORT}/mcp")
+    }
+}
+
 /// The stand-in for the kubelet's cgroup tree: `/kubepods-kya-test-PID`
 /// with one `pod<uid>` cgroup per pod; processes killed and removed on drop.
 struct KubePods {
@@ -224,39 +289,18 @@ fn pods_are_selected_by_label_through_the_api_watch() {
         return;
     }
     let _g = serial();
-    ensure_peers();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let pods = KubePods::new();
-    let list = json!({
-        "kind": "PodList", "apiVersion": "v1",
-        "metadata": {"resourceVersion": "4711"},
-        "items": [pod(POD_A, "agent-a", "agent"), pod(POD_B, "web-b", "web")]
-    });
-    let (_api, _server) = api_and_server(d, &list);
-    let url = format!("http://127.0.0.1:{MCP_PORT}/mcp");
     // and a rule on the pod's name, which only the API knows
-    let policy = format!(
-        "{DOCS_POLICY}\n[[rule]]\nid = \"not-from-web\"\ntool = \"search_docs\"\nwhen = 'process.container.pod_namespace == \"agents\" && process.container.pod_name == \"web-b\"'\nverdict = \"deny\"\nreason = \"web pods may not search\"\n"
+    let scene = Scene::start(
+        "id = \"not-from-web\"\ntool = \"search_docs\"\nwhen = 'process.container.pod_namespace == \"agents\" && process.container.pod_name == \"web-b\"'\nverdict = \"deny\"\nreason = \"web pods may not search\"\n",
+        Some("app=agent"),
+        false,
     );
-    std::fs::write(d.join("policy.toml"), policy).expect("policy");
-    std::fs::write(
-        d.join("kya.toml"),
-        format!(
-            "[kubernetes]\npod_selector = \"app=agent\"\nnode = \"{NODE}\"\napi = \"http://127.0.0.1:{API_PORT}\"\ntoken_file = \"{}\"\n",
-            d.join("token").display()
-        ),
-    )
-    .expect("config");
-    let mut opts = DaemonOptions::new(LISTEN)
-        .args(["--policy", d.join("policy.toml").to_str().expect("utf-8")])
-        .args(["--port", &MCP_PORT.to_string()]);
-    opts.config = Some(d.join("kya.toml"));
-    let daemon = Daemon::start(opts);
+    let (d, pods, url) = (scene.dir.path(), &scene.pods, scene.url());
+    let daemon = &scene.daemon;
     let ran = || ran_in(d);
 
     // pod A's labels match: governed
-    wait_selected(&daemon, &pods.rel(POD_A));
+    wait_selected(daemon, &pods.rel(POD_A));
     let r = client_in(
         &pods.container(POD_A),
         &url,
@@ -270,7 +314,7 @@ fn pods_are_selected_by_label_through_the_api_watch() {
     );
     assert_eq!(r["isError"], true, "{r}");
     assert_eq!(ran(), ["search_docs"], "the denied call never ran");
-    let ev = tool_call_events(&daemon);
+    let ev = tool_call_events(daemon);
     assert_eq!(ev.len(), 2, "{ev:?}");
     for e in &ev {
         assert_eq!(e["process"]["pod_uid"], POD_A, "{e}");
@@ -290,14 +334,14 @@ fn pods_are_selected_by_label_through_the_api_watch() {
     );
     assert_eq!(r["isError"], false, "{r}");
     assert_eq!(ran(), ["search_docs", "delete_records"]);
-    assert_eq!(tool_call_events(&daemon).len(), 2, "not intercepted");
+    assert_eq!(tool_call_events(daemon).len(), 2, "not intercepted");
 
     // relabelled through the watch: governed from then on
     let mut b = pod(POD_B, "web-b", "agent");
     b["metadata"]["resourceVersion"] = json!("4800");
     let ev = json!({"type": "MODIFIED", "object": b});
     std::fs::write(d.join("events.jsonl"), format!("{ev}\n")).expect("event");
-    wait_selected(&daemon, &pods.rel(POD_B));
+    wait_selected(daemon, &pods.rel(POD_B));
     let r = client_in(
         &pods.container(POD_B),
         &url,
@@ -350,41 +394,19 @@ fn pods_selected_by_cgroup_are_named_and_decided_on_their_image_from_the_watch()
         return;
     }
     let _g = serial();
-    ensure_peers();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let pods = KubePods::new();
-    let list = json!({
-        "kind": "PodList", "apiVersion": "v1",
-        "metadata": {"resourceVersion": "4711"},
-        "items": [pod(POD_A, "agent-a", "agent"), pod(POD_B, "web-b", "web")]
-    });
-    let (_api, _server) = api_and_server(d, &list);
-    let url = format!("http://127.0.0.1:{MCP_PORT}/mcp");
     // only the agent image may search; an image kya does not know is no
-    // exception (the default denies)
-    let policy = format!(
-        "{DOCS_POLICY}\n[[rule]]\nid = \"agent-image-only\"\ntool = \"search_docs\"\nwhen = 'process.container.image != \"{}\"'\nverdict = \"deny\"\nreason = \"only the agent image may search\"\n",
-        image_of("agent")
-    );
-    std::fs::write(d.join("policy.toml"), policy).expect("policy");
-    // [kubernetes] without a pod selector: the watch names pods and images,
-    // the cgroups select
-    std::fs::write(
-        d.join("kya.toml"),
-        format!(
-            "[kubernetes]\nnode = \"{NODE}\"\napi = \"http://127.0.0.1:{API_PORT}\"\ntoken_file = \"{}\"\n",
-            d.join("token").display()
+    // exception (the default denies). [kubernetes] without a pod selector:
+    // the watch names pods and images, the cgroups select.
+    let scene = Scene::start(
+        &format!(
+            "id = \"agent-image-only\"\ntool = \"search_docs\"\nwhen = 'process.container.image != \"{}\"'\nverdict = \"deny\"\nreason = \"only the agent image may search\"\n",
+            image_of("agent")
         ),
-    )
-    .expect("config");
-    let mut opts = DaemonOptions::new(LISTEN)
-        .args(["--policy", d.join("policy.toml").to_str().expect("utf-8")])
-        .args(["--port", &MCP_PORT.to_string()])
-        .args(["--cgroup", &pods.rel(POD_A)])
-        .args(["--cgroup", &pods.rel(POD_B)]);
-    opts.config = Some(d.join("kya.toml"));
-    let daemon = Daemon::start(opts);
+        None,
+        true,
+    );
+    let (d, pods, url) = (scene.dir.path(), &scene.pods, scene.url());
+    let daemon = &scene.daemon;
     let deadline = Instant::now() + patience() * 30;
     while !daemon.log_text().contains("listed this node's pods") {
         assert!(
@@ -415,7 +437,7 @@ fn pods_selected_by_cgroup_are_named_and_decided_on_their_image_from_the_watch()
         "decided on the image: {r}"
     );
     assert_eq!(ran_in(d), ["search_docs"], "the web image's call never ran");
-    let ev = tool_call_events(&daemon);
+    let ev = tool_call_events(daemon);
     assert_eq!(ev.len(), 2, "{ev:?}");
     for (e, (uid, name, app)) in ev
         .iter()
