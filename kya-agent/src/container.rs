@@ -105,7 +105,7 @@ fn inspect_id(engine: &str, name: &str) -> Result<String, String> {
     }
     let out = String::from_utf8_lossy(&out);
     let id = out.trim();
-    if id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if crate::container_image::is_full_id(id) {
         Ok(id.to_string())
     } else {
         Err("the engine's answer is not a container id".into())

@@ -241,8 +241,7 @@ fn ask(engine: &str, ids: &[String]) -> HashMap<String, ContainerImage> {
 /// ids only. A malformed line, a line about an id not asked, or two
 /// different answers for one id are skipped with a warning.
 fn parse_answer(out: &str, asked: &HashSet<&str>) -> HashMap<String, ContainerImage> {
-    let mut found: HashMap<String, ContainerImage> = HashMap::new();
-    let mut conflicting: HashSet<String> = HashSet::new();
+    let mut answers = Vec::new();
     for line in out.lines() {
         let line = line.trim_end_matches('\r');
         if line.is_empty() {
@@ -259,9 +258,24 @@ fn parse_answer(out: &str, asked: &HashSet<&str>) -> HashMap<String, ContainerIm
             tracing::warn!(container = %id, "the container engine answered for a container not asked about: skipped");
             continue;
         }
+        answers.push((id, image));
+    }
+    unambiguous(answers, "the container engine")
+}
+
+/// The images of `answers` by container id. An id given two different
+/// images is an answer kya cannot trust: it gets neither (logged, naming
+/// `source`).
+pub(crate) fn unambiguous(
+    answers: impl IntoIterator<Item = (String, ContainerImage)>,
+    source: &str,
+) -> HashMap<String, ContainerImage> {
+    let mut found: HashMap<String, ContainerImage> = HashMap::new();
+    let mut conflicting: HashSet<String> = HashSet::new();
+    for (id, image) in answers {
         match found.get(&id) {
             Some(prev) if *prev != image => {
-                tracing::warn!(container = %id, "the container engine gave two images for one container: neither is used");
+                tracing::warn!(%source, container = %id, "two images for one container: neither is used");
                 conflicting.insert(id);
             }
             Some(_) => {}
@@ -307,7 +321,8 @@ fn parse_line(line: &str) -> Option<(String, ContainerImage)> {
     ))
 }
 
-fn is_full_id(s: &str) -> bool {
+/// A full container or image id: 64 lowercase hex digits.
+pub(crate) fn is_full_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

@@ -7,7 +7,7 @@
 use super::pods::PodIndex;
 use crate::container_image::ContainerImage;
 use kya_common::ContainerIdentity;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{OnceLock, RwLock};
 
 #[derive(Default)]
@@ -15,7 +15,7 @@ struct Known {
     /// pod uid → (namespace, name)
     pods: BTreeMap<String, (String, String)>,
     /// container id → its image
-    images: BTreeMap<String, ContainerImage>,
+    images: HashMap<String, ContainerImage>,
 }
 
 fn known() -> &'static RwLock<Known> {
@@ -31,27 +31,18 @@ pub fn learn(index: &PodIndex) {
         .pods()
         .map(|p| (p.uid.clone(), (p.namespace.clone(), p.name.clone())))
         .collect();
-    let mut images: BTreeMap<String, ContainerImage> = BTreeMap::new();
-    let mut conflicting: BTreeSet<String> = BTreeSet::new();
-    for c in index.pods().flat_map(|p| &p.containers) {
-        let image = ContainerImage {
-            name: c.image.clone(),
-            id: c.image_id.clone(),
-        };
-        match images.get(&c.id) {
-            Some(prev) if *prev != image => {
-                conflicting.insert(c.id.clone());
-            }
-            Some(_) => {}
-            None => {
-                images.insert(c.id.clone(), image);
-            }
-        }
-    }
-    for id in &conflicting {
-        tracing::warn!(container = %id, "the Kubernetes API gives two images for one container: neither is used");
-        images.remove(id);
-    }
+    let images = crate::container_image::unambiguous(
+        index.pods().flat_map(|p| &p.containers).map(|c| {
+            (
+                c.id.clone(),
+                ContainerImage {
+                    name: c.image.clone(),
+                    id: c.image_id.clone(),
+                },
+            )
+        }),
+        "the Kubernetes API",
+    );
     if let Ok(mut k) = known().write() {
         *k = Known { pods, images };
     }

@@ -9,6 +9,7 @@
 //! read, ignores pods of other nodes, and bounds what it holds.
 
 use super::selector::LabelSelector;
+use crate::container_image::is_full_id;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -160,7 +161,7 @@ impl ContainerStatus {
     fn view(&self) -> Option<PodContainer> {
         let (_runtime, id) = self.container_id.split_once("://")?;
         let digest = self.image_id.rsplit_once("sha256:")?.1;
-        if !is_hex64(id) || !is_hex64(digest) {
+        if !is_full_id(id) || !is_full_id(digest) {
             return None;
         }
         let image = Some(self.image.as_str())
@@ -172,10 +173,6 @@ impl ContainerStatus {
             image_id: digest.to_string(),
         })
     }
-}
-
-fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// What one watch event changed.
