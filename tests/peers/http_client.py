@@ -7,7 +7,9 @@ as real MCP clients use them):
     http_client.py steps URL
         One pooled client; reads commands from stdin, one per line, and prints
         one JSON line per command: `call TEXT` (a tools/call echo),
-        `notify` (a notification), `raw` (an initialize, answered as is).
+        `call-port TEXT` (the same, with the local port of the connection it
+        went over), `notify` (a notification), `raw` (an initialize, answered
+        as is).
     http_client.py seq URL TEXT... [--tool-name NAME]
         One pooled client calls NAME (default `echo`) with each TEXT in turn; prints
         {"errors": [null or what was wrong, ...]}.
@@ -90,9 +92,13 @@ def steps(a: argparse.Namespace) -> None:
             cmd, _, arg = line.strip().partition(" ")
             n += 1
             try:
-                if cmd == "call":
+                if cmd in ("call", "call-port"):
                     r = c.post(a.url, content=call_body(n, arg), headers=HEADERS)
                     out = {"error": check(r, n, arg)}
+                    if cmd == "call-port":
+                        # The local port of the connection the call went over.
+                        stream = r.extensions["network_stream"]
+                        out["port"] = stream.get_extra_info("client_addr")[1]
                 elif cmd == "notify":
                     body = {"jsonrpc": "2.0", "method": "notifications/initialized"}
                     r = c.post(a.url, json=body, headers=HEADERS)

@@ -84,7 +84,8 @@ pub struct Upstream {
 
 /// Handshake HTTP on the upstream stream. The receiver turns `true` when this
 /// first connection ends (the proxy then ends the agent's connection after
-/// the response in flight, as the upstream did).
+/// the response in flight, as the upstream did, unless it serves HTTP/1.1 with
+/// `reconnect`: see [`super::serve_http`]).
 pub async fn connect<U>(
     io: U,
     version: HttpVersion,

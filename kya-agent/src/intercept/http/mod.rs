@@ -75,12 +75,18 @@ pub enum ProxyError {
     Serve(#[source] hyper::Error),
 }
 
-/// Proxy one connection until the agent closes it, or until the upstream has
-/// closed its first connection and the response in flight is finished (then the
-/// agent's connection ends too, as it would have ended direct). `reconnect`
-/// opens a new upstream connection for a request that could not be sent on an
-/// ended one (e.g. a call approved after the server timed the idle connection
-/// out). `CONNECT` is refused.
+/// Proxy one connection until the agent closes it. `reconnect` opens a new
+/// upstream connection for a request that could not be sent on an ended one
+/// (e.g. a call approved after the server timed the idle connection out).
+/// Without it (a tunnel cannot be reopened), or over HTTP/2, the agent's
+/// connection ends once the upstream's first connection has ended and the
+/// response in flight is finished, as it would have ended direct. Over
+/// HTTP/1.1 with `reconnect`, a server ending an idle connection does not end
+/// the agent's: closing it would race the agent's next request, which a
+/// direct connection loses only in the microseconds before the server's FIN
+/// arrives, but which kya's relay of that FIN would widen. The next request
+/// goes over a new connection instead; a `Connection: close` answer is still
+/// forwarded and ends the agent's connection after it. `CONNECT` is refused.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_http<A, U>(
     agent: A,
@@ -125,6 +131,7 @@ where
             .map_err(ProxyError::Sniff)?,
         v => (v, sniff::Prefixed::new(Vec::new(), agent)),
     };
+    let reconnects = reconnect.is_some();
     let (upstream, mut upstream_ended) =
         client::connect(upstream, version, limits.max_header_bytes, reconnect).await?;
     let conn_id = conn.conn_id;
@@ -170,7 +177,15 @@ where
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(io, svc)
                 .with_upgrades();
-            serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
+            if reconnects {
+                // The next request reconnects (see above): nothing to mirror.
+                serve_until(conn, std::future::pending(), conn_id, |c| {
+                    c.graceful_shutdown()
+                })
+                .await
+            } else {
+                serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
+            }
         }
     };
     if let Err(e) = &result {
