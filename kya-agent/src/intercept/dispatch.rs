@@ -249,7 +249,8 @@ pub(crate) async fn route<A: AgentStream>(
             };
             let tunnels = conn.follower();
             let reconnect = direct.then(|| plain_reconnect(dst, conn.origin.netns.clone()));
-            if let Err(e) = http::serve_http_with(
+            // Boxed, as in `tls_path`: this task's other states stay small.
+            if let Err(e) = Box::pin(http::serve_http_with(
                 agent,
                 up,
                 HttpVersion::Detect,
@@ -259,7 +260,7 @@ pub(crate) async fn route<A: AgentStream>(
                 conn.insp.names.clone(),
                 reconnect,
                 Some(tunnels.clone()),
-            )
+            ))
             .await
             {
                 tracing::debug!(conn_id, pid, %dst, error = %e, "plaintext HTTP connection ended with an error");
@@ -335,12 +336,61 @@ fn tunnel_name(target: &TunnelTarget, sni: Option<&str>) -> Result<String, Strin
     }
 }
 
-async fn tls_path<A: AgentStream>(
+/// A TLS connection: judged and proxied, spliced (passthrough, or a non-HTTP
+/// protocol on a splice port) or refused.
+///
+/// The connection's task lives as long as the agent keeps it open, mostly
+/// idle, and a task's size is that of its largest state. So what runs only
+/// before the proxy starts (the ClientHello, both handshakes) runs boxed and
+/// is freed once done, and the proxy runs boxed too, holding only its own
+/// state: an idle connection does not keep ≈10 KiB of handshake state.
+async fn tls_path<A: AgentStream>(agent: A, server: Server, conn: &Conn<'_>, splice_port: bool) {
+    let insp = conn.insp;
+    let (serve, tunnels, conn_id) =
+        match Box::pin(tls_handshakes(agent, server, conn, splice_port)).await {
+            Some(legs) => {
+                let tunnels = conn.follower();
+                let conn_id = legs.facts.conn_id;
+                let serve = Box::pin(http::serve_http_with(
+                    legs.agent,
+                    legs.upstream,
+                    legs.version,
+                    legs.facts,
+                    insp.governor.clone(),
+                    &insp.limits,
+                    insp.names.clone(),
+                    legs.reconnect,
+                    Some(tunnels.clone()),
+                ));
+                (serve, tunnels, conn_id)
+            }
+            None => return,
+        };
+    if let Err(e) = serve.await {
+        let (pid, dst) = (conn.origin.process.pid, conn.origin.dst);
+        tracing::debug!(conn_id, pid, %dst, error = %e, "TLS connection ended with an error");
+    }
+    tunnels.join().await;
+}
+
+/// Both legs of an inspected TLS connection, ready for the HTTP proxy.
+struct TlsLegs<A: AgentStream> {
+    agent: tokio_rustls::server::TlsStream<A>,
+    upstream: tokio_rustls::client::TlsStream<Box<dyn ServerStream>>,
+    version: HttpVersion,
+    facts: Arc<ConnFacts>,
+    reconnect: Option<http::client::Reconnect>,
+}
+
+/// [`tls_path`] up to the proxy: read the ClientHello, then splice, refuse,
+/// or complete both handshakes. `None`: the connection was handled here
+/// (spliced, refused, or it ended).
+async fn tls_handshakes<A: AgentStream>(
     mut agent: A,
     server: Server,
     conn: &Conn<'_>,
     splice_port: bool,
-) {
+) -> Option<TlsLegs<A>> {
     let dst = conn.origin.dst;
     let pid = conn.origin.process.pid;
     let insp = conn.insp;
@@ -348,12 +398,13 @@ async fn tls_path<A: AgentStream>(
         Ok(h) => h,
         Err(e @ (ClientHelloError::Io(_) | ClientHelloError::Closed { .. })) => {
             tracing::debug!(pid, %dst, error = %e, "connection ended before a complete ClientHello");
-            return;
+            return None;
         }
         Err(e) => {
             // Nothing was sent upstream: the connection ends here, on the record.
             let reason = format!("no usable TLS ClientHello: {e}");
-            return refuse_connection(agent, conn, &conn.facts(None, true), &reason).await;
+            refuse_connection(agent, conn, &conn.facts(None, true), &reason).await;
+            return None;
         }
     };
     let sni = hello.info.sni.clone();
@@ -368,7 +419,7 @@ async fn tls_path<A: AgentStream>(
             }
             Err(reason) => {
                 let facts = conn.facts(sni, true);
-                return refuse_tls(
+                refuse_tls(
                     agent,
                     conn,
                     &facts,
@@ -376,6 +427,7 @@ async fn tls_path<A: AgentStream>(
                     rustls::AlertDescription::UnrecognisedName,
                 )
                 .await;
+                return None;
             }
         },
     };
@@ -384,7 +436,8 @@ async fn tls_path<A: AgentStream>(
             let facts = conn.facts(sni.clone(), true);
             if let Some(t) = &conn.tunnel {
                 let reason = format!("passthrough name {name} in the CONNECT tunnel to {t}: kya cannot check where the proxy takes it");
-                return refuse_connection(agent, conn, &facts, &reason).await;
+                refuse_connection(agent, conn, &facts, &reason).await;
+                return None;
             }
             match insp.names.resolves_to(name, dst.ip()).await {
                 Ok(true) => {
@@ -402,18 +455,19 @@ async fn tls_path<A: AgentStream>(
                     refuse_connection(agent, conn, &facts, &reason).await;
                 }
             }
-            return;
+            return None;
         }
     }
     if let Err(UpstreamError::UninspectableAlpn { offered }) = alpn_to_offer(&hello.info.alpn) {
         if splice_port {
             tracing::info!(pid, %dst, offered, place = conn.place(), "TLS with a non-HTTP ALPN on a splice port: splicing unchanged");
             let raw = hello.into_raw();
-            return splice_plain(agent, server, conn.origin, &raw).await;
+            splice_plain(agent, server, conn.origin, &raw).await;
+            return None;
         }
         let reason = format!("TLS offering only protocols kya cannot inspect ({offered})");
         let facts = conn.facts(sni, true);
-        return refuse_tls(
+        refuse_tls(
             agent,
             conn,
             &facts,
@@ -421,6 +475,7 @@ async fn tls_path<A: AgentStream>(
             rustls::AlertDescription::NoApplicationProtocol,
         )
         .await;
+        return None;
     }
     let info = client_hello::ClientHelloInfo {
         sni: sni.clone(),
@@ -431,7 +486,7 @@ async fn tls_path<A: AgentStream>(
         Err(e) => {
             let reason = format!("unusable TLS server name: {e}");
             let facts = conn.facts(sni, true);
-            return refuse_tls(
+            refuse_tls(
                 agent,
                 conn,
                 &facts,
@@ -439,6 +494,7 @@ async fn tls_path<A: AgentStream>(
                 rustls::AlertDescription::UnrecognisedName,
             )
             .await;
+            return None;
         }
     };
     let direct = matches!(server, Server::Direct);
@@ -449,42 +505,27 @@ async fn tls_path<A: AgentStream>(
         name: name.clone(),
         offer: alpn_to_offer(&hello_alpn).unwrap_or_default(),
     };
-    let handshakes = match insp.tls.agreed_alpn.recall(&key) {
+    let (up, agent_tls) = match insp.tls.agreed_alpn.recall(&key) {
         Some(expected) => {
             both_handshakes(agent, hello, server, conn, &key, sni.clone(), expected).await
         }
         None => handshakes_in_turn(agent, hello, server, conn, &key, sni.clone()).await,
-    };
-    let Some((up, agent_tls)) = handshakes else {
-        return;
-    };
+    }?;
     let version = match up.alpn.as_deref() {
         Some(b"h2") => HttpVersion::H2,
         _ => HttpVersion::H1,
     };
-    let facts = conn.facts(sni, true);
-    let conn_id = facts.conn_id;
-    let tunnels = conn.follower();
     let reconnect = direct.then(|| {
         let netns = conn.origin.netns.clone();
         tls_reconnect(insp, dst, netns, name, hello_alpn, up.alpn.clone())
     });
-    if let Err(e) = http::serve_http_with(
-        agent_tls,
-        up.stream,
+    Some(TlsLegs {
+        agent: agent_tls,
+        upstream: up.stream,
         version,
-        facts,
-        insp.governor.clone(),
-        &insp.limits,
-        insp.names.clone(),
+        facts: conn.facts(sni, true),
         reconnect,
-        Some(tunnels.clone()),
-    )
-    .await
-    {
-        tracing::debug!(conn_id, pid, %dst, error = %e, "TLS connection ended with an error");
-    }
-    tunnels.join().await;
+    })
 }
 
 /// The two legs of an inspected TLS connection, verified and agreeing on ALPN.

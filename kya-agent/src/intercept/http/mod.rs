@@ -125,15 +125,23 @@ where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // What runs once, before the connection's long and mostly idle life,
+    // runs boxed (freed once done): this future's size is that of its largest
+    // state, held for as long as the agent keeps the connection.
     let (version, agent) = match alpn {
-        HttpVersion::Detect => sniff::sniff(agent, limits.body_timeout)
+        HttpVersion::Detect => Box::pin(sniff::sniff(agent, limits.body_timeout))
             .await
             .map_err(ProxyError::Sniff)?,
         v => (v, sniff::Prefixed::new(Vec::new(), agent)),
     };
     let reconnects = reconnect.is_some();
-    let (upstream, mut upstream_ended) =
-        client::connect(upstream, version, limits.max_header_bytes, reconnect).await?;
+    let (upstream, mut upstream_ended) = Box::pin(client::connect(
+        upstream,
+        version,
+        limits.max_header_bytes,
+        reconnect,
+    ))
+    .await?;
     let conn_id = conn.conn_id;
     tracing::debug!(conn = conn_id, ?version, "proxying HTTP");
     let ex = Arc::new(exchange::Exchange {
@@ -163,7 +171,9 @@ where
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
                 .max_concurrent_streams(limits.max_h2_streams)
                 .serve_connection(io, svc);
-            serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
+            // Boxed: an HTTP/2 connection's state is the largest, and an
+            // HTTP/1.1 connection need not carry room for it.
+            Box::pin(serve_until(conn, ended, conn_id, |c| c.graceful_shutdown())).await
         }
         HttpVersion::H1 | HttpVersion::Detect => {
             let conn = hyper::server::conn::http1::Builder::new()
