@@ -156,8 +156,13 @@ where
     let svc = service_fn(move |req| ex.clone().handle(req));
     let io = TokioIo::new(agent);
     // When the upstream ends its connection, end the agent's the same way:
-    // after the response in flight (HTTP/1.1), or with GOAWAY (HTTP/2).
+    // after the response in flight (HTTP/1.1), or with GOAWAY (HTTP/2). Not
+    // over HTTP/1.1 with `reconnect` (see above): the next request reconnects.
+    let mirror_end = !(reconnects && version != HttpVersion::H2);
     let ended = async move {
+        if !mirror_end {
+            return std::future::pending().await;
+        }
         while !*upstream_ended.borrow_and_update() {
             if upstream_ended.changed().await.is_err() {
                 break;
@@ -187,15 +192,7 @@ where
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .serve_connection(io, svc)
                 .with_upgrades();
-            if reconnects {
-                // The next request reconnects (see above): nothing to mirror.
-                serve_until(conn, std::future::pending(), conn_id, |c| {
-                    c.graceful_shutdown()
-                })
-                .await
-            } else {
-                serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
-            }
+            serve_until(conn, ended, conn_id, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = &result {
